@@ -1,0 +1,971 @@
+"""DiffusionNFT in one file: online RL for flow-matching text-to-image models on the forward process.
+
+Paper: "DiffusionNFT: Online Diffusion Reinforcement with Forward Process" (Zheng et al. 2025,
+arXiv 2509.16117). Official code: github.com/NVlabs/DiffusionNFT.
+
+One epoch: sample images with the frozen *old* policy and any solver, score them, turn rewards into
+an optimality weight r in [0, 1], then train the LoRA velocity v_theta with a flow-matching loss on
+freshly noised copies of the clean images. Positive samples pull the implicit positive policy
+v+ = beta*v_theta + (1-beta)*v_old toward them; negative samples pull v- = (1+beta)*v_old - beta*v_theta
+toward them, which pushes v_theta away. No likelihoods, no stored trajectories, no CFG.
+
+    python nft.py --model tiny --reward color                      # CPU demo, a few minutes
+    torchrun --nproc_per_node=8 nft.py --reward geneval            # official GenEval recipe, SD3.5-M
+    python nft.py --eval_only --lora runs/x/checkpoint-00100 --reward geneval
+
+Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
+x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
+
+Where this file deliberately differs from the official code (README lists the same):
+ 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast).
+ 2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
+ 3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
+ 4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a
+    function of (seed, epoch, rank), so nothing else needs saving (official reloads EMA into both
+    adapters, drops EMA and optimizer state and restarts the RNG).
+ 5. The CFG > 1 training branch of the official code is broken; here guidance only affects rollouts
+    and evaluation, and the loss always uses the conditional velocity.
+ 6. The LoRA is saved in the diffusers layout (`pipe.load_lora_weights` reads it), not peft's.
+ 7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
+ 8. Gradients are all-reduced once per optimizer step by hand, instead of DDP over the transformer.
+"""
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A bad flag, file or state: printed as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class Args:
+    # model and data
+    model: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, "tiny", or "random:sd3.5-medium"
+    reward: str = "geneval"  # name or "name:weight,name:weight" (a weighted sum, as officially)
+    preset: str = ""  # official recipe to start from; default: the reward's name if it has one
+    prompts: str = ""  # .txt (one prompt a line) or .jsonl ({"prompt": ..., metadata}); default: the reward's set
+    eval_prompts: str = ""  # same formats; default: the reward's test set
+    output_dir: str = "runs/nft"
+    overwrite: bool = False  # allow starting a new run in an output_dir that holds one
+    seed: int = 42
+    # rollout
+    resolution: int = 512
+    num_steps: int = 10  # rollout solver steps
+    solver: str = "dpm2"  # any name in SOLVERS
+    eta: float = 0.7  # noise level of the "sde" solver
+    guidance_scale: float = 1.0  # rollouts and eval only; the loss never uses CFG
+    max_sequence_length: int = 128  # T5 tokens (CLIP adds 77)
+    sample_batch_size: int = 9  # rollout images per forward, per GPU
+    # NFT
+    group_size: int = 24  # images per prompt
+    num_groups: int = 48  # prompts per epoch, over all ranks
+    beta: float = 1.0  # NFT mixing coefficient (paper beta; official config.beta)
+    kl_coef: float = 1e-4  # weight of ||v_theta - v_ref||^2 (official config.train.beta)
+    adv_clip: float = 5.0
+    global_std: bool = True  # advantage std over the whole epoch (False: per prompt)
+    timestep_fraction: float = 0.99  # train on floor(num_steps * this) of the rollout's sigmas
+    old_flat: int = 0  # old-policy decay schedule: d = 0 before `old_flat` steps,
+    old_rate: float = 0.001  # then min(old_rate * (step - old_flat), old_max)
+    old_max: float = 0.5
+    ema_max_decay: float = 0.9
+    # optimization
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    train_batch_size: int = 9  # per GPU micro-batch
+    steps_per_epoch: int = 1  # optimizer steps per epoch (official: 2 for OCR)
+    num_epochs: int = 1000
+    rank: int = 32  # LoRA rank
+    lora_alpha: int = 64
+    lora_targets: str = "official"  # "official" (8 attention projections), "official+proj_out", or a comma list
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU), bf16, fp16 (official-style), no
+    # evaluation, logging, checkpoints
+    eval_every: int = 10  # epochs; 0 = never
+    eval_num_steps: int = 40  # Euler steps, as the paper evaluates
+    eval_images_per_prompt: int = 1
+    eval_max_prompts: int = 0  # 0 = all
+    eval_only: bool = False
+    lora: str = ""  # --eval_only: diffusers or peft LoRA file/folder to evaluate; empty = base model
+    save_every: int = 10  # epochs
+    checkpoints_total_limit: int = 3
+    resume_from: str = ""  # "latest" or a checkpoint folder
+    max_nonfinite_steps: int = 3  # stop after this many skipped optimizer steps in a row
+    wandb: bool = False
+    # speed
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    offload_text_encoders: bool = False
+    profile: bool = False
+
+
+# Official recipes (config/nft.py), applied before command-line flags. All: SD3.5-M, 512 px, 8 GPUs.
+PRESETS = {
+    "geneval": dict(reward="geneval", beta=1.0, old_flat=0, old_rate=0.001, old_max=0.5),
+    "ocr": dict(reward="ocr", beta=0.1, old_flat=75, old_rate=0.0075, old_max=0.999, steps_per_epoch=2),
+    "pickscore": dict(reward="pickscore", beta=1.0),
+    "hpsv2": dict(reward="hpsv2", beta=1.0),
+    "multi": dict(reward="pickscore:1,hpsv2:1,clipscore:1", beta=0.1, num_steps=25),
+    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in about two minutes
+    "tiny": dict(resolution=32, num_steps=10, solver="euler", group_size=8, num_groups=4,
+                 sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
+                 learning_rate=1e-3, lora_targets="official+proj_out", num_epochs=150,
+                 eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
+}
+OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        kind = {bool: None, int: int, float: float, str: str}[f.type if isinstance(f.type, type) else eval(f.type)]
+        if kind is None:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
+        else:
+            p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper())
+    given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
+    args = Args()
+    presets = [given.get("preset") or given.get("reward", args.reward).split(":")[0]]
+    if given.get("model", args.model) == "tiny":
+        presets.append("tiny")
+    for name in presets:
+        if name not in PRESETS and name == given.get("preset"):
+            raise UserError(f"unknown --preset {name!r}; choose from {sorted(PRESETS)}")
+        for k, v in PRESETS.get(name, {}).items():
+            setattr(args, k, v)
+    for k, v in given.items():
+        setattr(args, k, v)
+    return args
+
+
+def validate(args, world_size):
+    """Fail fast on values that would crash or silently misbehave later."""
+    positive = ["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
+                "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0 < args.beta <= 1:
+        raise UserError(f"--beta must be in (0, 1], got {args.beta} (the paper uses 1.0, or 0.1 for OCR "
+                        "and multi-reward; beta > 1 makes the negative policy extrapolate)")
+    if args.kl_coef < 0:
+        raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
+    if args.resolution % 16:
+        r = args.resolution
+        raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {r}; "
+                        f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
+    if args.solver not in SOLVERS:
+        raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
+    if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
+    total, per_rank = args.num_groups * args.group_size, args.num_groups * args.group_size // world_size
+    unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
+    if total % unit:
+        lo, hi = max(unit, total - total % unit), total - total % unit + unit
+        raise UserError(
+            f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must be a "
+            f"multiple of ranks x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = {world_size} x "
+            f"lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
+            f"nearest valid totals: {lo} or {hi} (e.g. --num_groups {max(1, lo // args.group_size)} if it divides)")
+    return per_rank
+
+
+def _closest(name, choices):
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+# --------------------------------------------------------------------------- math (pure functions)
+def add_noise(x0, eps, sigma):
+    """Forward (noising) process of rectified flow: x_sigma = (1 - sigma) * x0 + sigma * eps.
+
+    x0, eps: (B, ...); sigma: (B,) or a float, broadcast per sample. sigma = 1 is pure noise.
+    """
+    sigma = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
+    sigma = sigma.reshape(-1, *[1] * (x0.ndim - 1)) if sigma.ndim else sigma
+    return (1 - sigma) * x0 + sigma * eps
+
+
+def nft_loss(v_theta, v_old, x0, xt, sigma, r, beta):
+    """Negative-aware flow-matching loss of DiffusionNFT (paper Eq. 8-9), per sample.
+
+        v+ = beta*v_theta + (1-beta)*v_old          x0+ = xt - sigma*v+
+        v- = (1+beta)*v_old - beta*v_theta          x0- = xt - sigma*v-
+        L+- = mean_CHW (x0+- - x0)^2 / w+-,   w+- = max(mean_CHW |x0+- - x0|, 1e-5)  (no grad, float64)
+        loss = (r*L+ + (1-r)*L-) / beta                                             -> shape (B,)
+
+    Since x0+- - x0 = sigma*(eps - x0 - v+-), this is a sigma-weighted velocity-matching loss that the
+    adaptive weight w normalizes by its own error size, so every timestep contributes alike.
+    v_theta: (B, C, H, W) with grad; v_old: same, no grad; sigma, r: (B,); beta: float in (0, 1].
+    """
+    v_old = v_old.detach()
+    s = sigma.reshape(-1, *[1] * (x0.ndim - 1)).to(v_theta.dtype)
+    dims = tuple(range(1, x0.ndim))
+    losses = []
+    for v in (beta * v_theta + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_theta):
+        err = xt - s * v - x0
+        with torch.no_grad():  # float64: the mean of tiny bf16-scale errors must not round to zero
+            w = err.double().abs().mean(dims, keepdim=True).clamp(min=1e-5)
+        losses.append((err.double() ** 2 / w).mean(dims))
+    return ((r.double() * losses[0] + (1 - r.double()) * losses[1]) / beta).float()
+
+
+def adv_to_r(adv, adv_clip):
+    """Optimality weight r = clamp(clip(A, +-adv_clip) / adv_clip / 2 + 0.5, 0, 1): A=0 -> 0.5, +-clip -> 1/0."""
+    return (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
+
+
+def group_advantages(rewards, group_ids, global_std=True):
+    """A = (R - mean of R over the same prompt) / (std + 1e-4).
+
+    std is the population std of all rewards of the epoch (global_std=True, official) or of the group.
+    rewards: (N,) float; group_ids: (N,) int, equal ids = same prompt. Returns (N,) float.
+    """
+    rewards = rewards.double()
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(inv.max()) + 1, dtype=rewards.dtype).index_add_(0, inv, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, inv, rewards) / count
+    centered = rewards - mean[inv]
+    if global_std:
+        std = rewards.std(unbiased=False)
+    else:
+        std = (torch.zeros_like(count).index_add_(0, inv, centered ** 2) / count).sqrt()[inv]
+    return (centered / (std + 1e-4)).float()
+
+
+def old_decay(step, flat, rate, max_decay):
+    """Old-policy soft-update coefficient d: theta_old <- d*theta_old + (1-d)*theta after each epoch.
+
+    d = 0 while step < flat (fully on-policy), then min(rate * (step - flat), max_decay).
+    """
+    return 0.0 if step < flat else min(rate * (step - flat), max_decay)
+
+
+def ema_decay(step, max_decay=0.9):
+    """EMA decay of the evaluation/saved LoRA: min((1 + step) / (10 + step), max_decay)."""
+    return min((1 + step) / (10 + step), max_decay)
+
+
+def sigma_to_timestep(sigma):
+    """SD3's transformer is conditioned on timestep = 1000*sigma, kept a float (no rounding)."""
+    return 1000.0 * sigma
+
+
+def euler(velocity_fn, x, sigmas, generator=None, eta=0.0):
+    """x <- x + (sigma_next - sigma) * v(x, sigma). Same as diffusers' FlowMatchEulerDiscreteScheduler."""
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        x = x + (s_next - s) * velocity_fn(x, s)
+    return x
+
+
+def dpm2(velocity_fn, x, sigmas, generator=None, eta=0.0):
+    """DPM-Solver++(2M), data prediction, alpha = 1 - sigma, lambda = log(alpha/sigma), h = lambda' - lambda.
+
+    First order:  x <- (s'/s)*x - a'*(e^-h - 1)*D0,  D0 = x0_pred = x - s*v
+    Second order: D = D0 + (D0 - D0_prev) / (2*r0), r0 = h_prev / h. First order at the first step
+    (lambda(1) = -inf, so h_prev is infinite and the correction vanishes) and the last step to sigma=0.
+    """
+    m_prev, h_prev = None, None
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        m = x - s * velocity_fn(x, s)
+        if s_next == 0:  # the final first-order step to sigma = 0 lands exactly on the prediction
+            return m
+        a, a_next = 1 - s, 1 - s_next
+        exp_neg_h = a * s_next / (s * a_next)  # e^-h without evaluating lambda(1) = -inf
+        h = -math.log(exp_neg_h) if exp_neg_h > 0 else math.inf
+        d = m
+        if m_prev is not None and math.isfinite(h_prev) and math.isfinite(h):
+            d = m + (m - m_prev) * h / (2 * h_prev)
+        x = (s_next / s) * x - a_next * (exp_neg_h - 1) * d
+        m_prev, h_prev = m, h
+    return x
+
+
+def sde(velocity_fn, x, sigmas, generator=None, eta=0.7):
+    """Flow-GRPO's marginal-preserving SDE; eta = 0 is Euler. With dt = s' - s < 0:
+    std = eta*sqrt(s/(1-s)) (sigma_1 in place of s when s = 1),
+    mean = x*(1 + std^2*dt/(2s)) + v*(1 + std^2*(1-s)/(2s))*dt,   x <- mean + std*sqrt(-dt)*z.
+    """
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        v, dt = velocity_fn(x, s), s_next - s
+        std = eta * math.sqrt((s if s < 1 else sigmas[1].item()) / (1 - (s if s < 1 else sigmas[1].item())))
+        mean = x * (1 + std ** 2 * dt / (2 * s)) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = mean + std * math.sqrt(-dt) * z
+    return x
+
+
+SOLVERS = {"euler": euler, "dpm2": dpm2, "sde": sde}  # a new solver is one function with this signature
+
+
+def solve(velocity_fn, x, sigmas, solver="dpm2", generator=None, eta=0.7):
+    """Integrate dx/dsigma = v(x, sigma) from sigmas[0] to sigmas[-1] with a solver from SOLVERS."""
+    if solver not in SOLVERS:
+        raise UserError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}" + _closest(solver, SOLVERS))
+    return SOLVERS[solver](velocity_fn, x, torch.as_tensor(sigmas, dtype=torch.float64), generator=generator, eta=eta)
+
+
+def rollout_sigmas(num_steps, shift=3.0):
+    """SD3's inference schedule (FlowMatchEulerDiscreteScheduler.set_timesteps), num_steps + 1 values
+    ending in 0. 10 steps at shift 3: 1.0, 0.9601, ..., 0.2780, 0.0089, 0."""
+    sigma_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)  # the scheduler's smallest training sigma
+    s = torch.linspace(1.0, sigma_min, num_steps, dtype=torch.float64)
+    return torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1, dtype=torch.float64)])
+
+
+# --------------------------------------------------------------------------- prompts
+def load_prompts(path):
+    """Read prompt records: .txt (one prompt a line) or .jsonl (objects with "prompt" + metadata)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object")
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                    raise UserError(f'{path}:{n}: each line needs a "prompt" string, e.g. {{"prompt": "a cat"}}')
+                records.append(rec)
+            else:
+                records.append({"prompt": line.strip()})
+    if not records:
+        raise UserError(f"--prompts file is empty: {path}")
+    return records
+
+
+def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
+    """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn
+    without replacement (cycling if the set is small), each repeated group_size times, then shuffled
+    so a group spreads over ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    picks = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(-(-num_groups // num_prompts))])
+    ids = picks[:num_groups].repeat_interleave(group_size)
+    return ids[torch.randperm(len(ids), generator=g)]
+
+
+# --------------------------------------------------------------------------- model
+def _tiny_tokenizer(max_length, eos):
+    """A word-level tokenizer built in memory (no download); unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"] + sorted(set(
+        "a an the photo image of picture red green blue yellow orange purple pink brown black white gray cyan "
+        "and with on in cat dog car tree house sky sign says text two three four".split()))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    bos = "<|startoftext|>" if eos == "<|endoftext|>" else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                   pad_token=eos if bos else "<pad>", model_max_length=max_length)
+
+
+# Random-weight SD3 architectures: "tiny" for CPU tests and the demo; "sd3.5-medium" is the real
+# transformer (SPEC §7) with one-layer text encoders of the real widths, for GPU throughput checks.
+RANDOM_ARCHS = {
+    "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                  caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
+                 clip=(32, 2, 4), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4)),
+    "sd3.5-medium": dict(transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                                          num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                                          joint_attention_dim=4096, caption_projection_dim=1536,
+                                          pooled_projection_dim=2048, pos_embed_max_size=384,
+                                          dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+                         clip=(768, 1, 12, 1280), t5=(4096, 1, 64),
+                         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16)),
+}
+
+
+def random_pipeline(arch):
+    """A StableDiffusion3Pipeline with random weights, built in code: no download, eval mode, shift 3.0."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    cfg = RANDOM_ARCHS[arch]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same "model" every time
+        clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(256, "</s>")
+        v = len(clip_tok)
+
+        def clip(width, layers, heads, width2=None):
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=v, hidden_size=width2 or width, intermediate_size=2 * (width2 or width), projection_dim=width2 or width,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2))
+        c = cfg["clip"]
+        te1, te2 = clip(c[0], c[1], c[2]), clip(c[0], c[1], c[2], c[3] if len(c) > 3 else None)
+        d, layers, heads = cfg["t5"]
+        te3 = T5EncoderModel(T5Config(vocab_size=v, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
+                                      num_heads=heads, pad_token_id=0, eos_token_id=3))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=4 if arch == "tiny" else 32,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                            use_post_quant_conv=False, **cfg["vae"])
+        if arch == "tiny":
+            _fit_tiny_decoder(vae)
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**cfg["transformer"]), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+            text_encoder_3=te3, tokenizer_3=t5_tok)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
+    return pipe
+
+
+def _fit_tiny_decoder(vae, steps=150):
+    """A random decoder squashes every latent to grey, so no colour is reachable and the demo cannot
+    learn. Fit it briefly so the first three latent channels map smoothly onto RGB: pixel = 0.5 + 0.3*z."""
+    opt = torch.optim.Adam(vae.decoder.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        z = torch.randn(16, 4, 2, 2, generator=g)
+        z = torch.nn.functional.interpolate(z, size=4, mode="bilinear", align_corners=False) * 1.5
+        target = (0.5 + 0.3 * z[:, :3]).clamp(0, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
+        latent = z / vae.config.scaling_factor + vae.config.shift_factor  # what pipelines hand the decoder
+        loss = ((vae.decode(latent).sample / 2 + 0.5 - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.requires_grad_(False)
+
+
+def load_pipeline(model, dtype):
+    """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+    if model == "tiny" or model.startswith("random:"):
+        arch = model.split(":")[-1]
+        if arch not in RANDOM_ARCHS:
+            raise UserError(f"unknown random architecture {arch!r}; choose from {sorted(RANDOM_ARCHS)}")
+        return random_pipeline(arch).to(dtype=dtype)
+    looks_local = os.path.sep in model or model.startswith(".") or os.path.exists(model)
+    if looks_local and not os.path.isdir(model):
+        raise UserError(f"--model folder not found: {model}")
+    if looks_local:
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
+            raise UserError(f"--model {model} is not a StableDiffusion3Pipeline folder (no SD3 model_index.json); "
+                            "save one with pipe.save_pretrained(folder) or pass a hub id")
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserError(f"could not load --model {model}: " + (
+            "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache; download it first "
+            "or pass a local folder" if offline else f"{str(e).splitlines()[0]}; check the id, your token "
+            "(`hf auth login`, SD3.5 is gated) and network, or pass a local folder"))
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    return pipe
+
+
+def lora_config(args):
+    from peft import LoraConfig
+    names = {"official": OFFICIAL_TARGETS, "official+proj_out": OFFICIAL_TARGETS + ["proj_out"]}
+    targets = names.get(args.lora_targets) or [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
+
+
+def add_adapters(transformer, args):
+    """Two LoRA adapters on the frozen base: trainable "default" (theta) and rollout "old" (theta_old).
+    lora_B starts at zero, so theta, theta_old and the reference (adapters off) agree at step 0.
+    Returns the trainable parameters, taken by adapter name: peft's set_adapter flips requires_grad."""
+    transformer.requires_grad_(False)
+    config = lora_config(args)
+    try:
+        transformer.add_adapter(config, adapter_name="default")
+        transformer.add_adapter(config, adapter_name="old")
+    except ValueError as e:
+        raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
+    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
+    old = {n: p for n, p in transformer.named_parameters() if ".old." in n}
+    for n, p in params.items():
+        p.data = p.data.float()  # LoRA in fp32 on a bf16 base
+        old[n.replace(".default.", ".old.")].data = p.data.clone()
+    set_policy(transformer, "default")
+    return params, old
+
+
+def set_policy(transformer, policy):
+    """Select which velocity the transformer computes: "default" (v_theta), "old" (v_old) or "ref" (base)."""
+    if policy == "ref":
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(policy)
+
+
+def velocity(transformer, x, sigma, embeds, pooled):
+    """v = transformer(x_sigma, 1000*sigma, text). x: (B, C, h, w) float32; sigma: float or (B,)."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(sigma),
+                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+    return out.float()
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, max_sequence_length, device):
+    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+    return embeds, pooled
+
+
+@torch.no_grad()
+def decode(pipe, x0):
+    """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+    vae = pipe.vae
+    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
+    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample(pipe, embeds, pooled, sigmas, solver, generator, args, autocast, null=None, eta=0.7):
+    """Generate clean latents x0 with the transformer's active policy. guidance_scale > 1 mixes in the
+    unconditional velocity (null = embeddings of ""); the training loss never does."""
+    n, c = embeds.shape[0], pipe.transformer.config.in_channels
+    h = args.resolution // pipe.vae_scale_factor
+    x = torch.randn((n, c, h, h), generator=generator, device="cpu").to(embeds.device)
+
+    def v_fn(x, sigma):
+        with autocast():
+            if args.guidance_scale == 1.0:
+                return velocity(pipe.transformer, x, sigma, embeds, pooled)
+            v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
+                                torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
+            return v_u + args.guidance_scale * (v_c - v_u)
+    gen = torch.Generator(embeds.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    return solve(v_fn, x, sigmas, solver, generator=gen, eta=eta)
+
+
+# --------------------------------------------------------------------------- helpers: ranks, RNG, precision
+def rng(*keys):
+    """A generator seeded from a tuple such as (seed, epoch, rank, "rollout"): every random draw of a
+    run is a function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
+    digest = __import__("hashlib").sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def gather(t):
+    """Concatenate a tensor over ranks (rank order); identity on one process."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def precision(args, device):
+    """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls.
+    fp16 reproduces the official setting (fp32 weights, fp16 autocast). no: fp32 everywhere."""
+    mode = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "no": torch.float32}[mode]
+    if mode == "no":
+        return dtype, contextlib.nullcontext
+    return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def lora_state(weights):
+    """peft names (...lora_A.default.weight) -> diffusers transformer names (...lora_A.weight)."""
+    return {n.replace(".default.", "."): t.detach().float().cpu().contiguous() for n, t in weights.items()}
+
+
+@contextlib.contextmanager
+def swapped(params, weights):
+    """Temporarily load `weights` (e.g. the EMA) into the trainable LoRA parameters."""
+    backup = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(backup[n])
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoints(root):
+    """Complete checkpoint folders, oldest first. A folder only gets its final name after all its files
+    are written (see save_checkpoint), so a kill mid-write leaves a *.tmp folder that is ignored."""
+    root = os.path.join(root, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("checkpoint-") and n[11:].isdigit()) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def save_checkpoint(args, epoch, state, ema, lora_meta):
+    from diffusers import StableDiffusion3Pipeline
+    final = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
+                                               transformer_lora_adapter_metadata=lora_meta)
+    torch.save(state, os.path.join(tmp, "training_state.pt"))
+    for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(args):
+    path = args.resume_from
+    if path == "latest":
+        found = checkpoints(args.output_dir)
+        if not found:
+            raise UserError(f"--resume_from latest: no complete checkpoint in {args.output_dir}/checkpoints; "
+                            "drop --resume_from to start a new run")
+        path = found[-1]
+    file = os.path.join(path, "training_state.pt")
+    if not os.path.isfile(file):
+        raise UserError(f"--resume_from {path}: no training_state.pt there (not a checkpoint of this script, "
+                        "or an incomplete one); use --resume_from latest")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume_from {path}: training_state.pt is truncated or corrupted ({type(e).__name__}); "
+                        "resume from an earlier checkpoint")
+    saved = state["config"]
+    now = {k: getattr(args, k) for k in saved}
+    if saved != now:
+        diff = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in saved if saved[k] != now[k])
+        raise UserError(f"--resume_from {path} was saved with a different configuration ({diff}); "
+                        "pass the same flags or start a new run")
+    return path, state
+
+
+RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
+    """Score the active weights on test prompts: Euler, eval_num_steps, one fixed seed per (prompt, image)
+    so numbers repeat; items are split over ranks by index, with no duplicates. Returns rank-0 results."""
+    items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
+    mine = items[rank::world]
+    sigmas = rollout_sigmas(args.eval_num_steps, pipe.scheduler.config.shift)
+    null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
+    set_policy(pipe.transformer, "default")
+    out = []
+    for b in range(0, len(mine), args.sample_batch_size):
+        batch = mine[b:b + args.sample_batch_size]
+        prompts = [records[i]["prompt"] for i, _ in batch]
+        embeds, pooled = encode_prompts(pipe, prompts, args.max_sequence_length, device)
+        h = args.resolution // pipe.vae_scale_factor
+        noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h), generator=rng(args.seed, "eval", i, k))
+                             for i, k in batch]).to(device)
+
+        def v_fn(x, sigma):
+            with autocast():
+                if args.guidance_scale == 1.0:
+                    return velocity(pipe.transformer, x, sigma, embeds, pooled)
+                v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
+                                    torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
+                return v_u + args.guidance_scale * (v_c - v_u)
+        images = decode(pipe, solve(v_fn, noise, sigmas, "euler"))
+        scores, comps = reward_fn(images, prompts, [records[i] for i, _ in batch])
+        for j, (i, k) in enumerate(batch):
+            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], reward=float(scores[j]),
+                            **{c: float(v[j]) for c, v in comps.items()}, _image=images[j].cpu()))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, out)
+        out = [r for p in parts for r in p]
+    return sorted(out, key=lambda r: (r["index"], r["image"]))
+
+
+def save_grid(images, path, nrow):
+    """Save (N, 3, H, W) images in [0, 1] as one PNG grid."""
+    from PIL import Image
+    n, _, h, w = images.shape
+    ncol = -(-n // nrow)
+    grid = torch.zeros(3, ncol * h, nrow * w)
+    for i, im in enumerate(images):
+        grid[:, (i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = im
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+
+
+# --------------------------------------------------------------------------- training
+def train(args):
+    import rewards
+    from tqdm import tqdm
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif args.model != "tiny" and not args.profile:
+        raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
+                        "python nft.py --model tiny --reward color")
+    per_rank = validate(args, world)
+    rewards.parse_reward_spec(args.reward)  # unknown names fail before any model loads
+    train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(args.reward.split(":")[0], "train")
+    eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(args.reward.split(":")[0], "test")
+    eval_records = eval_records[:args.eval_max_prompts or None]
+    rewards.check_metadata(args.reward, train_records)
+    rewards.check_metadata(args.reward, eval_records)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if not args.resume_from and not args.eval_only and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
+        if not args.overwrite:
+            raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
+                            "continue it, --overwrite to replace it, or another --output_dir")
+        if rank == 0:
+            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+            os.remove(metrics_path) if os.path.exists(metrics_path) else None
+    resume = load_checkpoint(args) if args.resume_from else None
+
+    dtype, autocast = precision(args, device)
+    pipe = load_pipeline(args.model, dtype)
+    pipe.to(device)
+    transformer = pipe.transformer
+    torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
+    params, old = add_adapters(transformer, args)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    reward_fn = rewards.make_reward(args.reward, device)
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    step, start_epoch, bad_steps = 0, 0, 0
+    if resume:
+        path, state = resume
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["default"][n])
+                old[n.replace(".default.", ".old.")].copy_(state["old"][n])
+                ema[n].copy_(state["ema"][n])
+        opt.load_state_dict(state["optimizer"])
+        step, start_epoch, bad_steps = state["step"], state["epoch"], state["bad_steps"]
+        if rank == 0 and os.path.exists(metrics_path):  # drop lines of epochs the resumed run will redo
+            keep = [l for l in open(metrics_path) if l.strip() and json.loads(l)["epoch"] < start_epoch]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        print0(f"resumed from {path}: epoch {start_epoch}, step {step}")
+    if args.compile:
+        transformer.compile()  # in place: adapters switch by flags that dynamo guards on, one graph each
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+    wandb = None
+    if args.wandb and rank == 0:
+        try:
+            import wandb
+            wandb.init(project="diffusion-nft", config=dataclasses.asdict(args))
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb")
+    lora_meta = transformer.peft_config["default"].to_dict()
+    lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
+    sigmas = rollout_sigmas(args.num_steps, pipe.scheduler.config.shift).to(device)
+    T = max(1, int(args.num_steps * args.timestep_fraction))  # training timesteps per sample (9 of 10)
+    micro = per_rank // args.train_batch_size  # micro-batches per epoch on this rank
+    per_step = micro // args.steps_per_epoch
+    null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
+    pool = ThreadPoolExecutor(1)  # rewards run while the next rollout batch samples
+    bar = dict(disable=rank != 0, leave=False, dynamic_ncols=True)
+
+    def run_eval(epoch):
+        with swapped(params, ema):
+            results = evaluate(pipe, eval_records, reward_fn, args, device, autocast, rank, world)
+        if rank == 0:
+            n = min(len(results), 16)
+            save_grid(torch.stack([r.pop("_image") for r in results[:n]]), os.path.join(args.output_dir, f"eval_epoch{epoch:05d}.png"), nrow=min(n, 8))
+            for r in results:
+                r.pop("_image", None)
+        return sum(r["reward"] for r in results) / len(results)
+
+    for epoch in range(start_epoch, args.num_epochs):
+        t0 = time.time()
+        log = dict(epoch=epoch)
+        if args.eval_every and epoch % args.eval_every == 0:
+            log["eval_reward_mean"] = run_eval(epoch)
+        # ---- 1. prompts: this rank's slice of the epoch's groups
+        ids = epoch_prompt_indices(len(train_records), args.num_groups, args.group_size, args.seed, epoch)
+        ids = ids[rank * per_rank:(rank + 1) * per_rank]
+        prompts = [train_records[i]["prompt"] for i in ids.tolist()]
+        uniq = sorted(set(ids.tolist()))  # each distinct prompt is encoded once per epoch
+        if args.offload_text_encoders:
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                getattr(pipe, name).to(device)
+        u_embeds, u_pooled = encode_prompts(pipe, [train_records[i]["prompt"] for i in uniq], args.max_sequence_length, device)
+        if args.offload_text_encoders:
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                getattr(pipe, name).to("cpu")
+        where = torch.tensor([uniq.index(i) for i in ids.tolist()], device=device)
+        embeds, pooled = u_embeds[where], u_pooled[where]
+        t1 = time.time()
+        # ---- 2. rollout with the old policy; keep only x0, the embeddings and the sigma schedule
+        set_policy(transformer, "old")
+        g = rng(args.seed, epoch, rank, "rollout")
+        x0, futures = [], []
+        for b in tqdm(range(0, per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **bar):
+            s = slice(b, b + args.sample_batch_size)
+            x0.append(sample(pipe, embeds[s], pooled[s], sigmas, args.solver, g, args, autocast, null, args.eta))
+            images = decode(pipe, x0[-1])
+            futures.append(pool.submit(reward_fn, images, prompts[s], [train_records[i] for i in ids[s].tolist()]))
+        x0 = torch.cat(x0)
+        t2 = time.time()
+        # ---- 3. rewards -> advantages (grouped by prompt index over all ranks) -> r
+        results = [f.result() for f in futures]
+        R = torch.cat([r[0] for r in results]).double()
+        comps = {k: torch.cat([r[1][k] for r in results]).double() for k in results[0][1]}
+        all_R, all_ids = gather(R.to(device)).cpu(), gather(ids.to(device)).cpu()
+        ok = torch.isfinite(all_R)
+        if not ok.all():
+            print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
+                   "those samples are dropped from the update")
+        if not ok.any():
+            print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
+            continue
+        adv = torch.zeros_like(all_R, dtype=torch.float32)
+        adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
+        mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
+        r = adv_to_r(adv[rank * per_rank:(rank + 1) * per_rank], args.adv_clip).to(device)
+        t3 = time.time()
+        # ---- 4. train on freshly noised clean images: T of the rollout's sigmas per sample, fresh eps
+        g = rng(args.seed, epoch, rank, "train")
+        visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
+        sums = dict(loss=0.0, kl=0.0, dv=0.0)
+        for m in tqdm(range(micro), desc=f"epoch {epoch} train", **bar):
+            s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
+            B = args.train_batch_size
+            sig = sigmas[visits[s].T.to(device)].float()  # (T, B)
+            eps = torch.randn((T, *x0[s].shape), generator=g).to(device)
+            xt = add_noise(x0[s].expand(T, *x0[s].shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
+            emb, pool_ = embeds[s].repeat(T, 1, 1), pooled[s].repeat(T, 1)
+            with torch.no_grad(), autocast():  # no-grad passes for all T timesteps, batched like rollouts
+                passes = ["old"] + (["ref"] if args.kl_coef > 0 else [])
+                frozen = {}
+                for policy in passes:
+                    set_policy(transformer, policy)
+                    frozen[policy] = torch.cat([velocity(transformer, xt[c:c + args.sample_batch_size], sig.flatten()[c:c + args.sample_batch_size],
+                                                         emb[c:c + args.sample_batch_size], pool_[c:c + args.sample_batch_size])
+                                                for c in range(0, T * B, args.sample_batch_size)])
+            set_policy(transformer, "default")
+            for j in range(T):
+                k = slice(j * B, (j + 1) * B)
+                with autocast():
+                    v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool_[k])
+                per_sample = nft_loss(v_theta, frozen["old"][k], x0[s], xt[k], sig[j], r[s], args.beta)
+                loss = args.adv_clip * (per_sample * mask[s]).mean()
+                kl = ((v_theta - frozen["ref"][k]) ** 2).mean() if args.kl_coef > 0 else torch.zeros((), device=device)
+                ((loss + args.kl_coef * kl) / (per_step * T)).backward()
+                sums["loss"] += loss.item() / (micro * T)
+                sums["kl"] += kl.item() / (micro * T)
+                sums["dv"] += (v_theta - frozen["old"][k]).abs().mean().item() / (micro * T)
+            if (m + 1) % per_step == 0:  # ---- optimizer step: one gradient all-reduce, clip, skip if non-finite
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+                flat = torch.cat([gr.flatten() for gr in grads])
+                if world > 1:
+                    dist.all_reduce(flat)
+                    flat /= world
+                if torch.isfinite(flat).all():
+                    offset = 0
+                    for p, gr in zip(params.values(), grads):
+                        p.grad = flat[offset:offset + gr.numel()].view_as(p).clone()
+                        offset += gr.numel()
+                    log["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm))
+                    opt.step()
+                    step += 1
+                    bad_steps = 0
+                    d = ema_decay(step, args.ema_max_decay)
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+                else:
+                    bad_steps += 1
+                    print0(f"warning: epoch {epoch}: non-finite gradient, optimizer step skipped ({bad_steps} in a row)")
+                    if bad_steps >= args.max_nonfinite_steps:
+                        raise UserError(f"{bad_steps} non-finite optimizer steps in a row; stopping. The last good "
+                                        f"checkpoint in {args.output_dir}/checkpoints is intact; lower --learning_rate "
+                                        "or check the reward")
+                opt.zero_grad(set_to_none=True)
+        # ---- 5. old policy follows the trainable one: theta_old <- d*theta_old + (1-d)*theta
+        d = old_decay(step, args.old_flat, args.old_rate, args.old_max)
+        with torch.no_grad():
+            for n, p in params.items():
+                old[n.replace(".default.", ".old.")].mul_(d).add_(p.detach(), alpha=1 - d)
+        t4 = time.time()
+        log.update(step=step, reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
+                   **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
+                   loss=sums["loss"], kl=sums["kl"], r_mean=float(r.mean()), dv_old=sums["dv"], old_decay=d,
+                   dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1, time_reward=t3 - t2, time_train=t4 - t3)
+        if args.eval_every and epoch + 1 == args.num_epochs:
+            log["eval_reward_mean_final"] = run_eval(epoch + 1)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            print0(f"epoch {epoch:4d} step {step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
+                   f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} | "
+                   + (f"eval {log['eval_reward_mean']:.4f} | " if "eval_reward_mean" in log else "")
+                   + f"{t4 - t0:.1f}s (text {t1 - t0:.1f} rollout {t2 - t1:.1f} reward {t3 - t2:.1f} train {t4 - t3:.1f})")
+            if wandb:
+                wandb.log(log, step=step)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
+            state = dict(default=dict(params), old={n: old[n.replace(".default.", ".old.")] for n in params}, ema=ema,
+                         optimizer=opt.state_dict(), step=step, epoch=epoch + 1, bad_steps=bad_steps,
+                         config={k: getattr(args, k) for k in RESUME_KEYS})
+            state = {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if k in ("default", "old", "ema") else v)
+                     for k, v in state.items()}
+            save_checkpoint(args, epoch + 1, state, ema, lora_meta)
+    pool.shutdown()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        train(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if type(e).__name__ == "RewardError":  # rewards.py's one-line errors
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,849 @@
+"""Rewards for DiffusionNFT: every reward of the paper on maintained libraries, plus prompt sets.
+
+Each entry of `REWARDS` is a factory `make(device) -> fn`, and
+`fn(images, prompts, metadata) -> (scores, components)` with images a float tensor in [0, 1],
+NCHW, on any device; scores a float32 CPU tensor of shape (N,); components a dict of (N,) tensors
+for logging (may be empty). Formulas and rules: SPEC.md section 5.
+
+Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), on purpose:
+1. GenEval runs on transformers' Mask2Former + CLIP instead of mmdetection 2.x + open_clip; the
+   mmdetection instance post-process is redone from the raw logits (`mask2former_instances`).
+2. GenEval's partial score appends only 0.0 when a position check fails (the official server
+   appends 0.0 and then 1.0).
+3. OCR runs rapidocr_onnxruntime (PP-OCRv4 ONNX, in the wheel) instead of PaddleOCR 2.9.
+4. ImageReward scores each (prompt, image) pair, not the N x N matrix's diagonal.
+5. Prompt sets are generated here from a seed; the official files still work through --prompts.
+"""
+import base64
+import concurrent.futures
+import difflib
+import io
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class RewardError(Exception):
+    """A one-line, user-facing problem with a reward (nft.py prints it and exits)."""
+
+
+# ---- shared helpers ----
+
+def to_uint8(images):
+    """(N, 3, H, W) floats in [0, 1] -> (N, H, W, 3) uint8 numpy, rounding like the official code."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _require(module, pip_name):
+    """Import an optional package or say exactly what to install."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise RewardError(f"this reward needs the '{pip_name}' package: pip install {pip_name}") from None
+
+
+def _from_hub(hub_id, load, *args, **kwargs):
+    """Call a from_pretrained-style loader; a missing download becomes one line naming the hub id."""
+    try:
+        return load(hub_id, *args, **kwargs)
+    except (OSError, ValueError) as e:  # offline cache misses surface as OSError (sometimes ValueError)
+        raise RewardError(f"could not load '{hub_id}' from the Hugging Face hub ({type(e).__name__}): "
+                          "the hub is unreachable or the weights are not cached; set HF_HUB_OFFLINE=0 "
+                          "or pre-download them with `huggingface-cli download`") from None
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA (reward noise only), a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def _size(size, key):
+    """Read a field of an image processor's size (a dict in old transformers, a SizeDict in new)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def clip_pixels(images, image_processor):
+    """CLIP preprocessing on tensors: resize the short side (bicubic, antialiased), center crop,
+    normalize with the processor's mean/std. Same steps as CLIPImageProcessor without a PIL round
+    trip, so it batches on the GPU. images: (N, 3, H, W) in [0, 1] -> (N, 3, S, S)."""
+    short = _size(image_processor.size, "shortest_edge")
+    crop_h = _size(image_processor.crop_size, "height")
+    crop_w = _size(image_processor.crop_size, "width")
+    h, w = images.shape[-2:]
+    scale = short / min(h, w)
+    new_h, new_w = max(crop_h, round(h * scale)), max(crop_w, round(w * scale))
+    x = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+    x = x[..., top:top + crop_h, left:left + crop_w].clamp(0, 1)
+    mean = torch.tensor(image_processor.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _cpu(x):
+    return torch.as_tensor(x, dtype=torch.float32).detach().float().cpu()
+
+
+# ---- jpeg (compressibility) ----
+
+def jpeg_kb(image_uint8):
+    """Size in kB (1000 bytes) of one (H, W, 3) uint8 image saved as JPEG at quality 95."""
+    buffer = io.BytesIO()
+    Image.fromarray(image_uint8).save(buffer, format="JPEG", quality=95)
+    return buffer.tell() / 1000
+
+
+def make_jpeg(device):
+    """reward = -(JPEG size at quality 95 in kB) / 500: smaller files score higher."""
+    def fn(images, prompts, metadata):
+        return _cpu([-jpeg_kb(im) / 500 for im in to_uint8(images)]), {}
+    return fn
+
+
+# ---- color (CPU demo reward) ----
+
+COLOR_RGB = {
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0),
+    "orange": (1.0, 0.5, 0.0), "purple": (0.5, 0.0, 0.5), "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5),
+}
+
+
+def color_target(prompt):
+    """RGB target of the first color word of COLOR_RGB found in the prompt (whole words)."""
+    for word in re.findall(r"[a-z]+", prompt.lower()):
+        if word in COLOR_RGB:
+            return COLOR_RGB[word]
+    raise RewardError(f"the color reward needs a color word ({', '.join(COLOR_RGB)}) in every prompt; got {prompt!r}")
+
+
+def color_reward(images, prompts):
+    """reward = 1 - mean over R, G, B of |mean image color - target color|, in [0, 1]."""
+    targets = torch.tensor([color_target(p) for p in prompts], dtype=torch.float32)
+    mean_rgb = images.detach().float().mean(dim=(2, 3)).cpu()
+    return 1 - (mean_rgb - targets).abs().mean(dim=1)
+
+
+def make_color(device):
+    """A tiny prompt-conditional reward for CPU demos: does the image have the prompt's color?"""
+    return lambda images, prompts, metadata: (color_reward(images, prompts), {})
+
+
+# ---- ocr ----
+
+def ocr_target(prompt):
+    """The text the image should show: what sits inside the prompt's first pair of double quotes."""
+    parts = prompt.split('"')
+    if len(parts) < 3:
+        raise RewardError(f'the ocr reward needs the target text in double quotes in the prompt; got {prompt!r}')
+    return parts[1]
+
+
+def levenshtein(a, b):
+    """Edit distance (insertions, deletions, substitutions all cost 1), two-row dynamic program."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_reward_from_text(recognized, target):
+    """reward = 1 - d / len(target) on lowercased, space-free strings, where d = 0 when the target
+    is a substring of the recognized text, else min(levenshtein, len(target)). In [0, 1]."""
+    recognized = recognized.replace(" ", "").lower()
+    target = target.replace(" ", "").lower()
+    if not target:
+        return 0.0
+    d = 0 if target in recognized else min(levenshtein(recognized, target), len(target))
+    return 1 - d / len(target)
+
+
+def make_ocr(device, engine=None, workers=None):
+    """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL)."""
+    if engine is None:
+        RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR
+        engine = RapidOCR()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+
+    def read(image_uint8):
+        # rapidocr treats numpy input as BGR (OpenCV order); our images are RGB.
+        result, _ = engine(np.ascontiguousarray(image_uint8[..., ::-1]))
+        return "".join(text for _, text, conf in (result or []) if float(conf) > 0)
+
+    def fn(images, prompts, metadata):
+        targets = [ocr_target(p) for p in prompts]
+        texts = list(pool.map(read, to_uint8(images)))
+        return _cpu([ocr_reward_from_text(t, g) for t, g in zip(texts, targets)]), {}
+    return fn
+
+
+# ---- CLIP family: pickscore, clipscore, aesthetic ----
+
+class ClipScorer:
+    """Normalized CLIP image/text embeddings for any transformers CLIPModel (tests pass tiny ones).
+    Text is truncated at the model's 77 tokens like the official scorers."""
+
+    def __init__(self, model, tokenizer, image_processor, device):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer, self.image_processor, self.device = tokenizer, image_processor, torch.device(device)
+
+    @staticmethod
+    def _features(out):
+        # transformers 5 returns a model output for get_*_features; older versions a tensor.
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def image_embeds(self, images):
+        pixels = clip_pixels(images.to(self.device), self.image_processor)
+        with _autocast(self.device):
+            emb = self._features(self.model.get_image_features(pixel_values=pixels)).float()
+        return F.normalize(emb, dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, texts):
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77,
+                                return_tensors="pt").to(self.device)
+        with _autocast(self.device):
+            emb = self._features(self.model.get_text_features(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
+        return F.normalize(emb, dim=-1)
+
+    def cosine(self, images, prompts):
+        """cos(image_i, text_i) per pair, shape (N,)."""
+        return (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1)
+
+
+def pickscore_fn(scorer):
+    """PickScore / 26 = logit_scale.exp() * cos(image, text) / 26 (26 keeps it near 0..1, as Flow-GRPO)."""
+    def fn(images, prompts, metadata):
+        scale = scorer.model.logit_scale.exp().float()
+        return _cpu(scale * scorer.cosine(images, prompts) / 26), {}
+    return fn
+
+
+def clipscore_fn(scorer):
+    """CLIPScore = cos(image, text) = CLIP logits / 100."""
+    return lambda images, prompts, metadata: (_cpu(scorer.cosine(images, prompts)), {})
+
+
+def aesthetic_mlp(dim=768):
+    """LAION improved aesthetic predictor head; layer indices match sac+logos+ava1-l14-linearMSE.pth."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+
+def aesthetic_fn(scorer, mlp):
+    """aesthetic = MLP(normalized CLIP ViT-L/14 image embedding), about 1..10; ignores the prompt."""
+    mlp = mlp.to(scorer.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def fn(images, prompts, metadata):
+        return _cpu(mlp(scorer.image_embeds(images)).squeeze(-1)), {}
+    return fn
+
+
+def _clip_from_hub(model_id, processor_id, device):
+    from transformers import CLIPModel, CLIPProcessor
+    processor = _from_hub(processor_id, CLIPProcessor.from_pretrained)
+    model = _from_hub(model_id, CLIPModel.from_pretrained)
+    return ClipScorer(model, processor.tokenizer, processor.image_processor, device)
+
+
+def make_pickscore(device):
+    return pickscore_fn(_clip_from_hub("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device))
+
+
+def make_clipscore(device):
+    return clipscore_fn(_clip_from_hub("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device))
+
+
+AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
+
+
+def make_aesthetic(device):
+    from huggingface_hub import hf_hub_download
+    scorer = _clip_from_hub("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device)
+    return aesthetic_fn(scorer, load_aesthetic_mlp(_from_hub(AESTHETIC_REPO, hf_hub_download, AESTHETIC_FILE)))
+
+
+def load_aesthetic_mlp(path):
+    """The MLP with weights from sac+logos+ava1-l14-linearMSE.pth (keys "layers.<i>.weight")."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    dim = state["layers.0.weight"].shape[1]
+    mlp = aesthetic_mlp(dim)
+    # the checkpoint wraps the Sequential in a module attribute "layers"; ours is the bare Sequential
+    mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    return mlp
+
+
+# ---- hpsv2 (HPSv2.1 on open_clip) ----
+
+class OpenClipScorer:
+    """cos(image, text) of normalized open_clip features; `model` has encode_image/encode_text
+    (open_clip's API), `tokenizer(texts) -> (N, 77) ids` (open_clip truncates at 77)."""
+
+    def __init__(self, model, tokenizer, mean, std, size, device):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer, self.device, self.size = tokenizer, torch.device(device), size
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata):
+        # HPSv2's eval transform resizes the long side to `size` and pads; for square images that
+        # is a plain resize.
+        x = F.interpolate(images.to(self.device).float(), size=(self.size, self.size), mode="bicubic",
+                          antialias=True, align_corners=False).clamp(0, 1)
+        x = (x - self.mean) / self.std
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        with _autocast(self.device):
+            img = F.normalize(self.model.encode_image(x).float(), dim=-1)
+            txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return _cpu((img * txt).sum(-1)), {}
+
+
+def make_hpsv2(device):
+    """HPSv2.1 = open_clip ViT-H-14 with HPS_v2.1_compressed.pt from the hub repo xswu/HPSv2."""
+    open_clip = _require("open_clip", "open_clip_torch")
+    from huggingface_hub import hf_hub_download
+    model = open_clip.create_model("ViT-H-14", pretrained=None)
+    path = _from_hub("xswu/HPSv2", hf_hub_download, "HPS_v2.1_compressed.pt")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    return OpenClipScorer(model, open_clip.get_tokenizer("ViT-H-14"), cfg["mean"], cfg["std"], size, device)
+
+
+# ---- imagereward ----
+
+def make_imagereward(device):
+    """ImageReward-v1.0 score of each (prompt, image) pair; one pair at a time (the official
+    wrapper scores all N x N pairs and keeps the diagonal)."""
+    RM = _require("ImageReward", "image-reward")
+    try:
+        model = RM.load("ImageReward-v1.0", device=str(device))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RewardError(f"could not load ImageReward-v1.0 (hub repo THUDM/ImageReward): {e}; "
+                          "set HF_HUB_OFFLINE=0 or pre-download it") from None
+    model.eval()
+
+    @torch.no_grad()
+    def fn(images, prompts, metadata):
+        pils = [Image.fromarray(im) for im in to_uint8(images)]
+        return _cpu([float(model.score(p, im)) for p, im in zip(prompts, pils)]), {}
+    return fn
+
+
+# ---- unifiedreward (VLM behind an OpenAI-compatible server) ----
+
+UNIFIEDREWARD_QUESTION = (
+    "<image>\nYou are given a text caption and a generated image based on that caption. Your task is to "
+    "evaluate this image based on two key criteria:\n1. Alignment with the Caption: Assess how well this "
+    "image aligns with the provided caption. Consider the accuracy of depicted objects, their relationships, "
+    "and attributes as described in the caption.\n2. Overall Image Quality: Examine the visual quality of "
+    "this image, including clarity, detail preservation, color accuracy, and overall aesthetic appeal.\n"
+    "Based on the above criteria, assign a score from 1 to 5 after 'Final Score:'.\nYour task is provided "
+    "as follows:\nText Caption: [{prompt}]")
+
+
+def parse_final_score(text):
+    """'... Final Score: x' with x in 1..5 -> x / 5; 0.0 when the reply has no such score."""
+    match = re.search(r"Final Score:\s*([1-5](?:\.\d+)?)", text or "")
+    return float(match.group(1)) / 5 if match else 0.0
+
+
+def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120):
+    """Client of an OpenAI-compatible /chat/completions server (e.g. sglang or vLLM serving
+    UnifiedReward-7b-v1.5). URL, model and key from the arguments or UNIFIEDREWARD_URL,
+    UNIFIEDREWARD_MODEL, UNIFIEDREWARD_API_KEY. Unparsable replies score 0; an unreachable server
+    is an error."""
+    url = (url or os.environ.get("UNIFIEDREWARD_URL", "http://127.0.0.1:17140/v1")).rstrip("/")
+    model = model or os.environ.get("UNIFIEDREWARD_MODEL", "UnifiedReward-7b-v1.5")
+    api_key = api_key or os.environ.get("UNIFIEDREWARD_API_KEY", "EMPTY")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+
+    def ask(pair):
+        prompt, image = pair
+        buffer = io.BytesIO()
+        Image.fromarray(image).resize((512, 512)).save(buffer, format="PNG")  # 512 px as the official client
+        data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri}},
+            {"type": "text", "text": UNIFIEDREWARD_QUESTION.format(prompt=prompt)}]}]}
+        request = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {api_key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise RewardError(f"unifiedreward server {url} answered HTTP {e.code}: {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise RewardError(f"cannot reach the unifiedreward server at {url} ({e}); start it or set UNIFIEDREWARD_URL") from None
+        try:
+            return parse_final_score(reply["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError):
+            return 0.0
+
+    def fn(images, prompts, metadata):
+        return _cpu(list(pool.map(ask, zip(prompts, to_uint8(images))))), {}
+    return fn
+
+
+# ---- geneval: rules ----
+
+# GenEval's object_names.txt: the 80 COCO classes in COCO order, with GenEval's spellings.
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+GENEVAL_TAGS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+RELATIONS = ["left of", "right of", "above", "below"]
+THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_MARGIN = 0.3, 0.9, 16, 0.1
+
+
+def keep_detections(detections, tag):
+    """Per class: score >= 0.3 (0.9 for counting prompts), highest score first, at most 16; no NMS."""
+    threshold = COUNTING_THRESHOLD if tag == "counting" else THRESHOLD
+    kept = {}
+    for name, objects in detections.items():
+        objects = sorted((o for o in objects if o["score"] >= threshold), key=lambda o: -o["score"])[:MAX_OBJECTS]
+        if objects:
+            kept[name] = objects
+    return kept
+
+
+def relative_position(box_a, box_b):
+    """Relations of box A to box B (x1, y1, x2, y2; y grows downward). offset = center_a - center_b;
+    revised = max(|offset| - 0.1 (dim_a + dim_b), 0) sign(offset); none if all |revised| < 1e-3;
+    (dx, dy) = revised / |offset|: dx < -0.5 left of, dx > 0.5 right of, dy < -0.5 above, dy > 0.5 below."""
+    a, b = np.asarray(box_a[:4], float).reshape(2, 2), np.asarray(box_b[:4], float).reshape(2, 2)
+    offset = a.mean(0) - b.mean(0)
+    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
+    revised = np.maximum(np.abs(offset) - POSITION_MARGIN * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    return {rel for rel, holds in [("left of", dx < -0.5), ("right of", dx > 0.5),
+                                   ("above", dy < -0.5), ("below", dy > 0.5)] if holds}
+
+
+def _relation_holds(objects, targets, relation):
+    """A relation holds only if every object has it to every object of the referenced group."""
+    return targets is not None and all(relation in relative_position(o["box"], t["box"])
+                                       for o in objects for t in targets)
+
+
+def geneval_score(detections, metadata):
+    """GenEval rules on raw detections {class: [{"box", "score", "color"}]} and a GenEval jsonl record.
+
+    Returns (partial, strict, correct):
+    - partial (training reward, mean of terms): per include, 1 - |count - n|/count with n = all kept
+      detections (negative with many extras); then if n != count a 0 for a color/position attribute,
+      else color: 1 - |count - n_color|/count and position: 1 if it holds else 0 (only 0 on failure;
+      the official server also appends a 1 there).
+    - strict: every include has exactly `count` with all attributes, and no exclude is hit.
+    - correct (the benchmark metric): each include has >= count; the top `count` have the color and
+      the position relation; an exclude fails when detections >= its count.
+    """
+    kept = keep_detections(detections, metadata.get("tag"))
+    terms, strict, correct = [], True, True
+    groups_correct, groups_strict = [], []
+    for req in metadata.get("include", []):
+        objects, count = kept.get(req["class"], []), req["count"]
+        top = objects[:count]
+        n = len(objects)
+        terms.append(1 - abs(count - n) / count)
+
+        # benchmark correctness: at least `count`, attributes on the `count` most confident
+        ok = len(top) >= count
+        if ok and "color" in req:
+            ok = sum(o.get("color") == req["color"] for o in top) >= count
+        if ok and "position" in req:
+            relation, group = req["position"]
+            ok = _relation_holds(top, groups_correct[group], relation)
+        groups_correct.append(top if ok else None)
+        correct &= ok
+
+        # partial and strict: exact count first, then the attributes on all kept objects
+        exact = n == count
+        if not exact:
+            terms += [0.0] * (("color" in req) + ("position" in req))
+        if exact and "color" in req:
+            n_color = sum(o.get("color") == req["color"] for o in objects)
+            terms.append(1 - abs(count - n_color) / count)
+            exact = n_color == count
+        if "position" in req and n == count:
+            relation, group = req["position"]
+            holds = exact and _relation_holds(objects, groups_strict[group], relation)
+            terms.append(1.0 if holds else 0.0)
+            exact = holds
+        groups_strict.append(objects if exact else None)
+        strict &= exact
+    for req in metadata.get("exclude", []):
+        if len(kept.get(req["class"], [])) >= req["count"]:
+            correct = strict = False
+    partial = sum(terms) / len(terms) if terms else 0.0
+    return float(partial), bool(strict), bool(correct)
+
+
+def geneval_summary(correct, tags):
+    """Benchmark aggregation: per-tag accuracy over images, "overall" = mean of the per-tag
+    accuracies (not of all images), plus per-tag counts under "n/<tag>"."""
+    summary = {}
+    for tag in dict.fromkeys(tags):  # first-seen order, like the official summary
+        values = [bool(c) for c, t in zip(correct, tags) if t == tag]
+        summary[tag], summary[f"n/{tag}"] = sum(values) / len(values), len(values)
+    per_tag = [summary[t] for t in dict.fromkeys(tags)]
+    summary["overall"] = sum(per_tag) / len(per_tag) if per_tag else 0.0
+    summary["n"] = len(correct)
+    return summary
+
+
+# ---- geneval: models ----
+
+def mask2former_instances(class_logits, mask_logits, size, top_k=100):
+    """mmdetection's Mask2Former instance post-process for one image, from raw logits.
+
+    class_logits: (Q, K+1) with the no-object class last; mask_logits: (Q, h, w).
+    Class probability = softmax over all K+1 columns, then the no-object column dropped; take the
+    top_k (query, class) pairs; masks upsampled (bilinear) to `size` = (H, W) and binarized at
+    logit > 0; score = class prob * mean mask prob inside the binary mask; box = tight box of the
+    mask (x2, y2 exclusive). No NMS. Returns labels (k,), scores (k,), boxes (k, 4), masks (k, H, W) bool.
+    """
+    probs = class_logits.float().softmax(-1)[:, :-1]
+    num_classes = probs.shape[1]
+    scores, flat = probs.flatten().topk(min(top_k, probs.numel()))
+    labels, queries = flat % num_classes, flat // num_classes
+    logits = F.interpolate(mask_logits[None].float(), size=size, mode="bilinear", align_corners=False)[0][queries]
+    masks = logits > 0
+    mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    cols, rows = masks.any(1), masks.any(2)  # (k, W), (k, H): where each mask has pixels
+    first = lambda m: m.float().argmax(1)  # index of the first True
+    boxes = torch.stack([first(cols), first(rows), cols.shape[1] - first(cols.flip(1)),
+                         rows.shape[1] - first(rows.flip(1))], dim=1).float()
+    boxes[~cols.any(1)] = 0  # empty mask: no box (its score is 0 anyway)
+    return labels, scores * mask_scores, boxes, masks
+
+
+class GenEvalScorer:
+    """GenEval reward = detector (transformers Mask2FormerForUniversalSegmentation, labels mapped
+    by index to COCO_CLASSES) + CLIP zero-shot color of the kept objects (all crops of a batch in
+    one CLIP call) + `geneval_score`. Works with any (tiny) models of those classes."""
+
+    def __init__(self, detector, detector_processor, clip, clip_tokenizer, clip_image_processor, device):
+        self.device = torch.device(device)
+        self.detector = detector.to(self.device).eval().requires_grad_(False)
+        self.det_processor = detector_processor
+        self.clip = ClipScorer(clip, clip_tokenizer, clip_image_processor, self.device)
+        self.color_classifiers = {}  # class name -> (10, D) normalized text embeddings
+
+    @torch.no_grad()
+    def detect(self, images):
+        """Raw detections per image {class: [{"box", "score", "color": None, "mask"}]} (before thresholds)."""
+        images = images.to(self.device).float()
+        h, w = images.shape[-2:]
+        # the processor's resize (short side 800, long side <= 1333) and normalization, on tensors
+        short, long = _size(self.det_processor.size, "shortest_edge"), _size(self.det_processor.size, "longest_edge")
+        scale = min(short / min(h, w), (long or 1e9) / max(h, w))
+        x = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+        mean = torch.tensor(self.det_processor.image_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.det_processor.image_std, device=self.device).view(1, 3, 1, 1)
+        with _autocast(self.device):
+            out = self.detector(pixel_values=(x - mean) / std)
+        results = []
+        for class_logits, mask_logits in zip(out.class_queries_logits, out.masks_queries_logits):
+            if class_logits.shape[-1] != len(COCO_CLASSES) + 1:
+                raise RewardError(f"the GenEval detector must have {len(COCO_CLASSES)} COCO classes, "
+                                  f"got {class_logits.shape[-1] - 1}")
+            labels, scores, boxes, masks = mask2former_instances(class_logits, mask_logits, (h, w))
+            detections = {}
+            for label, score, box, mask in zip(labels.tolist(), scores.tolist(), boxes.tolist(), masks):
+                detections.setdefault(COCO_CLASSES[label], []).append(
+                    {"box": tuple(box), "score": score, "color": None, "mask": mask})
+            results.append(detections)
+        return results
+
+    def _color_classifier(self, classname):
+        """Per color: embed the 3 templates, normalize, average, normalize (clip_benchmark's recipe)."""
+        if classname not in self.color_classifiers:
+            templates = [f"a photo of a {{c}} {classname}", f"a photo of a {{c}}-colored {classname}",
+                         "a photo of a {c} object"]
+            texts = [t.format(c=c) for c in GENEVAL_COLORS for t in templates]
+            emb = self.clip.text_embeds(texts).view(len(GENEVAL_COLORS), len(templates), -1).mean(1)
+            self.color_classifiers[classname] = F.normalize(emb, dim=-1)
+        return self.color_classifiers[classname]
+
+    @torch.no_grad()
+    def classify_colors(self, images, crops):
+        """crops: list of (image index, class name, detection). Composite the image over gray #999999
+        through the mask, crop to the box, and classify all crops with one CLIP image call."""
+        if not crops:
+            return []
+        gray = torch.full((3, 1, 1), 0x99 / 255, device=self.device)
+        pixels = []
+        for i, _, det in crops:
+            image = images[i].to(self.device).float()
+            composite = torch.where(det["mask"].to(self.device), image, gray)
+            x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+            crop = composite[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
+            pixels.append(clip_pixels(crop[None], self.clip.image_processor))
+        pixels = torch.cat(pixels)
+        with _autocast(self.device):
+            emb = F.normalize(ClipScorer._features(self.clip.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        return [GENEVAL_COLORS[int((e @ self._color_classifier(name).T).argmax())]
+                for e, (_, name, _) in zip(emb, crops)]
+
+    def __call__(self, images, prompts, metadata):
+        detections = self.detect(images)
+        # Only the objects whose color matters: the `count` most confident kept ones of each
+        # include with a color (the partial score needs n == count before it looks at colors).
+        crops = []
+        for i, (dets, meta) in enumerate(zip(detections, metadata)):
+            kept = keep_detections(dets, meta.get("tag"))
+            for req in meta.get("include", []):
+                if "color" in req:
+                    crops += [(i, req["class"], d) for d in kept.get(req["class"], [])[:req["count"]]]
+        for (_, _, det), color in zip(crops, self.classify_colors(images, crops)):
+            det["color"] = color
+        results = [geneval_score(d, m) for d, m in zip(detections, metadata)]
+        partial, strict, correct = (_cpu([r[k] for r in results]) for k in range(3))
+        return partial, {"partial": partial, "strict": strict, "correct": correct}
+
+
+def make_geneval(device):
+    from transformers import CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation, AutoImageProcessor
+    _require("scipy", "scipy")  # transformers' Mask2Former builds its (training) loss, which needs scipy
+    det_id, clip_id = "facebook/mask2former-swin-small-coco-instance", "openai/clip-vit-large-patch14"
+    detector = _from_hub(det_id, Mask2FormerForUniversalSegmentation.from_pretrained)
+    det_processor = _from_hub(det_id, AutoImageProcessor.from_pretrained)
+    clip_processor = _from_hub(clip_id, CLIPProcessor.from_pretrained)
+    clip = _from_hub(clip_id, CLIPModel.from_pretrained)
+    return GenEvalScorer(detector, det_processor, clip, clip_processor.tokenizer, clip_processor.image_processor, device)
+
+
+# ---- prompt sets ----
+
+def _article(word):
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _plural(word):
+    return f"{word}es" if word.endswith("s") else f"{word}s"
+
+
+NUMBERS = ["zero", "one", "two", "three", "four"]
+
+
+def _geneval_sample(rng, tag):
+    """One GenEval record drawn like geneval's prompts/create_prompts.py (same rng calls and order)."""
+    names, person = COCO_CLASSES, COCO_CLASSES.index("person")
+    if tag == "two_object":
+        a, b = rng.choice(len(names), size=2, replace=False)
+        return {"tag": tag, "include": [{"class": names[a], "count": 1}, {"class": names[b], "count": 1}],
+                "prompt": f"a photo of {_article(names[a])} and {_article(names[b])}"}
+    if tag == "counting":
+        idx, num = rng.choice(len(names)), int(rng.integers(2, 4, endpoint=True))
+        return {"tag": tag, "include": [{"class": names[idx], "count": num}],
+                "exclude": [{"class": names[idx], "count": num + 1}],
+                "prompt": f"a photo of {NUMBERS[num]} {_plural(names[idx])}"}
+    if tag == "colors":  # never "a <color> person"
+        idx = (rng.choice(len(names) - 1) + 1 + person) % len(names)
+        color = GENEVAL_COLORS[rng.choice(len(GENEVAL_COLORS))]
+        return {"tag": tag, "include": [{"class": names[idx], "count": 1, "color": color}],
+                "prompt": f"a photo of {_article(color)} {names[idx]}"}
+    if tag == "position":
+        a, b = rng.choice(len(names), size=2, replace=False)
+        relation = RELATIONS[rng.choice(len(RELATIONS))]
+        return {"tag": tag, "include": [{"class": names[b], "count": 1},
+                                        {"class": names[a], "count": 1, "position": [relation, 0]}],
+                "prompt": f"a photo of {_article(names[a])} {relation} {_article(names[b])}"}
+    if tag == "color_attr":
+        a, b = (rng.choice(len(names) - 1, size=2, replace=False) + 1 + person) % len(names)
+        ca, cb = rng.choice(len(GENEVAL_COLORS), size=2, replace=False)
+        ca, cb = GENEVAL_COLORS[ca], GENEVAL_COLORS[cb]
+        return {"tag": tag, "include": [{"class": names[a], "count": 1, "color": ca},
+                                        {"class": names[b], "count": 1, "color": cb}],
+                "prompt": f"a photo of {_article(ca)} {names[a]} and {_article(cb)} {names[b]}"}
+    raise ValueError(tag)
+
+
+def _geneval_key(record):
+    """Identity of a GenEval prompt up to object order ("A and B" == "B and A", "A left of B" ==
+    "B right of A")."""
+    include = record["include"]
+    if record["tag"] == "position":
+        flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        target, subject = include[0]["class"], include[1]["class"]
+        relation = include[1]["position"][0]
+        return ("position", min((subject, relation, target), (target, flip[relation], subject)))
+    return (record["tag"], tuple(sorted((r["class"], r["count"], r.get("color", "")) for r in include)))
+
+
+def geneval_prompts(split, seed=None, per_tag=None):
+    """GenEval-style records in the official jsonl format, deterministic in `seed`.
+
+    test: geneval's create_prompts.py recipe (seed 43, 100 draws per tag after all 80 single objects,
+      exact duplicates dropped) with the same numpy rng calls, which reproduces the official
+      evaluation_metadata.jsonl line for line: 553 prompts (80 single_object, 99 two_object,
+      80 counting, 94 colors, 100 position, 100 color_attr).
+    train: the same generators with another seed (`per_tag` draws per tag, default 2000), duplicates
+      and anything equal to a test prompt up to object order dropped. All 80 single objects are in
+      the test set, so the train set has no single_object prompts.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    test = split == "test"
+    rng = np.random.default_rng((43 if test else 42) if seed is None else seed)
+    draws = per_tag or (100 if test else 2000)
+    records = []
+    if test:
+        records += [{"tag": "single_object", "include": [{"class": COCO_CLASSES[i], "count": 1}],
+                     "prompt": f"a photo of {_article(COCO_CLASSES[i])}"}
+                    for i in rng.choice(len(COCO_CLASSES), size=len(COCO_CLASSES), replace=False)]
+    for tag in GENEVAL_TAGS[1:]:
+        records += [_geneval_sample(rng, tag) for _ in range(draws)]
+    banned = set() if test else {_geneval_key(r) for r in geneval_prompts("test")}
+    unique, seen = [], set()
+    for record in records:
+        text = json.dumps(record, sort_keys=True)
+        key = _geneval_key(record) if not test else text
+        if key not in seen and key not in banned:
+            seen.add(key)
+            unique.append(record)
+    return unique
+
+
+_OCR_WORDS = [
+    "open", "closed", "welcome", "exit", "coffee", "bakery", "hotel", "garden", "market", "library",
+    "station", "museum", "pizza", "books", "music", "sale", "fresh", "happy", "sunny", "quiet", "river",
+    "mountain", "ocean", "forest", "city", "night", "morning", "summer", "winter", "spring", "autumn",
+    "dream", "hope", "love", "peace", "power", "future", "vintage", "golden", "silver", "little", "big",
+    "lucky", "magic", "wild", "green", "blue", "red", "north", "south"]
+_OCR_TEMPLATES = [
+    'A wooden sign that says "{}"', 'A neon sign reading "{}" on a brick wall', 'A coffee mug printed with "{}"',
+    'A storefront with the word "{}" above the door', 'A t-shirt with "{}" written on it',
+    'A chalkboard menu that says "{}"', 'A book cover titled "{}"', 'A street banner reading "{}"',
+    'A birthday cake with "{}" written in icing', 'A poster with the text "{}" in bold letters',
+    'A license plate that reads "{}"', 'A handwritten note saying "{}"']
+
+
+def ocr_prompts(split, seed=0, n_test=1018):
+    """Text-rendering prompts with the target in double quotes: one- and two-word texts from a fixed
+    word list in natural templates. The texts are shuffled with `seed` and split, so train and test
+    never share a target text; test has `n_test` prompts (the paper's OCR test set size)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = np.random.default_rng(seed)
+    texts = _OCR_WORDS + [f"{a} {b}" for a in _OCR_WORDS for b in _OCR_WORDS if a != b]
+    texts = [texts[i].title() for i in rng.permutation(len(texts))]
+    texts = texts[:n_test] if split == "test" else texts[n_test:]
+    return [{"prompt": _OCR_TEMPLATES[int(rng.integers(len(_OCR_TEMPLATES)))].format(t)} for t in texts]
+
+
+GENERIC_PROMPTS = [
+    "a photo of a cat sitting on a windowsill", "a watercolor painting of a lighthouse at dawn",
+    "a red sports car on a mountain road", "an astronaut riding a horse on the moon",
+    "a bowl of ramen with a soft-boiled egg", "a cozy library with tall wooden shelves",
+    "a fox in a snowy forest, digital art", "a futuristic city skyline at night",
+    "a portrait of an old fisherman, oil painting", "a teddy bear having a picnic in a park",
+    "a glass teapot on a sunny kitchen table", "a dragon made of autumn leaves",
+    "a robot watering plants in a greenhouse", "a sailboat on a calm lake at sunset",
+    "a plate of colorful macarons", "a snowy cabin under the northern lights"]
+
+
+def default_prompts(reward_name, split):
+    """Built-in prompt records for a reward: GenEval and OCR sets for those rewards, the 4 color
+    prompts for `color` (same 4 for train and test), and otherwise a small generic list (same for
+    both splits) standing in for Pick-a-Pic / DrawBench, whose files can be passed with --prompts."""
+    if reward_name == "geneval":
+        return geneval_prompts(split)
+    if reward_name == "ocr":
+        return ocr_prompts(split)
+    if reward_name == "color":
+        return [{"prompt": f"a {c} image"} for c in ("red", "green", "blue", "yellow")]
+    return [{"prompt": p} for p in GENERIC_PROMPTS]
+
+
+# ---- registry and combinations ----
+
+REWARDS = {
+    "geneval": make_geneval, "ocr": make_ocr, "pickscore": make_pickscore, "clipscore": make_clipscore,
+    "hpsv2": make_hpsv2, "aesthetic": make_aesthetic, "imagereward": make_imagereward, "jpeg": make_jpeg,
+    "color": make_color, "unifiedreward": make_unifiedreward,
+}
+NEEDS_METADATA = {"geneval"}
+
+
+def parse_reward_spec(spec):
+    """'geneval' or 'pickscore:1,hpsv2:0.5' -> [(name, weight), ...]; a bare name has weight 1."""
+    parsed = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        if name not in REWARDS:
+            close = difflib.get_close_matches(name, REWARDS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RewardError(f"unknown reward '{name}' in '{spec}'{hint} valid: {', '.join(REWARDS)}")
+        try:
+            weight = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise RewardError(f"bad weight '{weight}' for reward '{name}' in '{spec}': use name:number, e.g. pickscore:0.5") from None
+        if name in (n for n, _ in parsed):
+            raise RewardError(f"reward '{name}' appears twice in '{spec}'")
+        parsed.append((name, weight))
+    return parsed
+
+
+def make_reward(spec, device):
+    """The reward fn of a spec: the WEIGHTED SUM of its rewards (Flow-GRPO / DiffusionNFT call it
+    "avg" but sum), with components {"<name>": score, "<name>/<component>": ...} for logging.
+    A single reward of weight 1 returns its score unchanged."""
+    parts = [(name, weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
+
+    def fn(images, prompts, metadata):
+        total, components = None, {}
+        for name, weight, reward in parts:
+            score, comps = reward(images, prompts, metadata)
+            components[name] = score
+            components.update({f"{name}/{k}": v for k, v in comps.items()})
+            weighted = score if weight == 1 else score * weight
+            total = weighted if total is None else total + weighted
+        return total, components
+    return fn
+
+
+def check_metadata(spec, metadata_list):
+    """Fail early, with the line and prompt, when a reward that needs jsonl metadata lacks it."""
+    needs = [name for name, _ in parse_reward_spec(spec) if name in NEEDS_METADATA]
+    for name in needs:  # only geneval today
+        for line, record in enumerate(metadata_list, 1):
+            missing = [k for k in ("tag", "include") if k not in (record or {})]
+            prompt = (record or {}).get("prompt", "?")
+            if missing:
+                raise RewardError(f"reward '{name}' needs GenEval metadata but prompt line {line} ({prompt!r}) lacks "
+                                  f"{', '.join(missing)}: pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with "
+                                  "--prompts, or leave --prompts out to use the built-in GenEval set")
+            for req in record["include"] + record.get("exclude", []):
+                if req.get("class") not in COCO_CLASSES:
+                    raise RewardError(f"prompt line {line} ({prompt!r}) names '{req.get('class')}', which is not "
+                                      "one of GenEval's 80 COCO class names")
