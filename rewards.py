@@ -53,7 +53,7 @@ def _from_hub(hub_id, load, *args, **kwargs):
     """Call a from_pretrained-style loader; a missing download becomes one line naming the hub id."""
     try:
         return load(hub_id, *args, **kwargs)
-    except (OSError, ValueError) as e:  # offline cache misses surface as OSError (sometimes ValueError)
+    except OSError as e:  # offline cache misses (and 404s) surface as OSError subclasses
         raise RewardError(f"could not load '{hub_id}' from the Hugging Face hub ({type(e).__name__}): "
                           "the hub is unreachable or the weights are not cached; set HF_HUB_OFFLINE=0 "
                           "or pre-download them with `huggingface-cli download`") from None
@@ -205,7 +205,11 @@ class ClipScorer:
 
     @torch.no_grad()
     def image_embeds(self, images):
-        pixels = clip_pixels(images.to(self.device), self.image_processor)
+        return self.pixel_embeds(clip_pixels(images.to(self.device), self.image_processor))
+
+    @torch.no_grad()
+    def pixel_embeds(self, pixels):
+        """Normalized image embeddings of already preprocessed pixels (N, 3, S, S)."""
         with _autocast(self.device):
             emb = self._features(self.model.get_image_features(pixel_values=pixels)).float()
         return F.normalize(emb, dim=-1)
@@ -225,7 +229,8 @@ class ClipScorer:
 
 
 def pickscore_fn(scorer):
-    """PickScore / 26 = logit_scale.exp() * cos(image, text) / 26 (26 keeps it near 0..1, as Flow-GRPO)."""
+    """PickScore / 26 = logit_scale.exp() * cos(image, text) / 26 (Flow-GRPO's scaling: raw PickScore
+    is about 20-24, the paper reports it unscaled)."""
     def fn(images, prompts, metadata):
         scale = scorer.model.logit_scale.exp().float()
         return _cpu(scale * scorer.cosine(images, prompts) / 26), {}
@@ -391,7 +396,8 @@ def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120):
         except urllib.error.HTTPError as e:
             raise RewardError(f"unifiedreward server {url} answered HTTP {e.code}: {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise RewardError(f"cannot reach the unifiedreward server at {url} ({e}); start it or set UNIFIEDREWARD_URL") from None
+            raise RewardError(f"cannot reach the unifiedreward server at {url} ({e}); "
+                              "start it or set UNIFIEDREWARD_URL") from None
         try:
             return parse_final_score(reply["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError):
@@ -548,10 +554,15 @@ def mask2former_instances(class_logits, mask_logits, size, top_k=100):
 class GenEvalScorer:
     """GenEval reward = detector (transformers Mask2FormerForUniversalSegmentation, labels mapped
     by index to COCO_CLASSES) + CLIP zero-shot color of the kept objects (all crops of a batch in
-    one CLIP call) + `geneval_score`. Works with any (tiny) models of those classes."""
+    one CLIP call) + `geneval_score`. Works with any (tiny) models of those classes; the detector
+    processor only supplies image_mean / image_std."""
 
-    def __init__(self, detector, detector_processor, clip, clip_tokenizer, clip_image_processor, device):
+    def __init__(self, detector, detector_processor, clip, clip_tokenizer, clip_image_processor, device,
+                 detector_size=(800, 1333)):
         self.device = torch.device(device)
+        # GenEval's mmdetection test pipeline resizes to short side 800, long side <= 1333 (512 px
+        # images -> 800 px); fixed here rather than read from the hub processor config.
+        self.detector_size = detector_size
         self.detector = detector.to(self.device).eval().requires_grad_(False)
         self.det_processor = detector_processor
         self.clip = ClipScorer(clip, clip_tokenizer, clip_image_processor, self.device)
@@ -562,9 +573,8 @@ class GenEvalScorer:
         """Raw detections per image {class: [{"box", "score", "color": None, "mask"}]} (before thresholds)."""
         images = images.to(self.device).float()
         h, w = images.shape[-2:]
-        # the processor's resize (short side 800, long side <= 1333) and normalization, on tensors
-        short, long = _size(self.det_processor.size, "shortest_edge"), _size(self.det_processor.size, "longest_edge")
-        scale = min(short / min(h, w), (long or 1e9) / max(h, w))
+        short, long = self.detector_size  # resize keeping the aspect ratio, then the processor's mean/std
+        scale = min(short / min(h, w), long / max(h, w))
         x = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
         mean = torch.tensor(self.det_processor.image_mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.det_processor.image_std, device=self.device).view(1, 3, 1, 1)
@@ -607,9 +617,7 @@ class GenEvalScorer:
             x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
             crop = composite[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
             pixels.append(clip_pixels(crop[None], self.clip.image_processor))
-        pixels = torch.cat(pixels)
-        with _autocast(self.device):
-            emb = F.normalize(ClipScorer._features(self.clip.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        emb = self.clip.pixel_embeds(torch.cat(pixels))  # the one CLIP image call of the batch
         return [GENEVAL_COLORS[int((e @ self._color_classifier(name).T).argmax())]
                 for e, (_, name, _) in zip(emb, crops)]
 
@@ -638,7 +646,8 @@ def make_geneval(device):
     det_processor = _from_hub(det_id, AutoImageProcessor.from_pretrained)
     clip_processor = _from_hub(clip_id, CLIPProcessor.from_pretrained)
     clip = _from_hub(clip_id, CLIPModel.from_pretrained)
-    return GenEvalScorer(detector, det_processor, clip, clip_processor.tokenizer, clip_processor.image_processor, device)
+    return GenEvalScorer(detector, det_processor, clip, clip_processor.tokenizer, clip_processor.image_processor,
+                         device)
 
 
 # ---- prompt sets ----
@@ -802,12 +811,13 @@ def parse_reward_spec(spec):
         name = name.strip()
         if name not in REWARDS:
             close = difflib.get_close_matches(name, REWARDS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RewardError(f"unknown reward '{name}' in '{spec}'{hint} valid: {', '.join(REWARDS)}")
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}")
         try:
             weight = float(weight) if weight.strip() else 1.0
         except ValueError:
-            raise RewardError(f"bad weight '{weight}' for reward '{name}' in '{spec}': use name:number, e.g. pickscore:0.5") from None
+            raise RewardError(f"bad weight '{weight}' for reward '{name}' in '{spec}': "
+                              "use name:number, e.g. pickscore:0.5") from None
         if name in (n for n, _ in parsed):
             raise RewardError(f"reward '{name}' appears twice in '{spec}'")
         parsed.append((name, weight))
