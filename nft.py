@@ -33,17 +33,20 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the log to what this script says
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch
 import torch.distributed as dist
 
@@ -127,7 +130,7 @@ PRESETS = {
     # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in about two minutes
     "tiny": dict(resolution=32, num_steps=10, solver="euler", group_size=8, num_groups=4,
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
-                 learning_rate=1e-3, lora_targets="official+proj_out", num_epochs=150,
+                 learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
                  eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
 }
 OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -177,15 +180,19 @@ def validate(args, world_size):
         raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
+    if args.eval_only:
+        return 0
     total, per_rank = args.num_groups * args.group_size, args.num_groups * args.group_size // world_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
     if total % unit:
-        lo, hi = max(unit, total - total % unit), total - total % unit + unit
+        groups = [g for g in range(1, 4 * args.num_groups + unit) if g * args.group_size % unit == 0]
+        near = sorted(groups, key=lambda g: abs(g - args.num_groups))[:2]
         raise UserError(
-            f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must be a "
-            f"multiple of ranks x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = {world_size} x "
-            f"lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
-            f"nearest valid totals: {lo} or {hi} (e.g. --num_groups {max(1, lo // args.group_size)} if it divides)")
+            f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
+            f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
+            f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
+            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if near else
+               "change --group_size, --train_batch_size or --sample_batch_size"))
     return per_rank
 
 
@@ -452,6 +459,11 @@ def _fit_tiny_decoder(vae, steps=150):
     vae.requires_grad_(False)
 
 
+def _is_local(model):
+    """A path rather than a hub id ("org/name" is a hub id unless such a folder exists)."""
+    return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
 def load_pipeline(model, dtype):
     """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline."""
     from diffusers import StableDiffusion3Pipeline
@@ -459,17 +471,17 @@ def load_pipeline(model, dtype):
         arch = model.split(":")[-1]
         if arch not in RANDOM_ARCHS:
             raise UserError(f"unknown random architecture {arch!r}; choose from {sorted(RANDOM_ARCHS)}")
-        return random_pipeline(arch).to(dtype=dtype)
-    looks_local = os.path.sep in model or model.startswith(".") or os.path.exists(model)
-    if looks_local and not os.path.isdir(model):
+        pipe = random_pipeline(arch)
+        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    if _is_local(model) and not os.path.isdir(model):
         raise UserError(f"--model folder not found: {model}")
-    if looks_local:
+    if _is_local(model):
         index = os.path.join(model, "model_index.json")
         if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
             raise UserError(f"--model {model} is not a StableDiffusion3Pipeline folder (no SD3 model_index.json); "
                             "save one with pipe.save_pretrained(folder) or pass a hub id")
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise UserError(f"could not load --model {model}: " + (
@@ -496,8 +508,10 @@ def add_adapters(transformer, args):
     transformer.requires_grad_(False)
     config = lora_config(args)
     try:
-        transformer.add_adapter(config, adapter_name="default")
-        transformer.add_adapter(config, adapter_name="old")
+        with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+            warnings.simplefilter("ignore", UserWarning)
+            transformer.add_adapter(config, adapter_name="default")
+            transformer.add_adapter(config, adapter_name="old")
     except ValueError as e:
         raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
     params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
@@ -565,7 +579,7 @@ def sample(pipe, embeds, pooled, sigmas, solver, generator, args, autocast, null
 def rng(*keys):
     """A generator seeded from a tuple such as (seed, epoch, rank, "rollout"): every random draw of a
     run is a function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
-    digest = __import__("hashlib").sha256(repr(keys).encode()).digest()
+    digest = hashlib.sha256(repr(keys).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
@@ -644,12 +658,14 @@ def save_checkpoint(args, epoch, state, ema, lora_meta):
 
 def load_checkpoint(args):
     path = args.resume_from
-    if path == "latest":
+    if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
         found = checkpoints(args.output_dir)
         if not found:
-            raise UserError(f"--resume_from latest: no complete checkpoint in {args.output_dir}/checkpoints; "
-                            "drop --resume_from to start a new run")
+            print0(f"--resume_from latest: no checkpoint in {args.output_dir} yet, starting a new run")
+            return None
         path = found[-1]
+    elif not os.path.isdir(path):
+        raise UserError(f"--resume_from {path}: no such folder; give a checkpoint folder or 'latest'")
     file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(file):
         raise UserError(f"--resume_from {path}: no training_state.pt there (not a checkpoint of this script, "
@@ -668,26 +684,43 @@ def load_checkpoint(args):
     return path, state
 
 
+def _epoch_of(line):
+    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as unfinished."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
 
 
 # --------------------------------------------------------------------------- evaluation
+# The paper's benchmarks (SPEC section 6): images per prompt, and how each reward's mean is printed
+# (column, scale): PickScore is logit*cos/26 here and x26 in the paper, UnifiedReward is score/5.
+EVAL_IMAGES = {"geneval": 4, "ocr": 1, **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
+EVAL_COLUMNS = {"pickscore": ("PickScore", 26.0), "clipscore": ("CLIPScore", 1.0), "hpsv2": ("HPSv2.1", 1.0),
+                "aesthetic": ("Aesthetic", 1.0), "imagereward": ("ImageReward", 1.0), "unifiedreward": ("UnifiedReward", 5.0)}
+
+
+def eval_seed(seed, i, k):
+    """The noise seed of prompt i, image k: torch.Generator().manual_seed(it) redraws the image's noise."""
+    return rng(seed, "eval", i, k).initial_seed()
+
+
 @torch.no_grad()
-def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
-    """Score the active weights on test prompts: Euler, eval_num_steps, one fixed seed per (prompt, image)
-    so numbers repeat; items are split over ranks by index, with no duplicates. Returns rank-0 results."""
-    items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
-    mine = items[rank::world]
+def generate(pipe, records, items, args, device, autocast):
+    """Yield (batch, images) for (prompt index, image index) pairs with the transformer's active weights:
+    Euler, eval_num_steps. The noise is drawn on the CPU from eval_seed(seed, i, k), so an image depends on
+    its pair alone, not on the batch, the rank or the device."""
     sigmas = rollout_sigmas(args.eval_num_steps, pipe.scheduler.config.shift)
     null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
-    set_policy(pipe.transformer, "default")
-    out = []
-    for b in range(0, len(mine), args.sample_batch_size):
-        batch = mine[b:b + args.sample_batch_size]
-        prompts = [records[i]["prompt"] for i, _ in batch]
-        embeds, pooled = encode_prompts(pipe, prompts, args.max_sequence_length, device)
-        h = args.resolution // pipe.vae_scale_factor
-        noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h), generator=rng(args.seed, "eval", i, k))
+    h = args.resolution // pipe.vae_scale_factor
+    for b in range(0, len(items), args.sample_batch_size):
+        batch = items[b:b + args.sample_batch_size]
+        embeds, pooled = encode_prompts(pipe, [records[i]["prompt"] for i, _ in batch], args.max_sequence_length, device)
+        noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h),
+                                         generator=torch.Generator().manual_seed(eval_seed(args.seed, i, k)))
                              for i, k in batch]).to(device)
 
         def v_fn(x, sigma):
@@ -697,11 +730,24 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
                 v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
                                     torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
                 return v_u + args.guidance_scale * (v_c - v_u)
-        images = decode(pipe, solve(v_fn, noise, sigmas, "euler"))
-        scores, comps = reward_fn(images, prompts, [records[i] for i, _ in batch])
+        yield batch, decode(pipe, solve(v_fn, noise, sigmas, "euler"))
+
+
+@torch.no_grad()
+def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
+    """Score the active weights on test prompts, eval_images_per_prompt images each. Items (i, k) are split
+    over ranks by position (items[rank::world]) and gathered, so none is missing or duplicated. Returns, on
+    rank 0, one dict per image sorted by (index, image): index, image, prompt, seed, tag (GenEval), reward,
+    every reward component, and `_image` (CPU, [0, 1]) for the first 16 only: all images would not fit."""
+    items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
+    out = []
+    for batch, images in generate(pipe, records, items[rank::world], args, device, autocast):
+        scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
-            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], reward=float(scores[j]),
-                            **{c: float(v[j]) for c, v in comps.items()}, _image=images[j].cpu()))
+            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=eval_seed(args.seed, i, k),
+                            **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
+                            **{c: float(v[j]) for c, v in comps.items()},
+                            **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -709,48 +755,221 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     return sorted(out, key=lambda r: (r["index"], r["image"]))
 
 
-def save_grid(images, path, nrow):
-    """Save (N, 3, H, W) images in [0, 1] as one PNG grid."""
-    from PIL import Image
+def eval_metrics(results, reward_spec):
+    """The paper's numbers from evaluate()'s per-image results. GenEval: per-tag accuracy of the binary
+    "correct" check, overall = mean of the tags' accuracies (the benchmark's aggregation, not the mean over
+    images), strict accuracy and the mean partial score. OCR: accuracy = mean reward, and the share of exact
+    matches. Any other reward: its mean on the paper's scale (EVAL_COLUMNS)."""
+    import rewards
+    mean = lambda xs: sum(xs) / len(xs)
+    names = [n for n, _ in rewards.parse_reward_spec(reward_spec)]
+    out = {}
+    for name in names:
+        if name == "geneval":
+            g = rewards.geneval_summary([r["geneval/correct"] for r in results], [r["tag"] for r in results])
+            out["GenEval overall"] = g["overall"]
+            out.update({t: g[t] for t in rewards.GENEVAL_TAGS if t in g})
+            out["GenEval strict"] = mean([r["geneval/strict"] for r in results])
+            out["GenEval partial"] = mean([r["geneval"] for r in results])
+        elif name == "ocr":
+            out["OCR accuracy"] = mean([r["ocr"] for r in results])
+            out["OCR exact"] = mean([float(r["ocr"] == 1.0) for r in results])
+        else:
+            column, scale = EVAL_COLUMNS.get(name, (name, 1.0))
+            out[column] = scale * mean([r[name] for r in results])
+    if len(names) > 1:
+        out["reward (weighted sum)"] = mean([r["reward"] for r in results])
+    return out
+
+
+def save_grid(images, path, nrow, col_labels=(), row_labels=()):
+    """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow images a row, with optional labels in a
+    16 px strip above the columns and a 160 px strip left of the rows (PIL's default font)."""
+    import textwrap
+    from PIL import Image, ImageDraw
     n, _, h, w = images.shape
-    ncol = -(-n // nrow)
-    grid = torch.zeros(3, ncol * h, nrow * w)
+    grid = torch.zeros(3, -(-n // nrow) * h, nrow * w)
     for i, im in enumerate(images):
         grid[:, (i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = im
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    image = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    top, left = 16 * bool(col_labels), 160 * bool(row_labels)
+    canvas = Image.new("RGB", (left + image.width, top + image.height), "white")
+    canvas.paste(image, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * w + 3, 2), label, fill="black")
+    for i, label in enumerate(row_labels):  # as many wrapped lines of the prompt as the row's height holds
+        draw.multiline_text((3, top + i * h + 2), "\n".join(textwrap.wrap(label, 26)[:max(1, h // 12)]), fill="black", spacing=1)
+    canvas.save(path)
+
+
+def plot_curves(metrics_path, png_path, size=(640, 400)):
+    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step
+    (the base model's eval, eval_reward_mean_before, is the eval curve's point at step 0)."""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
+              "eval reward": [(0, r["eval_reward_mean_before"]) for r in rows if "eval_reward_mean_before" in r]
+              + [(r["step"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]}
+    W, H, L, R, T, B = *size, 60, 20, 20, 36  # canvas and margins
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
+    draw.text((W // 2 - 10, H - 16), "step", fill="black")
+    points = [p for s in series.values() for p in s]
+    if points:
+        (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
+        sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)
+        sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)
+        for y in (y0, y1):  # min/max tick labels, right-aligned against the y axis
+            draw.text((L - 4 - draw.textlength(f"{y:.4g}"), sy(y) - 5), f"{y:.4g}", fill="black")
+        for x in (x0, x1):
+            draw.text((sx(x) - draw.textlength(str(x)) / 2, H - B + 4), str(x), fill="black")
+        for n, ((name, pts), color) in enumerate(zip(series.items(), ("#1f77b4", "#d62728"))):
+            xy = [(sx(x), sy(y)) for x, y in pts]
+            if len(xy) > 1:
+                draw.line(xy, fill=color, width=2)
+            for x, y in xy if len(xy) <= 50 else []:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+            draw.line([(L + 10, T + 8 + 14 * n), (L + 30, T + 8 + 14 * n)], fill=color, width=2)  # legend
+            draw.text((L + 35, T + 2 + 14 * n), name, fill="black")
+    canvas.save(png_path)
+
+
+def find_lora(path):
+    """Locate --lora. ("diffusers", file): this project's pytorch_lora_weights.safetensors (a checkpoint folder
+    or the file). ("peft", folder): the official DiffusionNFT / Flow-GRPO layout, adapter_model.safetensors +
+    adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
+    "owner/name" that is not a local path is downloaded first."""
+    if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as e:
+            raise UserError(f"--lora {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__})")
+    if os.path.isfile(path):
+        return ("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors" else ("diffusers", path)
+    for folder in (path, os.path.join(path, "lora")):
+        if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
+            return "diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")
+        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return "peft", folder
+    raise UserError(f"--lora {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
+                    ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
+
+
+def load_lora(pipe, kind, path):
+    """Load what find_lora found into pipe.transformer. peft keys base_model.model.<module>.lora_A.weight
+    become <module>.lora_A.weight; the saved config gives rank, alpha (scale alpha/r) and targets."""
+    if kind == "diffusers":
+        return pipe.load_lora_weights(os.path.dirname(path) or ".", weight_name=os.path.basename(path))
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = {k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
+    try:
+        pipe.transformer.add_adapter(LoraConfig(**config))
+        result = set_peft_model_state_dict(pipe.transformer, state)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--lora {path} does not fit this transformer: {str(e).strip().splitlines()[0]}")
+    bad = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
+    if bad:
+        raise UserError(f"--lora {path} does not fit this transformer: {len(bad)} LoRA weights unmatched, e.g. {bad[0]}")
+
+
+def eval_only(args):
+    """--eval_only: the paper's evaluation (SPEC section 6) of the base model or a --lora on the test prompts.
+    Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
+    image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
+    output_dir or the LoRA's run folder holds a metrics.jsonl."""
+    import rewards
+    lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
+    rank, world, device, _, records = setup(args)
+    if args.eval_images_per_prompt == Args.eval_images_per_prompt:  # not set: the benchmark's own count
+        args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], args.eval_images_per_prompt)
+    dtype, autocast = precision(args, device)
+    pipe = load_pipeline(args.model, dtype).to(device)
+    if lora:
+        load_lora(pipe, *lora)
+    reward_fn = rewards.make_reward(args.reward, device)
+    setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
+               f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, seed {args.seed}")
+    print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
+    results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
+    if rank == 0:
+        out = args.output_dir
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "_image"}) + "\n" for r in results)
+        metrics = eval_metrics(results, args.reward)
+        summary = dict(model=args.model, lora=args.lora, reward=args.reward, prompts=len(records),
+                       images_per_prompt=args.eval_images_per_prompt, images=len(results), eval_num_steps=args.eval_num_steps,
+                       guidance_scale=args.guidance_scale, resolution=args.resolution, max_sequence_length=args.max_sequence_length,
+                       seed=args.seed, reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
+        table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
+                 f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
+        with open(os.path.join(out, "eval.md"), "w") as f:
+            f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
+        print0(table)
+        if lora:  # base vs LoRA on the first 8 prompts, image 0 (the same seed in both columns)
+            items, columns = [(i, 0) for i in range(min(8, len(records)))], []
+            for on in (False, True):
+                pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
+                columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
+            save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
+                      col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
+        # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
+        folders = [out] + ([os.path.abspath(os.path.join(lora[1], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
+        found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
+        if found:
+            plot_curves(found[0], os.path.join(out, "curves.png"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- training
-def train(args):
+def setup(args):
+    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check flags,
+    and read the prompt sets. Returns rank, world size, device, train and eval prompt records."""
     import rewards
-    from tqdm import tqdm
-    if "RANK" in os.environ:  # launched by torchrun
+    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif args.model != "tiny" and not args.profile:
+    elif args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
         raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
                         "python nft.py --model tiny --reward color")
-    per_rank = validate(args, world)
-    rewards.parse_reward_spec(args.reward)  # unknown names fail before any model loads
-    train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(args.reward.split(":")[0], "train")
-    eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(args.reward.split(":")[0], "test")
+    validate(args, world)
+    name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
+    train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
+    eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
     eval_records = eval_records[:args.eval_max_prompts or None]
     rewards.check_metadata(args.reward, train_records)
     rewards.check_metadata(args.reward, eval_records)
+    return rank, world, device, train_records, eval_records
+
+
+def train(args):
+    import rewards
+    from tqdm import tqdm
+    rank, world, device, train_records, eval_records = setup(args)
+    per_rank = args.num_groups * args.group_size // world
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if not args.resume_from and not args.eval_only and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
+    resume = load_checkpoint(args) if args.resume_from else None
+    if not args.resume_from and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
                             "continue it, --overwrite to replace it, or another --output_dir")
         if rank == 0:
             shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
-            os.remove(metrics_path) if os.path.exists(metrics_path) else None
-    resume = load_checkpoint(args) if args.resume_from else None
 
+    reward_fn = rewards.make_reward(args.reward, device)  # before the big model: a missing extra fails fast
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype)
     pipe.to(device)
@@ -759,7 +978,6 @@ def train(args):
     params, old = add_adapters(transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    reward_fn = rewards.make_reward(args.reward, device)
     ema = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -773,12 +991,13 @@ def train(args):
                 ema[n].copy_(state["ema"][n])
         opt.load_state_dict(state["optimizer"])
         step, start_epoch, bad_steps = state["step"], state["epoch"], state["bad_steps"]
-        if rank == 0 and os.path.exists(metrics_path):  # drop lines of epochs the resumed run will redo
-            keep = [l for l in open(metrics_path) if l.strip() and json.loads(l)["epoch"] < start_epoch]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics_path + ".tmp", metrics_path)
         print0(f"resumed from {path}: epoch {start_epoch}, step {step}")
+    if rank == 0 and os.path.exists(metrics_path):  # keep the lines of finished epochs; the rest is redone
+        with open(metrics_path) as f:
+            keep = [l for l in f if _epoch_of(l) < start_epoch]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
     if args.compile:
         transformer.compile()  # in place: adapters switch by flags that dynamo guards on, one graph each
     if rank == 0:
@@ -804,6 +1023,7 @@ def train(args):
     bar = dict(disable=rank != 0, leave=False, dynamic_ncols=True)
 
     def run_eval(epoch):
+        set_policy(transformer, "default")
         with swapped(params, ema):
             results = evaluate(pipe, eval_records, reward_fn, args, device, autocast, rank, world)
         if rank == 0:
@@ -816,8 +1036,8 @@ def train(args):
     for epoch in range(start_epoch, args.num_epochs):
         t0 = time.time()
         log = dict(epoch=epoch)
-        if args.eval_every and epoch % args.eval_every == 0:
-            log["eval_reward_mean"] = run_eval(epoch)
+        if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
+            log["eval_reward_mean_before"] = run_eval(0)
         # ---- 1. prompts: this rank's slice of the epoch's groups
         ids = epoch_prompt_indices(len(train_records), args.num_groups, args.group_size, args.seed, epoch)
         ids = ids[rank * per_rank:(rank + 1) * per_rank]
@@ -929,8 +1149,8 @@ def train(args):
                    **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
                    loss=sums["loss"], kl=sums["kl"], r_mean=float(r.mean()), dv_old=sums["dv"], old_decay=d,
                    dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1, time_reward=t3 - t2, time_train=t4 - t3)
-        if args.eval_every and epoch + 1 == args.num_epochs:
-            log["eval_reward_mean_final"] = run_eval(epoch + 1)
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
+            log["eval_reward_mean"] = run_eval(epoch + 1)  # EMA weights after this epoch's update
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
@@ -956,7 +1176,7 @@ def train(args):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        train(args)
+        eval_only(args) if args.eval_only else train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

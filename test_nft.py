@@ -241,3 +241,297 @@ def test_nft_shifts_a_toy_flow_toward_the_rewarded_mode():
         old.load_state_dict(net.state_dict())
     after = right_share(net)
     assert 0.35 < before < 0.65 and after > before + 0.25, (before, after)
+
+
+# --------------------------------------------------------------------------- tier 4: tiny SD3 end to end
+SMALL = ["--model", "tiny", "--reward", "color", "--num_groups", "2", "--group_size", "4", "--train_batch_size", "4",
+         "--sample_batch_size", "8", "--eval_every", "1", "--eval_images_per_prompt", "1", "--save_every", "1"]
+
+
+def run_nft(*args, nproc=0, check=True, timeout=600):
+    """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1" if nproc else os.environ.get("OMP_NUM_THREADS", "2"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"] if nproc else [sys.executable]
+    p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def state(ckpt):
+    return torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)
+
+
+def assert_same_state(a, b):
+    for key in ("default", "old", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), (key, n)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", out)
+    return str(out)
+
+
+def test_two_epochs_write_metrics_grids_and_checkpoints(two_epochs):
+    m = metrics(two_epochs)
+    assert [r["epoch"] for r in m] == [0, 1] and [r["step"] for r in m] == [1, 2]
+    for key in ("reward_mean", "reward_std", "loss", "eval_reward_mean", "eval_reward_mean_before", "r_mean", "dv_old", "time_train"):
+        assert math.isfinite(m[0][key]), key
+    from PIL import Image
+    for e in (0, 1, 2):
+        assert Image.open(os.path.join(two_epochs, f"eval_epoch{e:05d}.png")).size[1] == 32
+    ckpts = nft.checkpoints(two_epochs)
+    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001", "checkpoint-00002"]
+    assert set(os.listdir(ckpts[-1])) == {"pytorch_lora_weights.safetensors", "training_state.pt"}
+    s = state(ckpts[-1])
+    assert s["epoch"] == 2 and s["step"] == 2
+    # after one on-policy epoch (d = 0 at step 1... then d = 0.001) theta_old differs from theta only slightly
+    n = next(iter(s["default"]))
+    assert not torch.equal(s["default"][n], s["ema"][n])
+
+
+def test_saved_lora_loads_into_diffusers_and_reproduces_ema_policy(two_epochs):
+    """pipe.load_lora_weights reads our file and gives exactly the velocity of the EMA weights."""
+    ckpt = nft.checkpoints(two_epochs)[-1]
+    pipe = nft.random_pipeline("tiny")
+    g = torch.Generator().manual_seed(0)
+    x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        v_base = nft.velocity(pipe.transformer, x, 0.5, emb, pooled)
+        pipe.load_lora_weights(ckpt)
+        v_lora = nft.velocity(pipe.transformer, x, 0.5, emb, pooled)
+    ours = nft.random_pipeline("tiny")
+    args = nft.parse_args(["--model", "tiny"])
+    params, _ = nft.add_adapters(ours.transformer, args)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state(ckpt)["ema"][n])
+        v_ours = nft.velocity(ours.transformer, x, 0.5, emb, pooled)
+    assert (v_lora - v_base).abs().max() > 1e-5
+    assert torch.allclose(v_lora, v_ours, atol=1e-6)
+
+
+def test_resume_is_bit_exact(two_epochs, tmp_path):
+    out = tmp_path / "out"
+    run_nft(*SMALL, "--num_epochs", 1, "--output_dir", out)
+    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", out, "--resume_from", "latest")
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert strip(metrics(out)) == strip(metrics(two_epochs))
+
+
+def test_model_loads_from_a_saved_folder(tmp_path):
+    """The real from_pretrained path, on a tiny pipeline saved with save_pretrained."""
+    folder = tmp_path / "tiny-sd3"
+    nft.random_pipeline("tiny").save_pretrained(folder)
+    run_nft(*SMALL, "--model", folder, "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out")
+    assert len(metrics(tmp_path / "out")) == 1
+
+
+def test_two_gloo_ranks_group_advantages_across_ranks(tmp_path):
+    """Each rank holds half of every group; the gathered advantages equal the single-process ones."""
+    script = tmp_path / "adv.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {HERE!r})
+import nft
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+ids = nft.epoch_prompt_indices(5, 3, 4, 42, 7)          # 12 images, 3 prompts of 5, shuffled
+R = torch.arange(12, dtype=torch.float64) ** 1.5
+mine = slice(rank * 6, rank * 6 + 6)
+all_R, all_ids = nft.gather(R[mine]), nft.gather(ids[mine])
+adv = nft.group_advantages(all_R, all_ids)[mine]
+assert torch.allclose(adv, nft.group_advantages(R, ids)[mine])
+assert len(set(ids[:6].tolist()) & set(ids[6:].tolist())) > 0   # some group really spans both ranks
+print("ok", rank)
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.count("ok") == 2, p.stderr[-3000:]
+
+
+def test_torchrun_two_ranks_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    run_nft(*SMALL, "--num_epochs", 1, "--num_groups", 4, "--sample_batch_size", 4, "--output_dir", out, nproc=2)
+    m = metrics(out)
+    assert len(m) == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
+    assert os.path.isfile(os.path.join(nft.checkpoints(out)[-1], "pytorch_lora_weights.safetensors"))
+
+
+# --------------------------------------------------------------------------- tier 4b: bad input and faults
+def cli_error(capsys, *argv):
+    """Run nft.main in-process; return its one-line error (exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        nft.main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]  # besides tqdm's progress bars
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reward", "colr"], "did you mean 'color'"),
+    (["--reward", "color:x"], "bad weight"),
+    (["--solver", "eulr"], "did you mean 'euler'"),
+    (["--resolution", "40"], "got 40; try 32 or 48"),
+    (["--num_groups", "3", "--group_size", "5"], "nearest valid: --num_groups"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--group_size", "0"], "--group_size must be positive"),
+    (["--num_steps", "-1"], "--num_steps must be positive"),
+    (["--beta", "1.5"], "--beta must be in (0, 1]"),
+    (["--beta", "0"], "--beta must be in (0, 1]"),
+    (["--preset", "genevel"], "unknown --preset"),
+    (["--model", "/no/such/folder"], "--model folder not found"),
+    (["--prompts", "/no/such/file.txt"], "--prompts file not found"),
+    (["--resume_from", "/no/such/checkpoint"], "no such folder"),
+    (["--reward", "hpsv2"], "pip install"),
+])
+def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    assert message in cli_error(capsys, *SMALL, "--output_dir", out, *argv)
+    assert not out.exists()  # nothing written
+
+
+def test_no_cuda_points_to_the_cpu_demo(capsys, tmp_path):
+    assert "python nft.py --model tiny --reward color" in cli_error(capsys, "--output_dir", tmp_path / "o")
+
+
+def test_bad_prompt_files(capsys, tmp_path):
+    empty, bad, plain = tmp_path / "empty.txt", tmp_path / "bad.jsonl", tmp_path / "plain.txt"
+    empty.write_text("\n\n")
+    bad.write_text('{"prompt": "a red image"}\n{"prompt": "a blue image"\n')
+    plain.write_text("a photo of a cat\n")
+    assert "empty" in cli_error(capsys, *SMALL, "--prompts", empty)
+    assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, "--prompts", bad)
+    assert "needs GenEval metadata" in cli_error(capsys, *SMALL, "--reward", "geneval", "--prompts", plain)
+
+
+def test_model_folder_that_is_not_sd3_and_hub_id_offline(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert "not a StableDiffusion3Pipeline folder" in cli_error(capsys, *SMALL, "--model", tmp_path / "m")
+    with pytest.raises(nft.UserError, match="offline"):
+        nft.load_pipeline("someone/not-cached-sd3", torch.float32)
+
+
+def test_previous_run_is_refused_and_kept(capsys, two_epochs):
+    before = open(os.path.join(two_epochs, "metrics.jsonl")).read()
+    assert "holds a previous run" in cli_error(capsys, *SMALL, "--output_dir", two_epochs)
+    assert open(os.path.join(two_epochs, "metrics.jsonl")).read() == before
+    assert len(nft.checkpoints(two_epochs)) == 2
+
+
+def test_bad_checkpoints(capsys, two_epochs, tmp_path):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(nft.checkpoints(two_epochs)[-1], ckpt)
+    out = tmp_path / "out"
+    assert "different configuration (rank: saved 32 vs now 8)" in cli_error(
+        capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt, "--rank", 8)
+    data = (ckpt / "training_state.pt").read_bytes()
+    (ckpt / "training_state.pt").write_bytes(data[:len(data) // 2])  # truncated
+    assert "truncated or corrupted" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
+    (ckpt / "training_state.pt").unlink()
+    assert "no training_state.pt" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
+    p = run_nft(*SMALL, "--reward", "colr", "--output_dir", tmp_path / "o", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: unknown reward 'colr'")
+
+
+def _nan_reward(fraction):
+    """A reward factory (registered for one test) that returns NaN for a share of the images."""
+    import rewards
+
+    def make(device):
+        color = rewards.REWARDS["color"](device)
+
+        def fn(images, prompts, metadata):
+            score, _ = color(images, prompts, metadata)
+            score[: int(len(score) * fraction)] = float("nan")
+            return score, {}
+        return fn
+    return make
+
+
+def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch, tmp_path):
+    import rewards
+    monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5))
+    monkeypatch.setitem(rewards.REWARDS, "nan_all", _nan_reward(1.0))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red image\na blue image\n")
+    nft.main([str(a) for a in (*SMALL, "--reward", "nan_half", "--prompts", prompts, "--eval_every", 0,
+                                "--num_epochs", 1, "--output_dir", tmp_path / "half")])
+    m = metrics(tmp_path / "half")
+    assert m[0]["dropped"] == 4 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
+    assert "4 of 8 rewards are NaN/inf" in capsys.readouterr().out
+    nft.main([str(a) for a in (*SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0,
+                                "--num_epochs", 1, "--output_dir", tmp_path / "all")])
+    assert "skipping the update" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "all" / "metrics.jsonl")
+
+
+def test_nonfinite_gradients_skip_steps_then_stop_with_checkpoint_intact(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    nft.main([str(a) for a in (*SMALL, "--eval_every", 0, "--num_epochs", 1, "--output_dir", out)])
+    good = state(nft.checkpoints(out)[-1])
+    real_loss = nft.nft_loss
+    monkeypatch.setattr(nft, "nft_loss", lambda *a: real_loss(*a) * float("nan"))  # fault injection
+    msg = cli_error(capsys, *SMALL, "--eval_every", 0, "--num_epochs", 9, "--output_dir", out,
+                    "--resume_from", "latest", "--max_nonfinite_steps", 2)
+    assert "2 non-finite optimizer steps in a row" in msg
+    assert_same_state(state(nft.checkpoints(out)[0]), good)  # the last good checkpoint is intact
+    newest = state(nft.checkpoints(out)[-1])  # a checkpoint after a skipped step holds unchanged, finite weights
+    assert all(torch.equal(newest["default"][n], good["default"][n]) for n in good["default"])
+
+
+def test_same_seed_gives_identical_metrics(two_epochs, tmp_path):
+    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", tmp_path / "again")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert strip(metrics(tmp_path / "again")) == strip(metrics(two_epochs))
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
+    """Kill the run (SIGKILL) at random moments, restart it with --resume_from latest each time:
+    the weights at the end equal an uninterrupted run's bit for bit, and metrics.jsonl too."""
+    import random
+    import time
+    argv = [*SMALL, "--eval_every", 0, "--num_epochs", 8]
+    run_nft(*argv, "--output_dir", tmp_path / "ref")
+    out, rnd, kills, done = tmp_path / "killed", random.Random(0), 0, False
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for attempt in range(10):
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv), "--output_dir", str(out),
+                              "--resume_from", "latest"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        # wait until this attempt has made progress (a new epoch or checkpoint), then kill at a random moment
+        start, seen = time.time(), nft.checkpoints(out)[-1:]
+        while p.poll() is None and nft.checkpoints(out)[-1:] == seen and time.time() - start < 120:
+            time.sleep(0.05)
+        time.sleep(rnd.uniform(0, 0.6))
+        if p.poll() is None and attempt < 9:
+            p.kill()
+            kills += 1
+        assert p.wait() in (0, -9), p.stderr.read().decode()[-2000:]
+        if p.returncode == 0:
+            done = True
+            break
+    assert done and kills >= 3, kills
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(tmp_path / "ref")[-1]))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
