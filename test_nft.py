@@ -8,16 +8,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import copy
+import http.server
+import io
 import json
 import math
+import socket
 import subprocess
 import sys
+import threading
+import types
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nft  # noqa: E402
+import rewards  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -535,3 +543,541 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(tmp_path / "ref")[-1]))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
     assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
+
+
+# --------------------------------------------------------------------------- tier 5: rewards
+
+def _rw_det(box, score=0.95, color=None):
+    return {"box": box, "score": score, "color": color}
+
+
+def _rw_meta(tag, include, exclude=None):
+    record = {"tag": tag, "include": include, "prompt": "p"}
+    if exclude:
+        record["exclude"] = exclude
+    return record
+
+
+def _rw_tiny_clip(projection_dim=16):
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=60, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=projection_dim)
+    return CLIPModel(cfg).eval()
+
+
+def _rw_tokenizer():
+    """A character-level CLIP BPE tokenizer built in memory (no merges): one token per letter."""
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz-":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def _rw_clip_ip(size=32):
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _rw_images(n=2, h=40, w=48, seed=0):
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- geneval rules ----
+
+@pytest.mark.parametrize("tag, detections, include, exclude, expected", [
+    # single object found / below the 0.3 threshold
+    ("single_object", {"apple": [_rw_det((0, 0, 10, 10), 0.5)]}, [{"class": "apple", "count": 1}], None, (1.0, True, True)),
+    ("single_object", {"apple": [_rw_det((0, 0, 10, 10), 0.29)]}, [{"class": "apple", "count": 1}], None, (0.0, False, False)),
+    ("two_object", {"apple": [_rw_det((0, 0, 9, 9))]}, [{"class": "apple", "count": 1}, {"class": "dog", "count": 1}], None, (0.5, False, False)),
+    # counting: 0.9 threshold keeps 2 of 3
+    ("counting", {"dog": [_rw_det((0, 0, 9, 9), s) for s in (0.95, 0.92, 0.5)]},
+     [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}], (1.0, True, True)),
+    # counting with extras: the count term goes negative, the exclude fails the benchmark
+    ("counting", {"dog": [_rw_det((0, 0, 9, 9))] * 5}, [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}],
+     (1 - 3 / 2, False, False)),
+    ("counting", {"dog": [_rw_det((0, 0, 9, 9))] * 1}, [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}],
+     (0.5, False, False)),
+    # the 16 cap: 20 confident detections count as 16
+    ("counting", {"person": [_rw_det((0, 0, 9, 9))] * 20}, [{"class": "person", "count": 2}], None, (1 - 14 / 2, False, True)),
+    # colors
+    ("colors", {"apple": [_rw_det((0, 0, 9, 9), color="red")]}, [{"class": "apple", "count": 1, "color": "red"}], None, (1.0, True, True)),
+    ("colors", {"apple": [_rw_det((0, 0, 9, 9), color="blue")]}, [{"class": "apple", "count": 1, "color": "red"}], None, (0.5, False, False)),
+    # two apples for one: partial 0 (count term 0, color term 0), benchmark still correct (top one red)
+    ("colors", {"apple": [_rw_det((0, 0, 9, 9), 0.9, "red"), _rw_det((0, 0, 9, 9), 0.8, "blue")]},
+     [{"class": "apple", "count": 1, "color": "red"}], None, (0.0, False, True)),
+    ("color_attr", {"apple": [_rw_det((0, 0, 9, 9), color="red")], "cup": [_rw_det((0, 0, 9, 9), color="red")]},
+     [{"class": "apple", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}], None, (0.75, False, False)),
+])
+def test_rw_geneval_score_rules(tag, detections, include, exclude, expected):
+    partial, strict, correct = rewards.geneval_score(detections, _rw_meta(tag, include, exclude))
+    assert partial == pytest.approx(expected[0])
+    assert (strict, correct) == expected[1:]
+
+
+_RW_POSITION = [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}]
+
+
+def test_rw_geneval_position():
+    cat = [_rw_det((50, 0, 60, 10))]
+    ok = rewards.geneval_score({"cat": cat, "dog": [_rw_det((0, 0, 10, 10))]}, _rw_meta("position", _RW_POSITION))
+    assert ok == (1.0, True, True)
+    # wrong side: terms [1, 1, 0] (the official server appends another 1.0, giving 0.75)
+    bad = rewards.geneval_score({"cat": cat, "dog": [_rw_det((80, 0, 90, 10))]}, _rw_meta("position", _RW_POSITION))
+    assert bad == (pytest.approx(2 / 3), False, False)
+    # missing target: cat term 0, dog count 1, position 0
+    none = rewards.geneval_score({"dog": [_rw_det((0, 0, 10, 10))]}, _rw_meta("position", _RW_POSITION))
+    assert none == (pytest.approx(1 / 3), False, False)
+
+
+def test_rw_relative_position_margin_and_every_pair():
+    # centers 6 apart, sizes 20 + 20: the 0.1 margin eats 4 of the 6, dx = -2/6 -> no relation
+    assert rewards.relative_position((10, 0, 30, 20), (16, 0, 36, 20)) == set()
+    assert rewards.relative_position((10, 0, 30, 20), (30, 0, 50, 20)) == {"left of"}
+    assert rewards.relative_position((0, 0, 10, 10), (0, 50, 10, 60)) == {"above"}
+    assert rewards.relative_position((0, 50, 10, 60), (0, 0, 10, 10)) == {"below"}
+    assert rewards.relative_position((0, 0, 10, 10), (0, 0, 10, 10)) == set()
+    # two dogs "left of" a cat: one dog sits right of it, so the relation fails
+    include = [{"class": "cat", "count": 1}, {"class": "dog", "count": 2, "position": ["left of", 0]}]
+    dets = {"cat": [_rw_det((40, 0, 50, 10))], "dog": [_rw_det((0, 0, 10, 10)), _rw_det((70, 0, 80, 10))]}
+    assert rewards.geneval_score(dets, _rw_meta("position", include))[1:] == (False, False)
+    dets["dog"][1] = _rw_det((0, 20, 10, 30))
+    assert rewards.geneval_score(dets, _rw_meta("position", include)) == (1.0, True, True)
+
+
+def test_rw_geneval_summary_is_mean_of_tags():
+    s = rewards.geneval_summary([True, False, False, True], ["a", "a", "a", "b"])
+    assert s["a"] == pytest.approx(1 / 3) and s["b"] == 1.0
+    assert s["overall"] == pytest.approx((1 / 3 + 1) / 2)  # not the image mean 0.5
+    assert s["n/a"] == 3 and s["n"] == 4
+
+
+# ---- geneval models ----
+
+def test_rw_mask2former_instances_by_hand():
+    class_logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 2.0, 0.0]])  # 2 queries, 3 classes + no-object
+    mask_logits = torch.full((2, 4, 4), -5.0)
+    mask_logits[0, 1:3, 0:2] = 5.0
+    mask_logits[1, 0, 3] = 5.0
+    labels, scores, boxes, masks = rewards.mask2former_instances(class_logits, mask_logits, (4, 4), top_k=3)
+    probs = class_logits.softmax(-1)[:, :-1]
+    expected = sorted([(probs[0, 0], 0, 0), (probs[1, 1], 1, 1), (probs[1, 2], 1, 2)], key=lambda t: -t[0])
+    mask_score = torch.sigmoid(torch.tensor(5.0))
+    for (p, q, c), label, score, box in zip(expected, labels, scores, boxes):
+        assert int(label) == c
+        assert float(score) == pytest.approx(float(p * mask_score), rel=1e-5)
+        assert box.tolist() == ([0, 1, 2, 3] if q == 0 else [3, 0, 4, 1])
+
+
+class _RwStubDetector(torch.nn.Module):
+    """Returns fixed logits: the only thing replaced is the model's forward (the model boundary)."""
+
+    def __init__(self, class_logits, mask_logits):
+        super().__init__()
+        self.class_logits, self.mask_logits = class_logits, mask_logits
+        self.seen = []
+
+    def forward(self, pixel_values):
+        self.seen.append(tuple(pixel_values.shape))
+        return types.SimpleNamespace(class_queries_logits=self.class_logits, masks_queries_logits=self.mask_logits)
+
+
+class _RwColorClip(torch.nn.Module):
+    """A CLIP stand-in at the model boundary: image feature = mean pixel color - 0.5, text feature =
+    RGB of the color word named by the (fake) tokenizer - 0.5. Counts image calls."""
+    RGB = {"red": (1, 0, 0), "orange": (1, .5, 0), "yellow": (1, 1, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
+           "purple": (.5, 0, .5), "pink": (1, .7, .8), "brown": (.5, .3, .1), "black": (0, 0, 0), "white": (1, 1, 1)}
+
+    def __init__(self):
+        super().__init__()
+        self.image_calls = 0
+        self.table = torch.tensor([self.RGB[c] for c in rewards.GENEVAL_COLORS]) - 0.5
+
+    def get_image_features(self, pixel_values):
+        self.image_calls += 1
+        return pixel_values.mean(dim=(2, 3)) - 0.5  # processor mean 0, std 1: pixels are colors
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self.table[input_ids[:, 0]]
+
+
+def _rw_color_tokenizer(texts, **kwargs):
+    from transformers import BatchEncoding
+    ids = [[next(i for i, c in enumerate(rewards.GENEVAL_COLORS) if f" {c}" in t)] for t in texts]
+    return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), 1, dtype=torch.long)})
+
+
+def _rw_det_processor():
+    from transformers import Mask2FormerImageProcessor
+    return Mask2FormerImageProcessor()  # only its ImageNet mean / std are used
+
+
+def test_rw_geneval_painted_rectangle_stubbed_detector():
+    # two 64x64 gray images, a red and a blue rectangle at x 16..32, y 32..48
+    images = torch.full((2, 3, 64, 64), 0.6)
+    images[0, :, 32:48, 16:32] = torch.tensor([1.0, 0, 0]).view(3, 1, 1)
+    images[1, :, 32:48, 16:32] = torch.tensor([0, 0, 1.0]).view(3, 1, 1)
+    apple = rewards.COCO_CLASSES.index("apple")
+    class_logits = torch.full((2, 3, 81), -10.0)
+    class_logits[:, 0, apple] = 10.0  # query 0 is an apple; the others are "no object"
+    class_logits[:, 1:, 80] = 10.0
+    mask_logits = torch.full((2, 3, 16, 16), -10.0)  # detector masks at 1/4 of its 64 px input
+    mask_logits[:, 0, 8:12, 4:8] = 10.0
+    detector, clip = _RwStubDetector(class_logits, mask_logits), _RwColorClip()
+    ip = types.SimpleNamespace(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                               image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    scorer = rewards.GenEvalScorer(detector, _rw_det_processor(), clip, _rw_color_tokenizer, ip, "cpu", (64, 128))
+
+    dets = scorer.detect(images)
+    best = max(dets[0]["apple"], key=lambda d: d["score"])
+    assert np.allclose(best["box"], (16, 32, 32, 48), atol=1)
+    assert best["score"] > 0.9 and detector.seen == [(2, 3, 64, 64)]
+
+    meta = {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}], "prompt": "a photo of a red apple"}
+    score, comps = scorer(images, [meta["prompt"]] * 2, [meta, meta])
+    assert score.tolist() == [1.0, 0.5]  # red apple right; blue apple: count 1, color 0
+    assert comps["correct"].tolist() == [1.0, 0.0] and comps["strict"].tolist() == [1.0, 0.0]
+    assert clip.image_calls == 1  # both crops of the batch in one CLIP call
+    assert score.dtype == torch.float32 and score.device.type == "cpu"
+
+
+def test_rw_geneval_one_clip_call_for_all_crops():
+    cup = rewards.COCO_CLASSES.index("cup")
+    class_logits = torch.full((3, 4, 81), -10.0)
+    class_logits[:, :2, cup] = 10.0  # two cups per image
+    class_logits[:, 2:, 80] = 10.0
+    mask_logits = torch.full((3, 4, 8, 8), -10.0)
+    mask_logits[:, 0, 0:2, 0:2] = 10.0
+    mask_logits[:, 1, 4:6, 4:6] = 10.0
+    clip = _RwColorClip()
+    ip = types.SimpleNamespace(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
+                               image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    from transformers import Mask2FormerImageProcessor
+    scorer = rewards.GenEvalScorer(_RwStubDetector(class_logits, mask_logits), Mask2FormerImageProcessor(),
+                                   clip, _rw_color_tokenizer, ip, "cpu", (32, 64))
+    meta = {"tag": "counting", "include": [{"class": "cup", "count": 2, "color": "green"}], "prompt": "p"}
+    score, comps = scorer(torch.rand(3, 3, 32, 32), ["p"] * 3, [meta] * 3)
+    assert clip.image_calls == 1 and score.shape == (3,)
+
+
+def test_rw_geneval_tiny_mask2former_and_clip_end_to_end():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    torch.manual_seed(0)
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=swin, hidden_dim=32, num_queries=12, encoder_layers=1, decoder_layers=2,
+                            feature_size=32, mask_feature_size=32, dim_feedforward=64, num_attention_heads=2,
+                            encoder_feedforward_dim=64, num_labels=80, use_pretrained_backbone=False)
+    detector = Mask2FormerForUniversalSegmentation(cfg)
+    scorer = rewards.GenEvalScorer(detector, _rw_det_processor(), _rw_tiny_clip(), _rw_tokenizer(), _rw_clip_ip(),
+                                   "cpu", (64, 128))
+    images = _rw_images(2, 48, 48)
+    dets = scorer.detect(images)
+    assert sum(len(v) for v in dets[0].values()) == 100  # top-100 (query, class) pairs, no NMS
+    for name, objects in dets[0].items():
+        assert name in rewards.COCO_CLASSES
+        for d in objects:
+            assert 0 <= d["score"] <= 1 and d["mask"].shape == (48, 48)
+            assert 0 <= d["box"][0] <= d["box"][2] <= 48 and 0 <= d["box"][1] <= d["box"][3] <= 48
+    meta = rewards.geneval_prompts("test")
+    score, comps = scorer(images, [m["prompt"] for m in meta[:2]], meta[:2])
+    assert score.shape == (2,) and set(comps) == {"partial", "strict", "correct"}
+    assert torch.isfinite(score).all()
+    # colors of kept objects go through CLIP crops: force a confident detection of a colored class
+    det = scorer.detect(images)[0]
+    name = next(iter(det))
+    d = det[name][0]
+    colors = scorer.classify_colors(images, [(0, name, d), (1, name, d)])
+    assert len(colors) == 2 and all(c in rewards.GENEVAL_COLORS for c in colors)
+
+
+def test_rw_geneval_label_mapping_by_index():
+    mouse = rewards.COCO_CLASSES.index("computer mouse")
+    assert mouse == 64 and rewards.COCO_CLASSES[65:67] == ["tv remote", "computer keyboard"]
+    class_logits = torch.full((1, 1, 81), -10.0)
+    class_logits[0, 0, mouse] = 10.0
+    mask_logits = torch.full((1, 1, 8, 8), 10.0)
+    scorer = rewards.GenEvalScorer(_RwStubDetector(class_logits, mask_logits), _rw_det_processor(),
+                                   _RwColorClip(), _rw_color_tokenizer, _rw_clip_ip(8), "cpu", (32, 64))
+    dets = scorer.detect(torch.rand(1, 3, 32, 32))[0]
+    assert max(d["score"] for d in dets["computer mouse"]) > 0.9
+
+
+# ---- ocr ----
+
+def _rw_text_image(text, size=(256, 128)):
+    image = Image.new("RGB", size, "white")
+    if text:
+        ImageDraw.Draw(image).text((20, 40), text, fill="black", font=ImageFont.load_default(size=40))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+
+
+def test_rw_ocr_reward_from_text():
+    assert rewards.ocr_reward_from_text("The Big Coffee shop", "coffee") == 1.0  # substring, case, spaces
+    assert rewards.ocr_reward_from_text("cofee", "coffee") == pytest.approx(1 - 1 / 6)
+    assert rewards.ocr_reward_from_text("", "coffee") == 0.0
+    assert rewards.ocr_reward_from_text("a much longer unrelated text", "ab") == 0.0  # capped at len
+    assert rewards.levenshtein("kitten", "sitting") == 3
+    assert rewards.ocr_target('A sign that says "Hello World" and "x"') == "Hello World"
+    with pytest.raises(rewards.RewardError, match="double quotes"):
+        rewards.ocr_target("no quotes here")
+
+
+def test_rw_ocr_rapidocr_for_real():
+    pytest.importorskip("rapidocr_onnxruntime")
+    fn = rewards.REWARDS["ocr"](torch.device("cpu"))
+    images = torch.cat([_rw_text_image("COFFEE"), _rw_text_image("COFFEX"), _rw_text_image("")])
+    prompts = ['A mug that says "coffee"'] * 3
+    scores, comps = fn(images, prompts, [{}] * 3)
+    assert scores.tolist() == pytest.approx([1.0, 1 - 1 / 6, 0.0])
+    assert scores.dtype == torch.float32 and comps == {}
+
+
+# ---- jpeg and color ----
+
+def test_rw_jpeg_hand_computed():
+    images = _rw_images(2, 32, 32)
+    scores, _ = rewards.REWARDS["jpeg"]("cpu")(images, ["a", "b"], [{}, {}])
+    for image, score in zip(images, scores):
+        buffer = io.BytesIO()
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        assert float(score) == pytest.approx(-len(buffer.getvalue()) / 1000 / 500)
+
+
+def test_rw_color_hand_computed():
+    fn = rewards.REWARDS["color"]("cpu")
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0] = 1.0  # pure red
+    images[1] = torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1)
+    scores, _ = fn(images, ["a red image", "a Blue sky"], [{}, {}])
+    assert scores.tolist() == pytest.approx([1.0, 1 - (0.2 + 0.4 + 0.4) / 3])
+    with pytest.raises(rewards.RewardError, match="a cat"):
+        fn(images, ["a red image", "a cat"], [{}, {}])
+    assert [r["prompt"] for r in rewards.default_prompts("color", "train")] == \
+        ["a red image", "a green image", "a blue image", "a yellow image"]
+
+
+# ---- CLIP family ----
+
+def test_rw_clip_pixels_close_to_clip_image_processor():
+    ip = _rw_clip_ip(32)
+    x = torch.linspace(0, 1, 48).view(1, 1, 1, 48).expand(1, 3, 40, 48).clone()
+    x[:, 1] = x[:, 1].flip(-1)
+    ours = rewards.clip_pixels(x, ip)
+    ref = ip(images=[Image.fromarray(rewards.to_uint8(x)[0])], return_tensors="pt").pixel_values
+    assert ours.shape == ref.shape == (1, 3, 32, 32)
+    assert (ours - ref).abs().mean() < 0.02
+
+
+def _rw_scorer():
+    return rewards.ClipScorer(_rw_tiny_clip(), _rw_tokenizer(), _rw_clip_ip(), "cpu")
+
+
+def test_rw_pickscore_and_clipscore_tiny():
+    scorer = _rw_scorer()
+    images, prompts = _rw_images(2), ["a red cat " * 40, "a dog"]  # the first is far beyond 77 tokens
+    seen = []
+    original = scorer.model.get_text_features
+    scorer.model.get_text_features = lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw)
+    pick, _ = rewards.pickscore_fn(scorer)(images, prompts, [{}, {}])
+    clip, _ = rewards.clipscore_fn(scorer)(images, prompts, [{}, {}])
+    assert seen[0] == (2, 77)  # truncated at 77 tokens
+    assert pick.shape == clip.shape == (2,) and torch.isfinite(pick).all() and (clip.abs() <= 1).all()
+    # against CLIPModel's own logits on the same inputs: logits_per_image = scale * cos
+    tokens = scorer.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = scorer.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                           pixel_values=rewards.clip_pixels(images, scorer.image_processor))
+    assert pick.tolist() == pytest.approx((out.logits_per_image.diagonal() / 26).tolist(), abs=1e-5)
+    assert clip.tolist() == pytest.approx((out.logits_per_image.diagonal() / scorer.model.logit_scale.exp()).tolist(), abs=1e-5)
+
+
+def test_rw_aesthetic_tiny(tmp_path):
+    torch.manual_seed(0)
+    mlp = rewards.aesthetic_mlp(16)
+    path = tmp_path / "aesthetic.pth"
+    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, path)  # the checkpoint's key layout
+    loaded = rewards.load_aesthetic_mlp(str(path))
+    scorer = _rw_scorer()
+    scores, _ = rewards.aesthetic_fn(scorer, loaded)(_rw_images(3), ["x"] * 3, [{}] * 3)
+    expected = mlp.eval()(scorer.image_embeds(_rw_images(3))).squeeze(-1)
+    assert scores.shape == (3,) and scores.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+class _RwOpenClipLike(torch.nn.Module):
+    """open_clip's encode_image / encode_text API on a tiny transformers CLIP."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip = _rw_tiny_clip()
+
+    def encode_image(self, x):
+        return self.clip.get_image_features(pixel_values=x).pooler_output
+
+    def encode_text(self, ids):
+        return self.clip.get_text_features(input_ids=ids).pooler_output
+
+
+def test_rw_hpsv2_tiny_and_missing_package():
+    tok = _rw_tokenizer()
+    texts = []
+
+    def tokenizer(prompts):
+        texts.append(prompts)
+        return tok(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
+    scorer = rewards.OpenClipScorer(_RwOpenClipLike(), tokenizer, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, "cpu")
+    scores, _ = scorer(_rw_images(2, 32, 32), ["a cat " * 50, "a dog"], [{}, {}])
+    assert scores.shape == (2,) and torch.isfinite(scores).all() and (scores.abs() <= 1 + 1e-6).all()
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        with pytest.raises(rewards.RewardError, match="pip install open_clip_torch"):
+            rewards.REWARDS["hpsv2"]("cpu")
+
+
+def test_rw_missing_weights_offline_is_one_line():
+    with pytest.raises(rewards.RewardError, match="openai/clip-vit-large-patch14.*HF_HUB_OFFLINE"):
+        rewards._from_hub("openai/clip-vit-large-patch14", lambda hub_id: (_ for _ in ()).throw(OSError("offline")))
+    from huggingface_hub import try_to_load_from_cache
+    if os.environ.get("HF_HUB_OFFLINE") != "1" or isinstance(
+            try_to_load_from_cache("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "preprocessor_config.json"), str):
+        pytest.skip("needs an offline hub without PickScore's processor in the cache")
+    with pytest.raises(rewards.RewardError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        rewards.REWARDS["pickscore"]("cpu")
+
+
+# ---- unifiedreward ----
+
+class _RwChatHandler(http.server.BaseHTTPRequestHandler):
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _RwChatHandler.requests.append((self.path, self.headers.get("Authorization"), body))
+        question = body["messages"][0]["content"][1]["text"]
+        answer = "The image is nice.\nFinal Score: 4" if "cat" in question else "I cannot tell."
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_rw_unifiedreward_against_local_server(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RwChatHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("UNIFIEDREWARD_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("UNIFIEDREWARD_MODEL", "tiny-judge")
+        monkeypatch.setenv("UNIFIEDREWARD_API_KEY", "secret")
+        fn = rewards.REWARDS["unifiedreward"]("cpu")
+        scores, _ = fn(_rw_images(2, 16, 16), ["a cat", "a dog"], [{}, {}])
+        assert scores.tolist() == pytest.approx([0.8, 0.0])
+        path, auth, body = _RwChatHandler.requests[-1]
+        assert path == "/v1/chat/completions" and auth == "Bearer secret" and body["model"] == "tiny-judge"
+        assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    finally:
+        server.shutdown()
+    assert rewards.parse_final_score("Final Score: 3.5") == pytest.approx(0.7)
+    assert rewards.parse_final_score("Final Score: 9") == 0.0
+
+
+def test_rw_unifiedreward_server_down():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fn = rewards.make_unifiedreward("cpu", url=f"http://127.0.0.1:{port}/v1", timeout=5)
+    with pytest.raises(rewards.RewardError, match=f"127.0.0.1:{port}"):
+        fn(_rw_images(1, 16, 16), ["a cat"], [{}])
+
+
+# ---- specs, combinations, metadata ----
+
+def test_rw_parse_reward_spec():
+    assert rewards.parse_reward_spec("geneval") == [("geneval", 1.0)]
+    assert rewards.parse_reward_spec("pickscore:1, hpsv2:0.5") == [("pickscore", 1.0), ("hpsv2", 0.5)]
+    with pytest.raises(rewards.RewardError, match="did you mean 'pickscore'"):
+        rewards.parse_reward_spec("pickscor")
+    with pytest.raises(rewards.RewardError, match="geneval, ocr"):
+        rewards.parse_reward_spec("nonsense")
+    with pytest.raises(rewards.RewardError, match="bad weight"):
+        rewards.parse_reward_spec("pickscore:abc")
+    assert set(rewards.REWARDS) == {"geneval", "ocr", "pickscore", "clipscore", "hpsv2", "aesthetic",
+                                    "imagereward", "jpeg", "color", "unifiedreward"}
+
+
+def test_rw_make_reward_weighted_sum_and_components(monkeypatch):
+    images = torch.rand(2, 3, 16, 16)
+    prompts = ["a red image", "a blue image"]
+    color, _ = rewards.REWARDS["color"]("cpu")(images, prompts, [{}, {}])
+    jpeg, _ = rewards.REWARDS["jpeg"]("cpu")(images, prompts, [{}, {}])
+    total, comps = rewards.make_reward("color:2,jpeg:0.5", "cpu")(images, prompts, [{}, {}])
+    assert total.tolist() == pytest.approx((2 * color + 0.5 * jpeg).tolist())
+    assert set(comps) == {"color", "jpeg"} and torch.equal(comps["color"], color)
+    single, _ = rewards.make_reward("color", "cpu")(images, prompts, [{}, {}])
+    assert torch.equal(single, color)
+    fake = lambda device: lambda i, p, m: (torch.ones(len(p)), {"strict": torch.zeros(len(p))})  # noqa: E731
+    monkeypatch.setitem(rewards.REWARDS, "geneval", fake)
+    _, comps = rewards.make_reward("geneval", "cpu")(images, prompts, [{}, {}])
+    assert set(comps) == {"geneval", "geneval/strict"}
+
+
+def test_rw_check_metadata():
+    good = rewards.geneval_prompts("test")[:3]
+    rewards.check_metadata("geneval", good)
+    rewards.check_metadata("pickscore", [{"prompt": "x"}])
+    with pytest.raises(rewards.RewardError, match=r"line 2 .*'a cat'.*GenEval jsonl"):
+        rewards.check_metadata("pickscore:1,geneval:1", [good[0], {"prompt": "a cat"}])
+    assert "geneval" in rewards.NEEDS_METADATA
+
+
+# ---- prompt sets ----
+
+def test_rw_geneval_prompts_match_official_and_split():
+    from collections import Counter
+    test = rewards.geneval_prompts("test")
+    assert Counter(r["tag"] for r in test) == {"single_object": 80, "two_object": 99, "counting": 80,
+                                               "colors": 94, "position": 100, "color_attr": 100}
+    # lines of the official evaluation_metadata.jsonl
+    assert [r["prompt"] for r in test[:3]] == ["a photo of a bench", "a photo of a cow", "a photo of a bicycle"]
+    assert test[530]["prompt"] == "a photo of a purple suitcase and an orange pizza"
+    assert test == rewards.geneval_prompts("test")  # deterministic
+    train = rewards.geneval_prompts("train")
+    assert train == rewards.geneval_prompts("train") and train != rewards.geneval_prompts("train", seed=7)
+    test_keys = {rewards._geneval_key(r) for r in test}
+    train_keys = [rewards._geneval_key(r) for r in train]
+    assert not test_keys & set(train_keys) and len(set(train_keys)) == len(train_keys) > 1000
+    flipped = {"tag": "two_object", "include": test[81]["include"][::-1]}  # "B and A" is the same prompt
+    assert test[81]["tag"] == "two_object" and rewards._geneval_key(flipped) in test_keys
+    for r in train[:50] + test:
+        assert set(r) <= {"tag", "include", "exclude", "prompt"} and r["tag"] in rewards.GENEVAL_TAGS
+        assert all(i["class"] in rewards.COCO_CLASSES for i in r["include"])
+        json.dumps(r)
+    counting = next(r for r in test if r["tag"] == "counting")
+    assert counting["exclude"][0]["count"] == counting["include"][0]["count"] + 1
+    position = next(r for r in test if r["tag"] == "position")
+    assert position["include"][1]["position"][1] == 0 and position["include"][1]["position"][0] in rewards.RELATIONS
+
+
+def test_rw_ocr_prompts_and_defaults():
+    test, train = rewards.ocr_prompts("test"), rewards.ocr_prompts("train")
+    assert len(test) == 1018 and len(train) > 1000 and test == rewards.ocr_prompts("test")
+    targets = lambda records: {rewards.ocr_target(r["prompt"]) for r in records}  # noqa: E731
+    assert not targets(test) & targets(train)
+    assert rewards.default_prompts("geneval", "test") == rewards.geneval_prompts("test")
+    generic = rewards.default_prompts("pickscore", "train")
+    assert generic and all(set(r) == {"prompt"} for r in generic)
+    with pytest.raises(ValueError):
+        rewards.geneval_prompts("val")
