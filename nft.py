@@ -1038,6 +1038,7 @@ def train(args):
         log = dict(epoch=epoch)
         if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
             log["eval_reward_mean_before"] = run_eval(0)
+            t0 = time.time()
         # ---- 1. prompts: this rank's slice of the epoch's groups
         ids = epoch_prompt_indices(len(train_records), args.num_groups, args.group_size, args.seed, epoch)
         ids = ids[rank * per_rank:(rank + 1) * per_rank]
