@@ -946,6 +946,8 @@ def setup(args):
         raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
                         "python nft.py --model tiny --reward color")
     validate(args, world)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
     name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
     train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
     eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
@@ -953,6 +955,93 @@ def setup(args):
     rewards.check_metadata(args.reward, train_records)
     rewards.check_metadata(args.reward, eval_records)
     return rank, world, device, train_records, eval_records
+
+
+def micro_step(transformer, x0, embeds, pooled, sig, eps, r, mask, args, autocast, scale):
+    """One micro-batch of B clean latents x0, each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
+    The no-grad v_old (and v_ref when kl_coef > 0) of all T*B visits run in batches of sample_batch_size;
+    then per timestep v_theta with grad and backward of (adv_clip * nft_loss + kl_coef * KL) * scale, where
+    scale = 1 / (micro-batches per optimizer step * T) averages the accumulated gradient.
+    Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
+    T, B = sig.shape
+    xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
+    emb, pool, c = embeds.repeat(T, 1, 1), pooled.repeat(T, 1), args.sample_batch_size
+    frozen = {}
+    with torch.no_grad(), autocast():
+        for policy in ["old"] + (["ref"] if args.kl_coef > 0 else []):
+            set_policy(transformer, policy)
+            frozen[policy] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], emb[i:i + c], pool[i:i + c])
+                                        for i in range(0, T * B, c)])
+    set_policy(transformer, "default")
+    stats = torch.zeros(3, device=x0.device)
+    for j in range(T):
+        k = slice(j * B, (j + 1) * B)
+        with autocast():
+            v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool[k])
+        loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
+        kl = ((v_theta - frozen["ref"][k]) ** 2).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
+        ((loss + args.kl_coef * kl) * scale).backward()
+        stats += torch.stack([loss.detach(), kl.detach(), (v_theta.detach() - frozen["old"][k]).abs().mean()])
+    return stats
+
+
+def optimizer_step(params, opt, max_grad_norm):
+    """All-reduce the accumulated LoRA gradients once (the only gradient sync of the step), clip, step.
+    Returns the gradient norm, or None (step skipped, gradients dropped) when a gradient is NaN/inf."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    flat = torch.cat([gr.flatten() for gr in grads])
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    finite = bool(torch.isfinite(flat).all())
+    if finite:
+        for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
+            p.grad = gr.view_as(p)
+        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm if finite else None
+
+
+def profile_report(args, pipe, logs, per_rank, T, device, autocast):
+    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles),
+    rollout images/s, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a matmul peak
+    measured in the same run, and peak memory. FLOPs of one forward are counted once (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    h = args.resolution // pipe.vae_scale_factor
+    x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
+    emb, pooled = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast():
+        velocity(pipe.transformer, x, 0.5, emb, pooled)
+    f = counter.get_total_flops()  # one transformer forward of one image
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    peak = 2 * n ** 3 * 10 / (time.perf_counter() - t)
+    steady = logs[1:] or logs
+    mean = lambda k: sum(l[k] for l in steady) / len(steady)
+    passes = 3 + 1 + (args.kl_coef > 0)  # v_theta forward + backward (3x), v_old (and v_ref) forward
+    train_flops, roll_flops = per_rank * T * f * passes, per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
+                  resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
+                  compile=args.compile, kl_coef=args.kl_coef, gflop_per_forward=f / 1e9, peak_tflops_matmul=peak / 1e12,
+                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "reward", "train")},
+                  rollout_images_per_s=per_rank / mean("time_rollout"), train_samples_per_s=per_rank * T / mean("time_train"),
+                  rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
+                  peak_memory_gib=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                                   __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
+    report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
+    with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
+        f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
+    return report
 
 
 def train(args):
@@ -1033,6 +1122,9 @@ def train(args):
                 r.pop("_image", None)
         return sum(r["reward"] for r in results) / len(results)
 
+    if args.profile:  # a few timed epochs, no evaluation or checkpoints
+        args.num_epochs, args.eval_every = start_epoch + 3, 0
+    history = []
     for epoch in range(start_epoch, args.num_epochs):
         t0 = time.time()
         log = dict(epoch=epoch)
@@ -1085,61 +1177,27 @@ def train(args):
         # ---- 4. train on freshly noised clean images: T of the rollout's sigmas per sample, fresh eps
         g = rng(args.seed, epoch, rank, "train")
         visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
-        sums = dict(loss=0.0, kl=0.0, dv=0.0)
+        stats = torch.zeros(3, device=device)
         for m in tqdm(range(micro), desc=f"epoch {epoch} train", **bar):
             s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
-            B = args.train_batch_size
             sig = sigmas[visits[s].T.to(device)].float()  # (T, B)
             eps = torch.randn((T, *x0[s].shape), generator=g).to(device)
-            xt = add_noise(x0[s].expand(T, *x0[s].shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
-            emb, pool_ = embeds[s].repeat(T, 1, 1), pooled[s].repeat(T, 1)
-            with torch.no_grad(), autocast():  # no-grad passes for all T timesteps, batched like rollouts
-                passes = ["old"] + (["ref"] if args.kl_coef > 0 else [])
-                frozen = {}
-                for policy in passes:
-                    set_policy(transformer, policy)
-                    frozen[policy] = torch.cat([velocity(transformer, xt[c:c + args.sample_batch_size], sig.flatten()[c:c + args.sample_batch_size],
-                                                         emb[c:c + args.sample_batch_size], pool_[c:c + args.sample_batch_size])
-                                                for c in range(0, T * B, args.sample_batch_size)])
-            set_policy(transformer, "default")
-            for j in range(T):
-                k = slice(j * B, (j + 1) * B)
-                with autocast():
-                    v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool_[k])
-                per_sample = nft_loss(v_theta, frozen["old"][k], x0[s], xt[k], sig[j], r[s], args.beta)
-                loss = args.adv_clip * (per_sample * mask[s]).mean()
-                kl = ((v_theta - frozen["ref"][k]) ** 2).mean() if args.kl_coef > 0 else torch.zeros((), device=device)
-                ((loss + args.kl_coef * kl) / (per_step * T)).backward()
-                sums["loss"] += loss.item() / (micro * T)
-                sums["kl"] += kl.item() / (micro * T)
-                sums["dv"] += (v_theta - frozen["old"][k]).abs().mean().item() / (micro * T)
-            if (m + 1) % per_step == 0:  # ---- optimizer step: one gradient all-reduce, clip, skip if non-finite
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-                flat = torch.cat([gr.flatten() for gr in grads])
-                if world > 1:
-                    dist.all_reduce(flat)
-                    flat /= world
-                if torch.isfinite(flat).all():
-                    offset = 0
-                    for p, gr in zip(params.values(), grads):
-                        p.grad = flat[offset:offset + gr.numel()].view_as(p).clone()
-                        offset += gr.numel()
-                    log["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm))
-                    opt.step()
-                    step += 1
-                    bad_steps = 0
-                    d = ema_decay(step, args.ema_max_decay)
-                    with torch.no_grad():
-                        for n, p in params.items():
-                            ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
-                else:
+            stats += micro_step(transformer, x0[s], embeds[s], pooled[s], sig, eps, r[s], mask[s], args, autocast, 1 / (per_step * T))
+            if (m + 1) % per_step == 0:
+                grad_norm = optimizer_step(params, opt, args.max_grad_norm)
+                if grad_norm is None:
                     bad_steps += 1
                     print0(f"warning: epoch {epoch}: non-finite gradient, optimizer step skipped ({bad_steps} in a row)")
                     if bad_steps >= args.max_nonfinite_steps:
                         raise UserError(f"{bad_steps} non-finite optimizer steps in a row; stopping. The last good "
                                         f"checkpoint in {args.output_dir}/checkpoints is intact; lower --learning_rate "
                                         "or check the reward")
-                opt.zero_grad(set_to_none=True)
+                    continue
+                step, bad_steps, log["grad_norm"] = step + 1, 0, grad_norm
+                d = ema_decay(step, args.ema_max_decay)
+                with torch.no_grad():
+                    for n, p in params.items():
+                        ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
         # ---- 5. old policy follows the trainable one: theta_old <- d*theta_old + (1-d)*theta
         d = old_decay(step, args.old_flat, args.old_rate, args.old_max)
         with torch.no_grad():
@@ -1148,7 +1206,7 @@ def train(args):
         t4 = time.time()
         log.update(step=step, reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
                    **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
-                   loss=sums["loss"], kl=sums["kl"], r_mean=float(r.mean()), dv_old=sums["dv"], old_decay=d,
+                   **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())), r_mean=float(r.mean()), old_decay=d,
                    dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1, time_reward=t3 - t2, time_train=t4 - t3)
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
             log["eval_reward_mean"] = run_eval(epoch + 1)  # EMA weights after this epoch's update
@@ -1161,7 +1219,8 @@ def train(args):
                    + f"{t4 - t0:.1f}s (text {t1 - t0:.1f} rollout {t2 - t1:.1f} reward {t3 - t2:.1f} train {t4 - t3:.1f})")
             if wandb:
                 wandb.log(log, step=step)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
+        history.append(log)
+        if rank == 0 and not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
             state = dict(default=dict(params), old={n: old[n.replace(".default.", ".old.")] for n in params}, ema=ema,
                          optimizer=opt.state_dict(), step=step, epoch=epoch + 1, bad_steps=bad_steps,
                          config={k: getattr(args, k) for k in RESUME_KEYS})
@@ -1169,6 +1228,8 @@ def train(args):
                      for k, v in state.items()}
             save_checkpoint(args, epoch + 1, state, ema, lora_meta)
     pool.shutdown()
+    if args.profile and rank == 0:
+        profile_report(args, pipe, history, per_rank, T, device, autocast)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -379,6 +379,43 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(nft.checkpoints(out)[-1], "pytorch_lora_weights.safetensors"))
 
 
+def test_profile_reports_phases_throughput_and_mfu(tmp_path):
+    """--profile on the tiny model: the report's shape, not its speed (CPU numbers mean nothing)."""
+    p = run_nft(*SMALL, "--profile", "--output_dir", tmp_path / "p")
+    report = json.load(open(tmp_path / "p" / "profile.json"))
+    for key in ("time_text_s", "time_rollout_s", "time_reward_s", "time_train_s", "rollout_images_per_s",
+                "train_samples_per_s", "rollout_tflops", "train_tflops", "rollout_mfu", "train_mfu",
+                "peak_memory_gib", "peak_tflops_matmul", "gflop_per_forward"):
+        assert report[key] > 0, key
+    assert 0 < report["train_mfu"] < 1.5 and "train_mfu" in p.stdout
+    assert len(metrics(tmp_path / "p")) == 3 and not nft.checkpoints(tmp_path / "p")
+
+
+def test_bf16_micro_step_matches_fp32_within_bf16_noise():
+    """The fast default (bf16 base, fp32 LoRA, bf16 autocast) gives the fp32 loss and gradient on the same
+    inputs within bf16 noise: loss within 2%, gradient cosine > 0.99 (tiny model, CPU autocast)."""
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6"])
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
+    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float(), torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+    results = []
+    for mode in ("no", "bf16"):
+        args.mixed_precision = mode
+        dtype, autocast = nft.precision(args, torch.device("cpu"))
+        pipe = nft.random_pipeline("tiny").to(dtype=dtype)
+        torch.manual_seed(1)
+        params, old = nft.add_adapters(pipe.transformer, args)
+        with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
+            for n, p in params.items():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        stats = nft.micro_step(pipe.transformer, x0, emb.to(dtype), pooled.to(dtype), sig, eps, r, mask, args, autocast, 1.0)
+        results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
+    (s32, g32), (s16, g16) = results
+    assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
 # --------------------------------------------------------------------------- tier 4b: bad input and faults
 def cli_error(capsys, *argv):
     """Run nft.main in-process; return its one-line error (exit code 2, no traceback)."""
