@@ -104,7 +104,7 @@ class Args:
     # evaluation, logging, checkpoints
     eval_every: int = 10  # epochs; 0 = never
     eval_num_steps: int = 40  # Euler steps, as the paper evaluates
-    eval_images_per_prompt: int = 1
+    eval_images_per_prompt: int = 0  # 0: the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5), 1 in training
     eval_max_prompts: int = 0  # 0 = all
     eval_only: bool = False
     lora: str = ""  # --eval_only: diffusers or peft LoRA file/folder to evaluate; empty = base model
@@ -395,14 +395,14 @@ RANDOM_ARCHS = {
     "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                                   caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
-                 clip=(32, 2, 4), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4)),
+                 clip=(32, 2, 4), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1)),
     "sd3.5-medium": dict(transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
                                           num_layers=24, attention_head_dim=64, num_attention_heads=24,
                                           joint_attention_dim=4096, caption_projection_dim=1536,
                                           pooled_projection_dim=2048, pos_embed_max_size=384,
                                           dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
                          clip=(768, 1, 12, 1280), t5=(4096, 1, 64),
-                         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16)),
+                         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2)),
 }
 
 
@@ -426,7 +426,7 @@ def random_pipeline(arch):
         d, layers, heads = cfg["t5"]
         te3 = T5EncoderModel(T5Config(vocab_size=v, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
                                       num_heads=heads, pad_token_id=0, eos_token_id=3))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=4 if arch == "tiny" else 32,
+        vae = AutoencoderKL(in_channels=3, out_channels=3, norm_num_groups=4 if arch == "tiny" else 32,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
                             use_post_quant_conv=False, **cfg["vae"])
@@ -557,13 +557,10 @@ def decode(pipe, x0):
 
 
 @torch.no_grad()
-def sample(pipe, embeds, pooled, sigmas, solver, generator, args, autocast, null=None, eta=0.7):
-    """Generate clean latents x0 with the transformer's active policy. guidance_scale > 1 mixes in the
-    unconditional velocity (null = embeddings of ""); the training loss never does."""
-    n, c = embeds.shape[0], pipe.transformer.config.in_channels
-    h = args.resolution // pipe.vae_scale_factor
-    x = torch.randn((n, c, h, h), generator=generator, device="cpu").to(embeds.device)
-
+def sample(pipe, x, embeds, pooled, sigmas, solver, args, autocast, null=None, generator=None):
+    """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy.
+    guidance_scale > 1 mixes in the unconditional velocity (null = embeddings of ""): rollouts and
+    evaluation only, the training loss never does. generator feeds the noise of stochastic solvers."""
     def v_fn(x, sigma):
         with autocast():
             if args.guidance_scale == 1.0:
@@ -571,8 +568,7 @@ def sample(pipe, embeds, pooled, sigmas, solver, generator, args, autocast, null
             v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
                                 torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
             return v_u + args.guidance_scale * (v_c - v_u)
-    gen = torch.Generator(embeds.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    return solve(v_fn, x, sigmas, solver, generator=gen, eta=eta)
+    return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
 
 
 # --------------------------------------------------------------------------- helpers: ranks, RNG, precision
@@ -698,39 +694,26 @@ RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # mu
 # --------------------------------------------------------------------------- evaluation
 # The paper's benchmarks (SPEC section 6): images per prompt, and how each reward's mean is printed
 # (column, scale): PickScore is logit*cos/26 here and x26 in the paper, UnifiedReward is score/5.
-EVAL_IMAGES = {"geneval": 4, "ocr": 1, **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
+EVAL_IMAGES = {"geneval": 4, "ocr": 1,  # and DrawBench, 5 images of each of its 200 prompts:
+               **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
 EVAL_COLUMNS = {"pickscore": ("PickScore", 26.0), "clipscore": ("CLIPScore", 1.0), "hpsv2": ("HPSv2.1", 1.0),
                 "aesthetic": ("Aesthetic", 1.0), "imagereward": ("ImageReward", 1.0), "unifiedreward": ("UnifiedReward", 5.0)}
-
-
-def eval_seed(seed, i, k):
-    """The noise seed of prompt i, image k: torch.Generator().manual_seed(it) redraws the image's noise."""
-    return rng(seed, "eval", i, k).initial_seed()
 
 
 @torch.no_grad()
 def generate(pipe, records, items, args, device, autocast):
     """Yield (batch, images) for (prompt index, image index) pairs with the transformer's active weights:
-    Euler, eval_num_steps. The noise is drawn on the CPU from eval_seed(seed, i, k), so an image depends on
-    its pair alone, not on the batch, the rank or the device."""
+    Euler, eval_num_steps. The noise is drawn on the CPU from rng(seed, "eval", i, k), so an image depends on
+    its pair alone, not on the batch, the rank or the device (that generator's initial_seed() redraws it)."""
     sigmas = rollout_sigmas(args.eval_num_steps, pipe.scheduler.config.shift)
     null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
     h = args.resolution // pipe.vae_scale_factor
     for b in range(0, len(items), args.sample_batch_size):
         batch = items[b:b + args.sample_batch_size]
         embeds, pooled = encode_prompts(pipe, [records[i]["prompt"] for i, _ in batch], args.max_sequence_length, device)
-        noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h),
-                                         generator=torch.Generator().manual_seed(eval_seed(args.seed, i, k)))
+        noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h), generator=rng(args.seed, "eval", i, k))
                              for i, k in batch]).to(device)
-
-        def v_fn(x, sigma):
-            with autocast():
-                if args.guidance_scale == 1.0:
-                    return velocity(pipe.transformer, x, sigma, embeds, pooled)
-                v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
-                                    torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
-                return v_u + args.guidance_scale * (v_c - v_u)
-        yield batch, decode(pipe, solve(v_fn, noise, sigmas, "euler"))
+        yield batch, decode(pipe, sample(pipe, noise, embeds, pooled, sigmas, "euler", args, autocast, null))
 
 
 @torch.no_grad()
@@ -744,7 +727,7 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     for batch, images in generate(pipe, records, items[rank::world], args, device, autocast):
         scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
-            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=eval_seed(args.seed, i, k),
+            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=rng(args.seed, "eval", i, k).initial_seed(),
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
                             **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
@@ -767,13 +750,12 @@ def eval_metrics(results, reward_spec):
     for name in names:
         if name == "geneval":
             g = rewards.geneval_summary([r["geneval/correct"] for r in results], [r["tag"] for r in results])
-            out["GenEval overall"] = g["overall"]
-            out.update({t: g[t] for t in rewards.GENEVAL_TAGS if t in g})
-            out["GenEval strict"] = mean([r["geneval/strict"] for r in results])
-            out["GenEval partial"] = mean([r["geneval"] for r in results])
+            out.update({"GenEval overall": g["overall"], **{t: g[t] for t in rewards.GENEVAL_TAGS if t in g},
+                        "GenEval strict": mean([r["geneval/strict"] for r in results]),
+                        "GenEval partial": mean([r["geneval"] for r in results])})
         elif name == "ocr":
-            out["OCR accuracy"] = mean([r["ocr"] for r in results])
-            out["OCR exact"] = mean([float(r["ocr"] == 1.0) for r in results])
+            out.update({"OCR accuracy": mean([r["ocr"] for r in results]),
+                        "OCR exact": mean([float(r["ocr"] == 1.0) for r in results])})
         else:
             column, scale = EVAL_COLUMNS.get(name, (name, 1.0))
             out[column] = scale * mean([r[name] for r in results])
@@ -886,8 +868,8 @@ def eval_only(args):
     import rewards
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
     rank, world, device, _, records = setup(args)
-    if args.eval_images_per_prompt == Args.eval_images_per_prompt:  # not set: the benchmark's own count
-        args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], args.eval_images_per_prompt)
+    if not args.eval_images_per_prompt:  # not set: the benchmark's own count
+        args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], 1)
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype).to(device)
     if lora:
@@ -903,10 +885,10 @@ def eval_only(args):
         with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
             f.writelines(json.dumps({k: v for k, v in r.items() if k != "_image"}) + "\n" for r in results)
         metrics = eval_metrics(results, args.reward)
-        summary = dict(model=args.model, lora=args.lora, reward=args.reward, prompts=len(records),
-                       images_per_prompt=args.eval_images_per_prompt, images=len(results), eval_num_steps=args.eval_num_steps,
-                       guidance_scale=args.guidance_scale, resolution=args.resolution, max_sequence_length=args.max_sequence_length,
-                       seed=args.seed, reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
+        keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
+                "max_sequence_length", "seed")
+        summary = dict(**{k: getattr(args, k) for k in keys}, prompts=len(records), images=len(results),
+                       reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(summary, f, indent=1)
         name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
@@ -1049,6 +1031,7 @@ def train(args):
     from tqdm import tqdm
     rank, world, device, train_records, eval_records = setup(args)
     per_rank = args.num_groups * args.group_size // world
+    args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     resume = load_checkpoint(args) if args.resume_from else None
     if not args.resume_from and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
@@ -1105,6 +1088,7 @@ def train(args):
     lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
     sigmas = rollout_sigmas(args.num_steps, pipe.scheduler.config.shift).to(device)
     T = max(1, int(args.num_steps * args.timestep_fraction))  # training timesteps per sample (9 of 10)
+    h = args.resolution // pipe.vae_scale_factor  # latent size
     micro = per_rank // args.train_batch_size  # micro-batches per epoch on this rank
     per_step = micro // args.steps_per_epoch
     null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
@@ -1152,13 +1136,15 @@ def train(args):
         x0, futures = [], []
         for b in tqdm(range(0, per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **bar):
             s = slice(b, b + args.sample_batch_size)
-            x0.append(sample(pipe, embeds[s], pooled[s], sigmas, args.solver, g, args, autocast, null, args.eta))
+            noise = torch.randn((len(prompts[s]), pipe.transformer.config.in_channels, h, h), generator=g).to(device)
+            sde_gen = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+            x0.append(sample(pipe, noise, embeds[s], pooled[s], sigmas, args.solver, args, autocast, null, sde_gen))
             images = decode(pipe, x0[-1])
             futures.append(pool.submit(reward_fn, images, prompts[s], [train_records[i] for i in ids[s].tolist()]))
         x0 = torch.cat(x0)
         t2 = time.time()
         # ---- 3. rewards -> advantages (grouped by prompt index over all ranks) -> r
-        results = [f.result() for f in futures]
+        results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **bar)]
         R = torch.cat([r[0] for r in results]).double()
         comps = {k: torch.cat([r[1][k] for r in results]).double() for k in results[0][1]}
         all_R, all_ids = gather(R.to(device)).cpu(), gather(ids.to(device)).cpu()
@@ -1228,6 +1214,8 @@ def train(args):
                      for k, v in state.items()}
             save_checkpoint(args, epoch + 1, state, ema, lora_meta)
     pool.shutdown()
+    if rank == 0 and os.path.exists(metrics_path):
+        plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
     if args.profile and rank == 0:
         profile_report(args, pipe, history, per_rank, T, device, autocast)
     if dist.is_initialized():

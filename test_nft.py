@@ -7,6 +7,7 @@ subprocesses (tiny random weights: these test the code paths, not image quality)
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import contextlib
 import copy
 import http.server
 import io
@@ -259,7 +260,7 @@ SMALL = ["--model", "tiny", "--reward", "color", "--num_groups", "2", "--group_s
 def run_nft(*args, nproc=0, check=True, timeout=600):
     """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1" if nproc else os.environ.get("OMP_NUM_THREADS", "2"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"] if nproc else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else [sys.executable]
     p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -343,7 +344,7 @@ def test_model_loads_from_a_saved_folder(tmp_path):
     """The real from_pretrained path, on a tiny pipeline saved with save_pretrained."""
     folder = tmp_path / "tiny-sd3"
     nft.random_pipeline("tiny").save_pretrained(folder)
-    run_nft(*SMALL, "--model", folder, "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out")
+    run_nft(*SMALL, "--model", folder, "--preset", "tiny", "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out")
     assert len(metrics(tmp_path / "out")) == 1
 
 
@@ -366,7 +367,7 @@ assert len(set(ids[:6].tolist()) & set(ids[6:].tolist())) > 0   # some group rea
 print("ok", rank)
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script)],
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0 and p.stdout.count("ok") == 2, p.stderr[-3000:]
 
@@ -580,6 +581,201 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(tmp_path / "ref")[-1]))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
     assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
+
+
+# --------------------------------------------------------------------------- tier 4c: evaluation
+_EV_SMALL = ["--model", "tiny", "--reward", "color", "--eval_max_prompts", 4, "--eval_images_per_prompt", 2,
+             "--resolution", 32, "--max_sequence_length", 16, "--eval_num_steps", 4]
+
+
+def _ev_run(*args, nproc=0, check=True):
+    """nft.py in a subprocess (torchrun with nproc > 0; --standalone picks a free port: with torch 2.13,
+    --master_port=0 hands port 0 itself to the workers, which then wait forever)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else [sys.executable]
+    p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture
+def _ev_one_thread():
+    """One intra-op thread for in-process model work: on 2 shared cores, two OpenMP threads that wait on
+    each other while other processes run can make the tiny model 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ev_rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "eval_images.jsonl"))]
+
+
+def _ev_velocity(transformer):
+    g = torch.Generator().manual_seed(0)
+    x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        return nft.velocity(transformer, x, 0.5, emb, pooled)
+
+
+# ---- evaluation: aggregation (pure) ----
+def test_ev_geneval_metrics_average_the_tags_not_the_images():
+    # 3 single_object images (2 correct) and 1 counting image (correct): per tag 2/3 and 1, overall 5/6
+    # (the mean over images would be 3/4)
+    results = [dict(tag=t, reward=p, geneval=p, **{"geneval/correct": c, "geneval/strict": s, "geneval/partial": p})
+               for t, c, s, p in [("single_object", 1.0, 1.0, 1.0), ("single_object", 0.0, 0.0, 0.5),
+                                  ("single_object", 1.0, 0.0, 0.75), ("counting", 1.0, 1.0, 1.0)]]
+    m = nft.eval_metrics(results, "geneval")
+    assert m["single_object"] == pytest.approx(2 / 3) and m["counting"] == 1.0
+    assert m["GenEval overall"] == pytest.approx(5 / 6)
+    assert m["GenEval strict"] == pytest.approx(0.5) and m["GenEval partial"] == pytest.approx(3.25 / 4)
+    assert list(m)[:3] == ["GenEval overall", "single_object", "counting"]
+
+
+def test_ev_ocr_and_drawbench_metrics():
+    m = nft.eval_metrics([dict(reward=r, ocr=r) for r in (1.0, 0.5, 1.0, 0.0)], "ocr")
+    assert m == {"OCR accuracy": 0.625, "OCR exact": 0.5}
+    spec = "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1"
+    comps = dict(pickscore=0.9, clipscore=0.3, hpsv2=0.33, aesthetic=6.0, imagereward=1.5)
+    results = [dict(reward=sum(comps.values()), **comps)] * 2
+    m = nft.eval_metrics(results, spec)
+    assert list(m) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
+    assert m["PickScore"] == pytest.approx(23.4) and m["Aesthetic"] == pytest.approx(6.0)  # PickScore x26 as printed
+    assert nft.EVAL_IMAGES["geneval"] == 4 and nft.EVAL_IMAGES["ocr"] == 1 and nft.EVAL_IMAGES["pickscore"] == 5
+
+
+# ---- evaluation: seeds and ranks ----
+@pytest.fixture(scope="module")
+def _ev_pipe():
+    return nft.random_pipeline("tiny")
+
+
+def test_ev_geneval_tags_reach_the_report(_ev_pipe, _ev_one_thread):
+    """evaluate() carries each record's tag into its results, so eval_metrics can average per tag."""
+    records = [r for t in rewards.GENEVAL_TAGS for r in rewards.geneval_prompts("test") if r["tag"] == t][::40]
+    def fake(images, prompts, metadata):  # what make_reward("geneval") returns, with made-up scores
+        correct = torch.tensor([float(m["tag"] == "counting") for m in metadata])
+        return correct, {"geneval": correct, "geneval/partial": correct, "geneval/strict": correct, "geneval/correct": correct}
+    args = nft.parse_args([str(a) for a in _EV_SMALL] + ["--eval_images_per_prompt", "1"])
+    results = nft.evaluate(_ev_pipe, records, fake, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    assert [r["tag"] for r in results] == [r["tag"] for r in records]
+    m = nft.eval_metrics(results, "geneval")
+    assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
+
+
+def test_ev_seeds_fix_each_image_whatever_the_batch(_ev_pipe, _ev_one_thread):
+    pipe = _ev_pipe
+    records = rewards.default_prompts("color", "test")
+    fn = rewards.make_reward("color", "cpu")
+    args = nft.parse_args([str(a) for a in _EV_SMALL])
+
+    def scores(**kw):
+        for k, v in kw.items():
+            setattr(args, k, v)
+        res = nft.evaluate(pipe, records, fn, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+        return {(r["index"], r["image"]): (r["seed"], r["reward"]) for r in res}
+
+    a = scores(sample_batch_size=8)
+    assert len(a) == 8 and len({s for s, _ in a.values()}) == 8  # one seed per (prompt, image)
+    assert scores(sample_batch_size=8) == a  # the same run twice: identical
+    b = scores(sample_batch_size=3)  # other batches: the same images up to float rounding
+    assert all(b[key][0] == a[key][0] and b[key][1] == pytest.approx(a[key][1], abs=1e-5) for key in a)
+    assert scores(sample_batch_size=8, seed=7) != a
+
+
+def test_ev_two_gloo_ranks_cover_every_item_once(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = _ev_run("--eval_only", *_EV_SMALL, "--output_dir", one)
+    _ev_run("--eval_only", *_EV_SMALL, "--output_dir", two, nproc=2)
+    rows1, rows2 = _ev_rows(one), _ev_rows(two)
+    keys = [(r["index"], r["image"]) for r in rows2]
+    assert len(keys) == len(set(keys)) == 8 and set(keys) == {(i, k) for i in range(4) for k in range(2)}
+    assert [(r["index"], r["image"], r["seed"]) for r in rows1] == [(r["index"], r["image"], r["seed"]) for r in rows2]
+    assert [r["reward"] for r in rows2] == pytest.approx([r["reward"] for r in rows1], abs=1e-5)
+    assert set(rows1[0]) >= {"index", "image", "prompt", "seed", "reward", "color"}
+    summary = json.load(open(one / "eval.json"))
+    assert summary["images"] == 8 and summary["eval_num_steps"] == 4 and summary["metrics"]["color"] == pytest.approx(summary["reward_mean"])
+    table = open(one / "eval.md").read()
+    assert "| model | color |" in table and "| base |" in table and "| model | color |" in p.stdout
+
+
+# ---- evaluation: LoRA layouts ----
+def test_ev_peft_layout_lora_loads_with_its_scaling(tmp_path, _ev_one_thread):
+    """An official-style checkpoint (peft save_pretrained: adapter_model.safetensors + adapter_config.json,
+    keys base_model.model.<module>.lora_A.weight) gives the source model's velocity; alpha/r = 3 matters."""
+    from peft import LoraConfig, get_peft_model
+    source = nft.random_pipeline("tiny").transformer
+    config = LoraConfig(r=4, lora_alpha=12, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
+    peft_model = get_peft_model(source, config)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    folder = tmp_path / "checkpoint-7" / "lora"
+    peft_model.save_pretrained(folder)
+    from safetensors.torch import load_file
+    assert any(k.startswith("base_model.model.transformer_blocks.0.attn.to_q.lora_A") for k in load_file(folder / "adapter_model.safetensors"))
+    v_source = _ev_velocity(peft_model.base_model.model)
+
+    pipe = nft.random_pipeline("tiny")
+    v_base = _ev_velocity(pipe.transformer)
+    kind, path = nft.find_lora(str(tmp_path / "checkpoint-7"))  # the checkpoint folder finds its lora/
+    assert kind == "peft" and path == str(folder)
+    nft.load_lora(pipe, kind, path)
+    v_loaded = _ev_velocity(pipe.transformer)
+    assert (v_source - v_base).abs().max() > 1e-4
+    assert torch.allclose(v_loaded, v_source, atol=1e-6)
+    assert nft.find_lora(str(folder / "adapter_model.safetensors")) == ("peft", str(folder))
+
+
+def test_ev_lora_path_errors(tmp_path):
+    with pytest.raises(nft.UserError, match="neither"):
+        nft.find_lora(str(tmp_path))
+    with pytest.raises(nft.UserError, match="no such file"):
+        nft.find_lora(str(tmp_path / "missing"))
+    p = _ev_run("--eval_only", *_EV_SMALL, "--lora", tmp_path / "missing", "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --lora") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_ev_project_checkpoint_eval_writes_compare_and_curves(tmp_path, _ev_one_thread):
+    """A short training run's diffusers LoRA evaluates, differs from the base, and yields both pictures."""
+    from PIL import Image
+    run = tmp_path / "run"
+    _ev_run("--model", "tiny", "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
+            "--sample_batch_size", 8, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", run)
+    ckpt = run / "checkpoints" / "checkpoint-00001"
+    assert nft.find_lora(str(ckpt)) == ("diffusers", str(ckpt / "pytorch_lora_weights.safetensors"))
+    pipe = nft.random_pipeline("tiny")
+    v_base = _ev_velocity(pipe.transformer)
+    nft.load_lora(pipe, *nft.find_lora(str(ckpt / "pytorch_lora_weights.safetensors")))  # the file itself works too
+    assert (_ev_velocity(pipe.transformer) - v_base).abs().max() > 1e-6
+
+    out = tmp_path / "eval"
+    _ev_run("--eval_only", *_EV_SMALL, "--lora", ckpt, "--output_dir", out)
+    assert len(_ev_rows(out)) == 8 and "| checkpoint-00001 |" in open(out / "eval.md").read()
+    compare = Image.open(out / "compare.png")
+    assert compare.format == "PNG" and compare.size == (160 + 2 * 32, 16 + 4 * 32)  # label strips + 2 columns x 4 prompts
+    curves = Image.open(out / "curves.png")  # found through the LoRA's run folder
+    assert curves.format == "PNG" and curves.size == (640, 400)
+
+
+def test_ev_plot_curves_draws_both_series(tmp_path):
+    from PIL import Image
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.01 * e) for e in range(30)]
+    rows[0]["eval_reward_mean_before"] = 0.45
+    for e in (9, 19, 29):
+        rows[e]["eval_reward_mean"] = 0.5 + 0.02 * e
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nft.plot_curves(str(path), str(tmp_path / "curves.png"), size=(320, 200))
+    image = Image.open(tmp_path / "curves.png").convert("RGB")
+    assert image.format is None and image.size == (320, 200)
+    colors = set(image.getdata())
+    assert (0x1F, 0x77, 0xB4) in colors and (0xD6, 0x27, 0x28) in colors and (0, 0, 0) in colors
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
 
 
 # --------------------------------------------------------------------------- tier 5: rewards
