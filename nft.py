@@ -34,9 +34,11 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -64,11 +66,11 @@ class Args:
     preset: str = ""  # official recipe to start from; default: the reward's name if it has one
     prompts: str = ""  # .txt (one prompt a line) or .jsonl ({"prompt": ..., metadata}); default: the reward's set
     eval_prompts: str = ""  # same formats; default: the reward's test set
-    output_dir: str = "runs/nft"
+    output_dir: str = "runs/nft"  # metrics.jsonl, sample grids, checkpoints/
     overwrite: bool = False  # allow starting a new run in an output_dir that holds one
-    seed: int = 42
+    seed: int = 42  # every random draw derives from (seed, epoch, rank)
     # rollout
-    resolution: int = 512
+    resolution: int = 512  # pixels, a multiple of 16
     num_steps: int = 10  # rollout solver steps
     solver: str = "dpm2"  # any name in SOLVERS
     eta: float = 0.7  # noise level of the "sde" solver
@@ -80,25 +82,25 @@ class Args:
     num_groups: int = 48  # prompts per epoch, over all ranks
     beta: float = 1.0  # NFT mixing coefficient (paper beta; official config.beta)
     kl_coef: float = 1e-4  # weight of ||v_theta - v_ref||^2 (official config.train.beta)
-    adv_clip: float = 5.0
+    adv_clip: float = 5.0  # advantages clipped to +-adv_clip; r = A/adv_clip/2 + 0.5; scales the loss
     global_std: bool = True  # advantage std over the whole epoch (False: per prompt)
     timestep_fraction: float = 0.99  # train on floor(num_steps * this) of the rollout's sigmas
     old_flat: int = 0  # old-policy decay schedule: d = 0 before `old_flat` steps,
     old_rate: float = 0.001  # then min(old_rate * (step - old_flat), old_max)
     old_max: float = 0.5
-    ema_max_decay: float = 0.9
+    ema_max_decay: float = 0.9  # EMA of theta for eval and saving: min((1+step)/(10+step), this)
     # optimization
-    learning_rate: float = 3e-4
-    adam_beta1: float = 0.9
+    learning_rate: float = 3e-4  # AdamW on the LoRA, no schedule
+    adam_beta1: float = 0.9  # AdamW betas, weight decay and eps as officially
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient-norm clip
     train_batch_size: int = 9  # per GPU micro-batch
     steps_per_epoch: int = 1  # optimizer steps per epoch (official: 2 for OCR)
-    num_epochs: int = 1000
+    num_epochs: int = 1000  # one epoch = rollout + rewards + steps_per_epoch optimizer steps
     rank: int = 32  # LoRA rank
-    lora_alpha: int = 64
+    lora_alpha: int = 64  # LoRA scale alpha/rank
     lora_targets: str = "official"  # "official" (8 attention projections), "official+proj_out", or a comma list
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU), bf16, fp16 (official-style), no
     # evaluation, logging, checkpoints
@@ -106,18 +108,18 @@ class Args:
     eval_num_steps: int = 40  # Euler steps, as the paper evaluates
     eval_images_per_prompt: int = 0  # 0: the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5), 1 in training
     eval_max_prompts: int = 0  # 0 = all
-    eval_only: bool = False
+    eval_only: bool = False  # evaluate (SPEC section 6) instead of training
     lora: str = ""  # --eval_only: diffusers or peft LoRA file/folder to evaluate; empty = base model
-    save_every: int = 10  # epochs
-    checkpoints_total_limit: int = 3
+    save_every: int = 10  # epochs between checkpoints
+    checkpoints_total_limit: int = 3  # newest checkpoints kept
     resume_from: str = ""  # "latest" or a checkpoint folder
     max_nonfinite_steps: int = 3  # stop after this many skipped optimizer steps in a row
-    wandb: bool = False
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
     # speed
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    offload_text_encoders: bool = False
-    profile: bool = False
+    compile: bool = False  # torch.compile the transformer (pays off after a few epochs)
+    gradient_checkpointing: bool = False  # less activation memory, more compute
+    offload_text_encoders: bool = False  # keep CLIP/T5 on the CPU except while encoding prompts
+    profile: bool = False  # time 3 epochs: phases, throughput, MFU, memory -> profile.json
 
 
 # Official recipes (config/nft.py), applied before command-line flags. All: SD3.5-M, 512 px, 8 GPUs.
@@ -138,13 +140,16 @@ OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 
 
 def parse_args(argv=None):
+    """Defaults (Args) <- preset (the reward's, or --preset; plus "tiny" for --model tiny) <- command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
     for f in dataclasses.fields(Args):
-        kind = {bool: None, int: int, float: float, str: str}[f.type if isinstance(f.type, type) else eval(f.type)]
-        if kind is None:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
+        text = f"{helps.get(f.name, '')} (default: {f.default!r})"
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper())
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
     args = Args()
     presets = [given.get("preset") or given.get("reward", args.reward).split(":")[0]]
@@ -181,8 +186,8 @@ def validate(args, world_size):
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
     if args.eval_only:
-        return 0
-    total, per_rank = args.num_groups * args.group_size, args.num_groups * args.group_size // world_size
+        return
+    total = args.num_groups * args.group_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
     if total % unit:
         groups = [g for g in range(1, 4 * args.num_groups + unit) if g * args.group_size % unit == 0]
@@ -193,7 +198,6 @@ def validate(args, world_size):
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
             + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if near else
                "change --group_size, --train_batch_size or --sample_batch_size"))
-    return per_rank
 
 
 def _closest(name, choices):
@@ -989,6 +993,7 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles),
     rollout images/s, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a matmul peak
     measured in the same run, and peak memory. FLOPs of one forward are counted once (FlopCounterMode)."""
+    import resource
     from torch.utils.flop_counter import FlopCounterMode
     h = args.resolution // pipe.vae_scale_factor
     x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
@@ -1016,8 +1021,8 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
                   **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "reward", "train")},
                   rollout_images_per_s=per_rank / mean("time_rollout"), train_samples_per_s=per_rank * T / mean("time_train"),
                   rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
-                                   __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
+                  peak_memory_gib=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
+                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
     with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
         json.dump(report, fh, indent=1)
