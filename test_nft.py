@@ -560,7 +560,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
     import time
     argv = [*SMALL, "--eval_every", 0, "--num_epochs", 8]
     run_nft(*argv, "--output_dir", tmp_path / "ref")
-    out, rnd, kills, done = tmp_path / "killed", random.Random(0), 0, False
+    out, rnd, kills, mid_write, done = tmp_path / "killed", random.Random(0), 0, 0, False
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for attempt in range(10):
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv), "--output_dir", str(out),
@@ -573,11 +573,15 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         if p.poll() is None and attempt < 9:
             p.kill()
             kills += 1
+            p.wait()
+            folder = os.path.join(out, "checkpoints")
+            mid_write += any(n.endswith(".tmp") for n in os.listdir(folder)) if os.path.isdir(folder) else 0
         assert p.wait() in (0, -9), p.stderr.read().decode()[-2000:]
         if p.returncode == 0:
             done = True
             break
     assert done and kills >= 3, kills
+    print(f"{kills} kills, {mid_write} of them while a checkpoint was being written")
     assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(tmp_path / "ref")[-1]))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
     assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
