@@ -546,9 +546,16 @@ def velocity(transformer, x, sigma, embeds, pooled):
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, max_sequence_length, device):
-    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048)."""
+    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Text encoders
+    kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` for the call only."""
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    home = encoders[0].device
+    for e in encoders if home != device else []:
+        e.to(device)
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                               do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+    for e in encoders if home != device else []:
+        e.to(home)
     return embeds, pooled
 
 
@@ -1050,6 +1057,9 @@ def train(args):
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype)
     pipe.to(device)
+    if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
+        for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            e.to("cpu")
     transformer = pipe.transformer
     torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
     params, old = add_adapters(transformer, args)
@@ -1104,11 +1114,9 @@ def train(args):
         set_policy(transformer, "default")
         with swapped(params, ema):
             results = evaluate(pipe, eval_records, reward_fn, args, device, autocast, rank, world)
-        if rank == 0:
-            n = min(len(results), 16)
-            save_grid(torch.stack([r.pop("_image") for r in results[:n]]), os.path.join(args.output_dir, f"eval_epoch{epoch:05d}.png"), nrow=min(n, 8))
-            for r in results:
-                r.pop("_image", None)
+        if rank == 0:  # evaluate() keeps the images of the first 16 results
+            images = torch.stack([r["_image"] for r in results if "_image" in r])
+            save_grid(images, os.path.join(args.output_dir, f"eval_epoch{epoch:05d}.png"), nrow=min(len(images), 8))
         return sum(r["reward"] for r in results) / len(results)
 
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
@@ -1125,13 +1133,7 @@ def train(args):
         ids = ids[rank * per_rank:(rank + 1) * per_rank]
         prompts = [train_records[i]["prompt"] for i in ids.tolist()]
         uniq = sorted(set(ids.tolist()))  # each distinct prompt is encoded once per epoch
-        if args.offload_text_encoders:
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-                getattr(pipe, name).to(device)
         u_embeds, u_pooled = encode_prompts(pipe, [train_records[i]["prompt"] for i in uniq], args.max_sequence_length, device)
-        if args.offload_text_encoders:
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-                getattr(pipe, name).to("cpu")
         where = torch.tensor([uniq.index(i) for i in ids.tolist()], device=device)
         embeds, pooled = u_embeds[where], u_pooled[where]
         t1 = time.time()
