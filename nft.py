@@ -108,7 +108,7 @@ class Args:
     eval_num_steps: int = 40  # Euler steps, as the paper evaluates
     eval_images_per_prompt: int = 0  # 0: the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5), 1 in training
     eval_max_prompts: int = 0  # 0 = all
-    eval_only: bool = False  # evaluate (SPEC section 6) instead of training
+    eval_only: bool = False  # evaluate with the paper's protocol instead of training
     lora: str = ""  # --eval_only: diffusers or peft LoRA file/folder to evaluate; empty = base model
     save_every: int = 10  # epochs between checkpoints
     checkpoints_total_limit: int = 3  # newest checkpoints kept
@@ -394,7 +394,7 @@ def _tiny_tokenizer(max_length, eos):
 
 
 # Random-weight SD3 architectures: "tiny" for CPU tests and the demo; "sd3.5-medium" is the real
-# transformer (SPEC §7) with one-layer text encoders of the real widths, for GPU throughput checks.
+# SD3.5-Medium transformer with one-layer text encoders of the real widths, for GPU throughput checks.
 RANDOM_ARCHS = {
     "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
@@ -703,7 +703,7 @@ RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # mu
 
 
 # --------------------------------------------------------------------------- evaluation
-# The paper's benchmarks (SPEC section 6): images per prompt, and how each reward's mean is printed
+# The paper's benchmarks: images per prompt, and how each reward's mean is printed
 # (column, scale): PickScore is logit*cos/26 here and x26 in the paper, UnifiedReward is score/5.
 EVAL_IMAGES = {"geneval": 4, "ocr": 1,  # and DrawBench, 5 images of each of its 200 prompts:
                **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
@@ -872,7 +872,7 @@ def load_lora(pipe, kind, path):
 
 
 def eval_only(args):
-    """--eval_only: the paper's evaluation (SPEC section 6) of the base model or a --lora on the test prompts.
+    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px) of the base model or a --lora on the test prompts.
     Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
     image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
     output_dir or the LoRA's run folder holds a metrics.jsonl."""

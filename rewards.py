@@ -3,7 +3,7 @@
 Each entry of `REWARDS` is a factory `make(device) -> fn`, and
 `fn(images, prompts, metadata) -> (scores, components)` with images a float tensor in [0, 1],
 NCHW, on any device; scores a float32 CPU tensor of shape (N,); components a dict of (N,) tensors
-for logging (may be empty). Formulas and rules: SPEC.md section 5.
+for logging (may be empty). Formulas: each factory's docstring; GenEval rules: github.com/djghosh13/geneval.
 
 Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), on purpose:
 1. GenEval runs on transformers' Mask2Former + CLIP instead of mmdetection 2.x + open_clip; the
