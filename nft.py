@@ -11,7 +11,7 @@ toward them, which pushes v_theta away. No likelihoods, no stored trajectories, 
 
     python nft.py --model tiny --reward color                      # CPU demo, a few minutes
     torchrun --nproc_per_node=8 nft.py --reward geneval            # official GenEval recipe, SD3.5-M
-    python nft.py --eval_only --lora runs/x/checkpoint-00100 --reward geneval
+    python nft.py --eval_only --lora runs/nft/checkpoints/checkpoint-00100 --reward geneval
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
 x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
@@ -28,6 +28,7 @@ Where this file deliberately differs from the official code (README lists the sa
  6. The LoRA is saved in the diffusers layout (`pipe.load_lora_weights` reads it), not peft's.
  7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
  8. Gradients are all-reduced once per optimizer step by hand, instead of DDP over the transformer.
+ 9. Samples with a NaN/inf reward are dropped from the update with a warning.
 """
 import argparse
 import contextlib
