@@ -547,17 +547,20 @@ def velocity(transformer, x, sigma, embeds, pooled):
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, max_sequence_length, device):
-    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Text encoders
-    kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` for the call only."""
+    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Each distinct
+    prompt is encoded once (a group repeats its prompt group_size times). Text encoders kept on the CPU
+    (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` for the call only."""
+    uniq = list(dict.fromkeys(prompts))
     encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     home = encoders[0].device
     for e in encoders if home != device else []:
         e.to(device)
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=uniq, prompt_2=None, prompt_3=None, device=device,
                                               do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
     for e in encoders if home != device else []:
         e.to(home)
-    return embeds, pooled
+    where = torch.tensor([uniq.index(p) for p in prompts], device=embeds.device)
+    return embeds[where], pooled[where]
 
 
 @torch.no_grad()
@@ -1133,10 +1136,7 @@ def train(args):
         ids = epoch_prompt_indices(len(train_records), args.num_groups, args.group_size, args.seed, epoch)
         ids = ids[rank * per_rank:(rank + 1) * per_rank]
         prompts = [train_records[i]["prompt"] for i in ids.tolist()]
-        uniq = sorted(set(ids.tolist()))  # each distinct prompt is encoded once per epoch
-        u_embeds, u_pooled = encode_prompts(pipe, [train_records[i]["prompt"] for i in uniq], args.max_sequence_length, device)
-        where = torch.tensor([uniq.index(i) for i in ids.tolist()], device=device)
-        embeds, pooled = u_embeds[where], u_pooled[where]
+        embeds, pooled = encode_prompts(pipe, prompts, args.max_sequence_length, device)
         t1 = time.time()
         # ---- 2. rollout with the old policy; keep only x0, the embeddings and the sigma schedule
         set_policy(transformer, "old")
