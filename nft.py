@@ -373,7 +373,7 @@ def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
     """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn
     without replacement (cycling if the set is small), each repeated group_size times, then shuffled
     so a group spreads over ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = rng(seed, epoch, "prompts")
     picks = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(-(-num_groups // num_prompts))])
     ids = picks[:num_groups].repeat_interleave(group_size)
     return ids[torch.randperm(len(ids), generator=g)]
