@@ -130,7 +130,7 @@ PRESETS = {
     "pickscore": dict(reward="pickscore", beta=1.0),
     "hpsv2": dict(reward="hpsv2", beta=1.0),
     "multi": dict(reward="pickscore:1,hpsv2:1,clipscore:1", beta=0.1, num_steps=25),
-    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in about two minutes
+    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in about three minutes
     "tiny": dict(resolution=32, num_steps=10, solver="euler", group_size=8, num_groups=4,
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
