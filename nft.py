@@ -509,7 +509,8 @@ def lora_config(args):
 def add_adapters(transformer, args):
     """Two LoRA adapters on the frozen base: trainable "default" (theta) and rollout "old" (theta_old).
     lora_B starts at zero, so theta, theta_old and the reference (adapters off) agree at step 0.
-    Returns the trainable parameters, taken by adapter name: peft's set_adapter flips requires_grad."""
+    Returns the trainable and the old parameters, both keyed by the trainable one's name, taken by adapter
+    name: peft's set_adapter flips requires_grad, so requires_grad cannot tell them apart."""
     transformer.requires_grad_(False)
     config = lora_config(args)
     try:
@@ -519,11 +520,12 @@ def add_adapters(transformer, args):
             transformer.add_adapter(config, adapter_name="old")
     except ValueError as e:
         raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
-    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
-    old = {n: p for n, p in transformer.named_parameters() if ".old." in n}
+    named = dict(transformer.named_parameters())
+    params = {n: p for n, p in named.items() if ".default." in n}
+    old = {n: named[n.replace(".default.", ".old.")] for n in params}
     for n, p in params.items():
         p.data = p.data.float()  # LoRA in fp32 on a bf16 base
-        old[n.replace(".default.", ".old.")].data = p.data.clone()
+        old[n].data = p.data.clone()
     set_policy(transformer, "default")
     return params, old
 
@@ -1078,7 +1080,7 @@ def train(args):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["default"][n])
-                old[n.replace(".default.", ".old.")].copy_(state["old"][n])
+                old[n].copy_(state["old"][n])
                 ema[n].copy_(state["ema"][n])
         opt.load_state_dict(state["optimizer"])
         step, start_epoch, bad_steps = state["step"], state["epoch"], state["bad_steps"]
@@ -1196,7 +1198,7 @@ def train(args):
         d = old_decay(step, args.old_flat, args.old_rate, args.old_max)
         with torch.no_grad():
             for n, p in params.items():
-                old[n.replace(".default.", ".old.")].mul_(d).add_(p.detach(), alpha=1 - d)
+                old[n].mul_(d).add_(p.detach(), alpha=1 - d)
         t4 = time.time()
         log.update(step=step, reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
                    **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
@@ -1215,11 +1217,9 @@ def train(args):
                 wandb.log(log, step=step)
         history.append(log)
         if rank == 0 and not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
-            state = dict(default=dict(params), old={n: old[n.replace(".default.", ".old.")] for n in params}, ema=ema,
-                         optimizer=opt.state_dict(), step=step, epoch=epoch + 1, bad_steps=bad_steps,
-                         config={k: getattr(args, k) for k in RESUME_KEYS})
-            state = {k: ({n: t.detach().cpu().clone() for n, t in v.items()} if k in ("default", "old", "ema") else v)
-                     for k, v in state.items()}
+            cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
+            state = dict(default=cpu(params), old=cpu(old), ema=cpu(ema), optimizer=opt.state_dict(), step=step,
+                         epoch=epoch + 1, bad_steps=bad_steps, config={k: getattr(args, k) for k in RESUME_KEYS})
             save_checkpoint(args, epoch + 1, state, ema, lora_meta)
     pool.shutdown()
     if rank == 0 and os.path.exists(metrics_path):
