@@ -257,9 +257,10 @@ SMALL = ["--model", "tiny", "--reward", "color", "--num_groups", "2", "--group_s
          "--sample_batch_size", "8", "--eval_every", "1", "--eval_images_per_prompt", "1", "--save_every", "1"]
 
 
-def run_nft(*args, nproc=0, check=True, timeout=600):
-    """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1" if nproc else os.environ.get("OMP_NUM_THREADS", "2"))
+def run_nft(*args, nproc=0, check=True, timeout=600, threads=0):
+    """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process. torchrun's
+    ranks get one OpenMP thread each (two cores), as does everything when threads=1."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads or (1 if nproc else os.environ.get("OMP_NUM_THREADS", 2))))
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else [sys.executable]
     p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
     if check:
@@ -365,6 +366,8 @@ adv = nft.group_advantages(all_R, all_ids)[mine]
 assert torch.allclose(adv, nft.group_advantages(R, ids)[mine])
 assert len(set(ids[:6].tolist()) & set(ids[6:].tolist())) > 0   # some group really spans both ranks
 print("ok", rank)
+dist.barrier()
+dist.destroy_process_group()  # a gloo group left to interpreter teardown can abort the process
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
@@ -601,15 +604,9 @@ _EV_SMALL = ["--model", "tiny", "--reward", "color", "--eval_max_prompts", 4, "-
              "--resolution", 32, "--max_sequence_length", 16, "--eval_num_steps", 4]
 
 
-def _ev_run(*args, nproc=0, check=True):
-    """nft.py in a subprocess (torchrun with nproc > 0; --standalone picks a free port: with torch 2.13,
-    --master_port=0 hands port 0 itself to the workers, which then wait forever)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else [sys.executable]
-    p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+def _ev_run(*args, **kwargs):
+    """nft.py in a subprocess with one OpenMP thread a process (see _ev_one_thread)."""
+    return run_nft(*args, threads=1, **kwargs)
 
 
 @pytest.fixture
