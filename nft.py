@@ -119,6 +119,7 @@ class Args:
     # speed
     compile: bool = False  # torch.compile the transformer (pays off after a few epochs)
     gradient_checkpointing: bool = False  # less activation memory, more compute
+    grad_sync: str = "step"  # "step": one all-reduce per optimizer step; "micro_step": after every backward (official-style)
     offload_text_encoders: bool = False  # keep CLIP/T5 on the CPU except while encoding prompts
     profile: bool = False  # time 3 epochs: phases, throughput, MFU, memory -> profile.json
 
@@ -184,6 +185,8 @@ def validate(args, world_size):
                         f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
     if args.solver not in SOLVERS:
         raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
+    if args.grad_sync not in ("step", "micro_step"):
+        raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
     if args.eval_only:
@@ -400,34 +403,31 @@ RANDOM_ARCHS = {
     "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                   attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                                   caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
-                 clip=(32, 2, 4), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1)),
+                 clip=((32, 2, 4), (32, 2, 4)), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1)),
     "sd3.5-medium": dict(transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
                                           num_layers=24, attention_head_dim=64, num_attention_heads=24,
                                           joint_attention_dim=4096, caption_projection_dim=1536,
                                           pooled_projection_dim=2048, pos_embed_max_size=384,
                                           dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-                         clip=(768, 1, 12, 1280), t5=(4096, 1, 64),
+                         clip=((768, 1, 12), (1280, 1, 20)), t5=(4096, 1, 64),  # (width, layers, heads)
                          vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2)),
 }
 
 
-def random_pipeline(arch):
-    """A StableDiffusion3Pipeline with random weights, built in code: no download, eval mode, shift 3.0."""
+def random_pipeline(arch, device="cpu"):
+    """A StableDiffusion3Pipeline with random weights, built in code on `device` (no download, no slow
+    CPU init of the big one; "meta" builds shapes only), eval mode, shift 3.0."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     cfg = RANDOM_ARCHS[arch]
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.device(device):
         torch.manual_seed(0)  # the same "model" every time
         clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(256, "</s>")
         v = len(clip_tok)
-
-        def clip(width, layers, heads, width2=None):
-            return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=v, hidden_size=width2 or width, intermediate_size=2 * (width2 or width), projection_dim=width2 or width,
-                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-                bos_token_id=1, eos_token_id=2, pad_token_id=2))
-        c = cfg["clip"]
-        te1, te2 = clip(c[0], c[1], c[2]), clip(c[0], c[1], c[2], c[3] if len(c) > 3 else None)
+        te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=v, hidden_size=width, intermediate_size=2 * width, projection_dim=width, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+            for width, layers, heads in cfg["clip"])
         d, layers, heads = cfg["t5"]
         te3 = T5EncoderModel(T5Config(vocab_size=v, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
                                       num_heads=heads, pad_token_id=0, eos_token_id=3))
@@ -469,14 +469,15 @@ def _is_local(model):
     return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
-def load_pipeline(model, dtype):
-    """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline."""
+def load_pipeline(model, dtype, device="cpu"):
+    """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline. Random architectures
+    other than tiny (which is fitted on the CPU, so it is the same model everywhere) are built on `device`."""
     from diffusers import StableDiffusion3Pipeline
     if model == "tiny" or model.startswith("random:"):
         arch = model.split(":")[-1]
         if arch not in RANDOM_ARCHS:
             raise UserError(f"unknown random architecture {arch!r}; choose from {sorted(RANDOM_ARCHS)}")
-        pipe = random_pipeline(arch)
+        pipe = random_pipeline(arch, device if arch != "tiny" else "cpu")
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
     if _is_local(model) and not os.path.isdir(model):
         raise UserError(f"--model folder not found: {model}")
@@ -603,6 +604,13 @@ def gather(t):
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def clock(device):
+    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def print0(*a, **k):
@@ -888,7 +896,7 @@ def eval_only(args):
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
         args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], 1)
     dtype, autocast = precision(args, device)
-    pipe = load_pipeline(args.model, dtype).to(device)
+    pipe = load_pipeline(args.model, dtype, device).to(device)
     if lora:
         load_lora(pipe, *lora)
     reward_fn = rewards.make_reward(args.reward, device)
@@ -984,18 +992,25 @@ def micro_step(transformer, x0, embeds, pooled, sig, eps, r, mask, args, autocas
     return stats
 
 
-def optimizer_step(params, opt, max_grad_norm):
-    """All-reduce the accumulated LoRA gradients once (the only gradient sync of the step), clip, step.
-    Returns the gradient norm, or None (step skipped, gradients dropped) when a gradient is NaN/inf."""
+def average_gradients(params):
+    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
     flat = torch.cat([gr.flatten() for gr in grads])
     if dist.is_initialized():
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
+    for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
+        p.grad = gr.view_as(p)
+    return flat
+
+
+def optimizer_step(params, opt, max_grad_norm, sync=True):
+    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
+    already did it after every backward), clip, step. Returns the gradient norm, or None (step skipped,
+    gradients dropped) when a gradient is NaN/inf."""
+    flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
     finite = bool(torch.isfinite(flat).all())
     if finite:
-        for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
-            p.grad = gr.view_as(p)
         norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -1003,11 +1018,15 @@ def optimizer_step(params, opt, max_grad_norm):
 
 
 def profile_report(args, pipe, logs, per_rank, T, device, autocast):
-    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles),
-    rollout images/s, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a matmul peak
-    measured in the same run, and peak memory. FLOPs of one forward are counted once (FlopCounterMode)."""
+    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles;
+    the first epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end
+    images/s per epoch, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul
+    peak measured in the same run, and the training loop's peak memory. FLOPs of one forward are counted
+    once (FlopCounterMode)."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
+    peak_memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     h = args.resolution // pipe.vae_scale_factor
     x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
     emb, pooled = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
@@ -1016,26 +1035,26 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     f = counter.get_total_flops()  # one transformer forward of one image
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
-    sync()
-    t = time.perf_counter()
+    t = clock(device)
     for _ in range(10):
         a @ b
-    sync()
-    peak = 2 * n ** 3 * 10 / (time.perf_counter() - t)
+    peak = 2 * n ** 3 * 10 / (clock(device) - t)
     steady = logs[1:] or logs
     mean = lambda k: sum(l[k] for l in steady) / len(steady)
     passes = 3 + 1 + (args.kl_coef > 0)  # v_theta forward + backward (3x), v_old (and v_ref) forward
     train_flops, roll_flops = per_rank * T * f * passes, per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
                   resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
-                  compile=args.compile, kl_coef=args.kl_coef, gflop_per_forward=f / 1e9, peak_tflops_matmul=peak / 1e12,
-                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "reward", "train")},
-                  rollout_images_per_s=per_rank / mean("time_rollout"), train_samples_per_s=per_rank * T / mean("time_train"),
+                  compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
+                  gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
+                  peak_tflops_matmul=peak / 1e12,
+                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
+                  time_first_epoch_s=logs[0]["time_epoch"],
+                  epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
+                  train_samples_per_s=per_rank * T / mean("time_train"),
                   rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
-                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
+                  peak_memory_gib=peak_memory)
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
     with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
         json.dump(report, fh, indent=1)
@@ -1061,7 +1080,7 @@ def train(args):
 
     reward_fn = rewards.make_reward(args.reward, device)  # before the big model: a missing extra fails fast
     dtype, autocast = precision(args, device)
-    pipe = load_pipeline(args.model, dtype)
+    pipe = load_pipeline(args.model, dtype, device)
     pipe.to(device)
     if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
         for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
@@ -1128,18 +1147,20 @@ def train(args):
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
         args.num_epochs, args.eval_every = start_epoch + 3, 0
     history = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the training loop's peak, not the model build's
     for epoch in range(start_epoch, args.num_epochs):
-        t0 = time.time()
+        t0 = clock(device)
         log = dict(epoch=epoch)
         if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
             log["eval_reward_mean_before"] = run_eval(0)
-            t0 = time.time()
+            t0 = clock(device)
         # ---- 1. prompts: this rank's slice of the epoch's groups
         ids = epoch_prompt_indices(len(train_records), args.num_groups, args.group_size, args.seed, epoch)
         ids = ids[rank * per_rank:(rank + 1) * per_rank]
         prompts = [train_records[i]["prompt"] for i in ids.tolist()]
         embeds, pooled = encode_prompts(pipe, prompts, args.max_sequence_length, device)
-        t1 = time.time()
+        t1, t_decode = clock(device), 0.0
         # ---- 2. rollout with the old policy; keep only x0, the embeddings and the sigma schedule
         set_policy(transformer, "old")
         g = rng(args.seed, epoch, rank, "rollout")
@@ -1149,10 +1170,12 @@ def train(args):
             noise = torch.randn((len(prompts[s]), pipe.transformer.config.in_channels, h, h), generator=g).to(device)
             sde_gen = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
             x0.append(sample(pipe, noise, embeds[s], pooled[s], sigmas, args.solver, args, autocast, null, sde_gen))
+            t = clock(device)
             images = decode(pipe, x0[-1])
+            t_decode += clock(device) - t
             futures.append(pool.submit(reward_fn, images, prompts[s], [train_records[i] for i in ids[s].tolist()]))
         x0 = torch.cat(x0)
-        t2 = time.time()
+        t2 = clock(device)
         # ---- 3. rewards -> advantages (grouped by prompt index over all ranks) -> r
         results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **bar)]
         R = torch.cat([r[0] for r in results]).double()
@@ -1169,7 +1192,7 @@ def train(args):
         adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
         mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
         r = adv_to_r(adv[rank * per_rank:(rank + 1) * per_rank], args.adv_clip).to(device)
-        t3 = time.time()
+        t3 = clock(device)
         # ---- 4. train on freshly noised clean images: T of the rollout's sigmas per sample, fresh eps
         g = rng(args.seed, epoch, rank, "train")
         visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
@@ -1179,8 +1202,10 @@ def train(args):
             sig = sigmas[visits[s].T.to(device)].float()  # (T, B)
             eps = torch.randn((T, *x0[s].shape), generator=g).to(device)
             stats += micro_step(transformer, x0[s], embeds[s], pooled[s], sig, eps, r[s], mask[s], args, autocast, 1 / (per_step * T))
+            if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
+                average_gradients(params)
             if (m + 1) % per_step == 0:
-                grad_norm = optimizer_step(params, opt, args.max_grad_norm)
+                grad_norm = optimizer_step(params, opt, args.max_grad_norm, sync=args.grad_sync == "step")
                 if grad_norm is None:
                     bad_steps += 1
                     print0(f"warning: epoch {epoch}: non-finite gradient, optimizer step skipped ({bad_steps} in a row)")
@@ -1199,11 +1224,12 @@ def train(args):
         with torch.no_grad():
             for n, p in params.items():
                 old[n].mul_(d).add_(p.detach(), alpha=1 - d)
-        t4 = time.time()
+        t4 = clock(device)
         log.update(step=step, reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
                    **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
                    **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())), r_mean=float(r.mean()), old_decay=d,
-                   dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1, time_reward=t3 - t2, time_train=t4 - t3)
+                   dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1 - t_decode, time_decode=t_decode,
+                   time_reward=t3 - t2, time_train=t4 - t3, time_epoch=t4 - t0)
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
             log["eval_reward_mean"] = run_eval(epoch + 1)  # EMA weights after this epoch's update
         if rank == 0:
@@ -1212,7 +1238,8 @@ def train(args):
             print0(f"epoch {epoch:4d} step {step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
                    f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} | "
                    + (f"eval {log['eval_reward_mean']:.4f} | " if "eval_reward_mean" in log else "")
-                   + f"{t4 - t0:.1f}s (text {t1 - t0:.1f} rollout {t2 - t1:.1f} reward {t3 - t2:.1f} train {t4 - t3:.1f})")
+                   + f"{t4 - t0:.1f}s (text {t1 - t0:.1f} rollout {t2 - t1 - t_decode:.1f} decode {t_decode:.1f} "
+                   f"reward {t3 - t2:.1f} train {t4 - t3:.1f})")
             if wandb:
                 wandb.log(log, step=step)
         history.append(log)
