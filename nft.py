@@ -117,7 +117,7 @@ class Args:
     max_nonfinite_steps: int = 3  # stop after this many skipped optimizer steps in a row
     wandb: bool = False  # also log to Weights & Biases (pip install wandb)
     # speed
-    compile: bool = False  # torch.compile the transformer (pays off after a few epochs)
+    compile: bool = True  # torch.compile the transformer on a GPU (--no-compile: eager); ignored on a CPU
     gradient_checkpointing: bool = False  # less activation memory, more compute
     grad_sync: str = "step"  # "step": one all-reduce per optimizer step; "micro_step": after every backward (official-style)
     offload_text_encoders: bool = False  # keep CLIP/T5 on the CPU except while encoding prompts
@@ -549,19 +549,21 @@ def velocity(transformer, x, sigma, embeds, pooled):
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts, max_sequence_length, device):
+def encode_prompts(pipe, prompts, max_sequence_length, device, chunk=64):
     """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Each distinct
-    prompt is encoded once (a group repeats its prompt group_size times). Text encoders kept on the CPU
-    (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` for the call only."""
+    prompt is encoded once (a group repeats its prompt group_size times), `chunk` at a time. Text encoders
+    kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the whole call."""
     uniq = list(dict.fromkeys(prompts))
     encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     home = encoders[0].device
     for e in encoders if home != device else []:
         e.to(device)
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=uniq, prompt_2=None, prompt_3=None, device=device,
-                                              do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+    parts = [pipe.encode_prompt(prompt=uniq[i:i + chunk], prompt_2=None, prompt_3=None, device=device,
+                                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+             for i in range(0, len(uniq), chunk)]
     for e in encoders if home != device else []:
         e.to(home)
+    embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
     where = torch.tensor([uniq.index(p) for p in prompts], device=embeds.device)
     return embeds[where], pooled[where]
 
@@ -730,15 +732,21 @@ def generate(pipe, records, items, args, device, autocast):
     """Yield (batch, images) for (prompt index, image index) pairs with the transformer's active weights:
     Euler, eval_num_steps. The noise is drawn on the CPU from rng(seed, "eval", i, k), so an image depends on
     its pair alone, not on the batch, the rank or the device (that generator's initial_seed() redraws it)."""
+    if not items:  # more ranks than images
+        return
     sigmas = rollout_sigmas(args.eval_num_steps, pipe.scheduler.config.shift)
     null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
     h = args.resolution // pipe.vae_scale_factor
+    prompts = sorted({i for i, _ in items})  # encoded once, kept on the CPU (offloaded encoders visit once)
+    embeds, pooled = (t.cpu() for t in encode_prompts(pipe, [records[i]["prompt"] for i in prompts], args.max_sequence_length, device))
+    row = {i: j for j, i in enumerate(prompts)}
     for b in range(0, len(items), args.sample_batch_size):
         batch = items[b:b + args.sample_batch_size]
-        embeds, pooled = encode_prompts(pipe, [records[i]["prompt"] for i, _ in batch], args.max_sequence_length, device)
+        where = torch.tensor([row[i] for i, _ in batch])
         noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h), generator=rng(args.seed, "eval", i, k))
                              for i, k in batch]).to(device)
-        yield batch, decode(pipe, sample(pipe, noise, embeds, pooled, sigmas, "euler", args, autocast, null))
+        yield batch, decode(pipe, sample(pipe, noise, embeds[where].to(device), pooled[where].to(device), sigmas, "euler",
+                                         args, autocast, null))
 
 
 @torch.no_grad()
@@ -814,7 +822,7 @@ def plot_curves(metrics_path, png_path, size=(640, 400)):
     """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step
     (the base model's eval, eval_reward_mean_before, is the eval curve's point at step 0)."""
     from PIL import Image, ImageDraw
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    rows = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # skip a line cut by a kill
     series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
               "eval reward": [(0, r["eval_reward_mean_before"]) for r in rows if "eval_reward_mean_before" in r]
               + [(r["step"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]}
@@ -1046,7 +1054,7 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     train_flops, roll_flops = per_rank * T * f * passes, per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
                   resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
-                  compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
+                  compile=args.compile and device.type == "cuda", kl_coef=args.kl_coef, grad_sync=args.grad_sync,
                   gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
                   peak_tflops_matmul=peak / 1e12,
                   **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
@@ -1054,7 +1062,7 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
                   epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
                   train_samples_per_s=per_rank * T / mean("time_train"),
                   rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=peak_memory)
+                  peak_memory_gib=peak_memory, compiled_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
     with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
         json.dump(report, fh, indent=1)
@@ -1110,8 +1118,10 @@ def train(args):
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(metrics_path + ".tmp", metrics_path)
-    if args.compile:
-        transformer.compile()  # in place: adapters switch by flags that dynamo guards on, one graph each
+    if args.compile and device.type == "cuda":  # a one-off cost of minutes; see README "Speed and memory"
+        torch._dynamo.config.recompile_limit = 32  # past the limit dynamo silently runs eager; we need ~8
+        transformer.compile()  # in place: adapters switch by flags that dynamo guards on, one graph per
+        # (policy, grad mode), plus one dynamic-batch recompile each when a batch size first differs
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))

@@ -817,7 +817,7 @@ def test_ev_plot_curves_draws_both_series(tmp_path):
     rows[0]["eval_reward_mean_before"] = 0.45
     for e in (9, 19, 29):
         rows[e]["eval_reward_mean"] = 0.5 + 0.02 * e
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps(rows[-1])[:20])  # + a line cut by a kill
     nft.plot_curves(str(path), str(tmp_path / "curves.png"), size=(320, 200))
     image = Image.open(tmp_path / "curves.png").convert("RGB")
     assert image.format is None and image.size == (320, 200)
