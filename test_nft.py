@@ -433,6 +433,37 @@ def test_bf16_vae_decode_stays_within_a_pixel_level_of_fp32():
     assert bf16.dtype == torch.float32 and diff.mean() < 1 / 255 and diff.max() < 6 / 255, (diff.mean(), diff.max())
 
 
+def test_compiled_transformer_switches_adapters_without_recompiling():
+    """--compile's premise: after one round of every policy (old and reference no-grad, trainable with grad,
+    rollout sampling), a second round adds no graph, and the compiled loss equals eager's. Dynamo's guards
+    and graphs are what is tested; backend aot_eager skips inductor's codegen (CPU, no compiler needed)."""
+    import torch._dynamo
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
+    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+    pipe = nft.random_pipeline("tiny")
+    torch.manual_seed(1)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    one_round = lambda: (nft.micro_step(pipe.transformer, x0, emb, pooled, sig, eps, r, mask, args, contextlib.nullcontext, 1.0),
+                         nft.sample(pipe, x0, emb, pooled, nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext))
+    eager = one_round()
+    torch._dynamo.reset()
+    pipe.transformer.compile(backend="aot_eager")
+    try:
+        compiled = one_round()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        one_round()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(compiled[0], eager[0], rtol=1e-4) and torch.allclose(compiled[1], eager[1], atol=1e-5)
+
+
 def test_bf16_micro_step_matches_fp32_within_bf16_noise():
     """The fast default (bf16 base, fp32 LoRA, bf16 autocast) gives the fp32 loss and gradient on the same
     inputs within bf16 noise: loss within 2%, gradient cosine > 0.99 (tiny model, CPU autocast)."""
