@@ -154,7 +154,12 @@ def parse_args(argv=None):
             p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
     args = Args()
-    presets = [given.get("preset") or given.get("reward", args.reward).split(":")[0]]
+    spec = given.get("reward", args.reward)
+    if spec in PRESETS and "," in PRESETS[spec].get("reward", ""):  # --reward multi: the preset's own spec
+        given.pop("reward")
+    # the preset: --preset, else the one whose reward is this spec (a single name, or multi's exact sum)
+    named = [k for k, p in PRESETS.items() if p.get("reward") == spec] or ([spec.split(":")[0]] if "," not in spec else [])
+    presets = [given.get("preset") or (named[0] if named else "")]
     if given.get("model", args.model) == "tiny":
         presets.append("tiny")
     for name in presets:
@@ -177,6 +182,9 @@ def validate(args, world_size):
     if not 0 < args.beta <= 1:
         raise UserError(f"--beta must be in (0, 1], got {args.beta} (the paper uses 1.0, or 0.1 for OCR "
                         "and multi-reward; beta > 1 makes the negative policy extrapolate)")
+    if not 0 < args.timestep_fraction <= 1:
+        raise UserError(f"--timestep_fraction must be in (0, 1], got {args.timestep_fraction} (official: 0.99, "
+                        "9 of 10 rollout sigmas)")
     if args.kl_coef < 0:
         raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
     if args.resolution % 16:
@@ -317,12 +325,12 @@ def dpm2(velocity_fn, x, sigmas, generator=None, eta=0.0):
 
 def sde(velocity_fn, x, sigmas, generator=None, eta=0.7):
     """Flow-GRPO's marginal-preserving SDE; eta = 0 is Euler. With dt = s' - s < 0:
-    std = eta*sqrt(s/(1-s)) (sigma_1 in place of s when s = 1),
+    std = eta*sqrt(s/(1-s)) (with sigma_1 in place of s in the denominator when s = 1),
     mean = x*(1 + std^2*dt/(2s)) + v*(1 + std^2*(1-s)/(2s))*dt,   x <- mean + std*sqrt(-dt)*z.
     """
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         v, dt = velocity_fn(x, s), s_next - s
-        std = eta * math.sqrt((s if s < 1 else sigmas[1].item()) / (1 - (s if s < 1 else sigmas[1].item())))
+        std = eta * math.sqrt(s / (1 - (s if s < 1 else sigmas[1].item())))  # as Flow-GRPO: sigma_1 below only
         mean = x * (1 + std ** 2 * dt / (2 * s)) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = mean + std * math.sqrt(-dt) * z
@@ -622,7 +630,8 @@ def print0(*a, **k):
 
 def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls.
-    fp16 reproduces the official setting (fp32 weights, fp16 autocast). no: fp32 everywhere."""
+    fp16: the official setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline).
+    no: fp32 everywhere."""
     mode = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "no": torch.float32}[mode]
     if mode == "no":
@@ -679,7 +688,10 @@ def save_checkpoint(args, epoch, state, ema, lora_meta):
     return final
 
 
-def load_checkpoint(args):
+def load_checkpoint(args, world_size):
+    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet.
+    RESUME_KEYS must match (they shape the LoRA or the schedule); a changed DRAW_KEY or rank count is
+    allowed with a warning: the run continues correctly but no longer replays the uninterrupted one."""
     path = args.resume_from
     if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
         found = checkpoints(args.output_dir)
@@ -704,6 +716,11 @@ def load_checkpoint(args):
         diff = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in saved if saved[k] != now[k])
         raise UserError(f"--resume_from {path} was saved with a different configuration ({diff}); "
                         "pass the same flags or start a new run")
+    draws = dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
+    changed = [f"{k} {v!r} -> {draws[k]!r}" for k, v in state.get("draws", draws).items() if draws.get(k) != v]
+    if changed:
+        print0(f"warning: resuming with {', '.join(changed)}: training continues, but the prompts and noise "
+               "of later epochs differ from what the uninterrupted run would have drawn")
     return path, state
 
 
@@ -716,6 +733,8 @@ def _epoch_of(line):
 
 
 RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
+DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
+             "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -826,6 +845,7 @@ def plot_curves(metrics_path, png_path, size=(640, 400)):
     series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
               "eval reward": [(0, r["eval_reward_mean_before"]) for r in rows if "eval_reward_mean_before" in r]
               + [(r["step"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]}
+    series = {k: [(x, y) for x, y in v if math.isfinite(y)] for k, v in series.items()}  # an all-NaN epoch logs NaN
     W, H, L, R, T, B = *size, 60, 20, 20, 36  # canvas and margins
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
@@ -994,7 +1014,7 @@ def micro_step(transformer, x0, embeds, pooled, sig, eps, r, mask, args, autocas
         with autocast():
             v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool[k])
         loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
-        kl = ((v_theta - frozen["ref"][k]) ** 2).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
+        kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mask).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
         ((loss + args.kl_coef * kl) * scale).backward()
         stats += torch.stack([loss.detach(), kl.detach(), (v_theta.detach() - frozen["old"][k]).abs().mean()])
     return stats
@@ -1078,7 +1098,7 @@ def train(args):
     per_rank = args.num_groups * args.group_size // world
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    resume = load_checkpoint(args) if args.resume_from else None
+    resume = load_checkpoint(args, world) if args.resume_from else None
     if not args.resume_from and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
@@ -1195,19 +1215,20 @@ def train(args):
         if not ok.all():
             print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
                    "those samples are dropped from the update")
-        if not ok.any():
+        if not ok.any():  # the epoch is still logged and checkpointed, with no optimizer step
             print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
-            continue
         adv = torch.zeros_like(all_R, dtype=torch.float32)
-        adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
+        if ok.any():
+            adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
         mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
+        x0 = torch.where(mask.view(-1, 1, 1, 1) > 0, x0, 0.0)  # a NaN image would make even its masked loss NaN
         r = adv_to_r(adv[rank * per_rank:(rank + 1) * per_rank], args.adv_clip).to(device)
         t3 = clock(device)
         # ---- 4. train on freshly noised clean images: T of the rollout's sigmas per sample, fresh eps
         g = rng(args.seed, epoch, rank, "train")
         visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
         stats = torch.zeros(3, device=device)
-        for m in tqdm(range(micro), desc=f"epoch {epoch} train", **bar):
+        for m in tqdm(range(micro if ok.any() else 0), desc=f"epoch {epoch} train", **bar):
             s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
             sig = sigmas[visits[s].T.to(device)].float()  # (T, B)
             eps = torch.randn((T, *x0[s].shape), generator=g).to(device)
@@ -1256,7 +1277,8 @@ def train(args):
         if rank == 0 and not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
             cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
             state = dict(default=cpu(params), old=cpu(old), ema=cpu(ema), optimizer=opt.state_dict(), step=step,
-                         epoch=epoch + 1, bad_steps=bad_steps, config={k: getattr(args, k) for k in RESUME_KEYS})
+                         epoch=epoch + 1, bad_steps=bad_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
+                         draws=dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world))
             save_checkpoint(args, epoch + 1, state, ema, lora_meta)
     pool.shutdown()
     if rank == 0 and os.path.exists(metrics_path):

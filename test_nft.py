@@ -128,6 +128,18 @@ def test_old_decay_presets(preset, expected):
         assert nft.old_decay(step, *preset) == pytest.approx(d)
 
 
+@pytest.mark.parametrize("argv, reward, beta, num_steps, steps_per_epoch", [
+    (["--reward", "pickscore:1,hpsv2:1,clipscore:1"], "pickscore:1,hpsv2:1,clipscore:1", 0.1, 25, 1),  # = multi
+    (["--reward", "multi"], "pickscore:1,hpsv2:1,clipscore:1", 0.1, 25, 1),
+    (["--reward", "ocr:2"], "ocr:2", 0.1, 10, 2),
+    (["--reward", "pickscore:1,hpsv2:2"], "pickscore:1,hpsv2:2", 1.0, 10, 1),  # a custom sum: no preset
+    (["--preset", "ocr", "--reward", "jpeg", "--beta", "0.5"], "jpeg", 0.5, 10, 2),  # command line wins
+])
+def test_presets_follow_the_reward_spec(argv, reward, beta, num_steps, steps_per_epoch):
+    a = nft.parse_args(argv)
+    assert (a.reward, a.beta, a.num_steps, a.steps_per_epoch) == (reward, beta, num_steps, steps_per_epoch)
+
+
 def test_ema_decay():
     assert nft.ema_decay(0) == pytest.approx(0.1)
     assert nft.ema_decay(10) == pytest.approx(11 / 20)
@@ -560,6 +572,10 @@ def test_bad_checkpoints(capsys, two_epochs, tmp_path):
     out = tmp_path / "out"
     assert "different configuration (rank: saved 32 vs now 8)" in cli_error(
         capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt, "--rank", 8)
+    assert "--timestep_fraction must be in (0, 1]" in cli_error(capsys, *SMALL, "--timestep_fraction", 1.5)
+    args = nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt), "--seed", "7"])
+    assert nft.load_checkpoint(args, world_size=2)[0] == str(ckpt)  # allowed, but no longer a replay:
+    assert "resuming with seed 42 -> 7, world_size 1 -> 2: training continues" in capsys.readouterr().out
     data = (ckpt / "training_state.pt").read_bytes()
     (ckpt / "training_state.pt").write_bytes(data[:len(data) // 2])  # truncated
     assert "truncated or corrupted" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
@@ -602,7 +618,15 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
     nft.main([str(a) for a in (*SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0,
                                 "--num_epochs", 1, "--output_dir", tmp_path / "all")])
     assert "skipping the update" in capsys.readouterr().out
-    assert not os.path.exists(tmp_path / "all" / "metrics.jsonl")
+    m = metrics(tmp_path / "all")  # the epoch is logged and checkpointed, with no step taken
+    assert m[0]["dropped"] == 8 and m[0]["step"] == 0 and state(nft.checkpoints(tmp_path / "all")[-1])["epoch"] == 1
+    # a diverged sample (NaN latent, so a NaN colour reward) must not poison the loss of the others
+    real_sample = nft.sample
+    monkeypatch.setattr(nft, "sample", lambda *a, **k: real_sample(*a, **k).index_fill_(0, torch.tensor([0]), math.nan))
+    nft.main([str(a) for a in (*SMALL, "--prompts", prompts, "--eval_every", 0, "--num_epochs", 1,
+                                "--kl_coef", 1e-4, "--output_dir", tmp_path / "nan_x0")])
+    m = metrics(tmp_path / "nan_x0")
+    assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and math.isfinite(m[0]["kl"])
 
 
 def test_nonfinite_gradients_skip_steps_then_stop_with_checkpoint_intact(capsys, monkeypatch, tmp_path):
