@@ -428,7 +428,8 @@ def random_pipeline(arch, device="cpu"):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     cfg = RANDOM_ARCHS[arch]
-    with torch.random.fork_rng(), torch.device(device):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
         torch.manual_seed(0)  # the same "model" every time
         clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(256, "</s>")
         v = len(clip_tok)
