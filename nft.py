@@ -1059,7 +1059,8 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     h = args.resolution // pipe.vae_scale_factor
     x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
     emb, pooled = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast():
+    # eager: inductor's fused kernels would hide FLOPs from the counter, and batch 1 would recompile
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
         velocity(pipe.transformer, x, 0.5, emb, pooled)
     f = counter.get_total_flops()  # one transformer forward of one image
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
