@@ -154,12 +154,14 @@ def parse_args(argv=None):
             p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
     args = Args()
+    # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the
+    # reward's own name; a weighted sum of several rewards has none
     spec = given.get("reward", args.reward)
-    if spec in PRESETS and "," in PRESETS[spec].get("reward", ""):  # --reward multi: the preset's own spec
-        given.pop("reward")
-    # the preset: --preset, else the one whose reward is this spec (a single name, or multi's exact sum)
-    named = [k for k, p in PRESETS.items() if p.get("reward") == spec] or ([spec.split(":")[0]] if "," not in spec else [])
-    presets = [given.get("preset") or (named[0] if named else "")]
+    exact = [k for k, p in PRESETS.items() if p.get("reward") == spec]
+    name = given.get("preset") or (exact[0] if exact else "" if "," in spec else spec.split(":")[0])
+    if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
+        given.pop("reward", None)
+    presets = [name]
     if given.get("model", args.model) == "tiny":
         presets.append("tiny")
     for name in presets:
@@ -717,7 +719,7 @@ def load_checkpoint(args, world_size):
         diff = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in saved if saved[k] != now[k])
         raise UserError(f"--resume_from {path} was saved with a different configuration ({diff}); "
                         "pass the same flags or start a new run")
-    draws = dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
+    draws = run_draws(args, world_size)
     changed = [f"{k} {v!r} -> {draws[k]!r}" for k, v in state.get("draws", draws).items() if draws.get(k) != v]
     if changed:
         print0(f"warning: resuming with {', '.join(changed)}: training continues, but the prompts and noise "
@@ -736,6 +738,11 @@ def _epoch_of(line):
 RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
 DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
              "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
+
+
+def run_draws(args, world_size):
+    """What fixes a run's random draws besides the epoch: DRAW_KEYS and the rank count."""
+    return dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -1076,7 +1083,7 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     train_flops, roll_flops = per_rank * T * f * passes, per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
                   resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
-                  compile=args.compile and device.type == "cuda", kl_coef=args.kl_coef, grad_sync=args.grad_sync,
+                  compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
                   gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
                   peak_tflops_matmul=peak / 1e12,
                   **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
@@ -1140,7 +1147,8 @@ def train(args):
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(metrics_path + ".tmp", metrics_path)
-    if args.compile and device.type == "cuda":  # a one-off cost of minutes; see README "Speed and memory"
+    args.compile = args.compile and device.type == "cuda"  # ignored on a CPU; the saved config says what ran
+    if args.compile:  # a one-off cost of minutes; see README "Speed and memory"
         torch._dynamo.config.recompile_limit = 32  # past the limit dynamo silently runs eager; we need ~8
         transformer.compile()  # in place: adapters switch by flags that dynamo guards on, one graph per
         # (policy, grad mode), plus one dynamic-batch recompile each when a batch size first differs
@@ -1217,10 +1225,11 @@ def train(args):
         if not ok.all():
             print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
                    "those samples are dropped from the update")
-        if not ok.any():  # the epoch is still logged and checkpointed, with no optimizer step
+        trainable = bool(ok.any())
+        if not trainable:  # the epoch is still logged and checkpointed, with no optimizer step
             print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
         adv = torch.zeros_like(all_R, dtype=torch.float32)
-        if ok.any():
+        if trainable:
             adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
         mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
         x0 = torch.where(mask.view(-1, 1, 1, 1) > 0, x0, 0.0)  # a NaN image would make even its masked loss NaN
@@ -1230,7 +1239,7 @@ def train(args):
         g = rng(args.seed, epoch, rank, "train")
         visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
         stats = torch.zeros(3, device=device)
-        for m in tqdm(range(micro if ok.any() else 0), desc=f"epoch {epoch} train", **bar):
+        for m in tqdm(range(micro if trainable else 0), desc=f"epoch {epoch} train", **bar):
             s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
             sig = sigmas[visits[s].T.to(device)].float()  # (T, B)
             eps = torch.randn((T, *x0[s].shape), generator=g).to(device)
@@ -1280,7 +1289,7 @@ def train(args):
             cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
             state = dict(default=cpu(params), old=cpu(old), ema=cpu(ema), optimizer=opt.state_dict(), step=step,
                          epoch=epoch + 1, bad_steps=bad_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                         draws=dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world))
+                         draws=run_draws(args, world))
             save_checkpoint(args, epoch + 1, state, ema, lora_meta)
     pool.shutdown()
     if rank == 0 and os.path.exists(metrics_path):
