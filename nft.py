@@ -447,7 +447,7 @@ def random_pipeline(arch, device="cpu"):
                             shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
                             use_post_quant_conv=False, **cfg["vae"])
         if arch == "tiny":
-            _fit_tiny_decoder(vae)
+            _tiny_decoder(vae)
         pipe = StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(**cfg["transformer"]), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
@@ -456,6 +456,33 @@ def random_pipeline(arch, device="cpu"):
         if isinstance(m, torch.nn.Module):
             m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
     return pipe
+
+
+def _tiny_decoder(vae, steps=150):
+    """Fit the tiny decoder (_fit_tiny_decoder) once per machine and cache the result: the fit costs
+    seconds on an idle CPU and up to a minute on a busy one, and every tiny run (demo, resume, eval,
+    diffusers loading) builds the model again. The key hashes the random initial weights, the fit's
+    code and the library versions, so a cached decoder is bit for bit what the fit would return here.
+    The cache lives in $NFT_CACHE (default ~/.cache/diffusion-nft); an unwritable one just refits."""
+    import diffusers
+    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(_fit_tiny_decoder))).encode())
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
+    path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
+    try:
+        vae.decoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        vae.requires_grad_(False)
+        return
+    except Exception:  # not cached yet, or a damaged file: refit
+        pass
+    print0("fitting the tiny VAE decoder (once per machine, then cached)")
+    _fit_tiny_decoder(vae, steps)
+    with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(vae.decoder.state_dict(), tmp)
+        os.replace(tmp, path)
 
 
 def _fit_tiny_decoder(vae, steps=150):

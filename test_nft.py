@@ -545,15 +545,17 @@ def test_bad_prompt_files(capsys, tmp_path):
     empty.write_text("\n\n")
     bad.write_text('{"prompt": "a red image"}\n{"prompt": "a blue image"\n')
     plain.write_text("a photo of a cat\n")
-    assert "empty" in cli_error(capsys, *SMALL, "--prompts", empty)
-    assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, "--prompts", bad)
-    assert "needs GenEval metadata" in cli_error(capsys, *SMALL, "--reward", "geneval", "--prompts", plain)
+    out = ["--output_dir", tmp_path / "out"]  # never the working directory's runs/nft
+    assert "empty" in cli_error(capsys, *SMALL, *out, "--prompts", empty)
+    assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, *out, "--prompts", bad)
+    assert "needs GenEval metadata" in cli_error(capsys, *SMALL, *out, "--reward", "geneval", "--prompts", plain)
 
 
 def test_model_folder_that_is_not_sd3_and_hub_id_offline(capsys, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    assert "not a StableDiffusion3Pipeline folder" in cli_error(capsys, *SMALL, "--model", tmp_path / "m")
+    assert "not a StableDiffusion3Pipeline folder" in cli_error(capsys, *SMALL, "--model", tmp_path / "m",
+                                                               "--output_dir", tmp_path / "out")
     with pytest.raises(nft.UserError, match="offline"):
         nft.load_pipeline("someone/not-cached-sd3", torch.float32)
 
@@ -572,7 +574,7 @@ def test_bad_checkpoints(capsys, two_epochs, tmp_path):
     out = tmp_path / "out"
     assert "different configuration (rank: saved 32 vs now 8)" in cli_error(
         capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt, "--rank", 8)
-    assert "--timestep_fraction must be in (0, 1]" in cli_error(capsys, *SMALL, "--timestep_fraction", 1.5)
+    assert "--timestep_fraction must be in (0, 1]" in cli_error(capsys, *SMALL, "--output_dir", out, "--timestep_fraction", 1.5)
     args = nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt), "--seed", "7"])
     assert nft.load_checkpoint(args, world_size=2)[0] == str(ckpt)  # allowed, but no longer a replay:
     assert "resuming with seed 42 -> 7, world_size 1 -> 2: training continues" in capsys.readouterr().out
@@ -1417,3 +1419,45 @@ def test_rw_ocr_prompts_and_defaults():
     assert generic and all(set(r) == {"prompt"} for r in generic)
     with pytest.raises(ValueError):
         rewards.geneval_prompts("val")
+
+
+# --------------------------------------------------------------------------- issue 13: a newcomer's first hour
+def _nb_fake_finished_run(root):
+    """What the Quickstart's demo leaves in root/runs/nft: config, metrics and a final checkpoint."""
+    run = root / "runs" / "nft"
+    (run / "checkpoints" / "checkpoint-00150").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-00150" / "training_state.pt").write_bytes(b"not read by these tests")
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5)) + "\n" for e in range(150)))
+    return run
+
+
+def test_nb_cli_tests_pass_next_to_a_finished_demo_run(tmp_path):
+    """The Quickstart runs the demo and then the suite in the same folder: the tests that run the CLI
+    must write under their own temporary folders, never into the working directory's runs/nft."""
+    run = _nb_fake_finished_run(tmp_path)
+    before = sorted(str(p) for p in run.rglob("*"))
+    tests = ("bad_flags_give_one_line or bad_prompt_files or model_folder_that_is_not_sd3 or no_cuda or "
+             "no_traceback_in_a_real_process or nb_wandb or nb_color_prompt or nb_hub")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_nft.py"),
+                        "-k", tests], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 0 and " passed" in p.stdout and "failed" not in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+    assert sorted(str(p) for p in run.rglob("*")) == before  # the finished run is untouched
+
+
+def test_nb_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
+    """The tiny model's decoder fit runs once per machine; a cached build is bit for bit a fresh one."""
+    monkeypatch.setenv("NFT_CACHE", str(tmp_path / "cache"))
+    fits = []
+    fit = nft._fit_tiny_decoder
+    monkeypatch.setattr(nft, "_fit_tiny_decoder", lambda vae, steps: fits.append(steps) or fit(vae, steps))
+    a, b = nft.random_pipeline("tiny"), nft.random_pipeline("tiny")
+    assert fits == [150] and len(os.listdir(tmp_path / "cache")) == 1
+    for name, module in a.components.items():
+        if isinstance(module, torch.nn.Module):
+            sb = b.components[name].state_dict()
+            assert all(torch.equal(t, sb[n]) for n, t in module.state_dict().items()), name
+    (tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]).write_bytes(b"damaged")  # a damaged cache refits
+    c = nft.random_pipeline("tiny")
+    assert fits == [150, 150] and all(torch.equal(t, c.vae.state_dict()[n]) for n, t in a.vae.state_dict().items())
