@@ -507,6 +507,15 @@ def _is_local(model):
     return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
+def check_hub_model(model):
+    """A hub id must be cached or reachable: one line now, not minutes of retries and then a traceback."""
+    import rewards
+    try:
+        rewards.hub_ready(model, what="--model")
+    except rewards.RewardError as e:
+        raise UserError(f"{e}; or pass a local StableDiffusion3Pipeline folder")
+
+
 def load_pipeline(model, dtype, device="cpu"):
     """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline. Random architectures
     other than tiny (which is fitted on the CPU, so it is the same model everywhere) are built on `device`."""
@@ -524,14 +533,13 @@ def load_pipeline(model, dtype, device="cpu"):
         if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
             raise UserError(f"--model {model} is not a StableDiffusion3Pipeline folder (no SD3 model_index.json); "
                             "save one with pipe.save_pretrained(folder) or pass a hub id")
+    else:
+        check_hub_model(model)
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise UserError(f"could not load --model {model}: " + (
-            "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache; download it first "
-            "or pass a local folder" if offline else f"{str(e).splitlines()[0]}; check the id, your token "
-            "(`hf auth login`, SD3.5 is gated) and network, or pass a local folder"))
+        raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
+                        f"(`hf auth login`, SD3.5 is gated) and download it with `hf download {model}`, or pass a local folder")
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
@@ -912,11 +920,16 @@ def find_lora(path):
     adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
     "owner/name" that is not a local path is downloaded first."""
     if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
+        import rewards
         try:
+            rewards.hub_ready(path, what="--lora")
             from huggingface_hub import snapshot_download
             path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except rewards.RewardError as e:
+            raise UserError(f"--lora {path}: no such file or folder; as a hub repo: {e}")
         except Exception as e:
-            raise UserError(f"--lora {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__})")
+            raise UserError(f"--lora {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
+                            f"try `hf download {path}`")
     if os.path.isfile(path):
         return ("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors" else ("diffusers", path)
     for folder in (path, os.path.join(path, "lora")):
@@ -1016,6 +1029,8 @@ def setup(args):
         raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
                         "python nft.py --model tiny --reward color")
     validate(args, world)
+    if args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
+        check_hub_model(args.model)  # before the reward models load and before anything is written
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
     name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads

@@ -49,14 +49,59 @@ def _require(module, pip_name):
         raise RewardError(f"this reward needs the '{pip_name}' package: pip install {pip_name}") from None
 
 
-def _from_hub(hub_id, load, *args, **kwargs):
+def hub_offline():
+    """HF_HUB_OFFLINE as huggingface_hub reads it (1, true, on, yes)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def hub_download_command(hub_id, filename=None):
+    """The exact command that fills the local Hugging Face cache with what a loader reads."""
+    return f"hf download {hub_id}" + (f" {filename}" if filename else "")
+
+
+def hub_ready(hub_id, filename=None, what="model"):
+    """Fail fast, in one line, when a hub repo (or one of its files) is neither in the local cache nor
+    downloadable: without this, huggingface_hub retries an unreachable hub for minutes before failing.
+    Cached: returns at once, with no network. Offline (HF_HUB_OFFLINE=1): says so. Online: one metadata
+    request with a 10 s timeout, no retries, tells an unreachable hub from a missing repo."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+    try:
+        if filename:
+            if isinstance(try_to_load_from_cache(hub_id, filename), str):
+                return
+        else:
+            snapshot_download(hub_id, local_files_only=True)
+            return
+    except Exception:  # not cached (LocalEntryNotFoundError), or an unparsable id: ask the hub below
+        pass
+    fix = f"download it first with `{hub_download_command(hub_id, filename)}`"
+    if hub_offline():
+        raise RewardError(f"{what} '{hub_id}' is not in the local Hugging Face cache and the hub is offline "
+                          f"(HF_HUB_OFFLINE=1): {fix}, or unset HF_HUB_OFFLINE")
+    from huggingface_hub import HfApi
+    try:
+        HfApi().model_info(hub_id, timeout=10)
+    except Exception as e:
+        name = type(e).__name__
+        if name in ("RepositoryNotFoundError", "HFValidationError"):
+            raise RewardError(f"{what} '{hub_id}' does not exist on the Hugging Face hub (or it is private: log in "
+                              "with `hf auth login`); check the id") from None
+        if name == "GatedRepoError":
+            raise RewardError(f"{what} '{hub_id}' is gated: accept its terms on https://huggingface.co/{hub_id} "
+                              "and log in with `hf auth login`") from None
+        raise RewardError(f"cannot reach the Hugging Face hub to get {what} '{hub_id}' ({name}): {fix} "
+                          "where the hub is reachable, or set HF_ENDPOINT to a mirror") from None
+
+
+def _from_hub(hub_id, load, *args, filename=None, **kwargs):
     """Call a from_pretrained-style loader; a missing download becomes one line naming the hub id."""
+    hub_ready(hub_id, filename or (args[0] if args else None), "reward model")
     try:
         return load(hub_id, *args, **kwargs)
-    except OSError as e:  # offline cache misses (and 404s) surface as OSError subclasses
-        raise RewardError(f"could not load '{hub_id}' from the Hugging Face hub ({type(e).__name__}): "
-                          "the hub is unreachable or the weights are not cached; set HF_HUB_OFFLINE=0 "
-                          "or pre-download them with `huggingface-cli download`") from None
+    except OSError as e:  # a damaged cache, or a gated/removed repo
+        raise RewardError(f"could not load '{hub_id}' from the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200]}); download it again with "
+                          f"`{hub_download_command(hub_id, args[0] if args else None)}`") from None
 
 
 def _autocast(device):
@@ -340,8 +385,8 @@ def make_imagereward(device):
     try:
         model = RM.load("ImageReward-v1.0", device=str(device))
     except (OSError, RuntimeError, ValueError) as e:
-        raise RewardError(f"could not load ImageReward-v1.0 (hub repo THUDM/ImageReward): {e}; "
-                          "set HF_HUB_OFFLINE=0 or pre-download it") from None
+        raise RewardError(f"could not load ImageReward-v1.0 (hub repo THUDM/ImageReward): {str(e).strip().splitlines()[0][:200]}; "
+                          f"download it first with `{hub_download_command('THUDM/ImageReward')}`") from None
     model.eval()
 
     @torch.no_grad()

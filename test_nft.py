@@ -1461,3 +1461,23 @@ def test_nb_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
     (tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]).write_bytes(b"damaged")  # a damaged cache refits
     c = nft.random_pipeline("tiny")
     assert fits == [150, 150] and all(torch.equal(t, c.vae.state_dict()[n]) for n, t in a.vae.state_dict().items())
+
+
+def test_nb_hub_errors_are_one_line_with_the_hf_download_command(tmp_path):
+    """A model that is not cached fails at once, naming the id and the exact `hf download` command:
+    offline (HF_HUB_OFFLINE=1), and online with an unreachable hub (no retries for minutes)."""
+    with pytest.raises(nft.UserError, match=r"'someone/not-cached-sd3'.*`hf download someone/not-cached-sd3`"):
+        nft.load_pipeline("someone/not-cached-sd3", torch.float32)
+    with pytest.raises(rewards.RewardError, match=r"`hf download xswu/HPSv2 HPS_v2.1_compressed.pt`"):
+        rewards.hub_ready("xswu/HPSv2", "HPS_v2.1_compressed.pt")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import nft, rewards\n"
+            "for call in (lambda: nft.load_pipeline('someone/not-cached-sd3', torch.float32),\n"
+            "             lambda: rewards.make_reward('clipscore', 'cpu')):\n"
+            "    try:\n        call()\n    except (nft.UserError, rewards.RewardError) as e:\n        print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: nothing listens, no real network
+    p = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env, timeout=120)
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and len(lines) == 2 and "Retrying" not in p.stderr, p.stdout + p.stderr[-2000:]
+    assert "cannot reach the Hugging Face hub" in lines[0] and "`hf download someone/not-cached-sd3`" in lines[0]
+    assert "'openai/clip-vit-large-patch14'" in lines[1] and "`hf download openai/clip-vit-large-patch14`" in lines[1]
