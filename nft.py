@@ -115,7 +115,9 @@ class Args:
     checkpoints_total_limit: int = 3  # newest checkpoints kept
     resume_from: str = ""  # "latest" or a checkpoint folder
     max_nonfinite_steps: int = 3  # stop after this many skipped optimizer steps in a row
-    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb: bool = False  # Also log every epoch's metrics to Weights & Biases (needs `pip install wandb` and `wandb login`).
+    wandb_project: str = "diffusion-nft"  # The Weights & Biases project the run is logged to (with --wandb).
+    wandb_run_name: str = ""  # The Weights & Biases run name (with --wandb); empty: the --output_dir folder's name.
     # speed
     compile: bool = True  # torch.compile the transformer on a GPU (--no-compile: eager); ignored on a CPU
     gradient_checkpointing: bool = False  # less activation memory, more compute
@@ -1033,6 +1035,11 @@ def setup(args):
         check_hub_model(args.model)  # before the reward models load and before anything is written
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
     name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
     train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
     eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
@@ -1200,12 +1207,10 @@ def train(args):
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
     wandb = None
-    if args.wandb and rank == 0:
-        try:
-            import wandb
-            wandb.init(project="diffusion-nft", config=dataclasses.asdict(args))
-        except ImportError:
-            raise UserError("--wandb needs the wandb package: pip install wandb")
+    if args.wandb and rank == 0:  # the package was checked in setup()
+        import wandb
+        wandb.init(project=args.wandb_project, name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
+                   config=dataclasses.asdict(args))
     lora_meta = transformer.peft_config["default"].to_dict()
     lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
     sigmas = rollout_sigmas(args.num_steps, pipe.scheduler.config.shift).to(device)

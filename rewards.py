@@ -846,6 +846,7 @@ REWARDS = {
     "color": make_color, "unifiedreward": make_unifiedreward,
 }
 NEEDS_METADATA = {"geneval"}
+PROMPT_CHECKS = {"color": color_target, "ocr": ocr_target}  # raise RewardError for a prompt the reward cannot score
 
 
 def parse_reward_spec(spec):
@@ -888,7 +889,15 @@ def make_reward(spec, device):
 
 
 def check_metadata(spec, metadata_list):
-    """Fail early, with the line and prompt, when a reward that needs jsonl metadata lacks it."""
+    """Fail early, with the line and prompt, when a reward that needs jsonl metadata lacks it, or a prompt
+    the reward cannot score (PROMPT_CHECKS: color needs a color word, ocr quoted text): before any model
+    loads or any file is written, not at the first rollout or evaluation."""
+    for name, _ in parse_reward_spec(spec):
+        for line, record in enumerate(metadata_list, 1) if name in PROMPT_CHECKS else ():
+            try:
+                PROMPT_CHECKS[name]((record or {}).get("prompt", ""))
+            except RewardError as e:
+                raise RewardError(f"prompt line {line}: {e}") from None
     needs = [name for name, _ in parse_reward_spec(spec) if name in NEEDS_METADATA]
     for name in needs:  # only geneval today
         for line, record in enumerate(metadata_list, 1):

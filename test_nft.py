@@ -1481,3 +1481,45 @@ def test_nb_hub_errors_are_one_line_with_the_hf_download_command(tmp_path):
     assert p.returncode == 0 and len(lines) == 2 and "Retrying" not in p.stderr, p.stdout + p.stderr[-2000:]
     assert "cannot reach the Hugging Face hub" in lines[0] and "`hf download someone/not-cached-sd3`" in lines[0]
     assert "'openai/clip-vit-large-patch14'" in lines[1] and "`hf download openai/clip-vit-large-patch14`" in lines[1]
+
+
+def _nb_no_models(monkeypatch):
+    """Make any model or reward load fail the test: a check that must come first really does."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the check")
+    monkeypatch.setattr(nft, "load_pipeline", boom)
+    monkeypatch.setattr(rewards, "make_reward", boom)
+
+
+def test_nb_wandb_missing_fails_before_any_model_loads_or_file_is_written(capsys, monkeypatch, tmp_path):
+    _nb_no_models(monkeypatch)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
+    assert "pip install wandb" in cli_error(capsys, *SMALL, "--wandb", "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nb_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp_path):
+    _nb_no_models(monkeypatch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red image\na photo of a cat\n")
+    err = cli_error(capsys, *SMALL, "--prompts", prompts, "--output_dir", tmp_path / "out")
+    assert "prompt line 2: the color reward needs a color word" in err and "a photo of a cat" in err
+    err = cli_error(capsys, *SMALL, "--eval_prompts", prompts, "--output_dir", tmp_path / "out")
+    assert "prompt line 2" in err
+    assert "needs the target text in double quotes" in cli_error(
+        capsys, *SMALL, "--reward", "ocr", "--prompts", prompts, "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nb_wandb_project_and_run_name_flags(monkeypatch, tmp_path, _ev_one_thread):
+    calls = []
+    import importlib.machinery
+    fake = types.ModuleType("wandb")  # records what nft.py asks of wandb
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init, fake.log = lambda **k: calls.append(("init", k)), lambda d, step: calls.append(("log", step))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    argv = [*SMALL, "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out", "--wandb"]
+    nft.main([str(a) for a in argv + ["--wandb_project", "my-proj", "--wandb_run_name", "first"]])
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "my-proj" and calls[0][1]["name"] == "first"
+    assert calls[0][1]["config"]["reward"] == "color" and calls[1] == ("log", 1)
+    assert nft.parse_args([]).wandb_project == "diffusion-nft"
