@@ -1157,6 +1157,12 @@ def train(args):
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     resume = load_checkpoint(args, world) if args.resume_from else None
+    if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # not a silent no-op
+        print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and --num_epochs is "
+               f"{args.num_epochs}, so there is nothing to train; pass a larger --num_epochs to continue it")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     if not args.resume_from and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "

@@ -1523,3 +1523,18 @@ def test_nb_wandb_project_and_run_name_flags(monkeypatch, tmp_path, _ev_one_thre
     assert calls[0][0] == "init" and calls[0][1]["project"] == "my-proj" and calls[0][1]["name"] == "first"
     assert calls[0][1]["config"]["reward"] == "color" and calls[1] == ("log", 1)
     assert nft.parse_args([]).wandb_project == "diffusion-nft"
+
+
+def test_nb_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    args = nft.parse_args([str(a) for a in SMALL])
+    ckpt = out / "checkpoints" / "checkpoint-00150"
+    ckpt.mkdir(parents=True)
+    torch.save(dict(epoch=150, step=150, config={k: getattr(args, k) for k in nft.RESUME_KEYS},
+                    draws=nft.run_draws(args, 1)), ckpt / "training_state.pt")
+    (out / "metrics.jsonl").write_text('{"epoch": 149}\n')
+    _nb_no_models(monkeypatch)
+    nft.main([str(a) for a in (*SMALL, "--num_epochs", 150, "--output_dir", out, "--resume_from", "latest")])
+    said = capsys.readouterr().out
+    assert "is complete" in said and "holds epoch 150" in said and "pass a larger --num_epochs" in said
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoint-00150", "checkpoints", "metrics.jsonl", "training_state.pt"]
