@@ -819,9 +819,12 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     over ranks by position (items[rank::world]) and gathered, so none is missing or duplicated. Returns, on
     rank 0, one dict per image sorted by (index, image): index, image, prompt, seed, tag (GenEval), reward,
     every reward component, and `_image` (CPU, [0, 1]) for the first 16 only: all images would not fit."""
+    from tqdm import tqdm
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
     out = []
-    for batch, images in generate(pipe, records, items[rank::world], args, device, autocast):
+    mine = items[rank::world]
+    for batch, images in tqdm(generate(pipe, records, mine, args, device, autocast), desc=f"evaluating {len(items)} images",
+                              total=-(-len(mine) // args.sample_batch_size), disable=rank != 0, leave=False, dynamic_ncols=True):
         scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
             out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=rng(args.seed, "eval", i, k).initial_seed(),
@@ -861,9 +864,19 @@ def eval_metrics(results, reward_spec):
     return out
 
 
-def save_grid(images, path, nrow, col_labels=(), row_labels=()):
+def _font(size):
+    """PIL's default font at `size` px (Pillow >= 10.1 with FreeType), else its small bitmap font."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
     """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow images a row, with optional labels in a
-    16 px strip above the columns and a 160 px strip left of the rows (PIL's default font)."""
+    16 px strip above the columns and a 160 px strip left of the rows. Images smaller than min_size are
+    upscaled by a whole factor with nearest neighbour, so a 32 px demo image is seen pixel for pixel."""
     import textwrap
     from PIL import Image, ImageDraw
     n, _, h, w = images.shape
@@ -871,6 +884,8 @@ def save_grid(images, path, nrow, col_labels=(), row_labels=()):
     for i, im in enumerate(images):
         grid[:, (i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = im
     image = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    k = max(1, -(-min_size // h))
+    image, h, w = image.resize((image.width * k, image.height * k), Image.NEAREST), h * k, w * k
     top, left = 16 * bool(col_labels), 160 * bool(row_labels)
     canvas = Image.new("RGB", (left + image.width, top + image.height), "white")
     canvas.paste(image, (left, top))
@@ -882,37 +897,58 @@ def save_grid(images, path, nrow, col_labels=(), row_labels=()):
     canvas.save(path)
 
 
-def plot_curves(metrics_path, png_path, size=(640, 400)):
+def _ticks(lo, hi, n=5):
+    """About n round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    span = (hi - lo) or abs(hi) or 1.0
+    raw = span / n
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    first = math.floor(lo / step) * step
+    return [round(first + i * step, 12) for i in range(max(2, int(math.ceil((hi - first) / step)) + 1))]
+
+
+def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step
-    (the base model's eval, eval_reward_mean_before, is the eval curve's point at step 0)."""
+    (the base model's eval, eval_reward_mean_before, is the eval curve's point at step 0), with a title
+    (the run's reward from its config.json), round y ticks and grid lines."""
     from PIL import Image, ImageDraw
     rows = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # skip a line cut by a kill
     series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
               "eval reward": [(0, r["eval_reward_mean_before"]) for r in rows if "eval_reward_mean_before" in r]
               + [(r["step"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]}
     series = {k: [(x, y) for x, y in v if math.isfinite(y)] for k, v in series.items()}  # an all-NaN epoch logs NaN
-    W, H, L, R, T, B = *size, 60, 20, 20, 36  # canvas and margins
+    if title is None:
+        config = os.path.join(os.path.dirname(metrics_path), "config.json")
+        reward = json.load(open(config)).get("reward") if os.path.isfile(config) else None
+        title = f"{reward + ' ' if reward else ''}reward against optimizer step"
+    W, H, L, R, T, B = *size, 64, 20, 44, 40  # canvas and margins
+    font, small = _font(16), _font(12)
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    draw.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
-    draw.text((W // 2 - 10, H - 16), "step", fill="black")
+    draw.text(((W - draw.textlength(title, font=font)) / 2, 8), title, fill="black", font=font)
+    draw.text((W // 2 - 12, H - 16), "step", fill="black", font=small)
     points = [p for s in series.values() for p in s]
     if points:
         (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
+        yt, xt = _ticks(y0, y1), _ticks(x0, x1, 6)
+        (y0, y1), (x0, x1) = (yt[0], yt[-1]), (min(x0, xt[0]), max(x1, xt[-1]))
         sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)
         sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)
-        for y in (y0, y1):  # min/max tick labels, right-aligned against the y axis
-            draw.text((L - 4 - draw.textlength(f"{y:.4g}"), sy(y) - 5), f"{y:.4g}", fill="black")
-        for x in (x0, x1):
-            draw.text((sx(x) - draw.textlength(str(x)) / 2, H - B + 4), str(x), fill="black")
+        for y in yt:  # grid line and label at every round value
+            draw.line([(L, sy(y)), (W - R, sy(y))], fill="#dddddd")
+            draw.text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}", fill="black", font=small)
+        for x in xt:
+            if x0 <= x <= x1:
+                draw.line([(sx(x), T), (sx(x), H - B)], fill="#dddddd")
+                draw.text((sx(x) - draw.textlength(f"{x:g}", font=small) / 2, H - B + 4), f"{x:g}", fill="black", font=small)
         for n, ((name, pts), color) in enumerate(zip(series.items(), ("#1f77b4", "#d62728"))):
             xy = [(sx(x), sy(y)) for x, y in pts]
             if len(xy) > 1:
                 draw.line(xy, fill=color, width=2)
             for x, y in xy if len(xy) <= 50 else []:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            draw.line([(L + 10, T + 8 + 14 * n), (L + 30, T + 8 + 14 * n)], fill=color, width=2)  # legend
-            draw.text((L + 35, T + 2 + 14 * n), name, fill="black")
+            draw.line([(L + 10, T + 10 + 16 * n), (L + 30, T + 10 + 16 * n)], fill=color, width=2)  # legend
+            draw.text((L + 35, T + 3 + 16 * n), name, fill="black", font=small)
+    draw.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
     canvas.save(png_path)
 
 
@@ -974,6 +1010,7 @@ def eval_only(args):
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
         args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], 1)
     dtype, autocast = precision(args, device)
+    say_loading(args)
     pipe = load_pipeline(args.model, dtype, device).to(device)
     if lora:
         load_lora(pipe, *lora)
@@ -1017,6 +1054,17 @@ def eval_only(args):
 
 
 # --------------------------------------------------------------------------- training
+def say_loading(args):
+    """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a
+    silent terminal never leaves a user wondering whether anything is happening."""
+    import rewards
+    models = [n for n, _ in rewards.parse_reward_spec(args.reward) if n not in rewards.NO_MODEL]
+    model = ("the tiny random SD3 (built in code, no download)" if args.model == "tiny" else
+             f"random-weight {args.model[7:]}" if args.model.startswith("random:") else args.model)
+    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}" if models else "")
+           + " ...")
+
+
 def setup(args):
     """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check flags,
     and read the prompt sets. Returns rank, world size, device, train and eval prompt records."""
@@ -1170,6 +1218,7 @@ def train(args):
         if rank == 0:
             shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
 
+    say_loading(args)
     reward_fn = rewards.make_reward(args.reward, device)  # before the big model: a missing extra fails fast
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype, device)
@@ -1232,9 +1281,10 @@ def train(args):
         set_policy(transformer, "default")
         with swapped(params, ema):
             results = evaluate(pipe, eval_records, reward_fn, args, device, autocast, rank, world)
-        if rank == 0:  # evaluate() keeps the images of the first 16 results
-            images = torch.stack([r["_image"] for r in results if "_image" in r])
-            save_grid(images, os.path.join(args.output_dir, f"eval_epoch{epoch:05d}.png"), nrow=min(len(images), 8))
+        if rank == 0:  # evaluate() keeps the images of the first 16 results: a row per prompt, labelled
+            kept = [r for r in results if "_image" in r]
+            save_grid(torch.stack([r["_image"] for r in kept]), os.path.join(args.output_dir, f"eval_epoch{epoch:05d}.png"),
+                      nrow=args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
         return sum(r["reward"] for r in results) / len(results)
 
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
@@ -1303,7 +1353,8 @@ def train(args):
                 grad_norm = optimizer_step(params, opt, args.max_grad_norm, sync=args.grad_sync == "step")
                 if grad_norm is None:
                     bad_steps += 1
-                    print0(f"warning: epoch {epoch}: non-finite gradient, optimizer step skipped ({bad_steps} in a row)")
+                    if rank == 0:  # tqdm.write: a message never lands on the progress bar's line
+                        tqdm.write(f"warning: epoch {epoch}: non-finite gradient, optimizer step skipped ({bad_steps} in a row)")
                     if bad_steps >= args.max_nonfinite_steps:
                         raise UserError(f"{bad_steps} non-finite optimizer steps in a row; stopping. The last good "
                                         f"checkpoint in {args.output_dir}/checkpoints is intact; lower --learning_rate "
@@ -1354,15 +1405,24 @@ def train(args):
         dist.destroy_process_group()
 
 
+def _close_bars():
+    """Close progress bars an error left open, so the error line starts a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
         eval_only(args) if args.eval_only else train(args)
     except UserError as e:
+        _close_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         if type(e).__name__ == "RewardError":  # rewards.py's one-line errors
+            _close_bars()
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         raise

@@ -846,6 +846,7 @@ REWARDS = {
     "color": make_color, "unifiedreward": make_unifiedreward,
 }
 NEEDS_METADATA = {"geneval"}
+NO_MODEL = {"color", "jpeg", "unifiedreward"}  # rewards that load no weights (unifiedreward asks a server)
 PROMPT_CHECKS = {"color": color_target, "ocr": ocr_target}  # raise RewardError for a prompt the reward cannot score
 
 

@@ -312,7 +312,8 @@ def test_two_epochs_write_metrics_grids_and_checkpoints(two_epochs):
         assert math.isfinite(m[0][key]), key
     from PIL import Image
     for e in (0, 1, 2):
-        assert Image.open(os.path.join(two_epochs, f"eval_epoch{e:05d}.png")).size[1] == 32
+        # a row per eval prompt (4 colour prompts, 1 image each), labelled, 32 px upscaled x4
+        assert Image.open(os.path.join(two_epochs, f"eval_epoch{e:05d}.png")).size == (160 + 128, 4 * 128)
     ckpts = nft.checkpoints(two_epochs)
     assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001", "checkpoint-00002"]
     assert set(os.listdir(ckpts[-1])) == {"pytorch_lora_weights.safetensors", "training_state.pt"}
@@ -862,7 +863,7 @@ def test_ev_project_checkpoint_eval_writes_compare_and_curves(tmp_path, _ev_one_
     _ev_run("--eval_only", *_EV_SMALL, "--lora", ckpt, "--output_dir", out)
     assert len(_ev_rows(out)) == 8 and "| checkpoint-00001 |" in open(out / "eval.md").read()
     compare = Image.open(out / "compare.png")
-    assert compare.format == "PNG" and compare.size == (160 + 2 * 32, 16 + 4 * 32)  # label strips + 2 columns x 4 prompts
+    assert compare.format == "PNG" and compare.size == (160 + 2 * 128, 16 + 4 * 128)  # label strips + 2 columns x 4 prompts, 32 px x4
     curves = Image.open(out / "curves.png")  # found through the LoRA's run folder
     assert curves.format == "PNG" and curves.size == (640, 400)
 
@@ -1538,3 +1539,31 @@ def test_nb_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypa
     said = capsys.readouterr().out
     assert "is complete" in said and "holds epoch 150" in said and "pass a larger --num_epochs" in said
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoint-00150", "checkpoints", "metrics.jsonl", "training_state.pt"]
+
+
+def test_nb_grids_label_each_prompt_row_and_upscale_nearest(tmp_path):
+    from PIL import Image
+    colors = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    images = colors.repeat_interleave(2, 0)[:, :, None, None].expand(6, 3, 32, 32).clone()
+    images[0, :, 0, 0] = 0.0  # one dark pixel: nearest neighbour makes it a 4 x 4 block, no blur
+    nft.save_grid(images, tmp_path / "g.png", nrow=2, row_labels=["a red image", "a green image", "a blue image"])
+    g = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
+    assert g.shape == (3 * 128, 160 + 2 * 128, 3)
+    assert (g[:4, 160:164] == 0).all() and (g[4:128, 164:288] == [255, 0, 0]).all()
+    assert (g[128:256, 160:] == [0, 255, 0]).all() and (g[256:, 160:] == [0, 0, 255]).all()
+    for row in range(3):  # each row's label strip holds text
+        assert (g[row * 128:row * 128 + 20, :160] < 128).any(), row
+
+
+def test_nb_curves_have_a_title_round_ticks_and_a_grid(tmp_path):
+    from PIL import Image
+    assert nft._ticks(0.498, 0.833) == [0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
+    assert nft._ticks(0, 150, 6) == [0, 20, 40, 60, 80, 100, 120, 140, 160] and len(nft._ticks(0.5, 0.5)) == 2
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.002 * e)) + "\n"
+                                                    for e in range(150)))
+    (tmp_path / "config.json").write_text(json.dumps(dict(reward="color")))
+    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+    c = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    assert (c[:30] < 100).all(-1).sum() > 100  # a title in the top strip
+    grid = (c == [0xDD, 0xDD, 0xDD]).all(-1)
+    assert grid.sum(1).max() > 400 and grid.sum(0).max() > 250  # horizontal and vertical grid lines
