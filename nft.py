@@ -62,68 +62,68 @@ class UserError(Exception):
 @dataclass
 class Args:
     # model and data
-    model: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, "tiny", or "random:sd3.5-medium"
-    reward: str = "geneval"  # name or "name:weight,name:weight" (a weighted sum, as officially)
-    preset: str = ""  # official recipe to start from; default: the reward's name if it has one
-    prompts: str = ""  # .txt (one prompt a line) or .jsonl ({"prompt": ..., metadata}); default: the reward's set
-    eval_prompts: str = ""  # same formats; default: the reward's test set
-    output_dir: str = "runs/nft"  # metrics.jsonl, sample grids, checkpoints/
-    overwrite: bool = False  # allow starting a new run in an output_dir that holds one
-    seed: int = 42  # every random draw derives from (seed, epoch, rank)
+    model: str = "stabilityai/stable-diffusion-3.5-medium"  # The base model: a hub id, a local StableDiffusion3Pipeline folder, "tiny" (the CPU demo's random model) or "random:sd3.5-medium".
+    reward: str = "geneval"  # The reward: a name, or a weighted sum "name:weight,name:weight"; a name also picks the official preset of that name.
+    preset: str = ""  # The official recipe to start from; empty picks the reward's preset when it has one.
+    prompts: str = ""  # The training prompts: a .txt file (one prompt a line) or a .jsonl file ({"prompt": ..., metadata}); empty uses the reward's built-in set.
+    eval_prompts: str = ""  # The evaluation prompts, in the same formats; empty uses the reward's built-in test set.
+    output_dir: str = "runs/nft"  # The folder for config.json, metrics.jsonl, sample grids, curves.png and checkpoints/.
+    overwrite: bool = False  # Replace a previous run in --output_dir instead of refusing to start.
+    seed: int = 42  # The seed that every random draw derives from, together with the epoch and the rank.
     # rollout
-    resolution: int = 512  # pixels, a multiple of 16
-    num_steps: int = 10  # rollout solver steps
-    solver: str = "dpm2"  # any name in SOLVERS
-    eta: float = 0.7  # noise level of the "sde" solver
-    guidance_scale: float = 1.0  # rollouts and eval only; the loss never uses CFG
-    max_sequence_length: int = 128  # T5 tokens (CLIP adds 77)
-    sample_batch_size: int = 9  # rollout images per forward, per GPU
+    resolution: int = 512  # The image size in pixels; a multiple of 16.
+    num_steps: int = 10  # The number of solver steps of each rollout.
+    solver: str = "dpm2"  # The rollout solver; NFT trains on clean images only, so any solver works.
+    eta: float = 0.7  # The noise level of the "sde" solver (0 makes it Euler).
+    guidance_scale: float = 1.0  # The classifier-free guidance of rollouts and evaluation; the training loss never uses it.
+    max_sequence_length: int = 128  # The number of T5 tokens per prompt (CLIP adds 77).
+    sample_batch_size: int = 9  # The number of images per forward pass in rollouts and no-grad passes, per GPU.
     # NFT
-    group_size: int = 24  # images per prompt
-    num_groups: int = 48  # prompts per epoch, over all ranks
-    beta: float = 1.0  # NFT mixing coefficient (paper beta; official config.beta)
-    kl_coef: float = 1e-4  # weight of ||v_theta - v_ref||^2 (official config.train.beta)
-    adv_clip: float = 5.0  # advantages clipped to +-adv_clip; r = A/adv_clip/2 + 0.5; scales the loss
-    global_std: bool = True  # advantage std over the whole epoch (False: per prompt)
-    timestep_fraction: float = 0.99  # train on floor(num_steps * this) of the rollout's sigmas
-    old_flat: int = 0  # old-policy decay schedule: d = 0 before `old_flat` steps,
-    old_rate: float = 0.001  # then min(old_rate * (step - old_flat), old_max)
-    old_max: float = 0.5
-    ema_max_decay: float = 0.9  # EMA of theta for eval and saving: min((1+step)/(10+step), this)
+    group_size: int = 24  # The number of images per prompt in an epoch; advantages compare images of the same prompt.
+    num_groups: int = 48  # The number of prompts per epoch, over all ranks.
+    beta: float = 1.0  # The NFT mixing coefficient beta in (0, 1] of v+ and v- (official config.beta).
+    kl_coef: float = 1e-4  # The weight of the KL term ||v_theta - v_ref||^2 (official config.train.beta); 0 skips the reference pass.
+    adv_clip: float = 5.0  # The advantage clip: A is clipped to +-adv_clip, r = A/adv_clip/2 + 0.5, and the loss is scaled by it.
+    global_std: bool = True  # Normalise advantages by the std of the whole epoch (--no-global_std: of each prompt's group).
+    timestep_fraction: float = 0.99  # The share of the rollout's sigmas trained per sample: floor(num_steps x this).
+    old_flat: int = 0  # The number of optimizer steps before the old policy starts to lag: until then d = 0 (fully on-policy).
+    old_rate: float = 0.001  # How fast the old policy's decay grows after --old_flat: d = min(old_rate x (step - old_flat), old_max).
+    old_max: float = 0.5  # The largest decay d of the old policy (theta_old <- d x theta_old + (1 - d) x theta after each epoch).
+    ema_max_decay: float = 0.9  # The largest decay of the EMA of theta used for evaluation and saving: min((1 + step)/(10 + step), this).
     # optimization
-    learning_rate: float = 3e-4  # AdamW on the LoRA, no schedule
-    adam_beta1: float = 0.9  # AdamW betas, weight decay and eps as officially
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # gradient-norm clip
-    train_batch_size: int = 9  # per GPU micro-batch
-    steps_per_epoch: int = 1  # optimizer steps per epoch (official: 2 for OCR)
-    num_epochs: int = 1000  # one epoch = rollout + rewards + steps_per_epoch optimizer steps
-    rank: int = 32  # LoRA rank
-    lora_alpha: int = 64  # LoRA scale alpha/rank
-    lora_targets: str = "official"  # "official" (8 attention projections), "official+proj_out", or a comma list
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU), bf16, fp16 (official-style), no
+    learning_rate: float = 3e-4  # The AdamW learning rate of the LoRA (constant, no schedule).
+    adam_beta1: float = 0.9  # AdamW's first-moment decay beta1.
+    adam_beta2: float = 0.999  # AdamW's second-moment decay beta2.
+    adam_weight_decay: float = 1e-4  # AdamW's decoupled weight decay.
+    adam_epsilon: float = 1e-8  # AdamW's epsilon added to the denominator.
+    max_grad_norm: float = 1.0  # The gradient-norm clip applied before each optimizer step.
+    train_batch_size: int = 9  # The training micro-batch per GPU; gradients accumulate over micro-batches.
+    steps_per_epoch: int = 1  # The number of optimizer steps per epoch (the official OCR recipe uses 2).
+    num_epochs: int = 1000  # The number of epochs; one epoch is a rollout, rewards and --steps_per_epoch optimizer steps.
+    rank: int = 32  # The rank of the LoRA adapters (their inner dimension).
+    lora_alpha: int = 64  # The LoRA alpha; the adapter is scaled by alpha/rank.
+    lora_targets: str = "official"  # The modules that get LoRA: "official" (8 attention projections), "official+proj_out", or a comma list.
+    mixed_precision: str = "auto"  # The precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (official-style fp32 weights + fp16 autocast) or no.
     # evaluation, logging, checkpoints
-    eval_every: int = 10  # epochs; 0 = never
-    eval_num_steps: int = 40  # Euler steps, as the paper evaluates
-    eval_images_per_prompt: int = 0  # 0: the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5), 1 in training
-    eval_max_prompts: int = 0  # 0 = all
-    eval_only: bool = False  # evaluate with the paper's protocol instead of training
-    lora: str = ""  # --eval_only: diffusers or peft LoRA file/folder to evaluate; empty = base model
-    save_every: int = 10  # epochs between checkpoints
-    checkpoints_total_limit: int = 3  # newest checkpoints kept
-    resume_from: str = ""  # "latest" or a checkpoint folder
-    max_nonfinite_steps: int = 3  # stop after this many skipped optimizer steps in a row
+    eval_every: int = 10  # Evaluate the EMA weights every this many epochs and save a sample grid; 0 never evaluates.
+    eval_num_steps: int = 40  # The number of Euler steps of evaluation images, as the paper evaluates.
+    eval_images_per_prompt: int = 0  # Images per evaluation prompt; 0 means the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5) and 1 in training.
+    eval_max_prompts: int = 0  # Evaluate only the first this many prompts; 0 evaluates all of them.
+    eval_only: bool = False  # Evaluate the base model or --lora with the paper's protocol instead of training.
+    lora: str = ""  # With --eval_only: the LoRA to evaluate, a diffusers or peft file or folder (or a hub repo); empty evaluates the base model.
+    save_every: int = 10  # Save a checkpoint every this many epochs (and after the last one).
+    checkpoints_total_limit: int = 3  # The number of newest checkpoints kept; older ones are deleted.
+    resume_from: str = ""  # Continue a run: "latest" (the newest checkpoint in --output_dir, or a new run if none) or a checkpoint folder.
+    max_nonfinite_steps: int = 3  # Stop the run after this many skipped (non-finite) optimizer steps in a row.
     wandb: bool = False  # Also log every epoch's metrics to Weights & Biases (needs `pip install wandb` and `wandb login`).
     wandb_project: str = "diffusion-nft"  # The Weights & Biases project the run is logged to (with --wandb).
-    wandb_run_name: str = ""  # The Weights & Biases run name (with --wandb); empty: the --output_dir folder's name.
+    wandb_run_name: str = ""  # The Weights & Biases run name (with --wandb); empty uses the --output_dir folder's name.
     # speed
-    compile: bool = True  # torch.compile the transformer on a GPU (--no-compile: eager); ignored on a CPU
-    gradient_checkpointing: bool = False  # less activation memory, more compute
-    grad_sync: str = "step"  # "step": one all-reduce per optimizer step; "micro_step": after every backward (official-style)
-    offload_text_encoders: bool = False  # keep CLIP/T5 on the CPU except while encoding prompts
-    profile: bool = False  # time 3 epochs: phases, throughput, MFU, memory -> profile.json
+    compile: bool = True  # Compile the transformer with torch.compile on a GPU (--no-compile runs eager); ignored on a CPU.
+    gradient_checkpointing: bool = False  # Recompute activations in the backward pass: less memory, more compute.
+    grad_sync: str = "step"  # When to all-reduce gradients: "step" (once per optimizer step) or "micro_step" (after every backward, official-style).
+    offload_text_encoders: bool = False  # Keep the CLIP and T5 text encoders on the CPU except while encoding prompts.
+    profile: bool = False  # Time 3 epochs (phases, throughput, MFU, memory), write profile.json, and stop.
 
 
 # Official recipes (config/nft.py), applied before command-line flags. All: SD3.5-M, 512 px, 8 GPUs.
@@ -145,10 +145,18 @@ OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 
 def parse_args(argv=None):
     """Defaults (Args) <- preset (the reward's, or --preset; plus "tiny" for --model tiny) <- command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    import rewards
+    epilog = "presets (applied before the flags you give; --model tiny adds the tiny preset):\n" + "\n".join(
+        f"  {name}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for name, preset in PRESETS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
+    choices = {"reward": f"Rewards: {', '.join(rewards.REWARDS)}.", "solver": f"Solvers: {', '.join(SOLVERS)}.",
+               "preset": f"Presets: {', '.join(PRESETS)}."}
     for f in dataclasses.fields(Args):
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})"
+        by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
+        text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
+            f" (default: {f.default!r}" + (f"; presets: {by_preset})" if by_preset else ")")
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:

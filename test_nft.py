@@ -9,10 +9,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import contextlib
 import copy
+import dataclasses
 import http.server
 import io
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -1567,3 +1569,21 @@ def test_nb_curves_have_a_title_round_ticks_and_a_grid(tmp_path):
     assert (c[:30] < 100).all(-1).sum() > 100  # a title in the top strip
     grid = (c == [0xDD, 0xDD, 0xDD]).all(-1)
     assert grid.sum(1).max() > 400 and grid.sum(0).max() > 250  # horizontal and vertical grid lines
+
+
+def test_nb_help_lists_names_presets_and_a_sentence_for_every_flag():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "nft.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, COLUMNS="10000"))  # one line per flag
+    assert p.returncode == 0
+    for name in [*rewards.REWARDS, *nft.SOLVERS, *nft.PRESETS]:
+        assert name in p.stdout, name
+    assert "tiny: --resolution 32" in p.stdout and "(default: 1.0; presets: geneval 1.0, ocr 0.1" in p.stdout
+    options = p.stdout.split("options:")[1].split("\npresets")[0]
+    helps = {}
+    for block in re.split(r"\n(?=  --)", options):  # "  --flag TYPE   Help text..." (long names wrap to a new line)
+        m = re.match(r"\s*--(\w+)(?: [A-Z]+)?(?:, --no-\w+)?\s+(.*)", block, re.S)
+        if m:
+            helps[m[1]] = " ".join(m[2].split())
+    for f in dataclasses.fields(nft.Args):
+        sentence = helps[f.name].split(" (default:")[0]
+        assert sentence[:1].isupper() and sentence.endswith(".") and len(sentence.split()) >= 4, (f.name, helps[f.name])
