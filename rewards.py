@@ -41,12 +41,28 @@ def to_uint8(images):
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def pip_command(pip_name):
+    """The command that installs an optional package and keeps the installed torch. A bare `pip install
+    open_clip_torch` (or image-reward) lets pip replace a CPU torch with the newest CUDA torch and about
+    20 CUDA wheels; pinning torch to the installed version stops that. Both need torchvision, and PyPI's
+    torchvision is built for PyPI's CUDA torch (with a +cpu torch it fails to import), so a CPU torch gets
+    it from PyTorch's CPU index first."""
+    import importlib.util
+    if pip_name not in ("open_clip_torch", "image-reward"):  # no torch dependency
+        return f"pip install {pip_name}"
+    keep = f'"torch=={torch.__version__}"'
+    cmd = f"pip install {pip_name} {keep}"
+    if "+cpu" in torch.__version__ and importlib.util.find_spec("torchvision") is None:
+        cmd = f"pip install torchvision {keep} --index-url https://download.pytorch.org/whl/cpu && {cmd}"
+    return cmd
+
+
 def _require(module, pip_name):
     """Import an optional package or say exactly what to install."""
     try:
         return __import__(module)
     except ImportError:
-        raise RewardError(f"this reward needs the '{pip_name}' package: pip install {pip_name}") from None
+        raise RewardError(f"this reward needs the '{pip_name}' package: {pip_command(pip_name)}") from None
 
 
 def hub_offline():

@@ -1587,3 +1587,14 @@ def test_nb_help_lists_names_presets_and_a_sentence_for_every_flag():
     for f in dataclasses.fields(nft.Args):
         sentence = helps[f.name].split(" (default:")[0]
         assert sentence[:1].isupper() and sentence.endswith(".") and len(sentence.split()) >= 4, (f.name, helps[f.name])
+
+
+def test_nb_extras_install_command_keeps_the_installed_torch(monkeypatch):
+    import importlib.util
+    assert rewards.pip_command("open_clip_torch").endswith(f'pip install open_clip_torch "torch=={torch.__version__}"')
+    assert rewards.pip_command("image-reward").endswith(f'"torch=={torch.__version__}"')
+    assert rewards.pip_command("wandb") == "pip install wandb"
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a CPU torch without torchvision: the CPU index first
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert rewards.pip_command("open_clip_torch") == ('pip install torchvision "torch==2.13.0+cpu" --index-url '
+                                                      'https://download.pytorch.org/whl/cpu && pip install open_clip_torch "torch==2.13.0+cpu"')
