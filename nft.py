@@ -897,11 +897,12 @@ def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
     top, left = 16 * bool(col_labels), 160 * bool(row_labels)
     canvas = Image.new("RGB", (left + image.width, top + image.height), "white")
     canvas.paste(image, (left, top))
-    draw = ImageDraw.Draw(canvas)
+    draw, font = ImageDraw.Draw(canvas), _font(13)
     for j, label in enumerate(col_labels):
-        draw.text((left + j * w + 3, 2), label, fill="black")
+        draw.text((left + j * w + 3, 1), label, fill="black", font=font)
     for i, label in enumerate(row_labels):  # as many wrapped lines of the prompt as the row's height holds
-        draw.multiline_text((3, top + i * h + 2), "\n".join(textwrap.wrap(label, 26)[:max(1, h // 12)]), fill="black", spacing=1)
+        lines = textwrap.wrap(label, 24)[:max(1, h // 16)]
+        draw.multiline_text((3, top + i * h + 2), "\n".join(lines), fill="black", spacing=2, font=font)
     canvas.save(path)
 
 

@@ -1598,3 +1598,38 @@ def test_nb_extras_install_command_keeps_the_installed_torch(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert rewards.pip_command("open_clip_torch") == ('pip install torchvision "torch==2.13.0+cpu" --index-url '
                                                       'https://download.pytorch.org/whl/cpu && pip install open_clip_torch "torch==2.13.0+cpu"')
+
+
+def _nb_readme_block(section, lang):
+    """The first ```lang code block of a README section, as the user would copy it."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+def test_nb_readme_own_reward_example_trains(tmp_path):
+    """The README's "Your own reward" example, copied as written next to nft.py, trains an epoch."""
+    code = _nb_readme_block("Your own reward", "python")
+    assert len([l for l in code.splitlines() if l.strip()]) <= 14 and 'REWARDS["saturation"]' in code
+    (tmp_path / "my_reward.py").write_text(code)
+    prompts = tmp_path / "my_prompts.txt"
+    prompts.write_text("a red image\na blue image\n")
+    argv = ["--model", "tiny", "--reward", "saturation", "--prompts", prompts, *SMALL[4:], "--num_epochs", 1,
+            "--eval_every", 0, "--output_dir", tmp_path / "out"]
+    p = subprocess.run([sys.executable, str(tmp_path / "my_reward.py"), *map(str, argv)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    m = metrics(tmp_path / "out")
+    assert len(m) == 1 and 0 <= m[0]["reward_mean"] <= 1 and m[0]["reward_std"] > 0
+
+
+def test_nb_readme_two_ranks_on_a_cpu_command_is_valid(tmp_path):
+    """The README's two-rank CPU command, run as written for one short epoch: the flags make 2 ranks valid."""
+    line = _nb_readme_block("Multi-GPU on a CPU", "bash").strip()
+    assert line.startswith("torchrun --nproc_per_node=2 --standalone nft.py --model tiny --reward color")
+    argv = line.split("nft.py", 1)[1].split()
+    with pytest.raises(nft.UserError, match="nearest valid"):  # without the README's flag, 2 ranks do not fit
+        nft.validate(nft.parse_args(["--model", "tiny", "--reward", "color"]), 2)
+    p = run_nft(*argv, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", tmp_path / "out", nproc=2)
+    assert "epoch    0" in p.stdout and len(metrics(tmp_path / "out")) == 1
