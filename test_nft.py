@@ -1441,7 +1441,7 @@ def test_nb_cli_tests_pass_next_to_a_finished_demo_run(tmp_path):
     run = _nb_fake_finished_run(tmp_path)
     before = sorted(str(p) for p in run.rglob("*"))
     tests = ("bad_flags_give_one_line or bad_prompt_files or model_folder_that_is_not_sd3 or no_cuda or "
-             "no_traceback_in_a_real_process or nb_wandb or nb_color_prompt or nb_hub")
+             "no_traceback_in_a_real_process or nb_wandb_missing or nb_color_prompt or nb_hub or nb_resuming")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_nft.py"),
                         "-k", tests], cwd=tmp_path, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -1620,6 +1620,7 @@ def test_nb_readme_own_reward_example_trains(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "loading the tiny random SD3 (built in code, no download) and the reward model of saturation" in p.stdout
     m = metrics(tmp_path / "out")
     assert len(m) == 1 and 0 <= m[0]["reward_mean"] <= 1 and m[0]["reward_std"] > 0
 
