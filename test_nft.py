@@ -1634,3 +1634,13 @@ def test_nb_readme_two_ranks_on_a_cpu_command_is_valid(tmp_path):
         nft.validate(nft.parse_args(["--model", "tiny", "--reward", "color"]), 2)
     p = run_nft(*argv, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", tmp_path / "out", nproc=2)
     assert "epoch    0" in p.stdout and len(metrics(tmp_path / "out")) == 1
+
+
+def test_nb_evaluation_shows_a_progress_bar(capsys, _ev_one_thread):
+    """A long evaluation (the OCR test set is 1018 images) shows a bar counting its batches."""
+    records = [{"prompt": f"a {c} image"} for c in ("red", "green", "blue")]
+    args = nft.parse_args([str(a) for a in _EV_SMALL] + ["--sample_batch_size", "2"])
+    results = nft.evaluate(nft.random_pipeline("tiny"), records, rewards.make_reward("color", "cpu"), args,
+                           torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    err = capsys.readouterr().err
+    assert len(results) == 6 and "evaluating 6 images" in err and "/3 " in err  # 3 batches of 2
