@@ -10,9 +10,11 @@ Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), o
    mmdetection instance post-process is redone from the raw logits (`mask2former_instances`).
 2. GenEval's partial score appends only 0.0 when a position check fails (the official server
    appends 0.0 and then 1.0).
-3. OCR runs rapidocr_onnxruntime (PP-OCRv4 ONNX, in the wheel) instead of PaddleOCR 2.9.
+3. OCR runs rapidocr_onnxruntime (PP-OCRv4 ONNX, in the wheel, Chinese-English recognizer) instead of
+   PaddleOCR 2.9's English model; no angle classifier and the 0.5 line-score cut, as the official call.
 4. ImageReward scores each (prompt, image) pair, not the N x N matrix's diagonal.
 5. Prompt sets are generated here from a seed; the official files still work through --prompts.
+6. Scorers run in fp32 by default as officially (make_reward's precision="bf16" for speed).
 """
 import base64
 import concurrent.futures
@@ -59,9 +61,12 @@ def _from_hub(hub_id, load, *args, **kwargs):
                           "or pre-download them with `huggingface-cli download`") from None
 
 
-def _autocast(device):
-    """bf16 autocast on CUDA (reward noise only), a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def reward_autocast(device, precision="fp32"):
+    """The precision every scorer runs in: fp32 (autocast off, even inside a caller's bf16 region: near a
+    threshold such as GenEval counting's 0.9 bf16 noise flips rewards) or bf16 autocast on `device`."""
+    if precision not in ("fp32", "bf16"):
+        raise RewardError(f"reward precision must be fp32 or bf16, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _size(size, key):
@@ -169,17 +174,22 @@ def ocr_reward_from_text(recognized, target):
     return 1 - d / len(target)
 
 
+OCR_MIN_SCORE = 0.5  # PaddleOCR's default drop_score, which the official reward leaves as is
+
+
 def make_ocr(device, engine=None, workers=None):
-    """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL)."""
+    """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL).
+    Set up as the official PaddleOCR call: no angle classifier (use_angle_cls=False there) and lines kept
+    when their recognition score is >= 0.5 (PaddleOCR's drop_score; rapidocr's text_score)."""
     if engine is None:
         RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR
-        engine = RapidOCR()
+        engine = RapidOCR(use_cls=False, text_score=OCR_MIN_SCORE)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
 
     def read(image_uint8):
         # rapidocr treats numpy input as BGR (OpenCV order); our images are RGB.
-        result, _ = engine(np.ascontiguousarray(image_uint8[..., ::-1]))
-        return "".join(text for _, text, conf in (result or []) if float(conf) > 0)
+        result, _ = engine(np.ascontiguousarray(image_uint8[..., ::-1]), use_cls=False)
+        return "".join(text for _, text, conf in (result or []) if float(conf) >= OCR_MIN_SCORE)
 
     def fn(images, prompts, metadata):
         targets = [ocr_target(p) for p in prompts]
@@ -210,17 +220,15 @@ class ClipScorer:
     @torch.no_grad()
     def pixel_embeds(self, pixels):
         """Normalized image embeddings of already preprocessed pixels (N, 3, S, S)."""
-        with _autocast(self.device):
-            emb = self._features(self.model.get_image_features(pixel_values=pixels)).float()
+        emb = self._features(self.model.get_image_features(pixel_values=pixels)).float()
         return F.normalize(emb, dim=-1)
 
     @torch.no_grad()
     def text_embeds(self, texts):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77,
                                 return_tensors="pt").to(self.device)
-        with _autocast(self.device):
-            emb = self._features(self.model.get_text_features(
-                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
+        emb = self._features(self.model.get_text_features(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
         return F.normalize(emb, dim=-1)
 
     def cosine(self, images, prompts):
@@ -313,9 +321,8 @@ class OpenClipScorer:
                           antialias=True, align_corners=False).clamp(0, 1)
         x = (x - self.mean) / self.std
         tokens = self.tokenizer(list(prompts)).to(self.device)
-        with _autocast(self.device):
-            img = F.normalize(self.model.encode_image(x).float(), dim=-1)
-            txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        img = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return _cpu((img * txt).sum(-1)), {}
 
 
@@ -578,8 +585,7 @@ class GenEvalScorer:
         x = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
         mean = torch.tensor(self.det_processor.image_mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.det_processor.image_std, device=self.device).view(1, 3, 1, 1)
-        with _autocast(self.device):
-            out = self.detector(pixel_values=(x - mean) / std)
+        out = self.detector(pixel_values=(x - mean) / std)
         results = []
         for class_logits, mask_logits in zip(out.class_queries_logits, out.masks_queries_logits):
             if class_logits.shape[-1] != len(COCO_CLASSES) + 1:
@@ -824,16 +830,18 @@ def parse_reward_spec(spec):
     return parsed
 
 
-def make_reward(spec, device):
+def make_reward(spec, device, precision="fp32"):
     """The reward fn of a spec: the WEIGHTED SUM of its rewards (Flow-GRPO / DiffusionNFT call it
     "avg" but sum), with components {"<name>": score, "<name>/<component>": ...} for logging.
-    A single reward of weight 1 returns its score unchanged."""
+    A single reward of weight 1 returns its score unchanged. Scorers run in `precision` (reward_autocast)."""
+    reward_autocast(device, precision)  # a bad value fails before any model loads
     parts = [(name, weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
 
     def fn(images, prompts, metadata):
         total, components = None, {}
         for name, weight, reward in parts:
-            score, comps = reward(images, prompts, metadata)
+            with reward_autocast(device, precision):  # thread-local: set in the thread that scores
+                score, comps = reward(images, prompts, metadata)
             components[name] = score
             components.update({f"{name}/{k}": v for k, v in comps.items()})
             weighted = score if weight == 1 else score * weight
