@@ -1038,17 +1038,19 @@ def load_lora(pipe, kind, path):
 def init_from_lora(params, old, kind, path, args):
     """--init_lora (official train.lora_path): copy a LoRA found by find_lora into the trainable parameters and the
     old policy's, so theta = theta_old = that LoRA at step 0. The file must hold exactly the trainable modules'
-    lora_A/lora_B with their shapes (--rank, --lora_targets), and a peft config the same alpha (the scale
-    alpha/rank is not in the tensors). Returns the number of tensors copied."""
+    lora_A/lora_B with their shapes (--rank, --lora_targets). Its scale alpha/r (peft's adapter_config.json, the
+    diffusers file's metadata, else alpha = r as diffusers assumes) is folded into lora_B, so the starting
+    policy is the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     if kind == "peft":
         with open(os.path.join(path, "adapter_config.json")) as f:
             config = json.load(f)
-        if (config.get("r"), config.get("lora_alpha")) != (args.rank, args.lora_alpha):
-            raise UserError(f"--init_lora {path} has rank {config.get('r')}, alpha {config.get('lora_alpha')}; pass "
-                            f"--rank {config.get('r')} --lora_alpha {config.get('lora_alpha')} to train from it")
         file, prefix = os.path.join(path, "adapter_model.safetensors"), "base_model.model."
     else:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        config = {k.removeprefix("transformer."): v for k, v in meta.items()}
         file, prefix = path, "transformer."
     found = {k.removeprefix(prefix).replace(".default.", "."): v for k, v in load_file(file).items()}
     want = {n.replace(".default.", "."): n for n in params}
@@ -1059,10 +1061,12 @@ def init_from_lora(params, old, kind, path, args):
                 f"{len(extra)} weights this run does not train, e.g. {extra[0]}" if extra else
                 f"shape {tuple(found[shape[0]].shape)} vs {tuple(params[want[shape[0]]].shape)} for {shape[0]}")
         raise UserError(f"--init_lora {path} does not fit this run's LoRA: {what}; match --rank and --lora_targets to it")
+    r = found[next(k for k in found if ".lora_A." in k)].shape[0]
+    scale = config.get("lora_alpha", r) / config.get("r", r) / (args.lora_alpha / args.rank)
     with torch.no_grad():
         for k, n in want.items():
-            params[n].copy_(found[k])
-            old[n].copy_(found[k])
+            params[n].copy_(found[k] * (scale if ".lora_B." in k else 1.0))
+            old[n].copy_(params[n])
     return len(want)
 
 

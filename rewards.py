@@ -714,6 +714,11 @@ def _geneval_key(record):
     return (record["tag"], tuple(sorted((r["class"], r["count"], r.get("color", "")) for r in include)))
 
 
+def _single(index):
+    return {"tag": "single_object", "include": [{"class": COCO_CLASSES[index], "count": 1}],
+            "prompt": f"a photo of {_article(COCO_CLASSES[index])}"}
+
+
 def geneval_prompts(split, seed=None, per_tag=None):
     """GenEval-style records in the official jsonl format, deterministic in `seed`.
 
@@ -721,29 +726,36 @@ def geneval_prompts(split, seed=None, per_tag=None):
       exact duplicates dropped) with the same numpy rng calls, which reproduces the official
       evaluation_metadata.jsonl line for line: 553 prompts (80 single_object, 99 two_object,
       80 counting, 94 colors, 100 position, 100 color_attr).
-    train: the same generators with another seed (`per_tag` draws per tag, default 2000), duplicates
-      and anything equal to a test prompt up to object order dropped. All 80 single objects are in
-      the test set, so the train set has no single_object prompts.
+    train: the same generators in the generator's own mix, 80 single objects to 100 draws of each other
+      tag: `per_tag` (default 1000) draws of each of the five, 0.8 * per_tag single objects (5800 records).
+      A draw equal to a test prompt up to object order is redrawn, except single objects: all 80 are test
+      prompts, so the train singles are those, drawn with replacement. Repeats are kept so that every tag
+      keeps its share (counting has only 160 prompts outside the test set).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     test = split == "test"
     rng = np.random.default_rng((43 if test else 42) if seed is None else seed)
-    draws = per_tag or (100 if test else 2000)
-    records = []
-    if test:
-        records += [{"tag": "single_object", "include": [{"class": COCO_CLASSES[i], "count": 1}],
-                     "prompt": f"a photo of {_article(COCO_CLASSES[i])}"}
-                    for i in rng.choice(len(COCO_CLASSES), size=len(COCO_CLASSES), replace=False)]
+    if not test:
+        draws = per_tag or 1000
+        banned = {_geneval_key(r) for r in geneval_prompts("test")}
+        records = [_single(int(i)) for i in rng.choice(len(COCO_CLASSES), size=draws * 80 // 100)]
+        for tag in GENEVAL_TAGS[1:]:
+            drawn = 0
+            while drawn < draws:
+                record = _geneval_sample(rng, tag)
+                if _geneval_key(record) not in banned:
+                    records.append(record)
+                    drawn += 1
+        return records
+    records = [_single(int(i)) for i in rng.choice(len(COCO_CLASSES), size=len(COCO_CLASSES), replace=False)]
     for tag in GENEVAL_TAGS[1:]:
-        records += [_geneval_sample(rng, tag) for _ in range(draws)]
-    banned = set() if test else {_geneval_key(r) for r in geneval_prompts("test")}
+        records += [_geneval_sample(rng, tag) for _ in range(per_tag or 100)]
     unique, seen = [], set()
     for record in records:
         text = json.dumps(record, sort_keys=True)
-        key = _geneval_key(record) if not test else text
-        if key not in seen and key not in banned:
-            seen.add(key)
+        if text not in seen:
+            seen.add(text)
             unique.append(record)
     return unique
 
