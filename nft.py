@@ -10,14 +10,14 @@ v+ = beta*v_theta + (1-beta)*v_old toward them; negative samples pull v- = (1+be
 toward them, which pushes v_theta away. No likelihoods, no stored trajectories, no CFG.
 
     python nft.py --model tiny --reward color                      # CPU demo, a few minutes
-    torchrun --nproc_per_node=8 nft.py --reward geneval            # official GenEval recipe, SD3.5-M
+    torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # official GenEval recipe
     python nft.py --eval_only --lora runs/nft/checkpoints/checkpoint-00100 --reward geneval
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
 x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
 
 Where this file deliberately differs from the official code (README lists the same):
- 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast).
+ 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler).
  2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
  3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
  4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a
@@ -29,6 +29,10 @@ Where this file deliberately differs from the official code (README lists the sa
  7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
  8. Gradients are all-reduced once per optimizer step by hand, instead of DDP over the transformer.
  9. Samples with a NaN/inf reward are dropped from the update with a warning.
+10. An epoch draws distinct prompts, grouped by index (official: each rollout batch draws afresh, so a prompt
+    can fill two groups, which its stat tracker merges by text).
+11. Rewards: GenEval on transformers' Mask2Former, OCR on rapidocr's PP-OCRv4 (see rewards.py); scorers and the
+    decode they score run in fp32, as officially (--reward_precision bf16 for speed).
 """
 import argparse
 import contextlib
@@ -309,6 +313,17 @@ def per_tag_mean(values, tags):
     for tag in dict.fromkeys(tags):
         picked = [float(v) for v, t in zip(values.tolist(), tags) if t == tag]
         out[tag] = sum(picked) / len(picked)
+    return out
+
+
+def rollout_stats(rewards, group_ids, strict=None, tags=(), order=()):
+    """What the official run logs besides the reward: zero_std_share, and with GenEval strict_<tag>, the strict
+    accuracy of the epoch's rollouts per tag (tags listed in `order` first). NaN share when no reward is finite."""
+    out = {"zero_std_share": zero_std_share(rewards, group_ids) if len(rewards) else float("nan")}
+    if strict is not None and len(strict):
+        means = per_tag_mean(strict, list(tags))
+        for tag in sorted(means, key=lambda t: list(order).index(t) if t in order else len(order)):
+            out[f"strict_{tag}"] = means[tag]
     return out
 
 
@@ -1071,7 +1086,8 @@ def init_from_lora(params, old, kind, path, args):
 
 
 def eval_only(args):
-    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px) of the base model or a --lora on the test prompts.
+    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; T5 length 256 and fp16 as the official
+    evaluation script unless set) of the base model or a --lora on the test prompts.
     Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
     image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
     output_dir or the LoRA's run folder holds a metrics.jsonl."""
@@ -1397,13 +1413,9 @@ def train(args):
         adv = torch.zeros_like(all_R, dtype=torch.float32)
         if trainable:
             adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
-        # what the official run logs besides the reward: tied groups, and GenEval's strict accuracy per tag
-        log["zero_std_share"] = zero_std_share(all_R[ok], all_ids[ok]) if trainable else float("nan")
-        if "geneval/strict" in comps:
-            strict = gather(comps["geneval/strict"].to(device)).cpu()[ok]
-            tags = [train_records[i].get("tag", "?") for i in all_ids[ok].tolist()]
-            log.update({f"strict_{t}": v for t, v in sorted(per_tag_mean(strict, tags).items(),
-                                                             key=lambda kv: rewards.GENEVAL_TAGS.index(kv[0]) if kv[0] in rewards.GENEVAL_TAGS else 99)})
+        strict = gather(comps["geneval/strict"].to(device)).cpu()[ok] if "geneval/strict" in comps else None
+        log.update(rollout_stats(all_R[ok], all_ids[ok], strict, [train_records[i].get("tag", "?") for i in all_ids[ok].tolist()],
+                                 rewards.GENEVAL_TAGS))
         mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
         x0 = torch.where(mask.view(-1, 1, 1, 1) > 0, x0, 0.0)  # a NaN image would make even its masked loss NaN
         r = adv_to_r(adv[rank * per_rank:(rank + 1) * per_rank], args.adv_clip).to(device)

@@ -1561,6 +1561,11 @@ def test_rc_zero_std_share_and_per_tag_strict():
     assert nft.zero_std_share(R[:4], ids[:4]) == 0.5
     strict = torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert nft.per_tag_mean(strict, ["counting", "colors", "counting", "colors"]) == {"counting": 1.0, "colors": 0.5}
+    stats = nft.rollout_stats(R[:4], ids[:4], strict, ["counting", "colors", "counting", "colors"], rewards.GENEVAL_TAGS)
+    assert stats == {"zero_std_share": 0.5, "strict_counting": 1.0, "strict_colors": 0.5}
+    assert list(stats) == ["zero_std_share", "strict_counting", "strict_colors"]  # GenEval's tag order
+    assert nft.rollout_stats(R, ids) == {"zero_std_share": 0.75}  # no GenEval: no per-tag keys
+    assert math.isnan(nft.rollout_stats(R[:0], ids[:0])["zero_std_share"])  # an epoch without finite rewards
 
 
 @pytest.fixture(scope="module")
