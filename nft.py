@@ -1116,8 +1116,8 @@ def eval_only(args):
         metrics = eval_metrics(results, args.reward)
         keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
                 "max_sequence_length", "mixed_precision", "reward_precision", "seed")
-        summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode, prompt_set=prompt_set(args)["eval"],
-                       prompts=len(records), images=len(results),
+        summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
+                       prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
                        reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(summary, f, indent=1)
