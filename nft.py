@@ -480,7 +480,7 @@ def prompt_warning(args):
     if not missing:
         return None
     return (f"warning: the {args.preset} preset {' and '.join(w for w, _ in missing)} on a built-in prompt set, not the "
-            f"official one; pass --{'eval_' if args.eval_only else ''}prompts path/to/DiffusionNFT/dataset (it reads "
+            f"official one; pass --{'eval_' if missing[0][0] == 'evaluates' else ''}prompts path/to/DiffusionNFT/dataset (it reads "
             f"{' and '.join(f for _, f in missing)}). The built-in sets are for demos and tests.")
 
 

@@ -1476,6 +1476,8 @@ def test_rc_warning_names_the_file_once_before_any_model_loads(tmp_path):
     assert nft.prompt_warning(nft.parse_args(["--reward", "geneval", "--eval_only"])) is None  # built-in = official test set
     assert "drawbench/test.txt" in nft.prompt_warning(nft.parse_args(["--reward", "hpsv2", "--eval_only"]))
     assert nft.prompt_warning(nft.parse_args(["--model", "tiny", "--reward", "color"])) is None  # no official set
+    only_eval = nft.prompt_warning(nft.parse_args(["--reward", "ocr", "--prompts", "train.txt"]))
+    assert "evaluates on" in only_eval and "--eval_prompts path/to" in only_eval and "ocr/train.txt" not in only_eval
     # the PickScore model cannot load offline: the warning must already be out, once
     p = run_nft("--model", "tiny", "--reward", "pickscore", "--output_dir", tmp_path / "out", check=False)
     assert p.returncode == 2 and "could not load" in p.stderr and not os.path.exists(tmp_path / "out" / "config.json")
