@@ -10,14 +10,14 @@ v+ = beta*v_theta + (1-beta)*v_old toward them; negative samples pull v- = (1+be
 toward them, which pushes v_theta away. No likelihoods, no stored trajectories, no CFG.
 
     python nft.py --model tiny --reward color                      # CPU demo, a few minutes
-    torchrun --nproc_per_node=8 nft.py --reward geneval            # official GenEval recipe, SD3.5-M
+    torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # official GenEval recipe
     python nft.py --eval_only --lora runs/nft/checkpoints/checkpoint-00100 --reward geneval
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
 x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
 
 Where this file deliberately differs from the official code (README lists the same):
- 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast).
+ 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler).
  2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
  3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
  4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a
@@ -29,6 +29,10 @@ Where this file deliberately differs from the official code (README lists the sa
  7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
  8. Gradients are all-reduced once per optimizer step by hand, instead of DDP over the transformer.
  9. Samples with a NaN/inf reward are dropped from the update with a warning.
+10. An epoch draws distinct prompts, grouped by index (official: each rollout batch draws afresh, so a prompt
+    can fill two groups, which its stat tracker merges by text).
+11. Rewards: GenEval on transformers' Mask2Former, OCR on rapidocr's PP-OCRv4 (see rewards.py); scorers and the
+    decode they score run in fp32, as officially (--reward_precision bf16 for speed).
 """
 import argparse
 import contextlib
@@ -65,8 +69,9 @@ class Args:
     model: str = "stabilityai/stable-diffusion-3.5-medium"  # The base model: a hub id, a local StableDiffusion3Pipeline folder, "tiny" (the CPU demo's random model) or "random:sd3.5-medium".
     reward: str = "geneval"  # The reward: a name, or a weighted sum "name:weight,name:weight"; a name also picks the official preset of that name.
     preset: str = ""  # The official recipe to start from; empty picks the reward's preset when it has one.
-    prompts: str = ""  # The training prompts: a .txt file (one prompt a line) or a .jsonl file ({"prompt": ..., metadata}); empty uses the reward's built-in set.
-    eval_prompts: str = ""  # The evaluation prompts, in the same formats; empty uses the reward's built-in test set.
+    prompts: str = ""  # The training prompts: a .txt file (one prompt a line), a .jsonl file ({"prompt": ..., metadata}) or the official repository's dataset/ folder (its train and test files); empty uses the reward's built-in set.
+    eval_prompts: str = ""  # The evaluation prompts, in the same formats; empty uses the test file next to --prompts, else the reward's built-in test set.
+    init_lora: str = ""  # Start theta and theta_old from this LoRA, a diffusers or peft file or folder (the official train.lora_path); empty starts from zero.
     output_dir: str = "runs/nft"  # The folder for config.json, metrics.jsonl, sample grids, curves.png and checkpoints/.
     overwrite: bool = False  # Replace a previous run in --output_dir instead of refusing to start.
     seed: int = 42  # The seed that every random draw derives from, together with the epoch and the rank.
@@ -103,7 +108,8 @@ class Args:
     rank: int = 32  # The rank of the LoRA adapters (their inner dimension).
     lora_alpha: int = 64  # The LoRA alpha; the adapter is scaled by alpha/rank.
     lora_targets: str = "official"  # The modules that get LoRA: "official" (8 attention projections), "official+proj_out", or a comma list.
-    mixed_precision: str = "auto"  # The precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (official-style fp32 weights + fp16 autocast) or no.
+    mixed_precision: str = "auto"  # The precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (official-style fp32 weights + fp16 autocast) or no; --eval_only defaults to fp16 as the official evaluation.
+    reward_precision: str = "fp32"  # The precision of the reward models and of the decode they score: fp32 (official) or bf16 (faster).
     # evaluation, logging, checkpoints
     eval_every: int = 10  # Evaluate the EMA weights every this many epochs and save a sample grid; 0 never evaluates.
     eval_num_steps: int = 40  # The number of Euler steps of evaluation images, as the paper evaluates.
@@ -138,6 +144,14 @@ PRESETS = {
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
                  eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
+}
+# The official prompt files of each recipe, relative to the official repository's dataset/ folder (pass it, or
+# the files, with --prompts / --eval_prompts): (train, test during training, --eval_only benchmark). The
+# paper scores the preference rewards on DrawBench; the official test files repeat each prompt once per image.
+OFFICIAL_PROMPTS = {
+    "geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval/test_metadata.jsonl"),
+    "ocr": ("ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
+    **dict.fromkeys(["pickscore", "hpsv2", "multi"], ("pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")),
 }
 OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -174,11 +188,16 @@ def parse_args(argv=None):
     presets = [name]
     if given.get("model", args.model) == "tiny":
         presets.append("tiny")
+    chosen = set(given)
     for name in presets:
         if name not in PRESETS and name == given.get("preset"):
             raise UserError(f"unknown --preset {name!r}; choose from {sorted(PRESETS)}")
         for k, v in PRESETS.get(name, {}).items():
             setattr(args, k, v)
+        chosen |= set(PRESETS.get(name, {}))
+    if given.get("eval_only") and "max_sequence_length" not in chosen:
+        args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
+    args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
     for k, v in given.items():
         setattr(args, k, v)
     return args
@@ -209,6 +228,8 @@ def validate(args, world_size):
         raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
+    if args.reward_precision not in ("fp32", "bf16"):
+        raise UserError(f"--reward_precision must be fp32 or bf16, got {args.reward_precision!r}")
     if args.eval_only:
         return
     total = args.num_groups * args.group_size
@@ -285,6 +306,35 @@ def group_advantages(rewards, group_ids, global_std=True):
     else:
         std = (torch.zeros_like(count).index_add_(0, inv, centered ** 2) / count).sqrt()[inv]
     return (centered / (std + 1e-4)).float()
+
+
+def zero_std_share(rewards, group_ids):
+    """Share of prompt groups whose rewards all tie (std 0, so every advantage in the group is 0 and it teaches
+    nothing): the official zero_std_ratio. rewards: (N,); group_ids: (N,) int, equal ids = same prompt."""
+    groups = {}
+    for r, g in zip(rewards.tolist(), group_ids.tolist()):
+        groups.setdefault(g, []).append(r)
+    return sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
+
+
+def per_tag_mean(values, tags):
+    """Mean of `values` (N,) per tag, tags in first-seen order: {tag: mean}."""
+    out = {}
+    for tag in dict.fromkeys(tags):
+        picked = [float(v) for v, t in zip(values.tolist(), tags) if t == tag]
+        out[tag] = sum(picked) / len(picked)
+    return out
+
+
+def rollout_stats(rewards, group_ids, strict=None, tags=(), order=()):
+    """What the official run logs besides the reward: zero_std_share, and with GenEval strict_<tag>, the strict
+    accuracy of the epoch's rollouts per tag (tags listed in `order` first). NaN share when no reward is finite."""
+    out = {"zero_std_share": zero_std_share(rewards, group_ids) if len(rewards) else float("nan")}
+    if strict is not None and len(strict):
+        means = per_tag_mean(strict, list(tags))
+        for tag in sorted(means, key=lambda t: list(order).index(t) if t in order else len(order)):
+            out[f"strict_{tag}"] = means[tag]
+    return out
 
 
 def old_decay(step, flat, rate, max_decay):
@@ -390,6 +440,70 @@ def load_prompts(path):
     if not records:
         raise UserError(f"--prompts file is empty: {path}")
     return records
+
+
+def official_file(folder, preset, which, flag):
+    """The prompt file a --prompts/--eval_prompts folder stands for. which: 0 train, 1 test (evaluation during
+    training), 2 the --eval_only benchmark. `folder` is the official repository's dataset/ (the preset's file
+    from OFFICIAL_PROMPTS) or one of its subfolders ({split}_metadata.jsonl or {split}.txt, as the official
+    datasets read them)."""
+    names = OFFICIAL_PROMPTS.get(preset)
+    if names and os.path.isfile(os.path.join(folder, names[which])):
+        return os.path.join(folder, names[which])
+    split = "train" if which == 0 else "test"
+    for name in (f"{split}_metadata.jsonl", f"{split}.txt"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    want = names[which] if names else f"{split}.txt or {split}_metadata.jsonl"
+    raise UserError(f"{flag} {folder}: no {want} in this folder; pass the official DiffusionNFT repository's "
+                    "dataset/ folder, one of its subfolders, or a prompt file")
+
+
+def resolve_prompts(args):
+    """Turn folders in --prompts/--eval_prompts into files, in place. --eval_prompts left empty follows a
+    --prompts folder (its test file; with --eval_only the preset's benchmark file). "" = the built-in set."""
+    folder = args.prompts if os.path.isdir(args.prompts) else ""
+    if folder and not args.eval_only:
+        args.prompts = official_file(folder, args.preset, 0, "--prompts")
+    source, flag = (args.eval_prompts, "--eval_prompts") if args.eval_prompts else (folder, "--prompts")
+    if source and os.path.isdir(source):
+        args.eval_prompts = official_file(source, args.preset, 2 if args.eval_only else 1, flag)
+
+
+def prompt_set(args):
+    """What config.json records as the prompts used: the files, or which built-in set stood in."""
+    name = args.reward.split(",")[0].split(":")[0]
+    return {"train": args.prompts or f"built-in {name} train set (rewards.default_prompts)",
+            "eval": args.eval_prompts or f"built-in {name} test set (rewards.default_prompts)"}
+
+
+def prompt_warning(args):
+    """One line when a preset with official prompt files runs on a built-in set instead, naming what to pass;
+    None otherwise. GenEval's built-in test set is the official one (regenerated), so only its train set counts."""
+    names = OFFICIAL_PROMPTS.get(args.preset)
+    if not names:
+        return None
+    eval_file = names[2 if args.eval_only else 1]
+    missing = [] if args.eval_only or args.prompts else [("trains", names[0])]
+    if not args.eval_prompts and not eval_file.startswith("geneval/"):
+        missing.append(("evaluates", eval_file))
+    if not missing:
+        return None
+    return (f"warning: the {args.preset} preset {' and '.join(w for w, _ in missing)} on a built-in prompt set, not the "
+            f"official one; pass --{'eval_' if missing[0][0] == 'evaluates' else ''}prompts path/to/DiffusionNFT/dataset (it reads "
+            f"{' and '.join(f for _, f in missing)}). The built-in sets are for demos and tests.")
+
+
+def dedupe_records(records):
+    """Drop exact repeats, keeping the first: the official test files list a prompt once per image (GenEval 4,
+    DrawBench 5), while evaluation here draws --eval_images_per_prompt images of each distinct prompt."""
+    seen, out = set(), []
+    for r in records:
+        key = json.dumps(r, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
@@ -676,11 +790,26 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def precision_mode(args, device):
+    """--mixed_precision with auto resolved: bf16 on a GPU (fp16 for --eval_only, as the official evaluation
+    runs), no on a CPU."""
+    if args.mixed_precision != "auto":
+        return args.mixed_precision
+    return ("fp16" if args.eval_only else "bf16") if device.type == "cuda" else "no"
+
+
+def reward_vae(pipe, args):
+    """The VAE only decodes images for the rewards: fp32 as officially, unless --reward_precision bf16 keeps it
+    in the base's dtype (bf16 noise in the pixels moves thresholded rewards such as GenEval's)."""
+    if args.reward_precision == "fp32":
+        pipe.vae.to(torch.float32)
+
+
 def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls.
     fp16: the official setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline).
-    no: fp32 everywhere."""
-    mode = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
+    no: fp32 everywhere. auto: see precision_mode."""
+    mode = precision_mode(args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "no": torch.float32}[mode]
     if mode == "no":
         return dtype, contextlib.nullcontext
@@ -961,7 +1090,7 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     canvas.save(png_path)
 
 
-def find_lora(path):
+def find_lora(path, flag="--lora"):
     """Locate --lora. ("diffusers", file): this project's pytorch_lora_weights.safetensors (a checkpoint folder
     or the file). ("peft", folder): the official DiffusionNFT / Flow-GRPO layout, adapter_model.safetensors +
     adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
@@ -969,13 +1098,13 @@ def find_lora(path):
     if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
         import rewards
         try:
-            rewards.hub_ready(path, what="--lora")
+            rewards.hub_ready(path, what=flag)
             from huggingface_hub import snapshot_download
             path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
         except rewards.RewardError as e:
-            raise UserError(f"--lora {path}: no such file or folder; as a hub repo: {e}")
+            raise UserError(f"{flag} {path}: no such file or folder; as a hub repo: {e}")
         except Exception as e:
-            raise UserError(f"--lora {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
+            raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
                             f"try `hf download {path}`")
     if os.path.isfile(path):
         return ("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors" else ("diffusers", path)
@@ -984,7 +1113,7 @@ def find_lora(path):
             return "diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")
         if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
             return "peft", folder
-    raise UserError(f"--lora {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
+    raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
                     ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
 
 
@@ -1008,8 +1137,44 @@ def load_lora(pipe, kind, path):
         raise UserError(f"--lora {path} does not fit this transformer: {len(bad)} LoRA weights unmatched, e.g. {bad[0]}")
 
 
+def init_from_lora(params, old, kind, path, args):
+    """--init_lora (official train.lora_path): copy a LoRA found by find_lora into the trainable parameters and the
+    old policy's, so theta = theta_old = that LoRA at step 0. The file must hold exactly the trainable modules'
+    lora_A/lora_B with their shapes (--rank, --lora_targets). Its scale alpha/r (peft's adapter_config.json, the
+    diffusers file's metadata, else alpha = r as diffusers assumes) is folded into lora_B, so the starting
+    policy is the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if kind == "peft":
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            config = json.load(f)
+        file, prefix = os.path.join(path, "adapter_model.safetensors"), "base_model.model."
+    else:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        config = {k.removeprefix("transformer."): v for k, v in meta.items()}
+        file, prefix = path, "transformer."
+    found = {k.removeprefix(prefix).replace(".default.", "."): v for k, v in load_file(file).items()}
+    want = {n.replace(".default.", "."): n for n in params}
+    missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
+    shape = [k for k in want if k in found and found[k].shape != params[want[k]].shape]
+    if missing or extra or shape:
+        what = (f"{len(missing)} trainable LoRA weights missing, e.g. {missing[0]}" if missing else
+                f"{len(extra)} weights this run does not train, e.g. {extra[0]}" if extra else
+                f"shape {tuple(found[shape[0]].shape)} vs {tuple(params[want[shape[0]]].shape)} for {shape[0]}")
+        raise UserError(f"--init_lora {path} does not fit this run's LoRA: {what}; match --rank and --lora_targets to it")
+    r = found[next(k for k in found if ".lora_A." in k)].shape[0]
+    scale = config.get("lora_alpha", r) / config.get("r", r) / (args.lora_alpha / args.rank)
+    with torch.no_grad():
+        for k, n in want.items():
+            params[n].copy_(found[k] * (scale if ".lora_B." in k else 1.0))
+            old[n].copy_(params[n])
+    return len(want)
+
+
 def eval_only(args):
-    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px) of the base model or a --lora on the test prompts.
+    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; T5 length 256 and fp16 as the official
+    evaluation script unless set) of the base model or a --lora on the test prompts.
     Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
     image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
     output_dir or the LoRA's run folder holds a metrics.jsonl."""
@@ -1021,11 +1186,14 @@ def eval_only(args):
     dtype, autocast = precision(args, device)
     say_loading(args)
     pipe = load_pipeline(args.model, dtype, device).to(device)
+    reward_vae(pipe, args)
     if lora:
         load_lora(pipe, *lora)
-    reward_fn = rewards.make_reward(args.reward, device)
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)
+    mode = precision_mode(args, device)
     setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
-               f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, seed {args.seed}")
+               f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, "
+               f"transformer {'fp32' if mode == 'no' else mode}, rewards {args.reward_precision}, seed {args.seed}")
     print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
     results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
     if rank == 0:
@@ -1035,8 +1203,9 @@ def eval_only(args):
             f.writelines(json.dumps({k: v for k, v in r.items() if k != "_image"}) + "\n" for r in results)
         metrics = eval_metrics(results, args.reward)
         keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
-                "max_sequence_length", "seed")
-        summary = dict(**{k: getattr(args, k) for k in keys}, prompts=len(records), images=len(results),
+                "max_sequence_length", "mixed_precision", "reward_precision", "seed")
+        summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
+                       prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
                        reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -1098,9 +1267,17 @@ def setup(args):
         except ImportError:
             raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
     name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
+    resolve_prompts(args)
+    warning = prompt_warning(args)
+    if warning:  # once, before any model loads
+        print0(warning)
     train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
     eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
-    eval_records = eval_records[:args.eval_max_prompts or None]
+    unique = dedupe_records(eval_records)
+    if len(unique) < len(eval_records):
+        print0(f"{args.eval_prompts}: {len(eval_records)} lines, {len(unique)} distinct prompts (the official file "
+               "lists a prompt once per image); evaluating the distinct ones")
+    eval_records = unique[:args.eval_max_prompts or None]
     rewards.check_metadata(args.reward, train_records)
     rewards.check_metadata(args.reward, eval_records)
     return rank, world, device, train_records, eval_records
@@ -1228,16 +1405,21 @@ def train(args):
             shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
 
     say_loading(args)
-    reward_fn = rewards.make_reward(args.reward, device)  # before the big model: a missing extra fails fast
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)  # before the big model: a missing extra fails fast
+    init = find_lora(args.init_lora, "--init_lora") if args.init_lora else None  # a bad path fails before the model loads
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype, device)
     pipe.to(device)
+    reward_vae(pipe, args)
     if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
         for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             e.to("cpu")
     transformer = pipe.transformer
     torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
     params, old = add_adapters(transformer, args)
+    if init:
+        n = init_from_lora(params, old, *init, args)
+        print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     ema = {n: p.detach().clone() for n, p in params.items()}
@@ -1269,7 +1451,7 @@ def train(args):
         os.makedirs(args.output_dir, exist_ok=True)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
+            json.dump(dict(dataclasses.asdict(args), prompt_set=prompt_set(args)), f, indent=1)
     wandb = None
     if args.wandb and rank == 0:  # the package was checked in setup()
         import wandb
@@ -1343,6 +1525,9 @@ def train(args):
         adv = torch.zeros_like(all_R, dtype=torch.float32)
         if trainable:
             adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
+        strict = gather(comps["geneval/strict"].to(device)).cpu()[ok] if "geneval/strict" in comps else None
+        log.update(rollout_stats(all_R[ok], all_ids[ok], strict, [train_records[i].get("tag", "?") for i in all_ids[ok].tolist()],
+                                 rewards.GENEVAL_TAGS))
         mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
         x0 = torch.where(mask.view(-1, 1, 1, 1) > 0, x0, 0.0)  # a NaN image would make even its masked loss NaN
         r = adv_to_r(adv[rank * per_rank:(rank + 1) * per_rank], args.adv_clip).to(device)
@@ -1391,7 +1576,10 @@ def train(args):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
             print0(f"epoch {epoch:4d} step {step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
-                   f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} | "
+                   f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
+                   f"zero-std {log['zero_std_share']:.2f} | "
+                   + ("strict " + " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_")) + " | "
+                      if any(k.startswith("strict_") for k in log) else "")
                    + (f"eval {log['eval_reward_mean']:.4f} | " if "eval_reward_mean" in log else "")
                    + f"{t4 - t0:.1f}s (text {t1 - t0:.1f} rollout {t2 - t1 - t_decode:.1f} decode {t_decode:.1f} "
                    f"reward {t3 - t2:.1f} train {t4 - t3:.1f})")

@@ -10,9 +10,11 @@ Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), o
    mmdetection instance post-process is redone from the raw logits (`mask2former_instances`).
 2. GenEval's partial score appends only 0.0 when a position check fails (the official server
    appends 0.0 and then 1.0).
-3. OCR runs rapidocr_onnxruntime (PP-OCRv4 ONNX, in the wheel) instead of PaddleOCR 2.9.
+3. OCR runs rapidocr_onnxruntime (PP-OCRv4 ONNX, in the wheel, Chinese-English recognizer) instead of
+   PaddleOCR 2.9's English model; no angle classifier and the 0.5 line-score cut, as the official call.
 4. ImageReward scores each (prompt, image) pair, not the N x N matrix's diagonal.
 5. Prompt sets are generated here from a seed; the official files still work through --prompts.
+6. Scorers run in fp32 by default as officially (make_reward's precision="bf16" for speed).
 """
 import base64
 import concurrent.futures
@@ -120,9 +122,12 @@ def _from_hub(hub_id, load, *args, filename=None, **kwargs):
                           f"`{hub_download_command(hub_id, args[0] if args else None)}`") from None
 
 
-def _autocast(device):
-    """bf16 autocast on CUDA (reward noise only), a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+def reward_autocast(device, precision="fp32"):
+    """The precision every scorer runs in: fp32 (autocast off, even inside a caller's bf16 region: near a
+    threshold such as GenEval counting's 0.9 bf16 noise flips rewards) or bf16 autocast on `device`."""
+    if precision not in ("fp32", "bf16"):
+        raise RewardError(f"reward precision must be fp32 or bf16, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _size(size, key):
@@ -230,17 +235,22 @@ def ocr_reward_from_text(recognized, target):
     return 1 - d / len(target)
 
 
+OCR_MIN_SCORE = 0.5  # PaddleOCR's default drop_score, which the official reward leaves as is
+
+
 def make_ocr(device, engine=None, workers=None):
-    """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL)."""
+    """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL).
+    Set up as the official PaddleOCR call: no angle classifier (use_angle_cls=False there) and lines kept
+    when their recognition score is >= 0.5 (PaddleOCR's drop_score; rapidocr's text_score)."""
     if engine is None:
         RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR
-        engine = RapidOCR()
+        engine = RapidOCR(use_cls=False, text_score=OCR_MIN_SCORE)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
 
     def read(image_uint8):
         # rapidocr treats numpy input as BGR (OpenCV order); our images are RGB.
-        result, _ = engine(np.ascontiguousarray(image_uint8[..., ::-1]))
-        return "".join(text for _, text, conf in (result or []) if float(conf) > 0)
+        result, _ = engine(np.ascontiguousarray(image_uint8[..., ::-1]), use_cls=False)
+        return "".join(text for _, text, conf in (result or []) if float(conf) >= OCR_MIN_SCORE)
 
     def fn(images, prompts, metadata):
         targets = [ocr_target(p) for p in prompts]
@@ -271,17 +281,15 @@ class ClipScorer:
     @torch.no_grad()
     def pixel_embeds(self, pixels):
         """Normalized image embeddings of already preprocessed pixels (N, 3, S, S)."""
-        with _autocast(self.device):
-            emb = self._features(self.model.get_image_features(pixel_values=pixels)).float()
+        emb = self._features(self.model.get_image_features(pixel_values=pixels)).float()
         return F.normalize(emb, dim=-1)
 
     @torch.no_grad()
     def text_embeds(self, texts):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77,
                                 return_tensors="pt").to(self.device)
-        with _autocast(self.device):
-            emb = self._features(self.model.get_text_features(
-                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
+        emb = self._features(self.model.get_text_features(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
         return F.normalize(emb, dim=-1)
 
     def cosine(self, images, prompts):
@@ -374,9 +382,8 @@ class OpenClipScorer:
                           antialias=True, align_corners=False).clamp(0, 1)
         x = (x - self.mean) / self.std
         tokens = self.tokenizer(list(prompts)).to(self.device)
-        with _autocast(self.device):
-            img = F.normalize(self.model.encode_image(x).float(), dim=-1)
-            txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        img = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return _cpu((img * txt).sum(-1)), {}
 
 
@@ -639,8 +646,7 @@ class GenEvalScorer:
         x = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
         mean = torch.tensor(self.det_processor.image_mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.det_processor.image_std, device=self.device).view(1, 3, 1, 1)
-        with _autocast(self.device):
-            out = self.detector(pixel_values=(x - mean) / std)
+        out = self.detector(pixel_values=(x - mean) / std)
         results = []
         for class_logits, mask_logits in zip(out.class_queries_logits, out.masks_queries_logits):
             if class_logits.shape[-1] != len(COCO_CLASSES) + 1:
@@ -769,6 +775,11 @@ def _geneval_key(record):
     return (record["tag"], tuple(sorted((r["class"], r["count"], r.get("color", "")) for r in include)))
 
 
+def _single(index):
+    return {"tag": "single_object", "include": [{"class": COCO_CLASSES[index], "count": 1}],
+            "prompt": f"a photo of {_article(COCO_CLASSES[index])}"}
+
+
 def geneval_prompts(split, seed=None, per_tag=None):
     """GenEval-style records in the official jsonl format, deterministic in `seed`.
 
@@ -776,29 +787,36 @@ def geneval_prompts(split, seed=None, per_tag=None):
       exact duplicates dropped) with the same numpy rng calls, which reproduces the official
       evaluation_metadata.jsonl line for line: 553 prompts (80 single_object, 99 two_object,
       80 counting, 94 colors, 100 position, 100 color_attr).
-    train: the same generators with another seed (`per_tag` draws per tag, default 2000), duplicates
-      and anything equal to a test prompt up to object order dropped. All 80 single objects are in
-      the test set, so the train set has no single_object prompts.
+    train: the same generators in the generator's own mix, 80 single objects to 100 draws of each other
+      tag: `per_tag` (default 1000) draws of each of the five, 0.8 * per_tag single objects (5800 records).
+      A draw equal to a test prompt up to object order is redrawn, except single objects: all 80 are test
+      prompts, so the train singles are those, drawn with replacement. Repeats are kept so that every tag
+      keeps its share (counting has only 160 prompts outside the test set).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     test = split == "test"
     rng = np.random.default_rng((43 if test else 42) if seed is None else seed)
-    draws = per_tag or (100 if test else 2000)
-    records = []
-    if test:
-        records += [{"tag": "single_object", "include": [{"class": COCO_CLASSES[i], "count": 1}],
-                     "prompt": f"a photo of {_article(COCO_CLASSES[i])}"}
-                    for i in rng.choice(len(COCO_CLASSES), size=len(COCO_CLASSES), replace=False)]
+    if not test:
+        draws = per_tag or 1000
+        banned = {_geneval_key(r) for r in geneval_prompts("test")}
+        records = [_single(int(i)) for i in rng.choice(len(COCO_CLASSES), size=draws * 80 // 100)]
+        for tag in GENEVAL_TAGS[1:]:
+            drawn = 0
+            while drawn < draws:
+                record = _geneval_sample(rng, tag)
+                if _geneval_key(record) not in banned:
+                    records.append(record)
+                    drawn += 1
+        return records
+    records = [_single(int(i)) for i in rng.choice(len(COCO_CLASSES), size=len(COCO_CLASSES), replace=False)]
     for tag in GENEVAL_TAGS[1:]:
-        records += [_geneval_sample(rng, tag) for _ in range(draws)]
-    banned = set() if test else {_geneval_key(r) for r in geneval_prompts("test")}
+        records += [_geneval_sample(rng, tag) for _ in range(per_tag or 100)]
     unique, seen = [], set()
     for record in records:
         text = json.dumps(record, sort_keys=True)
-        key = _geneval_key(record) if not test else text
-        if key not in seen and key not in banned:
-            seen.add(key)
+        if text not in seen:
+            seen.add(text)
             unique.append(record)
     return unique
 
@@ -887,16 +905,18 @@ def parse_reward_spec(spec):
     return parsed
 
 
-def make_reward(spec, device):
+def make_reward(spec, device, precision="fp32"):
     """The reward fn of a spec: the WEIGHTED SUM of its rewards (Flow-GRPO / DiffusionNFT call it
     "avg" but sum), with components {"<name>": score, "<name>/<component>": ...} for logging.
-    A single reward of weight 1 returns its score unchanged."""
+    A single reward of weight 1 returns its score unchanged. Scorers run in `precision` (reward_autocast)."""
+    reward_autocast(device, precision)  # a bad value fails before any model loads
     parts = [(name, weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
 
     def fn(images, prompts, metadata):
         total, components = None, {}
         for name, weight, reward in parts:
-            score, comps = reward(images, prompts, metadata)
+            with reward_autocast(device, precision):  # thread-local: set in the thread that scores
+                score, comps = reward(images, prompts, metadata)
             components[name] = score
             components.update({f"{name}/{k}": v for k, v in comps.items()})
             weighted = score if weight == 1 else score * weight

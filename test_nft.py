@@ -1399,7 +1399,8 @@ def test_rw_geneval_prompts_match_official_and_split():
     assert train == rewards.geneval_prompts("train") and train != rewards.geneval_prompts("train", seed=7)
     test_keys = {rewards._geneval_key(r) for r in test}
     train_keys = [rewards._geneval_key(r) for r in train]
-    assert not test_keys & set(train_keys) and len(set(train_keys)) == len(train_keys) > 1000
+    # issue 11: single objects are all test prompts, so only the other tags avoid the test set
+    assert not test_keys & {k for k in train_keys if k[0] != "single_object"} and len(set(train_keys)) > 1000
     flipped = {"tag": "two_object", "include": test[81]["include"][::-1]}  # "B and A" is the same prompt
     assert test[81]["tag"] == "two_object" and rewards._geneval_key(flipped) in test_keys
     for r in train[:50] + test:
@@ -1644,3 +1645,227 @@ def test_nb_evaluation_shows_a_progress_bar(capsys, _ev_one_thread):
                            torch.device("cpu"), contextlib.nullcontext, 0, 1)
     err = capsys.readouterr().err
     assert len(results) == 6 and "evaluating 6 images" in err and "/3 " in err  # 3 batches of 2
+
+
+# --------------------------------------------------------------------------- issue 11: the paper's recipe by default
+def _rc_official_layout(root):
+    """The official repository's dataset/ folder, with a few lines per file (names as in NVlabs/DiffusionNFT)."""
+    geneval = [json.dumps(r) for r in rewards.geneval_prompts("test")[:3]]
+    files = {"geneval/train_metadata.jsonl": geneval, "geneval/test_metadata.jsonl": [l for l in geneval for _ in range(4)],
+             "ocr/train.txt": ['A sign that says "open"'], "ocr/test.txt": ['A mug printed with "tea"'],
+             "pickscore/train.txt": ["a red fox"], "pickscore/test.txt": ["a blue bird"],
+             "drawbench/test.txt": [p for p in ("a green cube", "a white cat") for _ in range(5)]}
+    for name, lines in files.items():
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("preset,train,test,bench", [
+    ("geneval", "geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval/test_metadata.jsonl"),
+    ("ocr", "ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
+    ("pickscore", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt"),
+    ("hpsv2", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt"),
+    ("multi", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")])
+def test_rc_official_dataset_folder_resolves_per_preset(tmp_path, preset, train, test, bench):
+    root = _rc_official_layout(tmp_path / "dataset")
+    args = nft.parse_args(["--reward", preset, "--prompts", str(root)])
+    nft.resolve_prompts(args)
+    assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / test))
+    assert nft.prompt_warning(args) is None and nft.prompt_set(args) == {"train": str(root / train), "eval": str(root / test)}
+    args = nft.parse_args(["--reward", preset, "--eval_only", "--eval_prompts", str(root)])
+    nft.resolve_prompts(args)
+    assert args.eval_prompts == str(root / bench) and nft.prompt_warning(args) is None
+    # a subfolder (dataset/<name>) works too, and an explicit file wins over the folder's test file
+    sub = root / os.path.dirname(train)
+    args = nft.parse_args(["--reward", preset, "--prompts", str(sub), "--eval_prompts", str(root / bench)])
+    nft.resolve_prompts(args)
+    assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / bench))
+    nft.load_prompts(args.prompts)  # the official files read unchanged
+
+
+def test_rc_missing_official_file_is_one_clear_error(tmp_path):
+    root = _rc_official_layout(tmp_path / "dataset")
+    os.remove(root / "ocr/train.txt")
+    args = nft.parse_args(["--reward", "ocr", "--prompts", str(root)])
+    with pytest.raises(nft.UserError, match=r"--prompts .*: no ocr/train.txt in this folder; pass the official"):
+        nft.resolve_prompts(args)
+    p = run_nft("--model", "tiny", "--reward", "color", "--prompts", tmp_path, "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --prompts") and "Traceback" not in p.stderr
+
+
+def test_rc_warning_names_the_file_once_before_any_model_loads(tmp_path):
+    for preset, names in [("geneval", ["geneval/train_metadata.jsonl"]), ("ocr", ["ocr/train.txt", "ocr/test.txt"]),
+                          ("pickscore", ["pickscore/train.txt", "pickscore/test.txt"])]:
+        text = nft.prompt_warning(nft.parse_args(["--reward", preset]))
+        assert text.startswith(f"warning: the {preset} preset") and all(n in text for n in names)
+        assert "--prompts path/to/DiffusionNFT/dataset" in text
+    assert nft.prompt_warning(nft.parse_args(["--reward", "geneval", "--eval_only"])) is None  # built-in = official test set
+    assert "drawbench/test.txt" in nft.prompt_warning(nft.parse_args(["--reward", "hpsv2", "--eval_only"]))
+    assert nft.prompt_warning(nft.parse_args(["--model", "tiny", "--reward", "color"])) is None  # no official set
+    only_eval = nft.prompt_warning(nft.parse_args(["--reward", "ocr", "--prompts", "train.txt"]))
+    assert "evaluates on" in only_eval and "--eval_prompts path/to" in only_eval and "ocr/train.txt" not in only_eval
+    # the PickScore model cannot load offline: the warning must already be out, once
+    p = run_nft("--model", "tiny", "--reward", "pickscore", "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "could not load" in p.stderr and not os.path.exists(tmp_path / "out" / "config.json")
+    assert p.stdout.count("warning: the pickscore preset") == 1 and "pickscore/train.txt" in p.stdout
+
+
+def test_rc_official_test_files_repeat_prompts_and_evaluation_dedupes(tmp_path):
+    root = _rc_official_layout(tmp_path / "dataset")
+    lines = nft.load_prompts(str(root / "drawbench/test.txt"))
+    assert len(lines) == 10 and [r["prompt"] for r in nft.dedupe_records(lines)] == ["a green cube", "a white cat"]
+    official = nft.load_prompts(str(root / "geneval/test_metadata.jsonl"))
+    assert nft.dedupe_records(official) == rewards.geneval_prompts("test")[:3]
+
+
+def test_rc_geneval_train_set_follows_the_generators_tag_mix():
+    from collections import Counter
+    train = rewards.geneval_prompts("train")
+    share = {t: n / len(train) for t, n in Counter(r["tag"] for r in train).items()}
+    assert set(share) == set(rewards.GENEVAL_TAGS)  # all six, single_object included
+    assert share["single_object"] == pytest.approx(80 / 580) and share["counting"] == pytest.approx(100 / 580)
+    test_keys = {rewards._geneval_key(r) for r in rewards.geneval_prompts("test")}
+    assert all(rewards._geneval_key(r) not in test_keys for r in train if r["tag"] != "single_object")
+    rewards.check_metadata("geneval", train)
+
+
+def test_rc_eval_only_defaults_to_the_official_evaluation_settings():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    args = nft.parse_args(["--eval_only", "--reward", "geneval"])
+    assert args.max_sequence_length == 256 and nft.precision_mode(args, gpu) == "fp16" and nft.precision_mode(args, cpu) == "no"
+    args = nft.parse_args(["--eval_only", "--reward", "geneval", "--max_sequence_length", "128", "--mixed_precision", "bf16"])
+    assert args.max_sequence_length == 128 and nft.precision_mode(args, gpu) == "bf16"
+    args = nft.parse_args(["--reward", "geneval"])  # training and its evaluations keep 128 and bf16
+    assert args.max_sequence_length == 128 and nft.precision_mode(args, gpu) == "bf16"
+    assert nft.parse_args(["--eval_only", "--model", "tiny", "--reward", "color"]).max_sequence_length == 16  # preset's
+
+
+def _rc_dtype_reward(seen):
+    layer = torch.nn.Linear(4, 1)
+
+    def fn(images, prompts, metadata):
+        out = layer(images.mean((2, 3)).repeat(1, 2)[:, :4])
+        seen.append(out.dtype)
+        return out.float().squeeze(1).detach(), {}
+    return lambda device: fn
+
+
+def test_rc_rewards_run_in_fp32_by_default(monkeypatch):
+    seen = []
+    monkeypatch.setitem(rewards.REWARDS, "dtype_probe", _rc_dtype_reward(seen))
+    images = torch.rand(2, 3, 8, 8)
+    rewards.make_reward("dtype_probe", "cpu")(images, ["a", "b"], [{}, {}])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a caller's bf16 region
+        rewards.make_reward("dtype_probe", "cpu")(images, ["a", "b"], [{}, {}])
+    rewards.make_reward("dtype_probe", "cpu", "bf16")(images, ["a", "b"], [{}, {}])
+    assert seen == [torch.float32, torch.float32, torch.bfloat16]
+    with pytest.raises(rewards.RewardError, match="fp32 or bf16"):
+        rewards.make_reward("dtype_probe", "cpu", "fp16")
+    with pytest.raises(nft.UserError, match="--reward_precision"):
+        nft.validate(nft.parse_args(["--reward_precision", "half"]), 1)
+    pipe = types.SimpleNamespace(vae=torch.nn.Linear(2, 2).to(torch.bfloat16))  # the decode feeding the reward
+    nft.reward_vae(pipe, nft.parse_args([]))
+    assert pipe.vae.weight.dtype == torch.float32
+    pipe.vae.to(torch.bfloat16)
+    nft.reward_vae(pipe, nft.parse_args(["--reward_precision", "bf16"]))
+    assert pipe.vae.weight.dtype == torch.bfloat16
+
+
+def test_rc_ocr_engine_settings_as_official():
+    calls = []
+
+    def engine(image, use_cls=None):
+        calls.append(use_cls)
+        return [([0], "COF", 0.49), ([0], "FEE", 0.5), ([0], "SHOP", 0.9)], None
+    fn = rewards.make_ocr("cpu", engine=engine, workers=1)
+    scores, _ = fn(torch.zeros(1, 3, 8, 8), ['A mug that says "fee shop"'], [{}])
+    assert calls == [False] and scores.tolist() == [1.0]  # "COF" (score < 0.5) dropped: "feeshop" found
+
+
+def test_rc_zero_std_share_and_per_tag_strict():
+    R = torch.tensor([1.0, 1.0, 0.5, 0.2, 0.3, 0.3, 0.7, 0.7])
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert nft.zero_std_share(R, ids) == 0.75  # groups 0, 2 and 3 tie
+    assert nft.zero_std_share(R[:4], ids[:4]) == 0.5
+    strict = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert nft.per_tag_mean(strict, ["counting", "colors", "counting", "colors"]) == {"counting": 1.0, "colors": 0.5}
+    stats = nft.rollout_stats(R[:4], ids[:4], strict, ["counting", "colors", "counting", "colors"], rewards.GENEVAL_TAGS)
+    assert stats == {"zero_std_share": 0.5, "strict_counting": 1.0, "strict_colors": 0.5}
+    assert list(stats) == ["zero_std_share", "strict_counting", "strict_colors"]  # GenEval's tag order
+    assert nft.rollout_stats(R, ids) == {"zero_std_share": 0.75}  # no GenEval: no per-tag keys
+    assert math.isnan(nft.rollout_stats(R[:0], ids[:0])["zero_std_share"])  # an epoch without finite rewards
+
+
+@pytest.fixture(scope="module")
+def _rc_pipe():
+    return nft.random_pipeline("tiny")  # built once (the decoder fit is slow on a busy CPU); tests deepcopy it
+
+
+def _rc_saved_lora(tmp_path, args, base):
+    """A LoRA with non-zero lora_B in both layouts, from the tiny transformer's trainable names."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+    pipe = copy.deepcopy(base)
+    params, _ = nft.add_adapters(pipe.transformer, args)
+    g = torch.Generator().manual_seed(3)
+    weights = {n: 0.3 * torch.randn(p.shape, generator=g) for n, p in params.items()}
+    state = nft.lora_state(weights)
+    config = nft.lora_config(args).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "diffusers", transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=config)  # alpha 64, as checkpoints
+    os.makedirs(tmp_path / "peft")
+    save_file({f"base_model.model.{k}": v for k, v in state.items()}, tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config, default=str))
+    return weights, {"diffusers": str(tmp_path / "diffusers"), "peft": str(tmp_path / "peft")}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "peft"])
+def test_rc_init_lora_first_rollout_equals_adapters_loaded_by_hand(tmp_path, layout, _rc_pipe):
+    args = nft.parse_args(["--model", "tiny", "--reward", "color"])
+    weights, paths = _rc_saved_lora(tmp_path, args, _rc_pipe)
+    kind, path = nft.find_lora(paths[layout], "--init_lora")
+    assert kind == layout
+    ours = copy.deepcopy(_rc_pipe)
+    torch.manual_seed(args.seed)
+    params, old = nft.add_adapters(ours.transformer, args)
+    assert nft.init_from_lora(params, old, kind, path, args) == len(weights)
+    for n in params:
+        assert torch.equal(params[n], weights[n]) and torch.equal(old[n], weights[n])
+    by_hand = copy.deepcopy(_rc_pipe)
+    nft.load_lora(by_hand, kind, path)  # diffusers' load_lora_weights / peft's state dict, as --eval_only loads
+    sigmas = nft.rollout_sigmas(args.num_steps)
+    noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    rollouts = []
+    for pipe, policy in [(ours, "old"), (by_hand, None), (ours, "ref")]:
+        if policy:
+            nft.set_policy(pipe.transformer, policy)
+        embeds, pooled = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
+        rollouts.append(nft.sample(pipe, noise, embeds, pooled, sigmas, "euler", args, contextlib.nullcontext))
+    assert torch.allclose(rollouts[0], rollouts[1], atol=1e-5)  # the first epoch rolls out with the LoRA
+    assert not torch.allclose(rollouts[0], rollouts[2], atol=1e-3)  # and the LoRA matters
+    # another --lora_alpha: the scale ratio (64/32)/(16/32) = 4 is folded into lora_B: the same starting policy
+    other = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_alpha", "16"])
+    p2, o2 = nft.add_adapters(copy.deepcopy(_rc_pipe).transformer, other)
+    nft.init_from_lora(p2, o2, kind, path, other)
+    assert all(torch.equal(p2[n], weights[n] * (4.0 if ".lora_B." in n else 1.0)) for n in weights)
+    small = nft.parse_args(["--model", "tiny", "--reward", "color", "--rank", "4"])
+    p3, o3 = nft.add_adapters(copy.deepcopy(_rc_pipe).transformer, small)
+    with pytest.raises(nft.UserError, match=r"--init_lora .* does not fit this run's LoRA: shape"):
+        nft.init_from_lora(p3, o3, kind, path, small)
+
+
+def test_rc_run_records_prompt_set_init_lora_and_new_metrics(tmp_path, _rc_pipe):
+    args = nft.parse_args(["--model", "tiny", "--reward", "color"])
+    _, paths = _rc_saved_lora(tmp_path, args, _rc_pipe)
+    prompts = tmp_path / "colors.txt"
+    prompts.write_text("a red image\na blue image\n")
+    out = tmp_path / "run"
+    p = run_nft(*SMALL, "--num_epochs", "1", "--eval_every", "0", "--prompts", prompts, "--init_lora", paths["diffusers"],
+                "--output_dir", out)
+    config = json.load(open(out / "config.json"))
+    assert config["init_lora"] == paths["diffusers"] and config["reward_precision"] == "fp32"
+    assert config["prompt_set"] == {"train": str(prompts), "eval": "built-in color test set (rewards.default_prompts)"}
+    line = metrics(out)[0]
+    assert 0 <= line["zero_std_share"] <= 1 and "zero-std" in p.stdout and "--init_lora" in p.stdout
