@@ -393,15 +393,20 @@ def post_json(url, body, headers, deadline, max_bytes=MAX_REPLY_BYTES):
         conn = kind(parts.hostname, parts.port, timeout=deadline)
     except (http.client.InvalidURL, ValueError) as e:
         raise RewardError(f"bad unifiedreward URL {_redact(url)} ({e}); set UNIFIEDREWARD_URL to http://host:port/v1") from None
-    expired = threading.Event()
+    expired, sock = threading.Event(), []
 
     def stop():
         expired.set()
-        with contextlib.suppress(OSError, AttributeError):
-            conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it
+        for s in sock:  # held here: http.client drops conn.sock once a reply without a length has begun
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it
     watchdog = threading.Timer(deadline, stop)
     watchdog.start()
     try:
+        conn.connect()  # bounded by the same deadline (the connection's timeout)
+        sock.append(conn.sock)
+        if expired.is_set():  # the deadline passed while connecting
+            raise TimeoutError
         conn.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
         response = conn.getresponse()
         if int(response.headers.get("Content-Length") or 0) > max_bytes:
@@ -431,7 +436,7 @@ def post_json(url, body, headers, deadline, max_bytes=MAX_REPLY_BYTES):
                           f"(starts {data[:40]!r}); is UNIFIEDREWARD_URL the judge's OpenAI-compatible /v1 URL?") from None
 
 
-def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120, retries=3, backoff=2.0):
+def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120, retries=3, backoff=1.0):
     """Client of an OpenAI-compatible /chat/completions server (e.g. sglang or vLLM serving
     UnifiedReward-7b-v1.5). URL, model and key from the arguments or UNIFIEDREWARD_URL,
     UNIFIEDREWARD_MODEL, UNIFIEDREWARD_API_KEY (user:password@ in the URL is sent as basic auth and never
@@ -930,7 +935,13 @@ def check_metadata(spec, metadata_list):
                 raise RewardError(f"reward '{name}' needs GenEval metadata but prompt line {line} ({prompt!r}) lacks "
                                   f"{', '.join(missing)}: pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with "
                                   "--prompts, or leave --prompts out to use the built-in GenEval set")
-            for req in record["include"] + record.get("exclude", []):
+            reqs = record["include"] + record.get("exclude", []) if isinstance(record["include"], list) and isinstance(
+                record.get("exclude", []), list) else None
+            if not isinstance(record["tag"], str) or reqs is None or not all(
+                    isinstance(r, dict) and isinstance(r.get("count"), int) for r in reqs):
+                raise RewardError(f"prompt line {line} ({prompt!r}): GenEval metadata of the wrong type; \"tag\" must be a "
+                                  'string and "include"/"exclude" lists of {"class": name, "count": integer}')
+            for req in reqs:
                 if req.get("class") not in COCO_CLASSES:
                     raise RewardError(f"prompt line {line} ({prompt!r}) names '{req.get('class')}', which is not "
                                       "one of GenEval's 80 COCO class names")
