@@ -113,7 +113,7 @@ class Args:
     eval_only: bool = False  # evaluate with the paper's protocol instead of training
     lora: str = ""  # --eval_only: diffusers or peft LoRA file/folder to evaluate; empty = base model
     save_every: int = 10  # epochs between checkpoints
-    checkpoints_total_limit: int = 3  # newest checkpoints kept
+    checkpoints_total_limit: int = 3  # newest checkpoints kept (0 = all)
     resume_from: str = ""  # "latest" or a checkpoint folder
     max_nonfinite_steps: int = 3  # stop after this many skipped optimizer steps in a row
     wandb: bool = False  # also log to Weights & Biases (pip install wandb)
@@ -694,7 +694,7 @@ def checkpoints(root):
     folder only gets its final name after all its files are written (see save_checkpoint), so a kill
     mid-write leaves a *.tmp folder that is ignored."""
     root = os.path.join(root, "checkpoints")
-    names = [n for n in os.listdir(root) if n.startswith("checkpoint-") and n[11:].isdigit()] if os.path.isdir(root) else []
+    names = [n for n in os.listdir(root) if n.startswith("checkpoint-") and n[11:].isascii() and n[11:].isdigit()] if os.path.isdir(root) else []
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[11:]))]
 
 
@@ -1081,14 +1081,14 @@ def eval_only(args):
         out = args.output_dir
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
-            f.writelines(json.dumps({k: v for k, v in r.items() if k != "_image"}) + "\n" for r in results)
+            f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
         metrics = eval_metrics(results, args.reward)
         keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
                 "max_sequence_length", "seed")
         summary = dict(**{k: getattr(args, k) for k in keys}, prompts=len(records), images=len(results),
                        reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(json_safe(summary), f, indent=1)
         name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
         table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
                  f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")

@@ -1752,3 +1752,10 @@ def test_rl_http_client_retries_a_500_and_sends_url_credentials_as_basic_auth(_r
     fn = rewards.make_unifiedreward("cpu", url=_rl_server, timeout=5, retries=2, backoff=0.05)
     assert fn(_rw_images(1, 16, 16), ["a cat"], [{}])[0].tolist() == pytest.approx([0.8])
     assert _RlServer.hits == [f"Basic {base64.b64encode(b'user:hunter2').decode()}"] * 2
+
+
+def test_rl_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    msg = cli_error(capsys, *_RL_FAST, "--output_dir", tmp_path / "new" / "out")  # root ignores chmod, so patched
+    assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
