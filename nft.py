@@ -700,7 +700,8 @@ def checkpoints(root):
 
 def write_error(e, what):
     """A failed write (disk full, read-only, no permission) as one line that says what was kept."""
-    full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "file write failed" in str(e)
+    full = getattr(e, "errno", None) == errno.ENOSPC or any(  # torch.save and safetensors word it their own way
+        s in str(e) for s in ("unexpected pos", "file write failed", "No space left", "StorageFull"))
     reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
     return UserError(f"could not write {what}: {reason}; the last good checkpoint is kept. Free space (or fix the "
                      "folder) and continue with --resume_from latest")
@@ -710,6 +711,7 @@ def save_checkpoint(args, epoch, state, ema, lora_meta):
     """Write checkpoint-<epoch> atomically (a .tmp folder renamed when complete), then keep the newest
     --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a good one."""
     from diffusers import StableDiffusion3Pipeline
+    from safetensors import SafetensorError
     if not all(torch.isfinite(t).all() for key in ("default", "old", "ema") for t in state[key].values()):
         raise UserError(f"epoch {epoch}: the LoRA weights are NaN/inf, so no checkpoint is saved; the last good "
                         f"one in {args.output_dir}/checkpoints is kept. Lower --learning_rate and resume from it")
@@ -724,7 +726,7 @@ def save_checkpoint(args, epoch, state, ema, lora_meta):
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(e, f"checkpoint {final}") from None
     if os.path.isdir(final):
@@ -1277,8 +1279,7 @@ def train(args):
             folder = os.path.join(args.output_dir, "checkpoints")
             os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # a link, not its target
     if resume and not foreign and args.resume_from != "latest":
-        n = int(os.path.basename(os.path.normpath(resume[0]))[11:])
-        newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > n]
+        newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
         if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
             raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints ({os.path.basename(newer[-1])}); "
                             "resume from the newest with --resume_from latest, or branch off into another --output_dir "
@@ -1324,10 +1325,14 @@ def train(args):
         if not locked:
             run_lock(args.output_dir)
         if foreign:  # copy it in, with the metrics of its finished epochs, so `latest` and the curves continue here
-            path, into = os.path.normpath(resume[0]), os.path.join(args.output_dir, "checkpoints")
-            shutil.rmtree(os.path.join(into, os.path.basename(path) + ".tmp"), ignore_errors=True)
-            shutil.copytree(path, os.path.join(into, os.path.basename(path) + ".tmp"))
-            os.replace(os.path.join(into, os.path.basename(path) + ".tmp"), os.path.join(into, os.path.basename(path)))
+            path = os.path.normpath(resume[0])
+            into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{start_epoch:05d}")  # the name `latest` reads
+            shutil.rmtree(into + ".tmp", ignore_errors=True)
+            try:
+                shutil.copytree(path, into + ".tmp")
+            except OSError as e:
+                raise write_error(e, into) from None
+            os.replace(into + ".tmp", into)
             source = os.path.join(os.path.dirname(os.path.dirname(path)), "metrics.jsonl")
             if os.path.isfile(source):
                 shutil.copyfile(source, metrics_path)

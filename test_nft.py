@@ -1571,6 +1571,9 @@ def test_rl_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tm
         nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), nan, meta)
     assert nft.checkpoints(tmp_path) == [good] and state(good)["default"].keys() == lora.keys()
     assert "no space left on device" in str(nft.write_error(OSError(errno.ENOSPC, "x"), "metrics.jsonl"))
+    from safetensors import SafetensorError  # how safetensors words it
+    rust = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    assert "no space left on device" in str(nft.write_error(rust, "pytorch_lora_weights.safetensors"))
 
 
 _RL_HOLDER = """import fcntl, sys, time
@@ -1651,10 +1654,12 @@ def test_rl_divergence_is_undone_and_resume_applies_the_new_learning_rate(capsys
                 for p in group["params"]:
                     p.fill_(float("nan"))
     monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
-    msg = cli_error(capsys, *_RL_FAST, "--num_epochs", 5, "--output_dir", out, "--resume_from", "latest",
-                    "--learning_rate", 0.02, "--max_nonfinite_steps", 2, "--save_every", 1)
-    assert "2 non-finite optimizer steps in a row (the step made the weights NaN/inf)" in msg
-    printed = capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        nft.main([str(a) for a in (*_RL_FAST, "--num_epochs", 5, "--output_dir", out, "--resume_from", "latest",
+                                   "--learning_rate", 0.02, "--max_nonfinite_steps", 2, "--save_every", 1)])
+    printed, err = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "2 non-finite optimizer steps in a row (the step made the weights NaN/inf)" in err
     assert "resumed optimizer takes the flags given now: --learning_rate 0.01 -> 0.02" in printed
     assert used == [0.02, 0.02] and json.load(open(out / "config.json"))["learning_rate"] == 0.02
     ckpts = nft.checkpoints(out)  # epoch 1 (skipped step) saved finite weights; no NaN checkpoint anywhere
