@@ -409,9 +409,10 @@ def post_json(url, body, headers, deadline, max_bytes=MAX_REPLY_BYTES):
             raise TimeoutError
         conn.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
         response = conn.getresponse()
-        if int(response.headers.get("Content-Length") or 0) > max_bytes:
-            raise RewardError(f"unifiedreward server {_redact(url)} sent a {response.headers['Content-Length']}-byte "
-                              f"reply (more than {max_bytes}); is UNIFIEDREWARD_URL the judge's chat endpoint?")
+        length = response.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > max_bytes:
+            raise RewardError(f"unifiedreward server {_redact(url)} announced a reply of {length[:20]!r} bytes "
+                              f"(at most {max_bytes} taken); is UNIFIEDREWARD_URL the judge's chat endpoint?")
         data = response.read(max_bytes + 1)
     except RewardError:
         raise

@@ -1714,7 +1714,7 @@ class _RlServer(http.server.BaseHTTPRequestHandler):
                     {"choices": [{"message": {"content": "Final Score: 4"}}]}).encode())
         self.send_response(200)
         if mode != "flood":  # a flood without Content-Length: the cap must hold while reading
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(512 << 20) if mode == "huge" else str(len(data)))
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(data)
@@ -1736,6 +1736,7 @@ def _rl_server():
 @pytest.mark.parametrize("mode, message", [
     ("trickle", "no complete reply within 1 s"),
     ("flood", "more than 1048576 bytes"),
+    ("huge", "announced a reply of '536870912' bytes"),  # refused before reading it
     ("garbage", "not JSON (starts b'<html>not json</html>')"),
     ("500", "HTTP 500 after 3 tries"),
 ])
