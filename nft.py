@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import hashlib
 import inspect
 import json
@@ -118,7 +119,7 @@ class Args:
     eval_only: bool = False  # Evaluate the base model or --lora with the paper's protocol instead of training.
     lora: str = ""  # With --eval_only: the LoRA to evaluate, a diffusers or peft file or folder (or a hub repo); empty evaluates the base model.
     save_every: int = 10  # Save a checkpoint every this many epochs (and after the last one).
-    checkpoints_total_limit: int = 3  # The number of newest checkpoints kept; older ones are deleted.
+    checkpoints_total_limit: int = 3  # The number of newest checkpoints kept; older ones are deleted (0 keeps all).
     resume_from: str = ""  # Continue a run: "latest" (the newest checkpoint in --output_dir, or a new run if none) or a checkpoint folder.
     max_nonfinite_steps: int = 3  # Stop the run after this many skipped (non-finite) optimizer steps in a row.
     wandb: bool = False  # Also log every epoch's metrics to Weights & Biases (needs `pip install wandb` and `wandb login`).
@@ -204,12 +205,27 @@ def parse_args(argv=None):
 
 
 def validate(args, world_size):
-    """Fail fast on values that would crash or silently misbehave later."""
+    """Fail fast, before any model loads, on values that would crash or silently misbehave later."""
+    for f in dataclasses.fields(Args):  # NaN passes every `<` check below, so finiteness comes first
+        if f.type in (float, "float") and not math.isfinite(getattr(args, f.name)):
+            raise UserError(f"--{f.name} must be a finite number, got {getattr(args, f.name)}")
     positive = ["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
-                "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip"]
+                "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
+                "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
+                "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
+                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit"]:
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}"
+                            + (" (0 keeps every checkpoint)" if name == "checkpoints_total_limit" else ""))
+    for name in ["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"]:
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.guidance_scale < 1:  # 1 = no classifier-free guidance; below 1 is not a guidance scale
+        raise UserError(f"--guidance_scale must be >= 1 (1 = no classifier-free guidance), got {args.guidance_scale}")
     if not 0 < args.beta <= 1:
         raise UserError(f"--beta must be in (0, 1], got {args.beta} (the paper uses 1.0, or 0.1 for OCR "
                         "and multi-reward; beta > 1 makes the negative policy extrapolate)")
@@ -235,14 +251,18 @@ def validate(args, world_size):
     total = args.num_groups * args.group_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
     if total % unit:
-        groups = [g for g in range(1, 4 * args.num_groups + unit) if g * args.group_size % unit == 0]
-        near = sorted(groups, key=lambda g: abs(g - args.num_groups))[:2]
+        # g * group_size is a multiple of unit exactly when g is a multiple of unit / gcd(unit, group_size):
+        # arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 10**12)
+        every = unit // math.gcd(unit, args.group_size)
+        below = args.num_groups // every * every
+        near = sorted((g for g in (below - every, below, below + every, below + 2 * every) if g > 0),
+                      key=lambda g: abs(g - args.num_groups))[:2]
         raise UserError(
             f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
             f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
-            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if near else
-               "change --group_size, --train_batch_size or --sample_batch_size"))
+            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if every <= 4 * args.num_groups else
+               "lower --sample_batch_size or --train_batch_size, or change --group_size"))
 
 
 def _closest(name, choices):
@@ -420,23 +440,29 @@ def rollout_sigmas(num_steps, shift=3.0):
 # --------------------------------------------------------------------------- prompts
 def load_prompts(path):
     """Read prompt records: .txt (one prompt a line) or .jsonl (objects with "prompt" + metadata)."""
+    if os.path.isdir(path):
+        raise UserError(f"--prompts {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
     if not os.path.isfile(path):
         raise UserError(f"--prompts file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object")
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise UserError(f'{path}:{n}: each line needs a "prompt" string, e.g. {{"prompt": "a cat"}}')
-                records.append(rec)
-            else:
-                records.append({"prompt": line.strip()})
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.lower().endswith(".jsonl"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object")
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise UserError(f'{path}:{n}: each line needs a "prompt" string, e.g. {{"prompt": "a cat"}}')
+            records.append(rec)
+        else:
+            records.append({"prompt": line.strip()})
     if not records:
         raise UserError(f"--prompts file is empty: {path}")
     return records
@@ -838,46 +864,59 @@ def swapped(params, weights):
 
 # --------------------------------------------------------------------------- checkpoints
 def checkpoints(root):
-    """Complete checkpoint folders, oldest first. A folder only gets its final name after all its files
-    are written (see save_checkpoint), so a kill mid-write leaves a *.tmp folder that is ignored."""
+    """Complete checkpoint folders, oldest first (by number: checkpoint-100000 after checkpoint-99999). A
+    folder only gets its final name after all its files are written (see save_checkpoint), so a kill
+    mid-write leaves a *.tmp folder that is ignored."""
     root = os.path.join(root, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("checkpoint-") and n[11:].isdigit()) if os.path.isdir(root) else []
-    return [os.path.join(root, n) for n in names]
+    names = [n for n in os.listdir(root) if n.startswith("checkpoint-") and n[11:].isascii() and n[11:].isdigit()] if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+
+
+def write_error(e, what):
+    """A failed write (disk full, read-only, no permission) as one line that says what was kept."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or any(  # torch.save and safetensors word it their own way
+        s in str(e) for s in ("unexpected pos", "file write failed", "No space left", "StorageFull"))
+    reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+    return UserError(f"could not write {what}: {reason}; the last good checkpoint is kept. Free space (or fix the "
+                     "folder) and continue with --resume_from latest")
 
 
 def save_checkpoint(args, epoch, state, ema, lora_meta):
+    """Write checkpoint-<epoch> atomically (a .tmp folder renamed when complete), then keep the newest
+    --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a good one."""
     from diffusers import StableDiffusion3Pipeline
+    from safetensors import SafetensorError
+    if not all(torch.isfinite(t).all() for key in ("default", "old", "ema") for t in state[key].values()):
+        raise UserError(f"epoch {epoch}: the LoRA weights are NaN/inf, so no checkpoint is saved; the last good "
+                        f"one in {args.output_dir}/checkpoints is kept. Lower --learning_rate and resume from it")
     final = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
-                                               transformer_lora_adapter_metadata=lora_meta)
-    torch.save(state, os.path.join(tmp, "training_state.pt"))
-    for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
+                                                   transformer_lora_adapter_metadata=lora_meta)
+        torch.save(state, os.path.join(tmp, "training_state.pt"))
+        for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, f"checkpoint {final}") from None
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+    for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(args, world_size):
-    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet.
-    RESUME_KEYS must match (they shape the LoRA or the schedule); a changed DRAW_KEY or rank count is
-    allowed with a warning: the run continues correctly but no longer replays the uninterrupted one."""
-    path = args.resume_from
-    if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
-        found = checkpoints(args.output_dir)
-        if not found:
-            print0(f"--resume_from latest: no checkpoint in {args.output_dir} yet, starting a new run")
-            return None
-        path = found[-1]
-    elif not os.path.isdir(path):
-        raise UserError(f"--resume_from {path}: no such folder; give a checkpoint folder or 'latest'")
+STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
+              "bad_steps": int, "config": dict}
+
+
+def read_state(path):
+    """training_state.pt of a checkpoint folder, checked to hold what train() saves; UserError otherwise."""
     file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(file):
         raise UserError(f"--resume_from {path}: no training_state.pt there (not a checkpoint of this script, "
@@ -887,8 +926,38 @@ def load_checkpoint(args, world_size):
     except Exception as e:
         raise UserError(f"--resume_from {path}: training_state.pt is truncated or corrupted ({type(e).__name__}); "
                         "resume from an earlier checkpoint")
+    wrong = [k for k, kind in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise UserError(f"--resume_from {path}: training_state.pt is not a training state of this script "
+                        f"(missing or wrong: {', '.join(wrong)}); resume from another checkpoint")
+    return state
+
+
+def load_checkpoint(args, world_size):
+    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet.
+    latest skips a newest checkpoint that is unreadable, with a warning, for the one before it.
+    RESUME_KEYS must match (they shape the LoRA or the schedule); a changed DRAW_KEY or rank count is
+    allowed with a warning: the run continues correctly but no longer replays the uninterrupted one."""
+    path = args.resume_from
+    if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
+        found = checkpoints(args.output_dir)
+        if not found:
+            print0(f"--resume_from latest: no checkpoint in {args.output_dir} yet, starting a new run")
+            return None
+        for path in reversed(found):
+            try:
+                state = read_state(path)
+                break
+            except UserError as e:
+                if path == found[0]:
+                    raise
+                print0(f"warning: {str(e).split(': ', 1)[1].split(';')[0]} in {path}; trying the checkpoint before it")
+    elif not os.path.isdir(path):
+        raise UserError(f"--resume_from {path}: no such folder; give a checkpoint folder or 'latest'")
+    else:
+        state = read_state(path)
     saved = state["config"]
-    now = {k: getattr(args, k) for k in saved}
+    now = {k: getattr(args, k, None) for k in saved}
     if saved != now:
         diff = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in saved if saved[k] != now[k])
         raise UserError(f"--resume_from {path} was saved with a different configuration ({diff}); "
@@ -899,6 +968,47 @@ def load_checkpoint(args, world_size):
         print0(f"warning: resuming with {', '.join(changed)}: training continues, but the prompts and noise "
                "of later epochs differ from what the uninterrupted run would have drawn")
     return path, state
+
+
+def own_checkpoint(args, path):
+    """Whether checkpoint folder `path` belongs to --output_dir's run (else it is another run's, read only)."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(os.path.join(args.output_dir, "checkpoints"))
+
+
+_HELD = []  # the lock files of this process's runs, released by main()
+
+
+def run_lock(folder):
+    """Hold folder/.lock for the run's lifetime (flock: the OS drops it when the process dies, even by
+    SIGKILL, so a killed run never blocks its resume). Refuses while another live run holds it."""
+    import fcntl
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"--output_dir {folder} is in use by another running run (pid {owner}); wait for it to "
+                        "finish, stop it, or use another --output_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD.append(f)
+    return f
+
+
+def json_safe(x):
+    """NaN/inf floats -> None (JSON null), recursively: json.dumps would write bare NaN, which is not JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def _epoch_of(line):
@@ -1053,7 +1163,7 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
               "eval reward": [(0, r["eval_reward_mean_before"]) for r in rows if "eval_reward_mean_before" in r]
               + [(r["step"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]}
-    series = {k: [(x, y) for x, y in v if math.isfinite(y)] for k, v in series.items()}  # an all-NaN epoch logs NaN
+    series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}  # NaN is logged as null
     if title is None:
         config = os.path.join(os.path.dirname(metrics_path), "config.json")
         reward = json.load(open(config)).get("reward") if os.path.isfile(config) else None
@@ -1107,14 +1217,43 @@ def find_lora(path, flag="--lora"):
             raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
                             f"try `hf download {path}`")
     if os.path.isfile(path):
-        return ("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors" else ("diffusers", path)
+        return _checked_lora(("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors"
+                             else ("diffusers", path))
     for folder in (path, os.path.join(path, "lora")):
         if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-            return "diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")
+            return _checked_lora(("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")))
         if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            return "peft", folder
+            return _checked_lora(("peft", folder))
     raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
                     ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
+
+
+def _checked_lora(found):
+    """find_lora's answer, once its files look sound: a safetensors file starts with an 8-byte header length
+    that fits the file and a JSON header; peft's adapter_config.json is a JSON object. Checked before the model loads."""
+    kind, path = found
+    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        header = f.read(n) if 2 <= n <= size - 8 else b""
+    try:
+        ok = isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise UserError(f"--lora {file} is not a safetensors file ({'empty' if size == 0 else 'bad header'}); "
+                        "give the pytorch_lora_weights.safetensors of a checkpoint or a peft adapter folder")
+    if kind == "peft":
+        try:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                config = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"--lora {path}: adapter_config.json is not valid JSON ({e}); restore it from the "
+                            "adapter's source") from None
+        if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+            raise UserError(f"--lora {path}: adapter_config.json is not a peft LoRA config (no integer \"r\")")
+    return found
 
 
 def load_lora(pipe, kind, path):
@@ -1130,7 +1269,7 @@ def load_lora(pipe, kind, path):
     try:
         pipe.transformer.add_adapter(LoraConfig(**config))
         result = set_peft_model_state_dict(pipe.transformer, state)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"--lora {path} does not fit this transformer: {str(e).strip().splitlines()[0]}")
     bad = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
     if bad:
@@ -1200,7 +1339,7 @@ def eval_only(args):
         out = args.output_dir
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
-            f.writelines(json.dumps({k: v for k, v in r.items() if k != "_image"}) + "\n" for r in results)
+            f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
         metrics = eval_metrics(results, args.reward)
         keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
                 "max_sequence_length", "mixed_precision", "reward_precision", "seed")
@@ -1208,7 +1347,7 @@ def eval_only(args):
                        prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
                        reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(json_safe(summary), f, indent=1)
         name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
         table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
                  f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
@@ -1261,6 +1400,11 @@ def setup(args):
         check_hub_model(args.model)  # before the reward models load and before anything is written
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable; give a folder you can write to")
     if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
         try:
             import wandb  # noqa: F401
@@ -1325,15 +1469,30 @@ def average_gradients(params):
 
 def optimizer_step(params, opt, max_grad_norm, sync=True):
     """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
-    already did it after every backward), clip, step. Returns the gradient norm, or None (step skipped,
-    gradients dropped) when a gradient is NaN/inf."""
+    already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
+    the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
+    high a learning rate), in which case the weights and the optimizer state go back to before the step."""
     flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
-    finite = bool(torch.isfinite(flat).all())
-    if finite:
+    norm, problem = None, None
+    if not bool(torch.isfinite(flat).all()):
+        problem = "non-finite gradient"
+    else:
         norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
+        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
+        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
         opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            problem, norm = "the step made the weights NaN/inf", None
+            with torch.no_grad():
+                for p, b in zip(params.values(), before):
+                    p.copy_(b)
+            for p in list(opt.state):
+                if id(p) in saved:
+                    opt.state[p] = saved[id(p)]
+                else:  # the first step created this state: gone again
+                    del opt.state[p]
     opt.zero_grad(set_to_none=True)
-    return norm if finite else None
+    return norm, problem
 
 
 def profile_report(args, pipe, logs, per_rank, T, device, autocast):
@@ -1390,6 +1549,9 @@ def train(args):
     per_rank = args.num_groups * args.group_size // world
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    locked = rank == 0 and os.path.isdir(args.output_dir)
+    if locked:  # before reading or changing anything of the folder
+        run_lock(args.output_dir)
     resume = load_checkpoint(args, world) if args.resume_from else None
     if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # not a silent no-op
         print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and --num_epochs is "
@@ -1397,12 +1559,20 @@ def train(args):
         if dist.is_initialized():
             dist.destroy_process_group()
         return
-    if not args.resume_from and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
+    foreign = bool(resume) and not own_checkpoint(args, resume[0])  # another run's checkpoint: read, never changed
+    if (not args.resume_from or foreign) and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
                             "continue it, --overwrite to replace it, or another --output_dir")
         if rank == 0:
-            shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
+            folder = os.path.join(args.output_dir, "checkpoints")
+            os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # a link, not its target
+    if resume and not foreign and args.resume_from != "latest":
+        newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
+        if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
+            raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints ({os.path.basename(newer[-1])}); "
+                            "resume from the newest with --resume_from latest, or branch off into another --output_dir "
+                            "(the checkpoint is copied there)")
 
     say_loading(args)
     reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)  # before the big model: a missing extra fails fast
@@ -1434,14 +1604,46 @@ def train(args):
                 old[n].copy_(state["old"][n])
                 ema[n].copy_(state["ema"][n])
         opt.load_state_dict(state["optimizer"])
+        # the saved optimizer state carries its own hyperparameters; the flags given now win, and say so
+        now = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                   eps=args.adam_epsilon)
+        flag = dict(lr="learning_rate", betas="adam_beta1/2", weight_decay="adam_weight_decay", eps="adam_epsilon")
+        group = opt.param_groups[0]
+        changed = [f"--{flag[k]} {tuple(group[k]) if k == 'betas' else group[k]!r} -> {v!r}" for k, v in now.items()
+                   if (tuple(group[k]) if k == "betas" else group[k]) != v]
+        for group in opt.param_groups:
+            group.update(now)
+        if changed:
+            print0(f"resumed optimizer takes the flags given now: {', '.join(changed)}")
         step, start_epoch, bad_steps = state["step"], state["epoch"], state["bad_steps"]
         print0(f"resumed from {path}: epoch {start_epoch}, step {step}")
+    if rank == 0:  # a new folder is created and locked once the model has loaded
+        if not locked:
+            run_lock(args.output_dir)
+        if foreign:  # copy it in, with the metrics of its finished epochs, so `latest` and the curves continue here
+            path = os.path.normpath(resume[0])
+            into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{start_epoch:05d}")  # the name `latest` reads
+            shutil.rmtree(into + ".tmp", ignore_errors=True)
+            try:
+                shutil.copytree(path, into + ".tmp")
+            except OSError as e:
+                raise write_error(e, into) from None
+            os.replace(into + ".tmp", into)
+            source = os.path.join(os.path.dirname(os.path.dirname(path)), "metrics.jsonl")
+            if os.path.isfile(source):
+                shutil.copyfile(source, metrics_path)
+            elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
+                os.remove(metrics_path)
+            print0(f"--resume_from {path}: another run's checkpoint, copied into {into}; its folder is left as it is")
     if rank == 0 and os.path.exists(metrics_path):  # keep the lines of finished epochs; the rest is redone
         with open(metrics_path) as f:
             keep = [l for l in f if _epoch_of(l) < start_epoch]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        try:
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        except OSError as e:
+            raise write_error(e, metrics_path) from None
     args.compile = args.compile and device.type == "cuda"  # ignored on a CPU; the saved config says what ran
     if args.compile:  # a one-off cost of minutes; see README "Speed and memory"
         torch._dynamo.config.recompile_limit = 32  # past the limit dynamo silently runs eager; we need ~8
@@ -1451,7 +1653,7 @@ def train(args):
         os.makedirs(args.output_dir, exist_ok=True)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(dict(dataclasses.asdict(args), prompt_set=prompt_set(args)), f, indent=1)
+            json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args))), f, indent=1, allow_nan=False)
     wandb = None
     if args.wandb and rank == 0:  # the package was checked in setup()
         import wandb
@@ -1544,15 +1746,15 @@ def train(args):
             if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
                 average_gradients(params)
             if (m + 1) % per_step == 0:
-                grad_norm = optimizer_step(params, opt, args.max_grad_norm, sync=args.grad_sync == "step")
-                if grad_norm is None:
+                grad_norm, problem = optimizer_step(params, opt, args.max_grad_norm, sync=args.grad_sync == "step")
+                if problem:
                     bad_steps += 1
                     if rank == 0:  # tqdm.write: a message never lands on the progress bar's line
-                        tqdm.write(f"warning: epoch {epoch}: non-finite gradient, optimizer step skipped ({bad_steps} in a row)")
+                        tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step undone ({bad_steps} in a row)")
                     if bad_steps >= args.max_nonfinite_steps:
-                        raise UserError(f"{bad_steps} non-finite optimizer steps in a row; stopping. The last good "
-                                        f"checkpoint in {args.output_dir}/checkpoints is intact; lower --learning_rate "
-                                        "or check the reward")
+                        raise UserError(f"{bad_steps} non-finite optimizer steps in a row ({problem}); stopping. The last "
+                                        f"good checkpoint in {args.output_dir}/checkpoints is intact; lower --learning_rate "
+                                        "or check the reward, then resume from it")
                     continue
                 step, bad_steps, log["grad_norm"] = step + 1, 0, grad_norm
                 d = ema_decay(step, args.ema_max_decay)
@@ -1573,8 +1775,11 @@ def train(args):
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
             log["eval_reward_mean"] = run_eval(epoch + 1)  # EMA weights after this epoch's update
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(log) + "\n")
+            try:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")  # NaN -> null: stays valid JSON
+            except OSError as e:
+                raise write_error(e, metrics_path) from None
             print0(f"epoch {epoch:4d} step {step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
                    f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
                    f"zero-std {log['zero_std_share']:.2f} | "
@@ -1610,6 +1815,7 @@ def _close_bars():
 
 
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         eval_only(args) if args.eval_only else train(args)
@@ -1617,12 +1823,21 @@ def main(argv=None):
         _close_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: what is safe on disk and how to go on, no traceback
+        saved = checkpoints(args.output_dir)[-1:] if args and not args.eval_only else []
+        print0("\ninterrupted: " + (f"the last checkpoint is {saved[0]}; continue with --resume_from latest "
+                                      f"--output_dir {args.output_dir}" if saved else "no checkpoint was saved yet"),
+               file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if type(e).__name__ == "RewardError":  # rewards.py's one-line errors
             _close_bars()
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         raise
+    finally:
+        while _HELD:  # the run's lock (the OS drops it anyway when the process ends)
+            _HELD.pop().close()
 
 
 if __name__ == "__main__":

@@ -18,13 +18,17 @@ Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), o
 """
 import base64
 import concurrent.futures
+import contextlib
 import difflib
+import http.client
 import io
 import json
 import os
 import re
-import urllib.error
-import urllib.request
+import socket
+import threading
+import time
+import urllib.parse
 
 import numpy as np
 import torch
@@ -437,14 +441,84 @@ def parse_final_score(text):
     return float(match.group(1)) / 5 if match else 0.0
 
 
-def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120):
+MAX_REPLY_BYTES = 1 << 20  # a judge's reply is a few hundred bytes of JSON; anything near this is not one
+
+
+def _redact(url):
+    """The URL without user:password@ (it is printed in errors; credentials must never be)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def post_json(url, body, headers, deadline, max_bytes=MAX_REPLY_BYTES):
+    """POST body (bytes) to url, return (HTTP status, parsed JSON reply). `deadline` (s) bounds the whole
+    request, not each socket read: a watchdog shuts the socket, so a server that trickles a byte every few
+    seconds still times out. Replies over max_bytes are refused. Raises TimeoutError, ConnectionError
+    (connect/reset: worth a retry), RewardError (anything else, one line, credentials redacted)."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    try:
+        conn = kind(parts.hostname, parts.port, timeout=deadline)
+    except (http.client.InvalidURL, ValueError) as e:
+        raise RewardError(f"bad unifiedreward URL {_redact(url)} ({e}); set UNIFIEDREWARD_URL to http://host:port/v1") from None
+    expired, sock = threading.Event(), []
+
+    def stop():
+        expired.set()
+        for s in sock:  # held here: http.client drops conn.sock once a reply without a length has begun
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it
+    watchdog = threading.Timer(deadline, stop)
+    watchdog.start()
+    try:
+        conn.connect()  # bounded by the same deadline (the connection's timeout)
+        sock.append(conn.sock)
+        if expired.is_set():  # the deadline passed while connecting
+            raise TimeoutError
+        conn.request("POST", parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
+        response = conn.getresponse()
+        length = response.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > max_bytes:
+            raise RewardError(f"unifiedreward server {_redact(url)} announced a reply of {length[:20]!r} bytes "
+                              f"(at most {max_bytes} taken); is UNIFIEDREWARD_URL the judge's chat endpoint?")
+        data = response.read(max_bytes + 1)
+    except RewardError:
+        raise
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set() or isinstance(e, TimeoutError):
+            raise TimeoutError(f"no complete reply within {deadline:g} s") from None
+        raise ConnectionError(f"{type(e).__name__}: {e}") from None
+    finally:
+        watchdog.cancel()
+        conn.close()
+    if expired.is_set():
+        raise TimeoutError(f"no complete reply within {deadline:g} s")
+    if len(data) > max_bytes:
+        raise RewardError(f"unifiedreward server {_redact(url)} sent a reply of more than {max_bytes} bytes; "
+                          "is UNIFIEDREWARD_URL the judge's chat endpoint?")
+    if response.status >= 400:
+        return response.status, None
+    try:
+        return response.status, json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RewardError(f"unifiedreward server {_redact(url)} answered with something that is not JSON "
+                          f"(starts {data[:40]!r}); is UNIFIEDREWARD_URL the judge's OpenAI-compatible /v1 URL?") from None
+
+
+def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120, retries=3, backoff=1.0):
     """Client of an OpenAI-compatible /chat/completions server (e.g. sglang or vLLM serving
     UnifiedReward-7b-v1.5). URL, model and key from the arguments or UNIFIEDREWARD_URL,
-    UNIFIEDREWARD_MODEL, UNIFIEDREWARD_API_KEY. Unparsable replies score 0; an unreachable server
-    is an error."""
+    UNIFIEDREWARD_MODEL, UNIFIEDREWARD_API_KEY (user:password@ in the URL is sent as basic auth and never
+    printed). Each request has `timeout` seconds in all; HTTP 5xx and connection errors are retried
+    `retries` times, waiting backoff, 2*backoff, ... seconds. Unparsable replies score 0; anything else
+    (4xx, timeout, retries spent, a non-JSON or oversized reply) is a one-line error."""
     url = (url or os.environ.get("UNIFIEDREWARD_URL", "http://127.0.0.1:17140/v1")).rstrip("/")
     model = model or os.environ.get("UNIFIEDREWARD_MODEL", "UnifiedReward-7b-v1.5")
     api_key = api_key or os.environ.get("UNIFIEDREWARD_API_KEY", "EMPTY")
+    login = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
+    auth = (f"Basic {base64.b64encode(urllib.parse.unquote(login).encode()).decode()}" if login and api_key == "EMPTY"
+            else f"Bearer {api_key}")
+    shown = _redact(url)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
 
     def ask(pair):
@@ -455,21 +529,30 @@ def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120):
         body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_uri}},
             {"type": "text", "text": UNIFIEDREWARD_QUESTION.format(prompt=prompt)}]}]}
-        request = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Bearer {api_key}"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                reply = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise RewardError(f"unifiedreward server {url} answered HTTP {e.code}: {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise RewardError(f"cannot reach the unifiedreward server at {url} ({e}); "
-                              "start it or set UNIFIEDREWARD_URL") from None
-        try:
-            return parse_final_score(reply["choices"][0]["message"]["content"])
-        except (KeyError, IndexError, TypeError):
-            return 0.0
+        headers = {"Content-Type": "application/json", "Authorization": auth}
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(backoff * 2 ** (attempt - 1))
+            try:
+                status, reply = post_json(f"{url}/chat/completions", json.dumps(body).encode(), headers, timeout)
+            except TimeoutError as e:
+                raise RewardError(f"unifiedreward server {shown}: {e}; is it overloaded? (a request's time "
+                                  "limit is the timeout of make_unifiedreward)") from None
+            except ConnectionError as e:
+                problem = f"cannot reach it ({e})"
+                continue
+            if status >= 500:
+                problem = f"HTTP {status}"
+                continue
+            if status >= 400:
+                raise RewardError(f"unifiedreward server {shown} answered HTTP {status}; check UNIFIEDREWARD_URL, "
+                                  "UNIFIEDREWARD_MODEL and UNIFIEDREWARD_API_KEY")
+            try:
+                return parse_final_score(reply["choices"][0]["message"]["content"])
+            except (KeyError, IndexError, TypeError):
+                return 0.0
+        raise RewardError(f"unifiedreward server {shown}: {problem} after {retries + 1} tries; start it or set "
+                          "UNIFIEDREWARD_URL")
 
     def fn(images, prompts, metadata):
         return _cpu(list(pool.map(ask, zip(prompts, to_uint8(images))))), {}
@@ -944,7 +1027,13 @@ def check_metadata(spec, metadata_list):
                 raise RewardError(f"reward '{name}' needs GenEval metadata but prompt line {line} ({prompt!r}) lacks "
                                   f"{', '.join(missing)}: pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with "
                                   "--prompts, or leave --prompts out to use the built-in GenEval set")
-            for req in record["include"] + record.get("exclude", []):
+            reqs = record["include"] + record.get("exclude", []) if isinstance(record["include"], list) and isinstance(
+                record.get("exclude", []), list) else None
+            if not isinstance(record["tag"], str) or reqs is None or not all(
+                    isinstance(r, dict) and isinstance(r.get("count"), int) for r in reqs):
+                raise RewardError(f"prompt line {line} ({prompt!r}): GenEval metadata of the wrong type; \"tag\" must be a "
+                                  'string and "include"/"exclude" lists of {"class": name, "count": integer}')
+            for req in reqs:
                 if req.get("class") not in COCO_CLASSES:
                     raise RewardError(f"prompt line {line} ({prompt!r}) names '{req.get('class')}', which is not "
                                       "one of GenEval's 80 COCO class names")

@@ -1339,7 +1339,7 @@ def test_rw_unifiedreward_server_down():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    fn = rewards.make_unifiedreward("cpu", url=f"http://127.0.0.1:{port}/v1", timeout=5)
+    fn = rewards.make_unifiedreward("cpu", url=f"http://127.0.0.1:{port}/v1", timeout=5, backoff=0.01)
     with pytest.raises(rewards.RewardError, match=f"127.0.0.1:{port}"):
         fn(_rw_images(1, 16, 16), ["a cat"], [{}])
 
@@ -1869,3 +1869,352 @@ def test_rc_run_records_prompt_set_init_lora_and_new_metrics(tmp_path, _rc_pipe)
     assert config["prompt_set"] == {"train": str(prompts), "eval": "built-in color test set (rewards.default_prompts)"}
     line = metrics(out)[0]
     assert 0 <= line["zero_std_share"] <= 1 and "zero-std" in p.stdout and "--init_lora" in p.stdout
+
+
+# --------------------------------------------------------------------------- issue 12: reliability, round 2
+import time  # noqa: E402
+
+_RL_FAST = [*SMALL, "--eval_every", 0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--kl_coef", "nan"], "--kl_coef must be a finite number"),
+    (["--solver", "sde", "--eta", "nan"], "--eta must be a finite number"),
+    (["--adam_beta1", "1.0"], "--adam_beta1 must be in [0, 1)"),
+    (["--save_every", "0"], "--save_every must be positive"),
+    (["--guidance_scale", "0.5"], "--guidance_scale must be >= 1"),
+    (["--eval_num_steps", "-1"], "--eval_num_steps must be positive"),
+    (["--eval_images_per_prompt", "-2"], "--eval_images_per_prompt must be >= 0"),
+    (["--max_sequence_length", "0"], "--max_sequence_length must be positive"),
+    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0, got -1 (0 keeps every checkpoint)"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
+    (["--sample_batch_size", "1000000000000"], "lower --sample_batch_size"),  # was an endless search
+    (["--sample_batch_size", "24"], "nearest valid: --num_groups 6 or 12"),  # arithmetic: multiples of 6
+])
+def test_rl_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    assert message in cli_error(capsys, *_RL_FAST, "--output_dir", out, *argv)
+    assert not out.exists()
+
+
+def test_rl_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 photo\n".encode("latin-1"))
+    assert "is not UTF-8 text (byte 5)" in cli_error(capsys, *_RL_FAST, "--prompts", tmp_path / "latin1.txt")
+    # a folder is read as the official dataset/ layout; one without its files is a clear error
+    assert "no train.txt or train_metadata.jsonl in this folder" in cli_error(capsys, *_RL_FAST, "--prompts", tmp_path)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfa red image\na blue image\n")
+    assert nft.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
+    (tmp_path / "upper.JSONL").write_text('{"prompt": "a red image", "tag": "x"}\n')
+    assert nft.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
+    bad = tmp_path / "geneval.jsonl"
+    bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat", "count": "1"}]}\n')
+    assert "GenEval metadata of the wrong type" in cli_error(capsys, *_RL_FAST, "--reward", "geneval", "--prompts", bad)
+    bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": {"class": "cat", "count": 1}}\n')
+    assert "GenEval metadata of the wrong type" in cli_error(capsys, *_RL_FAST, "--reward", "geneval", "--prompts", bad)
+
+
+def test_rl_lora_files_are_checked_before_the_model_loads(tmp_path):
+    empty = tmp_path / "empty" / "pytorch_lora_weights.safetensors"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    with pytest.raises(nft.UserError, match="not a safetensors file \\(empty\\)"):
+        nft.find_lora(str(empty.parent))
+    absurd = tmp_path / "absurd.safetensors"
+    absurd.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(nft.UserError, match="bad header"):
+        nft.find_lora(str(absurd))
+    from safetensors.torch import save_file
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(peft / "adapter_model.safetensors"))
+    (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha"')
+    with pytest.raises(nft.UserError, match="adapter_config.json is not valid JSON"):
+        nft.find_lora(str(peft))
+    (peft / "adapter_config.json").write_text('["r", 4]')
+    with pytest.raises(nft.UserError, match="not a peft LoRA config"):
+        nft.find_lora(str(peft))
+    (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["x"]}')
+    assert nft.find_lora(str(peft)) == ("peft", str(peft))
+
+
+def _rl_state(args, **over):
+    """A hand-made training state with the structure train() saves (one 2x2 LoRA weight)."""
+    w = {"x.lora_A.default.weight": torch.ones(2, 2)}
+    return dict(dict(default=w, old=w, ema=w, optimizer={"state": {}, "param_groups": []}, step=3, epoch=3,
+                     bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)), **over)
+
+
+def test_rl_checkpoint_order_fallback_and_structure(capsys, tmp_path):
+    root = tmp_path / "run"
+    for n in (99999, 100000, 3, 20):
+        (root / "checkpoints" / f"checkpoint-{n:05d}").mkdir(parents=True)
+    (root / "checkpoints" / "checkpoint-00021.tmp").mkdir()
+    assert [os.path.basename(c) for c in nft.checkpoints(root)] == [
+        "checkpoint-00003", "checkpoint-00020", "checkpoint-99999", "checkpoint-100000"]
+    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
+    ckpts = nft.checkpoints(root)
+    torch.save(_rl_state(args), os.path.join(ckpts[0], "training_state.pt"))
+    torch.save(_rl_state(args, epoch=20), os.path.join(ckpts[1], "training_state.pt"))
+    torch.save({"default": "not a state"}, os.path.join(ckpts[2], "training_state.pt"))  # wrong structure
+    open(os.path.join(ckpts[3], "training_state.pt"), "wb").write(b"PK\x03\x04 truncated")  # corrupt newest
+    path, state = nft.load_checkpoint(args, 1)  # falls back past both, with a warning each
+    assert path == ckpts[1] and state["epoch"] == 20
+    out = capsys.readouterr().out
+    assert "warning: training_state.pt is truncated or corrupted" in out and "checkpoint-100000" in out
+    assert "not a training state of this script" in out
+    args.resume_from = ckpts[2]  # named explicitly: an error, not a fallback
+    with pytest.raises(nft.UserError, match="missing or wrong: default, old, ema, optimizer"):
+        nft.load_checkpoint(args, 1)
+
+
+def test_rl_optimizer_step_undoes_a_step_that_makes_weights_nonfinite():
+    p = torch.nn.Parameter(torch.ones(4))
+    params = {"w": p}
+    opt = torch.optim.AdamW([p], lr=1e-2)
+    p.grad = torch.ones(4)
+    assert nft.optimizer_step(params, opt, 1.0)[1] is None  # a good step
+    good_w, good_state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    for group in opt.param_groups:
+        group["lr"] = float("inf")  # finite gradient, infinite step: every weight NaN/inf, as with --learning_rate inf
+    p.grad = torch.ones(4)
+    norm, problem = nft.optimizer_step(params, opt, 1.0)
+    assert norm is None and problem == "the step made the weights NaN/inf"
+    assert torch.equal(p.detach(), good_w) and all(torch.equal(opt.state[p][k], good_state[k]) for k in good_state)
+    p.grad = torch.full((4,), float("nan"))
+    assert nft.optimizer_step(params, opt, 1.0) == (None, "non-finite gradient") and torch.equal(p.detach(), good_w)
+    fresh = torch.nn.Parameter(torch.ones(2))  # a first step that diverges leaves no optimizer state behind
+    opt = torch.optim.AdamW([fresh], lr=float("inf"))
+    fresh.grad = torch.ones(2)
+    assert nft.optimizer_step({"f": fresh}, opt, 1.0)[1] and not opt.state and torch.equal(fresh.detach(), torch.ones(2))
+
+
+def test_rl_json_never_holds_bare_nan_and_readers_cope(tmp_path):
+    row = nft.json_safe(dict(epoch=0, step=0, reward_mean=float("nan"), loss=float("inf"), xs=[1.0, float("-inf")]))
+    line = json.dumps(row, allow_nan=False)
+    assert "NaN" not in line and "Infinity" not in line and json.loads(line)["reward_mean"] is None
+    assert nft._epoch_of(line) == 0
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(line + "\n" + json.dumps(dict(epoch=1, step=1, reward_mean=0.5, eval_reward_mean=0.4)) + "\n")
+    nft.plot_curves(str(path), str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_rl_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tmp_path):
+    import errno
+    from peft import LoraConfig
+    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
+    meta = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    st = dict(default=lora, old=lora, ema=lora, step=1)
+    good = nft.save_checkpoint(args, 1, st, lora, meta)
+    real_save = torch.save
+    for fault in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")):
+        def full(*a, **k):
+            raise fault
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(nft.UserError, match="no space left on device; the last good checkpoint is kept"):
+            nft.save_checkpoint(args, 2, st, lora, meta)
+        assert nft.checkpoints(tmp_path) == [good] and os.listdir(tmp_path / "checkpoints") == ["checkpoint-00001"]
+    monkeypatch.setattr(torch, "save", real_save)
+    nan = {n: torch.full_like(t, float("nan")) for n, t in lora.items()}
+    with pytest.raises(nft.UserError, match="NaN/inf, so no checkpoint is saved"):
+        nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), nan, meta)
+    assert nft.checkpoints(tmp_path) == [good] and state(good)["default"].keys() == lora.keys()
+    assert "no space left on device" in str(nft.write_error(OSError(errno.ENOSPC, "x"), "metrics.jsonl"))
+    from safetensors import SafetensorError  # how safetensors words it
+    rust = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    assert "no space left on device" in str(nft.write_error(rust, "pytorch_lora_weights.safetensors"))
+
+
+_RL_HOLDER = """import fcntl, sys, time
+f = open(sys.argv[1], "a+"); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.write("4242\\n"); f.flush()
+print("locked", flush=True); time.sleep(60)"""
+
+
+def test_rl_run_lock_refuses_a_live_run_and_ignores_a_killed_one(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _RL_HOLDER, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        msg = cli_error(capsys, *_RL_FAST, "--output_dir", out, "--resume_from", "latest")
+        assert "is in use by another running run (pid 4242)" in msg
+    finally:
+        holder.kill()  # SIGKILL: the OS drops the lock with the process
+        holder.wait()
+    lock = nft.run_lock(str(out))  # a stale lock file does not block
+    assert open(out / ".lock").read().strip() == str(os.getpid())
+    nft._HELD.remove(lock)
+    lock.close()
+
+
+def test_rl_overwrite_removes_a_checkpoints_link_not_its_target(capsys, monkeypatch, tmp_path):
+    other = tmp_path / "other_run" / "checkpoints"
+    (other / "checkpoint-00009").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(other)
+    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+
+    def stop(*a, **k):
+        raise nft.UserError("stopped before the model loads")
+    monkeypatch.setattr(nft, "load_pipeline", stop)
+    assert "stopped" in cli_error(capsys, *_RL_FAST, "--output_dir", out, "--overwrite")
+    assert not os.path.lexists(out / "checkpoints") and (other / "checkpoint-00009").is_dir()
+
+
+def test_rl_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint-00004").mkdir(parents=True)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nft, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, _RL_FAST), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert err.strip() == (f"interrupted: the last checkpoint is {tmp_path}/checkpoints/checkpoint-00004; "
+                           f"continue with --resume_from latest --output_dir {tmp_path}")
+
+
+@pytest.fixture(scope="module")
+def _rl_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl") / "src"
+    run_nft(*_RL_FAST, "--num_epochs", 1, "--output_dir", out)
+    return out
+
+
+def _rl_files(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_rl_divergence_is_undone_and_resume_applies_the_new_learning_rate(capsys, monkeypatch, _rl_run, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(_rl_run, out)
+    good = state(nft.checkpoints(out)[-1])
+    used, real_step = [], torch.optim.AdamW.step
+
+    def diverging_step(self, *a, **k):  # records the rate in use, then does what --learning_rate inf did
+        used.append(self.param_groups[0]["lr"])
+        real_step(self, *a, **k)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
+    with pytest.raises(SystemExit) as e:
+        nft.main([str(a) for a in (*_RL_FAST, "--num_epochs", 5, "--output_dir", out, "--resume_from", "latest",
+                                   "--learning_rate", 0.02, "--max_nonfinite_steps", 2, "--save_every", 1)])
+    printed, err = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "2 non-finite optimizer steps in a row (the step made the weights NaN/inf)" in err
+    assert "resumed optimizer takes the flags given now: --learning_rate 0.01 -> 0.02" in printed
+    assert used == [0.02, 0.02] and json.load(open(out / "config.json"))["learning_rate"] == 0.02
+    ckpts = nft.checkpoints(out)  # epoch 1 (skipped step) saved finite weights; no NaN checkpoint anywhere
+    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001", "checkpoint-00002"]
+    assert_same_state(state(ckpts[0]), good)
+    assert all(torch.equal(state(ckpts[1])["default"][n], good["default"][n]) for n in good["default"])
+    for line in open(out / "metrics.jsonl"):
+        assert "NaN" not in line and "Infinity" not in line
+
+
+def test_rl_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(capsys, _rl_run, tmp_path):
+    before = _rl_files(_rl_run)
+    src_ckpt = nft.checkpoints(_rl_run)[-1]
+    new = tmp_path / "branch"
+    p = run_nft(*_RL_FAST, "--num_epochs", 2, "--output_dir", new, "--resume_from", src_ckpt, check=True)
+    assert "another run's checkpoint, copied into" in p.stdout
+    assert _rl_files(_rl_run) == before  # the source run: not one byte changed
+    assert [os.path.basename(c) for c in nft.checkpoints(new)] == ["checkpoint-00001", "checkpoint-00002"]
+    assert [r["epoch"] for r in metrics(new)] == [0, 1] and metrics(new)[0] == metrics(_rl_run)[0]
+    # naming an older checkpoint of the same run would leave a newer one for `latest` to pick later
+    msg = cli_error(capsys, *_RL_FAST, "--num_epochs", 3, "--output_dir", new, "--resume_from", nft.checkpoints(new)[0])
+    assert "this run already has newer checkpoints (checkpoint-00002)" in msg
+    # into a folder that holds a run: the usual guard
+    msg = cli_error(capsys, *_RL_FAST, "--num_epochs", 3, "--output_dir", new, "--resume_from", src_ckpt)
+    assert "holds a previous run" in msg
+
+
+# ---- issue 12: the HTTP reward client against misbehaving local servers ----
+class _RlServer(http.server.BaseHTTPRequestHandler):
+    mode, hits = "ok", []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _RlServer.hits.append(self.headers.get("Authorization"))
+        mode = _RlServer.mode
+        if mode == "500" or (mode == "500-then-ok" and len(_RlServer.hits) == 1):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if mode == "trickle":  # a byte every 0.3 s: no single read ever times out
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            return
+        data = {"garbage": b"<html>not json</html>",
+                "flood": b"x" * (rewards.MAX_REPLY_BYTES + 10)}.get(mode, json.dumps(
+                    {"choices": [{"message": {"content": "Final Score: 4"}}]}).encode())
+        self.send_response(200)
+        if mode != "flood":  # a flood without Content-Length: the cap must hold while reading
+            self.send_header("Content-Length", str(512 << 20) if mode == "huge" else str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def _rl_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RlServer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _RlServer.hits = []
+    yield f"http://user:hunter2@127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("trickle", "no complete reply within 1 s"),
+    ("flood", "more than 1048576 bytes"),
+    ("huge", "announced a reply of '536870912' bytes"),  # refused before reading it
+    ("garbage", "not JSON (starts b'<html>not json</html>')"),
+    ("500", "HTTP 500 after 3 tries"),
+])
+def test_rl_http_client_fails_in_bounded_time_with_one_line(_rl_server, mode, message):
+    _RlServer.mode = mode
+    fn = rewards.make_unifiedreward("cpu", url=_rl_server, timeout=1, retries=2, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(rewards.RewardError) as e:
+        fn(_rw_images(1, 16, 16), ["a cat"], [{}])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert "hunter2" not in str(e.value) and "user:" not in str(e.value)  # credentials never printed
+    assert time.monotonic() - start < 8
+    assert len(_RlServer.hits) == (3 if mode == "500" else 1)  # only 5xx (and connection errors) are retried
+
+
+def test_rl_http_client_retries_a_500_and_sends_url_credentials_as_basic_auth(_rl_server):
+    import base64
+    _RlServer.mode = "500-then-ok"
+    fn = rewards.make_unifiedreward("cpu", url=_rl_server, timeout=5, retries=2, backoff=0.05)
+    assert fn(_rw_images(1, 16, 16), ["a cat"], [{}])[0].tolist() == pytest.approx([0.8])
+    assert _RlServer.hits == [f"Basic {base64.b64encode(b'user:hunter2').decode()}"] * 2
+
+
+def test_rl_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    msg = cli_error(capsys, *_RL_FAST, "--output_dir", tmp_path / "new" / "out")  # root ignores chmod, so patched
+    assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
