@@ -532,6 +532,9 @@ def add_adapters(transformer, args):
     params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
     for p in params.values():
         p.data = p.data.float()  # LoRA in fp32 on a bf16 base
+    for m in transformer.modules():  # peft casts the bf16 input to the fp32 LoRA's dtype, and autocast casts it
+        if hasattr(m, "cast_input_dtype_enabled"):  # back for the matmul: a lossless round trip of the activations
+            m.cast_input_dtype_enabled = False
     old = {n: p.detach().clone() for n, p in params.items()}
     return params, old
 
@@ -541,7 +544,8 @@ def policy(params, weights):
     """Run the transformer with `weights` in the LoRA: the old policy (theta_old), the EMA, or the reference
     (weights=None: lora_B = 0, the base model exactly, since base(x) + 0 = base(x)). The weights are copied
     in and theta copied back after: module flags (peft's set_adapter, disable_adapters) and requires_grad
-    flips are guards of torch.compile, so switching policies through them recompiles the model."""
+    flips are guards of torch.compile, so switching policies through them recompiles the model.
+    Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
     names = list(params)
     live = [params[n].detach() for n in names]
     backup = [t.clone() for t in live]
