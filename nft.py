@@ -43,7 +43,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
