@@ -48,7 +48,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -126,7 +125,7 @@ class Args:
     wandb_project: str = "diffusion-nft"  # The Weights & Biases project the run is logged to (with --wandb).
     wandb_run_name: str = ""  # The Weights & Biases run name (with --wandb); empty uses the --output_dir folder's name.
     # speed
-    compile: bool = True  # Compile the transformer with torch.compile on a GPU (--no-compile runs eager); ignored on a CPU.
+    compile: bool = None  # Compile each transformer block with torch.compile; unset means on with a GPU and off on a CPU (--compile forces it on, --no-compile off).
     gradient_checkpointing: bool = False  # Recompute activations in the backward pass: less memory, more compute.
     grad_sync: str = "step"  # When to all-reduce gradients: "step" (once per optimizer step) or "micro_step" (after every backward, official-style).
     offload_text_encoders: bool = False  # Keep the CLIP and T5 text encoders on the CPU except while encoding prompts.
@@ -426,7 +425,8 @@ def solve(velocity_fn, x, sigmas, solver="dpm2", generator=None, eta=0.7):
     """Integrate dx/dsigma = v(x, sigma) from sigmas[0] to sigmas[-1] with a solver from SOLVERS."""
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}" + _closest(solver, SOLVERS))
-    return SOLVERS[solver](velocity_fn, x, torch.as_tensor(sigmas, dtype=torch.float64), generator=generator, eta=eta)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device="cpu")  # read as Python floats: no device sync
+    return SOLVERS[solver](velocity_fn, x, sigmas, generator=generator, eta=eta)
 
 
 def rollout_sigmas(num_steps, shift=3.0):
@@ -704,44 +704,65 @@ def lora_config(args):
 
 
 def add_adapters(transformer, args):
-    """Two LoRA adapters on the frozen base: trainable "default" (theta) and rollout "old" (theta_old).
-    lora_B starts at zero, so theta, theta_old and the reference (adapters off) agree at step 0.
-    Returns the trainable and the old parameters, both keyed by the trainable one's name, taken by adapter
-    name: peft's set_adapter flips requires_grad, so requires_grad cannot tell them apart."""
+    """One LoRA adapter, "default", on the frozen base: the trainable theta. The old policy theta_old is a
+    dict of fp32 tensors with the same names, copied into the adapter for its passes (see `policy`).
+    lora_B starts at zero, so theta, theta_old and the reference (lora_B = 0) agree at step 0.
+    Returns the trainable parameters and the old weights, both keyed by the parameter names."""
     transformer.requires_grad_(False)
-    config = lora_config(args)
     try:
-        with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
-            warnings.simplefilter("ignore", UserWarning)
-            transformer.add_adapter(config, adapter_name="default")
-            transformer.add_adapter(config, adapter_name="old")
+        transformer.add_adapter(lora_config(args), adapter_name="default")
     except ValueError as e:
         raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
-    named = dict(transformer.named_parameters())
-    params = {n: p for n, p in named.items() if ".default." in n}
-    old = {n: named[n.replace(".default.", ".old.")] for n in params}
-    for n, p in params.items():
+    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
+    for p in params.values():
         p.data = p.data.float()  # LoRA in fp32 on a bf16 base
-        old[n].data = p.data.clone()
-    set_policy(transformer, "default")
+    for m in transformer.modules():  # peft casts the bf16 input to the fp32 LoRA's dtype, and autocast casts it
+        if hasattr(m, "cast_input_dtype_enabled"):  # back for the matmul: a lossless round trip of the activations
+            m.cast_input_dtype_enabled = False
+    old = {n: p.detach().clone() for n, p in params.items()}
     return params, old
 
 
-def set_policy(transformer, policy):
-    """Select which velocity the transformer computes: "default" (v_theta), "old" (v_old) or "ref" (base)."""
-    if policy == "ref":
-        transformer.disable_adapters()
-    else:
-        transformer.enable_adapters()
-        transformer.set_adapter(policy)
+@contextlib.contextmanager
+def policy(params, weights):
+    """Run the transformer with `weights` in the LoRA: the old policy (theta_old), the EMA, or the reference
+    (weights=None: lora_B = 0, the base model exactly, since base(x) + 0 = base(x)). The weights are copied
+    in and theta copied back after: module flags (peft's set_adapter, disable_adapters) and requires_grad
+    flips are guards of torch.compile, so switching policies through them recompiles the model.
+    Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
+    names = list(params)
+    live = [params[n].detach() for n in names]
+    backup = [t.clone() for t in live]
+    with torch.no_grad():
+        if weights is None:
+            torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
+        else:
+            torch._foreach_copy_(live, [weights[n] for n in names])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(live, backup)
 
 
 def velocity(transformer, x, sigma, embeds, pooled):
-    """v = transformer(x_sigma, 1000*sigma, text). x: (B, C, h, w) float32; sigma: float or (B,)."""
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    """v = transformer(x_sigma, 1000*sigma, text). x: (B, C, h, w) float32; sigma: float or (B,) tensor."""
+    # a Python float is filled on the device: torch.as_tensor(float, device=cuda) is a blocking host copy
+    sigma = (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
+             else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
     out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(sigma),
                       encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
     return out.float()
+
+
+def compile_blocks(transformer, **options):
+    """torch.compile each transformer block in place (regional compilation). Blocks of one kind share a
+    graph (their weights are graph inputs), so SD3.5-Medium compiles 3 kinds (dual-attention, joint, and the
+    last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
+    eager. Policies switch by copying weights (see `policy`), which no guard sees."""
+    torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
+    for block in transformer.transformer_blocks:
+        block.compile(**options)
 
 
 @torch.no_grad()
@@ -778,13 +799,13 @@ def sample(pipe, x, embeds, pooled, sigmas, solver, args, autocast, null=None, g
     guidance_scale > 1 mixes in the unconditional velocity (null = embeddings of ""): rollouts and
     evaluation only, the training loss never does. generator feeds the noise of stochastic solvers."""
     def v_fn(x, sigma):
-        with autocast():
-            if args.guidance_scale == 1.0:
-                return velocity(pipe.transformer, x, sigma, embeds, pooled)
-            v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
-                                torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
-            return v_u + args.guidance_scale * (v_c - v_u)
-    return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
+        if args.guidance_scale == 1.0:
+            return velocity(pipe.transformer, x, sigma, embeds, pooled)
+        v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
+                            torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
+        return v_u + args.guidance_scale * (v_c - v_u)
+    with autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
+        return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
 
 
 # --------------------------------------------------------------------------- helpers: ranks, RNG, precision
@@ -793,6 +814,12 @@ def rng(*keys):
     run is a function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def device_rng(g, device):
+    """A generator on `device` seeded by one draw from the CPU generator g (an rng(...)): noise is drawn
+    where it is used (no host copy) and stays a function of rng's keys, so resume replays it exactly."""
+    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
 
 
 def gather(t):
@@ -847,19 +874,9 @@ def lora_state(weights):
     return {n.replace(".default.", "."): t.detach().float().cpu().contiguous() for n, t in weights.items()}
 
 
-@contextlib.contextmanager
 def swapped(params, weights):
-    """Temporarily load `weights` (e.g. the EMA) into the trainable LoRA parameters."""
-    backup = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(backup[n])
+    """Temporarily load `weights` (e.g. the EMA) into the trainable LoRA parameters (see `policy`)."""
+    return policy(params, weights)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -1427,22 +1444,22 @@ def setup(args):
     return rank, world, device, train_records, eval_records
 
 
-def micro_step(transformer, x0, embeds, pooled, sig, eps, r, mask, args, autocast, scale):
+def micro_step(transformer, params, old, x0, embeds, pooled, sig, eps, r, mask, args, autocast, scale):
     """One micro-batch of B clean latents x0, each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
-    The no-grad v_old (and v_ref when kl_coef > 0) of all T*B visits run in batches of sample_batch_size;
-    then per timestep v_theta with grad and backward of (adv_clip * nft_loss + kl_coef * KL) * scale, where
-    scale = 1 / (micro-batches per optimizer step * T) averages the accumulated gradient.
+    The no-grad v_old (theta_old copied into the LoRA, see `policy`) and, when kl_coef > 0, v_ref (lora_B = 0)
+    of all T*B visits run in batches of sample_batch_size; then per timestep v_theta with grad and backward of
+    (adv_clip * nft_loss + kl_coef * KL) * scale, where scale = 1 / (micro-batches per optimizer step * T)
+    averages the accumulated gradient. params: the trainable LoRA; old: theta_old, same names.
     Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
     T, B = sig.shape
     xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
     emb, pool, c = embeds.repeat(T, 1, 1), pooled.repeat(T, 1), args.sample_batch_size
     frozen = {}
-    with torch.no_grad(), autocast():
-        for policy in ["old"] + (["ref"] if args.kl_coef > 0 else []):
-            set_policy(transformer, policy)
-            frozen[policy] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], emb[i:i + c], pool[i:i + c])
-                                        for i in range(0, T * B, c)])
-    set_policy(transformer, "default")
+    for name, weights in [("old", old)] + ([("ref", None)] if args.kl_coef > 0 else []):
+        # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
+        with policy(params, weights), torch.no_grad(), autocast():
+            frozen[name] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], emb[i:i + c], pool[i:i + c])
+                                      for i in range(0, T * B, c)])
     stats = torch.zeros(3, device=x0.device)
     for j in range(T):
         k = slice(j * B, (j + 1) * B)
@@ -1500,7 +1517,8 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     the first epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end
     images/s per epoch, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul
     peak measured in the same run, and the training loop's peak memory. FLOPs of one forward are counted
-    once (FlopCounterMode)."""
+    once (FlopCounterMode): a forward, and a training forward + backward with gradients for the LoRA only, whose
+    backward costs about one forward (not two: no gradient flows to the frozen weights)."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     peak_memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
@@ -1512,6 +1530,13 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
         velocity(pipe.transformer, x, 0.5, emb, pooled)
     f = counter.get_total_flops()  # one transformer forward of one image
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+        with autocast():
+            v = velocity(pipe.transformer, x, 0.5, emb, pooled)
+        v.square().mean().backward()
+    f_train = counter.get_total_flops()  # forward + backward, as measured
+    for p in pipe.transformer.parameters():
+        p.grad = None
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -1521,19 +1546,22 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     peak = 2 * n ** 3 * 10 / (clock(device) - t)
     steady = logs[1:] or logs
     mean = lambda k: sum(l[k] for l in steady) / len(steady)
-    passes = 3 + 1 + (args.kl_coef > 0)  # v_theta forward + backward (3x), v_old (and v_ref) forward
-    train_flops, roll_flops = per_rank * T * f * passes, per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
+    # v_theta forward + backward, v_old (and v_ref) forward
+    train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0)))
+    roll_flops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
                   resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
                   compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
                   gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
+                  gflop_per_train_forward_backward=f_train / 1e9,
                   peak_tflops_matmul=peak / 1e12,
                   **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
                   time_first_epoch_s=logs[0]["time_epoch"],
                   epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
                   train_samples_per_s=per_rank * T / mean("time_train"),
                   rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=peak_memory, compiled_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+                  peak_memory_gib=peak_memory, compiled_graphs=logs[-1].get("compiled_graphs", 0),
+                  recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
     with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
         json.dump(report, fh, indent=1)
@@ -1644,11 +1672,12 @@ def train(args):
             os.replace(metrics_path + ".tmp", metrics_path)
         except OSError as e:
             raise write_error(e, metrics_path) from None
-    args.compile = args.compile and device.type == "cuda"  # ignored on a CPU; the saved config says what ran
-    if args.compile:  # a one-off cost of minutes; see README "Speed and memory"
-        torch._dynamo.config.recompile_limit = 32  # past the limit dynamo silently runs eager; we need ~8
-        transformer.compile()  # in place: adapters switch by flags that dynamo guards on, one graph per
-        # (policy, grad mode), plus one dynamic-batch recompile each when a batch size first differs
+    if args.compile is None:  # config.json records what ran
+        args.compile = device.type == "cuda"
+    if args.compile:  # a one-off cost; see README "Speed and memory"
+        # a resumed run reuses the compiled kernels (set TORCHINDUCTOR_CACHE_DIR to share them between runs)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "compile_cache"))
+        compile_blocks(transformer)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
@@ -1661,7 +1690,8 @@ def train(args):
                    config=dataclasses.asdict(args))
     lora_meta = transformer.peft_config["default"].to_dict()
     lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
-    sigmas = rollout_sigmas(args.num_steps, pipe.scheduler.config.shift).to(device)
+    sigmas = rollout_sigmas(args.num_steps, pipe.scheduler.config.shift)  # float64, CPU: the solvers read floats
+    sigmas_dev = sigmas.float().to(device)  # the training sigmas, indexed on the device
     T = max(1, int(args.num_steps * args.timestep_fraction))  # training timesteps per sample (9 of 10)
     h = args.resolution // pipe.vae_scale_factor  # latent size
     micro = per_rank // args.train_batch_size  # micro-batches per epoch on this rank
@@ -1671,8 +1701,7 @@ def train(args):
     bar = dict(disable=rank != 0, leave=False, dynamic_ncols=True)
 
     def run_eval(epoch):
-        set_policy(transformer, "default")
-        with swapped(params, ema):
+        with policy(params, ema):
             results = evaluate(pipe, eval_records, reward_fn, args, device, autocast, rank, world)
         if rank == 0:  # evaluate() keeps the images of the first 16 results: a row per prompt, labelled
             kept = [r for r in results if "_image" in r]
@@ -1698,18 +1727,19 @@ def train(args):
         embeds, pooled = encode_prompts(pipe, prompts, args.max_sequence_length, device)
         t1, t_decode = clock(device), 0.0
         # ---- 2. rollout with the old policy; keep only x0, the embeddings and the sigma schedule
-        set_policy(transformer, "old")
         g = rng(args.seed, epoch, rank, "rollout")
+        noise_gen = device_rng(g, device)
         x0, futures = [], []
-        for b in tqdm(range(0, per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **bar):
-            s = slice(b, b + args.sample_batch_size)
-            noise = torch.randn((len(prompts[s]), pipe.transformer.config.in_channels, h, h), generator=g).to(device)
-            sde_gen = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-            x0.append(sample(pipe, noise, embeds[s], pooled[s], sigmas, args.solver, args, autocast, null, sde_gen))
-            t = clock(device)
-            images = decode(pipe, x0[-1])
-            t_decode += clock(device) - t
-            futures.append(pool.submit(reward_fn, images, prompts[s], [train_records[i] for i in ids[s].tolist()]))
+        with policy(params, old):
+            for b in tqdm(range(0, per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **bar):
+                s = slice(b, b + args.sample_batch_size)
+                noise = torch.randn((len(prompts[s]), transformer.config.in_channels, h, h), generator=noise_gen, device=device)
+                sde_gen = device_rng(g, device)
+                x0.append(sample(pipe, noise, embeds[s], pooled[s], sigmas, args.solver, args, autocast, null, sde_gen))
+                t = clock(device)
+                images = decode(pipe, x0[-1])
+                t_decode += clock(device) - t
+                futures.append(pool.submit(reward_fn, images, prompts[s], [train_records[i] for i in ids[s].tolist()]))
         x0 = torch.cat(x0)
         t2 = clock(device)
         # ---- 3. rewards -> advantages (grouped by prompt index over all ranks) -> r
@@ -1737,12 +1767,13 @@ def train(args):
         # ---- 4. train on freshly noised clean images: T of the rollout's sigmas per sample, fresh eps
         g = rng(args.seed, epoch, rank, "train")
         visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
+        sig_all, noise_gen = sigmas_dev[visits.to(device)], device_rng(g, device)  # (per_rank, T)
         stats = torch.zeros(3, device=device)
         for m in tqdm(range(micro if trainable else 0), desc=f"epoch {epoch} train", **bar):
             s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
-            sig = sigmas[visits[s].T.to(device)].float()  # (T, B)
-            eps = torch.randn((T, *x0[s].shape), generator=g).to(device)
-            stats += micro_step(transformer, x0[s], embeds[s], pooled[s], sig, eps, r[s], mask[s], args, autocast, 1 / (per_step * T))
+            eps = torch.randn((T, *x0[s].shape), generator=noise_gen, device=device)
+            stats += micro_step(transformer, params, old, x0[s], embeds[s], pooled[s], sig_all[s].T, eps, r[s], mask[s], args,
+                                autocast, 1 / (per_step * T))
             if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
                 average_gradients(params)
             if (m + 1) % per_step == 0:
@@ -1772,6 +1803,8 @@ def train(args):
                    **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())), r_mean=float(r.mean()), old_decay=d,
                    dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1 - t_decode, time_decode=t_decode,
                    time_reward=t3 - t2, time_train=t4 - t3, time_epoch=t4 - t0)
+        if args.compile:  # graphs compiled so far: after the first epoch this should stay flat
+            log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
             log["eval_reward_mean"] = run_eval(epoch + 1)  # EMA weights after this epoch's update
         if rank == 0:

@@ -449,9 +449,10 @@ def test_bf16_vae_decode_stays_within_a_pixel_level_of_fp32():
 
 
 def test_compiled_transformer_switches_adapters_without_recompiling():
-    """--compile's premise: after one round of every policy (old and reference no-grad, trainable with grad,
-    rollout sampling), a second round adds no graph, and the compiled loss equals eager's. Dynamo's guards
-    and graphs are what is tested; backend aot_eager skips inductor's codegen (CPU, no compiler needed)."""
+    """--compile's premise: policies switch by copying weights, which no guard sees, so after one round of every
+    policy (old and reference no-grad, trainable with grad, rollout sampling with the old weights) a second
+    round compiles nothing (fail_on_recompile raises otherwise), and the compiled loss equals eager's.
+    Dynamo's guards and graphs are what is tested; backend aot_eager skips inductor's codegen (CPU)."""
     import torch._dynamo
     args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
     g = torch.Generator().manual_seed(0)
@@ -464,19 +465,26 @@ def test_compiled_transformer_switches_adapters_without_recompiling():
     with torch.no_grad():
         for n, p in params.items():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-    one_round = lambda: (nft.micro_step(pipe.transformer, x0, emb, pooled, sig, eps, r, mask, args, contextlib.nullcontext, 1.0),
-                         nft.sample(pipe, x0, emb, pooled, nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+
+    def one_round():
+        stats = nft.micro_step(pipe.transformer, params, old, x0, emb, pooled, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+        with nft.policy(params, old):
+            x = nft.sample(pipe, x0, emb, pooled, nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+        return stats, x
     eager = one_round()
     torch._dynamo.reset()
-    pipe.transformer.compile(backend="aot_eager")
+    nft.compile_blocks(pipe.transformer, backend="aot_eager")
     try:
         compiled = one_round()
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        one_round()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            one_round()
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
     finally:
         torch._dynamo.reset()
     assert torch.allclose(compiled[0], eager[0], rtol=1e-4) and torch.allclose(compiled[1], eager[1], atol=1e-5)
+    assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta is back after every swap
 
 
 def test_bf16_micro_step_matches_fp32_within_bf16_noise():
@@ -497,7 +505,7 @@ def test_bf16_micro_step_matches_fp32_within_bf16_noise():
         with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
             for n, p in params.items():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        stats = nft.micro_step(pipe.transformer, x0, emb.to(dtype), pooled.to(dtype), sig, eps, r, mask, args, autocast, 1.0)
+        stats = nft.micro_step(pipe.transformer, params, old, x0, emb.to(dtype), pooled.to(dtype), sig, eps, r, mask, args, autocast, 1.0)
         results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
     (s32, g32), (s16, g16) = results
     assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
@@ -1838,11 +1846,10 @@ def test_rc_init_lora_first_rollout_equals_adapters_loaded_by_hand(tmp_path, lay
     sigmas = nft.rollout_sigmas(args.num_steps)
     noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     rollouts = []
-    for pipe, policy in [(ours, "old"), (by_hand, None), (ours, "ref")]:
-        if policy:
-            nft.set_policy(pipe.transformer, policy)
+    for pipe, weights in [(ours, old), (by_hand, None), (ours, "ref")]:
         embeds, pooled = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
-        rollouts.append(nft.sample(pipe, noise, embeds, pooled, sigmas, "euler", args, contextlib.nullcontext))
+        with nft.policy(params, None if weights == "ref" else weights) if pipe is ours else contextlib.nullcontext():
+            rollouts.append(nft.sample(pipe, noise, embeds, pooled, sigmas, "euler", args, contextlib.nullcontext))
     assert torch.allclose(rollouts[0], rollouts[1], atol=1e-5)  # the first epoch rolls out with the LoRA
     assert not torch.allclose(rollouts[0], rollouts[2], atol=1e-3)  # and the LoRA matters
     # another --lora_alpha: the scale ratio (64/32)/(16/32) = 4 is folded into lora_B: the same starting policy
@@ -2218,3 +2225,121 @@ def test_rl_unwritable_output_folder_stops_before_the_model_loads(capsys, monkey
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
     msg = cli_error(capsys, *_RL_FAST, "--output_dir", tmp_path / "new" / "out")  # root ignores chmod, so patched
     assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------- issue 10: GPU speed, round 2
+def _three_peft_adapters(transformer, args, theta, old):
+    """The previous scheme, kept here as the reference: peft adapters "default" and "old", policies chosen
+    by set_adapter / disable_adapters."""
+    import warnings
+    transformer.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        transformer.add_adapter(nft.lora_config(args), adapter_name="default")
+        transformer.add_adapter(nft.lora_config(args), adapter_name="old")
+    named = dict(transformer.named_parameters())
+    for n in theta:
+        named[n].data = theta[n].clone()
+        named[n.replace(".default.", ".old.")].data = old[n].clone()
+
+    def set_policy(policy):
+        if policy == "ref":
+            transformer.disable_adapters()
+        else:
+            transformer.enable_adapters()
+            transformer.set_adapter(policy)
+    return set_policy
+
+
+@pytest.mark.parametrize("mode", ["no", "bf16"])
+def test_sp_weight_swap_policies_equal_peft_adapters_bitwise(mode):
+    """One adapter with theta_old copied in (old) or lora_B zeroed (reference) gives exactly the velocities of
+    peft's separate adapters, in fp32 and under bf16 autocast on a bf16 base, and theta is restored after."""
+    args = nft.parse_args(["--model", "tiny", "--mixed_precision", mode])
+    dtype, autocast = nft.precision(args, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, emb, pooled = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 93, 32, generator=g), torch.randn(3, 64, generator=g)
+    ours = nft.random_pipeline("tiny").to(dtype=dtype)
+    torch.manual_seed(1)
+    params, old = nft.add_adapters(ours.transformer, args)
+    with torch.no_grad():  # theta, theta_old and the base all differ
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+            old[n].add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n) + 1)))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    peft = nft.random_pipeline("tiny").to(dtype=dtype)
+    set_policy = _three_peft_adapters(peft.transformer, args, theta, old)
+    v = lambda pipe: nft.velocity(pipe.transformer, x, 0.3, emb.to(dtype), pooled.to(dtype))  # noqa: E731
+    mine, theirs = {}, {}
+    for name, weights in [("default", theta), ("old", old), ("ref", None)]:
+        # one autocast per policy, as micro_step does: autocast caches the LoRA's bf16 cast within a context
+        with nft.policy(params, weights), torch.no_grad(), autocast():
+            mine[name] = v(ours)
+        set_policy(name)
+        with torch.no_grad(), autocast():
+            theirs[name] = v(peft)
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    assert not torch.equal(mine["default"], mine["old"]) and not torch.equal(mine["old"], mine["ref"])
+    assert all(torch.equal(p, theta[n]) for n, p in params.items())
+
+
+def _epochs(pipe, params, old, args, epochs, compiled_from=None):
+    """A miniature training loop on fixed inputs: per epoch a rollout with theta_old, one micro-step (old and
+    reference no-grad passes, v_theta with grad), an AdamW step. theta_old stays at the initial weights, so
+    epoch 0's |v_theta - v_old| is at equal weights and epoch 1's is exactly one optimizer step's change.
+    From epoch `compiled_from` on, any recompile raises. Returns each epoch's (loss, kl, |v_theta - v_old|)."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
+    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    out = []
+    for epoch in range(epochs):
+        stance = "fail_on_recompile" if compiled_from is not None and epoch >= compiled_from else "default"
+        with torch.compiler.set_stance(stance):
+            with nft.policy(params, old):
+                nft.sample(pipe, torch.randn(8, 4, 4, 4, generator=g), emb.repeat(2, 1, 1), pooled.repeat(2, 1),
+                           nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+            out.append(nft.micro_step(pipe.transformer, params, old, x0, emb, pooled, sig, eps, r, mask, args,
+                                      contextlib.nullcontext, 1.0))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.stack(out)
+
+
+def test_sp_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
+    """Regional compile (aot_eager on the CPU): epochs 1 and 2 compile nothing new (fail_on_recompile), the
+    compiled losses equal eager's, and at equal weights (epoch 0) compiled |v_theta - v_old| is far below the
+    change one optimizer step makes (epoch 1): the grad and no-grad graphs do not read as a policy gap."""
+    import torch._dynamo
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
+    runs = {}
+    for compiled in (False, True):
+        pipe = nft.random_pipeline("tiny")
+        torch.manual_seed(1)
+        params, old = nft.add_adapters(pipe.transformer, args)
+        torch._dynamo.reset()
+        if compiled:
+            nft.compile_blocks(pipe.transformer, backend="aot_eager")
+        try:
+            runs[compiled] = _epochs(pipe, params, old, args, 3, compiled_from=1 if compiled else None)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+        assert (graphs > 0) == compiled
+    eager, comp = runs[False], runs[True]
+    assert torch.allclose(comp[:, 0], eager[:, 0], rtol=1e-5), (comp, eager)
+    assert eager[0, 2] == 0 and comp[1, 2] > 1e-4
+    assert comp[0, 2] < 0.01 * comp[1, 2], comp[:, 2]
+
+
+def test_sp_profile_counts_backward_as_measured_and_reports_graphs(tmp_path):
+    """--profile counts a training forward + backward as measured (gradients for the LoRA only: well under
+    the 3 forwards of full backprop) and reports compiled_graphs and recompiles_after_first_epoch."""
+    run_nft(*SMALL, "--profile", "--output_dir", tmp_path / "p")
+    report = json.load(open(tmp_path / "p" / "profile.json"))
+    ratio = report["gflop_per_train_forward_backward"] / report["gflop_per_forward"]
+    assert 1.5 < ratio < 2.7, ratio
+    assert report["compile"] is False and report["compiled_graphs"] == 0 and report["recompiles_after_first_epoch"] == 0
+    assert json.load(open(tmp_path / "p" / "config.json"))["compile"] is False
