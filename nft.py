@@ -13,6 +13,11 @@ toward them, which pushes v_theta away. No likelihoods, no stored trajectories, 
     torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # official GenEval recipe
     python nft.py --eval_only --lora runs/nft/checkpoints/checkpoint-00100 --reward geneval
 
+Read it top to bottom: the config (Args, PRESETS), the math (pure functions, each with its equation), then
+the training loop (train() is the paper's Algorithm 1, one named call per step, followed by those steps).
+Everything after that is plumbing: the run's setup and bookkeeping, model loading and the LoRA policies,
+prompts, ranks/RNG/precision, checkpoints, evaluation, logging and plots, the command line, the tiny model.
+
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
 x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
 
@@ -145,6 +150,8 @@ PRESETS = {
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
                  eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
 }
+
+
 # The official prompt files of each recipe, relative to the official repository's dataset/ folder (pass it, or
 # the files, with --prompts / --eval_prompts): (train, test during training, --eval_only benchmark). The
 # paper scores the preference rewards on DrawBench; the official test files repeat each prompt once per image.
@@ -153,120 +160,10 @@ OFFICIAL_PROMPTS = {
     "ocr": ("ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
     **dict.fromkeys(["pickscore", "hpsv2", "multi"], ("pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")),
 }
+
+
 OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-
-
-def parse_args(argv=None):
-    """Defaults (Args) <- preset (the reward's, or --preset; plus "tiny" for --model tiny) <- command line."""
-    import rewards
-    epilog = "presets (applied before the flags you give; --model tiny adds the tiny preset):\n" + "\n".join(
-        f"  {name}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for name, preset in PRESETS.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
-    choices = {"reward": f"Rewards: {', '.join(rewards.REWARDS)}.", "solver": f"Solvers: {', '.join(SOLVERS)}.",
-               "preset": f"Presets: {', '.join(PRESETS)}."}
-    for f in dataclasses.fields(Args):
-        by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
-        text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
-            f" (default: {f.default!r}" + (f"; presets: {by_preset})" if by_preset else ")")
-        if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
-    given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
-    args = Args()
-    # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the
-    # reward's own name; a weighted sum of several rewards has none
-    spec = given.get("reward", args.reward)
-    exact = [k for k, p in PRESETS.items() if p.get("reward") == spec]
-    name = given.get("preset") or (exact[0] if exact else "" if "," in spec else spec.split(":")[0])
-    if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
-        given.pop("reward", None)
-    presets = [name]
-    if given.get("model", args.model) == "tiny":
-        presets.append("tiny")
-    chosen = set(given)
-    for name in presets:
-        if name not in PRESETS and name == given.get("preset"):
-            raise UserError(f"unknown --preset {name!r}; choose from {sorted(PRESETS)}")
-        for k, v in PRESETS.get(name, {}).items():
-            setattr(args, k, v)
-        chosen |= set(PRESETS.get(name, {}))
-    if given.get("eval_only") and "max_sequence_length" not in chosen:
-        args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
-    args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
-    for k, v in given.items():
-        setattr(args, k, v)
-    return args
-
-
-def validate(args, world_size):
-    """Fail fast, before any model loads, on values that would crash or silently misbehave later."""
-    for f in dataclasses.fields(Args):  # NaN passes every `<` check below, so finiteness comes first
-        if f.type in (float, "float") and not math.isfinite(getattr(args, f.name)):
-            raise UserError(f"--{f.name} must be a finite number, got {getattr(args, f.name)}")
-    positive = ["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
-                "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
-                "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
-                "max_nonfinite_steps"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
-                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit"]:
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}"
-                            + (" (0 keeps every checkpoint)" if name == "checkpoints_total_limit" else ""))
-    for name in ["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"]:
-        if not 0 <= getattr(args, name) < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.guidance_scale < 1:  # 1 = no classifier-free guidance; below 1 is not a guidance scale
-        raise UserError(f"--guidance_scale must be >= 1 (1 = no classifier-free guidance), got {args.guidance_scale}")
-    if not 0 < args.beta <= 1:
-        raise UserError(f"--beta must be in (0, 1], got {args.beta} (the paper uses 1.0, or 0.1 for OCR "
-                        "and multi-reward; beta > 1 makes the negative policy extrapolate)")
-    if not 0 < args.timestep_fraction <= 1:
-        raise UserError(f"--timestep_fraction must be in (0, 1], got {args.timestep_fraction} (official: 0.99, "
-                        "9 of 10 rollout sigmas)")
-    if args.kl_coef < 0:
-        raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
-    if args.resolution % 16:
-        r = args.resolution
-        raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {r}; "
-                        f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
-    if args.solver not in SOLVERS:
-        raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
-    if args.grad_sync not in ("step", "micro_step"):
-        raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
-    if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
-    if args.reward_precision not in ("fp32", "bf16"):
-        raise UserError(f"--reward_precision must be fp32 or bf16, got {args.reward_precision!r}")
-    if args.eval_only:
-        return
-    total = args.num_groups * args.group_size
-    unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
-    if total % unit:
-        # g * group_size is a multiple of unit exactly when g is a multiple of unit / gcd(unit, group_size):
-        # arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 10**12)
-        every = unit // math.gcd(unit, args.group_size)
-        below = args.num_groups // every * every
-        near = sorted((g for g in (below - every, below, below + every, below + 2 * every) if g > 0),
-                      key=lambda g: abs(g - args.num_groups))[:2]
-        raise UserError(
-            f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
-            f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
-            f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
-            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if every <= 4 * args.num_groups else
-               "lower --sample_batch_size or --train_batch_size, or change --group_size"))
-
-
-def _closest(name, choices):
-    near = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # --------------------------------------------------------------------------- math (pure functions)
@@ -325,35 +222,6 @@ def group_advantages(rewards, group_ids, global_std=True):
     else:
         std = (torch.zeros_like(count).index_add_(0, inv, centered ** 2) / count).sqrt()[inv]
     return (centered / (std + 1e-4)).float()
-
-
-def zero_std_share(rewards, group_ids):
-    """Share of prompt groups whose rewards all tie (std 0, so every advantage in the group is 0 and it teaches
-    nothing): the official zero_std_ratio. rewards: (N,); group_ids: (N,) int, equal ids = same prompt."""
-    groups = {}
-    for r, g in zip(rewards.tolist(), group_ids.tolist()):
-        groups.setdefault(g, []).append(r)
-    return sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
-
-
-def per_tag_mean(values, tags):
-    """Mean of `values` (N,) per tag, tags in first-seen order: {tag: mean}."""
-    out = {}
-    for tag in dict.fromkeys(tags):
-        picked = [float(v) for v, t in zip(values.tolist(), tags) if t == tag]
-        out[tag] = sum(picked) / len(picked)
-    return out
-
-
-def rollout_stats(rewards, group_ids, strict=None, tags=(), order=()):
-    """What the official run logs besides the reward: zero_std_share, and with GenEval strict_<tag>, the strict
-    accuracy of the epoch's rollouts per tag (tags listed in `order` first). NaN share when no reward is finite."""
-    out = {"zero_std_share": zero_std_share(rewards, group_ids) if len(rewards) else float("nan")}
-    if strict is not None and len(strict):
-        means = per_tag_mean(strict, list(tags))
-        for tag in sorted(means, key=lambda t: list(order).index(t) if t in order else len(order)):
-            out[f"strict_{tag}"] = means[tag]
-    return out
 
 
 def old_decay(step, flat, rate, max_decay):
@@ -435,6 +303,757 @@ def rollout_sigmas(num_steps, shift=3.0):
     sigma_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)  # the scheduler's smallest training sigma
     s = torch.linspace(1.0, sigma_min, num_steps, dtype=torch.float64)
     return torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1, dtype=torch.float64)])
+
+
+# --------------------------------------------------------------------------- the training loop
+def train(args):
+    """DiffusionNFT, the paper's Algorithm 1. Every epoch:
+      1. draw num_groups prompts x group_size images (this rank's share) and encode them;
+      2. roll out clean images x0 with the old policy v_old and any solver: no grad, no trajectory kept;
+      3. score them: rewards R -> per-prompt advantages A -> optimality weights r in [0, 1];
+      4. NFT update: noise x0 afresh at T of the rollout's sigmas and descend the negative-aware loss
+         r*L+ + (1 - r)*L- (nft_loss), steps_per_epoch optimizer steps;
+      5. the old policy follows: theta_old <- d*theta_old + (1 - d)*theta; the EMA of theta is for evaluation;
+      6. log, evaluate, checkpoint.
+    """
+    run, pol, start_epoch = start_run(args)  # ranks, prompts, model, LoRA policies, optimizer, resumed state
+    if run is None:  # the run to resume is complete
+        return
+    history = []
+    for epoch in range(start_epoch, args.num_epochs):
+        log = dict(epoch=epoch)
+        if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
+            log["eval_reward_mean_before"] = evaluate_ema(run, pol, 0)
+        lap = Lap(log, run.device)
+        batch = encode_batch(run, epoch)  # 1. prompts
+        lap("text")
+        futures = rollout(run, pol, batch, epoch, log)  # 2. x0 from the old policy
+        lap("rollout", less=log["time_decode"])
+        score(run, batch, futures, epoch, log)  # 3. R -> A -> r
+        lap("reward")
+        nft_update(run, pol, batch, epoch, log)  # 4. the NFT loss on freshly noised x0
+        log["old_decay"] = follow(pol, args)  # 5. theta_old follows theta
+        lap("train")
+        end_epoch(run, pol, epoch, log)  # 6. log, evaluate, checkpoint
+        history.append(log)
+    end_run(run, history)
+
+
+@dataclass
+class Policies:
+    """The LoRA weights NFT keeps, dicts keyed by the trainable parameter names, and the optimizer. theta lives
+    in the transformer (the adapter's parameters); theta_old (rollouts) and the EMA (evaluation, saving) are
+    copied in when used (`policy`)."""
+    theta: dict
+    old: dict
+    ema: dict
+    opt: torch.optim.Optimizer
+    step: int = 0  # optimizer steps taken
+    bad_steps: int = 0  # non-finite optimizer steps in a row
+
+
+@dataclass
+class Batch:
+    """This rank's share of an epoch. Filled in order: prompts (step 1), clean latents x0 (step 2), and the
+    optimality weights r with the mask of finite rewards (step 3)."""
+    ids: torch.Tensor  # (N,) prompt index of each image
+    prompts: list
+    embeds: torch.Tensor  # (N, text tokens, D) and (N, D_pooled): the conditioning of rollout and loss alike
+    pooled: torch.Tensor
+    x0: torch.Tensor = None  # (N, C, h, w) the rollout's clean latents
+    r: torch.Tensor = None  # (N,) optimality weight in [0, 1]
+    mask: torch.Tensor = None  # (N,) 1 where the reward is finite
+    trainable: bool = True  # some finite reward on some rank
+
+
+def encode_batch(run, epoch):
+    """Step 1: this rank's slice of the epoch's prompt draw (the same on every rank), and its embeddings."""
+    per_rank, rank, records = run.per_rank, run.rank, run.train_records
+    ids = epoch_prompt_indices(len(records), run.args.num_groups, run.args.group_size, run.args.seed, epoch)
+    ids = ids[rank * per_rank:(rank + 1) * per_rank]
+    prompts = [records[i]["prompt"] for i in ids.tolist()]
+    return Batch(ids, prompts, *encode_prompts(run.pipe, prompts, run.args.max_sequence_length, run.device))
+
+
+def rollout(run, pol, batch, epoch, log):
+    """Step 2: sample batch.x0 with the old policy, sample_batch_size images at a time, and hand each batch's
+    decoded images to the reward thread, so scoring overlaps the next batch's sampling. Only x0, the
+    embeddings and the sigma schedule are kept. Returns the reward futures; log gets the decode time."""
+    from tqdm import tqdm
+    args, pipe, device = run.args, run.pipe, run.device
+    g = rng(args.seed, epoch, run.rank, "rollout")
+    noise_gen, h = device_rng(g, device), args.resolution // pipe.vae_scale_factor
+    x0, futures, log["time_decode"] = [], [], 0.0
+    with policy(pol.theta, pol.old):
+        for b in tqdm(range(0, run.per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **run.bar):
+            s = slice(b, b + args.sample_batch_size)
+            noise = torch.randn((len(batch.prompts[s]), pipe.transformer.config.in_channels, h, h), generator=noise_gen, device=device)
+            x0.append(sample(pipe, noise, batch.embeds[s], batch.pooled[s], run.sigmas, args.solver, args, run.autocast,
+                             run.null, device_rng(g, device)))
+            t = clock(device)
+            images = decode(pipe, x0[-1])
+            log["time_decode"] += clock(device) - t
+            futures.append(run.pool.submit(run.reward_fn, images, batch.prompts[s],
+                                           [run.train_records[i] for i in batch.ids[s].tolist()]))
+    batch.x0 = torch.cat(x0)
+    return futures
+
+
+def score(run, batch, futures, epoch, log):
+    """Step 3: gather every rank's rewards, A = group_advantages (by prompt index, over all ranks), r = adv_to_r.
+    Samples with a NaN/inf reward get mask 0 and x0 = 0 (a NaN image would make even its masked loss NaN)."""
+    import rewards
+    from tqdm import tqdm
+    args, device, lo, hi = run.args, run.device, run.rank * run.per_rank, (run.rank + 1) * run.per_rank
+    results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **run.bar)]
+    R = torch.cat([r[0] for r in results]).double()
+    comps = {k: torch.cat([r[1][k] for r in results]).double() for k in results[0][1]}
+    all_R, all_ids = gather(R.to(device)).cpu(), gather(batch.ids.to(device)).cpu()
+    ok = torch.isfinite(all_R)
+    if not ok.all():
+        print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
+               "those samples are dropped from the update")
+    batch.trainable = bool(ok.any())
+    if not batch.trainable:  # the epoch is still logged and checkpointed, with no optimizer step
+        print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
+    adv = torch.zeros_like(all_R, dtype=torch.float32)
+    if batch.trainable:
+        adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
+    strict = gather(comps["geneval/strict"].to(device)).cpu()[ok] if "geneval/strict" in comps else None
+    log.update(rollout_stats(all_R[ok], all_ids[ok], strict, [run.train_records[i].get("tag", "?") for i in all_ids[ok].tolist()],
+                             rewards.GENEVAL_TAGS))
+    batch.mask = ok[lo:hi].float().to(device)
+    batch.x0 = torch.where(batch.mask.view(-1, 1, 1, 1) > 0, batch.x0, 0.0)
+    batch.r = adv_to_r(adv[lo:hi], args.adv_clip).to(device)
+    log.update(reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
+               **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
+               r_mean=float(batch.r.mean()), dropped=int((~ok).sum()))
+
+
+def nft_update(run, pol, batch, epoch, log):
+    """Step 4: every sample is trained at T of the rollout's own sigmas (a fresh random subset per sample and
+    epoch) with fresh noise per visit; micro-batches of train_batch_size accumulate gradients, and every
+    micro/steps_per_epoch of them make one optimizer step (with the EMA update). Logs the mean loss, KL and
+    |v_theta - v_old| over the epoch's visits."""
+    from tqdm import tqdm
+    args, device, T = run.args, run.device, run.T
+    micro = run.per_rank // args.train_batch_size  # micro-batches per epoch on this rank
+    per_step = micro // args.steps_per_epoch
+    g = rng(args.seed, epoch, run.rank, "train")
+    visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(run.per_rank)])
+    sig_all, noise_gen = run.sigmas.float().to(device)[visits.to(device)], device_rng(g, device)  # (per_rank, T)
+    stats = torch.zeros(3, device=device)
+    for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
+        s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
+        eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
+        stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], batch.embeds[s], batch.pooled[s],
+                            sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T))
+        if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
+            average_gradients(pol.theta)
+        if (m + 1) % per_step == 0:
+            take_step(run, pol, epoch, log)
+    log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
+
+
+def micro_step(transformer, params, old, x0, embeds, pooled, sig, eps, r, mask, args, autocast, scale):
+    """One micro-batch of B clean latents x0, each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
+    The no-grad v_old (theta_old copied into the LoRA, see `policy`) and, when kl_coef > 0, v_ref (lora_B = 0)
+    of all T*B visits run in batches of sample_batch_size; then per timestep v_theta with grad and backward of
+    (adv_clip * nft_loss + kl_coef * KL) * scale, where scale = 1 / (micro-batches per optimizer step * T)
+    averages the accumulated gradient. params: the trainable LoRA; old: theta_old, same names.
+    Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
+    T, B = sig.shape
+    xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
+    emb, pool, c = embeds.repeat(T, 1, 1), pooled.repeat(T, 1), args.sample_batch_size
+    frozen = {}
+    for name, weights in [("old", old)] + ([("ref", None)] if args.kl_coef > 0 else []):
+        # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
+        with policy(params, weights), torch.no_grad(), autocast():
+            frozen[name] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], emb[i:i + c], pool[i:i + c])
+                                      for i in range(0, T * B, c)])
+    stats = torch.zeros(3, device=x0.device)
+    for j in range(T):
+        k = slice(j * B, (j + 1) * B)
+        with autocast():
+            v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool[k])
+        loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
+        kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mask).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
+        ((loss + args.kl_coef * kl) * scale).backward()
+        stats += torch.stack([loss.detach(), kl.detach(), (v_theta.detach() - frozen["old"][k]).abs().mean()])
+    return stats
+
+
+def take_step(run, pol, epoch, log):
+    """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with
+    decay ema_decay(step). A step with a NaN/inf gradient, or one that made a weight NaN/inf, is skipped or
+    undone; max_nonfinite_steps of them in a row stop the run with the last good checkpoint intact."""
+    from tqdm import tqdm
+    grad_norm, problem = optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm, sync=run.args.grad_sync == "step")
+    if problem:
+        pol.bad_steps += 1
+        if run.rank == 0:  # tqdm.write: a message never lands on the progress bar's line
+            tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step undone ({pol.bad_steps} in a row)")
+        if pol.bad_steps >= run.args.max_nonfinite_steps:
+            raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping. The last "
+                            f"good checkpoint in {run.args.output_dir}/checkpoints is intact; lower --learning_rate "
+                            "or check the reward, then resume from it")
+        return
+    pol.step, pol.bad_steps, log["grad_norm"] = pol.step + 1, 0, grad_norm
+    d = ema_decay(pol.step, run.args.ema_max_decay)
+    with torch.no_grad():
+        for n, p in pol.theta.items():
+            pol.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def optimizer_step(params, opt, max_grad_norm, sync=True):
+    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
+    already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
+    the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
+    high a learning rate), in which case the weights and the optimizer state go back to before the step."""
+    flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
+    norm, problem = None, None
+    if not bool(torch.isfinite(flat).all()):
+        problem = "non-finite gradient"
+    else:
+        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
+        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
+        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+        opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            problem, norm = "the step made the weights NaN/inf", None
+            with torch.no_grad():
+                for p, b in zip(params.values(), before):
+                    p.copy_(b)
+            for p in list(opt.state):
+                if id(p) in saved:
+                    opt.state[p] = saved[id(p)]
+                else:  # the first step created this state: gone again
+                    del opt.state[p]
+    opt.zero_grad(set_to_none=True)
+    return norm, problem
+
+
+def follow(pol, args):
+    """Step 5: theta_old <- d*theta_old + (1 - d)*theta with d = old_decay(step). Returns d."""
+    d = old_decay(pol.step, args.old_flat, args.old_rate, args.old_max)
+    with torch.no_grad():
+        for n, p in pol.theta.items():
+            pol.old[n].mul_(d).add_(p.detach(), alpha=1 - d)
+    return d
+
+
+# --------------------------------------------------------------------------- the run: setup and bookkeeping
+@dataclass
+class Run:
+    """What stays fixed for a whole training run, built once by start_run()."""
+    args: Args
+    rank: int
+    world: int
+    device: torch.device
+    pipe: object  # the diffusers pipeline; pipe.transformer carries the LoRA
+    reward_fn: object  # (images, prompts, records) -> (rewards, components), rewards.make_reward
+    autocast: object  # () -> the autocast context of the chosen precision
+    train_records: list
+    eval_records: list
+    sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
+    null: tuple = None  # the embeddings of "" (guidance_scale > 1 only)
+    lora_meta: dict = None  # the LoRA config saved next to its weights
+    wandb: object = None
+    pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
+
+    @property
+    def per_rank(self):  # images per epoch on this rank
+        return self.args.num_groups * self.args.group_size // self.world
+
+    @property
+    def T(self):  # training sigmas per sample: floor(num_steps * timestep_fraction), 9 of 10 officially
+        return max(1, int(self.args.num_steps * self.args.timestep_fraction))
+
+    @property
+    def bar(self):  # tqdm settings: rank 0 only, cleared when done
+        return dict(disable=self.rank != 0, leave=False, dynamic_ncols=True)
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.args.output_dir, "metrics.jsonl")
+
+
+class Lap:
+    """log["time_<phase>"] = seconds since the previous lap, once the device's queued work is done, minus
+    `less` (time already logged under its own name); log["time_epoch"] = seconds since the first."""
+    def __init__(self, log, device):
+        self.log, self.device = log, device
+        self.start = self.last = clock(device)
+
+    def __call__(self, phase, less=0.0):
+        now = clock(self.device)
+        self.log[f"time_{phase}"], self.log["time_epoch"], self.last = now - self.last - less, now - self.start, now
+
+
+def setup(args):
+    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check flags,
+    and read the prompt sets. Returns rank, world size, device, train and eval prompt records."""
+    import rewards
+    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
+        raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
+                        "python nft.py --model tiny --reward color")
+    validate(args, world)
+    if args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
+        check_hub_model(args.model)  # before the reward models load and before anything is written
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
+    existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable; give a folder you can write to")
+    if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
+    name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
+    resolve_prompts(args)
+    warning = prompt_warning(args)
+    if warning:  # once, before any model loads
+        print0(warning)
+    train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
+    eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
+    unique = dedupe_records(eval_records)
+    if len(unique) < len(eval_records):
+        print0(f"{args.eval_prompts}: {len(eval_records)} lines, {len(unique)} distinct prompts (the official file "
+               "lists a prompt once per image); evaluating the distinct ones")
+    eval_records = unique[:args.eval_max_prompts or None]
+    rewards.check_metadata(args.reward, train_records)
+    rewards.check_metadata(args.reward, eval_records)
+    return rank, world, device, train_records, eval_records
+
+
+def start_run(args):
+    """Everything before the first epoch: ranks and prompt sets (setup), the output folder (claim_output_dir:
+    lock, resume, overwrite), the reward and the model, the LoRA policies and the optimizer (make_policies,
+    then a resumed state), compile, config.json and W&B. Returns (run, policies, first epoch), or
+    (None, None, None) when the run to resume is already complete."""
+    import rewards
+    rank, world, device, train_records, eval_records = setup(args)
+    args.eval_images_per_prompt = args.eval_images_per_prompt or 1
+    claimed = claim_output_dir(args, rank, world)
+    if claimed is None:
+        return None, None, None
+    resume, foreign, locked = claimed
+    say_loading(args)
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)  # before the big model: a missing extra fails fast
+    init = find_lora(args.init_lora, "--init_lora") if args.init_lora else None  # a bad path fails before the model loads
+    dtype, autocast = precision(args, device)
+    pipe = load_pipeline(args.model, dtype, device)
+    pipe.to(device)
+    reward_vae(pipe, args)
+    if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
+        for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            e.to("cpu")
+    pol = make_policies(pipe.transformer, args, init)
+    start_epoch = restore(pol, *resume, args) if resume else 0
+    if rank == 0:  # a new folder is created and locked once the model has loaded
+        if not locked:
+            run_lock(args.output_dir)
+        if foreign:
+            adopt_checkpoint(args, resume[0], start_epoch)
+        trim_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
+    if args.compile is None:  # config.json records what ran
+        args.compile = device.type == "cuda"
+    if args.compile:  # a one-off cost; see README "Speed and memory"
+        # a resumed run reuses the compiled kernels (set TORCHINDUCTOR_CACHE_DIR to share them between runs)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "compile_cache"))
+        compile_blocks(pipe.transformer)
+    wandb = None
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args))), f, indent=1, allow_nan=False)
+        if args.wandb:  # the package was checked in setup()
+            import wandb
+            wandb.init(project=args.wandb_project, name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
+                       config=dataclasses.asdict(args))
+    lora_meta = pipe.transformer.peft_config["default"].to_dict()
+    lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
+    run = Run(args, rank, world, device, pipe, reward_fn, autocast, train_records, eval_records,
+              sigmas=rollout_sigmas(args.num_steps, pipe.scheduler.config.shift), lora_meta=lora_meta, wandb=wandb,
+              null=encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None)
+    if args.profile:  # a few timed epochs, no evaluation or checkpoints
+        args.num_epochs, args.eval_every = start_epoch + 3, 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the training loop's peak, not the model build's
+    return run, pol, start_epoch
+
+
+def evaluate_ema(run, pol, epoch):
+    """The EMA weights on the evaluation prompts; rank 0 saves a grid of the first 16 images, a labelled row
+    per prompt. Returns the mean reward."""
+    with policy(pol.theta, pol.ema):
+        results = evaluate(run.pipe, run.eval_records, run.reward_fn, run.args, run.device, run.autocast, run.rank, run.world)
+    if run.rank == 0:  # evaluate() keeps the images of the first 16 results
+        kept = [r for r in results if "_image" in r]
+        save_grid(torch.stack([r["_image"] for r in kept]), os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png"),
+                  nrow=run.args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
+    return sum(r["reward"] for r in results) / len(results)
+
+
+def end_epoch(run, pol, epoch, log):
+    """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics
+    line (NaN as null) and print it, and save a checkpoint every save_every epochs (rank 0)."""
+    args = run.args
+    if args.compile:  # graphs compiled so far: after the first epoch this should stay flat
+        log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
+        log["eval_reward_mean"] = evaluate_ema(run, pol, epoch + 1)
+    if run.rank != 0:
+        return
+    try:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")  # NaN -> null: stays valid JSON
+    except OSError as e:
+        raise write_error(e, run.metrics_path) from None
+    strict = " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_"))
+    t = {k[5:]: v for k, v in log.items() if k.startswith("time_")}
+    print0(f"epoch {epoch:4d} step {pol.step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
+           f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
+           f"zero-std {log['zero_std_share']:.2f} | " + (f"strict {strict} | " if strict else "")
+           + (f"eval {log['eval_reward_mean']:.4f} | " if "eval_reward_mean" in log else "")
+           + f"{t['epoch']:.1f}s (text {t['text']:.1f} rollout {t['rollout']:.1f} decode {t['decode']:.1f} "
+           f"reward {t['reward']:.1f} train {t['train']:.1f})")
+    if run.wandb:
+        run.wandb.log(log, step=pol.step)
+    if not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
+        cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
+        state = dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema), optimizer=pol.opt.state_dict(),
+                     step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
+                     config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.world))
+        save_checkpoint(args, epoch + 1, state, pol.ema, run.lora_meta)
+
+
+def end_run(run, history):
+    """After the last epoch: curves.png, the --profile report, and the ranks' goodbye."""
+    run.pool.shutdown()
+    if run.rank == 0 and os.path.exists(run.metrics_path):
+        plot_curves(run.metrics_path, os.path.join(run.args.output_dir, "curves.png"))
+    if run.args.profile and run.rank == 0:
+        profile_report(run.args, run.pipe, history, run.per_rank, run.T, run.device, run.autocast)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def say_loading(args):
+    """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a
+    silent terminal never leaves a user wondering whether anything is happening."""
+    import rewards
+    models = [n for n, _ in rewards.parse_reward_spec(args.reward) if n not in rewards.NO_MODEL]
+    model = ("the tiny random SD3 (built in code, no download)" if args.model == "tiny" else
+             f"random-weight {args.model[7:]}" if args.model.startswith("random:") else args.model)
+    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}" if models else "")
+           + " ...")
+
+
+# --------------------------------------------------------------------------- model loading and LoRA policies
+def _is_local(model):
+    """A path rather than a hub id ("org/name" is a hub id unless such a folder exists)."""
+    return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def check_hub_model(model):
+    """A hub id must be cached or reachable: one line now, not minutes of retries and then a traceback."""
+    import rewards
+    try:
+        rewards.hub_ready(model, what="--model")
+    except rewards.RewardError as e:
+        raise UserError(f"{e}; or pass a local StableDiffusion3Pipeline folder")
+
+
+def load_pipeline(model, dtype, device="cpu"):
+    """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline. Random architectures
+    other than tiny (which is fitted on the CPU, so it is the same model everywhere) are built on `device`."""
+    from diffusers import StableDiffusion3Pipeline
+    if model == "tiny" or model.startswith("random:"):
+        arch = model.split(":")[-1]
+        if arch not in RANDOM_ARCHS:
+            raise UserError(f"unknown random architecture {arch!r}; choose from {sorted(RANDOM_ARCHS)}")
+        pipe = random_pipeline(arch, device if arch != "tiny" else "cpu")
+        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    if _is_local(model) and not os.path.isdir(model):
+        raise UserError(f"--model folder not found: {model}")
+    if _is_local(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
+            raise UserError(f"--model {model} is not a StableDiffusion3Pipeline folder (no SD3 model_index.json); "
+                            "save one with pipe.save_pretrained(folder) or pass a hub id")
+    else:
+        check_hub_model(model)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+    except OSError as e:
+        raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
+                        f"(`hf auth login`, SD3.5 is gated) and download it with `hf download {model}`, or pass a local folder")
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    return pipe
+
+
+def lora_config(args):
+    from peft import LoraConfig
+    names = {"official": OFFICIAL_TARGETS, "official+proj_out": OFFICIAL_TARGETS + ["proj_out"]}
+    targets = names.get(args.lora_targets) or [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
+
+
+def add_adapters(transformer, args):
+    """One LoRA adapter, "default", on the frozen base: the trainable theta. The old policy theta_old is a
+    dict of fp32 tensors with the same names, copied into the adapter for its passes (see `policy`).
+    lora_B starts at zero, so theta, theta_old and the reference (lora_B = 0) agree at step 0.
+    Returns the trainable parameters and the old weights, both keyed by the parameter names."""
+    transformer.requires_grad_(False)
+    try:
+        transformer.add_adapter(lora_config(args), adapter_name="default")
+    except ValueError as e:
+        raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
+    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
+    for p in params.values():
+        p.data = p.data.float()  # LoRA in fp32 on a bf16 base
+    for m in transformer.modules():  # peft casts the bf16 input to the fp32 LoRA's dtype, and autocast casts it
+        if hasattr(m, "cast_input_dtype_enabled"):  # back for the matmul: a lossless round trip of the activations
+            m.cast_input_dtype_enabled = False
+    old = {n: p.detach().clone() for n, p in params.items()}
+    return params, old
+
+
+def make_policies(transformer, args, init=None):
+    """theta (the LoRA adapter, fp32), theta_old and the EMA (copies of it), and AdamW over theta. The LoRA's
+    gaussian init is seeded, so every rank starts identical; init (find_lora of --init_lora) starts theta and
+    theta_old from a file."""
+    torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
+    params, old = add_adapters(transformer, args)
+    if init:
+        n = init_from_lora(params, old, *init, args)
+        print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return Policies(params, old, ema, opt)
+
+
+@contextlib.contextmanager
+def policy(params, weights):
+    """Run the transformer with `weights` in the LoRA: the old policy (theta_old), the EMA, or the reference
+    (weights=None: lora_B = 0, the base model exactly, since base(x) + 0 = base(x)). The weights are copied
+    in and theta copied back after: module flags (peft's set_adapter, disable_adapters) and requires_grad
+    flips are guards of torch.compile, so switching policies through them recompiles the model.
+    Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
+    names = list(params)
+    live = [params[n].detach() for n in names]
+    backup = [t.clone() for t in live]
+    with torch.no_grad():
+        if weights is None:
+            torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
+        else:
+            torch._foreach_copy_(live, [weights[n] for n in names])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(live, backup)
+
+
+def swapped(params, weights):
+    """Temporarily load `weights` (e.g. the EMA) into the trainable LoRA parameters (see `policy`)."""
+    return policy(params, weights)
+
+
+def velocity(transformer, x, sigma, embeds, pooled):
+    """v = transformer(x_sigma, 1000*sigma, text). x: (B, C, h, w) float32; sigma: float or (B,) tensor."""
+    # a Python float is filled on the device: torch.as_tensor(float, device=cuda) is a blocking host copy
+    sigma = (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
+             else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
+    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(sigma),
+                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+    return out.float()
+
+
+def compile_blocks(transformer, **options):
+    """torch.compile each transformer block in place (regional compilation). Blocks of one kind share a
+    graph (their weights are graph inputs), so SD3.5-Medium compiles 3 kinds (dual-attention, joint, and the
+    last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
+    eager. Policies switch by copying weights (see `policy`), which no guard sees."""
+    torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
+    for block in transformer.transformer_blocks:
+        block.compile(**options)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts, max_sequence_length, device, chunk=64):
+    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Each distinct
+    prompt is encoded once (a group repeats its prompt group_size times), `chunk` at a time. Text encoders
+    kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the whole call."""
+    uniq = list(dict.fromkeys(prompts))
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    home = encoders[0].device
+    for e in encoders if home != device else []:
+        e.to(device)
+    parts = [pipe.encode_prompt(prompt=uniq[i:i + chunk], prompt_2=None, prompt_3=None, device=device,
+                                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+             for i in range(0, len(uniq), chunk)]
+    for e in encoders if home != device else []:
+        e.to(home)
+    embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
+    where = torch.tensor([uniq.index(p) for p in prompts], device=embeds.device)
+    return embeds[where], pooled[where]
+
+
+@torch.no_grad()
+def decode(pipe, x0):
+    """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+    vae = pipe.vae
+    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
+    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample(pipe, x, embeds, pooled, sigmas, solver, args, autocast, null=None, generator=None):
+    """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy.
+    guidance_scale > 1 mixes in the unconditional velocity (null = embeddings of ""): rollouts and
+    evaluation only, the training loss never does. generator feeds the noise of stochastic solvers."""
+    def v_fn(x, sigma):
+        if args.guidance_scale == 1.0:
+            return velocity(pipe.transformer, x, sigma, embeds, pooled)
+        v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
+                            torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
+        return v_u + args.guidance_scale * (v_c - v_u)
+    with autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
+        return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
+
+
+def lora_state(weights):
+    """peft names (...lora_A.default.weight) -> diffusers transformer names (...lora_A.weight)."""
+    return {n.replace(".default.", "."): t.detach().float().cpu().contiguous() for n, t in weights.items()}
+
+
+def find_lora(path, flag="--lora"):
+    """Locate --lora. ("diffusers", file): this project's pytorch_lora_weights.safetensors (a checkpoint folder
+    or the file). ("peft", folder): the official DiffusionNFT / Flow-GRPO layout, adapter_model.safetensors +
+    adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
+    "owner/name" that is not a local path is downloaded first."""
+    if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
+        import rewards
+        try:
+            rewards.hub_ready(path, what=flag)
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except rewards.RewardError as e:
+            raise UserError(f"{flag} {path}: no such file or folder; as a hub repo: {e}")
+        except Exception as e:
+            raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
+                            f"try `hf download {path}`")
+    if os.path.isfile(path):
+        return _checked_lora(("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors"
+                             else ("diffusers", path))
+    for folder in (path, os.path.join(path, "lora")):
+        if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
+            return _checked_lora(("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")))
+        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return _checked_lora(("peft", folder))
+    raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
+                    ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
+
+
+def _checked_lora(found):
+    """find_lora's answer, once its files look sound: a safetensors file starts with an 8-byte header length
+    that fits the file and a JSON header; peft's adapter_config.json is a JSON object. Checked before the model loads."""
+    kind, path = found
+    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        header = f.read(n) if 2 <= n <= size - 8 else b""
+    try:
+        ok = isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise UserError(f"--lora {file} is not a safetensors file ({'empty' if size == 0 else 'bad header'}); "
+                        "give the pytorch_lora_weights.safetensors of a checkpoint or a peft adapter folder")
+    if kind == "peft":
+        try:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                config = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"--lora {path}: adapter_config.json is not valid JSON ({e}); restore it from the "
+                            "adapter's source") from None
+        if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+            raise UserError(f"--lora {path}: adapter_config.json is not a peft LoRA config (no integer \"r\")")
+    return found
+
+
+def load_lora(pipe, kind, path):
+    """Load what find_lora found into pipe.transformer. peft keys base_model.model.<module>.lora_A.weight
+    become <module>.lora_A.weight; the saved config gives rank, alpha (scale alpha/r) and targets."""
+    if kind == "diffusers":
+        return pipe.load_lora_weights(os.path.dirname(path) or ".", weight_name=os.path.basename(path))
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = {k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
+    try:
+        pipe.transformer.add_adapter(LoraConfig(**config))
+        result = set_peft_model_state_dict(pipe.transformer, state)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"--lora {path} does not fit this transformer: {str(e).strip().splitlines()[0]}")
+    bad = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
+    if bad:
+        raise UserError(f"--lora {path} does not fit this transformer: {len(bad)} LoRA weights unmatched, e.g. {bad[0]}")
+
+
+def init_from_lora(params, old, kind, path, args):
+    """--init_lora (official train.lora_path): copy a LoRA found by find_lora into the trainable parameters and the
+    old policy's, so theta = theta_old = that LoRA at step 0. The file must hold exactly the trainable modules'
+    lora_A/lora_B with their shapes (--rank, --lora_targets). Its scale alpha/r (peft's adapter_config.json, the
+    diffusers file's metadata, else alpha = r as diffusers assumes) is folded into lora_B, so the starting
+    policy is the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if kind == "peft":
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            config = json.load(f)
+        file, prefix = os.path.join(path, "adapter_model.safetensors"), "base_model.model."
+    else:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        config = {k.removeprefix("transformer."): v for k, v in meta.items()}
+        file, prefix = path, "transformer."
+    found = {k.removeprefix(prefix).replace(".default.", "."): v for k, v in load_file(file).items()}
+    want = {n.replace(".default.", "."): n for n in params}
+    missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
+    shape = [k for k in want if k in found and found[k].shape != params[want[k]].shape]
+    if missing or extra or shape:
+        what = (f"{len(missing)} trainable LoRA weights missing, e.g. {missing[0]}" if missing else
+                f"{len(extra)} weights this run does not train, e.g. {extra[0]}" if extra else
+                f"shape {tuple(found[shape[0]].shape)} vs {tuple(params[want[shape[0]]].shape)} for {shape[0]}")
+        raise UserError(f"--init_lora {path} does not fit this run's LoRA: {what}; match --rank and --lora_targets to it")
+    r = found[next(k for k in found if ".lora_A." in k)].shape[0]
+    scale = config.get("lora_alpha", r) / config.get("r", r) / (args.lora_alpha / args.rank)
+    with torch.no_grad():
+        for k, n in want.items():
+            params[n].copy_(found[k] * (scale if ".lora_B." in k else 1.0))
+            old[n].copy_(params[n])
+    return len(want)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -542,273 +1161,7 @@ def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
     return ids[torch.randperm(len(ids), generator=g)]
 
 
-# --------------------------------------------------------------------------- model
-def _tiny_tokenizer(max_length, eos):
-    """A word-level tokenizer built in memory (no download); unknown words map to <unk>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"] + sorted(set(
-        "a an the photo image of picture red green blue yellow orange purple pink brown black white gray cyan "
-        "and with on in cat dog car tree house sky sign says text two three four".split()))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    bos = "<|startoftext|>" if eos == "<|endoftext|>" else None
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
-                                   pad_token=eos if bos else "<pad>", model_max_length=max_length)
-
-
-# Random-weight SD3 architectures: "tiny" for CPU tests and the demo; "sd3.5-medium" is the real
-# SD3.5-Medium transformer with one-layer text encoders of the real widths, for GPU throughput checks.
-RANDOM_ARCHS = {
-    "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                                  caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
-                 clip=((32, 2, 4), (32, 2, 4)), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1)),
-    "sd3.5-medium": dict(transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                                          num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                                          joint_attention_dim=4096, caption_projection_dim=1536,
-                                          pooled_projection_dim=2048, pos_embed_max_size=384,
-                                          dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-                         clip=((768, 1, 12), (1280, 1, 20)), t5=(4096, 1, 64),  # (width, layers, heads)
-                         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2)),
-}
-
-
-def random_pipeline(arch, device="cpu"):
-    """A StableDiffusion3Pipeline with random weights, built in code on `device` (no download, no slow
-    CPU init of the big one; "meta" builds shapes only), eval mode, shift 3.0."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    cfg = RANDOM_ARCHS[arch]
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
-        torch.manual_seed(0)  # the same "model" every time
-        clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(256, "</s>")
-        v = len(clip_tok)
-        te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=v, hidden_size=width, intermediate_size=2 * width, projection_dim=width, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=2))
-            for width, layers, heads in cfg["clip"])
-        d, layers, heads = cfg["t5"]
-        te3 = T5EncoderModel(T5Config(vocab_size=v, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
-                                      num_heads=heads, pad_token_id=0, eos_token_id=3))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, norm_num_groups=4 if arch == "tiny" else 32,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
-                            use_post_quant_conv=False, **cfg["vae"])
-        if arch == "tiny":
-            _tiny_decoder(vae)
-        pipe = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**cfg["transformer"]), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
-            text_encoder_3=te3, tokenizer_3=t5_tok)
-    for m in pipe.components.values():
-        if isinstance(m, torch.nn.Module):
-            m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
-    return pipe
-
-
-def _tiny_decoder(vae, steps=150):
-    """Fit the tiny decoder (_fit_tiny_decoder) once per machine and cache the result: the fit costs
-    seconds on an idle CPU and up to a minute on a busy one, and every tiny run (demo, resume, eval,
-    diffusers loading) builds the model again. The key hashes the random initial weights, the fit's
-    code and the library versions, so a cached decoder is bit for bit what the fit would return here.
-    The cache lives in $NFT_CACHE (default ~/.cache/diffusion-nft); an unwritable one just refits."""
-    import diffusers
-    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(_fit_tiny_decoder))).encode())
-    for name, t in sorted(vae.state_dict().items()):
-        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
-    folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
-    path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
-    try:
-        vae.decoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        vae.requires_grad_(False)
-        return
-    except Exception:  # not cached yet, or a damaged file: refit
-        pass
-    print0("fitting the tiny VAE decoder (once per machine, then cached)")
-    _fit_tiny_decoder(vae, steps)
-    with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(vae.decoder.state_dict(), tmp)
-        os.replace(tmp, path)
-
-
-def _fit_tiny_decoder(vae, steps=150):
-    """A random decoder squashes every latent to grey, so no colour is reachable and the demo cannot
-    learn. Fit it briefly so the first three latent channels map smoothly onto RGB: pixel = 0.5 + 0.3*z."""
-    opt = torch.optim.Adam(vae.decoder.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        z = torch.randn(16, 4, 2, 2, generator=g)
-        z = torch.nn.functional.interpolate(z, size=4, mode="bilinear", align_corners=False) * 1.5
-        target = (0.5 + 0.3 * z[:, :3]).clamp(0, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
-        latent = z / vae.config.scaling_factor + vae.config.shift_factor  # what pipelines hand the decoder
-        loss = ((vae.decode(latent).sample / 2 + 0.5 - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.requires_grad_(False)
-
-
-def _is_local(model):
-    """A path rather than a hub id ("org/name" is a hub id unless such a folder exists)."""
-    return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
-
-
-def check_hub_model(model):
-    """A hub id must be cached or reachable: one line now, not minutes of retries and then a traceback."""
-    import rewards
-    try:
-        rewards.hub_ready(model, what="--model")
-    except rewards.RewardError as e:
-        raise UserError(f"{e}; or pass a local StableDiffusion3Pipeline folder")
-
-
-def load_pipeline(model, dtype, device="cpu"):
-    """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline. Random architectures
-    other than tiny (which is fitted on the CPU, so it is the same model everywhere) are built on `device`."""
-    from diffusers import StableDiffusion3Pipeline
-    if model == "tiny" or model.startswith("random:"):
-        arch = model.split(":")[-1]
-        if arch not in RANDOM_ARCHS:
-            raise UserError(f"unknown random architecture {arch!r}; choose from {sorted(RANDOM_ARCHS)}")
-        pipe = random_pipeline(arch, device if arch != "tiny" else "cpu")
-        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
-    if _is_local(model) and not os.path.isdir(model):
-        raise UserError(f"--model folder not found: {model}")
-    if _is_local(model):
-        index = os.path.join(model, "model_index.json")
-        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
-            raise UserError(f"--model {model} is not a StableDiffusion3Pipeline folder (no SD3 model_index.json); "
-                            "save one with pipe.save_pretrained(folder) or pass a hub id")
-    else:
-        check_hub_model(model)
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
-    except OSError as e:
-        raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
-                        f"(`hf auth login`, SD3.5 is gated) and download it with `hf download {model}`, or pass a local folder")
-    for m in pipe.components.values():
-        if isinstance(m, torch.nn.Module):
-            m.requires_grad_(False).eval()
-    return pipe
-
-
-def lora_config(args):
-    from peft import LoraConfig
-    names = {"official": OFFICIAL_TARGETS, "official+proj_out": OFFICIAL_TARGETS + ["proj_out"]}
-    targets = names.get(args.lora_targets) or [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
-
-
-def add_adapters(transformer, args):
-    """One LoRA adapter, "default", on the frozen base: the trainable theta. The old policy theta_old is a
-    dict of fp32 tensors with the same names, copied into the adapter for its passes (see `policy`).
-    lora_B starts at zero, so theta, theta_old and the reference (lora_B = 0) agree at step 0.
-    Returns the trainable parameters and the old weights, both keyed by the parameter names."""
-    transformer.requires_grad_(False)
-    try:
-        transformer.add_adapter(lora_config(args), adapter_name="default")
-    except ValueError as e:
-        raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
-    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
-    for p in params.values():
-        p.data = p.data.float()  # LoRA in fp32 on a bf16 base
-    for m in transformer.modules():  # peft casts the bf16 input to the fp32 LoRA's dtype, and autocast casts it
-        if hasattr(m, "cast_input_dtype_enabled"):  # back for the matmul: a lossless round trip of the activations
-            m.cast_input_dtype_enabled = False
-    old = {n: p.detach().clone() for n, p in params.items()}
-    return params, old
-
-
-@contextlib.contextmanager
-def policy(params, weights):
-    """Run the transformer with `weights` in the LoRA: the old policy (theta_old), the EMA, or the reference
-    (weights=None: lora_B = 0, the base model exactly, since base(x) + 0 = base(x)). The weights are copied
-    in and theta copied back after: module flags (peft's set_adapter, disable_adapters) and requires_grad
-    flips are guards of torch.compile, so switching policies through them recompiles the model.
-    Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
-    names = list(params)
-    live = [params[n].detach() for n in names]
-    backup = [t.clone() for t in live]
-    with torch.no_grad():
-        if weights is None:
-            torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
-        else:
-            torch._foreach_copy_(live, [weights[n] for n in names])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(live, backup)
-
-
-def velocity(transformer, x, sigma, embeds, pooled):
-    """v = transformer(x_sigma, 1000*sigma, text). x: (B, C, h, w) float32; sigma: float or (B,) tensor."""
-    # a Python float is filled on the device: torch.as_tensor(float, device=cuda) is a blocking host copy
-    sigma = (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
-             else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
-    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(sigma),
-                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
-    return out.float()
-
-
-def compile_blocks(transformer, **options):
-    """torch.compile each transformer block in place (regional compilation). Blocks of one kind share a
-    graph (their weights are graph inputs), so SD3.5-Medium compiles 3 kinds (dual-attention, joint, and the
-    last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
-    eager. Policies switch by copying weights (see `policy`), which no guard sees."""
-    torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
-    for block in transformer.transformer_blocks:
-        block.compile(**options)
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts, max_sequence_length, device, chunk=64):
-    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Each distinct
-    prompt is encoded once (a group repeats its prompt group_size times), `chunk` at a time. Text encoders
-    kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the whole call."""
-    uniq = list(dict.fromkeys(prompts))
-    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-    home = encoders[0].device
-    for e in encoders if home != device else []:
-        e.to(device)
-    parts = [pipe.encode_prompt(prompt=uniq[i:i + chunk], prompt_2=None, prompt_3=None, device=device,
-                                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-             for i in range(0, len(uniq), chunk)]
-    for e in encoders if home != device else []:
-        e.to(home)
-    embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
-    where = torch.tensor([uniq.index(p) for p in prompts], device=embeds.device)
-    return embeds[where], pooled[where]
-
-
-@torch.no_grad()
-def decode(pipe, x0):
-    """Latents -> images in [0, 1], (B, 3, H, W) float32."""
-    vae = pipe.vae
-    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
-    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def sample(pipe, x, embeds, pooled, sigmas, solver, args, autocast, null=None, generator=None):
-    """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy.
-    guidance_scale > 1 mixes in the unconditional velocity (null = embeddings of ""): rollouts and
-    evaluation only, the training loss never does. generator feeds the noise of stochastic solvers."""
-    def v_fn(x, sigma):
-        if args.guidance_scale == 1.0:
-            return velocity(pipe.transformer, x, sigma, embeds, pooled)
-        v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
-                            torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
-        return v_u + args.guidance_scale * (v_c - v_u)
-    with autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
-        return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
-
-
-# --------------------------------------------------------------------------- helpers: ranks, RNG, precision
+# --------------------------------------------------------------------------- ranks, RNG, precision
 def rng(*keys):
     """A generator seeded from a tuple such as (seed, epoch, rank, "rollout"): every random draw of a
     run is a function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
@@ -829,6 +1182,18 @@ def gather(t):
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def average_gradients(params):
+    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    flat = torch.cat([gr.flatten() for gr in grads])
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
+        p.grad = gr.view_as(p)
+    return flat
 
 
 def clock(device):
@@ -867,16 +1232,6 @@ def precision(args, device):
     if mode == "no":
         return dtype, contextlib.nullcontext
     return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-
-
-def lora_state(weights):
-    """peft names (...lora_A.default.weight) -> diffusers transformer names (...lora_A.weight)."""
-    return {n.replace(".default.", "."): t.detach().float().cpu().contiguous() for n, t in weights.items()}
-
-
-def swapped(params, weights):
-    """Temporarily load `weights` (e.g. the EMA) into the trainable LoRA parameters (see `policy`)."""
-    return policy(params, weights)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -992,6 +1347,98 @@ def own_checkpoint(args, path):
     return os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(os.path.join(args.output_dir, "checkpoints"))
 
 
+def claim_output_dir(args, rank, world):
+    """Lock --output_dir (rank 0), read the checkpoint to resume, and refuse what would clobber a run: a
+    previous run without --overwrite or --resume_from, or an older checkpoint of a run that has newer ones.
+    Returns (resume, foreign, locked): resume = (path, state) or None; foreign = resuming another run's
+    checkpoint (copied in, its folder never changed); locked = the lock is held already. None when the run to
+    resume is complete (nothing to train: said, not silently done)."""
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    locked = rank == 0 and os.path.isdir(args.output_dir)
+    if locked:  # before reading or changing anything of the folder
+        run_lock(args.output_dir)
+    resume = load_checkpoint(args, world) if args.resume_from else None
+    if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # not a silent no-op
+        print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and --num_epochs is "
+               f"{args.num_epochs}, so there is nothing to train; pass a larger --num_epochs to continue it")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return None
+    foreign = bool(resume) and not own_checkpoint(args, resume[0])  # another run's checkpoint: read, never changed
+    if (not args.resume_from or foreign) and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
+        if not args.overwrite:
+            raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
+                            "continue it, --overwrite to replace it, or another --output_dir")
+        if rank == 0:
+            folder = os.path.join(args.output_dir, "checkpoints")
+            os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # a link, not its target
+    if resume and not foreign and args.resume_from != "latest":
+        newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
+        if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
+            raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints ({os.path.basename(newer[-1])}); "
+                            "resume from the newest with --resume_from latest, or branch off into another --output_dir "
+                            "(the checkpoint is copied there)")
+    return resume, foreign, locked
+
+
+def restore(pol, path, state, args):
+    """Load a checkpoint's theta, theta_old, EMA, optimizer state and counters into `pol`; returns the epoch to
+    start from. The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
+    with torch.no_grad():
+        for n, p in pol.theta.items():
+            p.copy_(state["default"][n])
+            pol.old[n].copy_(state["old"][n])
+            pol.ema[n].copy_(state["ema"][n])
+    pol.opt.load_state_dict(state["optimizer"])
+    now = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+               eps=args.adam_epsilon)
+    flag = dict(lr="learning_rate", betas="adam_beta1/2", weight_decay="adam_weight_decay", eps="adam_epsilon")
+    group = pol.opt.param_groups[0]
+    changed = [f"--{flag[k]} {tuple(group[k]) if k == 'betas' else group[k]!r} -> {v!r}" for k, v in now.items()
+               if (tuple(group[k]) if k == "betas" else group[k]) != v]
+    for group in pol.opt.param_groups:
+        group.update(now)
+    if changed:
+        print0(f"resumed optimizer takes the flags given now: {', '.join(changed)}")
+    pol.step, pol.bad_steps = state["step"], state["bad_steps"]
+    print0(f"resumed from {path}: epoch {state['epoch']}, step {pol.step}")
+    return state["epoch"]
+
+
+def adopt_checkpoint(args, source, epoch):
+    """Copy another run's checkpoint into --output_dir, with the metrics of its finished epochs, so that
+    `latest` and the curves continue here; the source folder is left as it is."""
+    path = os.path.normpath(source)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")  # the name `latest` reads
+    shutil.rmtree(into + ".tmp", ignore_errors=True)
+    try:
+        shutil.copytree(path, into + ".tmp")
+    except OSError as e:
+        raise write_error(e, into) from None
+    os.replace(into + ".tmp", into)
+    metrics = os.path.join(os.path.dirname(os.path.dirname(path)), "metrics.jsonl")
+    if os.path.isfile(metrics):
+        shutil.copyfile(metrics, metrics_path)
+    elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
+        os.remove(metrics_path)
+    print0(f"--resume_from {path}: another run's checkpoint, copied into {into}; its folder is left as it is")
+
+
+def trim_metrics(metrics_path, start_epoch):
+    """Keep the metrics lines of finished epochs (before start_epoch); the rest is redone."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        keep = [l for l in f if _epoch_of(l) < start_epoch]
+    try:
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    except OSError as e:
+        raise write_error(e, metrics_path) from None
+
+
 _HELD = []  # the lock files of this process's runs, released by main()
 
 
@@ -1037,6 +1484,8 @@ def _epoch_of(line):
 
 
 RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
+
+
 DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
              "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
 
@@ -1051,6 +1500,8 @@ def run_draws(args, world_size):
 # (column, scale): PickScore is logit*cos/26 here and x26 in the paper, UnifiedReward is score/5.
 EVAL_IMAGES = {"geneval": 4, "ocr": 1,  # and DrawBench, 5 images of each of its 200 prompts:
                **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
+
+
 EVAL_COLUMNS = {"pickscore": ("PickScore", 26.0), "clipscore": ("CLIPScore", 1.0), "hpsv2": ("HPSv2.1", 1.0),
                 "aesthetic": ("Aesthetic", 1.0), "imagereward": ("ImageReward", 1.0), "unifiedreward": ("UnifiedReward", 5.0)}
 
@@ -1126,6 +1577,153 @@ def eval_metrics(results, reward_spec):
     if len(names) > 1:
         out["reward (weighted sum)"] = mean([r["reward"] for r in results])
     return out
+
+
+def eval_only(args):
+    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; T5 length 256 and fp16 as the official
+    evaluation script unless set) of the base model or a --lora on the test prompts.
+    Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
+    image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
+    output_dir or the LoRA's run folder holds a metrics.jsonl."""
+    import rewards
+    lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
+    rank, world, device, _, records = setup(args)
+    if not args.eval_images_per_prompt:  # not set: the benchmark's own count
+        args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], 1)
+    dtype, autocast = precision(args, device)
+    say_loading(args)
+    pipe = load_pipeline(args.model, dtype, device).to(device)
+    reward_vae(pipe, args)
+    if lora:
+        load_lora(pipe, *lora)
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)
+    mode = precision_mode(args, device)
+    setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
+               f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, "
+               f"transformer {'fp32' if mode == 'no' else mode}, rewards {args.reward_precision}, seed {args.seed}")
+    print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
+    results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
+    if rank == 0:
+        out = args.output_dir
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
+            f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
+        metrics = eval_metrics(results, args.reward)
+        keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
+                "max_sequence_length", "mixed_precision", "reward_precision", "seed")
+        summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
+                       prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
+                       reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(json_safe(summary), f, indent=1)
+        name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
+        table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
+                 f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
+        with open(os.path.join(out, "eval.md"), "w") as f:
+            f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
+        print0(table)
+        if lora:  # base vs LoRA on the first 8 prompts, image 0 (the same seed in both columns)
+            items, columns = [(i, 0) for i in range(min(8, len(records)))], []
+            for on in (False, True):
+                pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
+                columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
+            save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
+                      col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
+        # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
+        folders = [out] + ([os.path.abspath(os.path.join(lora[1], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
+        found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
+        if found:
+            plot_curves(found[0], os.path.join(out, "curves.png"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- logging, profiling and plots
+def zero_std_share(rewards, group_ids):
+    """Share of prompt groups whose rewards all tie (std 0, so every advantage in the group is 0 and it teaches
+    nothing): the official zero_std_ratio. rewards: (N,); group_ids: (N,) int, equal ids = same prompt."""
+    groups = {}
+    for r, g in zip(rewards.tolist(), group_ids.tolist()):
+        groups.setdefault(g, []).append(r)
+    return sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
+
+
+def per_tag_mean(values, tags):
+    """Mean of `values` (N,) per tag, tags in first-seen order: {tag: mean}."""
+    out = {}
+    for tag in dict.fromkeys(tags):
+        picked = [float(v) for v, t in zip(values.tolist(), tags) if t == tag]
+        out[tag] = sum(picked) / len(picked)
+    return out
+
+
+def rollout_stats(rewards, group_ids, strict=None, tags=(), order=()):
+    """What the official run logs besides the reward: zero_std_share, and with GenEval strict_<tag>, the strict
+    accuracy of the epoch's rollouts per tag (tags listed in `order` first). NaN share when no reward is finite."""
+    out = {"zero_std_share": zero_std_share(rewards, group_ids) if len(rewards) else float("nan")}
+    if strict is not None and len(strict):
+        means = per_tag_mean(strict, list(tags))
+        for tag in sorted(means, key=lambda t: list(order).index(t) if t in order else len(order)):
+            out[f"strict_{tag}"] = means[tag]
+    return out
+
+
+def profile_report(args, pipe, logs, per_rank, T, device, autocast):
+    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles;
+    the first epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end
+    images/s per epoch, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul
+    peak measured in the same run, and the training loop's peak memory. FLOPs of one forward are counted
+    once (FlopCounterMode): a forward, and a training forward + backward with gradients for the LoRA only, whose
+    backward costs about one forward (not two: no gradient flows to the frozen weights)."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    peak_memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    h = args.resolution // pipe.vae_scale_factor
+    x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
+    emb, pooled = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
+    # eager: inductor's fused kernels would hide FLOPs from the counter, and batch 1 would recompile
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
+        velocity(pipe.transformer, x, 0.5, emb, pooled)
+    f = counter.get_total_flops()  # one transformer forward of one image
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+        with autocast():
+            v = velocity(pipe.transformer, x, 0.5, emb, pooled)
+        v.square().mean().backward()
+    f_train = counter.get_total_flops()  # forward + backward, as measured
+    for p in pipe.transformer.parameters():
+        p.grad = None
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    t = clock(device)
+    for _ in range(10):
+        a @ b
+    peak = 2 * n ** 3 * 10 / (clock(device) - t)
+    steady = logs[1:] or logs
+    mean = lambda k: sum(l[k] for l in steady) / len(steady)
+    # v_theta forward + backward, v_old (and v_ref) forward
+    train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0)))
+    roll_flops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
+                  resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
+                  compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
+                  gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
+                  gflop_per_train_forward_backward=f_train / 1e9,
+                  peak_tflops_matmul=peak / 1e12,
+                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
+                  time_first_epoch_s=logs[0]["time_epoch"],
+                  epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
+                  train_samples_per_s=per_rank * T / mean("time_train"),
+                  rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
+                  peak_memory_gib=peak_memory, compiled_graphs=logs[-1].get("compiled_graphs", 0),
+                  recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
+    report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
+    with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
+        f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
+    return report
 
 
 def _font(size):
@@ -1217,629 +1815,230 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     canvas.save(png_path)
 
 
-def find_lora(path, flag="--lora"):
-    """Locate --lora. ("diffusers", file): this project's pytorch_lora_weights.safetensors (a checkpoint folder
-    or the file). ("peft", folder): the official DiffusionNFT / Flow-GRPO layout, adapter_model.safetensors +
-    adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
-    "owner/name" that is not a local path is downloaded first."""
-    if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
-        import rewards
-        try:
-            rewards.hub_ready(path, what=flag)
-            from huggingface_hub import snapshot_download
-            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
-        except rewards.RewardError as e:
-            raise UserError(f"{flag} {path}: no such file or folder; as a hub repo: {e}")
-        except Exception as e:
-            raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
-                            f"try `hf download {path}`")
-    if os.path.isfile(path):
-        return _checked_lora(("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors"
-                             else ("diffusers", path))
-    for folder in (path, os.path.join(path, "lora")):
-        if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-            return _checked_lora(("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")))
-        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            return _checked_lora(("peft", folder))
-    raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
-                    ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
-
-
-def _checked_lora(found):
-    """find_lora's answer, once its files look sound: a safetensors file starts with an 8-byte header length
-    that fits the file and a JSON header; peft's adapter_config.json is a JSON object. Checked before the model loads."""
-    kind, path = found
-    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        header = f.read(n) if 2 <= n <= size - 8 else b""
-    try:
-        ok = isinstance(json.loads(header), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        ok = False
-    if not ok:
-        raise UserError(f"--lora {file} is not a safetensors file ({'empty' if size == 0 else 'bad header'}); "
-                        "give the pytorch_lora_weights.safetensors of a checkpoint or a peft adapter folder")
-    if kind == "peft":
-        try:
-            with open(os.path.join(path, "adapter_config.json")) as f:
-                config = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--lora {path}: adapter_config.json is not valid JSON ({e}); restore it from the "
-                            "adapter's source") from None
-        if not isinstance(config, dict) or not isinstance(config.get("r"), int):
-            raise UserError(f"--lora {path}: adapter_config.json is not a peft LoRA config (no integer \"r\")")
-    return found
-
-
-def load_lora(pipe, kind, path):
-    """Load what find_lora found into pipe.transformer. peft keys base_model.model.<module>.lora_A.weight
-    become <module>.lora_A.weight; the saved config gives rank, alpha (scale alpha/r) and targets."""
-    if kind == "diffusers":
-        return pipe.load_lora_weights(os.path.dirname(path) or ".", weight_name=os.path.basename(path))
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = {k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
-    state = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
-    try:
-        pipe.transformer.add_adapter(LoraConfig(**config))
-        result = set_peft_model_state_dict(pipe.transformer, state)
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise UserError(f"--lora {path} does not fit this transformer: {str(e).strip().splitlines()[0]}")
-    bad = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
-    if bad:
-        raise UserError(f"--lora {path} does not fit this transformer: {len(bad)} LoRA weights unmatched, e.g. {bad[0]}")
-
-
-def init_from_lora(params, old, kind, path, args):
-    """--init_lora (official train.lora_path): copy a LoRA found by find_lora into the trainable parameters and the
-    old policy's, so theta = theta_old = that LoRA at step 0. The file must hold exactly the trainable modules'
-    lora_A/lora_B with their shapes (--rank, --lora_targets). Its scale alpha/r (peft's adapter_config.json, the
-    diffusers file's metadata, else alpha = r as diffusers assumes) is folded into lora_B, so the starting
-    policy is the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    if kind == "peft":
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            config = json.load(f)
-        file, prefix = os.path.join(path, "adapter_model.safetensors"), "base_model.model."
-    else:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-        config = {k.removeprefix("transformer."): v for k, v in meta.items()}
-        file, prefix = path, "transformer."
-    found = {k.removeprefix(prefix).replace(".default.", "."): v for k, v in load_file(file).items()}
-    want = {n.replace(".default.", "."): n for n in params}
-    missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
-    shape = [k for k in want if k in found and found[k].shape != params[want[k]].shape]
-    if missing or extra or shape:
-        what = (f"{len(missing)} trainable LoRA weights missing, e.g. {missing[0]}" if missing else
-                f"{len(extra)} weights this run does not train, e.g. {extra[0]}" if extra else
-                f"shape {tuple(found[shape[0]].shape)} vs {tuple(params[want[shape[0]]].shape)} for {shape[0]}")
-        raise UserError(f"--init_lora {path} does not fit this run's LoRA: {what}; match --rank and --lora_targets to it")
-    r = found[next(k for k in found if ".lora_A." in k)].shape[0]
-    scale = config.get("lora_alpha", r) / config.get("r", r) / (args.lora_alpha / args.rank)
-    with torch.no_grad():
-        for k, n in want.items():
-            params[n].copy_(found[k] * (scale if ".lora_B." in k else 1.0))
-            old[n].copy_(params[n])
-    return len(want)
-
-
-def eval_only(args):
-    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; T5 length 256 and fp16 as the official
-    evaluation script unless set) of the base model or a --lora on the test prompts.
-    Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
-    image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
-    output_dir or the LoRA's run folder holds a metrics.jsonl."""
+# --------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    """Defaults (Args) <- preset (the reward's, or --preset; plus "tiny" for --model tiny) <- command line."""
     import rewards
-    lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
-    rank, world, device, _, records = setup(args)
-    if not args.eval_images_per_prompt:  # not set: the benchmark's own count
-        args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], 1)
-    dtype, autocast = precision(args, device)
-    say_loading(args)
-    pipe = load_pipeline(args.model, dtype, device).to(device)
-    reward_vae(pipe, args)
-    if lora:
-        load_lora(pipe, *lora)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)
-    mode = precision_mode(args, device)
-    setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
-               f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, "
-               f"transformer {'fp32' if mode == 'no' else mode}, rewards {args.reward_precision}, seed {args.seed}")
-    print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
-    results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
-    if rank == 0:
-        out = args.output_dir
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
-            f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
-        metrics = eval_metrics(results, args.reward)
-        keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
-                "max_sequence_length", "mixed_precision", "reward_precision", "seed")
-        summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
-                       prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
-                       reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(json_safe(summary), f, indent=1)
-        name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
-        table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
-                 f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
-        with open(os.path.join(out, "eval.md"), "w") as f:
-            f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
-        print0(table)
-        if lora:  # base vs LoRA on the first 8 prompts, image 0 (the same seed in both columns)
-            items, columns = [(i, 0) for i in range(min(8, len(records)))], []
-            for on in (False, True):
-                pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
-                columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
-            save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
-                      col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
-        # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
-        folders = [out] + ([os.path.abspath(os.path.join(lora[1], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
-        found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
-        if found:
-            plot_curves(found[0], os.path.join(out, "curves.png"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    epilog = "presets (applied before the flags you give; --model tiny adds the tiny preset):\n" + "\n".join(
+        f"  {name}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for name, preset in PRESETS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
+    choices = {"reward": f"Rewards: {', '.join(rewards.REWARDS)}.", "solver": f"Solvers: {', '.join(SOLVERS)}.",
+               "preset": f"Presets: {', '.join(PRESETS)}."}
+    for f in dataclasses.fields(Args):
+        by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
+        text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
+            f" (default: {f.default!r}" + (f"; presets: {by_preset})" if by_preset else ")")
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
+    given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
+    args = Args()
+    # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the
+    # reward's own name; a weighted sum of several rewards has none
+    spec = given.get("reward", args.reward)
+    exact = [k for k, p in PRESETS.items() if p.get("reward") == spec]
+    name = given.get("preset") or (exact[0] if exact else "" if "," in spec else spec.split(":")[0])
+    if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
+        given.pop("reward", None)
+    presets = [name]
+    if given.get("model", args.model) == "tiny":
+        presets.append("tiny")
+    chosen = set(given)
+    for name in presets:
+        if name not in PRESETS and name == given.get("preset"):
+            raise UserError(f"unknown --preset {name!r}; choose from {sorted(PRESETS)}")
+        for k, v in PRESETS.get(name, {}).items():
+            setattr(args, k, v)
+        chosen |= set(PRESETS.get(name, {}))
+    if given.get("eval_only") and "max_sequence_length" not in chosen:
+        args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
+    args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
+    for k, v in given.items():
+        setattr(args, k, v)
+    return args
 
 
-# --------------------------------------------------------------------------- training
-def say_loading(args):
-    """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a
-    silent terminal never leaves a user wondering whether anything is happening."""
-    import rewards
-    models = [n for n, _ in rewards.parse_reward_spec(args.reward) if n not in rewards.NO_MODEL]
-    model = ("the tiny random SD3 (built in code, no download)" if args.model == "tiny" else
-             f"random-weight {args.model[7:]}" if args.model.startswith("random:") else args.model)
-    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}" if models else "")
-           + " ...")
-
-
-def setup(args):
-    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check flags,
-    and read the prompt sets. Returns rank, world size, device, train and eval prompt records."""
-    import rewards
-    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
-        raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
-                        "python nft.py --model tiny --reward color")
-    validate(args, world)
-    if args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
-        check_hub_model(args.model)  # before the reward models load and before anything is written
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
-    existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable; give a folder you can write to")
-    if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
-    name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
-    resolve_prompts(args)
-    warning = prompt_warning(args)
-    if warning:  # once, before any model loads
-        print0(warning)
-    train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
-    eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
-    unique = dedupe_records(eval_records)
-    if len(unique) < len(eval_records):
-        print0(f"{args.eval_prompts}: {len(eval_records)} lines, {len(unique)} distinct prompts (the official file "
-               "lists a prompt once per image); evaluating the distinct ones")
-    eval_records = unique[:args.eval_max_prompts or None]
-    rewards.check_metadata(args.reward, train_records)
-    rewards.check_metadata(args.reward, eval_records)
-    return rank, world, device, train_records, eval_records
-
-
-def micro_step(transformer, params, old, x0, embeds, pooled, sig, eps, r, mask, args, autocast, scale):
-    """One micro-batch of B clean latents x0, each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
-    The no-grad v_old (theta_old copied into the LoRA, see `policy`) and, when kl_coef > 0, v_ref (lora_B = 0)
-    of all T*B visits run in batches of sample_batch_size; then per timestep v_theta with grad and backward of
-    (adv_clip * nft_loss + kl_coef * KL) * scale, where scale = 1 / (micro-batches per optimizer step * T)
-    averages the accumulated gradient. params: the trainable LoRA; old: theta_old, same names.
-    Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
-    T, B = sig.shape
-    xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
-    emb, pool, c = embeds.repeat(T, 1, 1), pooled.repeat(T, 1), args.sample_batch_size
-    frozen = {}
-    for name, weights in [("old", old)] + ([("ref", None)] if args.kl_coef > 0 else []):
-        # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
-        with policy(params, weights), torch.no_grad(), autocast():
-            frozen[name] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], emb[i:i + c], pool[i:i + c])
-                                      for i in range(0, T * B, c)])
-    stats = torch.zeros(3, device=x0.device)
-    for j in range(T):
-        k = slice(j * B, (j + 1) * B)
-        with autocast():
-            v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool[k])
-        loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
-        kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mask).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
-        ((loss + args.kl_coef * kl) * scale).backward()
-        stats += torch.stack([loss.detach(), kl.detach(), (v_theta.detach() - frozen["old"][k]).abs().mean()])
-    return stats
-
-
-def average_gradients(params):
-    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-    flat = torch.cat([gr.flatten() for gr in grads])
-    if dist.is_initialized():
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-    for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
-        p.grad = gr.view_as(p)
-    return flat
-
-
-def optimizer_step(params, opt, max_grad_norm, sync=True):
-    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
-    already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
-    the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
-    high a learning rate), in which case the weights and the optimizer state go back to before the step."""
-    flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
-    norm, problem = None, None
-    if not bool(torch.isfinite(flat).all()):
-        problem = "non-finite gradient"
-    else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
-        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
-        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
-        opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
-            problem, norm = "the step made the weights NaN/inf", None
-            with torch.no_grad():
-                for p, b in zip(params.values(), before):
-                    p.copy_(b)
-            for p in list(opt.state):
-                if id(p) in saved:
-                    opt.state[p] = saved[id(p)]
-                else:  # the first step created this state: gone again
-                    del opt.state[p]
-    opt.zero_grad(set_to_none=True)
-    return norm, problem
-
-
-def profile_report(args, pipe, logs, per_rank, T, device, autocast):
-    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles;
-    the first epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end
-    images/s per epoch, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul
-    peak measured in the same run, and the training loop's peak memory. FLOPs of one forward are counted
-    once (FlopCounterMode): a forward, and a training forward + backward with gradients for the LoRA only, whose
-    backward costs about one forward (not two: no gradient flows to the frozen weights)."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
-    peak_memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
-                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
-    h = args.resolution // pipe.vae_scale_factor
-    x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
-    emb, pooled = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
-    # eager: inductor's fused kernels would hide FLOPs from the counter, and batch 1 would recompile
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
-        velocity(pipe.transformer, x, 0.5, emb, pooled)
-    f = counter.get_total_flops()  # one transformer forward of one image
-    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-        with autocast():
-            v = velocity(pipe.transformer, x, 0.5, emb, pooled)
-        v.square().mean().backward()
-    f_train = counter.get_total_flops()  # forward + backward, as measured
-    for p in pipe.transformer.parameters():
-        p.grad = None
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    t = clock(device)
-    for _ in range(10):
-        a @ b
-    peak = 2 * n ** 3 * 10 / (clock(device) - t)
-    steady = logs[1:] or logs
-    mean = lambda k: sum(l[k] for l in steady) / len(steady)
-    # v_theta forward + backward, v_old (and v_ref) forward
-    train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0)))
-    roll_flops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
-                  resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
-                  compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
-                  gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
-                  gflop_per_train_forward_backward=f_train / 1e9,
-                  peak_tflops_matmul=peak / 1e12,
-                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
-                  time_first_epoch_s=logs[0]["time_epoch"],
-                  epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
-                  train_samples_per_s=per_rank * T / mean("time_train"),
-                  rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=peak_memory, compiled_graphs=logs[-1].get("compiled_graphs", 0),
-                  recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
-    report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
-    with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
-    print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
-        f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
-    return report
-
-
-def train(args):
-    import rewards
-    from tqdm import tqdm
-    rank, world, device, train_records, eval_records = setup(args)
-    per_rank = args.num_groups * args.group_size // world
-    args.eval_images_per_prompt = args.eval_images_per_prompt or 1
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    locked = rank == 0 and os.path.isdir(args.output_dir)
-    if locked:  # before reading or changing anything of the folder
-        run_lock(args.output_dir)
-    resume = load_checkpoint(args, world) if args.resume_from else None
-    if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # not a silent no-op
-        print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and --num_epochs is "
-               f"{args.num_epochs}, so there is nothing to train; pass a larger --num_epochs to continue it")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def validate(args, world_size):
+    """Fail fast, before any model loads, on values that would crash or silently misbehave later."""
+    for f in dataclasses.fields(Args):  # NaN passes every `<` check below, so finiteness comes first
+        if f.type in (float, "float") and not math.isfinite(getattr(args, f.name)):
+            raise UserError(f"--{f.name} must be a finite number, got {getattr(args, f.name)}")
+    positive = ["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
+                "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
+                "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
+                "max_nonfinite_steps"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
+                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit"]:
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}"
+                            + (" (0 keeps every checkpoint)" if name == "checkpoints_total_limit" else ""))
+    for name in ["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"]:
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.guidance_scale < 1:  # 1 = no classifier-free guidance; below 1 is not a guidance scale
+        raise UserError(f"--guidance_scale must be >= 1 (1 = no classifier-free guidance), got {args.guidance_scale}")
+    if not 0 < args.beta <= 1:
+        raise UserError(f"--beta must be in (0, 1], got {args.beta} (the paper uses 1.0, or 0.1 for OCR "
+                        "and multi-reward; beta > 1 makes the negative policy extrapolate)")
+    if not 0 < args.timestep_fraction <= 1:
+        raise UserError(f"--timestep_fraction must be in (0, 1], got {args.timestep_fraction} (official: 0.99, "
+                        "9 of 10 rollout sigmas)")
+    if args.kl_coef < 0:
+        raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
+    if args.resolution % 16:
+        r = args.resolution
+        raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {r}; "
+                        f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
+    if args.solver not in SOLVERS:
+        raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
+    if args.grad_sync not in ("step", "micro_step"):
+        raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
+    if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
+    if args.reward_precision not in ("fp32", "bf16"):
+        raise UserError(f"--reward_precision must be fp32 or bf16, got {args.reward_precision!r}")
+    if args.eval_only:
         return
-    foreign = bool(resume) and not own_checkpoint(args, resume[0])  # another run's checkpoint: read, never changed
-    if (not args.resume_from or foreign) and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
-        if not args.overwrite:
-            raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
-                            "continue it, --overwrite to replace it, or another --output_dir")
-        if rank == 0:
-            folder = os.path.join(args.output_dir, "checkpoints")
-            os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # a link, not its target
-    if resume and not foreign and args.resume_from != "latest":
-        newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
-        if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
-            raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints ({os.path.basename(newer[-1])}); "
-                            "resume from the newest with --resume_from latest, or branch off into another --output_dir "
-                            "(the checkpoint is copied there)")
-
-    say_loading(args)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)  # before the big model: a missing extra fails fast
-    init = find_lora(args.init_lora, "--init_lora") if args.init_lora else None  # a bad path fails before the model loads
-    dtype, autocast = precision(args, device)
-    pipe = load_pipeline(args.model, dtype, device)
-    pipe.to(device)
-    reward_vae(pipe, args)
-    if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
-        for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            e.to("cpu")
-    transformer = pipe.transformer
-    torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
-    params, old = add_adapters(transformer, args)
-    if init:
-        n = init_from_lora(params, old, *init, args)
-        print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    ema = {n: p.detach().clone() for n, p in params.items()}
-    opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    step, start_epoch, bad_steps = 0, 0, 0
-    if resume:
-        path, state = resume
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["default"][n])
-                old[n].copy_(state["old"][n])
-                ema[n].copy_(state["ema"][n])
-        opt.load_state_dict(state["optimizer"])
-        # the saved optimizer state carries its own hyperparameters; the flags given now win, and say so
-        now = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                   eps=args.adam_epsilon)
-        flag = dict(lr="learning_rate", betas="adam_beta1/2", weight_decay="adam_weight_decay", eps="adam_epsilon")
-        group = opt.param_groups[0]
-        changed = [f"--{flag[k]} {tuple(group[k]) if k == 'betas' else group[k]!r} -> {v!r}" for k, v in now.items()
-                   if (tuple(group[k]) if k == "betas" else group[k]) != v]
-        for group in opt.param_groups:
-            group.update(now)
-        if changed:
-            print0(f"resumed optimizer takes the flags given now: {', '.join(changed)}")
-        step, start_epoch, bad_steps = state["step"], state["epoch"], state["bad_steps"]
-        print0(f"resumed from {path}: epoch {start_epoch}, step {step}")
-    if rank == 0:  # a new folder is created and locked once the model has loaded
-        if not locked:
-            run_lock(args.output_dir)
-        if foreign:  # copy it in, with the metrics of its finished epochs, so `latest` and the curves continue here
-            path = os.path.normpath(resume[0])
-            into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{start_epoch:05d}")  # the name `latest` reads
-            shutil.rmtree(into + ".tmp", ignore_errors=True)
-            try:
-                shutil.copytree(path, into + ".tmp")
-            except OSError as e:
-                raise write_error(e, into) from None
-            os.replace(into + ".tmp", into)
-            source = os.path.join(os.path.dirname(os.path.dirname(path)), "metrics.jsonl")
-            if os.path.isfile(source):
-                shutil.copyfile(source, metrics_path)
-            elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
-                os.remove(metrics_path)
-            print0(f"--resume_from {path}: another run's checkpoint, copied into {into}; its folder is left as it is")
-    if rank == 0 and os.path.exists(metrics_path):  # keep the lines of finished epochs; the rest is redone
-        with open(metrics_path) as f:
-            keep = [l for l in f if _epoch_of(l) < start_epoch]
-        try:
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        except OSError as e:
-            raise write_error(e, metrics_path) from None
-    if args.compile is None:  # config.json records what ran
-        args.compile = device.type == "cuda"
-    if args.compile:  # a one-off cost; see README "Speed and memory"
-        # a resumed run reuses the compiled kernels (set TORCHINDUCTOR_CACHE_DIR to share them between runs)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "compile_cache"))
-        compile_blocks(transformer)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args))), f, indent=1, allow_nan=False)
-    wandb = None
-    if args.wandb and rank == 0:  # the package was checked in setup()
-        import wandb
-        wandb.init(project=args.wandb_project, name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
-                   config=dataclasses.asdict(args))
-    lora_meta = transformer.peft_config["default"].to_dict()
-    lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
-    sigmas = rollout_sigmas(args.num_steps, pipe.scheduler.config.shift)  # float64, CPU: the solvers read floats
-    sigmas_dev = sigmas.float().to(device)  # the training sigmas, indexed on the device
-    T = max(1, int(args.num_steps * args.timestep_fraction))  # training timesteps per sample (9 of 10)
-    h = args.resolution // pipe.vae_scale_factor  # latent size
-    micro = per_rank // args.train_batch_size  # micro-batches per epoch on this rank
-    per_step = micro // args.steps_per_epoch
-    null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
-    pool = ThreadPoolExecutor(1)  # rewards run while the next rollout batch samples
-    bar = dict(disable=rank != 0, leave=False, dynamic_ncols=True)
-
-    def run_eval(epoch):
-        with policy(params, ema):
-            results = evaluate(pipe, eval_records, reward_fn, args, device, autocast, rank, world)
-        if rank == 0:  # evaluate() keeps the images of the first 16 results: a row per prompt, labelled
-            kept = [r for r in results if "_image" in r]
-            save_grid(torch.stack([r["_image"] for r in kept]), os.path.join(args.output_dir, f"eval_epoch{epoch:05d}.png"),
-                      nrow=args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
-        return sum(r["reward"] for r in results) / len(results)
-
-    if args.profile:  # a few timed epochs, no evaluation or checkpoints
-        args.num_epochs, args.eval_every = start_epoch + 3, 0
-    history = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the training loop's peak, not the model build's
-    for epoch in range(start_epoch, args.num_epochs):
-        t0 = clock(device)
-        log = dict(epoch=epoch)
-        if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
-            log["eval_reward_mean_before"] = run_eval(0)
-            t0 = clock(device)
-        # ---- 1. prompts: this rank's slice of the epoch's groups
-        ids = epoch_prompt_indices(len(train_records), args.num_groups, args.group_size, args.seed, epoch)
-        ids = ids[rank * per_rank:(rank + 1) * per_rank]
-        prompts = [train_records[i]["prompt"] for i in ids.tolist()]
-        embeds, pooled = encode_prompts(pipe, prompts, args.max_sequence_length, device)
-        t1, t_decode = clock(device), 0.0
-        # ---- 2. rollout with the old policy; keep only x0, the embeddings and the sigma schedule
-        g = rng(args.seed, epoch, rank, "rollout")
-        noise_gen = device_rng(g, device)
-        x0, futures = [], []
-        with policy(params, old):
-            for b in tqdm(range(0, per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **bar):
-                s = slice(b, b + args.sample_batch_size)
-                noise = torch.randn((len(prompts[s]), transformer.config.in_channels, h, h), generator=noise_gen, device=device)
-                sde_gen = device_rng(g, device)
-                x0.append(sample(pipe, noise, embeds[s], pooled[s], sigmas, args.solver, args, autocast, null, sde_gen))
-                t = clock(device)
-                images = decode(pipe, x0[-1])
-                t_decode += clock(device) - t
-                futures.append(pool.submit(reward_fn, images, prompts[s], [train_records[i] for i in ids[s].tolist()]))
-        x0 = torch.cat(x0)
-        t2 = clock(device)
-        # ---- 3. rewards -> advantages (grouped by prompt index over all ranks) -> r
-        results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **bar)]
-        R = torch.cat([r[0] for r in results]).double()
-        comps = {k: torch.cat([r[1][k] for r in results]).double() for k in results[0][1]}
-        all_R, all_ids = gather(R.to(device)).cpu(), gather(ids.to(device)).cpu()
-        ok = torch.isfinite(all_R)
-        if not ok.all():
-            print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
-                   "those samples are dropped from the update")
-        trainable = bool(ok.any())
-        if not trainable:  # the epoch is still logged and checkpointed, with no optimizer step
-            print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
-        adv = torch.zeros_like(all_R, dtype=torch.float32)
-        if trainable:
-            adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
-        strict = gather(comps["geneval/strict"].to(device)).cpu()[ok] if "geneval/strict" in comps else None
-        log.update(rollout_stats(all_R[ok], all_ids[ok], strict, [train_records[i].get("tag", "?") for i in all_ids[ok].tolist()],
-                                 rewards.GENEVAL_TAGS))
-        mask = ok[rank * per_rank:(rank + 1) * per_rank].float().to(device)
-        x0 = torch.where(mask.view(-1, 1, 1, 1) > 0, x0, 0.0)  # a NaN image would make even its masked loss NaN
-        r = adv_to_r(adv[rank * per_rank:(rank + 1) * per_rank], args.adv_clip).to(device)
-        t3 = clock(device)
-        # ---- 4. train on freshly noised clean images: T of the rollout's sigmas per sample, fresh eps
-        g = rng(args.seed, epoch, rank, "train")
-        visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(per_rank)])
-        sig_all, noise_gen = sigmas_dev[visits.to(device)], device_rng(g, device)  # (per_rank, T)
-        stats = torch.zeros(3, device=device)
-        for m in tqdm(range(micro if trainable else 0), desc=f"epoch {epoch} train", **bar):
-            s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
-            eps = torch.randn((T, *x0[s].shape), generator=noise_gen, device=device)
-            stats += micro_step(transformer, params, old, x0[s], embeds[s], pooled[s], sig_all[s].T, eps, r[s], mask[s], args,
-                                autocast, 1 / (per_step * T))
-            if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
-                average_gradients(params)
-            if (m + 1) % per_step == 0:
-                grad_norm, problem = optimizer_step(params, opt, args.max_grad_norm, sync=args.grad_sync == "step")
-                if problem:
-                    bad_steps += 1
-                    if rank == 0:  # tqdm.write: a message never lands on the progress bar's line
-                        tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step undone ({bad_steps} in a row)")
-                    if bad_steps >= args.max_nonfinite_steps:
-                        raise UserError(f"{bad_steps} non-finite optimizer steps in a row ({problem}); stopping. The last "
-                                        f"good checkpoint in {args.output_dir}/checkpoints is intact; lower --learning_rate "
-                                        "or check the reward, then resume from it")
-                    continue
-                step, bad_steps, log["grad_norm"] = step + 1, 0, grad_norm
-                d = ema_decay(step, args.ema_max_decay)
-                with torch.no_grad():
-                    for n, p in params.items():
-                        ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
-        # ---- 5. old policy follows the trainable one: theta_old <- d*theta_old + (1-d)*theta
-        d = old_decay(step, args.old_flat, args.old_rate, args.old_max)
-        with torch.no_grad():
-            for n, p in params.items():
-                old[n].mul_(d).add_(p.detach(), alpha=1 - d)
-        t4 = clock(device)
-        log.update(step=step, reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
-                   **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
-                   **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())), r_mean=float(r.mean()), old_decay=d,
-                   dropped=int((~ok).sum()), time_text=t1 - t0, time_rollout=t2 - t1 - t_decode, time_decode=t_decode,
-                   time_reward=t3 - t2, time_train=t4 - t3, time_epoch=t4 - t0)
-        if args.compile:  # graphs compiled so far: after the first epoch this should stay flat
-            log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
-            log["eval_reward_mean"] = run_eval(epoch + 1)  # EMA weights after this epoch's update
-        if rank == 0:
-            try:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")  # NaN -> null: stays valid JSON
-            except OSError as e:
-                raise write_error(e, metrics_path) from None
-            print0(f"epoch {epoch:4d} step {step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
-                   f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
-                   f"zero-std {log['zero_std_share']:.2f} | "
-                   + ("strict " + " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_")) + " | "
-                      if any(k.startswith("strict_") for k in log) else "")
-                   + (f"eval {log['eval_reward_mean']:.4f} | " if "eval_reward_mean" in log else "")
-                   + f"{t4 - t0:.1f}s (text {t1 - t0:.1f} rollout {t2 - t1 - t_decode:.1f} decode {t_decode:.1f} "
-                   f"reward {t3 - t2:.1f} train {t4 - t3:.1f})")
-            if wandb:
-                wandb.log(log, step=step)
-        history.append(log)
-        if rank == 0 and not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
-            cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
-            state = dict(default=cpu(params), old=cpu(old), ema=cpu(ema), optimizer=opt.state_dict(), step=step,
-                         epoch=epoch + 1, bad_steps=bad_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                         draws=run_draws(args, world))
-            save_checkpoint(args, epoch + 1, state, ema, lora_meta)
-    pool.shutdown()
-    if rank == 0 and os.path.exists(metrics_path):
-        plot_curves(metrics_path, os.path.join(args.output_dir, "curves.png"))
-    if args.profile and rank == 0:
-        profile_report(args, pipe, history, per_rank, T, device, autocast)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    total = args.num_groups * args.group_size
+    unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
+    if total % unit:
+        # g * group_size is a multiple of unit exactly when g is a multiple of unit / gcd(unit, group_size):
+        # arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 10**12)
+        every = unit // math.gcd(unit, args.group_size)
+        below = args.num_groups // every * every
+        near = sorted((g for g in (below - every, below, below + every, below + 2 * every) if g > 0),
+                      key=lambda g: abs(g - args.num_groups))[:2]
+        raise UserError(
+            f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
+            f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
+            f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
+            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if every <= 4 * args.num_groups else
+               "lower --sample_batch_size or --train_batch_size, or change --group_size"))
 
 
+def _closest(name, choices):
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+# --------------------------------------------------------------------------- the tiny model builder
+def _tiny_tokenizer(max_length, eos):
+    """A word-level tokenizer built in memory (no download); unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"] + sorted(set(
+        "a an the photo image of picture red green blue yellow orange purple pink brown black white gray cyan "
+        "and with on in cat dog car tree house sky sign says text two three four".split()))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    bos = "<|startoftext|>" if eos == "<|endoftext|>" else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                   pad_token=eos if bos else "<pad>", model_max_length=max_length)
+
+
+# Random-weight SD3 architectures: "tiny" for CPU tests and the demo; "sd3.5-medium" is the real
+# SD3.5-Medium transformer with one-layer text encoders of the real widths, for GPU throughput checks.
+RANDOM_ARCHS = {
+    "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                  caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
+                 clip=((32, 2, 4), (32, 2, 4)), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1)),
+    "sd3.5-medium": dict(transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                                          num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                                          joint_attention_dim=4096, caption_projection_dim=1536,
+                                          pooled_projection_dim=2048, pos_embed_max_size=384,
+                                          dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+                         clip=((768, 1, 12), (1280, 1, 20)), t5=(4096, 1, 64),  # (width, layers, heads)
+                         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2)),
+}
+
+
+def random_pipeline(arch, device="cpu"):
+    """A StableDiffusion3Pipeline with random weights, built in code on `device` (no download, no slow
+    CPU init of the big one; "meta" builds shapes only), eval mode, shift 3.0."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    cfg = RANDOM_ARCHS[arch]
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)  # the same "model" every time
+        clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(256, "</s>")
+        v = len(clip_tok)
+        te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=v, hidden_size=width, intermediate_size=2 * width, projection_dim=width, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+            for width, layers, heads in cfg["clip"])
+        d, layers, heads = cfg["t5"]
+        te3 = T5EncoderModel(T5Config(vocab_size=v, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
+                                      num_heads=heads, pad_token_id=0, eos_token_id=3))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, norm_num_groups=4 if arch == "tiny" else 32,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                            use_post_quant_conv=False, **cfg["vae"])
+        if arch == "tiny":
+            _tiny_decoder(vae)
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**cfg["transformer"]), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
+            text_encoder_3=te3, tokenizer_3=t5_tok)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
+    return pipe
+
+
+def _tiny_decoder(vae, steps=150):
+    """Fit the tiny decoder (_fit_tiny_decoder) once per machine and cache the result: the fit costs
+    seconds on an idle CPU and up to a minute on a busy one, and every tiny run (demo, resume, eval,
+    diffusers loading) builds the model again. The key hashes the random initial weights, the fit's
+    code and the library versions, so a cached decoder is bit for bit what the fit would return here.
+    The cache lives in $NFT_CACHE (default ~/.cache/diffusion-nft); an unwritable one just refits."""
+    import diffusers
+    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(_fit_tiny_decoder))).encode())
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
+    path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
+    try:
+        vae.decoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        vae.requires_grad_(False)
+        return
+    except Exception:  # not cached yet, or a damaged file: refit
+        pass
+    print0("fitting the tiny VAE decoder (once per machine, then cached)")
+    _fit_tiny_decoder(vae, steps)
+    with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(vae.decoder.state_dict(), tmp)
+        os.replace(tmp, path)
+
+
+def _fit_tiny_decoder(vae, steps=150):
+    """A random decoder squashes every latent to grey, so no colour is reachable and the demo cannot
+    learn. Fit it briefly so the first three latent channels map smoothly onto RGB: pixel = 0.5 + 0.3*z."""
+    opt = torch.optim.Adam(vae.decoder.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        z = torch.randn(16, 4, 2, 2, generator=g)
+        z = torch.nn.functional.interpolate(z, size=4, mode="bilinear", align_corners=False) * 1.5
+        target = (0.5 + 0.3 * z[:, :3]).clamp(0, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
+        latent = z / vae.config.scaling_factor + vae.config.shift_factor  # what pipelines hand the decoder
+        loss = ((vae.decode(latent).sample / 2 + 0.5 - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- main
 def _close_bars():
     """Close progress bars an error left open, so the error line starts a line of its own."""
     from tqdm import tqdm
