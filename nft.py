@@ -505,34 +505,6 @@ def take_step(run, pol, epoch, log):
             pol.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
 
 
-def optimizer_step(params, opt, max_grad_norm, sync=True):
-    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
-    already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
-    the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
-    high a learning rate), in which case the weights and the optimizer state go back to before the step."""
-    flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
-    norm, problem = None, None
-    if not bool(torch.isfinite(flat).all()):
-        problem = "non-finite gradient"
-    else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
-        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
-        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
-        opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
-            problem, norm = "the step made the weights NaN/inf", None
-            with torch.no_grad():
-                for p, b in zip(params.values(), before):
-                    p.copy_(b)
-            for p in list(opt.state):
-                if id(p) in saved:
-                    opt.state[p] = saved[id(p)]
-                else:  # the first step created this state: gone again
-                    del opt.state[p]
-    opt.zero_grad(set_to_none=True)
-    return norm, problem
-
-
 def follow(pol, args):
     """Step 5: theta_old <- d*theta_old + (1 - d)*theta with d = old_decay(step). Returns d."""
     d = old_decay(pol.step, args.old_flat, args.old_rate, args.old_max)
@@ -561,21 +533,11 @@ class Run:
     wandb: object = None
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
 
-    @property
-    def per_rank(self):  # images per epoch on this rank
-        return self.args.num_groups * self.args.group_size // self.world
-
-    @property
-    def T(self):  # training sigmas per sample: floor(num_steps * timestep_fraction), 9 of 10 officially
-        return max(1, int(self.args.num_steps * self.args.timestep_fraction))
-
-    @property
-    def bar(self):  # tqdm settings: rank 0 only, cleared when done
-        return dict(disable=self.rank != 0, leave=False, dynamic_ncols=True)
-
-    @property
-    def metrics_path(self):
-        return os.path.join(self.args.output_dir, "metrics.jsonl")
+    def __post_init__(self):
+        self.per_rank = self.args.num_groups * self.args.group_size // self.world  # images per epoch on this rank
+        self.T = max(1, int(self.args.num_steps * self.args.timestep_fraction))  # training sigmas per sample (9 of 10)
+        self.bar = dict(disable=self.rank != 0, leave=False, dynamic_ncols=True)  # tqdm: rank 0 only, cleared when done
+        self.metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
 
 
 class Lap:
@@ -1161,7 +1123,7 @@ def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
     return ids[torch.randperm(len(ids), generator=g)]
 
 
-# --------------------------------------------------------------------------- ranks, RNG, precision
+# --------------------------------------------------------------------------- ranks, gradients, RNG, precision
 def rng(*keys):
     """A generator seeded from a tuple such as (seed, epoch, rank, "rollout"): every random draw of a
     run is a function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
@@ -1194,6 +1156,34 @@ def average_gradients(params):
     for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
         p.grad = gr.view_as(p)
     return flat
+
+
+def optimizer_step(params, opt, max_grad_norm, sync=True):
+    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
+    already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
+    the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
+    high a learning rate), in which case the weights and the optimizer state go back to before the step."""
+    flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
+    norm, problem = None, None
+    if not bool(torch.isfinite(flat).all()):
+        problem = "non-finite gradient"
+    else:
+        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
+        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
+        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+        opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            problem, norm = "the step made the weights NaN/inf", None
+            with torch.no_grad():
+                for p, b in zip(params.values(), before):
+                    p.copy_(b)
+            for p in list(opt.state):
+                if id(p) in saved:
+                    opt.state[p] = saved[id(p)]
+                else:  # the first step created this state: gone again
+                    del opt.state[p]
+    opt.zero_grad(set_to_none=True)
+    return norm, problem
 
 
 def clock(device):
