@@ -1104,13 +1104,7 @@ def prompt_warning(args):
 def dedupe_records(records):
     """Drop exact repeats, keeping the first: the official test files list a prompt once per image (GenEval 4,
     DrawBench 5), while evaluation here draws --eval_images_per_prompt images of each distinct prompt."""
-    seen, out = set(), []
-    for r in records:
-        key = json.dumps(r, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+    return list({json.dumps(r, sort_keys=True): r for r in records}.values())  # equal keys: equal records
 
 
 def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):

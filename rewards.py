@@ -895,13 +895,7 @@ def geneval_prompts(split, seed=None, per_tag=None):
     records = [_single(int(i)) for i in rng.choice(len(COCO_CLASSES), size=len(COCO_CLASSES), replace=False)]
     for tag in GENEVAL_TAGS[1:]:
         records += [_geneval_sample(rng, tag) for _ in range(per_tag or 100)]
-    unique, seen = [], set()
-    for record in records:
-        text = json.dumps(record, sort_keys=True)
-        if text not in seen:
-            seen.add(text)
-            unique.append(record)
-    return unique
+    return list({json.dumps(r, sort_keys=True): r for r in records}.values())  # repeats dropped, first order kept
 
 
 _OCR_WORDS = [
