@@ -2530,6 +2530,30 @@ def test_fam_resume_is_exact(fam_demo, tmp_path):
     assert keep(metrics(out)) == keep(metrics(demo)[:2])
 
 
+def test_fam_eval_only_reads_the_checkpoint_lora(fam_demo, tmp_path):
+    """--eval_only --lora on a family checkpoint: the trained LoRA scores as in training (the same images as
+    the demo's last evaluation) and beats the base model."""
+    name, demo = fam_demo
+    out = tmp_path / "eval"
+    run_nft("--eval_only", "--model", FAM[name], "--reward", "color", "--lora", nft.checkpoints(demo)[-1],
+            "--eval_images_per_prompt", 4, "--mixed_precision", "no", "--output_dir", out)
+    result = json.load(open(out / "eval.json"))
+    assert result["reward_mean"] == pytest.approx(metrics(demo)[-1]["eval_reward_mean"], abs=1e-4)
+    assert os.path.isfile(out / "compare.png")
+
+
+def test_fam_model_folder_picks_family_and_preset(tmp_path):
+    """A FLUX.1 pipeline saved with save_pretrained loads from its folder as the flux family, and its
+    model_index.json picks the flux preset before loading."""
+    folder = tmp_path / "flux"
+    _fam_pipe("flux").save_pretrained(folder)
+    pipe = nft.load_pipeline(str(folder), torch.float32)
+    assert nft.family_of(pipe).name == "flux" and nft.model_family(str(folder)) == "flux"
+    assert nft.parse_args(["--model", str(folder)]).rank == 64
+    cond, ref = (nft.encode_prompts(p, ["a red image"], 16, "cpu") for p in (pipe, _fam_pipe("flux")))
+    assert all(torch.equal(cond[k], ref[k]) for k in ref)
+
+
 def test_fam_two_gloo_ranks_train_qwenimage(tmp_path):
     """2 gloo ranks on tiny-qwenimage, --grad_sync micro_step (an all-reduce after every backward, with the 6
     LoRA tensors that get no gradient): one optimizer step, finite, and a LoRA that loads into the pipeline."""
