@@ -16,7 +16,8 @@ toward them, which pushes v_theta away. No likelihoods, no stored trajectories, 
 Read it top to bottom: the config (Args, PRESETS), the math (pure functions, each with its equation), then
 the training loop (train() is the paper's Algorithm 1, one named call per step, followed by those steps).
 Everything after that is plumbing: the run's setup and bookkeeping, model loading and the LoRA policies,
-the model families (SD3.5, FLUX.1, Qwen-Image), prompts, ranks/RNG/precision, checkpoints, evaluation, logging and plots, the command line, the tiny model.
+the model families (SD3.5, FLUX.1, Qwen-Image), prompts, ranks/RNG/precision, checkpoints, evaluation,
+logging and plots, the command line, the tiny models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
 x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
