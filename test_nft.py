@@ -2554,6 +2554,18 @@ def test_fam_model_folder_picks_family_and_preset(tmp_path):
     assert all(torch.equal(cond[k], ref[k]) for k in ref)
 
 
+@pytest.mark.parametrize("name", list(FAM))
+def test_fam_profile_with_cfg_rollouts(name, tmp_path):
+    """--profile (FLOP count of the family's velocity) with --guidance_scale 2: rollouts mix in the velocity of
+    "" (the null conditioning dict: FLUX's guidance, Qwen-Image's mask broadcast along)."""
+    out = tmp_path / "p"
+    run_nft("--model", FAM[name], "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
+            "--sample_batch_size", 8, "--guidance_scale", 2, "--profile", "--output_dir", out)
+    report = json.load(open(out / "profile.json"))
+    assert report["gflop_per_forward"] > 0 and 1.5 < report["gflop_per_train_forward_backward"] / report["gflop_per_forward"] < 2.7
+    assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
+
+
 def test_fam_two_gloo_ranks_train_qwenimage(tmp_path):
     """2 gloo ranks on tiny-qwenimage, --grad_sync micro_step (an all-reduce after every backward, with the 6
     LoRA tensors that get no gradient): one optimizer step, finite, and a LoRA that loads into the pipeline."""
