@@ -1072,6 +1072,7 @@ def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
 
 
 def text_encoders(pipe):
+    """The pipeline's text encoder modules (CLIP-L, CLIP-G, T5 for SD3; CLIP-L, T5 for FLUX; Qwen2.5-VL)."""
     return [getattr(pipe, name) for name in family_of(pipe).text_encoders]
 
 
@@ -1241,6 +1242,7 @@ def qwenimage_latent(vae, x0):
 
 
 def qwenimage_decode(pipe, x0):
+    """AutoencoderKLQwenImage decode (it clamps to [-1, 1]) of the single frame, images in [0, 1]."""
     return (pipe.vae.decode(qwenimage_latent(pipe.vae, x0)).sample[:, :, 0].float() / 2 + 0.5).clamp(0, 1)
 
 
