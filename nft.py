@@ -16,10 +16,14 @@ toward them, which pushes v_theta away. No likelihoods, no stored trajectories, 
 Read it top to bottom: the config (Args, PRESETS), the math (pure functions, each with its equation), then
 the training loop (train() is the paper's Algorithm 1, one named call per step, followed by those steps).
 Everything after that is plumbing: the run's setup and bookkeeping, model loading and the LoRA policies,
-prompts, ranks/RNG/precision, checkpoints, evaluation, logging and plots, the command line, the tiny model.
+the model families (SD3.5, FLUX.1, Qwen-Image), prompts, ranks/RNG/precision, checkpoints, evaluation,
+logging and plots, the command line, the tiny models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
 x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
+SD3.5, FLUX.1 and Qwen-Image all fit this: the "model families" section says, per family, how prompts
+are encoded, how the transformer gives v for (x, sigma, prompt), the rollout schedule and the LoRA
+targets; the rest of the file never asks which family it runs.
 
 Where this file deliberately differs from the official code (README lists the same):
  1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler).
@@ -71,7 +75,7 @@ class UserError(Exception):
 @dataclass
 class Args:
     # model and data
-    model: str = "stabilityai/stable-diffusion-3.5-medium"  # The base model: a hub id, a local StableDiffusion3Pipeline folder, "tiny" (the CPU demo's random model) or "random:sd3.5-medium".
+    model: str = "stabilityai/stable-diffusion-3.5-medium"  # The base model: a hub id or local folder of SD3.5, FLUX.1 or Qwen-Image, "tiny" / "tiny-flux" / "tiny-qwenimage" (random CPU models) or "random:sd3.5-medium" / "random:flux.1-dev" / "random:qwen-image".
     reward: str = "geneval"  # The reward: a name, or a weighted sum "name:weight,name:weight"; a name also picks the official preset of that name.
     preset: str = ""  # The official recipe to start from; empty picks the reward's preset when it has one.
     prompts: str = ""  # The training prompts: a .txt file (one prompt a line), a .jsonl file ({"prompt": ..., metadata}) or the official repository's dataset/ folder (its train and test files); empty uses the reward's built-in set.
@@ -133,7 +137,7 @@ class Args:
     compile: bool = None  # Compile each transformer block with torch.compile; unset means on with a GPU and off on a CPU (--compile forces it on, --no-compile off).
     gradient_checkpointing: bool = False  # Recompute activations in the backward pass: less memory, more compute.
     grad_sync: str = "step"  # When to all-reduce gradients: "step" (once per optimizer step) or "micro_step" (after every backward, official-style).
-    offload_text_encoders: bool = False  # Keep the CLIP and T5 text encoders on the CPU except while encoding prompts.
+    offload_text_encoders: bool = False  # Keep the text encoders (CLIP and T5, or Qwen2.5-VL) on the CPU except while encoding prompts.
     profile: bool = False  # Time 3 epochs (phases, throughput, MFU, memory), write profile.json, and stop.
 
 
@@ -149,6 +153,13 @@ PRESETS = {
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
                  eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
+    # FLUX.1 and Qwen-Image (applied for those --model families): no DiffusionNFT recipe exists, so these are the
+    # nearest published one, Flow-GRPO's (config/grpo.py pickscore_flux / pickscore_qwenimage, scripts/train_*.py),
+    # with NFT's CFG-free rollouts; "official" LoRA targets mean Flow-GRPO's for these families (FAMILIES)
+    # the CPU demo on tiny-flux / tiny-qwenimage, after "tiny": they learn the colour reward in about a minute
+    **dict.fromkeys(["tiny-flux", "tiny-qwenimage"], dict(num_epochs=60, eval_every=20, save_every=20)),
+    "flux": dict(num_steps=6, eval_num_steps=28, rank=64, lora_alpha=128),
+    "qwenimage": dict(num_steps=10, eval_num_steps=50, rank=64, lora_alpha=128),
 }
 
 
@@ -358,8 +369,7 @@ class Batch:
     optimality weights r with the mask of finite rewards (step 3)."""
     ids: torch.Tensor  # (N,) prompt index of each image
     prompts: list
-    embeds: torch.Tensor  # (N, text tokens, D) and (N, D_pooled): the conditioning of rollout and loss alike
-    pooled: torch.Tensor
+    cond: dict  # the prompt conditioning of rollout and loss alike: (N, ...) tensors (SD3: embeds, pooled)
     x0: torch.Tensor = None  # (N, C, h, w) the rollout's clean latents
     r: torch.Tensor = None  # (N,) optimality weight in [0, 1]
     mask: torch.Tensor = None  # (N,) 1 where the reward is finite
@@ -372,7 +382,7 @@ def encode_batch(run, epoch):
     ids = epoch_prompt_indices(len(records), run.args.num_groups, run.args.group_size, run.args.seed, epoch)
     ids = ids[rank * per_rank:(rank + 1) * per_rank]
     prompts = [records[i]["prompt"] for i in ids.tolist()]
-    return Batch(ids, prompts, *encode_prompts(run.pipe, prompts, run.args.max_sequence_length, run.device))
+    return Batch(ids, prompts, encode_prompts(run.pipe, prompts, run.args.max_sequence_length, run.device))
 
 
 def rollout(run, pol, batch, epoch, log):
@@ -382,13 +392,13 @@ def rollout(run, pol, batch, epoch, log):
     from tqdm import tqdm
     args, pipe, device = run.args, run.pipe, run.device
     g = rng(args.seed, epoch, run.rank, "rollout")
-    noise_gen, h = device_rng(g, device), args.resolution // pipe.vae_scale_factor
+    noise_gen, shape = device_rng(g, device), latent_shape(pipe, args.resolution)
     x0, futures, log["time_decode"] = [], [], 0.0
     with policy(pol.theta, pol.old):
         for b in tqdm(range(0, run.per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **run.bar):
             s = slice(b, b + args.sample_batch_size)
-            noise = torch.randn((len(batch.prompts[s]), pipe.transformer.config.in_channels, h, h), generator=noise_gen, device=device)
-            x0.append(sample(pipe, noise, batch.embeds[s], batch.pooled[s], run.sigmas, args.solver, args, run.autocast,
+            noise = torch.randn((len(batch.prompts[s]), *shape), generator=noise_gen, device=device)
+            x0.append(sample(pipe, noise, take(batch.cond, s), run.sigmas, args.solver, args, run.autocast,
                              run.null, device_rng(g, device)))
             t = clock(device)
             images = decode(pipe, x0[-1])
@@ -446,7 +456,7 @@ def nft_update(run, pol, batch, epoch, log):
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
         s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
-        stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], batch.embeds[s], batch.pooled[s],
+        stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], take(batch.cond, s),
                             sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T))
         if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
             average_gradients(pol.theta)
@@ -455,8 +465,9 @@ def nft_update(run, pol, batch, epoch, log):
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
 
 
-def micro_step(transformer, params, old, x0, embeds, pooled, sig, eps, r, mask, args, autocast, scale):
-    """One micro-batch of B clean latents x0, each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
+def micro_step(transformer, params, old, x0, cond, sig, eps, r, mask, args, autocast, scale):
+    """One micro-batch of B clean latents x0 with their prompt conditioning cond (dict of (B, ...) tensors),
+    each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
     The no-grad v_old (theta_old copied into the LoRA, see `policy`) and, when kl_coef > 0, v_ref (lora_B = 0)
     of all T*B visits run in batches of sample_batch_size; then per timestep v_theta with grad and backward of
     (adv_clip * nft_loss + kl_coef * KL) * scale, where scale = 1 / (micro-batches per optimizer step * T)
@@ -464,18 +475,18 @@ def micro_step(transformer, params, old, x0, embeds, pooled, sig, eps, r, mask, 
     Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
     T, B = sig.shape
     xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
-    emb, pool, c = embeds.repeat(T, 1, 1), pooled.repeat(T, 1), args.sample_batch_size
+    cond, c = {k: v.repeat(T, *[1] * (v.dim() - 1)) for k, v in cond.items()}, args.sample_batch_size  # visit-major, as xt
     frozen = {}
     for name, weights in [("old", old)] + ([("ref", None)] if args.kl_coef > 0 else []):
         # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
         with policy(params, weights), torch.no_grad(), autocast():
-            frozen[name] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], emb[i:i + c], pool[i:i + c])
+            frozen[name] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], take(cond, slice(i, i + c)))
                                       for i in range(0, T * B, c)])
     stats = torch.zeros(3, device=x0.device)
     for j in range(T):
         k = slice(j * B, (j + 1) * B)
         with autocast():
-            v_theta = velocity(transformer, xt[k], sig[j], emb[k], pool[k])
+            v_theta = velocity(transformer, xt[k], sig[j], take(cond, k))
         loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
         kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mask).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
         ((loss + args.kl_coef * kl) * scale).backward()
@@ -528,7 +539,7 @@ class Run:
     train_records: list
     eval_records: list
     sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
-    null: tuple = None  # the embeddings of "" (guidance_scale > 1 only)
+    null: dict = None  # the conditioning of "" (guidance_scale > 1 only)
     lora_meta: dict = None  # the LoRA config saved next to its weights
     wandb: object = None
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
@@ -562,11 +573,11 @@ def setup(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
+    elif not builtin(args.model) and not _is_local(args.model):
         raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
                         "python nft.py --model tiny --reward color")
     validate(args, world)
-    if args.model != "tiny" and not args.model.startswith("random:") and not _is_local(args.model):
+    if not builtin(args.model) and not _is_local(args.model):
         check_hub_model(args.model)  # before the reward models load and before anything is written
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
@@ -617,7 +628,7 @@ def start_run(args):
     pipe.to(device)
     reward_vae(pipe, args)
     if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
-        for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        for e in text_encoders(pipe):
             e.to("cpu")
     pol = make_policies(pipe.transformer, args, init)
     start_epoch = restore(pol, *resume, args) if resume else 0
@@ -646,7 +657,7 @@ def start_run(args):
     lora_meta = pipe.transformer.peft_config["default"].to_dict()
     lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
     run = Run(args, rank, world, device, pipe, reward_fn, autocast, train_records, eval_records,
-              sigmas=rollout_sigmas(args.num_steps, pipe.scheduler.config.shift), lora_meta=lora_meta, wandb=wandb,
+              sigmas=family_of(pipe).sigmas(pipe, args.num_steps, args.resolution), lora_meta=lora_meta, wandb=wandb,
               null=encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None)
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
         args.num_epochs, args.eval_every = start_epoch + 3, 0
@@ -697,7 +708,7 @@ def end_epoch(run, pol, epoch, log):
         state = dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema), optimizer=pol.opt.state_dict(),
                      step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
                      config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.world))
-        save_checkpoint(args, epoch + 1, state, pol.ema, run.lora_meta)
+        save_checkpoint(args, epoch + 1, state, pol.ema, run.lora_meta, family_of(run.pipe).pipeline)
 
 
 def end_run(run, history):
@@ -717,13 +728,22 @@ def say_loading(args):
     silent terminal never leaves a user wondering whether anything is happening."""
     import rewards
     models = [n for n, _ in rewards.parse_reward_spec(args.reward) if n not in rewards.NO_MODEL]
-    model = ("the tiny random SD3 (built in code, no download)" if args.model == "tiny" else
+    model = (f"the tiny random {dict(sd3='SD3', flux='FLUX.1', qwenimage='Qwen-Image')[TINY_MODELS[args.model]]} (built in "
+             "code, no download)" if args.model in TINY_MODELS else
              f"random-weight {args.model[7:]}" if args.model.startswith("random:") else args.model)
     print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}" if models else "")
            + " ...")
 
 
 # --------------------------------------------------------------------------- model loading and LoRA policies
+TINY_MODELS = {"tiny": "sd3", "tiny-flux": "flux", "tiny-qwenimage": "qwenimage"}  # CPU models built in code: family
+
+
+def builtin(model):
+    """A model built in code (tiny-*, random:*), no download."""
+    return model in TINY_MODELS or model.startswith("random:")
+
+
 def _is_local(model):
     """A path rather than a hub id ("org/name" is a hub id unless such a folder exists)."""
     return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
@@ -735,42 +755,50 @@ def check_hub_model(model):
     try:
         rewards.hub_ready(model, what="--model")
     except rewards.RewardError as e:
-        raise UserError(f"{e}; or pass a local StableDiffusion3Pipeline folder")
+        raise UserError(f"{e}; or pass a local folder of a supported pipeline ({', '.join(FAMILIES)})")
 
 
 def load_pipeline(model, dtype, device="cpu"):
-    """tiny | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline. Random architectures
-    other than tiny (which is fitted on the CPU, so it is the same model everywhere) are built on `device`."""
-    from diffusers import StableDiffusion3Pipeline
-    if model == "tiny" or model.startswith("random:"):
+    """tiny | tiny-flux | tiny-qwenimage | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline,
+    FluxPipeline or QwenImagePipeline (its model_index.json names the class, which picks the family). Random
+    architectures other than the tiny ones (fitted on the CPU, so the same model everywhere) are built on `device`."""
+    import diffusers
+    if builtin(model):
         arch = model.split(":")[-1]
-        if arch not in RANDOM_ARCHS:
-            raise UserError(f"unknown random architecture {arch!r}; choose from {sorted(RANDOM_ARCHS)}")
-        pipe = random_pipeline(arch, device if arch != "tiny" else "cpu")
+        if arch not in RANDOM_ARCHS and arch not in FAMILY_ARCHS:
+            archs = [a for a in list(RANDOM_ARCHS) + list(FAMILY_ARCHS) if not a.startswith("tiny")]
+            raise UserError(f"unknown built-in --model {model!r}; choose from {', '.join(TINY_MODELS)}, "
+                            + ", ".join(f"random:{a}" for a in archs))
+        build = random_pipeline if arch in RANDOM_ARCHS else family_pipeline
+        pipe = build(arch, device if not arch.startswith("tiny") else "cpu")
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
     if _is_local(model) and not os.path.isdir(model):
         raise UserError(f"--model folder not found: {model}")
     if _is_local(model):
         index = os.path.join(model, "model_index.json")
-        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
-            raise UserError(f"--model {model} is not a StableDiffusion3Pipeline folder (no SD3 model_index.json); "
-                            "save one with pipe.save_pretrained(folder) or pass a hub id")
+        if not os.path.isfile(index) or not any(f'"{name}"' in open(index).read() for name in FAMILIES):
+            raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
+                            "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     else:
         check_hub_model(model)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:
         raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
-                        f"(`hf auth login`, SD3.5 is gated) and download it with `hf download {model}`, or pass a local folder")
+                        f"(`hf auth login`, SD3.5 and FLUX.1-dev are gated) and download it with `hf download {model}`, "
+                        "or pass a local folder")
+    family_of(pipe)  # a supported class, or one clear error
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
     return pipe
 
 
-def lora_config(args):
+def lora_config(args, official=OFFICIAL_TARGETS):
+    """peft's LoraConfig of --rank, --lora_alpha, --lora_targets; "official" is the family's recipe (`official`)."""
     from peft import LoraConfig
-    names = {"official": OFFICIAL_TARGETS, "official+proj_out": OFFICIAL_TARGETS + ["proj_out"]}
+    official = list(official)
+    names = {"official": official, "official+proj_out": official + ["proj_out"]}
     targets = names.get(args.lora_targets) or [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
 
@@ -782,7 +810,7 @@ def add_adapters(transformer, args):
     Returns the trainable parameters and the old weights, both keyed by the parameter names."""
     transformer.requires_grad_(False)
     try:
-        transformer.add_adapter(lora_config(args), adapter_name="default")
+        transformer.add_adapter(lora_config(args, family_of(transformer).lora_targets), adapter_name="default")
     except ValueError as e:
         raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
     params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
@@ -839,14 +867,10 @@ def swapped(params, weights):
     return policy(params, weights)
 
 
-def velocity(transformer, x, sigma, embeds, pooled):
-    """v = transformer(x_sigma, 1000*sigma, text). x: (B, C, h, w) float32; sigma: float or (B,) tensor."""
-    # a Python float is filled on the device: torch.as_tensor(float, device=cuda) is a blocking host copy
-    sigma = (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
-             else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
-    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(sigma),
-                      encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
-    return out.float()
+def velocity(transformer, x, sigma, cond):
+    """v = transformer(x_sigma, sigma, prompt), by the transformer's family (see "model families").
+    x, v: (B, C, h, w) float32 latents; sigma: float or (B,) tensor; cond: encode_prompts' dict, B rows."""
+    return family_of(transformer).velocity(transformer, x, sigma, cond)
 
 
 def compile_blocks(transformer, **options):
@@ -855,48 +879,36 @@ def compile_blocks(transformer, **options):
     last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
     eager. Policies switch by copying weights (see `policy`), which no guard sees."""
     torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
-    for block in transformer.transformer_blocks:
+    for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:  # FLUX has both
         block.compile(**options)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts, max_sequence_length, device, chunk=64):
-    """CLIP-L + CLIP-G + T5 embeddings: (N, 77 + T5 length, 4096) and pooled (N, 2048). Each distinct
-    prompt is encoded once (a group repeats its prompt group_size times), `chunk` at a time. Text encoders
-    kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the whole call."""
-    uniq = list(dict.fromkeys(prompts))
-    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-    home = encoders[0].device
-    for e in encoders if home != device else []:
-        e.to(device)
-    parts = [pipe.encode_prompt(prompt=uniq[i:i + chunk], prompt_2=None, prompt_3=None, device=device,
-                                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-             for i in range(0, len(uniq), chunk)]
-    for e in encoders if home != device else []:
-        e.to(home)
-    embeds, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
-    where = torch.tensor([uniq.index(p) for p in prompts], device=embeds.device)
-    return embeds[where], pooled[where]
+def encode_prompts(pipe, prompts, max_sequence_length, device):
+    """The prompts' conditioning, by the pipeline's family: a dict of (N, ...) tensors, one row per prompt,
+    sliced along dim 0 like the latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048))."""
+    return family_of(pipe).encode(pipe, prompts, max_sequence_length, device)
 
 
-@torch.no_grad()
 def decode(pipe, x0):
-    """Latents -> images in [0, 1], (B, 3, H, W) float32."""
-    vae = pipe.vae
-    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
-    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    """Latents (B, C, h, w) -> images in [0, 1], (B, 3, H, W) float32, by the pipeline's family."""
+    return family_of(pipe).decode(pipe, x0)
+
+
+def take(cond, s):
+    """Rows s (a slice or an index tensor) of every tensor of a conditioning dict."""
+    return {k: v[s] for k, v in cond.items()}
 
 
 @torch.no_grad()
-def sample(pipe, x, embeds, pooled, sigmas, solver, args, autocast, null=None, generator=None):
+def sample(pipe, x, cond, sigmas, solver, args, autocast, null=None, generator=None):
     """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy.
-    guidance_scale > 1 mixes in the unconditional velocity (null = embeddings of ""): rollouts and
+    guidance_scale > 1 mixes in the unconditional velocity (null = the conditioning of ""): rollouts and
     evaluation only, the training loss never does. generator feeds the noise of stochastic solvers."""
     def v_fn(x, sigma):
         if args.guidance_scale == 1.0:
-            return velocity(pipe.transformer, x, sigma, embeds, pooled)
-        v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, torch.cat([embeds, null[0].expand_as(embeds)]),
-                            torch.cat([pooled, null[1].expand_as(pooled)])).chunk(2)
+            return velocity(pipe.transformer, x, sigma, cond)
+        both = {k: torch.cat([v, null[k].expand_as(v)]) for k, v in cond.items()}
+        v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, both).chunk(2)
         return v_u + args.guidance_scale * (v_c - v_u)
     with autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
         return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
@@ -1016,6 +1028,265 @@ def init_from_lora(params, old, kind, path, args):
             params[n].copy_(found[k] * (scale if ".lora_B." in k else 1.0))
             old[n].copy_(params[n])
     return len(want)
+
+
+# --------------------------------------------------------------------------- model families
+# NFT needs nothing model-specific beyond "a velocity for (x, sigma, prompt)". Each family is a handful of
+# functions picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask:
+#   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (N, ...) tensors, sliced on dim 0
+#   velocity(transformer, x, sigma, cond) -> v                    x, v: (B, C, h, w) latents; sigma: (B,)
+#   sigmas(pipe, num_steps, resolution) -> (num_steps + 1,)       float64 ending in 0: the pipeline's schedule
+#   latent_shape(pipe, resolution) -> (C, h, w);  decode(pipe, x0) -> (B, 3, H, W) in [0, 1]
+# Latents stay unpacked (B, C, h, w) outside `velocity`: FLUX's and Qwen-Image's 2x2 packing into tokens
+# does not change the NFT loss (a mean over all non-batch dims), so the loop and the noise draws stay as for SD3.
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd3" | "flux" | "qwenimage": also the name of its preset in PRESETS (none for sd3)
+    pipeline: str  # the diffusers pipeline class: picks the family, and saves the LoRA (save_lora_weights)
+    transformer: str  # the transformer class, so velocity() finds the family from the module alone
+    lora_targets: tuple  # --lora_targets official: the reference RL trainer's LoRA targets (peft suffix match)
+    text_encoders: tuple  # the pipeline's text encoder attributes (--offload_text_encoders)
+    encode: object
+    velocity: object
+    sigmas: object
+    latent_shape: object
+    decode: object
+
+
+def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
+    """Encode each distinct prompt once (a group repeats its prompt group_size times), `chunk` at a time, and
+    index the result back to `prompts` order. encode_chunk(list of str) -> dict of (n, ...) tensors of one
+    shape per key. Text encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device`
+    once for the whole call."""
+    uniq = list(dict.fromkeys(prompts))
+    encoders = text_encoders(pipe)
+    home = encoders[0].device
+    for e in encoders if home != device else []:
+        e.to(device)
+    parts = [encode_chunk(uniq[i:i + chunk]) for i in range(0, len(uniq), chunk)]
+    for e in encoders if home != device else []:
+        e.to(home)
+    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    where = torch.tensor([uniq.index(p) for p in prompts], device=next(iter(cond.values())).device)
+    return take(cond, where)
+
+
+def text_encoders(pipe):
+    """The pipeline's text encoder modules (CLIP-L, CLIP-G, T5 for SD3; CLIP-L, T5 for FLUX; Qwen2.5-VL)."""
+    return [getattr(pipe, name) for name in family_of(pipe).text_encoders]
+
+
+def latent_shape(pipe, resolution):
+    """(C, h, w) of one image's latents at `resolution` px (what the rollout noise is drawn in)."""
+    return family_of(pipe).latent_shape(pipe, resolution)
+
+
+def _sigma_batch(sigma, x):
+    """sigma as a (B,) float32 tensor on x's device. A Python float is filled on the device:
+    torch.as_tensor(float, device=cuda) is a blocking host copy."""
+    return (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
+            else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
+
+
+def kl_decode(pipe, x0):
+    """AutoencoderKL (SD3, FLUX): latent = x0 / scaling_factor + shift_factor, images in [0, 1]."""
+    vae = pipe.vae
+    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
+    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+# SD3 / SD3.5: CLIP-L + CLIP-G + T5, the transformer takes 1000*sigma, a constant shift (3.0 for SD3.5).
+def sd3_encode(pipe, prompts, max_sequence_length, device):
+    """embeds (N, 77 + T5 length, 4096): CLIP-L and CLIP-G side by side, then T5; pooled (N, 2048)."""
+    def chunk(texts):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+        return {"embeds": embeds, "pooled": pooled}
+    with torch.no_grad():
+        return _encode_unique(pipe, prompts, device, chunk)
+
+
+def sd3_velocity(transformer, x, sigma, cond):
+    """v = SD3Transformer(x_sigma, timestep 1000*sigma, embeds, pooled)."""
+    embeds = cond["embeds"]
+    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(_sigma_batch(sigma, x)),
+                      encoder_hidden_states=embeds, pooled_projections=cond["pooled"], return_dict=False)[0]
+    return out.float()
+
+
+def sd3_sigmas(pipe, num_steps, resolution):
+    """SD3 shifts by a constant, whatever the resolution."""
+    return rollout_sigmas(num_steps, pipe.scheduler.config.shift)
+
+
+def sd3_latent_shape(pipe, resolution):
+    h = resolution // pipe.vae_scale_factor
+    return pipe.transformer.config.in_channels, h, h
+
+
+# FLUX.1 and Qwen-Image: the transformer sees 2x2 patches of the latents as tokens and takes sigma itself
+# (FluxPipeline / QwenImagePipeline pass t / 1000 and the models scale by 1000 inside); the schedule's shift
+# grows with the number of image tokens (the pipelines' calculate_shift).
+def pack(x):
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens of 2x2 patches, row-major, channel-major inside a token
+    (FluxPipeline._pack_latents; Qwen-Image's is the same with a frame axis of length 1)."""
+    B, C, h, w = x.shape
+    return x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack(tokens, h, w):
+    """Inverse of pack: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+    B, _, D = tokens.shape
+    return tokens.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
+
+
+def packed_latent_shape(pipe, resolution):
+    """(C, h, w) with h = 2 * (resolution // 16): the VAE downsamples by 8 and packing needs even sides."""
+    h = 2 * (resolution // (2 * pipe.vae_scale_factor))
+    return pipe.transformer.config.in_channels // 4, h, h
+
+
+def shifted_sigmas(config, num_steps, image_seq_len):
+    """The schedule FluxPipeline and QwenImagePipeline hand FlowMatchEulerDiscreteScheduler: t = linspace(1,
+    1/num_steps, num_steps) and mu linear in the image tokens (calculate_shift), then per the scheduler config
+        use_dynamic_shifting:  sigma = e^mu / (e^mu + 1/t - 1)   (time_shift_type "exponential")
+                               sigma = mu / (mu + 1/t - 1)       ("linear")
+        else:                  sigma = shift*t / (1 + (shift - 1)*t)
+        shift_terminal:        1 - sigma stretched so the last sigma is shift_terminal (Qwen-Image: 0.02)
+    and a final 0. float64 (the scheduler computes in float32: they agree to ~1e-7)."""
+    c = lambda k, default: config.get(k, default)  # noqa: E731
+    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if c("use_dynamic_shifting", False):
+        slope = (c("max_shift", 1.15) - c("base_shift", 0.5)) / (c("max_image_seq_len", 4096) - c("base_image_seq_len", 256))
+        mu = c("base_shift", 0.5) + slope * (image_seq_len - c("base_image_seq_len", 256))
+        s = (math.exp(mu) / (math.exp(mu) + (1 / t - 1)) if c("time_shift_type", "exponential") == "exponential"
+             else mu / (mu + (1 / t - 1)))
+    else:
+        s = c("shift", 1.0) * t / (1 + (c("shift", 1.0) - 1) * t)
+    if c("shift_terminal", None):
+        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - config["shift_terminal"]))
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+def packed_sigmas(pipe, num_steps, resolution):
+    """FLUX / Qwen-Image rollout sigmas at `resolution` px: shifted_sigmas with the image's token count."""
+    _, h, w = packed_latent_shape(pipe, resolution)
+    return shifted_sigmas(pipe.scheduler.config, num_steps, (h // 2) * (w // 2))
+
+
+FLUX_GUIDANCE = 3.5  # FLUX.1-dev's embedded guidance in Flow-GRPO (sample.guidance_scale) and DanceGRPO
+
+
+def flux_encode(pipe, prompts, max_sequence_length, device):
+    """CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096) and, for guidance-distilled
+    FLUX.1-dev, its embedded guidance (N,): a model input, not CFG, so it must be the same in rollouts and in
+    training (else v_old and v_theta are different functions); it lives in cond so slicing keeps it aligned."""
+    def chunk(texts):
+        embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length)
+        cond = {"embeds": embeds, "pooled": pooled}
+        if pipe.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((len(texts),), FLUX_GUIDANCE, device=embeds.device)
+        return cond
+    with torch.no_grad():
+        return _encode_unique(pipe, prompts, device, chunk)
+
+
+def flux_velocity(transformer, x, sigma, cond):
+    """v = unpack(FluxTransformer(pack(x), timestep sigma, guidance, text)). The RoPE ids: text tokens all
+    zeros (L, 3), image tokens (0, row, col) (FluxPipeline._prepare_latent_image_ids)."""
+    B, _, h, w = x.shape
+    embeds = cond["embeds"]
+    rows = torch.arange(h // 2, device=x.device).repeat_interleave(w // 2)
+    cols = torch.arange(w // 2, device=x.device).repeat(h // 2)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], 1).to(embeds.dtype)
+    out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x), guidance=cond.get("guidance"),
+                      pooled_projections=cond["pooled"], encoder_hidden_states=embeds, img_ids=img_ids,
+                      txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype), return_dict=False)[0]
+    return unpack(out, h, w).float()
+
+
+def qwenimage_encode(pipe, prompts, max_sequence_length, device):
+    """Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (the template's 34
+    leading tokens dropped, as the pipeline does): embeds (N, max_sequence_length, 3584), mask (N, same) bool.
+    The pipeline pads to each call's longest prompt; padding to max_sequence_length gives one shape per run
+    (chunks concatenate, "" lines up for CFG). Padded keys are masked out and their RoPE positions come after
+    the real ones, so v is unchanged."""
+    def chunk(texts):
+        embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
+        n, length, _ = embeds.shape
+        mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        pad = max_sequence_length - length
+        return {"embeds": torch.nn.functional.pad(embeds, (0, 0, 0, pad)), "mask": torch.nn.functional.pad(mask, (0, pad))}
+    with torch.no_grad():
+        return _encode_unique(pipe, prompts, device, chunk)
+
+
+def qwenimage_velocity(transformer, x, sigma, cond):
+    """v = unpack(QwenImageTransformer(pack(x), timestep sigma, text, mask, img_shapes)); img_shapes
+    (frames 1, h/2, w/2) place the image tokens' 3D RoPE."""
+    B, _, h, w = x.shape
+    embeds = cond["embeds"]
+    out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x), encoder_hidden_states=embeds,
+                      encoder_hidden_states_mask=cond["mask"], img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False)[0]
+    return unpack(out, h, w).float()
+
+
+def qwenimage_latent(vae, x0):
+    """What AutoencoderKLQwenImage (a video VAE) decodes: a frame axis of length 1 and the pipeline's
+    per-channel normalisation undone, x0 * latents_std + latents_mean."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=x0.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=x0.device).view(shape)
+    return (x0[:, :, None].float() * std + mean).to(vae.dtype)
+
+
+def qwenimage_decode(pipe, x0):
+    """AutoencoderKLQwenImage decode (it clamps to [-1, 1]) of the single frame, images in [0, 1]."""
+    return (pipe.vae.decode(qwenimage_latent(pipe.vae, x0)).sample[:, :, 0].float() / 2 + 0.5).clamp(0, 1)
+
+
+# LoRA targets. SD3: the official DiffusionNFT ones. FLUX: Flow-GRPO's scripts/train_flux.py ("attn.to_q/k/v"
+# also match the single-stream blocks, which have no to_out; "ff*" are the double-stream MLPs). Qwen-Image:
+# Flow-GRPO's scripts/train_qwenimage.py; its last block's text-stream output is discarded, so 6 of those
+# LoRA tensors never get a gradient (average_gradients zero-fills them) and 2 (add_q_proj) a zero one.
+_ATTN = tuple(OFFICIAL_TARGETS)
+FAMILIES = {f.pipeline: f for f in [
+    Family("sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel", _ATTN,
+           ("text_encoder", "text_encoder_2", "text_encoder_3"), sd3_encode, sd3_velocity, sd3_sigmas,
+           sd3_latent_shape, torch.no_grad()(kl_decode)),
+    Family("flux", "FluxPipeline", "FluxTransformer2DModel",
+           _ATTN + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+           ("text_encoder", "text_encoder_2"), flux_encode, flux_velocity, packed_sigmas, packed_latent_shape,
+           torch.no_grad()(kl_decode)),
+    Family("qwenimage", "QwenImagePipeline", "QwenImageTransformer2DModel",
+           _ATTN + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+           ("text_encoder",), qwenimage_encode, qwenimage_velocity, packed_sigmas, packed_latent_shape,
+           torch.no_grad()(qwenimage_decode)),
+]}
+
+
+def family_of(obj):
+    """The Family of a loaded pipeline (by its class) or of its transformer (by the transformer's class)."""
+    name = type(obj).__name__
+    for f in FAMILIES.values():
+        if name in (f.pipeline, f.transformer):
+            return f
+    raise UserError(f"--model is a {name}; supported pipelines: {', '.join(FAMILIES)}")
+
+
+def model_family(model):
+    """The family --model names, read before loading it (for its preset): a built-in name, a local folder's
+    model_index.json class, else the hub id ("flux" or "qwen-image" in it); SD3 otherwise."""
+    name = model.split(":")[-1] if model.startswith("random:") else model
+    if name in TINY_MODELS or name in FAMILY_ARCHS or name in RANDOM_ARCHS:
+        return TINY_MODELS.get(name) or FAMILY_ARCHS.get(name, {}).get("family", "sd3")
+    index = os.path.join(model, "model_index.json")
+    if os.path.isfile(index):
+        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
+            return FAMILIES[json.load(open(index)).get("_class_name")].name
+    low = model.lower()
+    return "flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else "sd3"
 
 
 # --------------------------------------------------------------------------- prompts
@@ -1157,7 +1428,9 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
     already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
     the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
     high a learning rate), in which case the weights and the optimizer state go back to before the step."""
-    flat = average_gradients(params) if sync else torch.cat([p.grad.flatten() for p in params.values()])
+    # a LoRA tensor outside the graph has no grad (Qwen-Image's last text block): zero, as average_gradients fills it
+    flat = average_gradients(params) if sync else torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                                              for p in params.values()])
     norm, problem = None, None
     if not bool(torch.isfinite(flat).all()):
         problem = "non-finite gradient"
@@ -1237,10 +1510,11 @@ def write_error(e, what):
                      "folder) and continue with --resume_from latest")
 
 
-def save_checkpoint(args, epoch, state, ema, lora_meta):
+def save_checkpoint(args, epoch, state, ema, lora_meta, pipeline="StableDiffusion3Pipeline"):
     """Write checkpoint-<epoch> atomically (a .tmp folder renamed when complete), then keep the newest
-    --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a good one."""
-    from diffusers import StableDiffusion3Pipeline
+    --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a good one.
+    The LoRA is written by the family's pipeline class (`pipeline`), so that class's load_lora_weights reads it."""
+    import diffusers
     from safetensors import SafetensorError
     if not all(torch.isfinite(t).all() for key in ("default", "old", "ema") for t in state[key].values()):
         raise UserError(f"epoch {epoch}: the LoRA weights are NaN/inf, so no checkpoint is saved; the last good "
@@ -1250,8 +1524,8 @@ def save_checkpoint(args, epoch, state, ema, lora_meta):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
-                                                   transformer_lora_adapter_metadata=lora_meta)
+        getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
+                                                       transformer_lora_adapter_metadata=lora_meta)
         torch.save(state, os.path.join(tmp, "training_state.pt"))
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
             with open(os.path.join(tmp, name), "rb") as f:
@@ -1497,18 +1771,18 @@ def generate(pipe, records, items, args, device, autocast):
     its pair alone, not on the batch, the rank or the device (that generator's initial_seed() redraws it)."""
     if not items:  # more ranks than images
         return
-    sigmas = rollout_sigmas(args.eval_num_steps, pipe.scheduler.config.shift)
+    sigmas = family_of(pipe).sigmas(pipe, args.eval_num_steps, args.resolution)
     null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
-    h = args.resolution // pipe.vae_scale_factor
+    shape = latent_shape(pipe, args.resolution)
     prompts = sorted({i for i, _ in items})  # encoded once, kept on the CPU (offloaded encoders visit once)
-    embeds, pooled = (t.cpu() for t in encode_prompts(pipe, [records[i]["prompt"] for i in prompts], args.max_sequence_length, device))
+    cond = {k: v.cpu() for k, v in encode_prompts(pipe, [records[i]["prompt"] for i in prompts], args.max_sequence_length,
+                                                  device).items()}
     row = {i: j for j, i in enumerate(prompts)}
     for b in range(0, len(items), args.sample_batch_size):
         batch = items[b:b + args.sample_batch_size]
         where = torch.tensor([row[i] for i, _ in batch])
-        noise = torch.stack([torch.randn((pipe.transformer.config.in_channels, h, h), generator=rng(args.seed, "eval", i, k))
-                             for i, k in batch]).to(device)
-        yield batch, decode(pipe, sample(pipe, noise, embeds[where].to(device), pooled[where].to(device), sigmas, "euler",
+        noise = torch.stack([torch.randn(shape, generator=rng(args.seed, "eval", i, k)) for i, k in batch]).to(device)
+        yield batch, decode(pipe, sample(pipe, noise, {k: v[where].to(device) for k, v in cond.items()}, sigmas, "euler",
                                          args, autocast, null))
 
 
@@ -1663,16 +1937,15 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     from torch.utils.flop_counter import FlopCounterMode
     peak_memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
-    h = args.resolution // pipe.vae_scale_factor
-    x = torch.randn(1, pipe.transformer.config.in_channels, h, h, device=device)
-    emb, pooled = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
+    x = torch.randn(1, *latent_shape(pipe, args.resolution), device=device)
+    cond = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
     # eager: inductor's fused kernels would hide FLOPs from the counter, and batch 1 would recompile
     with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
-        velocity(pipe.transformer, x, 0.5, emb, pooled)
+        velocity(pipe.transformer, x, 0.5, cond)
     f = counter.get_total_flops()  # one transformer forward of one image
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
         with autocast():
-            v = velocity(pipe.transformer, x, 0.5, emb, pooled)
+            v = velocity(pipe.transformer, x, 0.5, cond)
         v.square().mean().backward()
     f_train = counter.get_total_flops()  # forward + backward, as measured
     for p in pipe.transformer.parameters():
@@ -1801,9 +2074,11 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    """Defaults (Args) <- preset (the reward's, or --preset; plus "tiny" for --model tiny) <- command line."""
+    """Defaults (Args) <- preset (the reward's, or --preset; then the model family's, "flux" or "qwenimage", or
+    "tiny" for the tiny models) <- command line."""
     import rewards
-    epilog = "presets (applied before the flags you give; --model tiny adds the tiny preset):\n" + "\n".join(
+    epilog = ("presets (applied before the flags you give; a FLUX.1 or Qwen-Image --model adds its family's, "
+              "--model tiny / tiny-flux / tiny-qwenimage the tiny one):\n") + "\n".join(
         f"  {name}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for name, preset in PRESETS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1828,9 +2103,11 @@ def parse_args(argv=None):
     name = given.get("preset") or (exact[0] if exact else "" if "," in spec else spec.split(":")[0])
     if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
         given.pop("reward", None)
-    presets = [name]
-    if given.get("model", args.model) == "tiny":
-        presets.append("tiny")
+    presets, model = [name], given.get("model", args.model)
+    if model in TINY_MODELS:
+        presets += ["tiny"] + [model] * (model in PRESETS)
+    elif model_family(model) in PRESETS:  # FLUX.1, Qwen-Image: the nearest published recipe's model settings
+        presets.append(model_family(model))
     chosen = set(given)
     for name in presets:
         if name not in PRESETS and name == given.get("preset"):
@@ -1978,30 +2255,34 @@ def random_pipeline(arch, device="cpu"):
     return pipe
 
 
-def _tiny_decoder(vae, steps=150):
-    """Fit the tiny decoder (_fit_tiny_decoder) once per machine and cache the result: the fit costs
+def _tiny_decoder(vae, steps=150, fit=None):
+    """Fit the tiny decoder (`fit`, default _fit_tiny_decoder) once per machine and cache the result: the fit costs
     seconds on an idle CPU and up to a minute on a busy one, and every tiny run (demo, resume, eval,
     diffusers loading) builds the model again. The key hashes the random initial weights, the fit's
     code and the library versions, so a cached decoder is bit for bit what the fit would return here.
     The cache lives in $NFT_CACHE (default ~/.cache/diffusion-nft); an unwritable one just refits."""
     import diffusers
-    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(_fit_tiny_decoder))).encode())
+    fit = fit or _fit_tiny_decoder
+    # what the fit trains: the decoder, and Qwen-Image's post_quant_conv (a random 1x1 conv mixing the channels)
+    fitted = vae.decoder if getattr(vae, "post_quant_conv", None) is None else \
+        torch.nn.ModuleDict(dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
+    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(fit))).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
     folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
     path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
     try:
-        vae.decoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         vae.requires_grad_(False)
         return
     except Exception:  # not cached yet, or a damaged file: refit
         pass
     print0("fitting the tiny VAE decoder (once per machine, then cached)")
-    _fit_tiny_decoder(vae, steps)
+    fit(vae, steps)
     with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(vae.decoder.state_dict(), tmp)
+        torch.save(fitted.state_dict(), tmp)
         os.replace(tmp, path)
 
 
@@ -2020,6 +2301,132 @@ def _fit_tiny_decoder(vae, steps=150):
         loss.backward()
         opt.step()
     vae.requires_grad_(False)
+
+
+def _fit_packed_decoder(vae, steps=150):
+    """_fit_tiny_decoder for the FLUX / Qwen-Image VAEs (16 latent channels): pixel = 0.5 + 0.3*z on channels
+    0-2, through what the family's decode hands the VAE. Qwen-Image's decode clamps to [-1, 1], which stops the
+    gradient of every saturated pixel of a random decoder, so its fit runs the decoder unclamped. Qwen's tiny
+    video VAE fits less well: one output channel stays nearly flat (green, for tiny-qwenimage's init)."""
+    qwen = type(vae).__name__ == "AutoencoderKLQwenImage"
+    params = list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters()) if qwen else [])
+    opt = torch.optim.Adam(params, lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        z = torch.randn(16, 16, 2, 2, generator=g)
+        z = torch.nn.functional.interpolate(z, size=4, mode="bilinear", align_corners=False) * 1.5
+        target = (0.5 + 0.3 * z[:, :3]).clamp(0, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
+        images = (vae.decoder(vae.post_quant_conv(qwenimage_latent(vae, z)))[:, :, 0] if qwen else
+                  vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample)
+        loss = ((images / 2 + 0.5 - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.requires_grad_(False)
+
+
+# FLUX.1 and Qwen-Image with random weights: "tiny-*" for CPU tests and demos; the others are the published
+# transformers and VAEs at full size with one-layer text encoders of the real widths, for GPU profiling
+# ("meta" builds shapes only). Configs: the transformer/, vae/ and scheduler/ config.json of
+# black-forest-labs/FLUX.1-dev and Qwen/Qwen-Image.
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+QWENIMAGE_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                           max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+FAMILY_ARCHS = {
+    "tiny-flux": dict(family="flux", transformer=dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+        clip=(32, 2, 4), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)),
+    "flux.1-dev": dict(family="flux", transformer=dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        clip=(768, 1, 12), t5=(4096, 1, 64, 10240), vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                                             norm_num_groups=32)),
+    "tiny-qwenimage": dict(family="qwenimage", transformer=dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  mrope_section=[1, 1, 2]), vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2),
+        vae=dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
+    "qwen-image": dict(family="qwenimage", transformer=dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=1, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+        vision=dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16),
+        vae=dict(base_dim=96, dim_mult=[1, 2, 4, 4], num_res_blocks=2)),
+}
+
+
+def _tiny_qwen_tokenizer():
+    """A word-level tokenizer with Qwen's chat markers. QwenImagePipeline wraps each prompt in a fixed system
+    template and drops its first 34 tokens: words, "\\n" and punctuation are one token each here, which makes
+    that prefix exactly 34 tokens, as with Qwen's BPE."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"] + sorted(set(
+        "system Describe the image by detailing color shape size texture quantity text spatial relationships of objects "
+        "and background user assistant a an photo picture red green blue yellow orange purple pink brown black white "
+        "gray cyan with on in cat dog car tree house sky sign says two three four".split()))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
+                                                 pre_tokenizers.Split(Regex(r"\n|[^\w\s]"), behavior="isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=2048)
+
+
+def _flux_parts(cfg, tiny):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(512, "</s>")
+    width, layers, heads = cfg["clip"]
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=width, intermediate_size=4 * width,
+                                        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                                        bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    d, layers, heads, *ff = cfg["t5"]
+    t5 = T5EncoderModel(T5Config(vocab_size=len(clip_tok), d_model=d, d_kv=d // heads, d_ff=ff[0] if ff else 2 * d,
+                                 num_layers=layers, num_heads=heads, pad_token_id=0, eos_token_id=3, feed_forward_proj="gated-gelu"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, **cfg["vae"])
+    if tiny:
+        _tiny_decoder(vae, fit=_fit_packed_decoder)
+    return dict(transformer=FluxTransformer2DModel(**cfg["transformer"]), vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                text_encoder_2=t5, tokenizer_2=t5_tok)
+
+
+def _qwenimage_parts(cfg, tiny):
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    tok, text = _tiny_qwen_tokenizer(), dict(cfg["text"])
+    mrope = text.pop("mrope_section")
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope), **text),
+        vision_config=dict(out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0], **cfg["vision"]),
+        vocab_size=len(tok), pad_token_id=0)
+    transformer = QwenImageTransformer2DModel(**cfg["transformer"])
+    vae = AutoencoderKLQwenImage(z_dim=16, **cfg["vae"])
+    if tiny:
+        _tiny_decoder(vae, fit=_fit_packed_decoder)
+    return dict(transformer=transformer, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config), tokenizer=tok)
+
+
+def family_pipeline(arch, device="cpu"):
+    """A FluxPipeline or QwenImagePipeline with random weights from FAMILY_ARCHS, built on `device` ("meta":
+    shapes only), eval mode, the published scheduler config; tiny ones get a fitted decoder (_tiny_decoder)."""
+    import diffusers
+    cfg, device = FAMILY_ARCHS[arch], torch.device(device)
+    flux = cfg["family"] == "flux"
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)  # the same "model" every time
+        parts = (_flux_parts if flux else _qwenimage_parts)(cfg, arch.startswith("tiny"))
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(FLUX_SCHEDULER if flux else QWENIMAGE_SCHEDULER))
+        pipe = (diffusers.FluxPipeline if flux else diffusers.QwenImagePipeline)(scheduler=scheduler, **parts)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
+    return pipe
 
 
 # --------------------------------------------------------------------------- main

@@ -333,16 +333,16 @@ def test_saved_lora_loads_into_diffusers_and_reproduces_ema_policy(two_epochs):
     g = torch.Generator().manual_seed(0)
     x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
     with torch.no_grad():
-        v_base = nft.velocity(pipe.transformer, x, 0.5, emb, pooled)
+        v_base = nft.velocity(pipe.transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
         pipe.load_lora_weights(ckpt)
-        v_lora = nft.velocity(pipe.transformer, x, 0.5, emb, pooled)
+        v_lora = nft.velocity(pipe.transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
     ours = nft.random_pipeline("tiny")
     args = nft.parse_args(["--model", "tiny"])
     params, _ = nft.add_adapters(ours.transformer, args)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state(ckpt)["ema"][n])
-        v_ours = nft.velocity(ours.transformer, x, 0.5, emb, pooled)
+        v_ours = nft.velocity(ours.transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
     assert (v_lora - v_base).abs().max() > 1e-5
     assert torch.allclose(v_lora, v_ours, atol=1e-6)
 
@@ -433,7 +433,8 @@ def test_random_sd35_medium_is_the_spec_architecture():
             pipe.text_encoder_3.config.d_model, pipe.vae.config.latent_channels) == (768, 1280, 4096, 16)
     x = torch.empty(1, 16, 64, 64, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        nft.velocity(pipe.transformer, x, 0.5, torch.empty(1, 205, 4096, device="meta"), torch.empty(1, 2048, device="meta"))
+        nft.velocity(pipe.transformer, x, 0.5, dict(embeds=torch.empty(1, 205, 4096, device="meta"),
+                                                    pooled=torch.empty(1, 2048, device="meta")))
     assert counter.get_total_flops() == pytest.approx(2.25e12, rel=0.02)
 
 
@@ -468,9 +469,9 @@ def test_compiled_transformer_switches_adapters_without_recompiling():
     theta = {n: p.detach().clone() for n, p in params.items()}
 
     def one_round():
-        stats = nft.micro_step(pipe.transformer, params, old, x0, emb, pooled, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
         with nft.policy(params, old):
-            x = nft.sample(pipe, x0, emb, pooled, nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+            x = nft.sample(pipe, x0, dict(embeds=emb, pooled=pooled), nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
         return stats, x
     eager = one_round()
     torch._dynamo.reset()
@@ -505,7 +506,8 @@ def test_bf16_micro_step_matches_fp32_within_bf16_noise():
         with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
             for n, p in params.items():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        stats = nft.micro_step(pipe.transformer, params, old, x0, emb.to(dtype), pooled.to(dtype), sig, eps, r, mask, args, autocast, 1.0)
+        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)), sig, eps, r, mask,
+                                   args, autocast, 1.0)
         results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
     (s32, g32), (s16, g16) = results
     assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
@@ -565,7 +567,7 @@ def test_bad_prompt_files(capsys, tmp_path):
 def test_model_folder_that_is_not_sd3_and_hub_id_offline(capsys, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    assert "not a StableDiffusion3Pipeline folder" in cli_error(capsys, *SMALL, "--model", tmp_path / "m",
+    assert "not a folder of a supported pipeline" in cli_error(capsys, *SMALL, "--model", tmp_path / "m",
                                                                "--output_dir", tmp_path / "out")
     with pytest.raises(nft.UserError, match="offline"):
         nft.load_pipeline("someone/not-cached-sd3", torch.float32)
@@ -733,7 +735,7 @@ def _ev_velocity(transformer):
     g = torch.Generator().manual_seed(0)
     x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
     with torch.no_grad():
-        return nft.velocity(transformer, x, 0.5, emb, pooled)
+        return nft.velocity(transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
 
 
 # ---- evaluation: aggregation (pure) ----
@@ -1849,9 +1851,9 @@ def test_rc_init_lora_first_rollout_equals_adapters_loaded_by_hand(tmp_path, lay
     noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     rollouts = []
     for pipe, use in [(ours, old), (by_hand, None), (ours, "ref")]:
-        embeds, pooled = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
+        cond = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
         with nft.policy(params, None if use == "ref" else use) if pipe is ours else contextlib.nullcontext():
-            rollouts.append(nft.sample(pipe, noise, embeds, pooled, sigmas, "euler", args, contextlib.nullcontext))
+            rollouts.append(nft.sample(pipe, noise, cond, sigmas, "euler", args, contextlib.nullcontext))
     assert torch.allclose(rollouts[0], rollouts[1], atol=1e-5)  # the first epoch rolls out with the LoRA
     assert not torch.allclose(rollouts[0], rollouts[2], atol=1e-3)  # and the LoRA matters
     # another --lora_alpha: the scale ratio (64/32)/(16/32) = 4 is folded into lora_B: the same starting policy
@@ -2271,7 +2273,7 @@ def test_sp_weight_swap_policies_equal_peft_adapters_bitwise(mode):
     theta = {n: p.detach().clone() for n, p in params.items()}
     peft = nft.random_pipeline("tiny").to(dtype=dtype)
     set_policy = _three_peft_adapters(peft.transformer, args, theta, old)
-    v = lambda pipe: nft.velocity(pipe.transformer, x, 0.3, emb.to(dtype), pooled.to(dtype))  # noqa: E731
+    v = lambda pipe: nft.velocity(pipe.transformer, x, 0.3, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)))  # noqa: E731
     mine, theirs = {}, {}
     for name, weights in [("default", theta), ("old", old), ("ref", None)]:
         # one autocast per policy, as micro_step does: autocast caches the LoRA's bf16 cast within a context
@@ -2301,9 +2303,9 @@ def _epochs(pipe, params, old, args, epochs, compiled_from=None):
         stance = "fail_on_recompile" if compiled_from is not None and epoch >= compiled_from else "default"
         with torch.compiler.set_stance(stance):
             with nft.policy(params, old):
-                nft.sample(pipe, torch.randn(8, 4, 4, 4, generator=g), emb.repeat(2, 1, 1), pooled.repeat(2, 1),
+                nft.sample(pipe, torch.randn(8, 4, 4, 4, generator=g), dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
                            nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
-            out.append(nft.micro_step(pipe.transformer, params, old, x0, emb, pooled, sig, eps, r, mask, args,
+            out.append(nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
                                       contextlib.nullcontext, 1.0))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -2346,3 +2348,236 @@ def test_sp_profile_counts_backward_as_measured_and_reports_graphs(tmp_path):
     assert 1.5 < ratio < 2.7, ratio
     assert report["compile"] is False and report["compiled_graphs"] == 0 and report["recompiles_after_first_epoch"] == 0
     assert json.load(open(tmp_path / "p" / "config.json"))["compile"] is False
+
+
+# =========================================================================== issue 15: model families (FLUX.1, Qwen-Image)
+FAM = {"flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}
+FAM_EPOCHS = 40  # the colour demo's length on the tiny families
+_FAM_PIPES = {}
+
+
+def _fam_pipe(name):
+    """The tiny pipeline of a family, built once per session; tests deep-copy it before changing it."""
+    if name not in _FAM_PIPES:
+        _FAM_PIPES[name] = nft.load_pipeline(FAM[name], torch.float32)
+    return _FAM_PIPES[name]
+
+
+def test_fam_family_is_picked_from_the_pipeline_class():
+    """The family comes from the loaded pipeline's class (or its transformer's); the preset from --model."""
+    assert nft.family_of(nft.random_pipeline("tiny")).name == "sd3"
+    for name in FAM:
+        pipe = _fam_pipe(name)
+        assert nft.family_of(pipe).name == nft.family_of(pipe.transformer).name == name
+    with pytest.raises(nft.UserError, match="supported pipelines: StableDiffusion3Pipeline, FluxPipeline"):
+        nft.family_of(types.SimpleNamespace())
+    with pytest.raises(nft.UserError, match="random:flux.1-dev, random:qwen-image"):
+        nft.load_pipeline("random:flux.2", torch.float32)
+    hints = {"black-forest-labs/FLUX.1-dev": "flux", "Qwen/Qwen-Image": "qwenimage", "random:qwen-image": "qwenimage",
+             "stabilityai/stable-diffusion-3.5-medium": "sd3", "tiny-flux": "flux", "tiny": "sd3"}
+    assert {m: nft.model_family(m) for m in hints} == hints
+    flux = nft.parse_args(["--model", "black-forest-labs/FLUX.1-dev"])
+    assert (flux.rank, flux.lora_alpha, flux.num_steps, flux.eval_num_steps, flux.beta) == (64, 128, 6, 28, 1.0)
+    sd3 = nft.parse_args([])
+    assert (sd3.rank, sd3.num_steps, sd3.eval_num_steps) == (32, 10, 40)  # SD3.5 keeps its defaults
+
+
+# Published sizes: FLUX.1 [dev] transformer 11.9B ("12B"), Qwen-Image's MMDiT 20.4B ("20B").
+@pytest.mark.parametrize("arch,expected", [("flux.1-dev", 11.90e9), ("qwen-image", 20.43e9)])
+def test_fam_random_full_size_transformers_have_the_published_size(arch, expected):
+    pipe = nft.load_pipeline(f"random:{arch}", torch.float32, "meta")
+    assert pipe.transformer.device.type == "meta"
+    n = sum(p.numel() for p in pipe.transformer.parameters())
+    assert abs(n - expected) / expected < 0.002, n
+    vae = {"flux": 83_819_683, "qwenimage": 126_892_531}[nft.family_of(pipe).name]  # FLUX ae 83.8M, Wan 2.1 VAE 127M
+    assert sum(p.numel() for p in pipe.vae.parameters()) == vae
+    assert nft.latent_shape(pipe, 512) == (16, 64, 64)
+
+
+@pytest.mark.parametrize("name", list(FAM))
+def test_fam_euler_rollout_equals_the_pipeline(name):
+    """nft.sample (the family's encode, velocity and schedule on unpacked latents) reproduces the diffusers
+    pipeline's own sampling loop from the same noise: packing, position ids, timestep scale (sigma, not
+    1000*sigma), FLUX.1-dev's guidance embedding, Qwen-Image's mask and the resolution-dependent shift."""
+    pipe = _fam_pipe(name)
+    C, h, w = nft.latent_shape(pipe, 32)
+    x = torch.randn(2, C, h, w, generator=torch.Generator().manual_seed(1))
+    args = types.SimpleNamespace(guidance_scale=1.0, eta=0.0)
+    prompts = ["a red photo", "a cat on a tree"]
+    cond = nft.encode_prompts(pipe, prompts, 16, "cpu")
+    ours = nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext)
+    extra = dict(guidance_scale=nft.FLUX_GUIDANCE) if name == "flux" else {}  # the embedded guidance, not CFG
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, height=32, width=32, num_inference_steps=4, output_type="latent",
+                      max_sequence_length=16, latents=nft.pack(x), **extra)[0]
+    assert (ours - x).abs().mean() > 0.1  # the rollout moved
+    torch.testing.assert_close(ours, nft.unpack(theirs, h, w).float(), atol=2e-5, rtol=1e-4)
+
+
+def _fam_pipeline_sigmas(pipe, num_steps, resolution):
+    """The sigmas the pipeline hands its scheduler at this resolution: run it and stop after one step."""
+    def stop(p, i, t, kwargs):
+        p._interrupt = True
+        return kwargs
+    with torch.no_grad():
+        pipe(prompt="a", height=resolution, width=resolution, num_inference_steps=num_steps, output_type="latent",
+             max_sequence_length=8, callback_on_step_end=stop)
+    return pipe.scheduler.sigmas.double()
+
+
+@pytest.mark.parametrize("name", list(FAM))
+def test_fam_sigmas_equal_the_pipelines_schedule(name):
+    """The rollout schedule is the family pipeline's at every resolution (FLUX: dynamic shift; Qwen-Image:
+    dynamic shift and a last sigma of 0.02); it shifts more at 512 px than at 256 px (more image tokens)."""
+    pipe = copy.deepcopy(_fam_pipe(name))
+    fam = nft.family_of(pipe)
+    for num_steps, resolution in [(10, 256), (10, 512), (28, 512)]:
+        ours = fam.sigmas(pipe, num_steps, resolution)
+        assert ours.dtype == torch.float64 and ours.shape == (num_steps + 1,) and ours[0] == 1 and ours[-1] == 0
+        torch.testing.assert_close(ours, _fam_pipeline_sigmas(pipe, num_steps, resolution), atol=1e-6, rtol=0)
+    assert (fam.sigmas(pipe, 10, 512)[1:-2] > fam.sigmas(pipe, 10, 256)[1:-2]).all()  # Qwen-Image: both end at 0.02
+    if name == "qwenimage":
+        assert abs(fam.sigmas(pipe, 10, 512)[-2].item() - 0.02) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(FAM))
+def test_fam_micro_step_backprops_into_the_lora_only(name):
+    """The NFT loss (micro_step: v_old and v_ref no-grad, v_theta with grad) reaches the trainable LoRA and
+    nothing else; every target of the family's recipe exists in the architecture. Qwen-Image's last block
+    discards its text stream, so 6 of its LoRA tensors get no gradient (and 2 a zero one): the optimizer step
+    still runs, with --grad_sync micro_step's unsynchronised path too."""
+    pipe = copy.deepcopy(_fam_pipe(name))
+    args = nft.parse_args(["--model", FAM[name], "--kl_coef", "1e-4", "--sample_batch_size", "4", "--lora_targets", "official"])
+    torch.manual_seed(0)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    with torch.no_grad():  # old != theta, and a non-zero lora_B, so that every factor gets a gradient
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
+    eps, r, mask = torch.randn(3, *x0.shape, generator=g), torch.tensor([1.0, 0.0]), torch.ones(2)
+    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[1, 5], [3, 7], [8, 2]])].float()
+    cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
+    stats = nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+    assert torch.isfinite(stats).all() and stats[1] > 0 and stats[2] > 0  # loss, KL to the base, |v_theta - v_old|
+    with_grad = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None}
+    dead, zero = set(), set()
+    if name == "qwenimage":  # outside the graph; and the text queries reach only the discarded text output
+        last = f"transformer_blocks.{pipe.transformer.config.num_layers - 1}."
+        dead = {n for n in params if n.startswith(last) and (".to_add_out." in n or ".txt_mlp." in n)}
+        zero = {n for n in params if n.startswith(last) and ".add_q_proj." in n}
+        assert len(dead) == 6 and len(zero) == 2 and all(params[n].grad.abs().sum() == 0 for n in zero)
+    assert with_grad == set(params) - dead and all(params[n].grad.abs().sum() > 0 for n in with_grad - zero)
+    targets = {n.split(".lora_")[0] for n in params}
+    assert all(any(t.endswith(s) for t in targets) for s in nft.family_of(pipe).lora_targets)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    norm, problem = nft.optimizer_step(params, opt, 1.0, sync=False)
+    assert problem is None and norm > 0
+
+
+def _fam_demo_args(name, out, epochs=FAM_EPOCHS):
+    """The colour demo of a tiny family (its preset: tiny), with a checkpoint every 2 epochs, all kept."""
+    return ["--model", FAM[name], "--reward", "color", "--num_epochs", epochs, "--eval_every", FAM_EPOCHS,
+            "--save_every", 2, "--checkpoints_total_limit", 0, "--output_dir", out]
+
+
+@pytest.fixture(scope="module", params=list(FAM))
+def fam_demo(request, tmp_path_factory):
+    """The tiny family's colour demo, run once per family; its checkpoints serve the resume and LoRA tests."""
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    run_nft(*_fam_demo_args(request.param, out))
+    return request.param, str(out)
+
+
+def test_fam_colour_demo_learns(fam_demo):
+    """The colour reward on each tiny family: the EMA policy's eval reward rises by at least 0.2."""
+    name, out = fam_demo
+    m = metrics(out)
+    before, after = m[0]["eval_reward_mean_before"], m[-1]["eval_reward_mean"]
+    print(f"{name}: eval reward {before:.3f} -> {after:.3f}, rollout reward {m[0]['reward_mean']:.3f} -> {m[-1]['reward_mean']:.3f}")
+    assert len(m) == FAM_EPOCHS and after >= before + 0.2, (before, after)
+
+
+def test_fam_checkpoint_lora_loads_with_load_lora_weights(fam_demo):
+    """A checkpoint's LoRA, written by the family pipeline's save_lora_weights, loads into a fresh pipeline with
+    plain `pipe.load_lora_weights(folder)` (rank, alpha and targets from its metadata) and gives exactly the
+    velocity of the trained EMA weights."""
+    name, out = fam_demo
+    ckpt = nft.checkpoints(out)[-1]
+    pipe = copy.deepcopy(_fam_pipe(name))
+    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
+    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v_base = nft.velocity(pipe.transformer, x, 0.5, cond)
+        pipe.load_lora_weights(ckpt)
+        v_lora = nft.velocity(pipe.transformer, x, 0.5, cond)
+    ours = copy.deepcopy(_fam_pipe(name))
+    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", FAM[name]]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state(ckpt)["ema"][n])
+        v_ours = nft.velocity(ours.transformer, x, 0.5, cond)
+    assert (v_lora - v_base).abs().max() > 1e-3
+    torch.testing.assert_close(v_lora, v_ours, atol=1e-5, rtol=1e-4)
+
+
+def test_fam_resume_is_exact(fam_demo, tmp_path):
+    """One epoch, then resumed for a second: the same LoRA, old policy, EMA, optimizer and metrics as the
+    uninterrupted demo after two epochs."""
+    name, demo = fam_demo
+    out = tmp_path / "out"
+    run_nft(*_fam_demo_args(name, out, epochs=1))
+    run_nft(*_fam_demo_args(name, out, epochs=2), "--resume_from", "latest")
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(os.path.join(demo, "checkpoints", "checkpoint-00002")))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))} for r in rows]  # noqa: E731
+    assert keep(metrics(out)) == keep(metrics(demo)[:2])
+
+
+def test_fam_eval_only_reads_the_checkpoint_lora(fam_demo, tmp_path):
+    """--eval_only --lora on a family checkpoint: the trained LoRA scores as in training (the same images as
+    the demo's last evaluation) and beats the base model."""
+    name, demo = fam_demo
+    out = tmp_path / "eval"
+    run_nft("--eval_only", "--model", FAM[name], "--reward", "color", "--lora", nft.checkpoints(demo)[-1],
+            "--eval_images_per_prompt", 4, "--mixed_precision", "no", "--output_dir", out)
+    result = json.load(open(out / "eval.json"))
+    assert result["reward_mean"] == pytest.approx(metrics(demo)[-1]["eval_reward_mean"], abs=1e-4)
+    assert os.path.isfile(out / "compare.png")
+
+
+def test_fam_model_folder_picks_family_and_preset(tmp_path):
+    """A FLUX.1 pipeline saved with save_pretrained loads from its folder as the flux family, and its
+    model_index.json picks the flux preset before loading."""
+    folder = tmp_path / "flux"
+    _fam_pipe("flux").save_pretrained(folder)
+    pipe = nft.load_pipeline(str(folder), torch.float32)
+    assert nft.family_of(pipe).name == "flux" and nft.model_family(str(folder)) == "flux"
+    assert nft.parse_args(["--model", str(folder)]).rank == 64
+    cond, ref = (nft.encode_prompts(p, ["a red image"], 16, "cpu") for p in (pipe, _fam_pipe("flux")))
+    assert all(torch.equal(cond[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("name", list(FAM))
+def test_fam_profile_with_cfg_rollouts(name, tmp_path):
+    """--profile (FLOP count of the family's velocity) with --guidance_scale 2: rollouts mix in the velocity of
+    "" (the null conditioning dict: FLUX's guidance, Qwen-Image's mask broadcast along)."""
+    out = tmp_path / "p"
+    run_nft("--model", FAM[name], "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
+            "--sample_batch_size", 8, "--guidance_scale", 2, "--profile", "--output_dir", out)
+    report = json.load(open(out / "profile.json"))
+    assert report["gflop_per_forward"] > 0 and 1.5 < report["gflop_per_train_forward_backward"] / report["gflop_per_forward"] < 2.7
+    assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
+
+
+def test_fam_two_gloo_ranks_train_qwenimage(tmp_path):
+    """2 gloo ranks on tiny-qwenimage, --grad_sync micro_step (an all-reduce after every backward, with the 6
+    LoRA tensors that get no gradient): one optimizer step, finite, and a LoRA that loads into the pipeline."""
+    out = tmp_path / "out"
+    run_nft("--model", "tiny-qwenimage", "--reward", "color", "--num_epochs", 1, "--num_groups", 2, "--group_size", 4,
+            "--sample_batch_size", 4, "--train_batch_size", 2, "--eval_every", 0, "--grad_sync", "micro_step",
+            "--output_dir", out, nproc=2)
+    m = metrics(out)
+    assert len(m) == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and m[0]["grad_norm"] > 0
+    pipe = copy.deepcopy(_fam_pipe("qwenimage"))
+    pipe.load_lora_weights(nft.checkpoints(out)[-1])
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
