@@ -6,7 +6,7 @@ Runs the current nft.py, and first an earlier one when its path is given, on the
     python .ci/census.py                                   # this version
     git show 1e502c6:nft.py > /tmp/nft_before.py && python .ci/census.py /tmp/nft_before.py   # the README's "before"
 """
-import collections, importlib.util, json, os, sys
+import collections, importlib.util, inspect, json, os, sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -70,7 +70,10 @@ def run(mod, label):
     else:
         mod.set_policy(t, "old"); import contextlib; ctx = contextlib.nullcontext()
     with ctx, census:
-        mod.sample(pipe, x, emb, pooled, mod.rollout_sigmas(2), "euler", args, autocast)
+        if "cond" in inspect.signature(mod.sample).parameters:  # this version: one conditioning dict
+            mod.sample(pipe, x, {"embeds": emb, "pooled": pooled}, mod.rollout_sigmas(2), "euler", args, autocast)
+        else:  # earlier versions: embeddings and pooled embeddings apart
+            mod.sample(pipe, x, emb, pooled, mod.rollout_sigmas(2), "euler", args, autocast)
     mod.velocity = real
     steps = census.segments[1:]
     steps[-1] = steps[-1]  # the last segment also holds the solver's update after the forward (a few ops)

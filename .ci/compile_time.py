@@ -30,9 +30,9 @@ x, emb, pooled = torch.randn(B, 16, h, h, generator=g), torch.randn(B, L, 4096, 
 def calls(t):
     t0 = time.perf_counter()
     with torch.no_grad():
-        v_ng = nft.velocity(t, x, 0.5, emb, pooled)
+        v_ng = nft.velocity(t, x, 0.5, {"embeds": emb, "pooled": pooled})
     t1 = time.perf_counter()
-    v_g = nft.velocity(t, x, 0.5, emb, pooled)
+    v_g = nft.velocity(t, x, 0.5, {"embeds": emb, "pooled": pooled})
     v_g.square().mean().backward()
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, (v_g.detach() - v_ng).abs()
