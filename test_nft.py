@@ -2569,15 +2569,17 @@ def test_fam_profile_with_cfg_rollouts(name, tmp_path):
     assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
 
 
-def test_fam_two_gloo_ranks_train_qwenimage(tmp_path):
-    """2 gloo ranks on tiny-qwenimage, --grad_sync micro_step (an all-reduce after every backward, with the 6
-    LoRA tensors that get no gradient): one optimizer step, finite, and a LoRA that loads into the pipeline."""
+@pytest.mark.parametrize("family, grad_sync", [("flux", "step"), ("qwenimage", "micro_step")])
+def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
+    """2 gloo ranks on each tiny family: one optimizer step, finite, and a LoRA that loads into the pipeline.
+    Qwen-Image with --grad_sync micro_step (an all-reduce after every backward, with the 6 LoRA tensors that
+    get no gradient), FLUX.1 with the default one all-reduce per step."""
     out = tmp_path / "out"
-    run_nft("--model", "tiny-qwenimage", "--reward", "color", "--num_epochs", 1, "--num_groups", 2, "--group_size", 4,
-            "--sample_batch_size", 4, "--train_batch_size", 2, "--eval_every", 0, "--grad_sync", "micro_step",
+    run_nft("--model", f"tiny-{family}", "--reward", "color", "--num_epochs", 1, "--num_groups", 2, "--group_size", 4,
+            "--sample_batch_size", 4, "--train_batch_size", 2, "--eval_every", 0, "--grad_sync", grad_sync,
             "--output_dir", out, nproc=2)
     m = metrics(out)
     assert len(m) == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and m[0]["grad_norm"] > 0
-    pipe = copy.deepcopy(_fam_pipe("qwenimage"))
+    pipe = copy.deepcopy(_fam_pipe(family))
     pipe.load_lora_weights(nft.checkpoints(out)[-1])
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
