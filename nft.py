@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import functools
 import hashlib
 import inspect
 import json
@@ -417,7 +418,7 @@ def score(run, batch, futures, epoch, log):
     args, device, lo, hi = run.args, run.device, run.rank * run.per_rank, (run.rank + 1) * run.per_rank
     results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **run.bar)]
     R = torch.cat([r[0] for r in results]).double()
-    comps = {k: torch.cat([r[1][k] for r in results]).double() for k in results[0][1]}
+    comps = {k: gather(torch.cat([r[1][k] for r in results]).double().to(device)).cpu() for k in results[0][1]}  # all ranks
     all_R, all_ids = gather(R.to(device)).cpu(), gather(batch.ids.to(device)).cpu()
     ok = torch.isfinite(all_R)
     if not ok.all():
@@ -429,14 +430,14 @@ def score(run, batch, futures, epoch, log):
     adv = torch.zeros_like(all_R, dtype=torch.float32)
     if batch.trainable:
         adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
-    strict = gather(comps["geneval/strict"].to(device)).cpu()[ok] if "geneval/strict" in comps else None
+    strict = comps["geneval/strict"][ok] if "geneval/strict" in comps else None
     log.update(rollout_stats(all_R[ok], all_ids[ok], strict, [run.train_records[i].get("tag", "?") for i in all_ids[ok].tolist()],
                              rewards.GENEVAL_TAGS))
     batch.mask = ok[lo:hi].float().to(device)
     batch.x0 = torch.where(batch.mask.view(-1, 1, 1, 1) > 0, batch.x0, 0.0)
     batch.r = adv_to_r(adv[lo:hi], args.adv_clip).to(device)
     log.update(reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
-               **{f"reward_{k}": float(gather(v.to(device)).cpu()[ok].mean()) for k, v in comps.items()},
+               **{f"reward_{k}": float(v[ok].mean()) for k, v in comps.items()},
                r_mean=float(batch.r.mean()), dropped=int((~ok).sum()))
 
 
@@ -571,13 +572,14 @@ def setup(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    hub = not builtin(args.model) and not _is_local(args.model)  # a hub id, not a built-in model or a folder
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif not builtin(args.model) and not _is_local(args.model):
+    elif hub:
         raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
                         "python nft.py --model tiny --reward color")
     validate(args, world)
-    if not builtin(args.model) and not _is_local(args.model):
+    if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
@@ -749,6 +751,7 @@ def _is_local(model):
     return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
+@functools.lru_cache(maxsize=None)  # setup() checks early, load_pipeline() again: one look-up (errors are not cached)
 def check_hub_model(model):
     """A hub id must be cached or reachable: one line now, not minutes of retries and then a traceback."""
     import rewards
@@ -860,11 +863,6 @@ def policy(params, weights):
     finally:
         with torch.no_grad():
             torch._foreach_copy_(live, backup)
-
-
-def swapped(params, weights):
-    """Temporarily load `weights` (e.g. the EMA) into the trainable LoRA parameters (see `policy`)."""
-    return policy(params, weights)
 
 
 def velocity(transformer, x, sigma, cond):
@@ -1067,7 +1065,8 @@ def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
     for e in encoders if home != device else []:
         e.to(home)
     cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    where = torch.tensor([uniq.index(p) for p in prompts], device=next(iter(cond.values())).device)
+    row = {p: i for i, p in enumerate(uniq)}
+    where = torch.tensor([row[p] for p in prompts], device=next(iter(cond.values())).device)
     return take(cond, where)
 
 
