@@ -11,7 +11,7 @@ toward them, which pushes v_theta away. No likelihoods, no stored trajectories, 
 
     python nft.py --model tiny --reward color                      # CPU demo, a few minutes
     torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # official GenEval recipe
-    python nft.py --eval_only --lora runs/nft/checkpoints/checkpoint-00100 --reward geneval
+    python nft.py --eval_only --lora runs/stable-diffusion-3.5-medium-geneval/checkpoints/checkpoint-01000  # GenEval
 
 Read it top to bottom: the config (Args, PRESETS), the math (pure functions, each with its equation), then
 the training loop (train() is the paper's Algorithm 1, one named call per step, followed by those steps).
@@ -55,8 +55,12 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
+import stat
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,7 +86,7 @@ class Args:
     prompts: str = ""  # The training prompts: a .txt file (one prompt a line), a .jsonl file ({"prompt": ..., metadata}) or the official repository's dataset/ folder (its train and test files); empty uses the reward's built-in set.
     eval_prompts: str = ""  # The evaluation prompts, in the same formats; empty uses the test file next to --prompts, else the reward's built-in test set.
     init_lora: str = ""  # Start theta and theta_old from this LoRA, a diffusers or peft file or folder (the official train.lora_path); empty starts from zero.
-    output_dir: str = "runs/nft"  # The folder for config.json, metrics.jsonl, sample grids, curves.png and checkpoints/.
+    output_dir: str = ""  # The run's folder (config, metrics, grids, checkpoints/); empty: runs/<model>-<reward>.
     overwrite: bool = False  # Replace a previous run in --output_dir instead of refusing to start.
     seed: int = 42  # The seed that every random draw derives from, together with the epoch and the rank.
     # rollout
@@ -131,6 +135,7 @@ class Args:
     checkpoints_total_limit: int = 3  # The number of newest checkpoints kept; older ones are deleted (0 keeps all).
     resume_from: str = ""  # Continue a run: "latest" (the newest checkpoint in --output_dir, or a new run if none) or a checkpoint folder.
     max_nonfinite_steps: int = 3  # Stop the run after this many skipped (non-finite) optimizer steps in a row.
+    reward_timeout: float = 600.0  # Stop the run when one reward call takes longer than this many seconds.
     wandb: bool = False  # Also log every epoch's metrics to Weights & Biases (needs `pip install wandb` and `wandb login`).
     wandb_project: str = "diffusion-nft"  # The Weights & Biases project the run is logged to (with --wandb).
     wandb_run_name: str = ""  # The Weights & Biases run name (with --wandb); empty uses the --output_dir folder's name.
@@ -172,6 +177,9 @@ OFFICIAL_PROMPTS = {
     "ocr": ("ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
     **dict.fromkeys(["pickscore", "hpsv2", "multi"], ("pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")),
 }
+
+
+MAX_TEXT_LENGTH = {"sd3": 512, "flux": 512, "qwenimage": 1024}  # the prompt tokens each family's pipeline allows
 
 
 OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -336,6 +344,7 @@ def train(args):
         log = dict(epoch=epoch)
         if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
             log["eval_reward_mean_before"] = evaluate_ema(run, pol, 0)
+            print0(f"the base model's eval reward: {log['eval_reward_mean_before']:.4f}")
         lap = Lap(log, run.device)
         batch = encode_batch(run, epoch)  # 1. prompts
         lap("text")
@@ -454,6 +463,8 @@ def nft_update(run, pol, batch, epoch, log):
     visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(run.per_rank)])
     sig_all, noise_gen = run.sigmas.float().to(device)[visits.to(device)], device_rng(g, device)  # (per_rank, T)
     stats = torch.zeros(3, device=device)
+    for _ in range(0 if batch.trainable else args.steps_per_epoch):  # no finite reward: each step is a non-finite one
+        take_step(run, pol, epoch, log, problem="no finite reward")
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
         s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
@@ -495,20 +506,24 @@ def micro_step(transformer, params, old, x0, cond, sig, eps, r, mask, args, auto
     return stats
 
 
-def take_step(run, pol, epoch, log):
+def take_step(run, pol, epoch, log, problem=None):
     """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with
     decay ema_decay(step). A step with a NaN/inf gradient, or one that made a weight NaN/inf, is skipped or
-    undone; max_nonfinite_steps of them in a row stop the run with the last good checkpoint intact."""
+    undone, as is each step of an epoch without a finite reward (`problem` given); max_nonfinite_steps of them
+    in a row stop the run with the last good checkpoint intact."""
     from tqdm import tqdm
-    grad_norm, problem = optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm, sync=run.args.grad_sync == "step")
+    grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm,
+                                                                        sync=run.args.grad_sync == "step")
     if problem:
         pol.bad_steps += 1
         if run.rank == 0:  # tqdm.write: a message never lands on the progress bar's line
-            tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step undone ({pol.bad_steps} in a row)")
+            tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step skipped ({pol.bad_steps} in a row)")
         if pol.bad_steps >= run.args.max_nonfinite_steps:
-            raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping. The last "
-                            f"good checkpoint in {run.args.output_dir}/checkpoints is intact; lower --learning_rate "
-                            "or check the reward, then resume from it")
+            saved = checkpoints(run.args.output_dir)[-1:]
+            raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping. "
+                            + (f"The last good checkpoint, {saved[0]}, is intact; " if saved else "No checkpoint was saved; ")
+                            + ("check the reward: it scored no image" if problem == "no finite reward" else
+                               "lower --learning_rate or check the reward") + ", then continue with --resume_from latest")
         return
     pol.step, pol.bad_steps, log["grad_norm"] = pol.step + 1, 0, grad_norm
     d = ema_decay(pol.step, run.args.ema_max_decay)
@@ -581,13 +596,18 @@ def setup(args):
     validate(args, world)
     if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable; give a folder you can write to")
+    if not os.path.isdir(existing):
+        raise UserError(f"--output_dir {args.output_dir}: {existing} is not a folder (a file or a broken link); give a folder")
+    try:  # a real write that leaves no name: /sys or /proc refuse it even to root, whom os.access lets through
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable ({e.strerror}); give a folder you "
+                        "can write to") from None
     if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
         try:
             import wandb  # noqa: F401
@@ -623,8 +643,8 @@ def start_run(args):
         return None, None, None
     resume, foreign, locked = claimed
     say_loading(args)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)  # before the big model: a missing extra fails fast
-    init = find_lora(args.init_lora, "--init_lora") if args.init_lora else None  # a bad path fails before the model loads
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)  # a missing extra fails fast
+    init = find_lora(args.init_lora, "--init_lora") if args.init_lora and not resume else None  # before the model loads
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype, device)
     pipe.to(device)
@@ -705,12 +725,29 @@ def end_epoch(run, pol, epoch, log):
            f"reward {t['reward']:.1f} train {t['train']:.1f})")
     if run.wandb:
         run.wandb.log(log, step=pol.step)
-    if not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
-        cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
-        state = dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema), optimizer=pol.opt.state_dict(),
-                     step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
-                     config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.world))
-        save_checkpoint(args, epoch + 1, state, pol.ema, run.lora_meta, family_of(run.pipe).pipeline)
+    due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs
+    if args.profile or "grad_norm" not in log:  # no optimizer step in this epoch (grad_norm comes with a step)
+        if due and not args.profile:
+            print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
+        return
+    state = training_state(run, pol, epoch + 1)  # a copy at every epoch's end: Ctrl-C / SIGTERM save it (main)
+    _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, state["ema"], run.lora_meta,
+                                  family_of(run.pipe).pipeline)]
+    if due:
+        _LAST[0]()
+        _LAST.clear()
+
+
+def training_state(run, pol, epoch):
+    """What a resume needs after `epoch` epochs, as CPU copies: theta, theta_old, the EMA, the optimizer state, the
+    counters, what must match (RESUME_KEYS) and what fixes the draws. A checkpoint's training_state.pt, and the
+    copy in memory that main() saves on Ctrl-C or SIGTERM."""
+    cpu = lambda tensors: {n: t.detach().cpu().clone() for n, t in tensors.items()}
+    opt = pol.opt.state_dict()  # its state holds the live moments: copied, as the weights are
+    return dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema),
+                optimizer=dict(opt, state={i: cpu(s) for i, s in opt["state"].items()}), step=pol.step, epoch=epoch,
+                bad_steps=pol.bad_steps, config={k: getattr(run.args, k) for k in RESUME_KEYS},
+                draws=run_draws(run.args, run.world))
 
 
 def end_run(run, history):
@@ -723,6 +760,7 @@ def end_run(run, history):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    print0(f"done: the outputs are in {run.args.output_dir}")
 
 
 def say_loading(args):
@@ -812,10 +850,9 @@ def add_adapters(transformer, args):
     lora_B starts at zero, so theta, theta_old and the reference (lora_B = 0) agree at step 0.
     Returns the trainable parameters and the old weights, both keyed by the parameter names."""
     transformer.requires_grad_(False)
-    try:
-        transformer.add_adapter(lora_config(args, family_of(transformer).lora_targets), adapter_name="default")
-    except ValueError as e:
-        raise UserError(f"--lora_targets {args.lora_targets!r} matches no module of this transformer ({e})")
+    config = lora_config(args, family_of(transformer).lora_targets)
+    check_targets(transformer, config.target_modules, f"--lora_targets {args.lora_targets}")
+    transformer.add_adapter(config, adapter_name="default")
     params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
     for p in params.values():
         p.data = p.data.float()  # LoRA in fp32 on a bf16 base
@@ -833,7 +870,7 @@ def make_policies(transformer, args, init=None):
     torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
     params, old = add_adapters(transformer, args)
     if init:
-        n = init_from_lora(params, old, *init, args)
+        n = init_from_lora(params, old, init, args)
         print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -918,8 +955,8 @@ def lora_state(weights):
 
 
 def find_lora(path, flag="--lora"):
-    """Locate --lora. ("diffusers", file): this project's pytorch_lora_weights.safetensors (a checkpoint folder
-    or the file). ("peft", folder): the official DiffusionNFT / Flow-GRPO layout, adapter_model.safetensors +
+    """Locate and read (read_lora) a LoRA handed in: this project's pytorch_lora_weights.safetensors (a checkpoint
+    folder or the file), or the official DiffusionNFT / Flow-GRPO peft layout, adapter_model.safetensors +
     adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
     "owner/name" that is not a local path is downloaded first."""
     if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
@@ -934,98 +971,113 @@ def find_lora(path, flag="--lora"):
             raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
                             f"try `hf download {path}`")
     if os.path.isfile(path):
-        return _checked_lora(("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors"
-                             else ("diffusers", path))
+        return read_lora(*(("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors"
+                           else ("diffusers", path)), flag)
     for folder in (path, os.path.join(path, "lora")):
         if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-            return _checked_lora(("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors")))
+            return read_lora("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
         if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            return _checked_lora(("peft", folder))
+            return read_lora("peft", folder, flag)
     raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
                     ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
 
 
-def _checked_lora(found):
-    """find_lora's answer, once its files look sound: a safetensors file starts with an 8-byte header length
-    that fits the file and a JSON header; peft's adapter_config.json is a JSON object. Checked before the model loads."""
-    kind, path = found
-    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        header = f.read(n) if 2 <= n <= size - 8 else b""
-    try:
-        ok = isinstance(json.loads(header), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        ok = False
-    if not ok:
-        raise UserError(f"--lora {file} is not a safetensors file ({'empty' if size == 0 else 'bad header'}); "
-                        "give the pytorch_lora_weights.safetensors of a checkpoint or a peft adapter folder")
-    if kind == "peft":
-        try:
-            with open(os.path.join(path, "adapter_config.json")) as f:
-                config = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--lora {path}: adapter_config.json is not valid JSON ({e}); restore it from the "
-                            "adapter's source") from None
-        if not isinstance(config, dict) or not isinstance(config.get("r"), int):
-            raise UserError(f"--lora {path}: adapter_config.json is not a peft LoRA config (no integer \"r\")")
-    return found
-
-
-def load_lora(pipe, kind, path):
-    """Load what find_lora found into pipe.transformer. peft keys base_model.model.<module>.lora_A.weight
-    become <module>.lora_A.weight; the saved config gives rank, alpha (scale alpha/r) and targets."""
-    if kind == "diffusers":
-        return pipe.load_lora_weights(os.path.dirname(path) or ".", weight_name=os.path.basename(path))
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = {k: v for k, v in json.load(f).items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
-    state = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
-    try:
-        pipe.transformer.add_adapter(LoraConfig(**config))
-        result = set_peft_model_state_dict(pipe.transformer, state)
-    except (ValueError, RuntimeError, TypeError) as e:
-        raise UserError(f"--lora {path} does not fit this transformer: {str(e).strip().splitlines()[0]}")
-    bad = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
-    if bad:
-        raise UserError(f"--lora {path} does not fit this transformer: {len(bad)} LoRA weights unmatched, e.g. {bad[0]}")
-
-
-def init_from_lora(params, old, kind, path, args):
-    """--init_lora (official train.lora_path): copy a LoRA found by find_lora into the trainable parameters and the
-    old policy's, so theta = theta_old = that LoRA at step 0. The file must hold exactly the trainable modules'
-    lora_A/lora_B with their shapes (--rank, --lora_targets). Its scale alpha/r (peft's adapter_config.json, the
-    diffusers file's metadata, else alpha = r as diffusers assumes) is folded into lora_B, so the starting
-    policy is the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+def read_lora(kind, path, flag):
+    """The one reader of LoRA files handed in (--lora, --init_lora), before any model loads: the safetensors file
+    readable and complete; its config a JSON object (peft's adapter_config.json, or the diffusers file's
+    lora_adapter_metadata; without one alpha = r, as diffusers assumes) with rank r and alpha > 0; every tensor
+    finite. Returns (file, config, weights), the weights under diffusers' transformer names (<module>.lora_A.weight);
+    load_lora and init_from_lora check them against the model (check_fit)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
-    if kind == "peft":
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            config = json.load(f)
-        file, prefix = os.path.join(path, "adapter_model.safetensors"), "base_model.model."
-    else:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-        config = {k.removeprefix("transformer."): v for k, v in meta.items()}
-        file, prefix = path, "transformer."
-    found = {k.removeprefix(prefix).replace(".default.", "."): v for k, v in load_file(file).items()}
-    want = {n.replace(".default.", "."): n for n in params}
-    missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
-    shape = [k for k in want if k in found and found[k].shape != params[want[k]].shape]
-    if missing or extra or shape:
-        what = (f"{len(missing)} trainable LoRA weights missing, e.g. {missing[0]}" if missing else
-                f"{len(extra)} weights this run does not train, e.g. {extra[0]}" if extra else
-                f"shape {tuple(found[shape[0]].shape)} vs {tuple(params[want[shape[0]]].shape)} for {shape[0]}")
-        raise UserError(f"--init_lora {path} does not fit this run's LoRA: {what}; match --rank and --lora_targets to it")
-    r = found[next(k for k in found if ".lora_A." in k)].shape[0]
-    scale = config.get("lora_alpha", r) / config.get("r", r) / (args.lora_alpha / args.rank)
+    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
+    try:
+        with safe_open(file, "pt") as f:
+            meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # safetensors' own error (bad header, truncated), an OSError
+        why = "empty" if os.path.getsize(file) == 0 else "bad header or truncated"
+        raise UserError(f"{flag} {file} is not a safetensors file ({why}); give the pytorch_lora_weights.safetensors of a "
+                        "checkpoint or a peft adapter folder") from None
+    source = os.path.join(path, "adapter_config.json") if kind == "peft" else f"{file} (its lora_adapter_metadata)"
+    try:
+        config = json.loads(open(source).read() if kind == "peft" else meta.get("lora_adapter_metadata", "{}"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{flag} {source} is not valid JSON ({e}); restore it from the adapter's source") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {source} is not a LoRA config (a JSON object with r and lora_alpha)")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    weights = {k.removeprefix("base_model.model.").removeprefix("transformer.").replace(".default.", "."): t
+               for k, t in weights.items()}
+    config.setdefault("r", next((t.shape[0] for k, t in weights.items() if ".lora_A." in k), None))
+    config.setdefault("lora_alpha", config["r"])
+    if not all(type(config[k]) in (int, float) and config[k] > 0 for k in ("r", "lora_alpha")):
+        raise UserError(f"{flag} {source}: rank r = {config['r']!r} and lora_alpha = {config['lora_alpha']!r}; both "
+                        "must be positive numbers")
+    broken = [k for k, t in weights.items() if not bool(torch.isfinite(t).all())]
+    if broken:
+        raise UserError(f"{flag} {file} holds NaN/inf in {len(broken)} of its {len(weights)} tensors, e.g. {broken[0]} "
+                        "(saved from a diverged run?); use another LoRA")
+    return file, config, weights
+
+
+def check_fit(params, weights, what, into, fix):
+    """A LoRA's tensors against the parameters they go into (`into`): the same names (".default." aside) and shapes,
+    else one line saying what was expected and what was found, then `fix`."""
+    want = {n.replace(".default.", "."): tuple(p.shape) for n, p in params.items()}
+    got = {n.replace(".default.", "."): tuple(t.shape) for n, t in weights.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shaped = [k for k in want if k in got and got[k] != want[k]]
+    if missing or extra or shaped:
+        k = (shaped or missing or sorted(want))[0]
+        found = (f"shape {got[k]}" if shaped else f"{len(got)} tensors without it" if missing else
+                 f"{len(got)} tensors, {len(extra)} of them for other modules, e.g. {extra[0]}")
+        raise UserError(f"{what} does not fit {into}: expected {len(want)} LoRA tensors such as {k} {want[k]}, found "
+                        f"{found}; {fix}")
+
+
+def check_targets(transformer, targets, what):
+    """Every LoRA target must match a layer (its name or a dotted suffix of it, as peft matches; peft drops a target
+    that matches nothing without a word): one line with the nearest real names otherwise. A str is a peft regex."""
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
+    names = [n for n, m in transformer.named_modules() if isinstance(m, layers)]
+    suffixes = sorted({".".join(n.split(".")[i:]) for n in names for i in range(n.count(".") + 1)})
+    for target in [] if isinstance(targets, str) else sorted(targets):
+        if target not in suffixes:
+            near = difflib.get_close_matches(target, suffixes, n=3)
+            raise UserError(f"{what}: LoRA target {target!r} matches no layer of this transformer"
+                            + (f"; the nearest are {', '.join(near)}" if near else ""))
+
+
+def load_lora(pipe, lora, flag="--lora"):
+    """Add a LoRA read by find_lora to pipe.transformer as adapter "default": its config gives rank, alpha (scale
+    alpha/r) and targets (without targets: the modules its tensors name), and its tensors must be exactly the
+    adapter's, so a LoRA of another family or rank is refused where peft would only warn."""
+    from peft import LoraConfig
+    file, config, weights = lora
+    config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
+    config["target_modules"] = config.get("target_modules") or sorted({k.split(".lora_")[0] for k in weights})
+    check_targets(pipe.transformer, config["target_modules"], f"{flag} {file}")
+    pipe.transformer.add_adapter(LoraConfig(**config), adapter_name="default")
+    params = {n: p for n, p in pipe.transformer.named_parameters() if ".default." in n}
+    check_fit(params, weights, f"{flag} {file}", "this transformer", "is it a LoRA of this --model?")
     with torch.no_grad():
-        for k, n in want.items():
-            params[n].copy_(found[k] * (scale if ".lora_B." in k else 1.0))
-            old[n].copy_(params[n])
-    return len(want)
+        for n, p in params.items():
+            p.copy_(weights[n.replace(".default.", ".")])
+
+
+def init_from_lora(params, old, lora, args):
+    """--init_lora (official train.lora_path): copy a LoRA read by find_lora into the trainable parameters and the
+    old policy's, so theta = theta_old = that LoRA at step 0. Its tensors must be exactly the trainable ones
+    (--rank, --lora_targets). Its scale alpha/r is folded into lora_B, so the starting policy is the one
+    `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    file, config, weights = lora
+    check_fit(params, weights, f"--init_lora {file}", "this run's LoRA", "match --rank and --lora_targets to it")
+    scale = config["lora_alpha"] / config["r"] / (args.lora_alpha / args.rank)
+    with torch.no_grad():
+        for n, p in params.items():
+            k = n.replace(".default.", ".")
+            p.copy_(weights[k] * (scale if ".lora_B." in k else 1.0))
+            old[n].copy_(p)
+    return len(params)
 
 
 # --------------------------------------------------------------------------- model families
@@ -1521,7 +1573,7 @@ def save_checkpoint(args, epoch, state, ema, lora_meta, pipeline="StableDiffusio
     final = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")
     tmp = final + ".tmp"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        make_way(tmp)
         os.makedirs(tmp)
         getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
                                                        transformer_lora_adapter_metadata=lora_meta)
@@ -1532,12 +1584,20 @@ def save_checkpoint(args, epoch, state, ema, lora_meta, pipeline="StableDiffusio
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(e, f"checkpoint {final}") from None
-    if os.path.isdir(final):
-        shutil.rmtree(final)
+    make_way(final)
     os.replace(tmp, final)
     for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def make_way(path):
+    """Clear a checkpoint folder's name: an old folder there goes, and so does whatever else holds the name (a file,
+    a link to itself or to /dev/zero), but never what a link points to."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
@@ -1545,7 +1605,8 @@ STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "ste
 
 
 def read_state(path):
-    """training_state.pt of a checkpoint folder, checked to hold what train() saves; UserError otherwise."""
+    """training_state.pt of a checkpoint folder, checked before any model loads to hold what train() saves, consistent
+    and finite (state_problem); UserError otherwise. restore() then checks it against the model's LoRA."""
     file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(file):
         raise UserError(f"--resume_from {path}: no training_state.pt there (not a checkpoint of this script, "
@@ -1559,7 +1620,51 @@ def read_state(path):
     if wrong:
         raise UserError(f"--resume_from {path}: training_state.pt is not a training state of this script "
                         f"(missing or wrong: {', '.join(wrong)}); resume from another checkpoint")
+    problem = state_problem(state)
+    if problem:
+        raise UserError(f"--resume_from {path}: training_state.pt {problem}; resume from another checkpoint")
     return state
+
+
+def state_problem(state):
+    """What is wrong inside a training state (None if nothing), by rules checked in order: theta, theta_old and
+    the EMA are tensors of the same names and shapes; the optimizer state holds one entry per LoRA tensor, in
+    order, with moments of its shape; every weight and moment is finite."""
+    lora = {n: getattr(t, "shape", None) for n, t in state["default"].items()}
+    weights = [t for k in ("default", "old", "ema") for t in state[k].values()]
+    rules = [
+        (lambda: not all(torch.is_tensor(t) for t in weights), "holds LoRA weights that are not tensors"),
+        (lambda: any({n: t.shape for n, t in state[k].items()} != lora for k in ("old", "ema")),
+         "holds a theta_old or EMA that does not match its LoRA (other names or shapes)"),
+        (lambda: not _optimizer_fits(state["optimizer"], list(lora.values())),
+         f"holds an optimizer state that does not match its {len(lora)} LoRA tensors"),
+        (lambda: not all(bool(torch.isfinite(t).all()) for t in weights + [
+            v for moments in state["optimizer"]["state"].values() for v in moments.values()]),
+         "holds NaN/inf weights (a diverged run?)"),
+    ]
+    return next((text for broken, text in rules if broken()), None)
+
+
+def _optimizer_fits(opt, shapes):
+    """An AdamW state_dict for parameters of these shapes: ids 0..n-1 in its groups, moments of each one's shape."""
+    try:
+        ids = [i for group in opt["param_groups"] for i in group["params"]]
+        return ids == list(range(len(shapes))) and all(torch.is_tensor(v) and (k == "step" or v.shape == shapes[i])
+                                                       for i, s in opt["state"].items() for k, v in s.items())
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
+def newest_good(paths, read):
+    """The newest of the checkpoint folders `paths` (oldest first) that read(path) accepts, as (path, what read
+    returned); one refused (UserError) is skipped with a warning for the one before it; the oldest's refusal stands."""
+    for path in reversed(paths):
+        try:
+            return path, read(path)
+        except UserError as e:
+            if path == paths[0]:
+                raise
+            print0(f"warning: {str(e).split(': ', 1)[1].split(';')[0]} in {path}; trying the checkpoint before it")
 
 
 def load_checkpoint(args, world_size):
@@ -1573,14 +1678,7 @@ def load_checkpoint(args, world_size):
         if not found:
             print0(f"--resume_from latest: no checkpoint in {args.output_dir} yet, starting a new run")
             return None
-        for path in reversed(found):
-            try:
-                state = read_state(path)
-                break
-            except UserError as e:
-                if path == found[0]:
-                    raise
-                print0(f"warning: {str(e).split(': ', 1)[1].split(';')[0]} in {path}; trying the checkpoint before it")
+        path, state = newest_good(found, read_state)
     elif not os.path.isdir(path):
         raise UserError(f"--resume_from {path}: no such folder; give a checkpoint folder or 'latest'")
     else:
@@ -1635,12 +1733,25 @@ def claim_output_dir(args, rank, world):
             raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints ({os.path.basename(newer[-1])}); "
                             "resume from the newest with --resume_from latest, or branch off into another --output_dir "
                             "(the checkpoint is copied there)")
+    folder = os.path.join(args.output_dir, "checkpoints")
+    if os.path.lexists(folder) and not os.path.isdir(folder):  # no save could land: fail now, not after an epoch
+        raise UserError(f"--output_dir {args.output_dir}: checkpoints is not a folder (a file, or a link to "
+                        f"{os.path.realpath(folder)}); move it away")
     return resume, foreign, locked
 
 
 def restore(pol, path, state, args):
     """Load a checkpoint's theta, theta_old, EMA, optimizer state and counters into `pol`; returns the epoch to
-    start from. The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
+    start from. Its LoRA must fit the model's (check_fit); with --resume_from latest one that does not is
+    skipped, as read_state's refusals are. The optimizer's saved hyperparameters give way to the flags given
+    now, and a line says so."""
+    def fitting(candidate):
+        found = state if candidate == path else read_state(candidate)
+        check_fit(pol.theta, found["default"], f"--resume_from {candidate}: training_state.pt", "this model's LoRA",
+                  "resume from another checkpoint")
+        return found
+    candidates = checkpoints(args.output_dir) if args.resume_from == "latest" else [path]
+    path, state = newest_good(candidates[:candidates.index(path) + 1], fitting)
     with torch.no_grad():
         for n, p in pol.theta.items():
             p.copy_(state["default"][n])
@@ -1697,6 +1808,7 @@ def trim_metrics(metrics_path, start_epoch):
 
 
 _HELD = []  # the lock files of this process's runs, released by main()
+_LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
 
 
 def run_lock(folder):
@@ -1704,7 +1816,17 @@ def run_lock(folder):
     SIGKILL, so a killed run never blocks its resume). Refuses while another live run holds it."""
     import fcntl
     os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
+    try:  # never through a link, and never truncating anything but a regular file of its own (one name, no hard link)
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a plain file of its own")
+    except OSError as e:
+        what = "a symbolic link" if e.errno == errno.ELOOP else "a folder" if e.errno == errno.EISDIR else e.strerror
+        raise UserError(f"--output_dir {folder}: .lock is {what}, which a run's lock never is; it is left as it is: "
+                        "remove it, or use another --output_dir") from None
+    f = os.fdopen(fd, "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1745,6 +1867,14 @@ RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # mu
 
 DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
              "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
+
+
+RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's config.json (parse_args)
+    *DRAW_KEYS, "num_epochs", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "max_grad_norm", "max_nonfinite_steps", "reward_timeout", "eval_every", "eval_num_steps", "eval_images_per_prompt",
+    "eval_max_prompts", "eval_prompts", "save_every", "checkpoints_total_limit", "wandb", "wandb_project",
+    "wandb_run_name", "compile", "gradient_checkpointing", "offload_text_encoders", "grad_sync", "mixed_precision",
+    "reward_precision", "profile", "output_dir", "resume_from", "overwrite"]
 
 
 def run_draws(args, world_size):
@@ -1852,8 +1982,8 @@ def eval_only(args):
     pipe = load_pipeline(args.model, dtype, device).to(device)
     reward_vae(pipe, args)
     if lora:
-        load_lora(pipe, *lora)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)
+        load_lora(pipe, lora)
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)
     mode = precision_mode(args, device)
     setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
                f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, "
@@ -1887,10 +2017,11 @@ def eval_only(args):
             save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
                       col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
         # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
-        folders = [out] + ([os.path.abspath(os.path.join(lora[1], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
+        folders = [out] + ([os.path.abspath(os.path.join(lora[0], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
         found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
         if found:
             plot_curves(found[0], os.path.join(out, "curves.png"))
+        print0(f"outputs in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -2080,7 +2211,8 @@ def parse_args(argv=None):
               "--model tiny / tiny-flux / tiny-qwenimage the tiny one):\n") + "\n".join(
         f"  {name}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for name, preset in PRESETS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.error = functools.partial(_flag_error, [f"--{f.name}" for f in dataclasses.fields(Args)])
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
     choices = {"reward": f"Rewards: {', '.join(rewards.REWARDS)}.", "solver": f"Solvers: {', '.join(SOLVERS)}.",
                "preset": f"Presets: {', '.join(PRESETS)}."}
@@ -2119,7 +2251,52 @@ def parse_args(argv=None):
     args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
     for k, v in given.items():
         setattr(args, k, v)
-    return args
+    args.output_dir = args.output_dir or default_output_dir(args)
+    return resumed(args, given) if args.resume_from else args
+
+
+def _flag_error(flags, message):
+    """argparse's errors as one line: an unknown flag (no abbreviations) with the closest real one."""
+    unknown = re.match(r"unrecognized arguments: (-*[^\s=]+)", message)
+    raise UserError((f"unknown flag {unknown[1]}" + _closest(unknown[1], flags) if unknown else message) + "; see --help")
+
+
+def default_output_dir(args):
+    """runs/<model>-<reward> (the demo: runs/tiny-color), -eval for --eval_only: runs of other models or rewards do
+    not collide, and an evaluation does not write into the training run's folder."""
+    name = f"{os.path.basename(os.path.normpath(args.model))}-{args.preset or args.reward}" + "-eval" * args.eval_only
+    return os.path.join("runs", re.sub(r"[^\w.+-]+", "_", name))
+
+
+def resumed(args, given):
+    """--resume_from continues a run as it was configured: its config.json (in --output_dir for latest, else in the
+    checkpoint's run folder) under the flags given now, which may change only RESUME_MAY_CHANGE (one line refuses
+    another). Without a config.json the flags given are the configuration, and --init_lora with a checkpoint
+    named is refused: the checkpoint's weights would replace it."""
+    latest = args.resume_from == "latest"
+    run = args.output_dir if latest else os.path.dirname(os.path.dirname(os.path.normpath(args.resume_from)))
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        if args.init_lora and not latest:
+            raise UserError(f"--init_lora with --resume_from {args.resume_from}: the checkpoint's weights replace the "
+                            "init; drop --init_lora")
+        return args
+    try:
+        saved = Args(**{k: v for k, v in json.load(open(path)).items() if k in Args.__dataclass_fields__})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"--resume_from {args.resume_from}: {path} is unreadable ({type(e).__name__}); restore it, or "
+                        "move it away and give every flag of the run") from None
+    same = lambda k: given[k] == getattr(saved, k) or (  # noqa: E731
+        k == "init_lora" and os.path.realpath(given[k]) == os.path.realpath(saved.init_lora))
+    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not same(k)]
+    if fixed:
+        raise UserError(f"--{fixed[0]} {given[fixed[0]]!r}: the run in {run} has {getattr(saved, fixed[0])!r}, which a "
+                        f"resume cannot change; it may change {', '.join('--' + k for k in RESUME_MAY_CHANGE)}. Start a "
+                        "new run in another --output_dir to change the rest")
+    for k, v in given.items():
+        setattr(saved, k, v)
+    saved.output_dir = args.output_dir
+    return saved
 
 
 def validate(args, world_size):
@@ -2130,7 +2307,7 @@ def validate(args, world_size):
     positive = ["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
                 "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
                 "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
-                "max_nonfinite_steps"]
+                "max_nonfinite_steps", "reward_timeout"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -2152,6 +2329,10 @@ def validate(args, world_size):
                         "9 of 10 rollout sigmas)")
     if args.kl_coef < 0:
         raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
+    most = MAX_TEXT_LENGTH[model_family(args.model)]
+    if args.max_sequence_length > most:
+        raise UserError(f"--max_sequence_length {args.max_sequence_length} is past this model's text encoder maximum "
+                        f"({most} tokens, as its diffusers pipeline allows); pass at most {most}")
     if args.resolution % 16:
         r = args.resolution
         raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {r}; "
@@ -2436,28 +2617,52 @@ def _close_bars():
         bar.close()
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (what a cluster sends before preemption; torchrun passes it to every rank),
+    raised where the run is: main() saves the last completed epoch and exits 128 + the signal."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def interrupted(args, signum):
+    """After Ctrl-C or SIGTERM: rank 0 writes the last completed epoch not yet in a checkpoint (the copy end_epoch
+    keeps) and says how to continue. Returns the exit code: 130 for SIGINT, 143 for SIGTERM."""
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the save short
+        signal.signal(s, signal.SIG_IGN)
+    _close_bars()
+    saved = []
+    if args and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
+        try:
+            saved = [_LAST[0]()] if _LAST else checkpoints(args.output_dir)[-1:]
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}" if "RANK" in os.environ else "python"
+    print0(f"\n{signal.Signals(signum).name}: " + (f"the last completed epoch is in {saved[0]}; continue with {launcher} "
+           f"{shlex.join([sys.argv[0], '--resume_from', 'latest', '--output_dir', args.output_dir])}" if saved else
+           "no epoch was completed, so there is nothing to save"), file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv=None):
     args = None
+    handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
         eval_only(args) if args.eval_only else train(args)
-    except UserError as e:
-        _close_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: what is safe on disk and how to go on, no traceback
-        saved = checkpoints(args.output_dir)[-1:] if args and not args.eval_only else []
-        print0("\ninterrupted: " + (f"the last checkpoint is {saved[0]}; continue with --resume_from latest "
-                                      f"--output_dir {args.output_dir}" if saved else "no checkpoint was saved yet"),
-               file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # no traceback: what is safe on disk and how to go on
+        sys.exit(interrupted(args, e.args[0] if isinstance(e, Stopped) else signal.SIGINT))
     except Exception as e:
-        if type(e).__name__ == "RewardError":  # rewards.py's one-line errors
-            _close_bars()
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        if not isinstance(e, UserError) and type(e).__name__ != "RewardError":  # rewards.py's one-line errors
+            raise
+        _close_bars()
+        print0(f"error: {e}", file=sys.stderr)  # rank 0 only: under torchrun every rank stops alike
+        sys.exit(2)
     finally:
+        _LAST.clear()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         while _HELD:  # the run's lock (the OS drops it anyway when the process ends)
             _HELD.pop().close()
 

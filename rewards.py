@@ -982,24 +982,82 @@ def parse_reward_spec(spec):
     return parsed
 
 
-def make_reward(spec, device, precision="fp32"):
+def make_reward(spec, device, precision="fp32", timeout=600.0):
     """The reward fn of a spec: the WEIGHTED SUM of its rewards (Flow-GRPO / DiffusionNFT call it
     "avg" but sum), with components {"<name>": score, "<name>/<component>": ...} for logging.
-    A single reward of weight 1 returns its score unchanged. Scorers run in `precision` (reward_autocast)."""
+    A single reward of weight 1 returns its score unchanged. Scorers run in `precision` (reward_autocast),
+    each call within `timeout` seconds and checked against the contract (call_reward)."""
     reward_autocast(device, precision)  # a bad value fails before any model loads
     parts = [(name, weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
+    hung = set()  # rewards that ran out of time: later calls (batches already queued) fail at once
 
     def fn(images, prompts, metadata):
         total, components = None, {}
         for name, weight, reward in parts:
-            with reward_autocast(device, precision):  # thread-local: set in the thread that scores
-                score, comps = reward(images, prompts, metadata)
+            score, comps = call_reward(name, reward, (images, prompts, metadata), device, precision, timeout, hung)
             components[name] = score
             components.update({f"{name}/{k}": v for k, v in comps.items()})
             weighted = score if weight == 1 else score * weight
             total = weighted if total is None else total + weighted
         return total, components
     return fn
+
+
+def _described(x):
+    """A returned value in a few words: 'a list', 'a float64 tensor of shape (8, 1) on cpu'."""
+    if torch.is_tensor(x):
+        return f"a {str(x.dtype)[6:]} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"a {type(x).__name__}"
+
+
+def contract_problem(out, n):
+    """What in a reward's return value breaks the contract (None if nothing): (scores, components), scores an (N,)
+    float CPU tensor, finite or NaN (an image it could not score), components a dict of (N,) CPU tensors."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        return f"{_described(out)}, not a (scores, components) tuple"
+    scores, comps = out
+    if not torch.is_tensor(scores) or scores.shape != (n,) or not scores.is_floating_point() or \
+            scores.device.type != "cpu":
+        return f"scores as {_described(scores)} for {n} images"
+    if bool(torch.isinf(scores).any()):
+        return f"{int(torch.isinf(scores).sum())} infinite score(s) (NaN marks an image it cannot score)"
+    if not isinstance(comps, dict):
+        return f"components as {_described(comps)}, not a dict"
+    bad = [k for k, v in comps.items() if not torch.is_tensor(v) or v.shape != (n,) or v.device.type != "cpu"]
+    return f"component {bad[0]!r} as {_described(comps[bad[0]])} for {n} images" if bad else None
+
+
+def call_reward(name, reward, inputs, device, precision, timeout, hung):
+    """reward(images, prompts, metadata) in a thread of its own, waited for at most `timeout` seconds, its return
+    value checked (contract_problem). A reward that raises, breaks the contract or never returns is one RewardError
+    line naming it. The thread is a daemon: one that hangs for good cannot keep the process from exiting."""
+    if name in hung:
+        raise RewardError(f"reward '{name}' did not return within {timeout:g} s before")
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            with reward_autocast(device, precision):  # thread-local: set in the thread that scores
+                future.set_result(reward(*inputs))
+        except BaseException as e:
+            future.set_exception(e)
+    threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
+    try:
+        out = future.result(timeout)
+    except Exception as e:
+        if not future.done():
+            hung.add(name)
+            raise RewardError(f"reward '{name}' did not return within {timeout:g} s; check it, or raise "
+                              "--reward_timeout if it is only slow") from None
+        if isinstance(e, RewardError):
+            raise
+        said = (str(e).strip() or "?").splitlines()[0][:300]
+        raise RewardError(f"reward '{name}' raised {type(e).__name__}: {said}") from None
+    problem = contract_problem(out, len(inputs[1]))
+    if problem:
+        raise RewardError(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
+                          "CPU tensor (NaN for an image it cannot score) and a dict of (N,) CPU tensors")
+    return out
 
 
 def check_metadata(spec, metadata_list):
@@ -1027,7 +1085,25 @@ def check_metadata(spec, metadata_list):
                     isinstance(r, dict) and isinstance(r.get("count"), int) for r in reqs):
                 raise RewardError(f"prompt line {line} ({prompt!r}): GenEval metadata of the wrong type; \"tag\" must be a "
                                   'string and "include"/"exclude" lists of {"class": name, "count": integer}')
-            for req in reqs:
-                if req.get("class") not in COCO_CLASSES:
-                    raise RewardError(f"prompt line {line} ({prompt!r}) names '{req.get('class')}', which is not "
-                                      "one of GenEval's 80 COCO class names")
+            problems = [geneval_problem(req, index) for index, req in enumerate(reqs)]
+            problems.append(None if record["tag"] in GENEVAL_TAGS else f"has tag {record['tag']!r}; GenEval's tags: "
+                            + ", ".join(GENEVAL_TAGS))
+            if any(problems):
+                raise RewardError(f"prompt line {line} ({prompt!r}) {next(p for p in problems if p)}")
+
+
+def geneval_problem(req, index):
+    """What is wrong with one "include"/"exclude" entry of GenEval metadata (None if nothing): every rule that
+    geneval_score relies on. index: the entry's place, so a position may only name an earlier include."""
+    position = req.get("position")
+    rules = [
+        (req.get("class") not in COCO_CLASSES, f"names {req.get('class')!r}, not one of GenEval's 80 COCO class names"),
+        (req["count"] < 1, f"asks for {req['count']} of {req.get('class')!r}; a count is at least 1"),
+        ("color" in req and req.get("color") not in GENEVAL_COLORS,
+         f"has color {req.get('color')!r}; GenEval's colors: {', '.join(GENEVAL_COLORS)}"),
+        (position is not None and not (isinstance(position, list) and len(position) == 2 and position[0] in RELATIONS
+                                       and isinstance(position[1], int) and 0 <= position[1] < index),
+         f"has position {position!r}; a position is [relation, index of an earlier include], relations: "
+         + ", ".join(RELATIONS)),
+    ]
+    return next((text for broken, text in rules if broken), None)
