@@ -179,9 +179,6 @@ OFFICIAL_PROMPTS = {
 }
 
 
-MAX_TEXT_LENGTH = {"sd3": 512, "flux": 512, "qwenimage": 1024}  # the prompt tokens each family's pipeline allows
-
-
 OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
@@ -520,10 +517,10 @@ def take_step(run, pol, epoch, log, problem=None):
             tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step skipped ({pol.bad_steps} in a row)")
         if pol.bad_steps >= run.args.max_nonfinite_steps:
             saved = checkpoints(run.args.output_dir)[-1:]
-            raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping. "
-                            + (f"The last good checkpoint, {saved[0]}, is intact; " if saved else "No checkpoint was saved; ")
-                            + ("check the reward: it scored no image" if problem == "no finite reward" else
-                               "lower --learning_rate or check the reward") + ", then continue with --resume_from latest")
+            kept = f"the last good checkpoint, {saved[0]}, intact" if saved else "no checkpoint saved yet"
+            advice = "the reward" if problem == "no finite reward" else "--learning_rate (lower it) or the reward"
+            raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping with {kept}. "
+                            f"Check {advice}, then continue with --resume_from latest")
         return
     pol.step, pol.bad_steps, log["grad_norm"] = pol.step + 1, 0, grad_norm
     d = ema_decay(pol.step, run.args.ema_max_decay)
@@ -600,7 +597,7 @@ def setup(args):
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"--output_dir {args.output_dir}: {existing} is not a folder (a file or a broken link); give a folder")
+        raise UserError(f"--output_dir {args.output_dir}: {existing} is not a folder (a file or a broken link)")
     try:  # a real write that leaves no name: /sys or /proc refuse it even to root, whom os.access lets through
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "permission denied")
@@ -643,7 +640,7 @@ def start_run(args):
         return None, None, None
     resume, foreign, locked = claimed
     say_loading(args)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)  # a missing extra fails fast
+    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)  # fails fast
     init = find_lora(args.init_lora, "--init_lora") if args.init_lora and not resume else None  # before the model loads
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype, device)
@@ -715,6 +712,10 @@ def end_epoch(run, pol, epoch, log):
             f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")  # NaN -> null: stays valid JSON
     except OSError as e:
         raise write_error(e, run.metrics_path) from None
+    if not args.profile and "grad_norm" in log:  # after a step (grad_norm comes with one), after its metrics line:
+        state = training_state(run, pol, epoch + 1)  # the copy that Ctrl-C / SIGTERM save (main), or the checkpoint
+        _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, state["ema"], run.lora_meta,
+                                      family_of(run.pipe).pipeline)]
     strict = " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_"))
     t = {k[5:]: v for k, v in log.items() if k.startswith("time_")}
     print0(f"epoch {epoch:4d} step {pol.step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
@@ -725,23 +726,18 @@ def end_epoch(run, pol, epoch, log):
            f"reward {t['reward']:.1f} train {t['train']:.1f})")
     if run.wandb:
         run.wandb.log(log, step=pol.step)
-    due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs
-    if args.profile or "grad_norm" not in log:  # no optimizer step in this epoch (grad_norm comes with a step)
-        if due and not args.profile:
-            print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
+    if args.profile or not ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
         return
-    state = training_state(run, pol, epoch + 1)  # a copy at every epoch's end: Ctrl-C / SIGTERM save it (main)
-    _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, state["ema"], run.lora_meta,
-                                  family_of(run.pipe).pipeline)]
-    if due:
+    if not _LAST:  # no step since the last checkpoint: no checkpoint of untrained weights
+        print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
+    else:
         _LAST[0]()
         _LAST.clear()
 
 
 def training_state(run, pol, epoch):
-    """What a resume needs after `epoch` epochs, as CPU copies: theta, theta_old, the EMA, the optimizer state, the
-    counters, what must match (RESUME_KEYS) and what fixes the draws. A checkpoint's training_state.pt, and the
-    copy in memory that main() saves on Ctrl-C or SIGTERM."""
+    """What a resume needs after `epoch` epochs, as CPU copies (theta, theta_old, EMA, optimizer state, counters,
+    RESUME_KEYS, draws): a checkpoint's training_state.pt, and the copy main() saves on Ctrl-C or SIGTERM."""
     cpu = lambda tensors: {n: t.detach().cpu().clone() for n, t in tensors.items()}
     opt = pol.opt.state_dict()  # its state holds the live moments: copied, as the weights are
     return dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema),
@@ -983,11 +979,10 @@ def find_lora(path, flag="--lora"):
 
 
 def read_lora(kind, path, flag):
-    """The one reader of LoRA files handed in (--lora, --init_lora), before any model loads: the safetensors file
-    readable and complete; its config a JSON object (peft's adapter_config.json, or the diffusers file's
-    lora_adapter_metadata; without one alpha = r, as diffusers assumes) with rank r and alpha > 0; every tensor
-    finite. Returns (file, config, weights), the weights under diffusers' transformer names (<module>.lora_A.weight);
-    load_lora and init_from_lora check them against the model (check_fit)."""
+    """The one reader of LoRA files (--lora, --init_lora), before any model loads: the safetensors file readable and
+    complete; its config (peft's adapter_config.json, or the file's lora_adapter_metadata; without one alpha = r, as
+    diffusers assumes) a JSON object with r, alpha > 0; every tensor finite. Returns (file, config, weights), weights
+    under diffusers' transformer names (<module>.lora_A.weight), checked against the model later (check_fit)."""
     from safetensors import safe_open
     file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
     try:
@@ -995,8 +990,8 @@ def read_lora(kind, path, flag):
             meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception:  # safetensors' own error (bad header, truncated), an OSError
         why = "empty" if os.path.getsize(file) == 0 else "bad header or truncated"
-        raise UserError(f"{flag} {file} is not a safetensors file ({why}); give the pytorch_lora_weights.safetensors of a "
-                        "checkpoint or a peft adapter folder") from None
+        raise UserError(f"{flag} {file} is not a safetensors file ({why}); give the pytorch_lora_weights.safetensors "
+                        "of a checkpoint or a peft adapter folder") from None
     source = os.path.join(path, "adapter_config.json") if kind == "peft" else f"{file} (its lora_adapter_metadata)"
     try:
         config = json.loads(open(source).read() if kind == "peft" else meta.get("lora_adapter_metadata", "{}"))
@@ -1037,8 +1032,7 @@ def check_fit(params, weights, what, into, fix):
 def check_targets(transformer, targets, what):
     """Every LoRA target must match a layer (its name or a dotted suffix of it, as peft matches; peft drops a target
     that matches nothing without a word): one line with the nearest real names otherwise. A str is a peft regex."""
-    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
-    names = [n for n, m in transformer.named_modules() if isinstance(m, layers)]
+    names = [n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     suffixes = sorted({".".join(n.split(".")[i:]) for n in names for i in range(n.count(".") + 1)})
     for target in [] if isinstance(targets, str) else sorted(targets):
         if target not in suffixes:
@@ -1361,8 +1355,8 @@ def load_prompts(path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object")
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise UserError(f'{path}:{n}: each line needs a "prompt" string, e.g. {{"prompt": "a cat"}}')
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise UserError(f'{path}:{n}: each line needs a non-empty "prompt" string, e.g. {{"prompt": "a cat"}}')
             records.append(rec)
         else:
             records.append({"prompt": line.strip()})
@@ -1627,9 +1621,8 @@ def read_state(path):
 
 
 def state_problem(state):
-    """What is wrong inside a training state (None if nothing), by rules checked in order: theta, theta_old and
-    the EMA are tensors of the same names and shapes; the optimizer state holds one entry per LoRA tensor, in
-    order, with moments of its shape; every weight and moment is finite."""
+    """What is wrong inside a training state (None if nothing), by rules in order: theta, theta_old and EMA tensors
+    of the same names and shapes, an optimizer state of one entry per LoRA tensor in order, all finite."""
     lora = {n: getattr(t, "shape", None) for n, t in state["default"].items()}
     weights = [t for k in ("default", "old", "ema") for t in state[k].values()]
     rules = [
@@ -1742,9 +1735,8 @@ def claim_output_dir(args, rank, world):
 
 def restore(pol, path, state, args):
     """Load a checkpoint's theta, theta_old, EMA, optimizer state and counters into `pol`; returns the epoch to
-    start from. Its LoRA must fit the model's (check_fit); with --resume_from latest one that does not is
-    skipped, as read_state's refusals are. The optimizer's saved hyperparameters give way to the flags given
-    now, and a line says so."""
+    start from. Its LoRA must fit the model's (check_fit; with `latest` one that does not is skipped, as read_state's
+    refusals are). The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
     def fitting(candidate):
         found = state if candidate == path else read_state(candidate)
         check_fit(pol.theta, found["default"], f"--resume_from {candidate}: training_state.pt", "this model's LoRA",
@@ -2258,7 +2250,8 @@ def parse_args(argv=None):
 def _flag_error(flags, message):
     """argparse's errors as one line: an unknown flag (no abbreviations) with the closest real one."""
     unknown = re.match(r"unrecognized arguments: (-*[^\s=]+)", message)
-    raise UserError((f"unknown flag {unknown[1]}" + _closest(unknown[1], flags) if unknown else message) + "; see --help")
+    said = f"unknown flag {unknown[1]}" + _closest(unknown[1], flags) if unknown else message
+    raise UserError(f"{said}; see --help")
 
 
 def default_output_dir(args):
@@ -2269,10 +2262,9 @@ def default_output_dir(args):
 
 
 def resumed(args, given):
-    """--resume_from continues a run as it was configured: its config.json (in --output_dir for latest, else in the
-    checkpoint's run folder) under the flags given now, which may change only RESUME_MAY_CHANGE (one line refuses
-    another). Without a config.json the flags given are the configuration, and --init_lora with a checkpoint
-    named is refused: the checkpoint's weights would replace it."""
+    """--resume_from continues a run as configured: its config.json (of --output_dir for latest, else of the
+    checkpoint's run) under the flags given now, which may change only RESUME_MAY_CHANGE. Without one the flags given
+    are the configuration, and --init_lora with a checkpoint named is refused (its weights would replace the init)."""
     latest = args.resume_from == "latest"
     run = args.output_dir if latest else os.path.dirname(os.path.dirname(os.path.normpath(args.resume_from)))
     path = os.path.join(run, "config.json")
@@ -2290,9 +2282,9 @@ def resumed(args, given):
         k == "init_lora" and os.path.realpath(given[k]) == os.path.realpath(saved.init_lora))
     fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not same(k)]
     if fixed:
+        may = ", ".join("--" + k for k in RESUME_MAY_CHANGE)
         raise UserError(f"--{fixed[0]} {given[fixed[0]]!r}: the run in {run} has {getattr(saved, fixed[0])!r}, which a "
-                        f"resume cannot change; it may change {', '.join('--' + k for k in RESUME_MAY_CHANGE)}. Start a "
-                        "new run in another --output_dir to change the rest")
+                        f"resume cannot change; it may change {may}. Start a new run in another --output_dir for more")
     for k, v in given.items():
         setattr(saved, k, v)
     saved.output_dir = args.output_dir
@@ -2329,7 +2321,7 @@ def validate(args, world_size):
                         "9 of 10 rollout sigmas)")
     if args.kl_coef < 0:
         raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
-    most = MAX_TEXT_LENGTH[model_family(args.model)]
+    most = {"sd3": 512, "flux": 512, "qwenimage": 1024}[model_family(args.model)]  # as each family's pipeline allows
     if args.max_sequence_length > most:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} is past this model's text encoder maximum "
                         f"({most} tokens, as its diffusers pipeline allows); pass at most {most}")
@@ -2638,10 +2630,12 @@ def interrupted(args, signum):
             saved = [_LAST[0]()] if _LAST else checkpoints(args.output_dir)[-1:]
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}" if "RANK" in os.environ else "python"
-    print0(f"\n{signal.Signals(signum).name}: " + (f"the last completed epoch is in {saved[0]}; continue with {launcher} "
-           f"{shlex.join([sys.argv[0], '--resume_from', 'latest', '--output_dir', args.output_dir])}" if saved else
-           "no epoch was completed, so there is nothing to save"), file=sys.stderr)
+    said = "no epoch was completed: nothing to save"
+    if saved:  # the run's config.json supplies every other flag (parse_args)
+        launcher = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}" if "RANK" in os.environ else "python"
+        said = (f"the last completed epoch is in {saved[0]}; continue with {launcher} "
+                + shlex.join([sys.argv[0], "--resume_from", "latest", "--output_dir", args.output_dir]))
+    print0(f"\n{signal.Signals(signum).name}: {said}", file=sys.stderr)
     return 128 + signum
 
 

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -303,7 +304,8 @@ def assert_same_state(a, b):
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", out)
+    p = run_nft(*SMALL, "--num_epochs", 2, "--output_dir", out)
+    (out.parent / "stdout.txt").write_text(p.stdout)  # beside the run's folder, which tests list
     return str(out)
 
 
@@ -630,12 +632,12 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
     m = metrics(tmp_path / "half")
     assert m[0]["dropped"] == 4 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
     assert "4 of 8 rewards are NaN/inf" in capsys.readouterr().out
-    nft.main([str(a) for a in (*SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0,
-                                "--num_epochs", 1, "--output_dir", tmp_path / "all")])
-    printed = capsys.readouterr().out
-    assert "skipping the update" in printed and "epoch 0 took no optimizer step, so no checkpoint is written" in printed
-    m = metrics(tmp_path / "all")  # the epoch is logged, with no step taken and no checkpoint of untrained weights
-    assert m[0]["dropped"] == 8 and m[0]["step"] == 0 and nft.checkpoints(tmp_path / "all") == []
+    msg = cli_error(capsys, *SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 5,
+                    "--max_nonfinite_steps", 2, "--output_dir", tmp_path / "all")  # a reward that scores nothing stops
+    assert msg == ("error: 2 non-finite optimizer steps in a row (no finite reward); stopping with no checkpoint saved "
+                   "yet. Check the reward, then continue with --resume_from latest")
+    m = metrics(tmp_path / "all")  # epoch 0 is logged, with no step taken and no checkpoint of untrained weights
+    assert len(m) == 1 and m[0]["dropped"] == 8 and m[0]["step"] == 0 and nft.checkpoints(tmp_path / "all") == []
     # a diverged sample (NaN latent, so a NaN colour reward) must not poison the loss of the others
     real_sample = nft.sample
     monkeypatch.setattr(nft, "sample", lambda *a, **k: real_sample(*a, **k).index_fill_(0, torch.tensor([0]), math.nan))
@@ -2584,3 +2586,342 @@ def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
     pipe = copy.deepcopy(_fam_pipe(family))
     pipe.load_lora_weights(nft.checkpoints(out)[-1])
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+
+# ---- files handed in: LoRA files and training states ----
+def _lora_file(path, tensors, meta=None):
+    """A safetensors LoRA file with an optional lora_adapter_metadata string."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=None if meta is None else {"lora_adapter_metadata": meta})
+    return str(path)
+
+
+def test_hostile_lora_files_are_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
+    """--lora and --init_lora go through one reader: readable and complete, metadata a JSON object with r and
+    alpha > 0, every tensor finite; each broken file is one line naming it, before any model loads."""
+    good = {"transformer.x.lora_A.weight": torch.ones(4, 8), "transformer.x.lora_B.weight": torch.zeros(8, 4)}
+    ok = _lora_file(tmp_path / "ok.safetensors", good, json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8}))
+    file, config, weights = nft.find_lora(ok, "--init_lora")
+    assert file == ok and (config["r"], config["lora_alpha"]) == (4, 8) and set(weights) == {"x.lora_A.weight", "x.lora_B.weight"}
+    assert nft.find_lora(_lora_file(tmp_path / "bare.safetensors", good))[1] == {"r": 4, "lora_alpha": 4}  # as diffusers
+    (tmp_path / "cut.safetensors").write_bytes(open(ok, "rb").read()[:-7])
+    nan = dict(good, **{"transformer.x.lora_B.weight": torch.full((8, 4), float("nan"))})
+    hostile = {
+        str(tmp_path / "cut.safetensors"): "is not a safetensors file (bad header or truncated)",
+        _lora_file(tmp_path / "text.safetensors", good, "r=4"): "(its lora_adapter_metadata) is not valid JSON",
+        _lora_file(tmp_path / "list.safetensors", good, "[4, 8]"): "is not a LoRA config (a JSON object",
+        _lora_file(tmp_path / "alpha0.safetensors", good, '{"r": 4, "lora_alpha": 0}'): "r = 4 and lora_alpha = 0; both must be positive",
+        _lora_file(tmp_path / "rank0.safetensors", good, '{"r": 0}'): "rank r = 0 and lora_alpha = 0",
+        _lora_file(tmp_path / "nan.safetensors", nan): "holds NaN/inf in 1 of its 2 tensors, e.g. x.lora_B.weight",
+    }
+    for path, message in hostile.items():
+        with pytest.raises(nft.UserError, match=re.escape(f"--init_lora {path}")) as e:
+            nft.find_lora(path, "--init_lora")
+        assert message in str(e.value), (path, str(e.value))
+    _nb_no_models(monkeypatch)  # a NaN LoRA is refused, not scored as nan with exit 0
+    assert "holds NaN/inf" in cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "nan.safetensors",
+                                        "--output_dir", tmp_path / "eval")
+
+
+def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tmp_path, _rc_pipe):
+    """A FLUX.1 LoRA (the tiny FLUX transformer's adapter, saved as checkpoints are) on the tiny SD3: --eval_only
+    and load_lora refuse it in one line, saying what was expected and what was found."""
+    import diffusers
+    flux = diffusers.FluxTransformer2DModel(**nft.FAMILY_ARCHS["tiny-flux"]["transformer"])
+    args = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
+    params, _ = nft.add_adapters(flux, args)
+    meta = nft.lora_config(args, nft.family_of(flux).lora_targets).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    diffusers.FluxPipeline.save_lora_weights(tmp_path / "flux", transformer_lora_layers=nft.lora_state(params),
+                                             transformer_lora_adapter_metadata=meta)
+    with pytest.raises(nft.UserError, match=r"does not fit this transformer: expected \d+ LoRA tensors such as "):
+        nft.load_lora(copy.deepcopy(_rc_pipe), nft.find_lora(str(tmp_path / "flux")))
+    msg = cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "flux", "--output_dir", tmp_path / "eval")
+    assert "does not fit this transformer" in msg and "is it a LoRA of this --model?" in msg
+
+
+def test_lora_targets_that_match_no_layer_name_the_nearest():
+    import diffusers
+    transformer = diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"])
+    args = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_targets", "attn.to_q,atn.to_k"])
+    with pytest.raises(nft.UserError, match="LoRA target 'atn.to_k' matches no layer of this transformer; the nearest "
+                                            "are attn.to_k"):
+        nft.add_adapters(transformer, args)  # peft would train attn.to_q alone, without a word
+
+
+def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(capsys, tmp_path):
+    """Hand-made checkpoints, newest first: NaN weights, an optimizer state of other shapes, an EMA missing a
+    tensor (refused before the model loads), a LoRA of rank 4 (refused against the model); `latest` falls back
+    past each with a warning to the good one, and naming a bad one is one line."""
+    import diffusers
+    root = tmp_path / "run"
+    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
+    run = types.SimpleNamespace(args=args, world=1)
+    pol = nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]), args)
+    pol.theta[next(iter(pol.theta))].grad = torch.ones_like(next(iter(pol.theta.values())))
+    pol.opt.step()  # optimizer state to check
+    good = nft.training_state(run, pol, 1)
+    small = vars(args) | {"rank": 4}
+    rank4 = nft.training_state(types.SimpleNamespace(args=types.SimpleNamespace(**small), world=1),
+                               nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]),
+                                                 types.SimpleNamespace(**small)), 2)
+    rank4["config"] = good["config"]  # as a hand-edited state would claim
+    first = next(iter(good["ema"]))
+    broken = {3: dict(good, epoch=3, ema={n: t for n, t in good["ema"].items() if n != first}),
+              4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state={0: {k: v[:1] if v.dim() else v for k, v
+                                                                                 in good["optimizer"]["state"][0].items()}})),
+              5: dict(good, epoch=5, old={n: t * float("nan") for n, t in good["old"].items()})}
+    for epoch, st in {1: good, 2: rank4, **broken}.items():
+        os.makedirs(root / "checkpoints" / f"checkpoint-{epoch:05d}")
+        torch.save(st, root / "checkpoints" / f"checkpoint-{epoch:05d}" / "training_state.pt")
+    path, st = nft.load_checkpoint(args, 1)
+    assert path.endswith("checkpoint-00002")
+    said = capsys.readouterr().out
+    for reason in ("holds NaN/inf weights", "holds an optimizer state that does not match its", "holds a theta_old or "
+                   "EMA that does not match its LoRA"):
+        assert f"warning: training_state.pt {reason}" in said
+    assert nft.restore(pol, path, st, args) == 1  # rank 4 does not fit the model: the one before it does
+    said = capsys.readouterr().out
+    assert re.search(r"training_state.pt does not fit this model's LoRA: expected \d+ LoRA tensors such as ", said)
+    assert "found shape (4, 32) in" in said and "resumed from" in said and "checkpoint-00001: epoch 1" in said
+    assert all(torch.equal(pol.ema[n], good["ema"][n]) for n in pol.ema)
+    args.resume_from = str(root / "checkpoints" / "checkpoint-00002")  # named: one line, no fallback
+    with pytest.raises(nft.UserError, match="checkpoint-00002: training_state.pt does not fit this model's LoRA"):
+        nft.restore(pol, args.resume_from, rank4, args)
+
+
+def test_resume_takes_the_run_configuration_from_its_config_json(tmp_path):
+    """--resume_from latest --output_dir D alone resumes the run as configured; flags given may change only what a
+    resume may change; --init_lora with a resume is refused unless it is the run's own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    original = nft.parse_args(["--model", "tiny", "--reward", "color", "--num_groups", "2", "--init_lora", "a/init.safetensors",
+                               "--output_dir", str(run)])
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
+    args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
+    assert dataclasses.asdict(args) == dict(dataclasses.asdict(original), resume_from="latest")
+    assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--num_epochs", "300",
+                           "--init_lora", "./a/init.safetensors"]).num_epochs == 300  # the same file: allowed
+    with pytest.raises(nft.UserError, match=r"--rank 8: the run in .* has 32, which a resume cannot change; it may "
+                                            r"change --seed, .*--learning_rate"):
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--rank", "8"])
+    with pytest.raises(nft.UserError, match="--init_lora 'b.safetensors': the run in .* has 'a/init.safetensors'"):
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--init_lora", "b.safetensors"])
+    with pytest.raises(nft.UserError, match="--init_lora with --resume_from .*: the checkpoint's weights replace"):
+        nft.parse_args(["--resume_from", str(tmp_path / "x" / "checkpoints" / "checkpoint-00001"), "--init_lora", "b"])
+
+
+# ---- rewards behind a contract ----
+_BAD_REWARDS = {  # what a custom reward returns for 2 images -> what the one line says
+    "shape (N, 1)": (lambda: (torch.zeros(2, 1), {}), "scores as a float32 tensor of shape (2, 1) on cpu for 2 images"),
+    "a list": (lambda: ([0.0, 1.0], {}), "scores as a list for 2 images"),
+    "a 0-d tensor": (lambda: (torch.tensor(0.5), {}), "scores as a float32 tensor of shape () on cpu"),
+    "integers": (lambda: (torch.ones(2, dtype=torch.long), {}), "scores as a int64 tensor of shape (2,)"),
+    "no tuple": (lambda: torch.zeros(2), "returned a float32 tensor of shape (2,) on cpu, not a (scores, components) tuple"),
+    "a non-tensor component": (lambda: (torch.zeros(2), {"x": 1.0}), "component 'x' as a float for 2 images"),
+    "a component of another shape": (lambda: (torch.zeros(2), {"x": torch.zeros(3)}), "component 'x' as a float32 tensor of shape (3,)"),
+    "inf": (lambda: (torch.tensor([1.0, float("inf")]), {}), "1 infinite score(s)"),
+    "an exception": (lambda: 1 / 0, "raised ZeroDivisionError: division by zero"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_REWARDS))
+def test_reward_contract_violation_is_one_line_naming_the_reward(monkeypatch, case):
+    make, message = _BAD_REWARDS[case]
+    monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda images, prompts, metadata: make())
+    with pytest.raises(rewards.RewardError) as e:
+        rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])
+    assert str(e.value).startswith("reward 'mine' ") and message in str(e.value) and "\n" not in str(e.value)
+    if case == "inf":  # NaN marks an image a reward cannot score: allowed
+        monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda i, p, m: (torch.tensor([1.0, math.nan]), {}))
+        assert rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])[0][1].isnan()
+
+
+def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatch, tmp_path):
+    """A reward that never returns: the run stops with one line after --reward_timeout (its thread is left
+    behind), batches already queued fail at once, and a process holding such a thread still exits."""
+    release = threading.Event()
+    monkeypatch.setitem(rewards.REWARDS, "hang", lambda device: lambda images, prompts, metadata: release.wait())
+    start = time.monotonic()
+    try:
+        msg = cli_error(capsys, *SMALL, "--reward", "hang", "--prompts", _rl_colors(tmp_path), "--eval_every", 0,
+                        "--sample_batch_size", 4, "--reward_timeout", 1, "--output_dir", tmp_path / "out")
+    finally:
+        release.set()
+    assert msg == "error: reward 'hang' did not return within 1 s; check it, or raise --reward_timeout if it is only slow"
+    assert time.monotonic() - start < 60
+    script = ("import threading, torch, rewards\n"
+              "rewards.REWARDS['hang'] = lambda device: lambda i, p, m: threading.Event().wait()\n"
+              "try:\n    rewards.make_reward('hang', 'cpu', timeout=0.5)(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
+              "except rewards.RewardError as e:\n    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0 and "did not return within 0.5 s" in p.stdout, p.stderr[-2000:]
+
+
+def _rl_colors(tmp_path):
+    prompts = tmp_path / "colors.txt"
+    prompts.write_text("a red image\na blue image\n")
+    return prompts
+
+
+# ---- output folder, run lock and checkpoint names ----
+def test_run_lock_never_follows_a_link_or_truncates_another_file(capsys, monkeypatch, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    _nb_no_models(monkeypatch)
+    msg = cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
+    assert ".lock is a symbolic link, which a run's lock never is; it is left as it is" in msg
+    (out / ".lock").unlink()
+    os.link(victim, out / ".lock")  # a hard link: the victim under another name
+    with pytest.raises(nft.UserError, match=r"\.lock is not a plain file of its own"):
+        nft.run_lock(str(out))
+    (out / ".lock").unlink()
+    (out / ".lock").mkdir()
+    with pytest.raises(nft.UserError, match=r"\.lock is a folder"):
+        nft.run_lock(str(out))
+    assert victim.read_text() == "precious\n" and not nft._HELD
+
+
+def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
+    _nb_no_models(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    assert f"{tmp_path / 'file'} is not a folder" in cli_error(capsys, *SMALL, "--output_dir", tmp_path / "file" / "run")
+    if os.path.isdir("/sys"):  # sysfs refuses new files even to root, whom os.access lets through
+        assert "/sys is not writable" in cli_error(capsys, *SMALL, "--output_dir", "/sys/nft-run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to("/dev/zero")  # no checkpoint could land: refused before an epoch is trained
+    assert "checkpoints is not a folder (a file, or a link to /dev/zero)" in cli_error(
+        capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
+
+
+def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
+    """A checkpoint's name held by a link to itself, a link to /dev/zero, a file, or a link where the temporary
+    folder goes: the save replaces the name (never what a link points to), so the epoch is not lost."""
+    from peft import LoraConfig
+    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
+    meta = dict(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict(), target_modules=["to_q"])
+    folder, kept = tmp_path / "checkpoints", tmp_path / "kept"
+    folder.mkdir()
+    kept.mkdir()
+    (kept / "file").write_text("kept")
+    (folder / "checkpoint-00001").symlink_to(folder / "checkpoint-00001")
+    (folder / "checkpoint-00002").symlink_to("/dev/zero")
+    (folder / "checkpoint-00003").write_text("a file where the folder goes")
+    (folder / "checkpoint-00004.tmp").symlink_to(kept)
+    for epoch in (1, 2, 3, 4):
+        path = nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), lora, meta)
+        assert os.path.isdir(path) and not os.path.islink(path) and state(path)["step"] == epoch
+    assert (kept / "file").read_text() == "kept" and os.path.exists("/dev/zero")
+
+
+# ---- values checked against the model they meet ----
+_GENEVAL_BAD = [  # a change to a valid position record (a cat right of a dog) -> what the one line says
+    (lambda r: r["include"][1].update(count=0), "asks for 0 of 'cat'; a count is at least 1"),
+    (lambda r: r["include"][1].update(count=-2), "asks for -2 of 'cat'"),
+    (lambda r: r["include"][0].update(color="teal"), "has color 'teal'; GenEval's colors: red"),
+    (lambda r: r["include"][1].update(position=["next to", 0]), "has position ['next to', 0]; a position is [relation, "
+                                                                "index of an earlier include]"),
+    (lambda r: r["include"][1].update(position=["left of", 1]), "has position ['left of', 1]"),
+    (lambda r: r["include"][0].update(position=["left of", 0]), "has position ['left of', 0]"),
+    (lambda r: r.update(tag="sizes"), "has tag 'sizes'; GenEval's tags: single_object"),
+    (lambda r: r["include"][1].update({"class": "unicorn"}), "names 'unicorn', not one of GenEval's 80 COCO class names"),
+]
+
+
+@pytest.mark.parametrize("change, message", _GENEVAL_BAD)
+def test_geneval_metadata_is_fully_validated(change, message):
+    record = {"prompt": "a photo of a cat right of a dog", "tag": "position",
+              "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]}
+    rewards.check_metadata("geneval", [record])
+    change(record)
+    with pytest.raises(rewards.RewardError, match=re.escape(f"prompt line 1 ('a photo of a cat right of a dog') {message}")):
+        rewards.check_metadata("geneval", [record])
+
+
+def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    _nb_no_models(monkeypatch)
+    msg = cli_error(capsys, *SMALL, "--max_sequence_length", 600, "--output_dir", tmp_path / "o")
+    assert "--max_sequence_length 600 is past this model's text encoder maximum (512 tokens" in msg
+    with pytest.raises(nft.UserError, match=r"\(1024 tokens"):
+        nft.validate(nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color", "--max_sequence_length", "1100"]), 1)
+    for empty in ('""', '"   "'):
+        (tmp_path / "p.jsonl").write_text('{"prompt": "a red image"}\n{"prompt": %s}\n' % empty)
+        assert 'p.jsonl:2: each line needs a non-empty "prompt" string' in cli_error(
+            capsys, *SMALL, "--prompts", tmp_path / "p.jsonl", "--output_dir", tmp_path / "o")
+    assert cli_error(capsys, "--num_epoch", 3) == "error: unknown flag --num_epoch (did you mean '--num_epochs'?); see --help"
+    assert "argument --num_epochs: invalid int value: 'x'" in cli_error(capsys, "--num_epochs", "x")
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_output_folder_follows_model_and_reward():
+    folder = lambda *argv: nft.parse_args(list(argv)).output_dir  # noqa: E731
+    assert folder("--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color")
+    assert folder("--model", "tiny-flux", "--reward", "color") == os.path.join("runs", "tiny-flux-color")
+    assert folder() == os.path.join("runs", "stable-diffusion-3.5-medium-geneval")
+    assert folder("--reward", "pickscore:1,hpsv2:0.5") == os.path.join("runs", "stable-diffusion-3.5-medium-pickscore_1_hpsv2_0.5")
+    assert folder("--eval_only", "--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color-eval")
+    assert folder("--model", "tiny", "--output_dir", "mine") == "mine"
+
+
+def test_the_run_prints_the_base_evaluation_and_ends_with_its_folder(two_epochs):
+    printed = open(os.path.join(os.path.dirname(two_epochs), "stdout.txt")).read()
+    assert re.search(r"the base model's eval reward: 0\.\d{4}\n", printed)
+    assert printed.strip().splitlines()[-1] == f"done: the outputs are in {two_epochs}"
+
+
+def test_torchrun_error_is_one_line_from_rank_0(tmp_path):
+    p = run_nft(*SMALL, "--sample_batch_size", 4, "--reward", "colr", "--output_dir", tmp_path / "o", nproc=2, check=False)
+    ours = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error: ")]
+    assert p.returncode != 0 and ours == ["error: unknown reward 'colr' in 'colr' (did you mean 'color'?); valid rewards: "
+                                          + ", ".join(rewards.REWARDS)], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr.split("error: unknown reward")[0]  # no rank's own traceback before it
+
+
+# ---- a stopped run keeps its work ----
+def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(two_epochs, tmp_path):
+    """SIGTERM (what a cluster sends before preemption) once epoch 0 is printed, with no checkpoint due before the
+    end: the run writes epoch 0 from its in-memory copy, exits 143 with the command to continue, and that
+    command alone (the run's config.json supplies the rest) finishes bit for bit as the uninterrupted run."""
+    out = tmp_path / "out"
+    argv = [*SMALL, "--num_epochs", 2, "--eval_every", 0, "--save_every", 50, "--output_dir", out]
+    with open(tmp_path / "err.txt", "w") as err:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv)], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+        for line in p.stdout:
+            if line.startswith("epoch    0 "):
+                p.send_signal(signal.SIGTERM)
+                break
+        p.stdout.read()
+        assert p.wait(timeout=120) == 143
+    said = open(tmp_path / "err.txt").read()
+    assert "Traceback" not in said
+    last = said.strip().splitlines()[-1]
+    assert last.startswith(f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python ")
+    command = last.split("continue with python ", 1)[1].split()
+    assert command == [os.path.join(HERE, "nft.py"), "--resume_from", "latest", "--output_dir", str(out)]
+    assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))  # the epoch, exactly
+    run_nft(*command[1:], threads=1)
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))} for r in rows]  # noqa: E731
+    assert keep(metrics(out)) == keep(metrics(two_epochs))
+
+
+def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGINT)  # through the handler main() installs
+        time.sleep(5)
+    monkeypatch.setattr(nft, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, SMALL), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "SIGINT: no epoch was completed: nothing to save"
+    assert signal.getsignal(signal.SIGINT) is before  # main() restores the handlers
