@@ -598,9 +598,7 @@ def setup(args):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"--output_dir {args.output_dir}: {existing} is not a folder (a file or a broken link)")
-    try:  # a real write that leaves no name: /sys or /proc refuse it even to root, whom os.access lets through
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "permission denied")
+    try:  # a real write that leaves no name: permissions, a read-only disk, /sys or /proc (which refuse even root)
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable ({e.strerror}); give a folder you "
@@ -1586,8 +1584,7 @@ def save_checkpoint(args, epoch, state, ema, lora_meta, pipeline="StableDiffusio
 
 
 def make_way(path):
-    """Clear a checkpoint folder's name: an old folder there goes, and so does whatever else holds the name (a file,
-    a link to itself or to /dev/zero), but never what a link points to."""
+    """Clear a checkpoint's name: an old folder, a file, a link (to itself, to /dev/zero), never what it points to."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -1801,6 +1798,7 @@ def trim_metrics(metrics_path, start_epoch):
 
 _HELD = []  # the lock files of this process's runs, released by main()
 _LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
+_STOPS = []  # the stop signals received (_stop)
 
 
 def run_lock(folder):
@@ -1810,8 +1808,7 @@ def run_lock(folder):
     os.makedirs(folder, exist_ok=True)
     try:  # never through a link, and never truncating anything but a regular file of its own (one name, no hard link)
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_nlink != 1:
             os.close(fd)
             raise OSError(errno.EINVAL, "not a plain file of its own")
     except OSError as e:
@@ -2609,13 +2606,13 @@ def _close_bars():
         bar.close()
 
 
-class Stopped(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM (what a cluster sends before preemption; torchrun passes it to every rank),
-    raised where the run is: main() saves the last completed epoch and exits 128 + the signal."""
-
-
 def _stop(signum, frame):
-    raise Stopped(signum)
+    """Ctrl-C (SIGINT) or SIGTERM (what a cluster sends before preemption): rank 0 stops at once (KeyboardInterrupt);
+    under torchrun, which passes the signal to every rank, another rank keeps going, as rank 0 may be waiting for
+    it in a collective, and ends when rank 0 has gone (main)."""
+    _STOPS.append(signum)
+    if int(os.environ.get("RANK", 0)) == 0:
+        raise KeyboardInterrupt(signum)
 
 
 def interrupted(args, signum):
@@ -2646,8 +2643,10 @@ def main(argv=None):
         args = parse_args(argv)
         eval_only(args) if args.eval_only else train(args)
     except KeyboardInterrupt as e:  # no traceback: what is safe on disk and how to go on
-        sys.exit(interrupted(args, e.args[0] if isinstance(e, Stopped) else signal.SIGINT))
+        sys.exit(interrupted(args, e.args[0] if e.args else signal.SIGINT))
     except Exception as e:
+        if _STOPS:  # a collective that failed as a rank left after the signal: said by rank 0, no traceback
+            sys.exit(interrupted(args, _STOPS[0]))
         if not isinstance(e, UserError) and type(e).__name__ != "RewardError":  # rewards.py's one-line errors
             raise
         _close_bars()
@@ -2655,6 +2654,7 @@ def main(argv=None):
         sys.exit(2)
     finally:
         _LAST.clear()
+        _STOPS.clear()
         for s, handler in handlers.items():
             signal.signal(s, handler)
         while _HELD:  # the run's lock (the OS drops it anyway when the process ends)

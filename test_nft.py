@@ -2228,9 +2228,15 @@ def test_rl_http_client_retries_a_500_and_sends_url_credentials_as_basic_auth(_r
 
 
 def test_rl_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypatch, tmp_path):
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
-    msg = cli_error(capsys, *_RL_FAST, "--output_dir", tmp_path / "new" / "out")  # root ignores chmod, so patched
+    import tempfile
+    real_file = tempfile.TemporaryFile
+
+    def refused(*a, dir=None, **k):  # a real write is tried; root ignores chmod, so it is patched to fail
+        if str(dir) == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real_file(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    msg = cli_error(capsys, *_RL_FAST, "--output_dir", tmp_path / "new" / "out")
     assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
 
 
