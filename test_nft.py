@@ -1263,37 +1263,6 @@ def test_rw_aesthetic_tiny(tmp_path):
     assert scores.shape == (3,) and scores.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
 
 
-class _RwOpenClipLike(torch.nn.Module):
-    """open_clip's encode_image / encode_text API on a tiny transformers CLIP."""
-
-    def __init__(self):
-        super().__init__()
-        self.clip = _rw_tiny_clip()
-
-    def encode_image(self, x):
-        return self.clip.get_image_features(pixel_values=x).pooler_output
-
-    def encode_text(self, ids):
-        return self.clip.get_text_features(input_ids=ids).pooler_output
-
-
-def test_rw_hpsv2_tiny_and_missing_package():
-    tok = _rw_tokenizer()
-    texts = []
-
-    def tokenizer(prompts):
-        texts.append(prompts)
-        return tok(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
-    scorer = rewards.OpenClipScorer(_RwOpenClipLike(), tokenizer, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, "cpu")
-    scores, _ = scorer(_rw_images(2, 32, 32), ["a cat " * 50, "a dog"], [{}, {}])
-    assert scores.shape == (2,) and torch.isfinite(scores).all() and (scores.abs() <= 1 + 1e-6).all()
-    try:
-        import open_clip  # noqa: F401
-    except ImportError:
-        with pytest.raises(rewards.RewardError, match="pip install open_clip_torch"):
-            rewards.REWARDS["hpsv2"]("cpu")
-
-
 def test_rw_missing_weights_offline_is_one_line():
     with pytest.raises(rewards.RewardError, match="openai/clip-vit-large-patch14.*HF_HUB_OFFLINE"):
         rewards._from_hub("openai/clip-vit-large-patch14", lambda hub_id: (_ for _ in ()).throw(OSError("offline")))
@@ -1303,6 +1272,211 @@ def test_rw_missing_weights_offline_is_one_line():
         pytest.skip("needs an offline hub without PickScore's processor in the cache")
     with pytest.raises(rewards.RewardError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
         rewards.REWARDS["pickscore"]("cpu")
+
+
+# ---- hpsv2 and imagereward against the original code ----
+
+def _rw_images_of(stored, repeat):
+    return stored.repeat_interleave(repeat, -1).repeat_interleave(repeat, -2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def _rw_reference():
+    """What .ci/reward_reference.py recorded with the original hpsv2 and ImageReward code on reduced random-weight
+    models: their original-layout state dicts, configs, tiny tokenizer vocabularies, the images and prompts, the
+    originals' token ids and scores (the original packages are not needed here)."""
+    from safetensors.torch import load_file
+    folder = os.path.join(HERE, ".ci", "fixtures")
+    ref = json.load(open(os.path.join(folder, "reward_reference.json"), encoding="utf-8"))
+    tensors = load_file(os.path.join(folder, "reward_reference.safetensors"))
+    for name in ("hpsv2", "imagereward"):
+        ref[name]["state"] = {k.split(".", 1)[1]: v.float() if v.is_floating_point() else v
+                              for k, v in tensors.items() if k.startswith(name + ".")}
+    ref["images"] = {name: _rw_images_of(tensors[f"images.{name}"], repeat)
+                     for name, (*_, repeat) in ref["batches"].items()}
+    return ref
+
+
+def _rw_hps_tokenizer(ref):
+    from transformers import CLIPTokenizer
+    vocab = {t: i for i, t in enumerate(ref["vocab"])}
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in ref["merges"]])
+
+
+def _rw_bert_tokenizer(ref):
+    from transformers import BertTokenizer
+    return rewards.bert_tokenizer(BertTokenizer(vocab={t: i for i, t in enumerate(ref["vocab"])}))
+
+
+def test_rw_hpsv2_scores_as_the_original_open_clip_code(_rw_reference):
+    """HPSv2.1 here (CLIPModel + the converted open_clip state dict + open_clip's transform and tokens) gives the
+    original hpsv2 code's token ids and scores on the same reduced random model, images (square, padded, shrunk)
+    and prompts (curly quotes, HTML entities, past 77 tokens), within 1e-4 relative."""
+    ref = _rw_reference["hpsv2"]
+    tokenizer = _rw_hps_tokenizer(ref)
+    model = rewards.load_hpsv2(ref["state"], ref["config"])
+    fn = rewards.clipscore_fn(rewards.HpsScorer(model, tokenizer, None, "cpu"))
+    for name, prompts in _rw_reference["prompts"].items():
+        assert rewards.open_clip_tokens(tokenizer, prompts).tolist() == ref["ids"][name]
+        scores, _ = fn(_rw_reference["images"][name], prompts, None)
+        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
+
+
+def test_rw_imagereward_scores_as_the_original_blip_code(_rw_reference):
+    """ImageReward here (transformers' BLIP vision + text models with the converted state dict, PIL preprocessing,
+    35 BERT tokens) gives ImageReward.score()'s token ids and scores on the same reduced random model, within 1e-4."""
+    ref = _rw_reference["imagereward"]
+    tokenizer = _rw_bert_tokenizer(ref)
+    model = rewards.load_imagereward(ref["state"], ref["med_config"], ref["vision"])
+    fn = rewards.imagereward_fn(model, tokenizer, "cpu")
+    for name, prompts in _rw_reference["prompts"].items():
+        assert tokenizer(prompts, padding="max_length", truncation=True, max_length=35).input_ids == ref["ids"][name]
+        scores, _ = fn(_rw_reference["images"][name], prompts, None)
+        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
+
+
+def test_rw_full_size_checkpoints_fill_the_transformers_models_exactly():
+    """Every key of the full-size originals' state dicts (HPSv2.1's open_clip ViT-H-14 and ImageReward-v1.0, key ->
+    shape recorded by .ci/reward_reference.py) lands on a weight of the same shape of our full-size models (built
+    on the meta device), and every weight gets one; only BLIP's unused contrastive projections are left out."""
+    import gzip
+    with gzip.open(os.path.join(HERE, ".ci", "fixtures", "reward_layouts.json.gz"), "rt") as f:
+        layouts = json.load(f)
+    meta = {name: {k: torch.empty(shape, device="meta") for k, shape in layouts[name].items()}
+            for name in ("hpsv2", "imagereward")}
+    med = layouts["imagereward_med_config"]
+    from transformers import CLIPModel
+    with torch.device("meta"):
+        clip, blip = CLIPModel(rewards.open_clip_config(rewards.VIT_H_14)), rewards.ImageRewardModel(med)
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    projections = [f"blip.{p}_proj.{w}" for p in ("vision", "text") for w in ("weight", "bias")]
+    for model, (weights, unused), left_out in [
+            (clip, rewards.hpsv2_state_dict(meta["hpsv2"]), []),
+            (blip, rewards.imagereward_state_dict(meta["imagereward"]),
+             ["blip.text_encoder.embeddings.position_ids"] + projections)]:
+        assert sorted(unused) == sorted(left_out)
+        assert shapes(weights) == shapes(model.state_dict())
+    assert sum(v.numel() for v in meta["hpsv2"].values()) == 986_109_441  # open_clip's ViT-H-14: 986.1M
+    rewards.load_hpsv2(meta["hpsv2"], device="meta")  # the loaders' strict load_state_dict accepts them
+    rewards.load_imagereward(meta["imagereward"], med, device="meta")
+
+
+def _rw_snapshot(cache, repo):
+    """The snapshot folder of a hub repo in a Hugging Face cache, laid out as huggingface_hub writes one."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    folder = os.path.join(root, "snapshots", "0" * 40)
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write("0" * 40)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def _rw_hub(tmp_path_factory, _rw_reference):
+    """A Hugging Face cache with tiny random stand-ins of every reward model under the real ids and file names:
+    HPSv2.1 and ImageReward as the reduced originals of .ci/fixtures (checkpoints in the original layouts, the
+    tokenizers as tokenizer.json + tokenizer_config.json), PickScore and CLIP ViT-L/14 as one tiny CLIPModel with
+    the same CLIP tokenizer, the aesthetic MLP on its 16-d embeddings. Use it with _rw_use_hub."""
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
+    cache, ref = str(tmp_path_factory.mktemp("hub")), _rw_reference
+    vocab = len(ref["hpsv2"]["vocab"])
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(projection_dim=16, text_config=dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                           num_attention_heads=2)))
+    processor = CLIPProcessor(image_processor=_rw_clip_ip(32), tokenizer=_rw_hps_tokenizer(ref["hpsv2"]))
+    for repo in ("yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14", rewards.CLIP_TOKENIZER):
+        clip.save_pretrained(_rw_snapshot(cache, repo))  # the processor's AutoTokenizer reads config.json too
+    for repo in (rewards.CLIP_TOKENIZER, "openai/clip-vit-large-patch14"):
+        processor.save_pretrained(_rw_snapshot(cache, repo))
+    mlp = {f"layers.{k}": v for k, v in rewards.aesthetic_mlp(16).state_dict().items()}
+    torch.save(mlp, os.path.join(_rw_snapshot(cache, rewards.AESTHETIC_REPO), rewards.AESTHETIC_FILE))
+    hps = os.path.join(_rw_snapshot(cache, rewards.HPSV2_REPO), rewards.HPSV2_FILE)
+    torch.save({"state_dict": ref["hpsv2"]["state"]}, hps)
+    folder = _rw_snapshot(cache, rewards.IMAGEREWARD_REPO)
+    torch.save(ref["imagereward"]["state"], os.path.join(folder, "ImageReward.pt"))
+    with open(os.path.join(folder, "med_config.json"), "w") as f:
+        json.dump(ref["imagereward"]["med_config"], f)
+    BertTokenizer(vocab={t: i for i, t in enumerate(ref["imagereward"]["vocab"])}).save_pretrained(
+        _rw_snapshot(cache, rewards.BERT_TOKENIZER))
+    return cache
+
+
+def _rw_use_hub(monkeypatch, cache, ref):
+    """huggingface_hub (and through it transformers) reads `cache`; HPSv2.1 and ImageReward build the reduced sizes."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(rewards, "VIT_H_14", ref["hpsv2"]["config"])
+    monkeypatch.setattr(rewards, "BLIP_VIT_L", ref["imagereward"]["vision"])
+
+
+def test_rw_hpsv2_and_imagereward_load_the_published_files_and_score_as_the_originals(monkeypatch, _rw_hub,
+                                                                                       _rw_reference):
+    """make_reward offline from a cache of the published file names (each checkpoint in its original layout, read
+    with weights_only=True; each tokenizer from tokenizer.json and tokenizer_config.json) scores as the originals."""
+    _rw_use_hub(monkeypatch, _rw_hub, _rw_reference)
+    for name in ("hpsv2", "imagereward"):
+        fn = rewards.make_reward(name, "cpu")
+        for batch, prompts in _rw_reference["prompts"].items():
+            scores, _ = fn(_rw_reference["images"][batch], prompts, [{}] * len(prompts))
+            assert scores.tolist() == pytest.approx(_rw_reference[name]["scores"][batch], rel=1e-4), (name, batch)
+
+
+def test_rw_hpsv2_and_imagereward_offline_name_each_download_before_any_model_loads(monkeypatch, tmp_path, _rw_hub):
+    """Offline with an empty cache, each stops at once with the `hf download` command of its checkpoint files;
+    with those cached, with the command of its tokenizer files; no model is built (no pip message either)."""
+    import shutil
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for loader in ("load_hpsv2", "load_imagereward"):
+        monkeypatch.setattr(rewards, loader, lambda *a, **k: pytest.fail("a model was built before the check"))
+    for name, command in [("hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
+                          ("imagereward", "THUDM/ImageReward ImageReward.pt med_config.json")]:
+        with pytest.raises(rewards.RewardError, match=rf"offline .*: download it first with `hf download {command}`"):
+            rewards.make_reward(name, "cpu")
+    for repo in (rewards.HPSV2_REPO, rewards.IMAGEREWARD_REPO):
+        folder = "models--" + repo.replace("/", "--")
+        shutil.copytree(os.path.join(_rw_hub, folder), tmp_path / folder)
+    for name, repo in [("hpsv2", rewards.CLIP_TOKENIZER), ("imagereward", rewards.BERT_TOKENIZER)]:
+        with pytest.raises(rewards.RewardError, match=f"`hf download {repo} tokenizer.json tokenizer_config.json`"):
+            rewards.make_reward(name, "cpu")
+
+
+def test_rw_readme_multi_reward_evaluation_runs_as_written(monkeypatch, tmp_path, _rw_hub, _rw_reference,
+                                                            _ev_one_thread):
+    """The README's multi-reward --eval_only command, its flags as written (one process, not torchrun's 8), runs
+    offline: every reward through its real loader from a cache of tiny random stand-ins (_rw_hub), the base model a
+    tiny random SD3 with 4 x 4 patches (512 px), the LoRA a peft checkpoint at the path written. Tests the code
+    path, not the numbers."""
+    from peft import LoraConfig, get_peft_model
+    block = re.sub(r"\\\n\s*", "", _nb_readme_block("Evaluation", "bash"))
+    line = next(l for l in block.splitlines() if "imagereward" in l).split("#")[0]
+    assert line.startswith("torchrun --nproc_per_node=8 nft.py --eval_only --reward "
+                           "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1")
+    argv = line.split("nft.py", 1)[1].split()
+    _rw_use_hub(monkeypatch, _rw_hub, _rw_reference)
+    tiny = nft.RANDOM_ARCHS["tiny"]
+    patches = dict(tiny["transformer"], patch_size=4)  # 16 x 16 patches at 512 px
+    monkeypatch.setitem(nft.RANDOM_ARCHS, "tiny", dict(tiny, transformer=patches))
+    pipe = nft.random_pipeline("tiny")
+    default, builtin = nft.parse_args([]).model, nft.builtin
+    monkeypatch.setattr(nft, "builtin", lambda model: model == default or builtin(model))  # no GPU or SD3.5 download
+    monkeypatch.setattr(nft, "load_pipeline", lambda model, dtype, device="cpu": pipe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / argv[argv.index("--eval_prompts") + 1]).write_text("a red cat on a sofa\n")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
+    lora = tmp_path / argv[argv.index("--lora") + 1] / "lora"
+    get_peft_model(nft.random_pipeline("tiny").transformer, config).save_pretrained(lora)
+    nft.main(argv)
+    summary = json.load(open(tmp_path / "runs" / "nft" / "eval.json"))
+    assert summary["images"] == 5 and summary["resolution"] == 512 and summary["eval_num_steps"] == 40
+    metrics = summary["metrics"]
+    assert list(metrics) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
+    assert all(math.isfinite(v) for v in metrics.values()) and abs(metrics["HPSv2.1"]) <= 1
+    assert (tmp_path / "runs" / "nft" / "compare.png").exists()
 
 
 # ---- unifiedreward ----
@@ -1600,17 +1774,6 @@ def test_nb_help_lists_names_presets_and_a_sentence_for_every_flag():
     for f in dataclasses.fields(nft.Args):
         sentence = helps[f.name].split(" (default:")[0]
         assert sentence[:1].isupper() and sentence.endswith(".") and len(sentence.split()) >= 4, (f.name, helps[f.name])
-
-
-def test_nb_extras_install_command_keeps_the_installed_torch(monkeypatch):
-    import importlib.util
-    assert rewards.pip_command("open_clip_torch").endswith(f'pip install open_clip_torch "torch=={torch.__version__}"')
-    assert rewards.pip_command("image-reward").endswith(f'"torch=={torch.__version__}"')
-    assert rewards.pip_command("wandb") == "pip install wandb"
-    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a CPU torch without torchvision: the CPU index first
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert rewards.pip_command("open_clip_torch") == ('pip install torchvision "torch==2.13.0+cpu" --index-url '
-                                                      'https://download.pytorch.org/whl/cpu && pip install open_clip_torch "torch==2.13.0+cpu"')
 
 
 def _nb_readme_block(section, lang):
