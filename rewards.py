@@ -479,7 +479,7 @@ def open_clip_tokens(tokenizer, texts, context_length=77):
     """open_clip's tokenize() with a transformers CLIP tokenizer: the text cleaned as open_clip does (ftfy.fix_text,
     html.unescape twice, whitespace collapsed; the tokenizer lowercases), [start] + BPE + [end] cut to
     `context_length` with the end token kept, padded with 0. -> (N, context_length) int64."""
-    import ftfy
+    ftfy = _require("ftfy", "ftfy")
     cleaned = [re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(t))).strip()).strip() for t in texts]
     out = torch.zeros(len(cleaned), context_length, dtype=torch.long)
     for row, ids in zip(out, tokenizer(cleaned, truncation=True, max_length=context_length).input_ids):
@@ -504,6 +504,7 @@ def make_hpsv2(device):
     """HPSv2.1 = cos(image, text) of open_clip ViT-H-14 with HPS_v2.1_compressed.pt (hub repo xswu/HPSv2)."""
     from huggingface_hub import hf_hub_download
     from transformers import CLIPTokenizer
+    _require("ftfy", "ftfy")  # open_clip_tokens needs it: say so before any download or load
     path = _from_hub(HPSV2_REPO, hf_hub_download, HPSV2_FILE)
     tokenizer = _from_hub(CLIP_TOKENIZER, CLIPTokenizer.from_pretrained, filename=TOKENIZER_FILES)
     model = load_hpsv2(torch.load(path, map_location="cpu", weights_only=True)["state_dict"], VIT_H_14, device)

@@ -332,10 +332,11 @@ def main():
         save_file(tensors, os.path.join(FIXTURES, "reward_reference.safetensors"))
         made = dict(date=str(datetime.date.today()), torch=torch.__version__, transformers=transformers.__version__,
                     hpsv2x=version("hpsv2x"), image_reward=version("image-reward"), machine=platform.machine())
-        with open(os.path.join(FIXTURES, "reward_reference.json"), "w") as f:
-            json.dump(dict(made=made, batches=BATCHES, prompts=PROMPTS, hpsv2=hps, imagereward=ir), f, indent=1)
-        with gzip.open(os.path.join(FIXTURES, "reward_layouts.json.gz"), "wt") as f:
-            json.dump(layouts, f)
+        record = dict(made=made, batches=BATCHES, prompts=PROMPTS, hpsv2=hps, imagereward=ir)
+        with open(os.path.join(FIXTURES, "reward_reference.json"), "w") as f:  # a line per entry
+            f.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
+        with gzip.GzipFile(os.path.join(FIXTURES, "reward_layouts.json.gz"), "wb", mtime=0) as f:  # reproducible bytes
+            f.write(json.dumps(layouts).encode())
         print(f"wrote {FIXTURES}")
     sys.exit(1 if failed else 0)
 
