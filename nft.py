@@ -2199,7 +2199,7 @@ def parse_args(argv=None):
         for k, v in PRESETS.get(name, {}).items():
             setattr(args, k, v)
         chosen |= set(PRESETS.get(name, {}))
-    if given.get("eval_only") and "max_sequence_length" not in chosen:  # SD3 (the others' presets keep one length)
+    if given.get("eval_only") and "max_sequence_length" not in chosen:
         args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
     args.negative_prompt = next(f.negative_prompt for f in FAMILIES.values() if f.name == model_family(model))
     args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran

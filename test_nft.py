@@ -2631,7 +2631,9 @@ def test_cfg_rollout_equals_the_pipeline(name, capsys, monkeypatch):
     if name == "qwenimage":
         plain = dataclasses.replace(nft.family_of(pipe), combine=nft.cfg)
         monkeypatch.setitem(nft.FAMILIES, "QwenImagePipeline", plain)
-        assert (ours() - theirs).abs().max() > 1e-3
+        error = (ours() - theirs).abs().max().item()
+        print(f"qwenimage: plain CFG (no rescale) vs the pipeline, max error {error:.1e}")
+        assert error > 1e-3
 
 
 def test_qwenimage_mask_is_dropped_when_every_token_is_real():
