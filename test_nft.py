@@ -2652,6 +2652,7 @@ def test_qwenimage_mask_is_dropped_when_every_token_is_real():
     torch.testing.assert_close(v, v_mask, atol=1e-6, rtol=0)
 
 
+# ---- per-family defaults: text length, negative prompt, evaluation precision ----
 def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
     """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
     (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
