@@ -1194,6 +1194,26 @@ def make_reward(spec, device, precision="fp32"):
     return fn
 
 
+def reward_names(spec):
+    """The reward names of a spec, in order; none for an empty spec."""
+    return [name for name, _ in parse_reward_spec(spec)] if spec else []
+
+
+def with_eval_rewards(reward_fn, spec, extra, device, precision="fp32"):
+    """reward_fn (make_reward of `spec`) with the rewards of the `extra` spec scored beside it, for evaluation:
+    the same total, and every reward's components, under its name. Each model loads once, here; a name that
+    is in `spec` already is not loaded again (its component is there)."""
+    more = [name for name in reward_names(extra) if name not in reward_names(spec)]  # weights: the total is spec's
+    if not more:
+        return reward_fn
+    extra_fn = make_reward(",".join(more), device, precision)
+
+    def fn(images, prompts, metadata):
+        total, components = reward_fn(images, prompts, metadata)
+        return total, {**components, **extra_fn(images, prompts, metadata)[1]}
+    return fn
+
+
 def check_metadata(spec, metadata_list):
     """Fail early, with the line and prompt, when a reward that needs jsonl metadata lacks it, or a prompt
     the reward cannot score (PROMPT_CHECKS: color needs a color word, ocr quoted text): before any model

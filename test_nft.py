@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import http.server
+import inspect
 import io
 import json
 import math
@@ -2569,7 +2570,7 @@ def test_fam_euler_rollout_equals_the_pipeline(name):
     prompts = ["a red photo", "a cat on a tree"]
     cond = nft.encode_prompts(pipe, prompts, 16, "cpu")
     ours = nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext)
-    extra = dict(guidance_scale=nft.FLUX_GUIDANCE) if name == "flux" else {}  # the embedded guidance, not CFG
+    extra = dict(guidance_scale=nft.Args.embedded_guidance_scale) if name == "flux" else {}  # embedded, not CFG
     with torch.no_grad():
         theirs = pipe(prompt=prompts, height=32, width=32, num_inference_steps=4, output_type="latent",
                       max_sequence_length=16, latents=nft.pack(x), **extra)[0]
@@ -2746,3 +2747,233 @@ def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
     pipe = copy.deepcopy(_fam_pipe(family))
     pipe.load_lora_weights(nft.checkpoints(out)[-1])
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+# ---- guidance per family: true CFG as each pipeline does it ----
+GUIDED = {"sd3": "tiny", **FAM}
+
+
+def _guided_pipe(name):
+    """The tiny pipeline of any family (SD3 too), built once per session; tests deep-copy it before changing it."""
+    if name not in _FAM_PIPES:
+        _FAM_PIPES[name] = nft.load_pipeline(GUIDED[name], torch.float32)
+    return _FAM_PIPES[name]
+
+
+@pytest.mark.parametrize("name", list(GUIDED))
+def test_cfg_rollout_equals_the_pipeline(name, capsys, monkeypatch):
+    """--guidance_scale is each pipeline's true CFG with its rule and the family's negative prompt ("" for SD3 and
+    FLUX.1, " " for Qwen-Image): an Euler rollout equals StableDiffusion3Pipeline(guidance_scale=3),
+    FluxPipeline(true_cfg_scale=3, guidance_scale=2.5 = --embedded_guidance_scale, with one warning that both run)
+    and QwenImagePipeline(true_cfg_scale=3) from the same noise. Plain CFG misses Qwen-Image's rescale by far."""
+    pipe = _guided_pipe(name)
+    args = nft.parse_args(["--model", GUIDED[name], "--guidance_scale", "3", "--embedded_guidance_scale", "2.5"])
+    nft.resolve_guidance(pipe, args)
+    assert args.negative_prompt == (" " if name == "qwenimage" else "") and args.max_sequence_length == 16
+    assert (args.embedded_guidance_scale == 2.5) == (name == "flux")  # None without a guidance embedding
+    assert capsys.readouterr().out.count("true CFG") == (name == "flux")
+    C, h, w = nft.latent_shape(pipe, 32)
+    x = torch.randn(2, C, h, w, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red photo", "a cat on a tree"]
+
+    def ours():
+        cond = nft.encode_prompts(pipe, prompts, 16, "cpu", args.embedded_guidance_scale)
+        return nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext,
+                          nft.negative_conditioning(pipe, args, "cpu"))
+    guidance = {"sd3": dict(guidance_scale=3.0), "flux": dict(true_cfg_scale=3.0, guidance_scale=2.5),
+                "qwenimage": dict(true_cfg_scale=3.0)}[name]
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, negative_prompt=[args.negative_prompt] * 2, height=32, width=32,
+                      num_inference_steps=4, output_type="latent", max_sequence_length=16,
+                      latents=x if name == "sd3" else nft.pack(x), **guidance)[0]
+    theirs = theirs if name == "sd3" else nft.unpack(theirs, h, w)
+    got = ours()
+    print(f"{name}: CFG rollout vs the pipeline, max error {(got - theirs).abs().max().item():.1e}")
+    assert (got - x).abs().mean() > 0.1
+    torch.testing.assert_close(got, theirs, atol=1e-5, rtol=0)
+    if name == "qwenimage":
+        plain = dataclasses.replace(nft.family_of(pipe), combine=nft.cfg)
+        monkeypatch.setitem(nft.FAMILIES, "QwenImagePipeline", plain)
+        error = (ours() - theirs).abs().max().item()
+        print(f"qwenimage: plain CFG (no rescale) vs the pipeline, max error {error:.1e}")
+        assert error > 1e-3
+
+
+def test_qwenimage_mask_is_dropped_when_every_token_is_real():
+    """As QwenImagePipeline.encode_prompt: when every prompt fills --max_sequence_length (no padding) the conditioning
+    has no mask, and the velocity without it equals the velocity with an all-ones mask; padding keeps the mask."""
+    pipe = _fam_pipe("qwenimage")
+    prompts = ["a red photo", "a cat on a tree"]
+    full, padded = nft.encode_prompts(pipe, prompts, 6, "cpu"), nft.encode_prompts(pipe, prompts, 16, "cpu")
+    assert set(full) == {"embeds"} and full["embeds"].shape[1] == 6 and not padded["mask"].all()
+    with torch.no_grad():
+        assert pipe.encode_prompt(prompt=prompts, device="cpu", max_sequence_length=6)[1] is None  # the pipeline's rule
+        x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+        v = nft.velocity(pipe.transformer, x, 0.5, full)
+        v_mask = nft.velocity(pipe.transformer, x, 0.5, dict(full, mask=torch.ones(2, 6, dtype=torch.bool)))
+    assert v.abs().mean() > 0.1
+    torch.testing.assert_close(v, v_mask, atol=1e-6, rtol=0)
+
+
+# ---- per-family defaults: text length, negative prompt, evaluation precision ----
+def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
+    """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
+    (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
+    official evaluation's 256 and fp16. Negative prompts as the published recipes; the tiny presets keep 16."""
+    import diffusers
+    gpu = torch.device("cuda")
+    for model, pipeline in [("black-forest-labs/FLUX.1-dev", diffusers.FluxPipeline),
+                            ("Qwen/Qwen-Image", diffusers.QwenImagePipeline)]:
+        default = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
+        for extra in ([], ["--eval_only"]):
+            args = nft.parse_args(["--model", model, *extra])
+            assert args.max_sequence_length == default == 512 and nft.precision_mode(args, gpu) == "bf16"
+    sd3 = nft.parse_args(["--eval_only"])
+    assert sd3.max_sequence_length == 256 and nft.precision_mode(sd3, gpu) == "fp16"
+    models = ["tiny", "tiny-flux", "tiny-qwenimage", "Qwen/Qwen-Image"]
+    negative = {m: nft.parse_args(["--model", m]).negative_prompt for m in models}
+    assert negative == {"tiny": "", "tiny-flux": "", "tiny-qwenimage": " ", "Qwen/Qwen-Image": " "}
+    assert nft.parse_args(["--model", "tiny-qwenimage", "--negative_prompt", "blurry"]).negative_prompt == "blurry"
+    assert nft.parse_args(["--model", "tiny-flux", "--eval_only"]).max_sequence_length == 16
+    assert nft.parse_args(["--model", "tiny-flux"]).embedded_guidance_scale == 3.5
+
+
+# ---- guided training: the loss of the guided policy that sampled ----
+@pytest.mark.parametrize("name", list(GUIDED))
+def test_guided_training_loss_equals_a_hand_computation(name):
+    """--train_guided: micro_step's loss, KL and gradient are the NFT loss of guided velocities computed here by hand
+    from the family's transformer call for the prompts and for the negative prompt (v_theta: the trainable LoRA with
+    grad in both branches, v_old: theta_old, v_ref: the base), combined by the pipeline's rule (Qwen-Image: rescaled
+    to the conditional velocity's norm per 2x2 patch of all channels). At --guidance_scale 1 it changes nothing."""
+    pipe = copy.deepcopy(_guided_pipe(name))
+    argv = ["--model", GUIDED[name], "--kl_coef", "0.1", "--beta", "0.5", "--sample_batch_size", "4"]
+    args = nft.parse_args(argv + ["--guidance_scale", "3", "--train_guided"])
+    torch.manual_seed(0)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # theta, theta_old and the base all differ
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            old[n].add_(0.05 * torch.randn(p.shape, generator=g))
+    x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
+    eps, r, mask = torch.randn(2, *x0.shape, generator=g), torch.tensor([0.8, 0.2]), torch.ones(2)
+    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[2, 6], [4, 8]])].float()
+    cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
+    null = nft.negative_conditioning(pipe, args, "cpu")
+
+    def step(a):
+        return nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, a, contextlib.nullcontext,
+                              1.0, null)
+
+    def grads():
+        out = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params.values()])
+        for p in params.values():
+            p.grad = None
+        return out
+    stats, grad = step(args), grads()
+    unguided = step(nft.parse_args(argv))
+    assert torch.equal(unguided, step(nft.parse_args(argv + ["--train_guided"])))  # guidance 1: nothing changes
+    assert stats[1] > 0 and not torch.allclose(stats, unguided)  # guidance moved the loss
+    grads()
+
+    def patch_norm(v):  # the norm of each 2x2 patch over all channels: QwenImagePipeline's packed token
+        n = (4 * torch.nn.functional.avg_pool2d(v.pow(2).sum(1, keepdim=True), 2)).sqrt()
+        return n.repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    def guided(xt, s):
+        v_c = nft.velocity(pipe.transformer, xt, s, cond)
+        v_n = nft.velocity(pipe.transformer, xt, s, {k: t.expand(2, *t.shape[1:]) for k, t in null.items()})
+        v = v_n + 3.0 * (v_c - v_n)
+        return v * patch_norm(v_c) / patch_norm(v) if name == "qwenimage" else v
+    loss_sum = kl_sum = 0.0
+    for j in range(2):
+        xt = nft.add_noise(x0, eps[j], sig[j])
+        with nft.policy(params, old), torch.no_grad():
+            v_old = guided(xt, sig[j])
+        with nft.policy(params, None), torch.no_grad():
+            v_ref = guided(xt, sig[j])
+        v_theta = guided(xt, sig[j])
+        per_sample = nft.nft_loss(v_theta, v_old, x0, xt, sig[j], r, 0.5)
+        by_hand = _nft_loss_by_hand(v_theta.detach(), v_old, x0, xt, sig[j], r, 0.5)
+        torch.testing.assert_close(per_sample.detach(), by_hand)
+        loss, kl = 5.0 * per_sample.mean(), ((v_theta - v_ref) ** 2).mean()
+        (loss + 0.1 * kl).backward()
+        loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
+    torch.testing.assert_close(stats[:2], torch.tensor([loss_sum, kl_sum]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(grad, grads(), rtol=1e-3, atol=1e-6)
+
+
+GUIDED_DEMO = ["--model", "tiny", "--reward", "color", "--guidance_scale", 2, "--train_guided", "--timestep_fraction",
+               0.3, "--learning_rate", 2e-2, "--num_epochs", 8, "--eval_every", 8, "--eval_reward", "jpeg"]
+
+
+@pytest.fixture(scope="module")
+def guided_demo(tmp_path_factory):
+    """The tiny colour demo with CFG 2 rollouts and --train_guided, short (8 epochs, 3 trained sigmas per sample),
+    watching the jpeg reward beside the colour one."""
+    out = tmp_path_factory.mktemp("guided") / "out"
+    run_nft(*GUIDED_DEMO, "--output_dir", out, threads=1)
+    return str(out)
+
+
+def test_guided_training_colour_demo_learns(guided_demo):
+    """With --train_guided (the loss on the guided velocities of the CFG 2 rollouts) the tiny demo still learns."""
+    m = metrics(guided_demo)
+    before, after = m[0]["eval_reward_mean_before"], m[-1]["eval_reward_mean"]
+    print(f"guided training: eval reward {before:.3f} -> {after:.3f}")
+    assert after >= before + 0.04, (before, after)
+
+
+# ---- evaluation rewards beside the training reward ----
+def test_eval_rewards_score_beside_the_training_reward(monkeypatch):
+    """rewards.with_eval_rewards keeps the training reward's total, adds each eval reward's score to the components,
+    and loads a reward once (one already trained on is not loaded again); eval_metrics tables them all, with the
+    weighted sum only for a training spec of several rewards."""
+    loads = []
+    for name in ("color", "jpeg"):
+        def counted(device, make=rewards.REWARDS[name], name=name):
+            loads.append(name)
+            return make(device)
+        monkeypatch.setitem(rewards.REWARDS, name, counted)
+    train = rewards.make_reward("color", "cpu")
+    both = rewards.with_eval_rewards(train, "color", "jpeg,color", "cpu")
+    assert loads == ["color", "jpeg"] and rewards.with_eval_rewards(train, "color", "", "cpu") is train
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red image", "a blue image"]
+    (total, comps), (alone, _) = both(images, prompts, [{}, {}]), train(images, prompts, [{}, {}])
+    assert torch.equal(total, alone) and set(comps) == {"color", "jpeg"} and (comps["jpeg"] < 0).all()
+    results = [dict(reward=float(total[i]), **{k: float(v[i]) for k, v in comps.items()}) for i in range(2)]
+    assert set(nft.eval_metrics(results, "color", "jpeg")) == {"color", "jpeg"}
+    assert "reward (weighted sum)" in nft.eval_metrics(results, "color:1,jpeg:1", "jpeg")
+
+
+def test_eval_rewards_are_logged_and_eval_only_tables_them(guided_demo, tmp_path, _ev_one_thread):
+    """--eval_reward jpeg: the base model's evaluation and the last one log eval_jpeg (_before) without training on it;
+    --eval_only of the last checkpoint with the same flags scores the same images (the same colour and jpeg means),
+    puts jpeg in eval.json and eval.md, and records the text length and precision it ran at."""
+    m = metrics(guided_demo)
+    assert -1 < m[0]["eval_jpeg_before"] < 0 and -1 < m[-1]["eval_jpeg"] < 0 and "reward_jpeg" not in m[-1]
+    out = tmp_path / "eval"
+    nft.main(["--eval_only", "--model", "tiny", "--reward", "color", "--eval_reward", "jpeg", "--guidance_scale", "2",
+              "--lora", nft.checkpoints(guided_demo)[-1], "--eval_images_per_prompt", "4", "--output_dir", str(out)])
+    result = json.load(open(out / "eval.json"))
+    assert result["reward_mean"] == pytest.approx(m[-1]["eval_reward_mean"], abs=1e-4)
+    assert result["metrics"]["jpeg"] == pytest.approx(m[-1]["eval_jpeg"], abs=1e-5)
+    assert "| jpeg |" in open(out / "eval.md").read() and result["eval_reward"] == "jpeg"
+    assert (result["max_sequence_length"], result["transformer_precision"]) == (16, "fp32")
+    assert result["negative_prompt"] == "" and result["embedded_guidance_scale"] is None
+
+
+def test_curves_stretch_each_eval_reward_onto_the_axis(tmp_path):
+    """curves.png draws every eval_<name> beside the train and eval reward, each stretched from its own range onto the
+    plot's y range (so a 5-7 aesthetic score and a 0.8 PickScore share one axis), in colours of their own."""
+    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.05 * e) for e in range(6)]
+    rows[0].update(eval_reward_mean_before=0.5, eval_pickscore_before=0.80, eval_aesthetic_before=5.0)
+    rows[2].update(eval_reward_mean=0.6, eval_pickscore=0.84, eval_aesthetic=6.5)
+    rows[5].update(eval_reward_mean=0.7, eval_pickscore=0.82, eval_aesthetic=7.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    image = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
+    for colour in ((44, 160, 44), (148, 103, 189)):  # the two eval rewards' lines
+        rows_hit = np.nonzero((np.abs(image - colour).sum(-1) < 30)[:, 100:].any(1))[0]  # right of the legend
+        assert rows_hit.max() - rows_hit.min() > 0.6 * (400 - 44 - 40), colour  # spans most of the plot's height
