@@ -723,8 +723,8 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
 
 
 def end_epoch(run, pol, epoch, log):
-    """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics
-    line (NaN as null) and print it, and save a checkpoint every save_every epochs (rank 0)."""
+    """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics line
+    (NaN as null) and print it; rank 0 keeps a copy of the trained state and saves it every save_every epochs."""
     args = run.args
     if args.compile:  # graphs compiled so far: after the first epoch this should stay flat
         log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -2358,7 +2358,8 @@ def resumed(args, given):
                             "init; drop --init_lora")
         return args
     try:
-        saved = Args(**{k: v for k, v in json.load(open(path)).items() if k in Args.__dataclass_fields__})
+        saved = json.load(open(path))  # null: a value resolved away (a flag of another family): the default applies
+        saved = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and v is not None})
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"--resume_from {args.resume_from}: {path} is unreadable ({type(e).__name__}); restore it, or "
                         "move it away and give every flag of the run") from None
@@ -2694,9 +2695,8 @@ def _close_bars():
 
 
 def _stop(signum, frame):
-    """Ctrl-C (SIGINT) or SIGTERM (what a cluster sends before preemption): rank 0 stops at once (KeyboardInterrupt);
-    under torchrun, which passes the signal to every rank, another rank keeps going, as rank 0 may be waiting for
-    it in a collective, and ends when rank 0 has gone (main)."""
+    """Ctrl-C or SIGTERM (sent before preemption; torchrun passes it to every rank): rank 0 stops at once; another rank
+    goes on, as rank 0 may be waiting for it in a collective, and ends when rank 0 has gone (main)."""
     _STOPS.append(signum)
     if int(os.environ.get("RANK", 0)) == 0:
         raise KeyboardInterrupt(signum)

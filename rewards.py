@@ -1229,6 +1229,8 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
 
     def run():
         try:
+            if torch.device(device).type == "cuda":  # the current GPU is per thread: this rank's, not GPU 0
+                torch.cuda.set_device(device)
             with reward_autocast(device, precision):  # thread-local: set in the thread that scores
                 future.set_result(reward(*inputs))
         except BaseException as e:
