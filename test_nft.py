@@ -2914,14 +2914,12 @@ def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatc
     behind), batches already queued fail at once, and a process holding such a thread still exits."""
     release = threading.Event()
     monkeypatch.setitem(rewards.REWARDS, "hang", lambda device: lambda images, prompts, metadata: release.wait())
-    start = time.monotonic()
     try:
-        msg = cli_error(capsys, *SMALL, "--reward", "hang", "--prompts", _rl_colors(tmp_path), "--eval_every", 0,
+        msg = cli_error(capsys, *SMALL, "--reward", "hang", "--prompts", _color_prompts(tmp_path), "--eval_every", 0,
                         "--sample_batch_size", 4, "--reward_timeout", 1, "--output_dir", tmp_path / "out")
     finally:
         release.set()
     assert msg == "error: reward 'hang' did not return within 1 s; check it, or raise --reward_timeout if it is only slow"
-    assert time.monotonic() - start < 60
     script = ("import threading, torch, rewards\n"
               "rewards.REWARDS['hang'] = lambda device: lambda i, p, m: threading.Event().wait()\n"
               "try:\n    rewards.make_reward('hang', 'cpu', timeout=0.5)(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
@@ -2931,7 +2929,7 @@ def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatc
     assert p.returncode == 0 and "did not return within 0.5 s" in p.stdout, p.stderr[-2000:]
 
 
-def _rl_colors(tmp_path):
+def _color_prompts(tmp_path):
     prompts = tmp_path / "colors.txt"
     prompts.write_text("a red image\na blue image\n")
     return prompts
