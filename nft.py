@@ -139,6 +139,8 @@ class Args:
     gradient_checkpointing: bool = False  # Recompute activations in the backward pass: less memory, more compute.
     grad_sync: str = "step"  # When to all-reduce gradients: "step" (once per optimizer step) or "micro_step" (after every backward, official-style).
     offload_text_encoders: bool = False  # Keep the text encoders (CLIP and T5, or Qwen2.5-VL) on the CPU except while encoding prompts.
+    fsdp: bool = False  # Shard the transformer and its LoRA over the ranks, per block (FSDP2); launch with torchrun.
+    compile_budget: float = 600.0  # Seconds of compiling after which the run goes eager (as on a later recompile).
     profile: bool = False  # Time 3 epochs (phases, throughput, MFU, memory), write profile.json, and stop.
 
 
@@ -457,6 +459,8 @@ def nft_update(run, pol, batch, epoch, log):
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
         s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
+        if args.fsdp:  # the backward reduce-scatters only in a step's last micro-batch (in every one with micro_step)
+            run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or (m + 1) % per_step == 0)
         stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], take(batch.cond, s),
                             sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T))
         if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
@@ -500,7 +504,7 @@ def take_step(run, pol, epoch, log):
     decay ema_decay(step). A step with a NaN/inf gradient, or one that made a weight NaN/inf, is skipped or
     undone; max_nonfinite_steps of them in a row stop the run with the last good checkpoint intact."""
     from tqdm import tqdm
-    grad_norm, problem = optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm, sync=run.args.grad_sync == "step")
+    grad_norm, problem = optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm, sync=run.args.grad_sync == "step" or run.args.fsdp)
     if problem:
         pol.bad_steps += 1
         if run.rank == 0:  # tqdm.write: a message never lands on the progress bar's line
@@ -688,6 +692,8 @@ def end_epoch(run, pol, epoch, log):
         log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
         log["eval_reward_mean"] = evaluate_ema(run, pol, epoch + 1)
+    save = not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs)
+    state = training_state(pol) if save else None  # on every rank: --fsdp gathers the shards
     if run.rank != 0:
         return
     try:
@@ -705,12 +711,10 @@ def end_epoch(run, pol, epoch, log):
            f"reward {t['reward']:.1f} train {t['train']:.1f})")
     if run.wandb:
         run.wandb.log(log, step=pol.step)
-    if not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
-        cpu = lambda weights: {n: t.detach().cpu().clone() for n, t in weights.items()}
-        state = dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema), optimizer=pol.opt.state_dict(),
-                     step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
+    if save:
+        state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
                      config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.world))
-        save_checkpoint(args, epoch + 1, state, pol.ema, run.lora_meta, family_of(run.pipe).pipeline)
+        save_checkpoint(args, epoch + 1, state, state["ema"], run.lora_meta, family_of(run.pipe).pipeline)
 
 
 def end_run(run, history):
@@ -718,7 +722,7 @@ def end_run(run, history):
     run.pool.shutdown()
     if run.rank == 0 and os.path.exists(run.metrics_path):
         plot_curves(run.metrics_path, os.path.join(run.args.output_dir, "curves.png"))
-    if run.args.profile and run.rank == 0:
+    if run.args.profile and (run.rank == 0 or run.args.fsdp):  # --fsdp: every rank joins the FLOP count's forwards
         profile_report(run.args, run.pipe, history, run.per_rank, run.T, run.device, run.autocast)
     if dist.is_initialized():
         dist.barrier()
@@ -837,6 +841,9 @@ def make_policies(transformer, args, init=None):
         print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.fsdp:  # theta_old still equals theta (add_adapters, init_from_lora): copies of the shards
+        params = shard(transformer)
+        old = {n: p.detach().clone() for n, p in params.items()}
     ema = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -851,13 +858,13 @@ def policy(params, weights):
     flips are guards of torch.compile, so switching policies through them recompiles the model.
     Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
     names = list(params)
-    live = [params[n].detach() for n in names]
+    live = [local(params[n].detach()) for n in names]  # --fsdp: this rank's shards, as in `weights`
     backup = [t.clone() for t in live]
     with torch.no_grad():
         if weights is None:
             torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
         else:
-            torch._foreach_copy_(live, [weights[n] for n in names])
+            torch._foreach_copy_(live, [local(weights[n]) for n in names])
     try:
         yield
     finally:
@@ -877,8 +884,28 @@ def compile_blocks(transformer, **options):
     last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
     eager. Policies switch by copying weights (see `policy`), which no guard sees."""
     torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
-    for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:  # FLUX has both
+    for block in blocks(transformer):
         block.compile(**options)
+
+
+def blocks(transformer):
+    """The transformer's repeated blocks (FLUX.1 has two lists of them): the unit of compile and of --fsdp."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def shard(transformer):
+    """--fsdp: FSDP2 over all ranks, a unit per block, then the rest: each rank holds 1/world of every weight, the
+    LoRA included (DTensors split on dim 0), and gathers a block's weights only while it runs. The bf16 base and
+    the fp32 LoRA share a unit (FSDP needs one dtype per unit only among trainable weights). The root reshards after
+    its forward too (FSDP keeps it gathered by default), so that what `policy` copies into the shards reaches the
+    next forward. Returns the LoRA parameters, now DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
+    for block in blocks(transformer):
+        fully_shard(block, mesh=mesh)
+    fully_shard(transformer, mesh=mesh, reshard_after_forward=True)
+    return {n: p for n, p in transformer.named_parameters() if ".default." in n}
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device):
@@ -1267,7 +1294,7 @@ FAMILIES = {f.pipeline: f for f in [
 
 def family_of(obj):
     """The Family of a loaded pipeline (by its class) or of its transformer (by the transformer's class)."""
-    name = type(obj).__name__
+    name = type(obj).__name__.removeprefix("FSDP")  # --fsdp's fully_shard subclasses it as FSDP<class>
     for f in FAMILIES.values():
         if name in (f.pipeline, f.transformer):
             return f
@@ -1411,8 +1438,13 @@ def gather(t):
 
 
 def average_gradients(params):
-    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat."""
+    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat.
+    Under --fsdp the backward's reduce-scatter has averaged them: this returns the rank's shards, flat."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    if sharded(params):
+        for p, gr in zip(params.values(), grads):
+            p.grad = gr
+        return torch.cat([local(gr).flatten() for gr in grads])
     flat = torch.cat([gr.flatten() for gr in grads])
     if dist.is_initialized():
         dist.all_reduce(flat)
@@ -1431,14 +1463,14 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
     flat = average_gradients(params) if sync else torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                                                               for p in params.values()])
     norm, problem = None, None
-    if not bool(torch.isfinite(flat).all()):
+    if not everywhere(bool(torch.isfinite(flat).all()), params):
         problem = "non-finite gradient"
     else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
+        norm = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)))
         before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
         saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
         opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        if not everywhere(all(bool(torch.isfinite(local(p)).all()) for p in params.values()), params):
             problem, norm = "the step made the weights NaN/inf", None
             with torch.no_grad():
                 for p, b in zip(params.values(), before):
@@ -1450,6 +1482,58 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
                     del opt.state[p]
     opt.zero_grad(set_to_none=True)
     return norm, problem
+
+
+def local(t):
+    """The part of t that this rank holds: an FSDP DTensor's local shard (--fsdp), else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t):
+    """The whole of t: an FSDP DTensor gathered from every rank (all must call it), else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def sharded(params):
+    """Whether FSDP shards these parameters (--fsdp)."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(next(iter(params.values())), DTensor)
+
+
+def everywhere(ok, params):
+    """ok on this rank and, when FSDP shards params (each rank checks only its shards), on every rank."""
+    if not sharded(params):
+        return ok
+    flag = torch.tensor([float(ok)], device=local(next(iter(params.values()))).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def shard_like(whole, t):
+    """A full tensor (a checkpoint's) as t holds it: split like t's FSDP shards (--fsdp), else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(t, DTensor):
+        return whole
+    return distribute_tensor(whole.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+
+
+def training_state(pol):
+    """theta ("default"), theta_old ("old"), the EMA and the optimizer state as full CPU tensors: what a checkpoint
+    saves, the same whatever the rank count and --fsdp. Returns it on rank 0, None on the others; under --fsdp every
+    rank must call it, since the shards are gathered."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if not (rank0 or sharded(pol.theta)):
+        return None
+    def cpu(t):
+        t = full(t)  # a collective under --fsdp: on every rank
+        return t.detach().to("cpu", copy=True) if rank0 else None
+    opt = pol.opt.state_dict()
+    state = dict(default={n: cpu(t) for n, t in pol.theta.items()}, old={n: cpu(t) for n, t in pol.old.items()},
+                 ema={n: cpu(t) for n, t in pol.ema.items()}, optimizer=dict(opt, state={
+                     i: {k: cpu(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in opt["state"].items()}))
+    return state if rank0 else None
 
 
 def clock(device):
@@ -1643,10 +1727,12 @@ def restore(pol, path, state, args):
     start from. The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
     with torch.no_grad():
         for n, p in pol.theta.items():
-            p.copy_(state["default"][n])
-            pol.old[n].copy_(state["old"][n])
-            pol.ema[n].copy_(state["ema"][n])
+            p.copy_(shard_like(state["default"][n], p))
+            pol.old[n].copy_(shard_like(state["old"][n], p))
+            pol.ema[n].copy_(shard_like(state["ema"][n], p))
     pol.opt.load_state_dict(state["optimizer"])
+    for p, s in pol.opt.state.items():  # --fsdp: the saved moments split into this rank's shards
+        s.update({k: shard_like(v, p) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
     now = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                eps=args.adam_epsilon)
     flag = dict(lr="learning_rate", betas="adam_beta1/2", weight_decay="adam_weight_decay", eps="adam_epsilon")
@@ -1795,7 +1881,8 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
     out = []
     mine = items[rank::world]
-    for batch, images in tqdm(generate(pipe, records, mine, args, device, autocast), desc=f"evaluating {len(items)} images",
+    pad = items[:1] * (len(items[::world]) - len(mine)) if args.fsdp else []  # --fsdp: as many forwards on every rank
+    for batch, images in tqdm(generate(pipe, records, mine + pad, args, device, autocast), desc=f"evaluating {len(items)} images",
                               total=-(-len(mine) // args.sample_batch_size), disable=rank != 0, leave=False, dynamic_ncols=True):
         scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
@@ -1803,6 +1890,7 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
                             **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
+    out = out[:len(mine)]  # without the padding
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -1853,6 +1941,8 @@ def eval_only(args):
     reward_vae(pipe, args)
     if lora:
         load_lora(pipe, *lora)
+    if args.fsdp:
+        shard(pipe.transformer)
     reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)
     mode = precision_mode(args, device)
     setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
@@ -1860,6 +1950,10 @@ def eval_only(args):
                f"transformer {'fp32' if mode == 'no' else mode}, rewards {args.reward_precision}, seed {args.seed}")
     print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
     results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
+    columns, items = [], [(i, 0) for i in range(min(8, len(records)))]  # base vs LoRA: image 0, the same seed in both
+    for on in (False, True) if lora and (rank == 0 or args.fsdp) else ():  # --fsdp: every rank joins each forward
+        pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
+        columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
     if rank == 0:
         out = args.output_dir
         os.makedirs(out, exist_ok=True)
@@ -1879,11 +1973,7 @@ def eval_only(args):
         with open(os.path.join(out, "eval.md"), "w") as f:
             f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
         print0(table)
-        if lora:  # base vs LoRA on the first 8 prompts, image 0 (the same seed in both columns)
-            items, columns = [(i, 0) for i in range(min(8, len(records)))], []
-            for on in (False, True):
-                pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
-                columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
+        if lora:
             save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
                       col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
         # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
@@ -1975,8 +2065,9 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
                   peak_memory_gib=peak_memory, compiled_graphs=logs[-1].get("compiled_graphs", 0),
                   recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
-    with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
     print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
         f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
     return report
@@ -2160,6 +2251,8 @@ def validate(args, world_size):
         raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
     if args.grad_sync not in ("step", "micro_step"):
         raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
+    if args.fsdp and world_size < 2:
+        raise UserError("--fsdp shards the model over ranks: launch with torchrun --nproc_per_node N (N > 1), or drop it")
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
     if args.reward_precision not in ("fp32", "bf16"):
