@@ -545,6 +545,9 @@ class Run:
     eval_records: list
     sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
     null: dict = None  # the conditioning of "" (guidance_scale > 1 only)
+    graphs: int = None  # --compile: graphs compiled by the end of this process's first epoch
+    compile_s: float = 0.0  # --compile: seconds spent compiling so far
+    eager: str = None  # --compile: why the run fell back to eager, once it has
     lora_meta: dict = None  # the LoRA config saved next to its weights
     wandb: object = None
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
@@ -554,6 +557,14 @@ class Run:
         self.T = max(1, int(self.args.num_steps * self.args.timestep_fraction))  # training sigmas per sample (9 of 10)
         self.bar = dict(disable=self.rank != 0, leave=False, dynamic_ncols=True)  # tqdm: rank 0 only, cleared when done
         self.metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
+
+    def compile_started(self, _):  # dynamo calls these around each graph it compiles (forward or backward)
+        self.compile_s -= time.perf_counter()
+
+    def compile_done(self, _):
+        self.compile_s += time.perf_counter()
+        if self.compile_s > self.args.compile_budget:
+            go_eager(self, f"compiling took {self.compile_s:.0f} s, past --compile_budget {self.args.compile_budget:g}")
 
 
 class Lap:
@@ -654,8 +665,7 @@ def start_run(args):
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args))), f, indent=1, allow_nan=False)
+        write_config(args)
         if args.wandb:  # the package was checked in setup()
             import wandb
             wandb.init(project=args.wandb_project, name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
@@ -665,11 +675,31 @@ def start_run(args):
     run = Run(args, rank, world, device, pipe, reward_fn, autocast, train_records, eval_records,
               sigmas=family_of(pipe).sigmas(pipe, args.num_steps, args.resolution), lora_meta=lora_meta, wandb=wandb,
               null=encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None)
+    if args.compile:  # checked as each graph is done: a compile past its budget must not stall the run
+        torch._dynamo.callback_handler.register_start_callback(run.compile_started)
+        torch._dynamo.callback_handler.register_end_callback(run.compile_done)
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
         args.num_epochs, args.eval_every = start_epoch + 3, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the training loop's peak, not the model build's
     return run, pol, start_epoch
+
+
+def write_config(args, **extra):
+    """config.json: the resolved flags, the prompt set, and `extra` (a compile fallback)."""
+    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+        json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args), **extra)), f, indent=1, allow_nan=False)
+
+
+def go_eager(run, reason):
+    """A compile must not stall a run: dynamo's stance turns to force_eager for the rest of it (the compiled blocks
+    run their Python code), with one warning line, recorded in config.json and in metrics.jsonl from then on."""
+    if run.eager is None:
+        run.eager = reason
+        torch.compiler.set_stance("force_eager")
+        print0(f"warning: {reason}; the rest of the run is eager (--no-compile skips compiling)")
+        if run.rank == 0:
+            write_config(run.args, compile_fallback=reason)
 
 
 def evaluate_ema(run, pol, epoch):
@@ -688,10 +718,17 @@ def end_epoch(run, pol, epoch, log):
     """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics
     line (NaN as null) and print it, and save a checkpoint every save_every epochs (rank 0)."""
     args = run.args
-    if args.compile:  # graphs compiled so far: after the first epoch this should stay flat
-        log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
+    if args.compile:  # graphs compiled so far and the seconds it took: after the first epoch both should stay flat
+        log.update(compiled_graphs=graphs(), compile_time_s=run.compile_s)
+        if run.graphs is not None and graphs() > run.graphs:
+            go_eager(run, f"epoch {epoch} compiled {graphs() - run.graphs} graph(s) after the first epoch")
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
         log["eval_reward_mean"] = evaluate_ema(run, pol, epoch + 1)
+    if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
+        run.graphs = graphs()
+        if run.eager:
+            log["compile_fallback"] = run.eager
     save = not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs)
     state = training_state(pol) if save else None  # on every rank: --fsdp gathers the shards
     if run.rank != 0:
@@ -2226,7 +2263,7 @@ def validate(args, world_size):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
-                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit"]:
+                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit", "compile_budget"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}"
                             + (" (0 keeps every checkpoint)" if name == "checkpoints_total_limit" else ""))

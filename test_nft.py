@@ -2583,3 +2583,49 @@ def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
     pipe = copy.deepcopy(_fam_pipe(family))
     pipe.load_lora_weights(nft.checkpoints(out)[-1])
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+# --------------------------------------------------------------------------- a compile that cannot stall a run
+@pytest.fixture
+def _aot_compile(monkeypatch):
+    """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters and stance reset after."""
+    import functools
+    import torch._dynamo
+    monkeypatch.setattr(nft, "compile_blocks", functools.partial(nft.compile_blocks, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.callback_handler.clear()
+    torch._dynamo.reset()
+
+
+def test_recompiles_after_the_first_epoch_or_a_spent_budget_switch_the_run_to_eager(capsys, monkeypatch, tmp_path, _aot_compile):
+    """A graph compiled after the first epoch (forced: end_epoch of epoch 0 compiles one more function) makes the run
+    eager from epoch 1 on: one warning line, config.json and metrics.jsonl say why, and epoch 2 compiles nothing. With
+    --compile_budget 0 the run goes eager as soon as its first graph is compiled, in epoch 0. The first epoch logs
+    compile_time_s either way."""
+    import torch._dynamo
+    end_epoch = nft.end_epoch
+
+    def end_epoch_then_compile(run, pol, epoch, log):
+        end_epoch(run, pol, epoch, log)
+        if epoch == 0:
+            torch.compile(torch.sin, backend="eager")(torch.ones(1))
+    monkeypatch.setattr(nft, "end_epoch", end_epoch_then_compile)
+    argv = [*_RL_FAST, "--compile", "--num_epochs", 3]
+    nft.main([str(a) for a in (*argv, "--output_dir", tmp_path / "recompile")])
+    m = metrics(tmp_path / "recompile")
+    assert m[0]["compile_time_s"] > 0 and "compile_fallback" not in m[0] and m[0]["compiled_graphs"] > 0
+    assert "after the first epoch" in m[1]["compile_fallback"] and m[2]["compiled_graphs"] == m[1]["compiled_graphs"]
+    config = json.load(open(tmp_path / "recompile" / "config.json"))
+    assert config["compile"] is True and config["compile_fallback"] == m[1]["compile_fallback"]
+    assert capsys.readouterr().out.count("the rest of the run is eager") == 1
+    monkeypatch.setattr(nft, "end_epoch", end_epoch)
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()  # else the new run's blocks pass the old graphs' guards and compile nothing
+    torch._dynamo.utils.counters.clear()
+    nft.main([str(a) for a in (*argv, "--num_epochs", 2, "--compile_budget", 0, "--output_dir", tmp_path / "budget")])
+    m = metrics(tmp_path / "budget")
+    assert "past --compile_budget 0" in m[0]["compile_fallback"] and m[0]["compiled_graphs"] == m[1]["compiled_graphs"] == 1
+    assert m[0]["compile_time_s"] > 0 and all(math.isfinite(r["loss"]) for r in m)
