@@ -32,8 +32,8 @@ Where this file deliberately differs from the official code (README lists the sa
  4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a
     function of (seed, epoch, rank), so nothing else needs saving (official reloads EMA into both
     adapters, drops EMA and optimizer state and restarts the RNG).
- 5. The CFG > 1 training branch of the official code is broken; here guidance only affects rollouts
-    and evaluation, and the loss always uses the conditional velocity.
+ 5. The CFG > 1 training branch of the official code is broken; here guidance affects rollouts and evaluation,
+    and the loss uses the conditional velocity unless --train_guided trains the guided one.
  6. The LoRA is saved in the diffusers layout (`pipe.load_lora_weights` reads it), not peft's.
  7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
  8. Gradients are all-reduced once per optimizer step by hand, instead of DDP over the transformer.
@@ -90,8 +90,11 @@ class Args:
     num_steps: int = 10  # The number of solver steps of each rollout.
     solver: str = "dpm2"  # The rollout solver; NFT trains on clean images only, so any solver works.
     eta: float = 0.7  # The noise level of the "sde" solver (0 makes it Euler).
-    guidance_scale: float = 1.0  # The classifier-free guidance of rollouts and evaluation; the training loss never uses it.
-    max_sequence_length: int = 128  # The number of T5 tokens per prompt (CLIP adds 77).
+    guidance_scale: float = 1.0  # True classifier-free guidance of rollouts and evaluation (SD3's guidance_scale, FLUX.1's and Qwen-Image's true_cfg_scale), by the family's rule; 1 is none.
+    negative_prompt: str = None  # The negative prompt of --guidance_scale > 1; unset is the family's recipe: " " for Qwen-Image, "" for SD3 and FLUX.1.
+    embedded_guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance, a model input in rollouts, training and evaluation alike (FluxPipeline's guidance_scale); none for a transformer without a guidance embedding.
+    train_guided: bool = False  # Train the guided velocity the rollouts used (both CFG branches through the LoRA): on-policy with --guidance_scale > 1, 2x the training forwards.
+    max_sequence_length: int = 128  # The number of text tokens per prompt (T5's: CLIP adds 77; Qwen2.5-VL's); --eval_only of SD3 defaults to 256 as the official evaluation.
     sample_batch_size: int = 9  # The number of images per forward pass in rollouts and no-grad passes, per GPU.
     # NFT
     group_size: int = 24  # The number of images per prompt in an epoch; advantages compare images of the same prompt.
@@ -118,13 +121,14 @@ class Args:
     rank: int = 32  # The rank of the LoRA adapters (their inner dimension).
     lora_alpha: int = 64  # The LoRA alpha; the adapter is scaled by alpha/rank.
     lora_targets: str = "official"  # The modules that get LoRA: "official" (8 attention projections), "official+proj_out", or a comma list.
-    mixed_precision: str = "auto"  # The precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (official-style fp32 weights + fp16 autocast) or no; --eval_only defaults to fp16 as the official evaluation.
+    mixed_precision: str = "auto"  # The precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (official-style fp32 weights + fp16 autocast) or no; --eval_only defaults to fp16 for SD3 as the official evaluation, bf16 for the bf16-native FLUX.1 and Qwen-Image.
     reward_precision: str = "fp32"  # The precision of the reward models and of the decode they score: fp32 (official) or bf16 (faster).
     # evaluation, logging, checkpoints
     eval_every: int = 10  # Evaluate the EMA weights every this many epochs and save a sample grid; 0 never evaluates.
     eval_num_steps: int = 40  # The number of Euler steps of evaluation images, as the paper evaluates.
     eval_images_per_prompt: int = 0  # Images per evaluation prompt; 0 means the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5) and 1 in training.
     eval_max_prompts: int = 0  # Evaluate only the first this many prompts; 0 evaluates all of them.
+    eval_reward: str = ""  # Rewards scored beside the training reward in every evaluation, not trained on (a spec like --reward, e.g. pickscore,aesthetic): eval_<name> in metrics.jsonl and curves.png.
     eval_only: bool = False  # Evaluate the base model or --lora with the paper's protocol instead of training.
     lora: str = ""  # With --eval_only: the LoRA to evaluate, a diffusers or peft file or folder (or a hub repo); empty evaluates the base model.
     save_every: int = 10  # Save a checkpoint every this many epochs (and after the last one).
@@ -161,8 +165,9 @@ PRESETS = {
     # with NFT's CFG-free rollouts; "official" LoRA targets mean Flow-GRPO's for these families (FAMILIES)
     # the CPU demo on tiny-flux / tiny-qwenimage, after "tiny": they learn the colour reward in about a minute
     **dict.fromkeys(["tiny-flux", "tiny-qwenimage"], dict(num_epochs=60, eval_every=20, save_every=20)),
-    "flux": dict(num_steps=6, eval_num_steps=28, rank=64, lora_alpha=128),
-    "qwenimage": dict(num_steps=10, eval_num_steps=50, rank=64, lora_alpha=128),
+    # and the pipeline's text length (FLUX does not mask T5 padding: train, evaluate and deploy at one length)
+    "flux": dict(num_steps=6, eval_num_steps=28, rank=64, lora_alpha=128, max_sequence_length=512),
+    "qwenimage": dict(num_steps=10, eval_num_steps=50, rank=64, lora_alpha=128, max_sequence_length=512),
 }
 
 
@@ -213,6 +218,11 @@ def nft_loss(v_theta, v_old, x0, xt, sigma, r, beta):
             w = err.double().abs().mean(dims, keepdim=True).clamp(min=1e-5)
         losses.append((err.double() ** 2 / w).mean(dims))
     return ((r.double() * losses[0] + (1 - r.double()) * losses[1]) / beta).float()
+
+
+def cfg(v, v_neg, scale):
+    """Classifier-free guidance: v_neg + scale*(v - v_neg), v the conditional velocity, v_neg the negative prompt's."""
+    return v_neg + scale * (v - v_neg)
 
 
 def adv_to_r(adv, adv_clip):
@@ -337,7 +347,7 @@ def train(args):
     for epoch in range(start_epoch, args.num_epochs):
         log = dict(epoch=epoch)
         if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
-            log["eval_reward_mean_before"] = evaluate_ema(run, pol, 0)
+            evaluate_ema(run, pol, 0, log, "_before")
         lap = Lap(log, run.device)
         batch = encode_batch(run, epoch)  # 1. prompts
         lap("text")
@@ -385,7 +395,8 @@ def encode_batch(run, epoch):
     ids = epoch_prompt_indices(len(records), run.args.num_groups, run.args.group_size, run.args.seed, epoch)
     ids = ids[rank * per_rank:(rank + 1) * per_rank]
     prompts = [records[i]["prompt"] for i in ids.tolist()]
-    return Batch(ids, prompts, encode_prompts(run.pipe, prompts, run.args.max_sequence_length, run.device))
+    return Batch(ids, prompts, encode_prompts(run.pipe, prompts, run.args.max_sequence_length, run.device,
+                                              run.args.embedded_guidance_scale))
 
 
 def rollout(run, pol, batch, epoch, log):
@@ -462,7 +473,8 @@ def nft_update(run, pol, batch, epoch, log):
         if args.fsdp:  # the backward reduce-scatters only in a step's last micro-batch (in every one with micro_step)
             run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or (m + 1) % per_step == 0)
         stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], take(batch.cond, s),
-                            sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T))
+                            sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T),
+                            run.null)
         if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
             average_gradients(pol.theta)
         if (m + 1) % per_step == 0:
@@ -470,28 +482,32 @@ def nft_update(run, pol, batch, epoch, log):
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
 
 
-def micro_step(transformer, params, old, x0, cond, sig, eps, r, mask, args, autocast, scale):
+def micro_step(transformer, params, old, x0, cond, sig, eps, r, mask, args, autocast, scale, null=None):
     """One micro-batch of B clean latents x0 with their prompt conditioning cond (dict of (B, ...) tensors),
     each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
     The no-grad v_old (theta_old copied into the LoRA, see `policy`) and, when kl_coef > 0, v_ref (lora_B = 0)
     of all T*B visits run in batches of sample_batch_size; then per timestep v_theta with grad and backward of
     (adv_clip * nft_loss + kl_coef * KL) * scale, where scale = 1 / (micro-batches per optimizer step * T)
     averages the accumulated gradient. params: the trainable LoRA; old: theta_old, same names.
+    --train_guided: v_old, v_ref and v_theta are the guided velocities of the rollouts (guided_velocity, with
+    null = the negative prompt's conditioning), so the old policy in the loss is the one that sampled.
     Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
     T, B = sig.shape
+    w = args.guidance_scale if args.train_guided else 1.0  # 1: the conditional velocity, one pass (the paper's)
+    v_fn = lambda x, s, c: guided_velocity(transformer, x, s, c, null, w)  # noqa: E731
     xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
     cond, c = {k: v.repeat(T, *[1] * (v.dim() - 1)) for k, v in cond.items()}, args.sample_batch_size  # visit-major, as xt
     frozen = {}
     for name, weights in [("old", old)] + ([("ref", None)] if args.kl_coef > 0 else []):
         # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
         with policy(params, weights), torch.no_grad(), autocast():
-            frozen[name] = torch.cat([velocity(transformer, xt[i:i + c], sig.flatten()[i:i + c], take(cond, slice(i, i + c)))
+            frozen[name] = torch.cat([v_fn(xt[i:i + c], sig.flatten()[i:i + c], take(cond, slice(i, i + c)))
                                       for i in range(0, T * B, c)])
     stats = torch.zeros(3, device=x0.device)
     for j in range(T):
         k = slice(j * B, (j + 1) * B)
         with autocast():
-            v_theta = velocity(transformer, xt[k], sig[j], take(cond, k))
+            v_theta = v_fn(xt[k], sig[j], take(cond, k))
         loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
         kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mask).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
         ((loss + args.kl_coef * kl) * scale).backward()
@@ -544,7 +560,8 @@ class Run:
     train_records: list
     eval_records: list
     sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
-    null: dict = None  # the conditioning of "" (guidance_scale > 1 only)
+    null: dict = None  # the negative prompt's conditioning, one row (guidance_scale > 1 only)
+    eval_fn: object = None  # reward_fn with --eval_reward's components beside it (rewards.with_eval_rewards)
     graphs: int = None  # --compile: graphs compiled by the end of this process's first epoch
     compile_s: float = 0.0  # --compile: seconds spent compiling so far
     eager: str = None  # --compile: why the run fell back to eager, once it has
@@ -622,6 +639,8 @@ def setup(args):
     eval_records = unique[:args.eval_max_prompts or None]
     rewards.check_metadata(args.reward, train_records)
     rewards.check_metadata(args.reward, eval_records)
+    if args.eval_reward:  # its names and the metadata it needs, before any model loads
+        rewards.check_metadata(args.eval_reward, eval_records)
     return rank, world, device, train_records, eval_records
 
 
@@ -639,11 +658,13 @@ def start_run(args):
     resume, foreign, locked = claimed
     say_loading(args)
     reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)  # before the big model: a missing extra fails fast
+    eval_fn = rewards.with_eval_rewards(reward_fn, args.reward, args.eval_reward, device, args.reward_precision)
     init = find_lora(args.init_lora, "--init_lora") if args.init_lora else None  # a bad path fails before the model loads
     dtype, autocast = precision(args, device)
     pipe = load_pipeline(args.model, dtype, device)
     pipe.to(device)
     reward_vae(pipe, args)
+    resolve_guidance(pipe, args)
     if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
         for e in text_encoders(pipe):
             e.to("cpu")
@@ -674,7 +695,7 @@ def start_run(args):
     lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
     run = Run(args, rank, world, device, pipe, reward_fn, autocast, train_records, eval_records,
               sigmas=family_of(pipe).sigmas(pipe, args.num_steps, args.resolution), lora_meta=lora_meta, wandb=wandb,
-              null=encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None)
+              null=negative_conditioning(pipe, args, device), eval_fn=eval_fn)
     if args.compile:  # checked as each graph is done: a compile past its budget must not stall the run
         torch._dynamo.callback_handler.register_start_callback(run.compile_started)
         torch._dynamo.callback_handler.register_end_callback(run.compile_done)
@@ -702,16 +723,21 @@ def go_eager(run, reason):
             write_config(run.args, compile_fallback=reason)
 
 
-def evaluate_ema(run, pol, epoch):
+def evaluate_ema(run, pol, epoch, log, suffix=""):
     """The EMA weights on the evaluation prompts; rank 0 saves a grid of the first 16 images, a labelled row
-    per prompt. Returns the mean reward."""
+    per prompt. log gets eval_reward_mean and, per --eval_reward name, eval_<name> (each + suffix)."""
+    import rewards
     with policy(pol.theta, pol.ema):
-        results = evaluate(run.pipe, run.eval_records, run.reward_fn, run.args, run.device, run.autocast, run.rank, run.world)
+        results = evaluate(run.pipe, run.eval_records, run.eval_fn, run.args, run.device, run.autocast, run.rank,
+                           run.world)
     if run.rank == 0:  # evaluate() keeps the images of the first 16 results
         kept = [r for r in results if "_image" in r]
         save_grid(torch.stack([r["_image"] for r in kept]), os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png"),
                   nrow=run.args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
-    return sum(r["reward"] for r in results) / len(results)
+    mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
+    log["eval_reward_mean" + suffix] = mean("reward")
+    for name in rewards.reward_names(run.args.eval_reward):
+        log[f"eval_{name}{suffix}"] = mean(name)
 
 
 def end_epoch(run, pol, epoch, log):
@@ -724,7 +750,7 @@ def end_epoch(run, pol, epoch, log):
         if run.graphs is not None and graphs() > run.graphs:
             go_eager(run, f"epoch {epoch} compiled {graphs() - run.graphs} graph(s) after the first epoch")
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
-        log["eval_reward_mean"] = evaluate_ema(run, pol, epoch + 1)
+        evaluate_ema(run, pol, epoch + 1, log)
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = graphs()
         if run.eager:
@@ -739,11 +765,13 @@ def end_epoch(run, pol, epoch, log):
     except OSError as e:
         raise write_error(e, run.metrics_path) from None
     strict = " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_"))
+    extra = "".join(f" {k[5:]} {v:.4f}" for k, v in log.items()  # --eval_reward's
+                    if k.startswith("eval_") and not k.startswith("eval_reward") and not k.endswith("_before"))
     t = {k[5:]: v for k, v in log.items() if k.startswith("time_")}
     print0(f"epoch {epoch:4d} step {pol.step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
            f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
            f"zero-std {log['zero_std_share']:.2f} | " + (f"strict {strict} | " if strict else "")
-           + (f"eval {log['eval_reward_mean']:.4f} | " if "eval_reward_mean" in log else "")
+           + (f"eval {log['eval_reward_mean']:.4f}{extra} | " if "eval_reward_mean" in log else "")
            + f"{t['epoch']:.1f}s (text {t['text']:.1f} rollout {t['rollout']:.1f} decode {t['decode']:.1f} "
            f"reward {t['reward']:.1f} train {t['train']:.1f})")
     if run.wandb:
@@ -770,7 +798,8 @@ def say_loading(args):
     """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a
     silent terminal never leaves a user wondering whether anything is happening."""
     import rewards
-    models = [n for n, _ in rewards.parse_reward_spec(args.reward) if n not in rewards.NO_MODEL]
+    models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(args.eval_reward))
+              if n not in rewards.NO_MODEL]
     model = (f"the tiny random {dict(sd3='SD3', flux='FLUX.1', qwenimage='Qwen-Image')[TINY_MODELS[args.model]]} (built in "
              "code, no download)" if args.model in TINY_MODELS else
              f"random-weight {args.model[7:]}" if args.model.startswith("random:") else args.model)
@@ -915,6 +944,17 @@ def velocity(transformer, x, sigma, cond):
     return family_of(transformer).velocity(transformer, x, sigma, cond)
 
 
+def guided_velocity(transformer, x, sigma, cond, null, scale):
+    """True classifier-free guidance as the family's pipeline does it: combine(v(cond), v(null), scale) in two
+    passes (Family.combine: cfg; Qwen-Image rescales it). null: the negative prompt's conditioning, one row;
+    scale 1 is the conditional velocity alone, one pass."""
+    v = velocity(transformer, x, sigma, cond)
+    if scale == 1:
+        return v
+    null = {k: t.expand(len(x), *t.shape[1:]) for k, t in null.items()}
+    return family_of(transformer).combine(v, velocity(transformer, x, sigma, null), scale)
+
+
 def compile_blocks(transformer, **options):
     """torch.compile each transformer block in place (regional compilation). Blocks of one kind share a
     graph (their weights are graph inputs), so SD3.5-Medium compiles 3 kinds (dual-attention, joint, and the
@@ -945,10 +985,22 @@ def shard(transformer):
     return {n: p for n, p in transformer.named_parameters() if ".default." in n}
 
 
-def encode_prompts(pipe, prompts, max_sequence_length, device):
+def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
     """The prompts' conditioning, by the pipeline's family: a dict of (N, ...) tensors, one row per prompt,
-    sliced along dim 0 like the latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048))."""
-    return family_of(pipe).encode(pipe, prompts, max_sequence_length, device)
+    sliced along dim 0 like the latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048)). A transformer
+    with a guidance embedding (FLUX.1-dev) also gets `embedded_guidance` (N,): a model input, not CFG, so it must
+    be the same in rollouts and training (else v_old and v_theta are different functions)."""
+    cond = family_of(pipe).encode(pipe, prompts, max_sequence_length, device)
+    if getattr(pipe.transformer.config, "guidance_embeds", False):
+        cond["guidance"] = torch.full((len(prompts),), embedded_guidance, device=cond["embeds"].device)
+    return cond
+
+
+def negative_conditioning(pipe, args, device):
+    """The conditioning of --negative_prompt, one row, for --guidance_scale > 1; None without guidance."""
+    if args.guidance_scale > 1:
+        return encode_prompts(pipe, [args.negative_prompt], args.max_sequence_length, device,
+                              args.embedded_guidance_scale)
 
 
 def decode(pipe, x0):
@@ -964,14 +1016,11 @@ def take(cond, s):
 @torch.no_grad()
 def sample(pipe, x, cond, sigmas, solver, args, autocast, null=None, generator=None):
     """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy.
-    guidance_scale > 1 mixes in the unconditional velocity (null = the conditioning of ""): rollouts and
-    evaluation only, the training loss never does. generator feeds the noise of stochastic solvers."""
+    guidance_scale > 1 guides it by the family's rule (guided_velocity; null = the negative prompt's
+    conditioning), as in rollouts and evaluation (the loss only with --train_guided). generator feeds the noise
+    of stochastic solvers."""
     def v_fn(x, sigma):
-        if args.guidance_scale == 1.0:
-            return velocity(pipe.transformer, x, sigma, cond)
-        both = {k: torch.cat([v, null[k].expand_as(v)]) for k, v in cond.items()}
-        v_c, v_u = velocity(pipe.transformer, torch.cat([x, x]), sigma, both).chunk(2)
-        return v_u + args.guidance_scale * (v_c - v_u)
+        return guided_velocity(pipe.transformer, x, sigma, cond, null, args.guidance_scale)
     with autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
         return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
 
@@ -1099,6 +1148,7 @@ def init_from_lora(params, old, kind, path, args):
 #   velocity(transformer, x, sigma, cond) -> v                    x, v: (B, C, h, w) latents; sigma: (B,)
 #   sigmas(pipe, num_steps, resolution) -> (num_steps + 1,)       float64 ending in 0: the pipeline's schedule
 #   latent_shape(pipe, resolution) -> (C, h, w);  decode(pipe, x0) -> (B, 3, H, W) in [0, 1]
+#   combine(v, v_neg, scale) -> v                                 the pipeline's true CFG (guided_velocity)
 # Latents stay unpacked (B, C, h, w) outside `velocity`: FLUX's and Qwen-Image's 2x2 packing into tokens
 # does not change the NFT loss (a mean over all non-batch dims), so the loop and the noise draws stay as for SD3.
 @dataclass(frozen=True)
@@ -1113,6 +1163,8 @@ class Family:
     sigmas: object
     latent_shape: object
     decode: object
+    combine: object = cfg  # combine(v, v_neg, scale) -> v: the pipeline's true CFG (--guidance_scale)
+    negative_prompt: str = ""  # the published recipes' negative prompt (--negative_prompt unset)
 
 
 def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
@@ -1237,20 +1289,13 @@ def packed_sigmas(pipe, num_steps, resolution):
     return shifted_sigmas(pipe.scheduler.config, num_steps, (h // 2) * (w // 2))
 
 
-FLUX_GUIDANCE = 3.5  # FLUX.1-dev's embedded guidance in Flow-GRPO (sample.guidance_scale) and DanceGRPO
-
-
 def flux_encode(pipe, prompts, max_sequence_length, device):
-    """CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096) and, for guidance-distilled
-    FLUX.1-dev, its embedded guidance (N,): a model input, not CFG, so it must be the same in rollouts and in
-    training (else v_old and v_theta are different functions); it lives in cond so slicing keeps it aligned."""
+    """CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096); FLUX.1-dev's embedded guidance
+    (--embedded_guidance_scale) is added by encode_prompts. T5's padding is not masked: the length changes v."""
     def chunk(texts):
         embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
                                                max_sequence_length=max_sequence_length)
-        cond = {"embeds": embeds, "pooled": pooled}
-        if pipe.transformer.config.guidance_embeds:
-            cond["guidance"] = torch.full((len(texts),), FLUX_GUIDANCE, device=embeds.device)
-        return cond
+        return {"embeds": embeds, "pooled": pooled}
     with torch.no_grad():
         return _encode_unique(pipe, prompts, device, chunk)
 
@@ -1273,8 +1318,8 @@ def qwenimage_encode(pipe, prompts, max_sequence_length, device):
     """Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (the template's 34
     leading tokens dropped, as the pipeline does): embeds (N, max_sequence_length, 3584), mask (N, same) bool.
     The pipeline pads to each call's longest prompt; padding to max_sequence_length gives one shape per run
-    (chunks concatenate, "" lines up for CFG). Padded keys are masked out and their RoPE positions come after
-    the real ones, so v is unchanged."""
+    (chunks concatenate). Padded keys are masked out and their RoPE positions come after the real ones, so v is
+    unchanged. As the pipeline, no mask when every token is real (the unmasked, fast attention)."""
     def chunk(texts):
         embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
         n, length, _ = embeds.shape
@@ -1282,17 +1327,26 @@ def qwenimage_encode(pipe, prompts, max_sequence_length, device):
         pad = max_sequence_length - length
         return {"embeds": torch.nn.functional.pad(embeds, (0, 0, 0, pad)), "mask": torch.nn.functional.pad(mask, (0, pad))}
     with torch.no_grad():
-        return _encode_unique(pipe, prompts, device, chunk)
+        cond = _encode_unique(pipe, prompts, device, chunk)
+    return {"embeds": cond["embeds"]} if cond["mask"].all() else cond  # decided once here: no device sync per step
 
 
 def qwenimage_velocity(transformer, x, sigma, cond):
-    """v = unpack(QwenImageTransformer(pack(x), timestep sigma, text, mask, img_shapes)); img_shapes
+    """v = unpack(QwenImageTransformer(pack(x), timestep sigma, text, mask or None, img_shapes)); img_shapes
     (frames 1, h/2, w/2) place the image tokens' 3D RoPE."""
     B, _, h, w = x.shape
     embeds = cond["embeds"]
     out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x), encoder_hidden_states=embeds,
-                      encoder_hidden_states_mask=cond["mask"], img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False)[0]
+                      encoder_hidden_states_mask=cond.get("mask"), img_shapes=[[(1, h // 2, w // 2)]] * B,
+                      return_dict=False)[0]
     return unpack(out, h, w).float()
+
+
+def qwenimage_cfg(v, v_neg, scale):
+    """QwenImagePipeline's true CFG: cfg, then each packed token (a 2x2 patch, 4C values) rescaled to the norm of
+    the conditional velocity's token."""
+    guided = pack(cfg(v, v_neg, scale))
+    return unpack(guided * (pack(v).norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True)), *v.shape[-2:])
 
 
 def qwenimage_latent(vae, x0):
@@ -1325,7 +1379,7 @@ FAMILIES = {f.pipeline: f for f in [
     Family("qwenimage", "QwenImagePipeline", "QwenImageTransformer2DModel",
            _ATTN + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
            ("text_encoder",), qwenimage_encode, qwenimage_velocity, packed_sigmas, packed_latent_shape,
-           torch.no_grad()(qwenimage_decode)),
+           torch.no_grad()(qwenimage_decode), qwenimage_cfg, " "),
 ]}
 
 
@@ -1350,6 +1404,17 @@ def model_family(model):
             return FAMILIES[json.load(open(index)).get("_class_name")].name
     low = model.lower()
     return "flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else "sd3"
+
+
+def resolve_guidance(pipe, args):
+    """--embedded_guidance_scale is a model input of a transformer with a guidance embedding (FLUX.1-dev) only:
+    None for the others (config.json and eval.json say so). True CFG on top of it runs, as FluxPipeline allows
+    it (true_cfg_scale with guidance_scale), after one warning."""
+    if not getattr(pipe.transformer.config, "guidance_embeds", False):
+        args.embedded_guidance_scale = None
+    elif args.guidance_scale > 1:
+        print0(f"warning: --guidance_scale {args.guidance_scale} runs true CFG (two passes per step) on top of "
+               f"the embedded guidance {args.embedded_guidance_scale} of this FLUX.1, distilled to need only that")
 
 
 # --------------------------------------------------------------------------- prompts
@@ -1586,11 +1651,13 @@ def print0(*a, **k):
 
 
 def precision_mode(args, device):
-    """--mixed_precision with auto resolved: bf16 on a GPU (fp16 for --eval_only, as the official evaluation
-    runs), no on a CPU."""
+    """--mixed_precision with auto resolved: bf16 on a GPU (fp16 for --eval_only of SD3, as the official evaluation
+    runs; FLUX.1 and Qwen-Image are bf16-native, and diffusers clamps their fp16 overflows), no on a CPU."""
     if args.mixed_precision != "auto":
         return args.mixed_precision
-    return ("fp16" if args.eval_only else "bf16") if device.type == "cuda" else "no"
+    if device.type != "cuda":
+        return "no"
+    return "fp16" if args.eval_only and model_family(args.model) == "sd3" else "bf16"
 
 
 def reward_vae(pipe, args):
@@ -1894,11 +1961,11 @@ def generate(pipe, records, items, args, device, autocast):
     if not items:  # more ranks than images
         return
     sigmas = family_of(pipe).sigmas(pipe, args.eval_num_steps, args.resolution)
-    null = encode_prompts(pipe, [""], args.max_sequence_length, device) if args.guidance_scale > 1 else None
+    null = negative_conditioning(pipe, args, device)
     shape = latent_shape(pipe, args.resolution)
     prompts = sorted({i for i, _ in items})  # encoded once, kept on the CPU (offloaded encoders visit once)
     cond = {k: v.cpu() for k, v in encode_prompts(pipe, [records[i]["prompt"] for i in prompts], args.max_sequence_length,
-                                                  device).items()}
+                                                  device, args.embedded_guidance_scale).items()}
     row = {i: j for j, i in enumerate(prompts)}
     for b in range(0, len(items), args.sample_batch_size):
         batch = items[b:b + args.sample_batch_size]
@@ -1935,14 +2002,15 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     return sorted(out, key=lambda r: (r["index"], r["image"]))
 
 
-def eval_metrics(results, reward_spec):
-    """The paper's numbers from evaluate()'s per-image results. GenEval: per-tag accuracy of the binary
-    "correct" check, overall = mean of the tags' accuracies (the benchmark's aggregation, not the mean over
-    images), strict accuracy and the mean partial score. OCR: accuracy = mean reward, and the share of exact
-    matches. Any other reward: its mean on the paper's scale (EVAL_COLUMNS)."""
+def eval_metrics(results, reward_spec, eval_reward=""):
+    """The paper's numbers from evaluate()'s per-image results, for the training reward and the --eval_reward
+    ones. GenEval: per-tag accuracy of the binary "correct" check, overall = mean of the tags' accuracies (the
+    benchmark's aggregation, not the mean over images), strict accuracy and the mean partial score. OCR:
+    accuracy = mean reward, and the share of exact matches. Any other reward: its mean on the paper's scale
+    (EVAL_COLUMNS)."""
     import rewards
     mean = lambda xs: sum(xs) / len(xs)
-    names = [n for n, _ in rewards.parse_reward_spec(reward_spec)]
+    names = list(dict.fromkeys(rewards.reward_names(reward_spec) + rewards.reward_names(eval_reward)))
     out = {}
     for name in names:
         if name == "geneval":
@@ -1956,14 +2024,15 @@ def eval_metrics(results, reward_spec):
         else:
             column, scale = EVAL_COLUMNS.get(name, (name, 1.0))
             out[column] = scale * mean([r[name] for r in results])
-    if len(names) > 1:
+    if len(rewards.reward_names(reward_spec)) > 1:
         out["reward (weighted sum)"] = mean([r["reward"] for r in results])
     return out
 
 
 def eval_only(args):
-    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; T5 length 256 and fp16 as the official
-    evaluation script unless set) of the base model or a --lora on the test prompts.
+    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; unless set, SD3 at the official
+    evaluation script's T5 length 256 and fp16, FLUX.1 and Qwen-Image at their training length and bf16) of the base
+    model or a --lora on the test prompts, scored with --reward and --eval_reward.
     Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
     image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
     output_dir or the LoRA's run folder holds a metrics.jsonl."""
@@ -1976,15 +2045,19 @@ def eval_only(args):
     say_loading(args)
     pipe = load_pipeline(args.model, dtype, device).to(device)
     reward_vae(pipe, args)
+    resolve_guidance(pipe, args)
     if lora:
         load_lora(pipe, *lora)
     if args.fsdp:
         shard(pipe.transformer)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision)
+    reward_fn = rewards.with_eval_rewards(rewards.make_reward(args.reward, device, args.reward_precision), args.reward,
+                                          args.eval_reward, device, args.reward_precision)
     mode = precision_mode(args, device)
-    setting = (f"{args.reward} on {len(records)} prompts x {args.eval_images_per_prompt} images, {args.eval_num_steps} Euler "
-               f"steps, guidance {args.guidance_scale}, {args.resolution} px, T5 length {args.max_sequence_length}, "
-               f"transformer {'fp32' if mode == 'no' else mode}, rewards {args.reward_precision}, seed {args.seed}")
+    scored = f"{args.reward} (+ {args.eval_reward})" if args.eval_reward else args.reward
+    setting = (f"{scored} on {len(records)} prompts x {args.eval_images_per_prompt} images, "
+               f"{args.eval_num_steps} Euler steps, guidance {args.guidance_scale}, {args.resolution} px, "
+               f"text length {args.max_sequence_length}, transformer {'fp32' if mode == 'no' else mode}, "
+               f"rewards {args.reward_precision}, seed {args.seed}")
     print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
     results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
     columns, items = [], [(i, 0) for i in range(min(8, len(records)))]  # base vs LoRA: image 0, the same seed in both
@@ -1996,9 +2069,10 @@ def eval_only(args):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
             f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
-        metrics = eval_metrics(results, args.reward)
-        keys = ("model", "lora", "reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale", "resolution",
-                "max_sequence_length", "mixed_precision", "reward_precision", "seed")
+        metrics = eval_metrics(results, args.reward, args.eval_reward)
+        keys = ("model", "lora", "reward", "eval_reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale",
+                "negative_prompt", "embedded_guidance_scale", "resolution", "max_sequence_length", "mixed_precision",
+                "reward_precision", "seed")
         summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
                        prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
                        reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
@@ -2085,8 +2159,9 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     peak = 2 * n ** 3 * 10 / (clock(device) - t)
     steady = logs[1:] or logs
     mean = lambda k: sum(l[k] for l in steady) / len(steady)
-    # v_theta forward + backward, v_old (and v_ref) forward
-    train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0)))
+    # v_theta forward + backward, v_old (and v_ref) forward; --train_guided runs each for both CFG branches
+    passes = 1 + (args.train_guided and args.guidance_scale > 1)
+    train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0))) * passes
     roll_flops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
                   resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
@@ -2156,13 +2231,18 @@ def _ticks(lo, hi, n=5):
 def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step
     (the base model's eval, eval_reward_mean_before, is the eval curve's point at step 0), with a title
-    (the run's reward from its config.json), round y ticks and grid lines."""
+    (the run's reward from its config.json), round y ticks and grid lines. Each --eval_reward (eval_<name>) has
+    its own scale: its curve is stretched onto the y range of the others, its legend names its own range."""
     from PIL import Image, ImageDraw
     rows = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # skip a line cut by a kill
+    evals = lambda key: ([(0, r[key + "_before"]) for r in rows if key + "_before" in r]  # noqa: E731
+                         + [(r["step"], r[key]) for r in rows if key in r])
+    extra = dict.fromkeys(k[5:].removesuffix("_before") for r in rows for k in r
+                          if k.startswith("eval_") and not k.startswith("eval_reward"))
     series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
-              "eval reward": [(0, r["eval_reward_mean_before"]) for r in rows if "eval_reward_mean_before" in r]
-              + [(r["step"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]}
+              "eval reward": evals("eval_reward_mean"), **{name: evals(f"eval_{name}") for name in extra}}
     series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}  # NaN is logged as null
+    extra = {name: series.pop(name) for name in extra}
     if title is None:
         config = os.path.join(os.path.dirname(metrics_path), "config.json")
         reward = json.load(open(config)).get("reward") if os.path.isfile(config) else None
@@ -2173,13 +2253,17 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     draw = ImageDraw.Draw(canvas)
     draw.text(((W - draw.textlength(title, font=font)) / 2, 8), title, fill="black", font=font)
     draw.text((W // 2 - 12, H - 16), "step", fill="black", font=small)
-    points = [p for s in series.values() for p in s]
+    points = [p for s in series.values() for p in s] or [p for s in extra.values() for p in s]
     if points:
         (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
         yt, xt = _ticks(y0, y1), _ticks(x0, x1, 6)
         (y0, y1), (x0, x1) = (yt[0], yt[-1]), (min(x0, xt[0]), max(x1, xt[-1]))
         sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)
         sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)
+        for name, pts in extra.items():
+            lo, hi = min((y for _, y in pts), default=0), max((y for _, y in pts), default=0)
+            stretch = lambda y: y0 + (y - lo) / ((hi - lo) or 1) * (y1 - y0)  # noqa: E731
+            series[f"eval {name} ({lo:.4g} to {hi:.4g}, stretched)"] = [(x, stretch(y)) for x, y in pts]
         for y in yt:  # grid line and label at every round value
             draw.line([(L, sy(y)), (W - R, sy(y))], fill="#dddddd")
             draw.text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}", fill="black", font=small)
@@ -2187,7 +2271,8 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
             if x0 <= x <= x1:
                 draw.line([(sx(x), T), (sx(x), H - B)], fill="#dddddd")
                 draw.text((sx(x) - draw.textlength(f"{x:g}", font=small) / 2, H - B + 4), f"{x:g}", fill="black", font=small)
-        for n, ((name, pts), color) in enumerate(zip(series.items(), ("#1f77b4", "#d62728"))):
+        for n, (name, pts) in enumerate(series.items()):
+            color = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")[n % 6]
             xy = [(sx(x), sy(y)) for x, y in pts]
             if len(xy) > 1:
                 draw.line(xy, fill=color, width=2)
@@ -2244,6 +2329,7 @@ def parse_args(argv=None):
         chosen |= set(PRESETS.get(name, {}))
     if given.get("eval_only") and "max_sequence_length" not in chosen:
         args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
+    args.negative_prompt = next(f.negative_prompt for f in FAMILIES.values() if f.name == model_family(model))
     args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
     for k, v in given.items():
         setattr(args, k, v)

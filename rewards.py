@@ -15,11 +15,14 @@ Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), o
 4. ImageReward scores each (prompt, image) pair, not the N x N matrix's diagonal.
 5. Prompt sets are generated here from a seed; the official files still work through --prompts.
 6. Scorers run in fp32 by default as officially (make_reward's precision="bf16" for speed).
+7. HPSv2.1 and ImageReward run their official checkpoints on transformers' CLIP and BLIP modules instead of
+   open_clip and the image-reward package, with the same scores (.ci/reward_reference.py measures it).
 """
 import base64
 import concurrent.futures
 import contextlib
 import difflib
+import html
 import http.client
 import io
 import json
@@ -47,28 +50,12 @@ def to_uint8(images):
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def pip_command(pip_name):
-    """The command that installs an optional package and keeps the installed torch. A bare `pip install
-    open_clip_torch` (or image-reward) lets pip replace a CPU torch with the newest CUDA torch and about
-    20 CUDA wheels; pinning torch to the installed version stops that. Both need torchvision, and PyPI's
-    torchvision is built for PyPI's CUDA torch (with a +cpu torch it fails to import), so a CPU torch gets
-    it from PyTorch's CPU index first."""
-    import importlib.util
-    if pip_name not in ("open_clip_torch", "image-reward"):  # no torch dependency
-        return f"pip install {pip_name}"
-    keep = f'"torch=={torch.__version__}"'
-    cmd = f"pip install {pip_name} {keep}"
-    if "+cpu" in torch.__version__ and importlib.util.find_spec("torchvision") is None:
-        cmd = f"pip install torchvision {keep} --index-url https://download.pytorch.org/whl/cpu && {cmd}"
-    return cmd
-
-
 def _require(module, pip_name):
     """Import an optional package or say exactly what to install."""
     try:
         return __import__(module)
     except ImportError:
-        raise RewardError(f"this reward needs the '{pip_name}' package: {pip_command(pip_name)}") from None
+        raise RewardError(f"this reward needs the '{pip_name}' package: pip install {pip_name}") from None
 
 
 def hub_offline():
@@ -77,8 +64,9 @@ def hub_offline():
 
 
 def hub_download_command(hub_id, filename=None):
-    """The exact command that fills the local Hugging Face cache with what a loader reads."""
-    return f"hf download {hub_id}" + (f" {filename}" if filename else "")
+    """The exact command that fills the local Hugging Face cache with what a loader reads (`filename`: a file, a
+    tuple of files, or None for the whole repository)."""
+    return " ".join(["hf download", hub_id, *((filename,) if isinstance(filename, str) else filename or ())])
 
 
 def hub_ready(hub_id, filename=None, what="model"):
@@ -89,7 +77,8 @@ def hub_ready(hub_id, filename=None, what="model"):
     from huggingface_hub import snapshot_download, try_to_load_from_cache
     try:
         if filename:
-            if isinstance(try_to_load_from_cache(hub_id, filename), str):
+            files = (filename,) if isinstance(filename, str) else filename
+            if all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files):
                 return
         else:
             snapshot_download(hub_id, local_files_only=True)
@@ -116,14 +105,16 @@ def hub_ready(hub_id, filename=None, what="model"):
 
 
 def _from_hub(hub_id, load, *args, filename=None, **kwargs):
-    """Call a from_pretrained-style loader; a missing download becomes one line naming the hub id."""
-    hub_ready(hub_id, filename or (args[0] if args else None), "reward model")
+    """Call a from_pretrained-style loader; a missing download becomes one line naming the hub id. `filename`
+    (default: the loader's first argument) names what hub_ready checks: a file, a tuple of files, None = all."""
+    filename = filename or (args[0] if args else None)
+    hub_ready(hub_id, filename, "reward model")
     try:
         return load(hub_id, *args, **kwargs)
     except OSError as e:  # a damaged cache, or a gated/removed repo
         raise RewardError(f"could not load '{hub_id}' from the Hugging Face hub ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); download it again with "
-                          f"`{hub_download_command(hub_id, args[0] if args else None)}`") from None
+                          f"`{hub_download_command(hub_id, filename)}`") from None
 
 
 def reward_autocast(device, precision="fp32"):
@@ -292,8 +283,12 @@ class ClipScorer:
     def text_embeds(self, texts):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77,
                                 return_tensors="pt").to(self.device)
-        emb = self._features(self.model.get_text_features(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
+        return self.token_embeds(tokens.input_ids, tokens.attention_mask)
+
+    @torch.no_grad()
+    def token_embeds(self, input_ids, attention_mask=None):
+        """Normalized text embeddings of token ids (N, L)."""
+        emb = self._features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)).float()
         return F.normalize(emb, dim=-1)
 
     def cosine(self, images, prompts):
@@ -366,61 +361,258 @@ def load_aesthetic_mlp(path):
     return mlp
 
 
-# ---- hpsv2 (HPSv2.1 on open_clip) ----
+# ---- checkpoints of other code bases on transformers' modules ----
 
-class OpenClipScorer:
-    """cos(image, text) of normalized open_clip features; `model` has encode_image/encode_text
-    (open_clip's API), `tokenizer(texts) -> (N, 77) ids` (open_clip truncates at 77)."""
+def _renamed(key, names):
+    """`key` with its first matching prefix in `names` replaced (None: a key the score does not use)."""
+    for old, new in names.items():
+        if key == old or key.startswith(old + "."):
+            return None if new is None else new + key[len(old):]
+    return None
 
-    def __init__(self, model, tokenizer, mean, std, size, device):
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer, self.device, self.size = tokenizer, torch.device(device), size
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+def rename_state_dict(state, names, block):
+    """An original checkpoint's state dict in a transformers module's key names: `names` renames key prefixes,
+    `block` the names inside each transformer block (after "layers.<i>."). Returns (renamed, unused keys)."""
+    out, unused = {}, []
+    for key, value in state.items():
+        new = _renamed(key, names)
+        if new is None:
+            unused.append(key)
+            continue
+        match = re.match(r"(.*\.layers\.\d+\.)(.*)", new)
+        if match:
+            new = match.group(1) + (_renamed(match.group(2), block) or match.group(2))
+        out[new] = value
+    return out, unused
+
+
+# ---- hpsv2 (HPSv2.1: open_clip's ViT-H-14 on transformers' CLIPModel) ----
+
+HPSV2_REPO, HPSV2_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
+# open_clip's tokenizer is OpenAI CLIP's BPE; PickScore's processor repo has it in transformers' format
+CLIP_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what transformers' tokenizers read
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+VIT_H_14 = {"embed_dim": 1024,  # open_clip's model_configs/ViT-H-14.json
+            "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+OPEN_CLIP_NAMES = {  # open_clip CLIP key prefix -> transformers CLIPModel's
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.conv1": "vision_model.embeddings.patch_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre": "vision_model.pre_layrnorm", "visual.transformer.resblocks": "vision_model.encoder.layers",
+    "visual.ln_post": "vision_model.post_layernorm", "visual.proj": "visual_projection.weight",
+    "token_embedding": "text_model.embeddings.token_embedding",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "transformer.resblocks": "text_model.encoder.layers", "ln_final": "text_model.final_layer_norm",
+    "text_projection": "text_projection.weight", "logit_scale": "logit_scale"}
+OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "attn": "self_attn", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                   "mlp.c_proj": "mlp.fc2"}
+
+
+def open_clip_config(cfg):
+    """transformers' CLIPConfig of an open_clip model config (model_configs/<name>.json): exact GELU (open_clip's
+    nn.GELU, not QuickGELU), LayerNorm eps 1e-5, the text pooled at the end-of-text token, the vocabulary's last id
+    (open_clip pools at the highest id)."""
+    from transformers import CLIPConfig
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    text = dict(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=4 * t["width"],
+                num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                max_position_embeddings=t["context_length"], bos_token_id=t["vocab_size"] - 2,
+                eos_token_id=t["vocab_size"] - 1, pad_token_id=0)
+    vision = dict(hidden_size=v["width"], intermediate_size=int(v.get("mlp_ratio", 4.0) * v["width"]),
+                  num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v.get("head_width", 64),
+                  image_size=v["image_size"], patch_size=v["patch_size"])
+    return CLIPConfig(text_config=dict(text, hidden_act="gelu"), vision_config=dict(vision, hidden_act="gelu"),
+                      projection_dim=cfg["embed_dim"])
+
+
+def hpsv2_state_dict(state):
+    """open_clip's CLIP state dict in CLIPModel's names and layout: nn.MultiheadAttention's stacked in_proj (q, k, v)
+    split in three, the `x @ proj` matrices transposed to Linear weights. Returns (state dict, unused keys)."""
+    out, unused = rename_state_dict(state, OPEN_CLIP_NAMES, OPEN_CLIP_BLOCK)
+    for key in [k for k in out if ".in_proj_" in k]:
+        head, kind = key.split(".in_proj_")
+        for name, part in zip("qkv", out.pop(key).chunk(3)):
+            out[f"{head}.{name}_proj.{kind}"] = part
+    for key in ("visual_projection.weight", "text_projection.weight"):
+        out[key] = out[key].T
+    return out, unused
+
+
+def load_hpsv2(state, cfg=VIT_H_14, device="cpu"):
+    """CLIPModel with an open_clip checkpoint's weights (every one of its keys used, all of the model's filled)."""
+    from transformers import CLIPModel
+    with torch.device(device):
+        model = CLIPModel(open_clip_config(cfg))
+    weights, unused = hpsv2_state_dict(state)
+    if unused:  # the original loads strictly too
+        raise RewardError(f"the HPSv2 checkpoint has keys that open_clip's CLIP has not ({', '.join(unused[:3])}); "
+                          f"is it {HPSV2_FILE}?")
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def normalize(x, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """(x - mean) / std per channel of (N, 3, H, W), as torchvision's Normalize (OpenAI CLIP's mean and std)."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
+
+
+def hps_pixels(images, size):
+    """HPSv2's evaluation transform (open_clip's ResizeMaxSize on tensors) on the float images, as the official
+    scorer applies it: the long side resized to `size` (bicubic, antialiased, no clamp), the short side padded with
+    0 to a centred square, normalized. images: (N, 3, H, W) in [0, 1] -> (N, 3, size, size)."""
+    x = images.float()
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))
+    if scale != 1.0:
+        new_h, new_w = round(h * scale), round(w * scale)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        pad_h, pad_w = size - new_h, size - new_w
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return normalize(x)
+
+
+def open_clip_tokens(tokenizer, texts, context_length=77):
+    """open_clip's tokenize() with a transformers CLIP tokenizer: the text cleaned as open_clip does (ftfy.fix_text,
+    html.unescape twice, whitespace collapsed; the tokenizer lowercases), [start] + BPE + [end] cut to
+    `context_length` with the end token kept, padded with 0. -> (N, context_length) int64."""
+    ftfy = _require("ftfy", "ftfy")
+    cleaned = [re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(t))).strip()).strip() for t in texts]
+    out = torch.zeros(len(cleaned), context_length, dtype=torch.long)
+    for row, ids in zip(out, tokenizer(cleaned, truncation=True, max_length=context_length).input_ids):
+        row[:len(ids)] = torch.tensor(ids)
+    return out
+
+
+class HpsScorer(ClipScorer):
+    """ClipScorer's normalized features with HPSv2.1's preprocessing and tokens; its score is their cosine."""
 
     @torch.no_grad()
-    def __call__(self, images, prompts, metadata):
-        # HPSv2's eval transform resizes the long side to `size` and pads; for square images that
-        # is a plain resize.
-        x = F.interpolate(images.to(self.device).float(), size=(self.size, self.size), mode="bicubic",
-                          antialias=True, align_corners=False).clamp(0, 1)
-        x = (x - self.mean) / self.std
-        tokens = self.tokenizer(list(prompts)).to(self.device)
-        img = F.normalize(self.model.encode_image(x).float(), dim=-1)
-        txt = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-        return _cpu((img * txt).sum(-1)), {}
+    def image_embeds(self, images):
+        return self.pixel_embeds(hps_pixels(images.to(self.device), self.model.config.vision_config.image_size))
+
+    @torch.no_grad()
+    def text_embeds(self, texts):
+        ids = open_clip_tokens(self.tokenizer, texts, self.model.config.text_config.max_position_embeddings)
+        return self.token_embeds(ids.to(self.device))  # no padding mask: open_clip has none (causal attention only)
 
 
 def make_hpsv2(device):
-    """HPSv2.1 = open_clip ViT-H-14 with HPS_v2.1_compressed.pt from the hub repo xswu/HPSv2."""
-    open_clip = _require("open_clip", "open_clip_torch")
+    """HPSv2.1 = cos(image, text) of open_clip ViT-H-14 with HPS_v2.1_compressed.pt (hub repo xswu/HPSv2)."""
     from huggingface_hub import hf_hub_download
-    model = open_clip.create_model("ViT-H-14", pretrained=None)
-    path = _from_hub("xswu/HPSv2", hf_hub_download, "HPS_v2.1_compressed.pt")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
-    cfg = model.visual.preprocess_cfg
-    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
-    return OpenClipScorer(model, open_clip.get_tokenizer("ViT-H-14"), cfg["mean"], cfg["std"], size, device)
+    from transformers import CLIPTokenizer
+    _require("ftfy", "ftfy")  # open_clip_tokens needs it: say so before any download or load
+    path = _from_hub(HPSV2_REPO, hf_hub_download, HPSV2_FILE)
+    tokenizer = _from_hub(CLIP_TOKENIZER, CLIPTokenizer.from_pretrained, filename=TOKENIZER_FILES)
+    model = load_hpsv2(torch.load(path, map_location="cpu", weights_only=True)["state_dict"], VIT_H_14, device)
+    return clipscore_fn(HpsScorer(model, tokenizer, None, device))
 
 
-# ---- imagereward ----
+# ---- imagereward (ImageReward-v1.0: BLIP ViT-L + a BERT that cross-attends to it, on transformers' BLIP) ----
 
-def make_imagereward(device):
-    """ImageReward-v1.0 score of each (prompt, image) pair; one pair at a time (the official
-    wrapper scores all N x N pairs and keeps the diagonal)."""
-    RM = _require("ImageReward", "image-reward")
-    try:
-        model = RM.load("ImageReward-v1.0", device=str(device))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise RewardError(f"could not load ImageReward-v1.0 (hub repo THUDM/ImageReward): {str(e).strip().splitlines()[0][:200]}; "
-                          f"download it first with `{hub_download_command('THUDM/ImageReward')}`") from None
-    model.eval()
+IMAGEREWARD_REPO, IMAGEREWARD_FILES = "THUDM/ImageReward", ("ImageReward.pt", "med_config.json")
+BERT_TOKENIZER = "google-bert/bert-base-uncased"  # BLIP's BertTokenizer.from_pretrained('bert-base-uncased')
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py: (mlp - mean) / std
+BLIP_VIT_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=16)
+IMAGEREWARD_NAMES = {  # ImageReward key prefix -> ImageRewardModel's (None: not used by the score)
+    "blip.visual_encoder.cls_token": "vision.embeddings.class_embedding",
+    "blip.visual_encoder.pos_embed": "vision.embeddings.position_embedding",
+    "blip.visual_encoder.patch_embed.proj": "vision.embeddings.patch_embedding",
+    "blip.visual_encoder.blocks": "vision.encoder.layers", "blip.visual_encoder.norm": "vision.post_layernorm",
+    "blip.text_encoder.embeddings.position_ids": None, "blip.text_encoder": "text", "mlp.layers": "mlp"}
+BLIP_BLOCK = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
+              "norm2": "layer_norm2"}
+
+
+class ImageRewardModel(torch.nn.Module):
+    """ImageReward.score() on transformers' BLIP: every token of the ViT (after its last LayerNorm) is the
+    cross-attention context of the med BERT (med_config.json, bidirectional); its first ([CLS]) output goes
+    through the MLP, then (x - mean) / std. `vision`: BlipVisionConfig fields of blip.create_vit's ViT."""
+
+    def __init__(self, med_config, vision=BLIP_VIT_L):
+        super().__init__()
+        from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+        self.vision = BlipVisionModel(BlipVisionConfig(
+            intermediate_size=4 * vision["hidden_size"], layer_norm_eps=1e-6, hidden_act="gelu", **vision))
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
+        self.text = BlipTextModel(BlipTextConfig(  # is_decoder builds the cross-attention layers; forward runs unmasked
+            encoder_hidden_size=vision["hidden_size"], is_decoder=True, **{k: med_config[k] for k in keys}),
+            add_pooling_layer=False)
+        self.mlp = aesthetic_mlp(med_config["hidden_size"])  # ImageReward's MLP: the aesthetic head's layers
+
+    def forward(self, pixels, input_ids, attention_mask):
+        image = self.vision(pixel_values=pixels).last_hidden_state
+        every = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
+                         encoder_attention_mask=every).last_hidden_state
+        return ((self.mlp(text[:, 0].float()) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).squeeze(-1)
+
+
+def imagereward_state_dict(state):
+    """ImageReward.pt's state dict in ImageRewardModel's names. Returns (state dict, unused keys)."""
+    return rename_state_dict(state, IMAGEREWARD_NAMES, BLIP_BLOCK)
+
+
+def load_imagereward(state, med_config, vision=BLIP_VIT_L, device="cpu"):
+    """ImageRewardModel with ImageReward.pt's weights. Keys it does not use (BLIP's contrastive projections) are
+    skipped, as ImageReward's strict=False load leaves them; every weight of the model must be there."""
+    with torch.device(device):
+        model = ImageRewardModel(med_config, vision)
+    model.load_state_dict(imagereward_state_dict(state)[0])
+    return model.eval()
+
+
+def imagereward_pixels(images, size=224):
+    """ImageReward's transform on PIL images, as the original: uint8 (rounded like the official wrapper), the short
+    side resized to `size` (PIL bicubic, torchvision's Resize arithmetic), centre crop, normalized."""
+    out = []
+    for image in to_uint8(images):
+        pil = Image.fromarray(image)
+        w, h = pil.size
+        if min(w, h) != size:
+            long = int(size * max(w, h) / min(w, h))
+            pil = pil.resize((size, long) if w <= h else (long, size), Image.BICUBIC)
+        w, h = pil.size
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        out.append(torch.from_numpy(np.array(pil.crop((left, top, left + size, top + size)))).permute(2, 0, 1))
+    return normalize(torch.stack(out).float() / 255)
+
+
+def bert_tokenizer(tokenizer):
+    """BLIP's init_tokenizer(): bert-base-uncased plus [DEC] (bos) and [ENC], ids 30522 and 30523."""
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def imagereward_fn(model, tokenizer, device):
+    """ImageReward-v1.0 score of each (prompt, image) pair, as ImageReward.score() computes one pair (the official
+    wrapper scores all N x N pairs and keeps the diagonal): text padded to 35 tokens."""
+    model = model.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def fn(images, prompts, metadata):
-        pils = [Image.fromarray(im) for im in to_uint8(images)]
-        return _cpu([float(model.score(p, im)) for p, im in zip(prompts, pils)]), {}
+        tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        pixels = imagereward_pixels(images, model.vision.config.image_size).to(device)
+        return _cpu(model(pixels, tokens.input_ids.to(device), tokens.attention_mask.to(device))), {}
     return fn
+
+
+def make_imagereward(device):
+    """ImageReward-v1.0: ImageReward.pt and med_config.json (hub repo THUDM/ImageReward), bert-base-uncased tokens."""
+    from huggingface_hub import hf_hub_download
+    from transformers import BertTokenizer
+    weights, med = (_from_hub(IMAGEREWARD_REPO, hf_hub_download, name, filename=IMAGEREWARD_FILES)
+                    for name in IMAGEREWARD_FILES)
+    tokenizer = _from_hub(BERT_TOKENIZER, BertTokenizer.from_pretrained, filename=TOKENIZER_FILES)
+    with open(med) as f:
+        med_config = json.load(f)
+    model = load_imagereward(torch.load(weights, map_location="cpu", weights_only=True), med_config, BLIP_VIT_L, device)
+    return imagereward_fn(model, bert_tokenizer(tokenizer), device)
 
 
 # ---- unifiedreward (VLM behind an OpenAI-compatible server) ----
@@ -999,6 +1191,26 @@ def make_reward(spec, device, precision="fp32"):
             weighted = score if weight == 1 else score * weight
             total = weighted if total is None else total + weighted
         return total, components
+    return fn
+
+
+def reward_names(spec):
+    """The reward names of a spec, in order; none for an empty spec."""
+    return [name for name, _ in parse_reward_spec(spec)] if spec else []
+
+
+def with_eval_rewards(reward_fn, spec, extra, device, precision="fp32"):
+    """reward_fn (make_reward of `spec`) with the rewards of the `extra` spec scored beside it, for evaluation:
+    the same total, and every reward's components, under its name. Each model loads once, here; a name that
+    is in `spec` already is not loaded again (its component is there)."""
+    more = [name for name in reward_names(extra) if name not in reward_names(spec)]  # weights: the total is spec's
+    if not more:
+        return reward_fn
+    extra_fn = make_reward(",".join(more), device, precision)
+
+    def fn(images, prompts, metadata):
+        total, components = reward_fn(images, prompts, metadata)
+        return total, {**components, **extra_fn(images, prompts, metadata)[1]}
     return fn
 
 

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import http.server
+import inspect
 import io
 import json
 import math
@@ -1263,37 +1264,6 @@ def test_rw_aesthetic_tiny(tmp_path):
     assert scores.shape == (3,) and scores.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
 
 
-class _RwOpenClipLike(torch.nn.Module):
-    """open_clip's encode_image / encode_text API on a tiny transformers CLIP."""
-
-    def __init__(self):
-        super().__init__()
-        self.clip = _rw_tiny_clip()
-
-    def encode_image(self, x):
-        return self.clip.get_image_features(pixel_values=x).pooler_output
-
-    def encode_text(self, ids):
-        return self.clip.get_text_features(input_ids=ids).pooler_output
-
-
-def test_rw_hpsv2_tiny_and_missing_package():
-    tok = _rw_tokenizer()
-    texts = []
-
-    def tokenizer(prompts):
-        texts.append(prompts)
-        return tok(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
-    scorer = rewards.OpenClipScorer(_RwOpenClipLike(), tokenizer, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, "cpu")
-    scores, _ = scorer(_rw_images(2, 32, 32), ["a cat " * 50, "a dog"], [{}, {}])
-    assert scores.shape == (2,) and torch.isfinite(scores).all() and (scores.abs() <= 1 + 1e-6).all()
-    try:
-        import open_clip  # noqa: F401
-    except ImportError:
-        with pytest.raises(rewards.RewardError, match="pip install open_clip_torch"):
-            rewards.REWARDS["hpsv2"]("cpu")
-
-
 def test_rw_missing_weights_offline_is_one_line():
     with pytest.raises(rewards.RewardError, match="openai/clip-vit-large-patch14.*HF_HUB_OFFLINE"):
         rewards._from_hub("openai/clip-vit-large-patch14", lambda hub_id: (_ for _ in ()).throw(OSError("offline")))
@@ -1303,6 +1273,211 @@ def test_rw_missing_weights_offline_is_one_line():
         pytest.skip("needs an offline hub without PickScore's processor in the cache")
     with pytest.raises(rewards.RewardError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
         rewards.REWARDS["pickscore"]("cpu")
+
+
+# ---- hpsv2 and imagereward against the original code ----
+
+def _rw_images_of(stored, repeat):
+    return stored.repeat_interleave(repeat, -1).repeat_interleave(repeat, -2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def _rw_reference():
+    """What .ci/reward_reference.py recorded with the original hpsv2 and ImageReward code on reduced random-weight
+    models: their original-layout state dicts, configs, tiny tokenizer vocabularies, the images and prompts, the
+    originals' token ids and scores (the original packages are not needed here)."""
+    from safetensors.torch import load_file
+    folder = os.path.join(HERE, ".ci", "fixtures")
+    ref = json.load(open(os.path.join(folder, "reward_reference.json"), encoding="utf-8"))
+    tensors = load_file(os.path.join(folder, "reward_reference.safetensors"))
+    for name in ("hpsv2", "imagereward"):
+        ref[name]["state"] = {k.split(".", 1)[1]: v.float() if v.is_floating_point() else v
+                              for k, v in tensors.items() if k.startswith(name + ".")}
+    ref["images"] = {name: _rw_images_of(tensors[f"images.{name}"], repeat)
+                     for name, (*_, repeat) in ref["batches"].items()}
+    return ref
+
+
+def _rw_hps_tokenizer(ref):
+    from transformers import CLIPTokenizer
+    vocab = {t: i for i, t in enumerate(ref["vocab"])}
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in ref["merges"]])
+
+
+def _rw_bert_tokenizer(ref):
+    from transformers import BertTokenizer
+    return rewards.bert_tokenizer(BertTokenizer(vocab={t: i for i, t in enumerate(ref["vocab"])}))
+
+
+def test_rw_hpsv2_scores_as_the_original_open_clip_code(_rw_reference):
+    """HPSv2.1 here (CLIPModel + the converted open_clip state dict + open_clip's transform and tokens) gives the
+    original hpsv2 code's token ids and scores on the same reduced random model, images (square, padded, shrunk)
+    and prompts (curly quotes, HTML entities, past 77 tokens), within 1e-4 relative."""
+    ref = _rw_reference["hpsv2"]
+    tokenizer = _rw_hps_tokenizer(ref)
+    model = rewards.load_hpsv2(ref["state"], ref["config"])
+    fn = rewards.clipscore_fn(rewards.HpsScorer(model, tokenizer, None, "cpu"))
+    for name, prompts in _rw_reference["prompts"].items():
+        assert rewards.open_clip_tokens(tokenizer, prompts).tolist() == ref["ids"][name]
+        scores, _ = fn(_rw_reference["images"][name], prompts, None)
+        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
+
+
+def test_rw_imagereward_scores_as_the_original_blip_code(_rw_reference):
+    """ImageReward here (transformers' BLIP vision + text models with the converted state dict, PIL preprocessing,
+    35 BERT tokens) gives ImageReward.score()'s token ids and scores on the same reduced random model, within 1e-4."""
+    ref = _rw_reference["imagereward"]
+    tokenizer = _rw_bert_tokenizer(ref)
+    model = rewards.load_imagereward(ref["state"], ref["med_config"], ref["vision"])
+    fn = rewards.imagereward_fn(model, tokenizer, "cpu")
+    for name, prompts in _rw_reference["prompts"].items():
+        assert tokenizer(prompts, padding="max_length", truncation=True, max_length=35).input_ids == ref["ids"][name]
+        scores, _ = fn(_rw_reference["images"][name], prompts, None)
+        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
+
+
+def test_rw_full_size_checkpoints_fill_the_transformers_models_exactly():
+    """Every key of the full-size originals' state dicts (HPSv2.1's open_clip ViT-H-14 and ImageReward-v1.0, key ->
+    shape recorded by .ci/reward_reference.py) lands on a weight of the same shape of our full-size models (built
+    on the meta device), and every weight gets one; only BLIP's unused contrastive projections are left out."""
+    import gzip
+    with gzip.open(os.path.join(HERE, ".ci", "fixtures", "reward_layouts.json.gz"), "rt") as f:
+        layouts = json.load(f)
+    meta = {name: {k: torch.empty(shape, device="meta") for k, shape in layouts[name].items()}
+            for name in ("hpsv2", "imagereward")}
+    med = layouts["imagereward_med_config"]
+    from transformers import CLIPModel
+    with torch.device("meta"):
+        clip, blip = CLIPModel(rewards.open_clip_config(rewards.VIT_H_14)), rewards.ImageRewardModel(med)
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    projections = [f"blip.{p}_proj.{w}" for p in ("vision", "text") for w in ("weight", "bias")]
+    for model, (weights, unused), left_out in [
+            (clip, rewards.hpsv2_state_dict(meta["hpsv2"]), []),
+            (blip, rewards.imagereward_state_dict(meta["imagereward"]),
+             ["blip.text_encoder.embeddings.position_ids"] + projections)]:
+        assert sorted(unused) == sorted(left_out)
+        assert shapes(weights) == shapes(model.state_dict())
+    assert sum(v.numel() for v in meta["hpsv2"].values()) == 986_109_441  # open_clip's ViT-H-14: 986.1M
+    rewards.load_hpsv2(meta["hpsv2"], device="meta")  # the loaders' strict load_state_dict accepts them
+    rewards.load_imagereward(meta["imagereward"], med, device="meta")
+
+
+def _rw_snapshot(cache, repo):
+    """The snapshot folder of a hub repo in a Hugging Face cache, laid out as huggingface_hub writes one."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    folder = os.path.join(root, "snapshots", "0" * 40)
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write("0" * 40)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def _rw_hub(tmp_path_factory, _rw_reference):
+    """A Hugging Face cache with tiny random stand-ins of every reward model under the real ids and file names:
+    HPSv2.1 and ImageReward as the reduced originals of .ci/fixtures (checkpoints in the original layouts, the
+    tokenizers as tokenizer.json + tokenizer_config.json), PickScore and CLIP ViT-L/14 as one tiny CLIPModel with
+    the same CLIP tokenizer, the aesthetic MLP on its 16-d embeddings. Use it with _rw_use_hub."""
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
+    cache, ref = str(tmp_path_factory.mktemp("hub")), _rw_reference
+    vocab = len(ref["hpsv2"]["vocab"])
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(projection_dim=16, text_config=dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                           num_attention_heads=2)))
+    processor = CLIPProcessor(image_processor=_rw_clip_ip(32), tokenizer=_rw_hps_tokenizer(ref["hpsv2"]))
+    for repo in ("yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14", rewards.CLIP_TOKENIZER):
+        clip.save_pretrained(_rw_snapshot(cache, repo))  # the processor's AutoTokenizer reads config.json too
+    for repo in (rewards.CLIP_TOKENIZER, "openai/clip-vit-large-patch14"):
+        processor.save_pretrained(_rw_snapshot(cache, repo))
+    mlp = {f"layers.{k}": v for k, v in rewards.aesthetic_mlp(16).state_dict().items()}
+    torch.save(mlp, os.path.join(_rw_snapshot(cache, rewards.AESTHETIC_REPO), rewards.AESTHETIC_FILE))
+    hps = os.path.join(_rw_snapshot(cache, rewards.HPSV2_REPO), rewards.HPSV2_FILE)
+    torch.save({"state_dict": ref["hpsv2"]["state"]}, hps)
+    folder = _rw_snapshot(cache, rewards.IMAGEREWARD_REPO)
+    torch.save(ref["imagereward"]["state"], os.path.join(folder, "ImageReward.pt"))
+    with open(os.path.join(folder, "med_config.json"), "w") as f:
+        json.dump(ref["imagereward"]["med_config"], f)
+    BertTokenizer(vocab={t: i for i, t in enumerate(ref["imagereward"]["vocab"])}).save_pretrained(
+        _rw_snapshot(cache, rewards.BERT_TOKENIZER))
+    return cache
+
+
+def _rw_use_hub(monkeypatch, cache, ref):
+    """huggingface_hub (and through it transformers) reads `cache`; HPSv2.1 and ImageReward build the reduced sizes."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(rewards, "VIT_H_14", ref["hpsv2"]["config"])
+    monkeypatch.setattr(rewards, "BLIP_VIT_L", ref["imagereward"]["vision"])
+
+
+def test_rw_hpsv2_and_imagereward_load_the_published_files_and_score_as_the_originals(monkeypatch, _rw_hub,
+                                                                                       _rw_reference):
+    """make_reward offline from a cache of the published file names (each checkpoint in its original layout, read
+    with weights_only=True; each tokenizer from tokenizer.json and tokenizer_config.json) scores as the originals."""
+    _rw_use_hub(monkeypatch, _rw_hub, _rw_reference)
+    for name in ("hpsv2", "imagereward"):
+        fn = rewards.make_reward(name, "cpu")
+        for batch, prompts in _rw_reference["prompts"].items():
+            scores, _ = fn(_rw_reference["images"][batch], prompts, [{}] * len(prompts))
+            assert scores.tolist() == pytest.approx(_rw_reference[name]["scores"][batch], rel=1e-4), (name, batch)
+
+
+def test_rw_hpsv2_and_imagereward_offline_name_each_download_before_any_model_loads(monkeypatch, tmp_path, _rw_hub):
+    """Offline with an empty cache, each stops at once with the `hf download` command of its checkpoint files;
+    with those cached, with the command of its tokenizer files; no model is built (no pip message either)."""
+    import shutil
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for loader in ("load_hpsv2", "load_imagereward"):
+        monkeypatch.setattr(rewards, loader, lambda *a, **k: pytest.fail("a model was built before the check"))
+    for name, command in [("hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
+                          ("imagereward", "THUDM/ImageReward ImageReward.pt med_config.json")]:
+        with pytest.raises(rewards.RewardError, match=rf"offline .*: download it first with `hf download {command}`"):
+            rewards.make_reward(name, "cpu")
+    for repo in (rewards.HPSV2_REPO, rewards.IMAGEREWARD_REPO):
+        folder = "models--" + repo.replace("/", "--")
+        shutil.copytree(os.path.join(_rw_hub, folder), tmp_path / folder)
+    for name, repo in [("hpsv2", rewards.CLIP_TOKENIZER), ("imagereward", rewards.BERT_TOKENIZER)]:
+        with pytest.raises(rewards.RewardError, match=f"`hf download {repo} tokenizer.json tokenizer_config.json`"):
+            rewards.make_reward(name, "cpu")
+
+
+def test_rw_readme_multi_reward_evaluation_runs_as_written(monkeypatch, tmp_path, _rw_hub, _rw_reference,
+                                                            _ev_one_thread):
+    """The README's multi-reward --eval_only command, its flags as written (one process, not torchrun's 8), runs
+    offline: every reward through its real loader from a cache of tiny random stand-ins (_rw_hub), the base model a
+    tiny random SD3 with 4 x 4 patches (512 px), the LoRA a peft checkpoint at the path written. Tests the code
+    path, not the numbers."""
+    from peft import LoraConfig, get_peft_model
+    block = re.sub(r"\\\n\s*", "", _nb_readme_block("Evaluation", "bash"))
+    line = next(l for l in block.splitlines() if "imagereward" in l).split("#")[0]
+    assert line.startswith("torchrun --nproc_per_node=8 nft.py --eval_only --reward "
+                           "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1")
+    argv = line.split("nft.py", 1)[1].split()
+    _rw_use_hub(monkeypatch, _rw_hub, _rw_reference)
+    tiny = nft.RANDOM_ARCHS["tiny"]
+    patches = dict(tiny["transformer"], patch_size=4)  # 16 x 16 patches at 512 px
+    monkeypatch.setitem(nft.RANDOM_ARCHS, "tiny", dict(tiny, transformer=patches))
+    pipe = nft.random_pipeline("tiny")
+    default, builtin = nft.parse_args([]).model, nft.builtin
+    monkeypatch.setattr(nft, "builtin", lambda model: model == default or builtin(model))  # no GPU or SD3.5 download
+    monkeypatch.setattr(nft, "load_pipeline", lambda model, dtype, device="cpu": pipe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / argv[argv.index("--eval_prompts") + 1]).write_text("a red cat on a sofa\n")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
+    lora = tmp_path / argv[argv.index("--lora") + 1] / "lora"
+    get_peft_model(nft.random_pipeline("tiny").transformer, config).save_pretrained(lora)
+    nft.main(argv)
+    summary = json.load(open(tmp_path / "runs" / "nft" / "eval.json"))
+    assert summary["images"] == 5 and summary["resolution"] == 512 and summary["eval_num_steps"] == 40
+    metrics = summary["metrics"]
+    assert list(metrics) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
+    assert all(math.isfinite(v) for v in metrics.values()) and abs(metrics["HPSv2.1"]) <= 1
+    assert (tmp_path / "runs" / "nft" / "compare.png").exists()
 
 
 # ---- unifiedreward ----
@@ -1600,17 +1775,6 @@ def test_nb_help_lists_names_presets_and_a_sentence_for_every_flag():
     for f in dataclasses.fields(nft.Args):
         sentence = helps[f.name].split(" (default:")[0]
         assert sentence[:1].isupper() and sentence.endswith(".") and len(sentence.split()) >= 4, (f.name, helps[f.name])
-
-
-def test_nb_extras_install_command_keeps_the_installed_torch(monkeypatch):
-    import importlib.util
-    assert rewards.pip_command("open_clip_torch").endswith(f'pip install open_clip_torch "torch=={torch.__version__}"')
-    assert rewards.pip_command("image-reward").endswith(f'"torch=={torch.__version__}"')
-    assert rewards.pip_command("wandb") == "pip install wandb"
-    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a CPU torch without torchvision: the CPU index first
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert rewards.pip_command("open_clip_torch") == ('pip install torchvision "torch==2.13.0+cpu" --index-url '
-                                                      'https://download.pytorch.org/whl/cpu && pip install open_clip_torch "torch==2.13.0+cpu"')
 
 
 def _nb_readme_block(section, lang):
@@ -2406,7 +2570,7 @@ def test_fam_euler_rollout_equals_the_pipeline(name):
     prompts = ["a red photo", "a cat on a tree"]
     cond = nft.encode_prompts(pipe, prompts, 16, "cpu")
     ours = nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext)
-    extra = dict(guidance_scale=nft.FLUX_GUIDANCE) if name == "flux" else {}  # the embedded guidance, not CFG
+    extra = dict(guidance_scale=nft.Args.embedded_guidance_scale) if name == "flux" else {}  # embedded, not CFG
     with torch.no_grad():
         theirs = pipe(prompt=prompts, height=32, width=32, num_inference_steps=4, output_type="latent",
                       max_sequence_length=16, latents=nft.pack(x), **extra)[0]
@@ -2583,6 +2747,236 @@ def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
     pipe = copy.deepcopy(_fam_pipe(family))
     pipe.load_lora_weights(nft.checkpoints(out)[-1])
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+# ---- guidance per family: true CFG as each pipeline does it ----
+GUIDED = {"sd3": "tiny", **FAM}
+
+
+def _guided_pipe(name):
+    """The tiny pipeline of any family (SD3 too), built once per session; tests deep-copy it before changing it."""
+    if name not in _FAM_PIPES:
+        _FAM_PIPES[name] = nft.load_pipeline(GUIDED[name], torch.float32)
+    return _FAM_PIPES[name]
+
+
+@pytest.mark.parametrize("name", list(GUIDED))
+def test_cfg_rollout_equals_the_pipeline(name, capsys, monkeypatch):
+    """--guidance_scale is each pipeline's true CFG with its rule and the family's negative prompt ("" for SD3 and
+    FLUX.1, " " for Qwen-Image): an Euler rollout equals StableDiffusion3Pipeline(guidance_scale=3),
+    FluxPipeline(true_cfg_scale=3, guidance_scale=2.5 = --embedded_guidance_scale, with one warning that both run)
+    and QwenImagePipeline(true_cfg_scale=3) from the same noise. Plain CFG misses Qwen-Image's rescale by far."""
+    pipe = _guided_pipe(name)
+    args = nft.parse_args(["--model", GUIDED[name], "--guidance_scale", "3", "--embedded_guidance_scale", "2.5"])
+    nft.resolve_guidance(pipe, args)
+    assert args.negative_prompt == (" " if name == "qwenimage" else "") and args.max_sequence_length == 16
+    assert (args.embedded_guidance_scale == 2.5) == (name == "flux")  # None without a guidance embedding
+    assert capsys.readouterr().out.count("true CFG") == (name == "flux")
+    C, h, w = nft.latent_shape(pipe, 32)
+    x = torch.randn(2, C, h, w, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red photo", "a cat on a tree"]
+
+    def ours():
+        cond = nft.encode_prompts(pipe, prompts, 16, "cpu", args.embedded_guidance_scale)
+        return nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext,
+                          nft.negative_conditioning(pipe, args, "cpu"))
+    guidance = {"sd3": dict(guidance_scale=3.0), "flux": dict(true_cfg_scale=3.0, guidance_scale=2.5),
+                "qwenimage": dict(true_cfg_scale=3.0)}[name]
+    with torch.no_grad():
+        theirs = pipe(prompt=prompts, negative_prompt=[args.negative_prompt] * 2, height=32, width=32,
+                      num_inference_steps=4, output_type="latent", max_sequence_length=16,
+                      latents=x if name == "sd3" else nft.pack(x), **guidance)[0]
+    theirs = theirs if name == "sd3" else nft.unpack(theirs, h, w)
+    got = ours()
+    print(f"{name}: CFG rollout vs the pipeline, max error {(got - theirs).abs().max().item():.1e}")
+    assert (got - x).abs().mean() > 0.1
+    torch.testing.assert_close(got, theirs, atol=1e-5, rtol=0)
+    if name == "qwenimage":
+        plain = dataclasses.replace(nft.family_of(pipe), combine=nft.cfg)
+        monkeypatch.setitem(nft.FAMILIES, "QwenImagePipeline", plain)
+        error = (ours() - theirs).abs().max().item()
+        print(f"qwenimage: plain CFG (no rescale) vs the pipeline, max error {error:.1e}")
+        assert error > 1e-3
+
+
+def test_qwenimage_mask_is_dropped_when_every_token_is_real():
+    """As QwenImagePipeline.encode_prompt: when every prompt fills --max_sequence_length (no padding) the conditioning
+    has no mask, and the velocity without it equals the velocity with an all-ones mask; padding keeps the mask."""
+    pipe = _fam_pipe("qwenimage")
+    prompts = ["a red photo", "a cat on a tree"]
+    full, padded = nft.encode_prompts(pipe, prompts, 6, "cpu"), nft.encode_prompts(pipe, prompts, 16, "cpu")
+    assert set(full) == {"embeds"} and full["embeds"].shape[1] == 6 and not padded["mask"].all()
+    with torch.no_grad():
+        assert pipe.encode_prompt(prompt=prompts, device="cpu", max_sequence_length=6)[1] is None  # the pipeline's rule
+        x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+        v = nft.velocity(pipe.transformer, x, 0.5, full)
+        v_mask = nft.velocity(pipe.transformer, x, 0.5, dict(full, mask=torch.ones(2, 6, dtype=torch.bool)))
+    assert v.abs().mean() > 0.1
+    torch.testing.assert_close(v, v_mask, atol=1e-6, rtol=0)
+
+
+# ---- per-family defaults: text length, negative prompt, evaluation precision ----
+def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
+    """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
+    (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
+    official evaluation's 256 and fp16. Negative prompts as the published recipes; the tiny presets keep 16."""
+    import diffusers
+    gpu = torch.device("cuda")
+    for model, pipeline in [("black-forest-labs/FLUX.1-dev", diffusers.FluxPipeline),
+                            ("Qwen/Qwen-Image", diffusers.QwenImagePipeline)]:
+        default = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
+        for extra in ([], ["--eval_only"]):
+            args = nft.parse_args(["--model", model, *extra])
+            assert args.max_sequence_length == default == 512 and nft.precision_mode(args, gpu) == "bf16"
+    sd3 = nft.parse_args(["--eval_only"])
+    assert sd3.max_sequence_length == 256 and nft.precision_mode(sd3, gpu) == "fp16"
+    models = ["tiny", "tiny-flux", "tiny-qwenimage", "Qwen/Qwen-Image"]
+    negative = {m: nft.parse_args(["--model", m]).negative_prompt for m in models}
+    assert negative == {"tiny": "", "tiny-flux": "", "tiny-qwenimage": " ", "Qwen/Qwen-Image": " "}
+    assert nft.parse_args(["--model", "tiny-qwenimage", "--negative_prompt", "blurry"]).negative_prompt == "blurry"
+    assert nft.parse_args(["--model", "tiny-flux", "--eval_only"]).max_sequence_length == 16
+    assert nft.parse_args(["--model", "tiny-flux"]).embedded_guidance_scale == 3.5
+
+
+# ---- guided training: the loss of the guided policy that sampled ----
+@pytest.mark.parametrize("name", list(GUIDED))
+def test_guided_training_loss_equals_a_hand_computation(name):
+    """--train_guided: micro_step's loss, KL and gradient are the NFT loss of guided velocities computed here by hand
+    from the family's transformer call for the prompts and for the negative prompt (v_theta: the trainable LoRA with
+    grad in both branches, v_old: theta_old, v_ref: the base), combined by the pipeline's rule (Qwen-Image: rescaled
+    to the conditional velocity's norm per 2x2 patch of all channels). At --guidance_scale 1 it changes nothing."""
+    pipe = copy.deepcopy(_guided_pipe(name))
+    argv = ["--model", GUIDED[name], "--kl_coef", "0.1", "--beta", "0.5", "--sample_batch_size", "4"]
+    args = nft.parse_args(argv + ["--guidance_scale", "3", "--train_guided"])
+    torch.manual_seed(0)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # theta, theta_old and the base all differ
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            old[n].add_(0.05 * torch.randn(p.shape, generator=g))
+    x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
+    eps, r, mask = torch.randn(2, *x0.shape, generator=g), torch.tensor([0.8, 0.2]), torch.ones(2)
+    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[2, 6], [4, 8]])].float()
+    cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
+    null = nft.negative_conditioning(pipe, args, "cpu")
+
+    def step(a):
+        return nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, a, contextlib.nullcontext,
+                              1.0, null)
+
+    def grads():
+        out = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params.values()])
+        for p in params.values():
+            p.grad = None
+        return out
+    stats, grad = step(args), grads()
+    unguided = step(nft.parse_args(argv))
+    assert torch.equal(unguided, step(nft.parse_args(argv + ["--train_guided"])))  # guidance 1: nothing changes
+    assert stats[1] > 0 and not torch.allclose(stats, unguided)  # guidance moved the loss
+    grads()
+
+    def patch_norm(v):  # the norm of each 2x2 patch over all channels: QwenImagePipeline's packed token
+        n = (4 * torch.nn.functional.avg_pool2d(v.pow(2).sum(1, keepdim=True), 2)).sqrt()
+        return n.repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    def guided(xt, s):
+        v_c = nft.velocity(pipe.transformer, xt, s, cond)
+        v_n = nft.velocity(pipe.transformer, xt, s, {k: t.expand(2, *t.shape[1:]) for k, t in null.items()})
+        v = v_n + 3.0 * (v_c - v_n)
+        return v * patch_norm(v_c) / patch_norm(v) if name == "qwenimage" else v
+    loss_sum = kl_sum = 0.0
+    for j in range(2):
+        xt = nft.add_noise(x0, eps[j], sig[j])
+        with nft.policy(params, old), torch.no_grad():
+            v_old = guided(xt, sig[j])
+        with nft.policy(params, None), torch.no_grad():
+            v_ref = guided(xt, sig[j])
+        v_theta = guided(xt, sig[j])
+        per_sample = nft.nft_loss(v_theta, v_old, x0, xt, sig[j], r, 0.5)
+        by_hand = _nft_loss_by_hand(v_theta.detach(), v_old, x0, xt, sig[j], r, 0.5)
+        torch.testing.assert_close(per_sample.detach(), by_hand)
+        loss, kl = 5.0 * per_sample.mean(), ((v_theta - v_ref) ** 2).mean()
+        (loss + 0.1 * kl).backward()
+        loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
+    torch.testing.assert_close(stats[:2], torch.tensor([loss_sum, kl_sum]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(grad, grads(), rtol=1e-3, atol=1e-6)
+
+
+GUIDED_DEMO = ["--model", "tiny", "--reward", "color", "--guidance_scale", 2, "--train_guided", "--timestep_fraction",
+               0.3, "--learning_rate", 2e-2, "--num_epochs", 8, "--eval_every", 8, "--eval_reward", "jpeg"]
+
+
+@pytest.fixture(scope="module")
+def guided_demo(tmp_path_factory):
+    """The tiny colour demo with CFG 2 rollouts and --train_guided, short (8 epochs, 3 trained sigmas per sample),
+    watching the jpeg reward beside the colour one."""
+    out = tmp_path_factory.mktemp("guided") / "out"
+    run_nft(*GUIDED_DEMO, "--output_dir", out, threads=1)
+    return str(out)
+
+
+def test_guided_training_colour_demo_learns(guided_demo):
+    """With --train_guided (the loss on the guided velocities of the CFG 2 rollouts) the tiny demo still learns."""
+    m = metrics(guided_demo)
+    before, after = m[0]["eval_reward_mean_before"], m[-1]["eval_reward_mean"]
+    print(f"guided training: eval reward {before:.3f} -> {after:.3f}")
+    assert after >= before + 0.04, (before, after)
+
+
+# ---- evaluation rewards beside the training reward ----
+def test_eval_rewards_score_beside_the_training_reward(monkeypatch):
+    """rewards.with_eval_rewards keeps the training reward's total, adds each eval reward's score to the components,
+    and loads a reward once (one already trained on is not loaded again); eval_metrics tables them all, with the
+    weighted sum only for a training spec of several rewards."""
+    loads = []
+    for name in ("color", "jpeg"):
+        def counted(device, make=rewards.REWARDS[name], name=name):
+            loads.append(name)
+            return make(device)
+        monkeypatch.setitem(rewards.REWARDS, name, counted)
+    train = rewards.make_reward("color", "cpu")
+    both = rewards.with_eval_rewards(train, "color", "jpeg,color", "cpu")
+    assert loads == ["color", "jpeg"] and rewards.with_eval_rewards(train, "color", "", "cpu") is train
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red image", "a blue image"]
+    (total, comps), (alone, _) = both(images, prompts, [{}, {}]), train(images, prompts, [{}, {}])
+    assert torch.equal(total, alone) and set(comps) == {"color", "jpeg"} and (comps["jpeg"] < 0).all()
+    results = [dict(reward=float(total[i]), **{k: float(v[i]) for k, v in comps.items()}) for i in range(2)]
+    assert set(nft.eval_metrics(results, "color", "jpeg")) == {"color", "jpeg"}
+    assert "reward (weighted sum)" in nft.eval_metrics(results, "color:1,jpeg:1", "jpeg")
+
+
+def test_eval_rewards_are_logged_and_eval_only_tables_them(guided_demo, tmp_path, _ev_one_thread):
+    """--eval_reward jpeg: the base model's evaluation and the last one log eval_jpeg (_before) without training on it;
+    --eval_only of the last checkpoint with the same flags scores the same images (the same colour and jpeg means),
+    puts jpeg in eval.json and eval.md, and records the text length and precision it ran at."""
+    m = metrics(guided_demo)
+    assert -1 < m[0]["eval_jpeg_before"] < 0 and -1 < m[-1]["eval_jpeg"] < 0 and "reward_jpeg" not in m[-1]
+    out = tmp_path / "eval"
+    nft.main(["--eval_only", "--model", "tiny", "--reward", "color", "--eval_reward", "jpeg", "--guidance_scale", "2",
+              "--lora", nft.checkpoints(guided_demo)[-1], "--eval_images_per_prompt", "4", "--output_dir", str(out)])
+    result = json.load(open(out / "eval.json"))
+    assert result["reward_mean"] == pytest.approx(m[-1]["eval_reward_mean"], abs=1e-4)
+    assert result["metrics"]["jpeg"] == pytest.approx(m[-1]["eval_jpeg"], abs=1e-5)
+    assert "| jpeg |" in open(out / "eval.md").read() and result["eval_reward"] == "jpeg"
+    assert (result["max_sequence_length"], result["transformer_precision"]) == (16, "fp32")
+    assert result["negative_prompt"] == "" and result["embedded_guidance_scale"] is None
+
+
+def test_curves_stretch_each_eval_reward_onto_the_axis(tmp_path):
+    """curves.png draws every eval_<name> beside the train and eval reward, each stretched from its own range onto the
+    plot's y range (so a 5-7 aesthetic score and a 0.8 PickScore share one axis), in colours of their own."""
+    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.05 * e) for e in range(6)]
+    rows[0].update(eval_reward_mean_before=0.5, eval_pickscore_before=0.80, eval_aesthetic_before=5.0)
+    rows[2].update(eval_reward_mean=0.6, eval_pickscore=0.84, eval_aesthetic=6.5)
+    rows[5].update(eval_reward_mean=0.7, eval_pickscore=0.82, eval_aesthetic=7.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    image = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
+    for colour in ((44, 160, 44), (148, 103, 189)):  # the two eval rewards' lines
+        rows_hit = np.nonzero((np.abs(image - colour).sum(-1) < 30)[:, 100:].any(1))[0]  # right of the legend
+        assert rows_hit.max() - rows_hit.min() > 0.6 * (400 - 44 - 40), colour  # spans most of the plot's height
 
 
 # --------------------------------------------------------------------------- a compile that cannot stall a run
