@@ -51,6 +51,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -145,6 +146,7 @@ class Args:
     offload_text_encoders: bool = False  # Keep the text encoders (CLIP and T5, or Qwen2.5-VL) on the CPU except while encoding prompts.
     fsdp: bool = False  # Shard the transformer and its LoRA over the ranks, per block (FSDP2); launch with torchrun.
     compile_budget: float = 600.0  # Seconds of compiling after which the run goes eager (as on a later recompile).
+    memory_check: bool = True  # Stop before loading when memory_estimate says the run will not fit the GPU's memory.
     profile: bool = False  # Time 3 epochs (phases, throughput, MFU, memory), write profile.json, and stop.
 
 
@@ -475,7 +477,7 @@ def nft_update(run, pol, batch, epoch, log):
         stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], take(batch.cond, s),
                             sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T),
                             run.null)
-        if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
+        if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: for an official-style comparison
             average_gradients(pol.theta)
         if (m + 1) % per_step == 0:
             take_step(run, pol, epoch, log)
@@ -520,7 +522,8 @@ def take_step(run, pol, epoch, log):
     decay ema_decay(step). A step with a NaN/inf gradient, or one that made a weight NaN/inf, is skipped or
     undone; max_nonfinite_steps of them in a row stop the run with the last good checkpoint intact."""
     from tqdm import tqdm
-    grad_norm, problem = optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm, sync=run.args.grad_sync == "step" or run.args.fsdp)
+    grad_norm, problem = optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm,
+                                        sync=run.args.grad_sync == "step" and not run.args.fsdp)  # --fsdp: synced
     if problem:
         pol.bad_steps += 1
         if run.rank == 0:  # tqdm.write: a message never lands on the progress bar's line
@@ -613,6 +616,7 @@ def setup(args):
     validate(args, world)
     if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
+    check_memory(args, world, device)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder")
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
@@ -686,7 +690,8 @@ def start_run(args):
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
-        write_config(args)
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args))), f, indent=1, allow_nan=False)
         if args.wandb:  # the package was checked in setup()
             import wandb
             wandb.init(project=args.wandb_project, name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
@@ -706,21 +711,16 @@ def start_run(args):
     return run, pol, start_epoch
 
 
-def write_config(args, **extra):
-    """config.json: the resolved flags, the prompt set, and `extra` (a compile fallback)."""
-    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-        json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args), **extra)), f, indent=1, allow_nan=False)
-
-
 def go_eager(run, reason):
-    """A compile must not stall a run: dynamo's stance turns to force_eager for the rest of it (the compiled blocks
-    run their Python code), with one warning line, recorded in config.json and in metrics.jsonl from then on."""
+    """A compile must not stall a run: force_eager for the rest of it, one warning, recorded in config.json."""
     if run.eager is None:
         run.eager = reason
         torch.compiler.set_stance("force_eager")
         print0(f"warning: {reason}; the rest of the run is eager (--no-compile skips compiling)")
-        if run.rank == 0:
-            write_config(run.args, compile_fallback=reason)
+        if run.rank == 0:  # start_run wrote config.json
+            config = dict(json.load(open(os.path.join(run.args.output_dir, "config.json"))), compile_fallback=reason)
+            with open(os.path.join(run.args.output_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
 
 
 def evaluate_ema(run, pol, epoch, log, suffix=""):
@@ -745,16 +745,14 @@ def end_epoch(run, pol, epoch, log):
     line (NaN as null) and print it, and save a checkpoint every save_every epochs (rank 0)."""
     args = run.args
     graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
-    if args.compile:  # graphs compiled so far and the seconds it took: after the first epoch both should stay flat
-        log.update(compiled_graphs=graphs(), compile_time_s=run.compile_s)
-        if run.graphs is not None and graphs() > run.graphs:
-            go_eager(run, f"epoch {epoch} compiled {graphs() - run.graphs} graph(s) after the first epoch")
+    if args.compile and run.graphs is not None and graphs() > run.graphs:
+        go_eager(run, f"epoch {epoch} compiled {graphs() - run.graphs} graph(s) after the first epoch")
+    if args.compile:  # graphs and compile seconds so far: flat after the first epoch, else compile_fallback says why
+        log.update(compiled_graphs=graphs(), compile_time_s=run.compile_s, compile_fallback=run.eager)
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
         evaluate_ema(run, pol, epoch + 1, log)
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = graphs()
-        if run.eager:
-            log["compile_fallback"] = run.eager
     save = not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs)
     state = training_state(pol) if save else None  # on every rank: --fsdp gathers the shards
     if run.rank != 0:
@@ -908,8 +906,7 @@ def make_policies(transformer, args, init=None):
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.fsdp:  # theta_old still equals theta (add_adapters, init_from_lora): copies of the shards
-        params = shard(transformer)
-        old = {n: p.detach().clone() for n, p in params.items()}
+        params, old = shard(transformer)
     ema = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -971,18 +968,17 @@ def blocks(transformer):
 
 
 def shard(transformer):
-    """--fsdp: FSDP2 over all ranks, a unit per block, then the rest: each rank holds 1/world of every weight, the
-    LoRA included (DTensors split on dim 0), and gathers a block's weights only while it runs. The bf16 base and
-    the fp32 LoRA share a unit (FSDP needs one dtype per unit only among trainable weights). The root reshards after
-    its forward too (FSDP keeps it gathered by default), so that what `policy` copies into the shards reaches the
-    next forward. Returns the LoRA parameters, now DTensors."""
+    """--fsdp: FSDP2, a unit per block, then the rest: a rank holds 1/world of each weight, LoRA included (DTensors
+    split on dim 0), and gathers a block only while it runs. The root reshards after its forward too (FSDP keeps it
+    gathered by default), so what `policy` copies into the shards reaches the next forward. Returns the LoRA, a copy."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
     for block in blocks(transformer):
         fully_shard(block, mesh=mesh)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=True)
-    return {n: p for n, p in transformer.named_parameters() if ".default." in n}
+    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
+    return params, {n: p.detach().clone() for n, p in params.items()}
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
@@ -1540,13 +1536,8 @@ def gather(t):
 
 
 def average_gradients(params):
-    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat.
-    Under --fsdp the backward's reduce-scatter has averaged them: this returns the rank's shards, flat."""
+    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-    if sharded(params):
-        for p, gr in zip(params.values(), grads):
-            p.grad = gr
-        return torch.cat([local(gr).flatten() for gr in grads])
     flat = torch.cat([gr.flatten() for gr in grads])
     if dist.is_initialized():
         dist.all_reduce(flat)
@@ -1561,18 +1552,17 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
     already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
     the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
     high a learning rate), in which case the weights and the optimizer state go back to before the step."""
-    # a LoRA tensor outside the graph has no grad (Qwen-Image's last text block): zero, as average_gradients fills it
-    flat = average_gradients(params) if sync else torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                                              for p in params.values()])
-    norm, problem = None, None
-    if not everywhere(bool(torch.isfinite(flat).all()), params):
-        problem = "non-finite gradient"
+    if sync:  # --fsdp: the backward reduce-scattered them; a LoRA tensor outside the graph (Qwen-Image) has no grad
+        average_gradients(params)
+    # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
+    norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
+    if not math.isfinite(norm):
+        norm, problem = None, "non-finite gradient"
     else:
-        norm = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)))
         before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
         saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
         opt.step()
-        if not everywhere(all(bool(torch.isfinite(local(p)).all()) for p in params.values()), params):
+        if not math.isfinite(float(full(torch.nn.utils.get_total_norm(params.values())))):  # a weight is NaN/inf
             problem, norm = "the step made the weights NaN/inf", None
             with torch.no_grad():
                 for p, b in zip(params.values(), before):
@@ -1587,54 +1577,36 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
 
 
 def local(t):
-    """The part of t that this rank holds: an FSDP DTensor's local shard (--fsdp), else t itself."""
+    """This rank's part of t: an FSDP DTensor's local shard (--fsdp), else t itself."""
     from torch.distributed.tensor import DTensor
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def full(t):
-    """The whole of t: an FSDP DTensor gathered from every rank (all must call it), else t itself."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def sharded(params):
-    """Whether FSDP shards these parameters (--fsdp)."""
-    from torch.distributed.tensor import DTensor
-    return isinstance(next(iter(params.values())), DTensor)
-
-
-def everywhere(ok, params):
-    """ok on this rank and, when FSDP shards params (each rank checks only its shards), on every rank."""
-    if not sharded(params):
-        return ok
-    flag = torch.tensor([float(ok)], device=local(next(iter(params.values()))).device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+    """All of t: an FSDP DTensor gathered from every rank (each must call this), else t itself."""
+    return t.full_tensor() if local(t) is not t else t
 
 
 def shard_like(whole, t):
-    """A full tensor (a checkpoint's) as t holds it: split like t's FSDP shards (--fsdp), else as it is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if not isinstance(t, DTensor):
+    """A full tensor (a checkpoint's) split as t is: into this rank's shard of an FSDP DTensor, else as it is."""
+    from torch.distributed.tensor import distribute_tensor
+    if local(t) is t:
         return whole
     return distribute_tensor(whole.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
 
 
 def training_state(pol):
-    """theta ("default"), theta_old ("old"), the EMA and the optimizer state as full CPU tensors: what a checkpoint
-    saves, the same whatever the rank count and --fsdp. Returns it on rank 0, None on the others; under --fsdp every
-    rank must call it, since the shards are gathered."""
+    """theta ("default"), theta_old, EMA, optimizer state as full CPU tensors on rank 0 (None elsewhere), as checkpoints
+    save them whatever the rank count; --fsdp gathers the shards here, so every rank must call it."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if not (rank0 or sharded(pol.theta)):
-        return None
+
     def cpu(t):
-        t = full(t)  # a collective under --fsdp: on every rank
+        t = full(t)  # --fsdp: a collective, on every rank
         return t.detach().to("cpu", copy=True) if rank0 else None
-    opt = pol.opt.state_dict()
-    state = dict(default={n: cpu(t) for n, t in pol.theta.items()}, old={n: cpu(t) for n, t in pol.old.items()},
-                 ema={n: cpu(t) for n, t in pol.ema.items()}, optimizer=dict(opt, state={
-                     i: {k: cpu(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in opt["state"].items()}))
+    state = {key: {n: cpu(t) for n, t in weights.items()}
+             for key, weights in [("default", pol.theta), ("old", pol.old), ("ema", pol.ema)]}
+    state["optimizer"] = opt = pol.opt.state_dict()
+    opt["state"] = {i: {k: cpu(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in opt["state"].items()}
     return state if rank0 else None
 
 
@@ -1676,6 +1648,67 @@ def precision(args, device):
     if mode == "no":
         return dtype, contextlib.nullcontext
     return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+# memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets), blocks,
+# width d, bytes saved per token and block in units of d (bf16; .ci/memory_table.py), CLIP tokens, VAE decoder width.
+MEMORY_FIELDS = ("transformer", "text", "vae", "lora", "blocks", "width", "saved", "clip_tokens", "vae_width")
+MEMORY = {"sd3": (2.243e9, 5.580e9, 83.7e6, 0.587e6, 24, 1536, 36.5, 77, 128),
+          "flux": (11.90e9, 4.885e9, 83.8e6, 2.802e6, 57, 3072, 32.3, 0, 128),
+          "qwenimage": (20.43e9, 8.29e9, 126.9e6, 6.636e6, 60, 3072, 44.4, 0, 96)}
+
+
+def memory_estimate(sizes, args, precision="bf16", shards=1):
+    """Peak GPU memory per rank in GiB by part, an estimate from parameter counts (model_sizes), args and the --fsdp
+    ranks `shards`: weights (a transformer share + 2 gathered blocks, text encoders unless offloaded, VAE), the fp32
+    LoRA's 7 copies, and the largest of the training activations, a rollout's decode and offloaded text encoders."""
+    w, a = {"bf16": (2, 2), "fp16": (4, 2), "no": (4, 4)}[precision]  # bytes per weight, per activation
+    vae, lora, n = 2 if args.reward_precision == "bf16" else 4, sizes["lora"] * args.rank, sizes["blocks"]
+    tokens = ((args.resolution // 16) ** 2 + args.max_sequence_length + sizes["clip_tokens"]) * args.train_batch_size
+    per_block = sizes["width"] * a / 2 * tokens  # bytes per unit of "saved"; checkpointing keeps a block's input (2)
+    parts = dict(transformer=sizes["transformer"] * w * (1 / shards + 2 / n * (shards > 1)),
+                 text_encoders=sizes["text"] * w * (not args.offload_text_encoders), vae=sizes["vae"] * vae,
+                 lora=lora * w if args.eval_only else lora * (28 / shards + 4 * (shards > 1)),
+                 activations=0 if args.eval_only else per_block * (
+                     2 * n + sizes["saved"] if args.gradient_checkpointing else sizes["saved"] * n),
+                 decode=4 * sizes["vae_width"] * args.resolution ** 2 * vae * args.sample_batch_size,
+                 encode=sizes["text"] * w * args.offload_text_encoders)
+    parts = {k: v / 2 ** 30 for k, v in parts.items()}
+    phases = [parts[k] for k in ("activations", "decode", "encode")]  # one at a time
+    return dict(parts, total=sum(parts.values()) - sum(phases) + max(phases))
+
+
+def model_sizes(model):
+    """memory_estimate's sizes for --model before its weights load: its family's MEMORY, with the parameter counts of
+    a built-in model built on the meta device (random:* text encoders are one layer; a hub id or folder: published)."""
+    sizes = dict(zip(MEMORY_FIELDS, MEMORY[model_family(model)]))
+    if builtin(model):
+        pipe = load_pipeline(model, torch.float32, "meta")
+        count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+        sizes.update(transformer=count([pipe.transformer]), text=count(text_encoders(pipe)), vae=count([pipe.vae]),
+                     blocks=len(blocks(pipe.transformer)), width=pipe.transformer.inner_dim)
+    return sizes
+
+
+def check_memory(args, world, device):
+    """Before any weight loads, on a GPU: stop with one line when memory_estimate says the run will not fit the free
+    memory, naming the estimate and the fewest of --offload_text_encoders, --gradient_checkpointing, --fsdp that fit."""
+    if device.type != "cuda" or not args.memory_check:
+        return
+    free, gpus = torch.cuda.mem_get_info(device)[0] / 2 ** 30, world if world > 1 else torch.cuda.device_count()
+    sizes, precision = model_sizes(args.model), precision_mode(args, device)
+    need = lambda trial: memory_estimate(sizes, trial, precision, gpus if trial.fsdp else 1)["total"]  # noqa: E731
+    if need(args) > free:
+        names = ("offload_text_encoders", "gradient_checkpointing", "fsdp")
+        tries = [dataclasses.replace(args, **{k: on or getattr(args, k) for k, on in zip(names, bits)})
+                 for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (b[2], sum(b)))]
+        fit = next((trial for trial in tries if need(trial) <= free), None)  # the fewest flags, --fsdp last
+        added = " ".join(f"--{k}" for k in names if fit and getattr(fit, k) > getattr(args, k))
+        how = f"add {added} (about {need(fit):.1f} GiB)" if fit else "lower --train_batch_size, or use larger GPUs"
+        if fit and fit.fsdp and world < 2:
+            how += f" on {gpus} GPUs: torchrun --nproc_per_node {gpus}"
+        raise UserError(f"--model {args.model} needs about {need(args):.1f} GiB per GPU by memory_estimate, {device} "
+                        f"has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -1985,8 +2018,8 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
     out = []
     mine = items[rank::world]
-    pad = items[:1] * (len(items[::world]) - len(mine)) if args.fsdp else []  # --fsdp: as many forwards on every rank
-    for batch, images in tqdm(generate(pipe, records, mine + pad, args, device, autocast), desc=f"evaluating {len(items)} images",
+    mine += items[:1] * (len(items[::world]) - len(mine)) * args.fsdp  # --fsdp: as many forwards on every rank
+    for batch, images in tqdm(generate(pipe, records, mine, args, device, autocast), desc=f"evaluating {len(items)} images",
                               total=-(-len(mine) // args.sample_batch_size), disable=rank != 0, leave=False, dynamic_ncols=True):
         scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
@@ -1994,7 +2027,7 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
                             **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
-    out = out[:len(mine)]  # without the padding
+    out = out[:len(items[rank::world])]  # without the padding
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -2157,6 +2190,8 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     for _ in range(10):
         a @ b
     peak = 2 * n ** 3 * 10 / (clock(device) - t)
+    estimate = memory_estimate(model_sizes(args.model), args, precision_mode(args, device),  # beside the measured peak
+                               dist.get_world_size() if args.fsdp else 1)["total"]
     steady = logs[1:] or logs
     mean = lambda k: sum(l[k] for l in steady) / len(steady)
     # v_theta forward + backward, v_old (and v_ref) forward; --train_guided runs each for both CFG branches
@@ -2174,7 +2209,8 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
                   epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
                   train_samples_per_s=per_rank * T / mean("time_train"),
                   rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=peak_memory, compiled_graphs=logs[-1].get("compiled_graphs", 0),
+                  peak_memory_gib=peak_memory, memory_estimate_gib=estimate,
+                  compiled_graphs=logs[-1].get("compiled_graphs", 0), compile_time_s=logs[-1].get("compile_time_s", 0),
                   recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -2375,7 +2411,7 @@ def validate(args, world_size):
     if args.grad_sync not in ("step", "micro_step"):
         raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
     if args.fsdp and world_size < 2:
-        raise UserError("--fsdp shards the model over ranks: launch with torchrun --nproc_per_node N (N > 1), or drop it")
+        raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1")
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
     if args.reward_precision not in ("fp32", "bf16"):
