@@ -2733,22 +2733,6 @@ def test_fam_profile_with_cfg_rollouts(name, tmp_path):
     assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
 
 
-@pytest.mark.parametrize("family, grad_sync", [("flux", "step"), ("qwenimage", "micro_step")])
-def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
-    """2 gloo ranks on each tiny family: one optimizer step, finite, and a LoRA that loads into the pipeline.
-    Qwen-Image with --grad_sync micro_step (an all-reduce after every backward, with the 6 LoRA tensors that
-    get no gradient), FLUX.1 with the default one all-reduce per step."""
-    out = tmp_path / "out"
-    run_nft("--model", f"tiny-{family}", "--reward", "color", "--num_epochs", 1, "--num_groups", 2, "--group_size", 4,
-            "--sample_batch_size", 4, "--train_batch_size", 2, "--eval_every", 0, "--grad_sync", grad_sync,
-            "--output_dir", out, nproc=2)
-    m = metrics(out)
-    assert len(m) == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and m[0]["grad_norm"] > 0
-    pipe = copy.deepcopy(_fam_pipe(family))
-    pipe.load_lora_weights(nft.checkpoints(out)[-1])
-    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
-
-
 # ---- guidance per family: true CFG as each pipeline does it ----
 GUIDED = {"sd3": "tiny", **FAM}
 
@@ -3023,3 +3007,81 @@ def test_recompiles_after_the_first_epoch_or_a_spent_budget_switch_the_run_to_ea
     m = metrics(tmp_path / "budget")
     assert "past --compile_budget 0" in m[0]["compile_fallback"] and m[0]["compiled_graphs"] == m[1]["compiled_graphs"] == 1
     assert m[0]["compile_time_s"] > 0 and all(math.isfinite(r["loss"]) for r in m)
+
+
+# --------------------------------------------------------------------------- sharding over ranks (--fsdp)
+FSDP = {"sd3": ("tiny", "step"), "flux": ("tiny-flux", "step"), "qwenimage": ("tiny-qwenimage", "micro_step")}
+
+
+def _fsdp_argv(family, out, *extra):
+    """2 gloo ranks, 2 micro-batches per optimizer step, a checkpoint every epoch. Learning rate 1e-3: Adam moves a
+    weight whose gradient is near its eps by up to lr whatever the gradient's last bits, and a reduce-scatter sums in
+    another order than an all-reduce."""
+    model, grad_sync = FSDP[family]
+    return ["--model", model, "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 2,
+            "--sample_batch_size", 4, "--eval_every", 0, "--save_every", 1, "--checkpoints_total_limit", 0,
+            "--learning_rate", 1e-3, "--grad_sync", grad_sync, "--output_dir", out, *extra]
+
+
+@pytest.fixture(scope="module", params=list(FSDP))
+def fsdp_runs(request, tmp_path_factory):
+    """Per tiny family, on 2 gloo ranks: 2 epochs unsharded, and 3 epochs with --fsdp, SIGKILLed (the whole process
+    group: torchrun and both ranks) as soon as its checkpoint-00002 appears. Qwen-Image runs with --grad_sync
+    micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA tensors that get no gradient."""
+    import signal
+    import time
+    family, root = request.param, tmp_path_factory.mktemp(f"fsdp-{request.param}")
+    run_nft(*_fsdp_argv(family, root / "plain", "--num_epochs", 2), nproc=2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          os.path.join(HERE, "nft.py"), *map(str, _fsdp_argv(family, root / "fsdp", "--fsdp", "--num_epochs", 3))],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    start, ckpt = time.time(), root / "fsdp" / "checkpoints" / "checkpoint-00002"
+    while p.poll() is None and not ckpt.is_dir() and time.time() - start < 600:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    assert p.wait() == -9 and ckpt.is_dir(), p.stderr.read().decode()[-3000:]
+    return family, root
+
+
+def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs):
+    """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
+    2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
+    the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
+    family, root = fsdp_runs
+    plain, fsdp = (state(root / name / "checkpoints" / "checkpoint-00002") for name in ("plain", "fsdp"))
+    for key in ("default", "old", "ema"):
+        assert plain[key].keys() == fsdp[key].keys()
+        assert all(torch.allclose(plain[key][n], fsdp[key][n], rtol=0, atol=1e-5) for n in plain[key]), key
+    assert any(t.abs().max() > 1e-4 for n, t in fsdp["default"].items() if "lora_B" in n)  # it trained
+    m = metrics(root / "plain")
+    assert [r["step"] for r in m] == [r["step"] for r in metrics(root / "fsdp")][:2] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + metrics(root / "fsdp"))
+    model = FSDP[family][0]
+    pipe = nft.random_pipeline("tiny") if family == "sd3" else copy.deepcopy(_fam_pipe(family))
+    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
+    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+    ours = copy.deepcopy(pipe)
+    pipe.load_lora_weights(str(root / "fsdp" / "checkpoints" / "checkpoint-00002"))
+    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", model]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(fsdp["ema"][n])
+        torch.testing.assert_close(nft.velocity(pipe.transformer, x, 0.5, cond), nft.velocity(ours.transformer, x, 0.5, cond),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_runs):
+    """The --fsdp run killed after its checkpoint-00002: that checkpoint set aside, --resume_from latest (the full state
+    of checkpoint-00001, split into each rank's shards) trains epoch 2 again to the same bits: theta, theta_old, EMA,
+    optimizer, and the metrics."""
+    import shutil
+    family, root = fsdp_runs
+    out = root / "fsdp"
+    reference = state(out / "checkpoints" / "checkpoint-00002")
+    ref_metrics = metrics(out)[:2]
+    shutil.rmtree(out / "checkpoints" / "checkpoint-00002")
+    run_nft(*_fsdp_argv(family, out, "--fsdp", "--num_epochs", 2, "--resume_from", "latest"), nproc=2)
+    assert_same_state(state(out / "checkpoints" / "checkpoint-00002"), reference)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
+    assert strip(metrics(out)) == strip(ref_metrics)
