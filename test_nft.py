@@ -3085,3 +3085,32 @@ def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_runs):
     assert_same_state(state(out / "checkpoints" / "checkpoint-00002"), reference)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
     assert strip(metrics(out)) == strip(ref_metrics)
+
+
+# --------------------------------------------------------------------------- the memory check before loading
+def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypatch):
+    """memory_estimate on Qwen-Image's published sizes and preset (bf16, 512 px, batch 9, rank 64, text 512), by hand:
+    the transformer alone is 20.43e9 x 2 bytes = 38.05 GiB, past a 40 GB GPU (37.25 GiB). With --fsdp on 8 ranks it is
+    38.05/8 + 2 gathered blocks of 60 = 6.03 GiB, the LoRA 6.636e6 x 64 x (28/8 + 4) bytes = 2.97 GiB, and with
+    --gradient_checkpointing the activations (9 x (1024 + 512) tokens x 3072 x (2 x 60 + 44.4) bytes) 6.50 GiB: with
+    the text encoders (15.44) and the VAE (0.47), 31.4 GiB, which fits. check_memory on a faked 40 GB GPU among 8 stops
+    with that advice and the torchrun command; SD3.5-Medium's defaults fit; on a CPU nothing is checked."""
+    args = nft.parse_args(["--model", "Qwen/Qwen-Image"])
+    sizes = nft.model_sizes("Qwen/Qwen-Image")
+    alone = nft.memory_estimate(sizes, args)["transformer"]
+    assert alone == pytest.approx(20.43e9 * 2 / 2 ** 30) and alone > 40e9 / 2 ** 30
+    fit = nft.memory_estimate(sizes, dataclasses.replace(args, fsdp=True, gradient_checkpointing=True), "bf16", 8)
+    by_hand = dict(transformer=20.43e9 * 2 * (1 / 8 + 2 / 60), lora=6.636e6 * 64 * 7.5, text_encoders=8.29e9 * 2,
+                   vae=126.9e6 * 4, activations=9 * 1536 * 3072 * (120 + 44.4))
+    assert {k: fit[k] for k in by_hand} == pytest.approx({k: v / 2 ** 30 for k, v in by_hand.items()})
+    assert fit["total"] == pytest.approx(sum(by_hand.values()) / 2 ** 30) == pytest.approx(31.4, abs=0.05)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40e9, 80e9))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(nft.UserError, match=r"needs about 170.4 GiB per GPU .* has 37.3 GiB free; add "
+                       r"--gradient_checkpointing --fsdp \(about 31.4 GiB\) on 8 GPUs: torchrun --nproc_per_node 8"):
+        nft.check_memory(args, 1, torch.device("cuda:0"))
+    nft.check_memory(dataclasses.replace(args, memory_check=False), 1, torch.device("cuda:0"))
+    nft.check_memory(nft.parse_args([]), 1, torch.device("cuda:0"))  # SD3.5-Medium: about 29 GiB
+    nft.check_memory(args, 1, torch.device("cpu"))
+    counted = nft.model_sizes("random:qwen-image")  # built on the meta device: one-layer text encoder
+    assert counted["transformer"] == pytest.approx(20.43e9, rel=2e-3) and counted["text"] < 1e9 < sizes["text"]
