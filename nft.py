@@ -1661,7 +1661,7 @@ MEMORY = {"sd3": (2.243e9, 5.580e9, 83.7e6, 0.587e6, 24, 1536, 36.5, 77, 128),
 def memory_estimate(sizes, args, precision="bf16", shards=1):
     """Peak GPU memory per rank in GiB by part, an estimate from parameter counts (model_sizes), args and the --fsdp
     ranks `shards`: weights (a transformer share + 2 gathered blocks, text encoders unless offloaded, VAE), the fp32
-    LoRA's 7 copies, and the largest of the training activations, a rollout's decode and offloaded text encoders."""
+    LoRA's 7 copies, and the largest of: training activations, a decode (5 full-size tensors), encoders visiting."""
     w, a = {"bf16": (2, 2), "fp16": (4, 2), "no": (4, 4)}[precision]  # bytes per weight, per activation
     vae, lora, n = 2 if args.reward_precision == "bf16" else 4, sizes["lora"] * args.rank, sizes["blocks"]
     tokens = ((args.resolution // 16) ** 2 + args.max_sequence_length + sizes["clip_tokens"]) * args.train_batch_size
@@ -1671,7 +1671,7 @@ def memory_estimate(sizes, args, precision="bf16", shards=1):
                  lora=lora * w if args.eval_only else lora * (28 / shards + 4 * (shards > 1)),
                  activations=0 if args.eval_only else per_block * (
                      2 * n + sizes["saved"] if args.gradient_checkpointing else sizes["saved"] * n),
-                 decode=4 * sizes["vae_width"] * args.resolution ** 2 * vae * args.sample_batch_size,
+                 decode=5 * sizes["vae_width"] * args.resolution ** 2 * vae * args.sample_batch_size,
                  encode=sizes["text"] * w * args.offload_text_encoders)
     parts = {k: v / 2 ** 30 for k, v in parts.items()}
     phases = [parts[k] for k in ("activations", "decode", "encode")]  # one at a time

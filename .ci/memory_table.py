@@ -52,17 +52,13 @@ def table():
 
 def saved_bytes(transformer, family, res, text=64):
     """Bytes of the tensors autograd keeps for the backward of one training forward (batch 1, bf16 autocast)."""
-    pipe = {"sd3": "tiny", "flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}[family]
-    args = nft.parse_args(["--model", pipe, "--lora_targets", "official", "--rank", "64"])
-    nft.add_adapters(transformer, args)
     C = transformer.config.in_channels // (1 if family == "sd3" else 4)
     x = torch.randn(1, C, res // 8, res // 8)
     width = transformer.config.joint_attention_dim
     cond = dict(embeds=torch.randn(1, text, width, dtype=torch.bfloat16))
-    cond.update(sd3=dict(pooled=torch.randn(1, transformer.config.pooled_projection_dim, dtype=torch.bfloat16)),
-                flux=dict(pooled=torch.randn(1, transformer.config.pooled_projection_dim, dtype=torch.bfloat16),
-                          guidance=torch.full((1,), 3.5)),
-                qwenimage=dict(mask=torch.ones(1, text, dtype=torch.bool)))[family]
+    pooled = torch.randn(1, getattr(transformer.config, "pooled_projection_dim", 1), dtype=torch.bfloat16)
+    cond.update(dict(sd3=dict(pooled=pooled), flux=dict(pooled=pooled, guidance=torch.full((1,), 3.5)),
+                     qwenimage=dict(mask=torch.ones(1, text, dtype=torch.bool)))[family])
     seen = {}
 
     def pack(t):
@@ -90,6 +86,8 @@ def derive():
         for layout in layouts[family][0]:
             torch.manual_seed(0)
             transformer = cls(**dict(config, **layout)).to(torch.bfloat16)
+            tiny = {"sd3": "tiny", "flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}[family]  # for its family's targets
+            nft.add_adapters(transformer, nft.parse_args(["--model", tiny, "--lora_targets", "official", "--rank", "64"]))
             per_token.append((saved_bytes(transformer, family, 256) - saved_bytes(transformer, family, 128)) / (256 - 64))
             del transformer
         total = sum(n * (per_token[a] - per_token[b]) for a, b, n in layouts[family][1])
