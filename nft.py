@@ -565,7 +565,7 @@ class Run:
     sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
     null: dict = None  # the negative prompt's conditioning, one row (guidance_scale > 1 only)
     eval_fn: object = None  # reward_fn with --eval_reward's components beside it (rewards.with_eval_rewards)
-    graphs: int = None  # --compile: graphs compiled by the end of this process's first epoch
+    graphs: int = None  # --compile: graphs compiled by the end of the last epoch (none yet: None)
     compile_s: float = 0.0  # --compile: seconds spent compiling so far
     eager: str = None  # --compile: why the run fell back to eager, once it has
     lora_meta: dict = None  # the LoRA config saved next to its weights
