@@ -51,6 +51,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -148,6 +149,9 @@ class Args:
     gradient_checkpointing: bool = False  # Recompute activations in the backward pass: less memory, more compute.
     grad_sync: str = "step"  # When to all-reduce gradients: "step" (once per optimizer step) or "micro_step" (after every backward, official-style).
     offload_text_encoders: bool = False  # Keep the text encoders (CLIP and T5, or Qwen2.5-VL) on the CPU except while encoding prompts.
+    fsdp: bool = False  # Shard the transformer and its LoRA over the ranks, per block (FSDP2); launch with torchrun.
+    compile_budget: float = 600.0  # Seconds of compiling after which the run goes eager (as on a later recompile).
+    memory_check: bool = True  # Stop before loading when memory_estimate says the run will not fit the GPU's memory.
     profile: bool = False  # Time 3 epochs (phases, throughput, MFU, memory), write profile.json, and stop.
 
 
@@ -476,10 +480,12 @@ def nft_update(run, pol, batch, epoch, log):
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
         s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
+        if args.fsdp:  # the backward reduce-scatters only in a step's last micro-batch (in every one with micro_step)
+            run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or (m + 1) % per_step == 0)
         stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], take(batch.cond, s),
                             sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T),
                             run.null)
-        if args.grad_sync == "micro_step":  # as DDP without no_sync: for an official-style comparison
+        if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: for an official-style comparison
             average_gradients(pol.theta)
         if (m + 1) % per_step == 0:
             take_step(run, pol, epoch, log)
@@ -525,8 +531,9 @@ def take_step(run, pol, epoch, log, problem=None):
     undone, as is each step of an epoch without a finite reward (`problem` given); max_nonfinite_steps of them
     in a row stop the run with the last good checkpoint intact."""
     from tqdm import tqdm
+    sync = run.args.grad_sync == "step" and not run.args.fsdp  # --fsdp: synced
     grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm,
-                                                                        sync=run.args.grad_sync == "step")
+                                                                        sync=sync)
     if problem:
         pol.bad_steps += 1
         if run.rank == 0:  # tqdm.write: a message never lands on the progress bar's line
@@ -570,6 +577,9 @@ class Run:
     sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
     null: dict = None  # the negative prompt's conditioning, one row (guidance_scale > 1 only)
     eval_fn: object = None  # reward_fn with --eval_reward's components beside it (rewards.with_eval_rewards)
+    graphs: int = None  # --compile: graphs compiled by the end of the last epoch (none yet: None)
+    compile_s: float = 0.0  # --compile: seconds spent compiling so far
+    eager: str = None  # --compile: why the run fell back to eager, once it has
     lora_meta: dict = None  # the LoRA config saved next to its weights
     wandb: object = None
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
@@ -579,6 +589,14 @@ class Run:
         self.T = max(1, int(self.args.num_steps * self.args.timestep_fraction))  # training sigmas per sample (9 of 10)
         self.bar = dict(disable=self.rank != 0, leave=False, dynamic_ncols=True)  # tqdm: rank 0 only, cleared when done
         self.metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
+
+    def compile_started(self, _):  # dynamo calls these around each graph it compiles (forward or backward)
+        self.compile_s -= time.perf_counter()
+
+    def compile_done(self, _):
+        self.compile_s += time.perf_counter()
+        if self.compile_s > self.args.compile_budget:
+            go_eager(self, f"compiling took {self.compile_s:.0f} s, past --compile_budget {self.args.compile_budget:g}")
 
 
 class Lap:
@@ -610,6 +628,7 @@ def setup(args):
     validate(args, world)
     if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
+    check_memory(args, world, device)
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -698,11 +717,26 @@ def start_run(args):
     run = Run(args, rank, world, device, pipe, reward_fn, autocast, train_records, eval_records,
               sigmas=family_of(pipe).sigmas(pipe, args.num_steps, args.resolution), lora_meta=lora_meta, wandb=wandb,
               null=negative_conditioning(pipe, args, device), eval_fn=eval_fn)
+    if args.compile:  # checked as each graph is done: a compile past its budget must not stall the run
+        torch._dynamo.callback_handler.register_start_callback(run.compile_started)
+        torch._dynamo.callback_handler.register_end_callback(run.compile_done)
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
         args.num_epochs, args.eval_every = start_epoch + 3, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the training loop's peak, not the model build's
     return run, pol, start_epoch
+
+
+def go_eager(run, reason):
+    """A compile must not stall a run: force_eager for the rest of it, one warning, recorded in config.json."""
+    if run.eager is None:
+        run.eager = reason
+        torch.compiler.set_stance("force_eager")
+        print0(f"warning: {reason}; the rest of the run is eager (--no-compile skips compiling)")
+        if run.rank == 0:  # start_run wrote config.json
+            config = dict(json.load(open(os.path.join(run.args.output_dir, "config.json"))), compile_fallback=reason)
+            with open(os.path.join(run.args.output_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
 
 
 def evaluate_ema(run, pol, epoch, log, suffix=""):
@@ -726,10 +760,17 @@ def end_epoch(run, pol, epoch, log):
     """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics line
     (NaN as null) and print it; rank 0 keeps a copy of the trained state and saves it every save_every epochs."""
     args = run.args
-    if args.compile:  # graphs compiled so far: after the first epoch this should stay flat
-        log["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
+    if args.compile and run.graphs is not None and graphs() > run.graphs:
+        go_eager(run, f"epoch {epoch} compiled {graphs() - run.graphs} graph(s) after the first epoch")
+    if args.compile:  # graphs and compile seconds so far: flat after the first epoch, else compile_fallback says why
+        log.update(compiled_graphs=graphs(), compile_time_s=run.compile_s, compile_fallback=run.eager)
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
         evaluate_ema(run, pol, epoch + 1, log)
+    if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
+        run.graphs = graphs()
+    keep = not args.profile and "grad_norm" in log  # a step this epoch (grad_norm comes with one): keep a copy
+    state = training_state(pol) if keep else None  # on every rank: --fsdp gathers the shards
     if run.rank != 0:
         return
     try:
@@ -737,8 +778,9 @@ def end_epoch(run, pol, epoch, log):
             f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")  # NaN -> null: stays valid JSON
     except OSError as e:
         raise write_error(e, run.metrics_path) from None
-    if not args.profile and "grad_norm" in log:  # after a step (grad_norm comes with one), after its metrics line:
-        state = training_state(run, pol, epoch + 1)  # the copy that Ctrl-C / SIGTERM save (main), or the checkpoint
+    if keep:  # after its metrics line: the checkpoint, or the copy that Ctrl-C / SIGTERM save (main)
+        state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
+                     config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.world))
         _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, state["ema"], run.lora_meta,
                                       family_of(run.pipe).pipeline)]
     strict = " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_"))
@@ -762,23 +804,12 @@ def end_epoch(run, pol, epoch, log):
         _LAST.clear()
 
 
-def training_state(run, pol, epoch):
-    """What a resume needs after `epoch` epochs, as CPU copies (theta, theta_old, EMA, optimizer state, counters,
-    RESUME_KEYS, draws): a checkpoint's training_state.pt, and the copy main() saves on Ctrl-C or SIGTERM."""
-    cpu = lambda tensors: {n: t.detach().cpu().clone() for n, t in tensors.items()}
-    opt = pol.opt.state_dict()  # its state holds the live moments: copied, as the weights are
-    return dict(default=cpu(pol.theta), old=cpu(pol.old), ema=cpu(pol.ema),
-                optimizer=dict(opt, state={i: cpu(s) for i, s in opt["state"].items()}), step=pol.step, epoch=epoch,
-                bad_steps=pol.bad_steps, config={k: getattr(run.args, k) for k in RESUME_KEYS},
-                draws=run_draws(run.args, run.world))
-
-
 def end_run(run, history):
     """After the last epoch: curves.png, the --profile report, and the ranks' goodbye."""
     run.pool.shutdown()
     if run.rank == 0 and os.path.exists(run.metrics_path):
         plot_curves(run.metrics_path, os.path.join(run.args.output_dir, "curves.png"))
-    if run.args.profile and run.rank == 0:
+    if run.args.profile and (run.rank == 0 or run.args.fsdp):  # --fsdp: every rank joins the FLOP count's forwards
         profile_report(run.args, run.pipe, history, run.per_rank, run.T, run.device, run.autocast)
     if dist.is_initialized():
         dist.barrier()
@@ -898,6 +929,8 @@ def make_policies(transformer, args, init=None):
         print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if args.fsdp:  # theta_old still equals theta (add_adapters, init_from_lora): copies of the shards
+        params, old = shard(transformer)
     ema = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -912,13 +945,13 @@ def policy(params, weights):
     flips are guards of torch.compile, so switching policies through them recompiles the model.
     Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
     names = list(params)
-    live = [params[n].detach() for n in names]
+    live = [local(params[n].detach()) for n in names]  # --fsdp: this rank's shards, as in `weights`
     backup = [t.clone() for t in live]
     with torch.no_grad():
         if weights is None:
             torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
         else:
-            torch._foreach_copy_(live, [weights[n] for n in names])
+            torch._foreach_copy_(live, [local(weights[n]) for n in names])
     try:
         yield
     finally:
@@ -949,8 +982,27 @@ def compile_blocks(transformer, **options):
     last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
     eager. Policies switch by copying weights (see `policy`), which no guard sees."""
     torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
-    for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:  # FLUX has both
+    for block in blocks(transformer):
         block.compile(**options)
+
+
+def blocks(transformer):
+    """The transformer's repeated blocks (FLUX.1 has two lists of them): the unit of compile and of --fsdp."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def shard(transformer):
+    """--fsdp: FSDP2, a unit per block, then the rest: a rank holds 1/world of each weight, LoRA included (DTensors
+    split on dim 0), and gathers a block only while it runs. The root reshards after its forward too (FSDP keeps it
+    gathered by default), so what `policy` copies into the shards reaches the next forward. Returns the LoRA, a copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
+    for block in blocks(transformer):
+        fully_shard(block, mesh=mesh)
+    fully_shard(transformer, mesh=mesh, reshard_after_forward=True)
+    params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
+    return params, {n: p.detach().clone() for n, p in params.items()}
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
@@ -1366,7 +1418,7 @@ FAMILIES = {f.pipeline: f for f in [
 
 def family_of(obj):
     """The Family of a loaded pipeline (by its class) or of its transformer (by the transformer's class)."""
-    name = type(obj).__name__
+    name = type(obj).__name__.removeprefix("FSDP")  # --fsdp's fully_shard subclasses it as FSDP<class>
     for f in FAMILIES.values():
         if name in (f.pipeline, f.transformer):
             return f
@@ -1537,18 +1589,17 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
     already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
     the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
     high a learning rate), in which case the weights and the optimizer state go back to before the step."""
-    # a LoRA tensor outside the graph has no grad (Qwen-Image's last text block): zero, as average_gradients fills it
-    flat = average_gradients(params) if sync else torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                                              for p in params.values()])
-    norm, problem = None, None
-    if not bool(torch.isfinite(flat).all()):
-        problem = "non-finite gradient"
+    if sync:  # --fsdp: the backward reduce-scattered them; a LoRA tensor outside the graph (Qwen-Image) has no grad
+        average_gradients(params)
+    # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
+    norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
+    if not math.isfinite(norm):
+        norm, problem = None, "non-finite gradient"
     else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))
         before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
         saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
         opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        if not math.isfinite(float(full(torch.nn.utils.get_total_norm(params.values())))):  # a weight is NaN/inf
             problem, norm = "the step made the weights NaN/inf", None
             with torch.no_grad():
                 for p, b in zip(params.values(), before):
@@ -1560,6 +1611,40 @@ def optimizer_step(params, opt, max_grad_norm, sync=True):
                     del opt.state[p]
     opt.zero_grad(set_to_none=True)
     return norm, problem
+
+
+def local(t):
+    """This rank's part of t: an FSDP DTensor's local shard (--fsdp), else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t):
+    """All of t: an FSDP DTensor gathered from every rank (each must call this), else t itself."""
+    return t.full_tensor() if local(t) is not t else t
+
+
+def shard_like(whole, t):
+    """A full tensor (a checkpoint's) split as t is: into this rank's shard of an FSDP DTensor, else as it is."""
+    from torch.distributed.tensor import distribute_tensor
+    if local(t) is t:
+        return whole
+    return distribute_tensor(whole.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+
+
+def training_state(pol):
+    """theta ("default"), theta_old, EMA, optimizer state as full CPU tensors on rank 0 (None elsewhere), as checkpoints
+    save them whatever the rank count; --fsdp gathers the shards here, so every rank must call it."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+
+    def cpu(t):
+        t = full(t)  # --fsdp: a collective, on every rank
+        return t.detach().to("cpu", copy=True) if rank0 else None
+    state = {key: {n: cpu(t) for n, t in weights.items()}
+             for key, weights in [("default", pol.theta), ("old", pol.old), ("ema", pol.ema)]}
+    state["optimizer"] = opt = pol.opt.state_dict()
+    opt["state"] = {i: {k: cpu(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in opt["state"].items()}
+    return state if rank0 else None
 
 
 def clock(device):
@@ -1600,6 +1685,67 @@ def precision(args, device):
     if mode == "no":
         return dtype, contextlib.nullcontext
     return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+# memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets), blocks,
+# width d, bytes saved per token and block in units of d (bf16; .ci/memory_table.py), CLIP tokens, VAE decoder width.
+MEMORY_FIELDS = ("transformer", "text", "vae", "lora", "blocks", "width", "saved", "clip_tokens", "vae_width")
+MEMORY = {"sd3": (2.243e9, 5.580e9, 83.7e6, 0.587e6, 24, 1536, 36.5, 77, 128),
+          "flux": (11.90e9, 4.885e9, 83.8e6, 2.802e6, 57, 3072, 32.3, 0, 128),
+          "qwenimage": (20.43e9, 8.29e9, 126.9e6, 6.636e6, 60, 3072, 44.4, 0, 96)}
+
+
+def memory_estimate(sizes, args, precision="bf16", shards=1):
+    """Peak GPU memory per rank in GiB by part, an estimate from parameter counts (model_sizes), args and the --fsdp
+    ranks `shards`: weights (a transformer share + 2 gathered blocks, text encoders unless offloaded, VAE), the fp32
+    LoRA's 7 copies, and the largest of: training activations, a decode (5 full-size tensors), encoders visiting."""
+    w, a = {"bf16": (2, 2), "fp16": (4, 2), "no": (4, 4)}[precision]  # bytes per weight, per activation
+    vae, lora, n = 2 if args.reward_precision == "bf16" else 4, sizes["lora"] * args.rank, sizes["blocks"]
+    tokens = ((args.resolution // 16) ** 2 + args.max_sequence_length + sizes["clip_tokens"]) * args.train_batch_size
+    per_block = sizes["width"] * a / 2 * tokens  # bytes per unit of "saved"; checkpointing keeps a block's input (2)
+    parts = dict(transformer=sizes["transformer"] * w * (1 / shards + 2 / n * (shards > 1)),
+                 text_encoders=sizes["text"] * w * (not args.offload_text_encoders), vae=sizes["vae"] * vae,
+                 lora=lora * w if args.eval_only else lora * (28 / shards + 4 * (shards > 1)),
+                 activations=0 if args.eval_only else per_block * (
+                     2 * n + sizes["saved"] if args.gradient_checkpointing else sizes["saved"] * n),
+                 decode=5 * sizes["vae_width"] * args.resolution ** 2 * vae * args.sample_batch_size,
+                 encode=sizes["text"] * w * args.offload_text_encoders)
+    parts = {k: v / 2 ** 30 for k, v in parts.items()}
+    phases = [parts[k] for k in ("activations", "decode", "encode")]  # one at a time
+    return dict(parts, total=sum(parts.values()) - sum(phases) + max(phases))
+
+
+def model_sizes(model):
+    """memory_estimate's sizes for --model before its weights load: its family's MEMORY, with the parameter counts of
+    a built-in model built on the meta device (random:* text encoders are one layer; a hub id or folder: published)."""
+    sizes = dict(zip(MEMORY_FIELDS, MEMORY[model_family(model)]))
+    if builtin(model):
+        pipe = load_pipeline(model, torch.float32, "meta")
+        count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+        sizes.update(transformer=count([pipe.transformer]), text=count(text_encoders(pipe)), vae=count([pipe.vae]),
+                     blocks=len(blocks(pipe.transformer)), width=pipe.transformer.inner_dim)
+    return sizes
+
+
+def check_memory(args, world, device):
+    """Before any weight loads, on a GPU: stop with one line when memory_estimate says the run will not fit the free
+    memory, naming the estimate and the fewest of --offload_text_encoders, --gradient_checkpointing, --fsdp that fit."""
+    if device.type != "cuda" or not args.memory_check:
+        return
+    free, gpus = torch.cuda.mem_get_info(device)[0] / 2 ** 30, world if world > 1 else torch.cuda.device_count()
+    sizes, precision = model_sizes(args.model), precision_mode(args, device)
+    need = lambda trial: memory_estimate(sizes, trial, precision, gpus if trial.fsdp else 1)["total"]  # noqa: E731
+    if need(args) > free:
+        names = ("offload_text_encoders", "gradient_checkpointing", "fsdp")
+        tries = [dataclasses.replace(args, **{k: on or getattr(args, k) for k, on in zip(names, bits)})
+                 for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (b[2], sum(b)))]
+        fit = next((trial for trial in tries if need(trial) <= free), None)  # the fewest flags, --fsdp last
+        added = " ".join(f"--{k}" for k in names if fit and getattr(fit, k) > getattr(args, k))
+        how = f"add {added} (about {need(fit):.1f} GiB)" if fit else "lower --train_batch_size, or use larger GPUs"
+        if fit and fit.fsdp and world < 2:
+            how += f" on {gpus} GPUs: torchrun --nproc_per_node {gpus}"
+        raise UserError(f"--model {args.model} needs about {need(args):.1f} GiB per GPU by memory_estimate, {device} "
+                        f"has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -1809,10 +1955,12 @@ def restore(pol, path, state, args):
     path, state = newest_good(candidates[:candidates.index(path) + 1], fitting)
     with torch.no_grad():
         for n, p in pol.theta.items():
-            p.copy_(state["default"][n])
-            pol.old[n].copy_(state["old"][n])
-            pol.ema[n].copy_(state["ema"][n])
+            p.copy_(shard_like(state["default"][n], p))
+            pol.old[n].copy_(shard_like(state["old"][n], p))
+            pol.ema[n].copy_(shard_like(state["ema"][n], p))
     pol.opt.load_state_dict(state["optimizer"])
+    for p, s in pol.opt.state.items():  # --fsdp: the saved moments split into this rank's shards
+        s.update({k: shard_like(v, p) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
     now = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                eps=args.adam_epsilon)
     flag = dict(lr="learning_rate", betas="adam_beta1/2", weight_decay="adam_weight_decay", eps="adam_epsilon")
@@ -1980,6 +2128,7 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
     out = []
     mine = items[rank::world]
+    mine += items[:1] * (len(items[::world]) - len(mine)) * args.fsdp  # --fsdp: as many forwards on every rank
     for batch, images in tqdm(generate(pipe, records, mine, args, device, autocast), desc=f"evaluating {len(items)} images",
                               total=-(-len(mine) // args.sample_batch_size), disable=rank != 0, leave=False, dynamic_ncols=True):
         scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
@@ -1988,6 +2137,7 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
                             **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
+    out = out[:len(items[rank::world])]  # without the padding
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -2041,6 +2191,8 @@ def eval_only(args):
     resolve_guidance(pipe, args)
     if lora:
         load_lora(pipe, lora)
+    if args.fsdp:
+        shard(pipe.transformer)
     reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)
     reward_fn = rewards.with_eval_rewards(reward_fn, args.reward, args.eval_reward, device, args.reward_precision,
                                           args.reward_timeout)
@@ -2052,6 +2204,10 @@ def eval_only(args):
                f"rewards {args.reward_precision}, seed {args.seed}")
     print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
     results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
+    columns, items = [], [(i, 0) for i in range(min(8, len(records)))]  # base vs LoRA: image 0, the same seed in both
+    for on in (False, True) if lora and (rank == 0 or args.fsdp) else ():  # --fsdp: every rank joins each forward
+        pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
+        columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
     if rank == 0:
         out = args.output_dir
         os.makedirs(out, exist_ok=True)
@@ -2072,11 +2228,7 @@ def eval_only(args):
         with open(os.path.join(out, "eval.md"), "w") as f:
             f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
         print0(table)
-        if lora:  # base vs LoRA on the first 8 prompts, image 0 (the same seed in both columns)
-            items, columns = [(i, 0) for i in range(min(8, len(records)))], []
-            for on in (False, True):
-                pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
-                columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
+        if lora:
             save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
                       col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
         # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
@@ -2150,6 +2302,8 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     for _ in range(10):
         a @ b
     peak = 2 * n ** 3 * 10 / (clock(device) - t)
+    estimate = memory_estimate(model_sizes(args.model), args, precision_mode(args, device),  # beside the measured peak
+                               dist.get_world_size() if args.fsdp else 1)["total"]
     steady = logs[1:] or logs
     mean = lambda k: sum(l[k] for l in steady) / len(steady)
     # v_theta forward + backward, v_old (and v_ref) forward; --train_guided runs each for both CFG branches
@@ -2167,11 +2321,13 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
                   epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
                   train_samples_per_s=per_rank * T / mean("time_train"),
                   rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=peak_memory, compiled_graphs=logs[-1].get("compiled_graphs", 0),
+                  peak_memory_gib=peak_memory, memory_estimate_gib=estimate,
+                  compiled_graphs=logs[-1].get("compiled_graphs", 0), compile_time_s=logs[-1].get("compile_time_s", 0),
                   recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
-    with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
     print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
         f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
     return report
@@ -2389,7 +2545,7 @@ def validate(args, world_size):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
-                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit"]:
+                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit", "compile_budget"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}"
                             + (" (0 keeps every checkpoint)" if name == "checkpoints_total_limit" else ""))
@@ -2418,6 +2574,8 @@ def validate(args, world_size):
         raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
     if args.grad_sync not in ("step", "micro_step"):
         raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
+    if args.fsdp and world_size < 2:
+        raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1")
     if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
     if args.reward_precision not in ("fp32", "bf16"):

@@ -2743,23 +2743,6 @@ def test_fam_profile_with_cfg_rollouts(name, tmp_path):
     assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
 
 
-@pytest.mark.parametrize("family, grad_sync", [("flux", "step"), ("qwenimage", "micro_step")])
-def test_fam_two_gloo_ranks_train(tmp_path, family, grad_sync):
-    """2 gloo ranks on each tiny family: one optimizer step, finite, and a LoRA that loads into the pipeline.
-    Qwen-Image with --grad_sync micro_step (an all-reduce after every backward, with the 6 LoRA tensors that
-    get no gradient), FLUX.1 with the default one all-reduce per step."""
-    out = tmp_path / "out"
-    run_nft("--model", f"tiny-{family}", "--reward", "color", "--num_epochs", 1, "--num_groups", 2, "--group_size", 4,
-            "--sample_batch_size", 4, "--train_batch_size", 2, "--eval_every", 0, "--grad_sync", grad_sync,
-            "--output_dir", out, nproc=2)
-    m = metrics(out)
-    assert len(m) == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and m[0]["grad_norm"] > 0
-    pipe = copy.deepcopy(_fam_pipe(family))
-    pipe.load_lora_weights(nft.checkpoints(out)[-1])
-    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
-
-
-
 # ---- files handed in: LoRA files and training states ----
 def _lora_file(path, tensors, meta=None):
     """A safetensors LoRA file with an optional lora_adapter_metadata string."""
@@ -2828,16 +2811,14 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
     import diffusers
     root = tmp_path / "run"
     args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
-    run = types.SimpleNamespace(args=args, world=1)
+    counters = dict(step=0, bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1))
     pol = nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]), args)
     pol.theta[next(iter(pol.theta))].grad = torch.ones_like(next(iter(pol.theta.values())))
     pol.opt.step()  # optimizer state to check
-    good = nft.training_state(run, pol, 1)
-    small = vars(args) | {"rank": 4}
-    rank4 = nft.training_state(types.SimpleNamespace(args=types.SimpleNamespace(**small), world=1),
-                               nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]),
-                                                 types.SimpleNamespace(**small)), 2)
-    rank4["config"] = good["config"]  # as a hand-edited state would claim
+    good = dict(nft.training_state(pol), epoch=1, **counters)  # what end_epoch saves
+    small = types.SimpleNamespace(**(vars(args) | {"rank": 4}))
+    rank4 = dict(nft.training_state(nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]),
+                                                      small)), epoch=2, **counters)  # claims the run's configuration
     first = next(iter(good["ema"]))
     broken = {3: dict(good, epoch=3, ema={n: t for n, t in good["ema"].items() if n != first}),
               4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state={0: {k: v[:1] if v.dim() else v for k, v
@@ -3324,3 +3305,161 @@ def test_curves_stretch_each_eval_reward_onto_the_axis(tmp_path):
     for colour in ((44, 160, 44), (148, 103, 189)):  # the two eval rewards' lines
         rows_hit = np.nonzero((np.abs(image - colour).sum(-1) < 30)[:, 100:].any(1))[0]  # right of the legend
         assert rows_hit.max() - rows_hit.min() > 0.6 * (400 - 44 - 40), colour  # spans most of the plot's height
+
+
+# --------------------------------------------------------------------------- a compile that cannot stall a run
+@pytest.fixture
+def _aot_compile(monkeypatch):
+    """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance reset after."""
+    import functools
+    import torch._dynamo
+    monkeypatch.setattr(nft, "compile_blocks", functools.partial(nft.compile_blocks, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.callback_handler.clear()
+    torch._dynamo.reset()
+
+
+def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monkeypatch, tmp_path, _aot_compile):
+    """A graph compiled after the first epoch (forced: end_epoch of epoch 0 compiles one more function) makes the run
+    eager from epoch 1 on: one warning line, config.json and metrics.jsonl say why, and epoch 2 compiles nothing. With
+    --compile_budget 0 the run goes eager as soon as its first graph is compiled, in epoch 0. The first epoch logs
+    compile_time_s either way."""
+    import torch._dynamo
+    end_epoch = nft.end_epoch
+
+    def end_epoch_then_compile(run, pol, epoch, log):
+        end_epoch(run, pol, epoch, log)
+        if epoch == 0:
+            torch.compile(torch.sin, backend="eager")(torch.ones(1))
+    monkeypatch.setattr(nft, "end_epoch", end_epoch_then_compile)
+    argv = [*_RL_FAST, "--compile", "--num_epochs", 3]
+    nft.main([str(a) for a in (*argv, "--output_dir", tmp_path / "recompile")])
+    m = metrics(tmp_path / "recompile")
+    assert m[0]["compile_time_s"] > 0 and m[0]["compile_fallback"] is None and m[0]["compiled_graphs"] > 0
+    assert "after the first epoch" in m[1]["compile_fallback"] and m[2]["compiled_graphs"] == m[1]["compiled_graphs"]
+    config = json.load(open(tmp_path / "recompile" / "config.json"))
+    assert config["compile"] is True and config["compile_fallback"] == m[1]["compile_fallback"]
+    assert capsys.readouterr().out.count("the rest of the run is eager") == 1
+    monkeypatch.setattr(nft, "end_epoch", end_epoch)
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()  # else the new run's blocks pass the old graphs' guards and compile nothing
+    torch._dynamo.utils.counters.clear()
+    nft.main([str(a) for a in (*argv, "--num_epochs", 2, "--compile_budget", 0, "--output_dir", tmp_path / "budget")])
+    m = metrics(tmp_path / "budget")
+    assert "past --compile_budget 0" in m[0]["compile_fallback"]
+    assert m[0]["compiled_graphs"] == m[1]["compiled_graphs"] == 1
+    assert m[0]["compile_time_s"] > 0 and all(math.isfinite(r["loss"]) for r in m)
+
+
+# --------------------------------------------------------------------------- sharding over ranks (--fsdp)
+FSDP = {"sd3": ("tiny", "step", "no"), "flux": ("tiny-flux", "step", "bf16"),  # model, --grad_sync, --mixed_precision
+        "qwenimage": ("tiny-qwenimage", "micro_step", "no")}
+
+
+def _fsdp_argv(family, out, *extra):
+    """2 gloo ranks, 2 micro-batches per optimizer step, a checkpoint every epoch. Learning rate 1e-3: Adam moves a
+    weight whose gradient is near its eps by up to lr whatever the gradient's last bits, and a reduce-scatter sums in
+    another order than an all-reduce."""
+    model, grad_sync, precision = FSDP[family]
+    return ["--model", model, "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 2,
+            "--sample_batch_size", 4, "--eval_every", 0, "--save_every", 1, "--checkpoints_total_limit", 0,
+            "--learning_rate", 1e-3, "--grad_sync", grad_sync, "--mixed_precision", precision,
+            "--output_dir", out, *extra]
+
+
+@pytest.fixture(scope="module", params=list(FSDP))
+def fsdp_runs(request, tmp_path_factory):
+    """Per tiny family, on 2 gloo ranks: 2 epochs unsharded, and 3 epochs with --fsdp, SIGKILLed (the whole process
+    group: torchrun and both ranks) as soon as its checkpoint-00002 appears. Qwen-Image runs with --grad_sync
+    micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA tensors that get no gradient. FLUX.1 runs
+    in bf16: a bf16 base and the fp32 LoRA in one FSDP unit."""
+    import signal
+    import time
+    family, root = request.param, tmp_path_factory.mktemp(f"fsdp-{request.param}")
+    run_nft(*_fsdp_argv(family, root / "plain", "--num_epochs", 2), nproc=2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    argv = _fsdp_argv(family, root / "fsdp", "--fsdp", "--num_epochs", 3)
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          os.path.join(HERE, "nft.py"), *map(str, argv)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    start, ckpt = time.time(), root / "fsdp" / "checkpoints" / "checkpoint-00002"
+    while p.poll() is None and not ckpt.is_dir() and time.time() - start < 600:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    assert p.wait() == -9 and ckpt.is_dir(), p.stderr.read().decode()[-3000:]
+    return family, root
+
+
+def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs):
+    """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
+    2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
+    the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
+    family, root = fsdp_runs
+    plain, fsdp = (state(root / name / "checkpoints" / "checkpoint-00002") for name in ("plain", "fsdp"))
+    for key in ("default", "old", "ema"):
+        assert plain[key].keys() == fsdp[key].keys()
+        assert all(torch.allclose(plain[key][n], fsdp[key][n], rtol=0, atol=1e-5) for n in plain[key]), key
+    assert any(t.abs().max() > 1e-4 for n, t in fsdp["default"].items() if "lora_B" in n)  # it trained
+    m = metrics(root / "plain")
+    assert [r["step"] for r in m] == [r["step"] for r in metrics(root / "fsdp")][:2] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + metrics(root / "fsdp"))
+    model = FSDP[family][0]
+    pipe = nft.random_pipeline("tiny") if family == "sd3" else copy.deepcopy(_fam_pipe(family))
+    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
+    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+    ours = copy.deepcopy(pipe)
+    pipe.load_lora_weights(str(root / "fsdp" / "checkpoints" / "checkpoint-00002"))
+    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", model]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(fsdp["ema"][n])
+        v_lora, v_ours = (nft.velocity(p.transformer, x, 0.5, cond) for p in (pipe, ours))
+    torch.testing.assert_close(v_lora, v_ours, atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_runs):
+    """The --fsdp run killed after its checkpoint-00002: that checkpoint set aside, --resume_from latest (the full state
+    of checkpoint-00001, split into each rank's shards) trains epoch 2 again to the same bits: theta, theta_old, EMA,
+    optimizer, and the metrics."""
+    import shutil
+    family, root = fsdp_runs
+    out = root / "fsdp"
+    reference = state(out / "checkpoints" / "checkpoint-00002")
+    ref_metrics = metrics(out)[:2]
+    shutil.rmtree(out / "checkpoints" / "checkpoint-00002")
+    run_nft(*_fsdp_argv(family, out, "--fsdp", "--num_epochs", 2, "--resume_from", "latest"), nproc=2)
+    assert_same_state(state(out / "checkpoints" / "checkpoint-00002"), reference)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
+    assert strip(metrics(out)) == strip(ref_metrics)
+
+
+# --------------------------------------------------------------------------- the memory check before loading
+def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypatch):
+    """memory_estimate on Qwen-Image's published sizes and preset (bf16, 512 px, batch 9, rank 64, text 512), by hand:
+    the transformer alone is 20.43e9 x 2 bytes = 38.05 GiB, past a 40 GB GPU (37.25 GiB). With --fsdp on 8 ranks it is
+    38.05/8 + 2 gathered blocks of 60 = 6.03 GiB, the LoRA 6.636e6 x 64 x (28/8 + 4) bytes = 2.97 GiB, and with
+    --gradient_checkpointing the activations (9 x (1024 + 512) tokens x 3072 x (2 x 60 + 44.4) bytes) 6.50 GiB: with
+    the text encoders (15.44) and the VAE (0.47), 31.4 GiB, which fits. check_memory on a faked 40 GB GPU among 8 stops
+    with that advice and the torchrun command; SD3.5-Medium's defaults fit; on a CPU nothing is checked."""
+    args = nft.parse_args(["--model", "Qwen/Qwen-Image"])
+    sizes = nft.model_sizes("Qwen/Qwen-Image")
+    alone = nft.memory_estimate(sizes, args)["transformer"]
+    assert alone == pytest.approx(20.43e9 * 2 / 2 ** 30) and alone > 40e9 / 2 ** 30
+    fit = nft.memory_estimate(sizes, dataclasses.replace(args, fsdp=True, gradient_checkpointing=True), "bf16", 8)
+    by_hand = dict(transformer=20.43e9 * 2 * (1 / 8 + 2 / 60), lora=6.636e6 * 64 * 7.5, text_encoders=8.29e9 * 2,
+                   vae=126.9e6 * 4, activations=9 * 1536 * 3072 * (120 + 44.4))
+    assert {k: fit[k] for k in by_hand} == pytest.approx({k: v / 2 ** 30 for k, v in by_hand.items()})
+    assert fit["total"] == pytest.approx(sum(by_hand.values()) / 2 ** 30) == pytest.approx(31.4, abs=0.05)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40e9, 80e9))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(nft.UserError, match=r"needs about 170.4 GiB per GPU .* has 37.3 GiB free; add "
+                       r"--gradient_checkpointing --fsdp \(about 31.4 GiB\) on 8 GPUs: torchrun --nproc_per_node 8"):
+        nft.check_memory(args, 1, torch.device("cuda:0"))
+    nft.check_memory(dataclasses.replace(args, memory_check=False), 1, torch.device("cuda:0"))
+    nft.check_memory(nft.parse_args([]), 1, torch.device("cuda:0"))  # SD3.5-Medium: about 29 GiB
+    nft.check_memory(args, 1, torch.device("cpu"))
+    counted = nft.model_sizes("random:qwen-image")  # built on the meta device: one-layer text encoder
+    assert counted["transformer"] == pytest.approx(20.43e9, rel=2e-3) and counted["text"] < 1e9 < sizes["text"]

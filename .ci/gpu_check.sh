@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check of the speed issue, for one call of the device tool (not run by CI: CI has no GPU).
+# The GPU check of the speed and memory issues, for one call of the device tool (not run by CI: CI has no GPU).
 # Every run is nft.py --profile on the random-weight SD3.5-Medium architecture, 512 px, batch 9, on the
 # same card in the same call, most important first; each profile lands in $OUT as soon as it is done and
-# the ratio table is printed after every run, so a call cut short still reports what it measured.
+# the table and the PASS/FAIL lines are printed after every run, so a call cut short still reports what it measured.
 #   official  fp32 weights + fp16 autocast, reference pass, eager, all-reduce after every backward
 #   default   this script's defaults: bf16 base + fp32 LoRA, reference pass (kl_coef 1e-4), compiled
 #             per block with a cold compile cache: its first epoch holds the whole compile cost
 #   kl0       default without the reference pass (kl_coef 0); reuses default's compiled kernels
+#   vpol      compiled |v_theta - v_old| at equal weights against one optimizer step's change (micro_step, batch 2)
 #   eager     kl0 without torch.compile: what compile buys, and after how many epochs it pays off
 #   vae       a bf16-vs-fp32 decode of the real-architecture VAE (random weights: numerics, not quality)
-#   ckpt      eager with --gradient_checkpointing: its cost (last: the first five fit in 8 minutes)
+#   ckpt      eager with --gradient_checkpointing: its cost
+#   fsdp      --fsdp on random:flux.1-dev over 2 GPUs (eager, kl 0): skipped with a note on one GPU
+# Targets (one PASS/FAIL line each): default epoch img/s >= 2x official, kl0 >= 2.5x; default's compile overhead
+# (first epoch minus a steady one) <= 120 s; default's peak <= 0.8x official's; vpol ratio < 1%; and per run the
+# memory estimate (nft.memory_estimate) beside the measured peak.
 # Each run is cut at RUN_TIMEOUT seconds (default 270) so that one stuck compile cannot eat the call.
 #   here:   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #             --platform manylinux_2_28_x86_64 -d .whl diffusers importlib_metadata
 #   device: run(command="bash .ci/gpu_check.sh", carry=[".whl"], timeout_s=580)
-# MODEL=tiny bash .ci/gpu_check.sh smoke-tests the script on a CPU; RUNS="official kl0" picks runs.
+# MODEL=tiny bash .ci/gpu_check.sh smoke-tests the script on a CPU (fsdp: tiny-flux on 2 gloo ranks); RUNS="official
+# kl0" picks runs.
 set -uo pipefail
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -44,14 +50,14 @@ python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__
 table() {
   python3 - "$out" <<'PY'
 import json, os, sys
-runs = [k for k in ("official", "default", "kl0", "eager", "ckpt") if os.path.exists(f"{sys.argv[1]}/profile_{k}.json")]
+runs = [k for k in ("official", "default", "kl0", "eager", "ckpt", "fsdp") if os.path.exists(f"{sys.argv[1]}/profile_{k}.json")]
 p = {k: json.load(open(f"{sys.argv[1]}/profile_{k}.json")) for k in runs}
 keys = ("train_samples_per_s", "rollout_images_per_s", "epoch_images_per_s", "train_mfu", "rollout_mfu",
         "peak_memory_gib", "time_decode_s", "time_text_s", "time_reward_s", "time_first_epoch_s", "time_epoch_s",
-        "compiled_graphs", "recompiles_after_first_epoch")
+        "memory_estimate_gib", "compile_time_s", "compiled_graphs", "recompiles_after_first_epoch")
 print(f"{'':<22}" + "".join(f"{k:>12}" for k in runs))
 for key in keys:
-    print(f"{key:<22}" + "".join(f"{p[k].get(key, float('nan')):>12.4g}" for k in runs))
+    print(f"{key:<22}" + "".join(f"{p[k].get(key) or 0:>12.4g}" for k in runs))
 if "official" in p:
     for key in ("train_samples_per_s", "rollout_images_per_s", "epoch_images_per_s", "peak_memory_gib"):
         print(f"{key + ' / official':<34}" + "".join(f"{k}={p[k][key] / p['official'][key]:.2f}  " for k in runs[1:]))
@@ -66,6 +72,29 @@ if "kl0" in p and "eager" in p:
 if "ckpt" in p and "eager" in p:
     print(f"gradient checkpointing: train time x{p['ckpt']['time_train_s'] / p['eager']['time_train_s']:.2f}, "
           f"peak memory {p['ckpt']['peak_memory_gib']:.1f} vs {p['eager']['peak_memory_gib']:.1f} GiB")
+
+
+def target(name, ok, text):
+    print(f"{'n/a ' if ok is None else 'PASS' if ok else 'FAIL'}  {name}: {text}")
+
+
+off = p.get("official")
+for run, want in (("default", 2.0), ("kl0", 2.5)):
+    x = p[run]["epoch_images_per_s"] / off["epoch_images_per_s"] if run in p and off else None
+    target(f"{run} epoch img/s >= {want}x official", None if x is None else x >= want, f"{x:.2f}x" if x else "not measured")
+d = p.get("default")
+extra = d and d["time_first_epoch_s"] - d["time_epoch_s"]
+target("compile overhead <= 120 s", None if not d else extra <= 120, f"default's first epoch {extra:.0f} s over a steady one, "
+       f"dynamo compile_time_s {d.get('compile_time_s') or 0:.0f}" if d else "not measured")
+x = d["peak_memory_gib"] / off["peak_memory_gib"] if d and off else None
+target("peak memory <= 0.8x official", None if x is None else x <= 0.8, f"{x:.2f}x" if x else "not measured")
+v = json.load(open(f"{sys.argv[1]}/vpol.json")) if os.path.exists(f"{sys.argv[1]}/vpol.json") else None
+target("compiled |v_theta - v_old| at equal weights < 1% of one step's change", v and v["ratio"] < 0.01,
+       f"{v['equal']:.3g} vs {v['step']:.3g}: {100 * v['ratio']:.3f}%" if v else "not measured")
+for k in runs:
+    est, peak = p[k].get("memory_estimate_gib"), p[k]["peak_memory_gib"]
+    target(f"{k} memory estimate vs measured peak", None, f"{est or 0:.1f} GiB estimated, {peak:.1f} GiB measured "
+           f"(x{(est or 0) / peak:.2f})")
 PY
 }
 
@@ -89,8 +118,60 @@ print(f"VAE decode of 9 latents at {size} px: bf16 vs fp32 |diff| mean {d.mean()
 PY
 }
 
-for run in ${RUNS:-official default kl0 eager vae ckpt}; do
+vpol_check() {  # one micro-step at equal weights, one AdamW step, one more micro-step: the compiled policy gap
+  timeout "${RUN_TIMEOUT:-270}" python3 - "$model" "$size" "$out" <<'PY'
+import json, sys, torch, nft
+model, size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+args = nft.parse_args(["--model", model, "--kl_coef", "0", "--sample_batch_size", "2", "--mixed_precision", "auto"])
+dtype, autocast = nft.precision(args, device)
+pipe = nft.load_pipeline(model, dtype, device).to(device)
+torch.manual_seed(0)
+params, old = nft.add_adapters(pipe.transformer, args)
+with torch.no_grad():  # theta = theta_old, both non-zero
+    for n, p in params.items():
+        p.normal_(std=0.02)
+        old[n].copy_(p)
+nft.compile_blocks(pipe.transformer, **({} if device.type == "cuda" else {"backend": "aot_eager"}))
+g = torch.Generator().manual_seed(0)
+x0 = torch.randn(2, *nft.latent_shape(pipe, size), generator=g).to(device)
+eps = torch.randn(2, *x0.shape, generator=g).to(device)
+sig = nft.family_of(pipe).sigmas(pipe, 10, size)[torch.tensor([[2, 5], [7, 3]])].float().to(device)
+cond = nft.encode_prompts(pipe, ["a photo of a cat", "a red car"], args.max_sequence_length, device)
+step = lambda: float(nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, torch.tensor([1.0, 0.0], device=device),
+                                    torch.ones(2, device=device), args, autocast, 1.0)[2]) / 2
+equal = step()
+opt = torch.optim.AdamW(params.values(), lr=3e-4)
+opt.step()
+opt.zero_grad()
+moved = step()
+res = dict(equal=equal, step=moved, ratio=equal / moved)
+json.dump(res, open(f"{out}/vpol.json", "w"))
+print(f"compiled |v_theta - v_old|: {equal:.3g} at equal weights, {moved:.3g} after one AdamW step (lr 3e-4): {100 * equal / moved:.3f}%")
+PY
+}
+
+fsdp_run() {  # --fsdp over 2 ranks: random:flux.1-dev on 2 GPUs, tiny-flux on 2 gloo ranks for the CPU smoke test
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if [ "$model" != tiny ] && [ "$gpus" -lt 2 ]; then
+    echo "=== fsdp: skipped, $gpus GPU(s) here; it needs 2 (torchrun --nproc_per_node 2 nft.py --model random:flux.1-dev --fsdp)"
+    return
+  fi
+  fmodel=$([ "$model" = tiny ] && echo tiny-flux || echo random:flux.1-dev)
+  rm -f /tmp/p_fsdp/profile.json
+  start=$SECONDS
+  OMP_NUM_THREADS=1 timeout "${RUN_TIMEOUT:-270}" python3 -m torch.distributed.run --standalone --nproc_per_node 2 nft.py \
+    --model "$fmodel" \
+    --reward jpeg --profile --resolution "$size" --train_batch_size 9 --sample_batch_size 9 --num_groups 2 --group_size 9 \
+    --num_steps 6 --kl_coef 0 --no-compile --fsdp --overwrite --output_dir /tmp/p_fsdp 2>&1 | grep -v "it/s\]" | tail -4
+  echo "=== fsdp: $((SECONDS - start)) s wall"
+  cp /tmp/p_fsdp/profile.json "$out/profile_fsdp.json" && table
+}
+
+for run in ${RUNS:-official default kl0 vpol eager vae ckpt fsdp}; do
   if [ "$run" = vae ]; then vae_check; continue; fi
+  if [ "$run" = vpol ]; then echo "=== vpol"; vpol_check; table; continue; fi
+  if [ "$run" = fsdp ]; then fsdp_run; continue; fi
   echo "=== $run: ${flags[$run]}"
   # shellcheck disable=SC2086
   start=$SECONDS
