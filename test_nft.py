@@ -1723,7 +1723,8 @@ def test_nb_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypa
     args = nft.parse_args([str(a) for a in SMALL])
     ckpt = out / "checkpoints" / "checkpoint-00150"
     ckpt.mkdir(parents=True)
-    torch.save(dict(epoch=150, step=150, default={}, old={}, ema={}, optimizer=dict(state={}, param_groups=[]), bad_steps=0,
+    torch.save(dict(epoch=150, step=150, default={}, old={}, ema={}, optimizer=dict(state={}, param_groups=[]),
+                    bad_steps=0,
                     config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)),
                ckpt / "training_state.pt")  # the structure read_state checks; no model is built
     (out / "metrics.jsonl").write_text('{"epoch": 149}\n')
@@ -2006,7 +2007,8 @@ def test_rc_init_lora_first_rollout_equals_adapters_loaded_by_hand(tmp_path, lay
     args = nft.parse_args(["--model", "tiny", "--reward", "color"])
     weights, paths = _rc_saved_lora(tmp_path, args, _rc_pipe)
     lora = nft.find_lora(paths[layout], "--init_lora")
-    assert lora[0].endswith({"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}[layout])
+    names = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
+    assert lora[0].endswith(names[layout])
     ours = copy.deepcopy(_rc_pipe)
     torch.manual_seed(args.seed)
     params, old = nft.add_adapters(ours.transformer, args)
@@ -2116,13 +2118,15 @@ def test_rl_lora_files_are_checked_before_the_model_loads(tmp_path):
     with pytest.raises(nft.UserError, match="not a LoRA config"):
         nft.find_lora(str(peft))
     (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["x"]}')
-    assert nft.find_lora(str(peft))[:2] == (str(peft / "adapter_model.safetensors"), {"r": 4, "lora_alpha": 8, "target_modules": ["x"]})
+    assert nft.find_lora(str(peft))[:2] == (str(peft / "adapter_model.safetensors"),
+                                            {"r": 4, "lora_alpha": 8, "target_modules": ["x"]})
 
 
 def _rl_state(args, **over):
     """A hand-made training state with the structure train() saves (one 2x2 LoRA weight)."""
     w = {"x.lora_A.default.weight": torch.ones(2, 2)}
-    return dict(dict(default=w, old=w, ema=w, optimizer={"state": {}, "param_groups": [{"params": [0]}]}, step=3, epoch=3,
+    optimizer = {"state": {}, "param_groups": [{"params": [0]}]}
+    return dict(dict(default=w, old=w, ema=w, optimizer=optimizer, step=3, epoch=3,
                      bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)), **over)
 
 
@@ -2757,15 +2761,18 @@ def test_hostile_lora_files_are_one_line_before_any_model_loads(capsys, monkeypa
     good = {"transformer.x.lora_A.weight": torch.ones(4, 8), "transformer.x.lora_B.weight": torch.zeros(8, 4)}
     ok = _lora_file(tmp_path / "ok.safetensors", good, json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8}))
     file, config, weights = nft.find_lora(ok, "--init_lora")
-    assert file == ok and (config["r"], config["lora_alpha"]) == (4, 8) and set(weights) == {"x.lora_A.weight", "x.lora_B.weight"}
-    assert nft.find_lora(_lora_file(tmp_path / "bare.safetensors", good))[1] == {"r": 4, "lora_alpha": 4}  # as diffusers
+    assert file == ok and (config["r"], config["lora_alpha"]) == (4, 8)
+    assert set(weights) == {"x.lora_A.weight", "x.lora_B.weight"}
+    bare = _lora_file(tmp_path / "bare.safetensors", good)
+    assert nft.find_lora(bare)[1] == {"r": 4, "lora_alpha": 4}  # without metadata alpha = r, as diffusers
     (tmp_path / "cut.safetensors").write_bytes(open(ok, "rb").read()[:-7])
     nan = dict(good, **{"transformer.x.lora_B.weight": torch.full((8, 4), float("nan"))})
     hostile = {
         str(tmp_path / "cut.safetensors"): "is not a safetensors file (bad header or truncated)",
         _lora_file(tmp_path / "text.safetensors", good, "r=4"): "(its lora_adapter_metadata) is not valid JSON",
         _lora_file(tmp_path / "list.safetensors", good, "[4, 8]"): "is not a LoRA config (a JSON object",
-        _lora_file(tmp_path / "alpha0.safetensors", good, '{"r": 4, "lora_alpha": 0}'): "r = 4 and lora_alpha = 0; both must be positive",
+        _lora_file(tmp_path / "alpha0.safetensors", good, '{"r": 4, "lora_alpha": 0}'):
+            "r = 4 and lora_alpha = 0; both must be positive",
         _lora_file(tmp_path / "rank0.safetensors", good, '{"r": 0}'): "rank r = 0 and lora_alpha = 0",
         _lora_file(tmp_path / "nan.safetensors", nan): "holds NaN/inf in 1 of its 2 tensors, e.g. x.lora_B.weight",
     }
@@ -2811,18 +2818,20 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
     import diffusers
     root = tmp_path / "run"
     args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
-    counters = dict(step=0, bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1))
-    pol = nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]), args)
+    counters = dict(step=0, bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS},
+                    draws=nft.run_draws(args, 1))
+    tiny = nft.RANDOM_ARCHS["tiny"]["transformer"]
+    pol = nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), args)
     pol.theta[next(iter(pol.theta))].grad = torch.ones_like(next(iter(pol.theta.values())))
     pol.opt.step()  # optimizer state to check
     good = dict(nft.training_state(pol), epoch=1, **counters)  # what end_epoch saves
     small = types.SimpleNamespace(**(vars(args) | {"rank": 4}))
-    rank4 = dict(nft.training_state(nft.make_policies(diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"]),
-                                                      small)), epoch=2, **counters)  # claims the run's configuration
+    rank4 = dict(nft.training_state(nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), small)), epoch=2,
+                 **counters)  # claims the run's configuration
     first = next(iter(good["ema"]))
+    cut = {0: {k: v[:1] if v.dim() else v for k, v in good["optimizer"]["state"][0].items()}}  # other shapes
     broken = {3: dict(good, epoch=3, ema={n: t for n, t in good["ema"].items() if n != first}),
-              4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state={0: {k: v[:1] if v.dim() else v for k, v
-                                                                                 in good["optimizer"]["state"][0].items()}})),
+              4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state=cut)),
               5: dict(good, epoch=5, old={n: t * float("nan") for n, t in good["old"].items()})}
     for epoch, st in {1: good, 2: rank4, **broken}.items():
         os.makedirs(root / "checkpoints" / f"checkpoint-{epoch:05d}")
@@ -2848,8 +2857,8 @@ def test_resume_takes_the_run_configuration_from_its_config_json(tmp_path):
     resume may change; --init_lora with a resume is refused unless it is the run's own."""
     run = tmp_path / "run"
     run.mkdir()
-    original = nft.parse_args(["--model", "tiny", "--reward", "color", "--num_groups", "2", "--init_lora", "a/init.safetensors",
-                               "--output_dir", str(run)])
+    original = nft.parse_args(["--model", "tiny", "--reward", "color", "--num_groups", "2", "--init_lora",
+                               "a/init.safetensors", "--output_dir", str(run)])
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
     args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
     assert dataclasses.asdict(args) == dict(dataclasses.asdict(original), resume_from="latest")
@@ -2870,9 +2879,10 @@ _BAD_REWARDS = {  # what a custom reward returns for 2 images -> what the one li
     "a list": (lambda: ([0.0, 1.0], {}), "scores as a list for 2 images"),
     "a 0-d tensor": (lambda: (torch.tensor(0.5), {}), "scores as a float32 tensor of shape () on cpu"),
     "integers": (lambda: (torch.ones(2, dtype=torch.long), {}), "scores as a int64 tensor of shape (2,)"),
-    "no tuple": (lambda: torch.zeros(2), "returned a float32 tensor of shape (2,) on cpu, not a (scores, components) tuple"),
+    "no tuple": (lambda: torch.zeros(2), "returned a float32 tensor of shape (2,) on cpu, not a (scores, components)"),
     "a non-tensor component": (lambda: (torch.zeros(2), {"x": 1.0}), "component 'x' as a float for 2 images"),
-    "a component of another shape": (lambda: (torch.zeros(2), {"x": torch.zeros(3)}), "component 'x' as a float32 tensor of shape (3,)"),
+    "a component of another shape": (lambda: (torch.zeros(2), {"x": torch.zeros(3)}),
+                                     "component 'x' as a float32 tensor of shape (3,)"),
     "inf": (lambda: (torch.tensor([1.0, float("inf")]), {}), "1 infinite score(s)"),
     "an exception": (lambda: 1 / 0, "raised ZeroDivisionError: division by zero"),
 }
@@ -2900,7 +2910,8 @@ def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatc
                         "--sample_batch_size", 4, "--reward_timeout", 1, "--output_dir", tmp_path / "out")
     finally:
         release.set()
-    assert msg == "error: reward 'hang' did not return within 1 s; check it, or raise --reward_timeout if it is only slow"
+    assert msg == ("error: reward 'hang' did not return within 1 s; check it, or raise --reward_timeout if it is "
+                   "only slow")
     script = ("import threading, torch, rewards\n"
               "rewards.REWARDS['hang'] = lambda device: lambda i, p, m: threading.Event().wait()\n"
               "try:\n    rewards.make_reward('hang', 'cpu', timeout=0.5)(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
@@ -2940,7 +2951,8 @@ def test_run_lock_never_follows_a_link_or_truncates_another_file(capsys, monkeyp
 def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
     _nb_no_models(monkeypatch)
     (tmp_path / "file").write_text("x")
-    assert f"{tmp_path / 'file'} is not a folder" in cli_error(capsys, *SMALL, "--output_dir", tmp_path / "file" / "run")
+    msg = cli_error(capsys, *SMALL, "--output_dir", tmp_path / "file" / "run")
+    assert f"{tmp_path / 'file'} is not a folder" in msg
     if os.path.isdir("/sys"):  # sysfs refuses new files even to root, whom os.access lets through
         assert "/sys is not writable" in cli_error(capsys, *SMALL, "--output_dir", "/sys/nft-run")
     out = tmp_path / "out"
@@ -2981,7 +2993,7 @@ _GENEVAL_BAD = [  # a change to a valid position record (a cat right of a dog) -
     (lambda r: r["include"][1].update(position=["left of", 1]), "has position ['left of', 1]"),
     (lambda r: r["include"][0].update(position=["left of", 0]), "has position ['left of', 0]"),
     (lambda r: r.update(tag="sizes"), "has tag 'sizes'; GenEval's tags: single_object"),
-    (lambda r: r["include"][1].update({"class": "unicorn"}), "names 'unicorn', not one of GenEval's 80 COCO class names"),
+    (lambda r: r["include"][1].update({"class": "unicorn"}), "names 'unicorn', not one of GenEval's 80 COCO class"),
 ]
 
 
@@ -2991,7 +3003,8 @@ def test_geneval_metadata_is_fully_validated(change, message):
               "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]}
     rewards.check_metadata("geneval", [record])
     change(record)
-    with pytest.raises(rewards.RewardError, match=re.escape(f"prompt line 1 ('a photo of a cat right of a dog') {message}")):
+    said = f"prompt line 1 ('a photo of a cat right of a dog') {message}"
+    with pytest.raises(rewards.RewardError, match=re.escape(said)):
         rewards.check_metadata("geneval", [record])
 
 
@@ -3000,12 +3013,14 @@ def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(
     msg = cli_error(capsys, *SMALL, "--max_sequence_length", 600, "--output_dir", tmp_path / "o")
     assert "--max_sequence_length 600 is past this model's text encoder maximum (512 tokens" in msg
     with pytest.raises(nft.UserError, match=r"\(1024 tokens"):
-        nft.validate(nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color", "--max_sequence_length", "1100"]), 1)
+        nft.validate(nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color", "--max_sequence_length",
+                                     "1100"]), 1)
     for empty in ('""', '"   "'):
         (tmp_path / "p.jsonl").write_text('{"prompt": "a red image"}\n{"prompt": %s}\n' % empty)
         assert 'p.jsonl:2: each line needs a non-empty "prompt" string' in cli_error(
             capsys, *SMALL, "--prompts", tmp_path / "p.jsonl", "--output_dir", tmp_path / "o")
-    assert cli_error(capsys, "--num_epoch", 3) == "error: unknown flag --num_epoch (did you mean '--num_epochs'?); see --help"
+    said = "error: unknown flag --num_epoch (did you mean '--num_epochs'?); see --help"
+    assert cli_error(capsys, "--num_epoch", 3) == said
     assert "argument --num_epochs: invalid int value: 'x'" in cli_error(capsys, "--num_epochs", "x")
     assert not (tmp_path / "o").exists()
 
@@ -3015,7 +3030,8 @@ def test_default_output_folder_follows_model_and_reward():
     assert folder("--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color")
     assert folder("--model", "tiny-flux", "--reward", "color") == os.path.join("runs", "tiny-flux-color")
     assert folder() == os.path.join("runs", "stable-diffusion-3.5-medium-geneval")
-    assert folder("--reward", "pickscore:1,hpsv2:0.5") == os.path.join("runs", "stable-diffusion-3.5-medium-pickscore+hpsv2")
+    assert folder("--reward", "pickscore:1,hpsv2:0.5") == os.path.join("runs",
+                                                                      "stable-diffusion-3.5-medium-pickscore+hpsv2")
     assert folder("--eval_only", "--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color-eval")
     assert folder("--model", "tiny", "--output_dir", "mine") == "mine"
 
@@ -3027,10 +3043,12 @@ def test_the_run_prints_the_base_evaluation_and_ends_with_its_folder(two_epochs)
 
 
 def test_torchrun_error_is_one_line_from_rank_0(tmp_path):
-    p = run_nft(*SMALL, "--sample_batch_size", 4, "--reward", "colr", "--output_dir", tmp_path / "o", nproc=2, check=False)
+    p = run_nft(*SMALL, "--sample_batch_size", 4, "--reward", "colr", "--output_dir", tmp_path / "o", nproc=2,
+                check=False)
     ours = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error: ")]
-    assert p.returncode != 0 and ours == ["error: unknown reward 'colr' in 'colr' (did you mean 'color'?); valid rewards: "
-                                          + ", ".join(rewards.REWARDS)], p.stderr[-3000:]
+    said = "error: unknown reward 'colr' in 'colr' (did you mean 'color'?); valid rewards: " + ", ".join(
+        rewards.REWARDS)
+    assert p.returncode != 0 and ours == [said], p.stderr[-3000:]
     assert "Traceback" not in p.stderr.split("error: unknown reward")[0]  # no rank's own traceback before it
 
 
@@ -3053,13 +3071,15 @@ def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(tw
     said = open(tmp_path / "err.txt").read()
     assert "Traceback" not in said
     last = said.strip().splitlines()[-1]
-    assert last.startswith(f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python ")
+    said = f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python "
+    assert last.startswith(said)
     command = last.split("continue with python ", 1)[1].split()
     assert command == [os.path.join(HERE, "nft.py"), "--resume_from", "latest", "--output_dir", str(out)]
     assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))  # the epoch, exactly
     run_nft(*command[1:], threads=1)
     assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
-    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))} for r in rows]  # noqa: E731
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
+                         for r in rows]
     assert keep(metrics(out)) == keep(metrics(two_epochs))
 
 
