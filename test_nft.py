@@ -544,7 +544,7 @@ def cli_error(capsys, *argv):
     (["--model", "/no/such/folder"], "--model folder not found"),
     (["--prompts", "/no/such/file.txt"], "--prompts file not found"),
     (["--resume_from", "/no/such/checkpoint"], "no such folder"),
-    (["--reward", "hpsv2"], "pip install"),
+    (["--reward", "hpsv2"], "hf download xswu/HPSv2"),
 ])
 def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
