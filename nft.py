@@ -1,47 +1,47 @@
 """DiffusionNFT in one file: online RL for flow-matching text-to-image models on the forward process.
 
-Paper: "DiffusionNFT: Online Diffusion Reinforcement with Forward Process" (Zheng et al. 2025,
-arXiv 2509.16117). Official code: github.com/NVlabs/DiffusionNFT.
+Paper: "DiffusionNFT: Online Diffusion Reinforcement with Forward Process" (Zheng et al. 2025, arXiv 2509.16117).
+Official code: github.com/NVlabs/DiffusionNFT.
 
-One epoch: sample images with the frozen *old* policy and any solver, score them, turn rewards into
-an optimality weight r in [0, 1], then train the LoRA velocity v_theta with a flow-matching loss on
-freshly noised copies of the clean images. Positive samples pull the implicit positive policy
-v+ = beta*v_theta + (1-beta)*v_old toward them; negative samples pull v- = (1+beta)*v_old - beta*v_theta
-toward them, which pushes v_theta away. No likelihoods, no stored trajectories, no CFG.
+One epoch: sample images with the frozen *old* policy and any solver, score them, turn rewards into an optimality
+weight r in [0, 1], then train the LoRA velocity v_theta with a flow-matching loss on freshly noised copies of the
+clean images. Positive samples pull the implicit positive policy v+ = beta*v_theta + (1-beta)*v_old toward them;
+negative samples pull v- = (1+beta)*v_old - beta*v_theta toward them, which pushes v_theta away. No likelihoods, no
+stored trajectories, no CFG.
 
-    python nft.py --model tiny --reward color                      # CPU demo, a few minutes
-    torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # official GenEval recipe
-    python nft.py --eval_only --lora runs/stable-diffusion-3.5-medium-geneval/checkpoints/checkpoint-01000  # GenEval
+    python nft.py --model tiny --reward color                          # the CPU demo, a few minutes
+    torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # the official recipe
+    python nft.py --eval_only --lora runs/stable-diffusion-3.5-medium-geneval/checkpoints/checkpoint-01000
 
-Read it top to bottom: the config (Args, PRESETS), the math (pure functions, each with its equation), then
-the training loop (train() is the paper's Algorithm 1, one named call per step, followed by those steps).
-Everything after that is plumbing: the run's setup and bookkeeping, model loading and the LoRA policies,
-the model families (SD3.5, FLUX.1, Qwen-Image), prompts, ranks/RNG/precision, checkpoints, evaluation,
-logging and plots, the command line, the tiny models.
+Reading order: the config (Args, PRESETS); the math, pure functions with their equations; then the algorithm:
+train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
+the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
+policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
+banner, line 770: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
-x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 at timestep 1000*sigma.
-SD3.5, FLUX.1 and Qwen-Image all fit this: the "model families" section says, per family, how prompts
-are encoded, how the transformer gives v for (x, sigma, prompt), the rollout schedule and the LoRA
-targets; the rest of the file never asks which family it runs.
+x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 (SD3 at timestep 1000*sigma).
+SD3.5, FLUX.1 and Qwen-Image all fit this: a Family says how prompts are encoded, how the transformer gives v for
+(x, sigma, prompt), the rollout schedule and the LoRA targets; the loop never asks which family it runs.
 
 Where this file deliberately differs from the official code (README lists the same):
  1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler).
  2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
  3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
- 4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a
-    function of (seed, epoch, rank), so nothing else needs saving (official reloads EMA into both
-    adapters, drops EMA and optimizer state and restarts the RNG).
- 5. The CFG > 1 training branch of the official code is broken; here guidance affects rollouts and evaluation,
-    and the loss uses the conditional velocity unless --train_guided trains the guided one.
+ 4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a function of
+    (seed, epoch, rank), so nothing else needs saving (official reloads EMA into both adapters, drops EMA and
+    optimizer state and restarts the RNG).
+ 5. The official CFG > 1 training branch is broken; here guidance affects rollouts and evaluation, and the loss uses
+    the conditional velocity unless --train_guided trains the guided one.
  6. The LoRA is saved in the diffusers layout (`pipe.load_lora_weights` reads it), not peft's.
  7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
- 8. Gradients are all-reduced once per optimizer step by hand, instead of DDP over the transformer.
+ 8. Gradients are all-reduced once per optimizer step by hand (or reduce-scattered by FSDP2), not by DDP.
  9. Samples with a NaN/inf reward are dropped from the update with a warning.
-10. An epoch draws distinct prompts, grouped by index (official: each rollout batch draws afresh, so a prompt
-    can fill two groups, which its stat tracker merges by text).
-11. Rewards: GenEval on transformers' Mask2Former, OCR on rapidocr's PP-OCRv4 (see rewards.py); scorers and the
-    decode they score run in fp32, as officially (--reward_precision bf16 for speed).
+10. An epoch draws distinct prompts, grouped by index (official: each rollout batch draws afresh, so a prompt can
+    fill two groups, which its stat tracker merges by text).
+11. Rewards: GenEval on transformers' Mask2Former, OCR on rapidocr's PP-OCRv4, HPSv2.1 and ImageReward on
+    transformers (rewards.py); scorers and the decode they score run in fp32 (--reward_precision bf16 for speed).
 """
 import argparse
 import contextlib
@@ -71,6 +71,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the log to what
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import rewards
 
 
 class UserError(Exception):
@@ -79,40 +83,40 @@ class UserError(Exception):
 
 # --------------------------------------------------------------------------- config
 @dataclass
-class Args:
+class Args:  # each comment is the flag's --help
     # model and data
-    model: str = "stabilityai/stable-diffusion-3.5-medium"  # The base model: a hub id or local folder of SD3.5, FLUX.1 or Qwen-Image, "tiny" / "tiny-flux" / "tiny-qwenimage" (random CPU models) or "random:sd3.5-medium" / "random:flux.1-dev" / "random:qwen-image".
-    reward: str = "geneval"  # The reward: a name, or a weighted sum "name:weight,name:weight"; a name also picks the official preset of that name.
+    model: str = "stabilityai/stable-diffusion-3.5-medium"  # The base model: a hub id, a local folder or a built-in.
+    reward: str = "geneval"  # The reward: a name or a weighted sum "name:w,name:w"; a name also picks its preset.
     preset: str = ""  # The official recipe to start from; empty picks the reward's preset when it has one.
-    prompts: str = ""  # The training prompts: a .txt file (one prompt a line), a .jsonl file ({"prompt": ..., metadata}) or the official repository's dataset/ folder (its train and test files); empty uses the reward's built-in set.
-    eval_prompts: str = ""  # The evaluation prompts, in the same formats; empty uses the test file next to --prompts, else the reward's built-in test set.
-    init_lora: str = ""  # Start theta and theta_old from this LoRA, a diffusers or peft file or folder (the official train.lora_path); empty starts from zero.
+    prompts: str = ""  # Training prompts: a .txt, a .jsonl or the official dataset/ folder; empty: built-in.
+    eval_prompts: str = ""  # Evaluation prompts, same formats; empty: the test file beside --prompts, else built-in.
+    init_lora: str = ""  # Start theta and theta_old from this LoRA file or folder (official train.lora_path).
     output_dir: str = ""  # The run's folder (config, metrics, grids, checkpoints/); empty: runs/<model>-<reward>.
     overwrite: bool = False  # Replace a previous run in --output_dir instead of refusing to start.
-    seed: int = 42  # The seed that every random draw derives from, together with the epoch and the rank.
+    seed: int = 42  # The seed that every random draw derives from, with the epoch and the rank.
     # rollout
     resolution: int = 512  # The image size in pixels; a multiple of 16.
     num_steps: int = 10  # The number of solver steps of each rollout.
     solver: str = "dpm2"  # The rollout solver; NFT trains on clean images only, so any solver works.
     eta: float = 0.7  # The noise level of the "sde" solver (0 makes it Euler).
-    guidance_scale: float = 1.0  # True classifier-free guidance of rollouts and evaluation (SD3's guidance_scale, FLUX.1's and Qwen-Image's true_cfg_scale), by the family's rule; 1 is none.
-    negative_prompt: str = None  # The negative prompt of --guidance_scale > 1; unset is the family's recipe: " " for Qwen-Image, "" for SD3 and FLUX.1.
-    embedded_guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance, a model input in rollouts, training and evaluation alike (FluxPipeline's guidance_scale); none for a transformer without a guidance embedding.
-    train_guided: bool = False  # Train the guided velocity the rollouts used (both CFG branches through the LoRA): on-policy with --guidance_scale > 1, 2x the training forwards.
-    max_sequence_length: int = 128  # The number of text tokens per prompt (T5's: CLIP adds 77; Qwen2.5-VL's); --eval_only of SD3 defaults to 256 as the official evaluation.
-    sample_batch_size: int = 9  # The number of images per forward pass in rollouts and no-grad passes, per GPU.
+    guidance_scale: float = 1.0  # True CFG of rollouts and evaluation, by the family's pipeline rule; 1 is none.
+    negative_prompt: str = None  # The negative prompt of CFG; unset: " " for Qwen-Image, "" for SD3 and FLUX.1.
+    embedded_guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance input (FluxPipeline's guidance_scale).
+    train_guided: bool = False  # Train the guided velocity the rollouts used (2x the training forwards).
+    max_sequence_length: int = 128  # Text tokens per prompt (T5's: CLIP adds 77; Qwen2.5-VL's).
+    sample_batch_size: int = 9  # Images per forward pass in rollouts and no-grad passes, per GPU.
     # NFT
-    group_size: int = 24  # The number of images per prompt in an epoch; advantages compare images of the same prompt.
+    group_size: int = 24  # Images per prompt in an epoch; advantages compare images of the same prompt.
     num_groups: int = 48  # The number of prompts per epoch, over all ranks.
     beta: float = 1.0  # The NFT mixing coefficient beta in (0, 1] of v+ and v- (official config.beta).
-    kl_coef: float = 1e-4  # The weight of the KL term ||v_theta - v_ref||^2 (official config.train.beta); 0 skips the reference pass.
-    adv_clip: float = 5.0  # The advantage clip: A is clipped to +-adv_clip, r = A/adv_clip/2 + 0.5, and the loss is scaled by it.
-    global_std: bool = True  # Normalise advantages by the std of the whole epoch (--no-global_std: of each prompt's group).
+    kl_coef: float = 1e-4  # The weight of ||v_theta - v_ref||^2 (official config.train.beta); 0 skips v_ref.
+    adv_clip: float = 5.0  # A is clipped to +-adv_clip, r = A/adv_clip/2 + 0.5, and the loss scaled by it.
+    global_std: bool = True  # Normalise advantages by the epoch's reward std (--no-global_std: each group's).
     timestep_fraction: float = 0.99  # The share of the rollout's sigmas trained per sample: floor(num_steps x this).
-    old_flat: int = 0  # The number of optimizer steps before the old policy starts to lag: until then d = 0 (fully on-policy).
-    old_rate: float = 0.001  # How fast the old policy's decay grows after --old_flat: d = min(old_rate x (step - old_flat), old_max).
-    old_max: float = 0.5  # The largest decay d of the old policy (theta_old <- d x theta_old + (1 - d) x theta after each epoch).
-    ema_max_decay: float = 0.9  # The largest decay of the EMA of theta used for evaluation and saving: min((1 + step)/(10 + step), this).
+    old_flat: int = 0  # Optimizer steps before the old policy lags: until then d = 0 (fully on-policy).
+    old_rate: float = 0.001  # The old policy's decay after --old_flat: d = min(old_rate x (step - flat), old_max).
+    old_max: float = 0.5  # The largest decay d of theta_old <- d x theta_old + (1 - d) x theta.
+    ema_max_decay: float = 0.9  # The largest EMA decay, min((1 + step)/(10 + step), this), of evaluation weights.
     # optimization
     learning_rate: float = 3e-4  # The AdamW learning rate of the LoRA (constant, no schedule).
     adam_beta1: float = 0.9  # AdamW's first-moment decay beta1.
@@ -122,36 +126,36 @@ class Args:
     max_grad_norm: float = 1.0  # The gradient-norm clip applied before each optimizer step.
     train_batch_size: int = 9  # The training micro-batch per GPU; gradients accumulate over micro-batches.
     steps_per_epoch: int = 1  # The number of optimizer steps per epoch (the official OCR recipe uses 2).
-    num_epochs: int = 1000  # The number of epochs; one epoch is a rollout, rewards and --steps_per_epoch optimizer steps.
-    rank: int = 32  # The rank of the LoRA adapters (their inner dimension).
+    num_epochs: int = 1000  # Epochs to train; one is a rollout, rewards and --steps_per_epoch optimizer steps.
+    rank: int = 32  # The LoRA rank, the adapters' inner dimension.
     lora_alpha: int = 64  # The LoRA alpha; the adapter is scaled by alpha/rank.
-    lora_targets: str = "official"  # The modules that get LoRA: "official" (8 attention projections), "official+proj_out", or a comma list.
-    mixed_precision: str = "auto"  # The precision: auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (official-style fp32 weights + fp16 autocast) or no; --eval_only defaults to fp16 for SD3 as the official evaluation, bf16 for the bf16-native FLUX.1 and Qwen-Image.
-    reward_precision: str = "fp32"  # The precision of the reward models and of the decode they score: fp32 (official) or bf16 (faster).
+    lora_targets: str = "official"  # The layers with LoRA: "official", "official+proj_out" or a comma list.
+    mixed_precision: str = "auto"  # The precision: auto, bf16, fp16 (official-style fp32 + fp16 autocast) or no.
+    reward_precision: str = "fp32"  # The precision of the reward models and their decode: fp32 or bf16.
     # evaluation, logging, checkpoints
-    eval_every: int = 10  # Evaluate the EMA weights every this many epochs and save a sample grid; 0 never evaluates.
+    eval_every: int = 10  # Evaluate the EMA weights every this many epochs and save a grid; 0 never evaluates.
     eval_num_steps: int = 40  # The number of Euler steps of evaluation images, as the paper evaluates.
-    eval_images_per_prompt: int = 0  # Images per evaluation prompt; 0 means the benchmark's count with --eval_only (GenEval 4, OCR 1, else 5) and 1 in training.
+    eval_images_per_prompt: int = 0  # Images per evaluation prompt; 0: the benchmark's count, 1 in training.
     eval_max_prompts: int = 0  # Evaluate only the first this many prompts; 0 evaluates all of them.
-    eval_reward: str = ""  # Rewards scored beside the training reward in every evaluation, not trained on (a spec like --reward, e.g. pickscore,aesthetic): eval_<name> in metrics.jsonl and curves.png.
+    eval_reward: str = ""  # Rewards scored beside --reward in every evaluation, not trained on (a spec).
     eval_only: bool = False  # Evaluate the base model or --lora with the paper's protocol instead of training.
-    lora: str = ""  # With --eval_only: the LoRA to evaluate, a diffusers or peft file or folder (or a hub repo); empty evaluates the base model.
+    lora: str = ""  # With --eval_only: the LoRA to evaluate (file, folder or hub repo); empty: the base model.
     save_every: int = 10  # Save a checkpoint every this many epochs (and after the last one).
-    checkpoints_total_limit: int = 3  # The number of newest checkpoints kept; older ones are deleted (0 keeps all).
-    resume_from: str = ""  # Continue a run: "latest" (the newest checkpoint in --output_dir, or a new run if none) or a checkpoint folder.
+    checkpoints_total_limit: int = 3  # The number of newest checkpoints kept (0 keeps all).
+    resume_from: str = ""  # Continue a run: "latest" (its newest checkpoint, or a new run) or a checkpoint folder.
     max_nonfinite_steps: int = 3  # Stop the run after this many skipped (non-finite) optimizer steps in a row.
     reward_timeout: float = 600.0  # Stop the run when one reward call takes longer than this many seconds.
-    wandb: bool = False  # Also log every epoch's metrics to Weights & Biases (needs `pip install wandb` and `wandb login`).
+    wandb: bool = False  # Also log every epoch's metrics to Weights & Biases (pip install wandb).
     wandb_project: str = "diffusion-nft"  # The Weights & Biases project the run is logged to (with --wandb).
-    wandb_run_name: str = ""  # The Weights & Biases run name (with --wandb); empty uses the --output_dir folder's name.
+    wandb_run_name: str = ""  # The Weights & Biases run name; empty uses the --output_dir folder's name.
     # speed
-    compile: bool = None  # Compile each transformer block with torch.compile; unset means on with a GPU and off on a CPU (--compile forces it on, --no-compile off).
+    compile: bool = None  # Compile each transformer block; unset: on with a GPU, off on a CPU.
     gradient_checkpointing: bool = False  # Recompute activations in the backward pass: less memory, more compute.
-    grad_sync: str = "step"  # When to all-reduce gradients: "step" (once per optimizer step) or "micro_step" (after every backward, official-style).
-    offload_text_encoders: bool = False  # Keep the text encoders (CLIP and T5, or Qwen2.5-VL) on the CPU except while encoding prompts.
+    grad_sync: str = "step"  # When to all-reduce gradients: "step" or "micro_step" (after every backward).
+    offload_text_encoders: bool = False  # Keep the text encoders on the CPU except while encoding prompts.
     fsdp: bool = False  # Shard the transformer and its LoRA over the ranks, per block (FSDP2); launch with torchrun.
     compile_budget: float = 600.0  # Seconds of compiling after which the run goes eager (as on a later recompile).
-    memory_check: bool = True  # Stop before loading when memory_estimate says the run will not fit the GPU's memory.
+    memory_check: bool = True  # Stop before loading when memory_estimate says the run will not fit the GPU.
     profile: bool = False  # Time 3 epochs (phases, throughput, MFU, memory), write profile.json, and stop.
 
 
@@ -167,29 +171,18 @@ PRESETS = {
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
                  eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
-    # FLUX.1 and Qwen-Image (applied for those --model families): no DiffusionNFT recipe exists, so these are the
-    # nearest published one, Flow-GRPO's (config/grpo.py pickscore_flux / pickscore_qwenimage, scripts/train_*.py),
-    # with NFT's CFG-free rollouts; "official" LoRA targets mean Flow-GRPO's for these families (FAMILIES)
     # the CPU demo on tiny-flux / tiny-qwenimage, after "tiny": they learn the colour reward in about a minute
     **dict.fromkeys(["tiny-flux", "tiny-qwenimage"], dict(num_epochs=60, eval_every=20, save_every=20)),
+    # FLUX.1 and Qwen-Image (applied for those --model families): no DiffusionNFT recipe exists, so the nearest
+    # published one, Flow-GRPO's (config/grpo.py pickscore_flux / pickscore_qwenimage), with NFT's CFG-free rollouts,
     # and the pipeline's text length (FLUX does not mask T5 padding: train, evaluate and deploy at one length)
     "flux": dict(num_steps=6, eval_num_steps=28, rank=64, lora_alpha=128, max_sequence_length=512),
     "qwenimage": dict(num_steps=10, eval_num_steps=50, rank=64, lora_alpha=128, max_sequence_length=512),
 }
 
 
-# The official prompt files of each recipe, relative to the official repository's dataset/ folder (pass it, or
-# the files, with --prompts / --eval_prompts): (train, test during training, --eval_only benchmark). The
-# paper scores the preference rewards on DrawBench; the official test files repeat each prompt once per image.
-OFFICIAL_PROMPTS = {
-    "geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval/test_metadata.jsonl"),
-    "ocr": ("ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
-    **dict.fromkeys(["pickscore", "hpsv2", "multi"], ("pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")),
-}
-
-
-OFFICIAL_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+OFFICIAL_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
 
 # --------------------------------------------------------------------------- math (pure functions)
@@ -268,6 +261,14 @@ def ema_decay(step, max_decay=0.9):
     return min((1 + step) / (10 + step), max_decay)
 
 
+def soft_update_(target, source, decay):
+    """target <- decay*target + (1 - decay)*source, in place, per tensor of two dicts with the same keys: theta_old
+    following theta (old_decay) and the EMA of theta (ema_decay)."""
+    with torch.no_grad():
+        for n, t in source.items():
+            target[n].mul_(decay).add_(t.detach(), alpha=1 - decay)
+
+
 def sigma_to_timestep(sigma):
     """SD3's transformer is conditioned on timestep = 1000*sigma, kept a float (no rounding)."""
     return 1000.0 * sigma
@@ -336,7 +337,30 @@ def rollout_sigmas(num_steps, shift=3.0):
     return torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1, dtype=torch.float64)])
 
 
-# --------------------------------------------------------------------------- the training loop
+def shifted_sigmas(config, num_steps, image_seq_len):
+    """The schedule FluxPipeline and QwenImagePipeline hand FlowMatchEulerDiscreteScheduler: t = linspace(1,
+    1/num_steps, num_steps) and mu linear in the image tokens (calculate_shift), then per the scheduler config
+        use_dynamic_shifting:  sigma = e^mu / (e^mu + 1/t - 1)   (time_shift_type "exponential")
+                               sigma = mu / (mu + 1/t - 1)       ("linear")
+        else:                  sigma = shift*t / (1 + (shift - 1)*t)
+        shift_terminal:        1 - sigma stretched so the last sigma is shift_terminal (Qwen-Image: 0.02)
+    and a final 0. float64 (the scheduler computes in float32: they agree to ~1e-7)."""
+    c = {"shift": 1.0, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+         "time_shift_type": "exponential", **config}
+    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if c.get("use_dynamic_shifting"):
+        slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = c["base_shift"] + slope * (image_seq_len - c["base_image_seq_len"])
+        s = (math.exp(mu) / (math.exp(mu) + (1 / t - 1)) if c["time_shift_type"] == "exponential"
+             else mu / (mu + (1 / t - 1)))
+    else:
+        s = c["shift"] * t / (1 + (c["shift"] - 1) * t)
+    if c.get("shift_terminal"):
+        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - c["shift_terminal"]))
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+# --------------------------------------------------------------------------- the algorithm (the paper's Algorithm 1)
 def train(args):
     """DiffusionNFT, the paper's Algorithm 1. Every epoch:
       1. draw num_groups prompts x group_size images (this rank's share) and encode them;
@@ -356,16 +380,16 @@ def train(args):
         if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
             evaluate_ema(run, pol, 0, log, "_before")
             print0(f"the base model's eval reward: {log['eval_reward_mean_before']:.4f}")
-        lap = Lap(log, run.device)
+        timer = PhaseTimer(log, run.device)
         batch = encode_batch(run, epoch)  # 1. prompts
-        lap("text")
+        timer("text")
         futures = rollout(run, pol, batch, epoch, log)  # 2. x0 from the old policy
-        lap("rollout", less=log["time_decode"])
+        timer("rollout", less=log["time_decode"])
         score(run, batch, futures, epoch, log)  # 3. R -> A -> r
-        lap("reward")
+        timer("reward")
         nft_update(run, pol, batch, epoch, log)  # 4. the NFT loss on freshly noised x0
-        log["old_decay"] = follow(pol, args)  # 5. theta_old follows theta
-        lap("train")
+        log["old_decay"] = update_old_policy(pol, args)  # 5. theta_old follows theta
+        timer("train")
         end_epoch(run, pol, epoch, log)  # 6. log, evaluate, checkpoint
         history.append(log)
     end_run(run, history)
@@ -373,9 +397,9 @@ def train(args):
 
 @dataclass
 class Policies:
-    """The LoRA weights NFT keeps, dicts keyed by the trainable parameter names, and the optimizer. theta lives
-    in the transformer (the adapter's parameters); theta_old (rollouts) and the EMA (evaluation, saving) are
-    copied in when used (`policy`)."""
+    """The LoRA weights NFT keeps, dicts keyed by the trainable parameter names, and the optimizer. theta lives in the
+    transformer (the adapter's parameters); theta_old (rollouts) and the EMA (evaluation, saving) are copied in when
+    used (`policy`). Under --fsdp every tensor is this rank's shard."""
     theta: dict
     old: dict
     ema: dict
@@ -396,34 +420,46 @@ class Batch:
     mask: torch.Tensor = None  # (N,) 1 where the reward is finite
     trainable: bool = True  # some finite reward on some rank
 
+    def rows(self, s):
+        """The images s (a slice) of this batch."""
+        return Batch(self.ids[s], self.prompts[s], rows(self.cond, s), self.x0[s], self.r[s], self.mask[s])
+
+
+def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
+    """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn without
+    replacement (cycling if the set is small), each repeated group_size times, then shuffled so a group spreads over
+    ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
+    g = rng(seed, epoch, "prompts")
+    picks = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(-(-num_groups // num_prompts))])
+    ids = picks[:num_groups].repeat_interleave(group_size)
+    return ids[torch.randperm(len(ids), generator=g)]
+
 
 def encode_batch(run, epoch):
     """Step 1: this rank's slice of the epoch's prompt draw (the same on every rank), and its embeddings."""
-    per_rank, rank, records = run.per_rank, run.rank, run.train_records
-    ids = epoch_prompt_indices(len(records), run.args.num_groups, run.args.group_size, run.args.seed, epoch)
-    ids = ids[rank * per_rank:(rank + 1) * per_rank]
-    prompts = [records[i]["prompt"] for i in ids.tolist()]
-    return Batch(ids, prompts, encode_prompts(run.pipe, prompts, run.args.max_sequence_length, run.device,
-                                              run.args.embedded_guidance_scale))
+    args, n = run.args, run.per_rank
+    ids = epoch_prompt_indices(len(run.train_records), args.num_groups, args.group_size, args.seed, epoch)
+    ids = ids[run.process_index * n:(run.process_index + 1) * n]
+    prompts = [run.train_records[i]["prompt"] for i in ids.tolist()]
+    return Batch(ids, prompts, encode_prompts(run.pipe, prompts, args.max_sequence_length, run.device,
+                                              args.embedded_guidance_scale))
 
 
 def rollout(run, pol, batch, epoch, log):
-    """Step 2: sample batch.x0 with the old policy, sample_batch_size images at a time, and hand each batch's
-    decoded images to the reward thread, so scoring overlaps the next batch's sampling. Only x0, the
-    embeddings and the sigma schedule are kept. Returns the reward futures; log gets the decode time."""
-    from tqdm import tqdm
-    args, pipe, device = run.args, run.pipe, run.device
-    g = rng(args.seed, epoch, run.rank, "rollout")
-    noise_gen, shape = device_rng(g, device), latent_shape(pipe, args.resolution)
+    """Step 2: sample batch.x0 with the old policy, sample_batch_size images at a time, and hand each batch's decoded
+    images to the reward thread, so scoring overlaps the next batch's sampling. Only x0, the embeddings and the sigma
+    schedule are kept. Returns the reward futures; log gets the decode time."""
+    args, device = run.args, run.device
+    g = rng(args.seed, epoch, run.process_index, "rollout")
+    noise_gen, shape = device_rng(g, device), latent_shape(run.pipe, args.resolution)
     x0, futures, log["time_decode"] = [], [], 0.0
     with policy(pol.theta, pol.old):
         for b in tqdm(range(0, run.per_rank, args.sample_batch_size), desc=f"epoch {epoch} rollout", **run.bar):
             s = slice(b, b + args.sample_batch_size)
             noise = torch.randn((len(batch.prompts[s]), *shape), generator=noise_gen, device=device)
-            x0.append(sample(pipe, noise, take(batch.cond, s), run.sigmas, args.solver, args, run.autocast,
-                             run.null, device_rng(g, device)))
+            x0.append(sample(run, noise, rows(batch.cond, s), run.sigmas, args.solver, device_rng(g, device)))
             t = clock(device)
-            images = decode(pipe, x0[-1])
+            images = decode(run.pipe, x0[-1])
             log["time_decode"] += clock(device) - t
             futures.append(run.pool.submit(run.reward_fn, images, batch.prompts[s],
                                            [run.train_records[i] for i in batch.ids[s].tolist()]))
@@ -431,29 +467,39 @@ def rollout(run, pol, batch, epoch, log):
     return futures
 
 
+@torch.no_grad()
+def sample(run, x, cond, sigmas, solver, generator=None):
+    """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy, guided by
+    --guidance_scale as the family's pipeline does (guided_velocity with the negative prompt's conditioning), in
+    rollouts and evaluation alike. generator feeds the noise of stochastic solvers."""
+    def v_fn(x, sigma):
+        return guided_velocity(run.pipe.transformer, x, sigma, cond, run.negative, run.args.guidance_scale)
+    with run.autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
+        return solve(v_fn, x, sigmas, solver, generator=generator, eta=run.args.eta)
+
+
 def score(run, batch, futures, epoch, log):
     """Step 3: gather every rank's rewards, A = group_advantages (by prompt index, over all ranks), r = adv_to_r.
     Samples with a NaN/inf reward get mask 0 and x0 = 0 (a NaN image would make even its masked loss NaN)."""
-    import rewards
-    from tqdm import tqdm
-    args, device, lo, hi = run.args, run.device, run.rank * run.per_rank, (run.rank + 1) * run.per_rank
+    args, device, n = run.args, run.device, run.per_rank
+    lo, hi = run.process_index * n, (run.process_index + 1) * n
     results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **run.bar)]
     R = torch.cat([r[0] for r in results]).double()
-    comps = {k: gather(torch.cat([r[1][k] for r in results]).double().to(device)).cpu() for k in results[0][1]}  # all ranks
+    comps = {k: gather(torch.cat([r[1][k] for r in results]).double().to(device)).cpu() for k in results[0][1]}
     all_R, all_ids = gather(R.to(device)).cpu(), gather(batch.ids.to(device)).cpu()
     ok = torch.isfinite(all_R)
     if not ok.all():
         print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
                "those samples are dropped from the update")
     batch.trainable = bool(ok.any())
-    if not batch.trainable:  # the epoch is still logged and checkpointed, with no optimizer step
+    if not batch.trainable:
         print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
     adv = torch.zeros_like(all_R, dtype=torch.float32)
     if batch.trainable:
         adv[ok] = group_advantages(all_R[ok], all_ids[ok], args.global_std)
     strict = comps["geneval/strict"][ok] if "geneval/strict" in comps else None
-    log.update(rollout_stats(all_R[ok], all_ids[ok], strict, [run.train_records[i].get("tag", "?") for i in all_ids[ok].tolist()],
-                             rewards.GENEVAL_TAGS))
+    tags = [run.train_records[i].get("tag", "?") for i in all_ids[ok].tolist()]
+    log.update(rollout_stats(all_R[ok], all_ids[ok], strict, tags))
     batch.mask = ok[lo:hi].float().to(device)
     batch.x0 = torch.where(batch.mask.view(-1, 1, 1, 1) > 0, batch.x0, 0.0)
     batch.r = adv_to_r(adv[lo:hi], args.adv_clip).to(device)
@@ -463,131 +509,295 @@ def score(run, batch, futures, epoch, log):
 
 
 def nft_update(run, pol, batch, epoch, log):
-    """Step 4: every sample is trained at T of the rollout's own sigmas (a fresh random subset per sample and
-    epoch) with fresh noise per visit; micro-batches of train_batch_size accumulate gradients, and every
-    micro/steps_per_epoch of them make one optimizer step (with the EMA update). Logs the mean loss, KL and
-    |v_theta - v_old| over the epoch's visits."""
-    from tqdm import tqdm
+    """Step 4: every sample is trained at T of the rollout's own sigmas (a fresh random subset per sample and epoch)
+    with fresh noise per visit; micro-batches of train_batch_size accumulate gradients, and every
+    micro/steps_per_epoch of them make one optimizer step. Logs the mean loss, KL and |v_theta - v_old|."""
     args, device, T = run.args, run.device, run.T
     micro = run.per_rank // args.train_batch_size  # micro-batches per epoch on this rank
     per_step = micro // args.steps_per_epoch
-    g = rng(args.seed, epoch, run.rank, "train")
+    g = rng(args.seed, epoch, run.process_index, "train")
     visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(run.per_rank)])
-    sig_all, noise_gen = run.sigmas.float().to(device)[visits.to(device)], device_rng(g, device)  # (per_rank, T)
+    sigma, noise_gen = run.sigmas.float().to(device)[visits.to(device)], device_rng(g, device)  # (per_rank, T)
     stats = torch.zeros(3, device=device)
-    for _ in range(0 if batch.trainable else args.steps_per_epoch):  # no finite reward: each step is a non-finite one
+    for _ in range(0 if batch.trainable else args.steps_per_epoch):  # no finite reward: each step is a bad one
         take_step(run, pol, epoch, log, problem="no finite reward")
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
-        s = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size)
+        s, last = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size), (m + 1) % per_step == 0
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
-        if args.fsdp:  # the backward reduce-scatters only in a step's last micro-batch (in every one with micro_step)
-            run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or (m + 1) % per_step == 0)
-        stats += micro_step(run.pipe.transformer, pol.theta, pol.old, batch.x0[s], take(batch.cond, s),
-                            sig_all[s].T, eps, batch.r[s], batch.mask[s], args, run.autocast, 1 / (per_step * T),
-                            run.null)
-        if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: for an official-style comparison
+        if args.fsdp:  # the backward reduce-scatters in a step's last micro-batch only (in every one with micro_step)
+            run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or last)
+        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, 1 / (per_step * T))
+        if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: an official-style baseline
             average_gradients(pol.theta)
-        if (m + 1) % per_step == 0:
+        if last:
             take_step(run, pol, epoch, log)
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
 
 
-def micro_step(transformer, params, old, x0, cond, sig, eps, r, mask, args, autocast, scale, null=None):
-    """One micro-batch of B clean latents x0 with their prompt conditioning cond (dict of (B, ...) tensors),
-    each visited at T sigmas (sig: (T, B), eps: (T, B, C, h, w)).
-    The no-grad v_old (theta_old copied into the LoRA, see `policy`) and, when kl_coef > 0, v_ref (lora_B = 0)
-    of all T*B visits run in batches of sample_batch_size; then per timestep v_theta with grad and backward of
-    (adv_clip * nft_loss + kl_coef * KL) * scale, where scale = 1 / (micro-batches per optimizer step * T)
-    averages the accumulated gradient. params: the trainable LoRA; old: theta_old, same names.
-    --train_guided: v_old, v_ref and v_theta are the guided velocities of the rollouts (guided_velocity, with
-    null = the negative prompt's conditioning), so the old policy in the loss is the one that sampled.
-    Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
-    T, B = sig.shape
+def micro_step(run, pol, mb, sigma, eps, scale):
+    """One micro-batch mb (a Batch of B clean latents x0, their conditioning, r and mask), each visited at T sigmas
+    (sigma: (T, B), eps: (T, B, C, h, w)). The no-grad v_old (theta_old copied into the LoRA, `policy`) and, when
+    kl_coef > 0, v_ref (lora_B = 0) of all T*B visits run sample_batch_size at a time; then per timestep v_theta with
+    grad and the backward of (adv_clip * nft_loss + kl_coef * KL) * scale, scale = 1 / (micro-batches per optimizer
+    step * T) averaging the accumulated gradient. --train_guided: v_old, v_ref and v_theta are the guided velocities
+    the rollouts used, so the old policy in the loss is the one that sampled. Returns the summed (loss, kl,
+    |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
+    args, transformer, x0 = run.args, run.pipe.transformer, mb.x0
+    T, B = sigma.shape
     w = args.guidance_scale if args.train_guided else 1.0  # 1: the conditional velocity, one pass (the paper's)
-    v_fn = lambda x, s, c: guided_velocity(transformer, x, s, c, null, w)  # noqa: E731
-    xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sig.flatten())
-    cond, c = {k: v.repeat(T, *[1] * (v.dim() - 1)) for k, v in cond.items()}, args.sample_batch_size  # visit-major, as xt
-    frozen = {}
-    for name, weights in [("old", old)] + ([("ref", None)] if args.kl_coef > 0 else []):
+    xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sigma.flatten())
+    cond = {k: v.repeat(T, *[1] * (v.dim() - 1)) for k, v in mb.cond.items()}  # visit-major, as xt
+    v_fn = lambda i: guided_velocity(transformer, xt[i], sigma.flatten()[i], rows(cond, i), run.negative, w)  # noqa
+    c, frozen = args.sample_batch_size, {}
+    for name, weights in [("old", pol.old)] + ([("ref", None)] if args.kl_coef > 0 else []):
         # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
-        with policy(params, weights), torch.no_grad(), autocast():
-            frozen[name] = torch.cat([v_fn(xt[i:i + c], sig.flatten()[i:i + c], take(cond, slice(i, i + c)))
-                                      for i in range(0, T * B, c)])
+        with policy(pol.theta, weights), torch.no_grad(), run.autocast():
+            frozen[name] = torch.cat([v_fn(slice(i, i + c)) for i in range(0, T * B, c)])
     stats = torch.zeros(3, device=x0.device)
     for j in range(T):
         k = slice(j * B, (j + 1) * B)
-        with autocast():
-            v_theta = v_fn(xt[k], sig[j], take(cond, k))
-        loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sig[j], r, args.beta) * mask).mean()
-        kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mask).mean() if args.kl_coef > 0 else torch.zeros((), device=x0.device)
+        with run.autocast():
+            v_theta = v_fn(k)
+        loss = args.adv_clip * (nft_loss(v_theta, frozen["old"][k], x0, xt[k], sigma[j], mb.r, args.beta)
+                                * mb.mask).mean()
+        kl = torch.zeros((), device=x0.device)
+        if args.kl_coef > 0:
+            kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mb.mask).mean()
         ((loss + args.kl_coef * kl) * scale).backward()
         stats += torch.stack([loss.detach(), kl.detach(), (v_theta.detach() - frozen["old"][k]).abs().mean()])
     return stats
 
 
 def take_step(run, pol, epoch, log, problem=None):
-    """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with
-    decay ema_decay(step). A step with a NaN/inf gradient, or one that made a weight NaN/inf, is skipped or
-    undone, as is each step of an epoch without a finite reward (`problem` given); max_nonfinite_steps of them
-    in a row stop the run with the last good checkpoint intact."""
-    from tqdm import tqdm
-    sync = run.args.grad_sync == "step" and not run.args.fsdp  # --fsdp: synced
-    grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, run.args.max_grad_norm,
-                                                                        sync=sync)
+    """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with decay
+    ema_decay(step). A step with a NaN/inf gradient, one that made a weight NaN/inf, and each step of an epoch without
+    a finite reward (`problem` given) is skipped or undone; max_nonfinite_steps of them in a row stop the run with
+    the last good checkpoint intact."""
+    args = run.args
+    sync = args.grad_sync == "step" and not args.fsdp  # --fsdp: FSDP's backward reduce-scattered them
+    grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, args.max_grad_norm, sync)
     if problem:
         pol.bad_steps += 1
-        if run.rank == 0:  # tqdm.write: a message never lands on the progress bar's line
+        if run.process_index == 0:  # tqdm.write: a message never lands on the progress bar's line
             tqdm.write(f"warning: epoch {epoch}: {problem}, optimizer step skipped ({pol.bad_steps} in a row)")
-        if pol.bad_steps >= run.args.max_nonfinite_steps:
-            saved = checkpoints(run.args.output_dir)[-1:]
+        if pol.bad_steps >= args.max_nonfinite_steps:
+            saved = checkpoints(args.output_dir)[-1:]
             kept = f"the last good checkpoint, {saved[0]}, intact" if saved else "no checkpoint saved yet"
             advice = "the reward" if problem == "no finite reward" else "--learning_rate (lower it) or the reward"
             raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping with {kept}. "
                             f"Check {advice}, then continue with --resume_from latest")
         return
     pol.step, pol.bad_steps, log["grad_norm"] = pol.step + 1, 0, grad_norm
-    d = ema_decay(pol.step, run.args.ema_max_decay)
-    with torch.no_grad():
-        for n, p in pol.theta.items():
-            pol.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+    soft_update_(pol.ema, pol.theta, ema_decay(pol.step, args.ema_max_decay))
 
 
-def follow(pol, args):
+def optimizer_step(params, opt, max_grad_norm, sync=True):
+    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step already did
+    it after every backward, or --fsdp's backward reduce-scattered them), clip, step. Returns (gradient norm, None),
+    or (None, problem) when the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight
+    NaN/inf (too high a learning rate); then the weights and the optimizer state go back to before the step."""
+    if sync:
+        average_gradients(params)
+    # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
+    norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
+    if not math.isfinite(norm):
+        norm, problem = None, "non-finite gradient"
+    else:
+        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
+        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+        opt.step()
+        if not math.isfinite(float(full(torch.nn.utils.get_total_norm(params.values())))):  # a weight is NaN/inf
+            problem, norm = "the step made the weights NaN/inf", None
+            with torch.no_grad():
+                for p, b in zip(params.values(), before):
+                    p.copy_(b)
+            for p in list(opt.state):
+                if id(p) in saved:
+                    opt.state[p] = saved[id(p)]
+                else:  # the first step created this state: gone again
+                    del opt.state[p]
+    opt.zero_grad(set_to_none=True)
+    return norm, problem
+
+
+def average_gradients(params):
+    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place. A LoRA tensor outside
+    the graph (Qwen-Image's last text block) has no gradient: it counts as zero."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    flat = torch.cat([gr.flatten() for gr in grads])
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
+        p.grad = gr.view_as(p)
+
+
+def gather(t):
+    """Concatenate a tensor over ranks (rank order); identity on one process."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def update_old_policy(pol, args):
     """Step 5: theta_old <- d*theta_old + (1 - d)*theta with d = old_decay(step). Returns d."""
     d = old_decay(pol.step, args.old_flat, args.old_rate, args.old_max)
-    with torch.no_grad():
-        for n, p in pol.theta.items():
-            pol.old[n].mul_(d).add_(p.detach(), alpha=1 - d)
+    soft_update_(pol.old, pol.theta, d)
     return d
+
+
+@contextlib.contextmanager
+def policy(params, weights):
+    """Run the transformer with `weights` in the LoRA: the old policy (theta_old), the EMA, or the reference
+    (weights=None: lora_B = 0, the base model exactly, since base(x) + 0 = base(x)). The weights are copied in and
+    theta copied back after: module flags (peft's set_adapter, disable_adapters) and requires_grad flips are guards of
+    torch.compile, so switching policies through them recompiles the model. --fsdp: local shards are copied.
+    Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
+    names = list(params)
+    live = [local(params[n].detach()) for n in names]
+    backup = [t.clone() for t in live]
+    with torch.no_grad():
+        if weights is None:
+            torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
+        else:
+            torch._foreach_copy_(live, [local(weights[n]) for n in names])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(live, backup)
+
+
+def local(t):
+    """This rank's part of t: an FSDP DTensor's local shard (--fsdp), else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t):
+    """All of t: an FSDP DTensor gathered from every rank (each must call this), else t itself."""
+    return t.full_tensor() if local(t) is not t else t
+
+
+def guided_velocity(transformer, x, sigma, cond, negative, scale):
+    """True classifier-free guidance as the family's pipeline does it: combine(v(cond), v(negative), scale) in two
+    passes (Family.combine: cfg; Qwen-Image rescales it). negative: the negative prompt's conditioning, one row;
+    scale 1 is the conditional velocity alone, one pass."""
+    v = velocity(transformer, x, sigma, cond)
+    if scale == 1:
+        return v
+    negative = {k: t.expand(len(x), *t.shape[1:]) for k, t in negative.items()}
+    return family_of(transformer).combine(v, velocity(transformer, x, sigma, negative), scale)
+
+
+def velocity(transformer, x, sigma, cond):
+    """v = transformer(x_sigma, sigma, prompt), by the transformer's family (FAMILIES; the functions below).
+    x, v: (B, C, h, w) float32 latents; sigma: float or (B,) tensor; cond: encode_prompts' dict, B rows."""
+    return family_of(transformer).velocity(transformer, x, sigma, cond)
+
+
+def rows(cond, s):
+    """Rows s (a slice or an index tensor) of every tensor of a conditioning dict."""
+    return {k: v[s] for k, v in cond.items()}
+
+
+def _sigma_batch(sigma, x):
+    """sigma as a (B,) float32 tensor on x's device. A Python float is filled on the device:
+    torch.as_tensor(float, device=cuda) is a blocking host copy."""
+    return (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
+            else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
+
+
+def sd3_velocity(transformer, x, sigma, cond):
+    """SD3 / SD3.5: v = SD3Transformer(x_sigma, timestep 1000*sigma, embeds, pooled)."""
+    embeds = cond["embeds"]
+    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(_sigma_batch(sigma, x)),
+                      encoder_hidden_states=embeds, pooled_projections=cond["pooled"], return_dict=False)[0]
+    return out.float()
+
+
+# FLUX.1 and Qwen-Image see 2x2 patches of the latents as tokens and take sigma itself (their pipelines pass t / 1000
+# and the models scale by 1000 inside). Latents stay unpacked (B, C, h, w) outside the velocity: packing does not
+# change the NFT loss (a mean over all non-batch dims), so the loop and the noise draws stay as for SD3.
+def pack(x):
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens of 2x2 patches, row-major, channel-major inside a token
+    (FluxPipeline._pack_latents; Qwen-Image's is the same with a frame axis of length 1)."""
+    B, C, h, w = x.shape
+    return x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack(tokens, h, w):
+    """Inverse of pack: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+    B, _, D = tokens.shape
+    return tokens.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
+
+
+def flux_velocity(transformer, x, sigma, cond):
+    """FLUX.1: v = unpack(FluxTransformer(pack(x), timestep sigma, guidance, text)). The RoPE ids: text tokens all
+    zeros (L, 3), image tokens (0, row, col) (FluxPipeline._prepare_latent_image_ids)."""
+    B, _, h, w = x.shape
+    embeds = cond["embeds"]
+    row = torch.arange(h // 2, device=x.device).repeat_interleave(w // 2)
+    col = torch.arange(w // 2, device=x.device).repeat(h // 2)
+    img_ids = torch.stack([torch.zeros_like(row), row, col], 1).to(embeds.dtype)
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype)
+    out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x),
+                      guidance=cond.get("guidance"), pooled_projections=cond["pooled"], encoder_hidden_states=embeds,
+                      img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+    return unpack(out, h, w).float()
+
+
+def qwenimage_velocity(transformer, x, sigma, cond):
+    """Qwen-Image: v = unpack(QwenImageTransformer(pack(x), timestep sigma, text, mask or None, img_shapes));
+    img_shapes (frames 1, h/2, w/2) place the image tokens' 3D RoPE."""
+    B, _, h, w = x.shape
+    embeds = cond["embeds"]
+    out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x),
+                      encoder_hidden_states=embeds, encoder_hidden_states_mask=cond.get("mask"),
+                      img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False)[0]
+    return unpack(out, h, w).float()
+
+
+def qwenimage_cfg(v, v_neg, scale):
+    """QwenImagePipeline's true CFG: cfg, then each packed token (a 2x2 patch, 4C values) rescaled to the norm of
+    the conditional velocity's token."""
+    guided = pack(cfg(v, v_neg, scale))
+    return unpack(guided * (pack(v).norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True)), *v.shape[-2:])
+
+
+# =========================================================================== plumbing
+# Everything below sets up, loads, saves, checks and reports; the algorithm above never depends on how.
 
 
 # --------------------------------------------------------------------------- the run: setup and bookkeeping
 @dataclass
 class Run:
-    """What stays fixed for a whole training run, built once by start_run()."""
+    """What stays fixed for a whole run, training (start_run) or --eval_only (eval_only)."""
     args: Args
-    rank: int
-    world: int
+    process_index: int  # this process's rank under torchrun, 0 alone
+    num_processes: int  # the world size
     device: torch.device
-    pipe: object  # the diffusers pipeline; pipe.transformer carries the LoRA
-    reward_fn: object  # (images, prompts, records) -> (rewards, components), rewards.make_reward
-    autocast: object  # () -> the autocast context of the chosen precision
-    train_records: list
-    eval_records: list
-    sigmas: torch.Tensor  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
-    null: dict = None  # the negative prompt's conditioning, one row (guidance_scale > 1 only)
+    pipe: object = None  # the diffusers pipeline; pipe.transformer carries the LoRA
+    autocast: object = contextlib.nullcontext  # () -> the autocast context of the chosen precision
+    reward_fn: object = None  # (images, prompts, records) -> (rewards, components): rewards.make_reward
     eval_fn: object = None  # reward_fn with --eval_reward's components beside it (rewards.with_eval_rewards)
+    train_records: list = ()
+    eval_records: list = ()
+    negative: dict = None  # the negative prompt's conditioning, one row (guidance_scale > 1 only)
+    sigmas: torch.Tensor = None  # the rollout schedule: float64 on the CPU, num_steps + 1 values ending in 0
+    lora_meta: dict = None  # the LoRA config saved next to its weights
+    wandb: object = None
     graphs: int = None  # --compile: graphs compiled by the end of the last epoch (none yet: None)
     compile_s: float = 0.0  # --compile: seconds spent compiling so far
     eager: str = None  # --compile: why the run fell back to eager, once it has
-    lora_meta: dict = None  # the LoRA config saved next to its weights
-    wandb: object = None
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
 
     def __post_init__(self):
-        self.per_rank = self.args.num_groups * self.args.group_size // self.world  # images per epoch on this rank
-        self.T = max(1, int(self.args.num_steps * self.args.timestep_fraction))  # training sigmas per sample (9 of 10)
-        self.bar = dict(disable=self.rank != 0, leave=False, dynamic_ncols=True)  # tqdm: rank 0 only, cleared when done
+        self.per_rank = self.args.num_groups * self.args.group_size // self.num_processes  # images per epoch, rank
+        self.T = max(1, int(self.args.num_steps * self.args.timestep_fraction))  # training sigmas per sample (9/10)
+        self.bar = dict(disable=self.process_index != 0, leave=False, dynamic_ncols=True)  # tqdm on rank 0 only
         self.metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
 
     def compile_started(self, _):  # dynamo calls these around each graph it compiles (forward or backward)
@@ -599,9 +809,9 @@ class Run:
             go_eager(self, f"compiling took {self.compile_s:.0f} s, past --compile_budget {self.args.compile_budget:g}")
 
 
-class Lap:
-    """log["time_<phase>"] = seconds since the previous lap, once the device's queued work is done, minus
-    `less` (time already logged under its own name); log["time_epoch"] = seconds since the first."""
+class PhaseTimer:
+    """log["time_<phase>"] = seconds since the previous phase, once the device's queued work is done, minus `less`
+    (time already logged under its own name); log["time_epoch"] = seconds since the timer started."""
     def __init__(self, log, device):
         self.log, self.device = log, device
         self.start = self.last = clock(device)
@@ -612,9 +822,8 @@ class Lap:
 
 
 def setup(args):
-    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check flags,
-    and read the prompt sets. Returns rank, world size, device, train and eval prompt records."""
-    import rewards
+    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check the flags, the model,
+    its memory, the output folder and the prompt sets, all before any model loads. Returns a Run without the model."""
     if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -632,99 +841,119 @@ def setup(args):
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--output_dir {args.output_dir}: {existing} is not a folder (a file or a broken link)")
     try:  # a real write that leaves no name: permissions, a read-only disk, /sys or /proc (which refuse even root)
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UserError(f"--output_dir {args.output_dir}: {existing} is not writable ({e.strerror}); give a folder you "
+        what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link there
+        raise UserError(f"--output_dir {args.output_dir}: {existing} is not {what} ({e.strerror}); give a folder you "
                         "can write to") from None
     if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
-    name = rewards.parse_reward_spec(args.reward)[0][0]  # unknown names fail before any model loads
-    resolve_prompts(args)
-    warning = prompt_warning(args)
+    train_records, eval_records = prompt_sets(args)
+    for spec, records in [(args.reward, train_records), (args.reward, eval_records), (args.eval_reward, eval_records)]:
+        if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
+            rewards.check_metadata(spec, records)
+    return Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
+
+
+def prompt_sets(args):
+    """The run's (train, eval) prompt records: --prompts / --eval_prompts, folders turned into the official files
+    (and recorded so in args), else the reward's built-in sets (rewards.prompt_files, rewards.prompt_records)."""
+    args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
+                                                                    args.eval_only)
     if warning:  # once, before any model loads
         print0(warning)
-    train_records = load_prompts(args.prompts) if args.prompts else rewards.default_prompts(name, "train")
-    eval_records = load_prompts(args.eval_prompts) if args.eval_prompts else rewards.default_prompts(name, "test")
-    unique = dedupe_records(eval_records)
-    if len(unique) < len(eval_records):
-        print0(f"{args.eval_prompts}: {len(eval_records)} lines, {len(unique)} distinct prompts (the official file "
-               "lists a prompt once per image); evaluating the distinct ones")
-    eval_records = unique[:args.eval_max_prompts or None]
-    rewards.check_metadata(args.reward, train_records)
-    rewards.check_metadata(args.reward, eval_records)
-    if args.eval_reward:  # its names and the metadata it needs, before any model loads
-        rewards.check_metadata(args.eval_reward, eval_records)
-    return rank, world, device, train_records, eval_records
+    train, evals, repeats = rewards.prompt_records(args.reward, args.prompts, args.eval_prompts, args.eval_max_prompts)
+    if repeats:
+        print0(f"{args.eval_prompts}: {repeats} repeated lines (the official test files list a prompt once per "
+               "image); evaluating each distinct prompt once")
+    return train, evals
+
+
+def prompt_set(args):
+    """What config.json records as the prompts used: the files, or which built-in set stood in."""
+    name = rewards.reward_names(args.reward)[0]
+    return {"train": args.prompts or f"built-in {name} train set (rewards.default_prompts)",
+            "eval": args.eval_prompts or f"built-in {name} test set (rewards.default_prompts)"}
+
+
+def load_model(run):
+    """The reward models (before the big model: a missing download fails fast), then the pipeline on the device in
+    --mixed_precision, its VAE in --reward_precision, the negative prompt encoded, text encoders offloaded."""
+    args, device = run.args, run.device
+    say_loading(args)
+    run.reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)
+    run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, args.eval_reward, device,
+                                            args.reward_precision, args.reward_timeout)
+    dtype, run.autocast = precision(args, device)
+    run.pipe = load_pipeline(args.model, dtype, device).to(device)
+    if args.reward_precision == "fp32":  # the VAE only decodes for the rewards: fp32 as officially
+        run.pipe.vae.to(torch.float32)  # (bf16 noise in the pixels moves thresholded rewards such as GenEval's)
+    resolve_guidance(run.pipe, args)
+    if args.guidance_scale > 1:  # the negative prompt's conditioning, one row
+        run.negative = encode_prompts(run.pipe, [args.negative_prompt], args.max_sequence_length, run.device,
+                                      args.embedded_guidance_scale)
+    if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per call
+        for e in text_encoders(run.pipe):
+            e.to("cpu")
 
 
 def start_run(args):
-    """Everything before the first epoch: ranks and prompt sets (setup), the output folder (claim_output_dir:
-    lock, resume, overwrite), the reward and the model, the LoRA policies and the optimizer (make_policies,
-    then a resumed state), compile, config.json and W&B. Returns (run, policies, first epoch), or
-    (None, None, None) when the run to resume is already complete."""
-    import rewards
-    rank, world, device, train_records, eval_records = setup(args)
+    """Everything before the first epoch: setup, the output folder (claim_output_dir: lock, resume, overwrite), the
+    rewards and the model, the LoRA policies and the optimizer (make_policies, then a resumed state), compile,
+    config.json and W&B. Returns (run, policies, first epoch), or (None, None, None) when the run to resume is
+    already complete."""
+    run = setup(args)
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
-    claimed = claim_output_dir(args, rank, world)
+    claimed = claim_output_dir(args, run.process_index, run.num_processes)
     if claimed is None:
         return None, None, None
     resume, foreign, locked = claimed
-    say_loading(args)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)  # fails fast
-    eval_fn = rewards.with_eval_rewards(reward_fn, args.reward, args.eval_reward, device, args.reward_precision,
-                                        args.reward_timeout)
-    init = find_lora(args.init_lora, "--init_lora") if args.init_lora and not resume else None  # before the model loads
-    dtype, autocast = precision(args, device)
-    pipe = load_pipeline(args.model, dtype, device)
-    pipe.to(device)
-    reward_vae(pipe, args)
-    resolve_guidance(pipe, args)
-    if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per epoch
-        for e in text_encoders(pipe):
-            e.to("cpu")
-    pol = make_policies(pipe.transformer, args, init)
+    init = find_lora(args.init_lora, "--init_lora") if args.init_lora and not resume else None  # before the model
+    load_model(run)
+    pol = make_policies(run.pipe.transformer, args, init)
     start_epoch = restore(pol, *resume, args) if resume else 0
-    if rank == 0:  # a new folder is created and locked once the model has loaded
+    if run.process_index == 0:  # a new folder is created and locked once the model has loaded
         if not locked:
             run_lock(args.output_dir)
         if foreign:
             adopt_checkpoint(args, resume[0], start_epoch)
-        trim_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
+        trim_metrics(run.metrics_path, start_epoch)
     if args.compile is None:  # config.json records what ran
-        args.compile = device.type == "cuda"
-    if args.compile:  # a one-off cost; see README "Speed and memory"
+        args.compile = run.device.type == "cuda"
+    if args.compile:  # a one-off cost, checked as each graph is done: a compile past its budget must not stall a run
         # a resumed run reuses the compiled kernels (set TORCHINDUCTOR_CACHE_DIR to share them between runs)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "compile_cache"))
-        compile_blocks(pipe.transformer)
-    wandb = None
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(json_safe(dict(dataclasses.asdict(args), prompt_set=prompt_set(args))), f, indent=1, allow_nan=False)
-        if args.wandb:  # the package was checked in setup()
-            import wandb
-            wandb.init(project=args.wandb_project, name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
-                       config=dataclasses.asdict(args))
-    lora_meta = pipe.transformer.peft_config["default"].to_dict()
-    lora_meta["target_modules"] = sorted(lora_meta["target_modules"])  # a set is not JSON
-    run = Run(args, rank, world, device, pipe, reward_fn, autocast, train_records, eval_records,
-              sigmas=family_of(pipe).sigmas(pipe, args.num_steps, args.resolution), lora_meta=lora_meta, wandb=wandb,
-              null=negative_conditioning(pipe, args, device), eval_fn=eval_fn)
-    if args.compile:  # checked as each graph is done: a compile past its budget must not stall the run
+        compile_blocks(run.pipe.transformer)
         torch._dynamo.callback_handler.register_start_callback(run.compile_started)
         torch._dynamo.callback_handler.register_end_callback(run.compile_done)
+    if run.process_index == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
+        write_config(args)
+        if args.wandb:  # the package was checked in setup()
+            import wandb
+            run.wandb = wandb
+            wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
+                       name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)))
+    run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
+    run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
+    run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
     if args.profile:  # a few timed epochs, no evaluation or checkpoints
         args.num_epochs, args.eval_every = start_epoch + 3, 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the training loop's peak, not the model build's
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # the training loop's peak, not the model build's
     return run, pol, start_epoch
+
+
+def write_config(args, **extra):
+    """config.json: the resolved flags (what ran), the prompt sets, and `extra` (the compile fallback)."""
+    config = dict(dataclasses.asdict(args), prompt_set=prompt_set(args), **extra)
+    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+        json.dump(json_safe(config), f, indent=1, allow_nan=False)
 
 
 def go_eager(run, reason):
@@ -733,45 +962,42 @@ def go_eager(run, reason):
         run.eager = reason
         torch.compiler.set_stance("force_eager")
         print0(f"warning: {reason}; the rest of the run is eager (--no-compile skips compiling)")
-        if run.rank == 0:  # start_run wrote config.json
-            config = dict(json.load(open(os.path.join(run.args.output_dir, "config.json"))), compile_fallback=reason)
-            with open(os.path.join(run.args.output_dir, "config.json"), "w") as f:
-                json.dump(config, f, indent=1)
+        if run.process_index == 0:
+            write_config(run.args, compile_fallback=reason)
 
 
 def evaluate_ema(run, pol, epoch, log, suffix=""):
-    """The EMA weights on the evaluation prompts; rank 0 saves a grid of the first 16 images, a labelled row
-    per prompt. log gets eval_reward_mean and, per --eval_reward name, eval_<name> (each + suffix)."""
-    import rewards
+    """The EMA weights on the evaluation prompts; rank 0 saves a grid of the first 16 images, a labelled row per
+    prompt. log gets eval_reward_mean and, per --eval_reward name, eval_<name> (each + suffix)."""
     with policy(pol.theta, pol.ema):
-        results = evaluate(run.pipe, run.eval_records, run.eval_fn, run.args, run.device, run.autocast, run.rank,
-                           run.world)
-    if run.rank == 0:  # evaluate() keeps the images of the first 16 results
+        results = evaluate(run, run.eval_records)
+    if run.process_index == 0:  # evaluate() keeps the images of the first 16 results
         kept = [r for r in results if "_image" in r]
-        save_grid(torch.stack([r["_image"] for r in kept]), os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png"),
+        grid = os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png")
+        save_grid(torch.stack([r["_image"] for r in kept]), grid,
                   nrow=run.args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
-    mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
-    log["eval_reward_mean" + suffix] = mean("reward")
-    for name in rewards.reward_names(run.args.eval_reward):
-        log[f"eval_{name}{suffix}"] = mean(name)
+    names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
+    for key, name in names.items():
+        log[key + suffix] = sum(r[name] for r in results) / len(results)
 
 
 def end_epoch(run, pol, epoch, log):
     """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics line
     (NaN as null) and print it; rank 0 keeps a copy of the trained state and saves it every save_every epochs."""
     args = run.args
-    graphs = lambda: int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # noqa: E731
-    if args.compile and run.graphs is not None and graphs() > run.graphs:
-        go_eager(run, f"epoch {epoch} compiled {graphs() - run.graphs} graph(s) after the first epoch")
-    if args.compile:  # graphs and compile seconds so far: flat after the first epoch, else compile_fallback says why
-        log.update(compiled_graphs=graphs(), compile_time_s=run.compile_s, compile_fallback=run.eager)
+    if args.compile:
+        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        if run.graphs is not None and graphs > run.graphs:
+            go_eager(run, f"epoch {epoch} compiled {graphs - run.graphs} graph(s) after the first epoch")
+        # graphs and compile seconds so far: flat after the first epoch, else compile_fallback says why
+        log.update(compiled_graphs=graphs, compile_time_s=run.compile_s, compile_fallback=run.eager)
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
         evaluate_ema(run, pol, epoch + 1, log)
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
-        run.graphs = graphs()
+        run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     keep = not args.profile and "grad_norm" in log  # a step this epoch (grad_norm comes with one): keep a copy
     state = training_state(pol) if keep else None  # on every rank: --fsdp gathers the shards
-    if run.rank != 0:
+    if run.process_index != 0:
         return
     try:
         with open(run.metrics_path, "a") as f:
@@ -780,19 +1006,10 @@ def end_epoch(run, pol, epoch, log):
         raise write_error(e, run.metrics_path) from None
     if keep:  # after its metrics line: the checkpoint, or the copy that Ctrl-C / SIGTERM save (main)
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
-                     config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.world))
-        _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, state["ema"], run.lora_meta,
+                     config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.num_processes))
+        _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, run.lora_meta,
                                       family_of(run.pipe).pipeline)]
-    strict = " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_"))
-    extra = "".join(f" {k[5:]} {v:.4f}" for k, v in log.items()  # --eval_reward's
-                    if k.startswith("eval_") and not k.startswith("eval_reward") and not k.endswith("_before"))
-    t = {k[5:]: v for k, v in log.items() if k.startswith("time_")}
-    print0(f"epoch {epoch:4d} step {pol.step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
-           f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
-           f"zero-std {log['zero_std_share']:.2f} | " + (f"strict {strict} | " if strict else "")
-           + (f"eval {log['eval_reward_mean']:.4f}{extra} | " if "eval_reward_mean" in log else "")
-           + f"{t['epoch']:.1f}s (text {t['text']:.1f} rollout {t['rollout']:.1f} decode {t['decode']:.1f} "
-           f"reward {t['reward']:.1f} train {t['train']:.1f})")
+    print_epoch(epoch, pol.step, log)
     if run.wandb:
         run.wandb.log(log, step=pol.step)
     if args.profile or not ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
@@ -805,38 +1022,32 @@ def end_epoch(run, pol, epoch, log):
 
 
 def end_run(run, history):
-    """After the last epoch: curves.png, the --profile report, and the ranks' goodbye."""
+    """After the last epoch: curves.png, the --profile report, and where the outputs are."""
     run.pool.shutdown()
-    if run.rank == 0 and os.path.exists(run.metrics_path):
+    if run.process_index == 0 and os.path.exists(run.metrics_path):
         plot_curves(run.metrics_path, os.path.join(run.args.output_dir, "curves.png"))
-    if run.args.profile and (run.rank == 0 or run.args.fsdp):  # --fsdp: every rank joins the FLOP count's forwards
-        profile_report(run.args, run.pipe, history, run.per_rank, run.T, run.device, run.autocast)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if run.args.profile and (run.process_index == 0 or run.args.fsdp):  # --fsdp: all ranks join the FLOP count
+        profile_report(run, history)
     print0(f"done: the outputs are in {run.args.output_dir}")
 
 
 def say_loading(args):
-    """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a
-    silent terminal never leaves a user wondering whether anything is happening."""
-    import rewards
+    """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a silent terminal
+    never leaves a user wondering whether anything is happening."""
     models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(args.eval_reward))
               if n not in rewards.NO_MODEL]
-    model = (f"the tiny random {dict(sd3='SD3', flux='FLUX.1', qwenimage='Qwen-Image')[TINY_MODELS[args.model]]} (built in "
-             "code, no download)" if args.model in TINY_MODELS else
-             f"random-weight {args.model[7:]}" if args.model.startswith("random:") else args.model)
-    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}" if models else "")
-           + " ...")
+    name = args.model.split(":")[-1]
+    model = args.model if not builtin(args.model) else f"random-weight {name}"
+    if name.startswith("tiny") and name in BUILTIN:
+        model = f"the tiny random {family_named(BUILTIN[name]['family']).title} (built in code, no download)"
+    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}"
+                                 if models else "") + " ...")
 
 
-# --------------------------------------------------------------------------- model loading and LoRA policies
-TINY_MODELS = {"tiny": "sd3", "tiny-flux": "flux", "tiny-qwenimage": "qwenimage"}  # CPU models built in code: family
-
-
+# --------------------------------------------------------------------------- model loading and the LoRA
 def builtin(model):
-    """A model built in code (tiny-*, random:*), no download."""
-    return model in TINY_MODELS or model.startswith("random:")
+    """A model built in code (tiny*, random:<name>), no download."""
+    return model.startswith("random:") or model in BUILTIN and model.startswith("tiny")
 
 
 def _is_local(model):
@@ -847,7 +1058,6 @@ def _is_local(model):
 @functools.lru_cache(maxsize=None)  # setup() checks early, load_pipeline() again: one look-up (errors are not cached)
 def check_hub_model(model):
     """A hub id must be cached or reachable: one line now, not minutes of retries and then a traceback."""
-    import rewards
     try:
         rewards.hub_ready(model, what="--model")
     except rewards.RewardError as e:
@@ -855,34 +1065,30 @@ def check_hub_model(model):
 
 
 def load_pipeline(model, dtype, device="cpu"):
-    """tiny | tiny-flux | tiny-qwenimage | random:<arch> | hub id | local folder of a StableDiffusion3Pipeline,
-    FluxPipeline or QwenImagePipeline (its model_index.json names the class, which picks the family). Random
-    architectures other than the tiny ones (fitted on the CPU, so the same model everywhere) are built on `device`."""
+    """A built-in model (BUILTIN: tiny ones on the CPU, random:<name> on `device`), a hub id or a local folder of a
+    StableDiffusion3Pipeline, FluxPipeline or QwenImagePipeline (the class picks the family), frozen, in eval mode."""
     import diffusers
+    name = model.split(":")[-1]
+    if builtin(model) and name not in BUILTIN:
+        raise UserError(f"unknown built-in --model {model!r}; choose from "
+                        + ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN))
     if builtin(model):
-        arch = model.split(":")[-1]
-        if arch not in RANDOM_ARCHS and arch not in FAMILY_ARCHS:
-            archs = [a for a in list(RANDOM_ARCHS) + list(FAMILY_ARCHS) if not a.startswith("tiny")]
-            raise UserError(f"unknown built-in --model {model!r}; choose from {', '.join(TINY_MODELS)}, "
-                            + ", ".join(f"random:{a}" for a in archs))
-        build = random_pipeline if arch in RANDOM_ARCHS else family_pipeline
-        pipe = build(arch, device if not arch.startswith("tiny") else "cpu")
+        pipe = builtin_pipeline(name, "cpu" if name.startswith("tiny") else device)
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    index = os.path.join(model, "model_index.json")
     if _is_local(model) and not os.path.isdir(model):
         raise UserError(f"--model folder not found: {model}")
-    if _is_local(model):
-        index = os.path.join(model, "model_index.json")
-        if not os.path.isfile(index) or not any(f'"{name}"' in open(index).read() for name in FAMILIES):
-            raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
-                            "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
-    else:
+    if _is_local(model) and (not os.path.isfile(index) or not any(f'"{n}"' in open(index).read() for n in FAMILIES)):
+        raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
+                        "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
+    if not _is_local(model):
         check_hub_model(model)
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:
         raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
-                        f"(`hf auth login`, SD3.5 and FLUX.1-dev are gated) and download it with `hf download {model}`, "
-                        "or pass a local folder")
+                        "(`hf auth login`, SD3.5 and FLUX.1-dev are gated) and download it with "
+                        f"`hf download {model}`, or pass a local folder")
     family_of(pipe)  # a supported class, or one clear error
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -893,17 +1099,15 @@ def load_pipeline(model, dtype, device="cpu"):
 def lora_config(args, official=OFFICIAL_TARGETS):
     """peft's LoraConfig of --rank, --lora_alpha, --lora_targets; "official" is the family's recipe (`official`)."""
     from peft import LoraConfig
-    official = list(official)
-    names = {"official": official, "official+proj_out": official + ["proj_out"]}
+    names = {"official": list(official), "official+proj_out": [*official, "proj_out"]}
     targets = names.get(args.lora_targets) or [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
 def add_adapters(transformer, args):
-    """One LoRA adapter, "default", on the frozen base: the trainable theta. The old policy theta_old is a
-    dict of fp32 tensors with the same names, copied into the adapter for its passes (see `policy`).
-    lora_B starts at zero, so theta, theta_old and the reference (lora_B = 0) agree at step 0.
-    Returns the trainable parameters and the old weights, both keyed by the parameter names."""
+    """One LoRA adapter, "default", on the frozen base: the trainable theta, in fp32. The old policy theta_old is a
+    dict of tensors with the same names, copied into the adapter for its passes (`policy`). lora_B starts at zero,
+    so theta, theta_old and the reference (lora_B = 0) agree at step 0. Returns theta and theta_old."""
     transformer.requires_grad_(False)
     config = lora_config(args, family_of(transformer).lora_targets)
     check_targets(transformer, config.target_modules, f"--lora_targets {args.lora_targets}")
@@ -914,22 +1118,20 @@ def add_adapters(transformer, args):
     for m in transformer.modules():  # peft casts the bf16 input to the fp32 LoRA's dtype, and autocast casts it
         if hasattr(m, "cast_input_dtype_enabled"):  # back for the matmul: a lossless round trip of the activations
             m.cast_input_dtype_enabled = False
-    old = {n: p.detach().clone() for n, p in params.items()}
-    return params, old
+    return params, {n: p.detach().clone() for n, p in params.items()}
 
 
 def make_policies(transformer, args, init=None):
-    """theta (the LoRA adapter, fp32), theta_old and the EMA (copies of it), and AdamW over theta. The LoRA's
-    gaussian init is seeded, so every rank starts identical; init (find_lora of --init_lora) starts theta and
-    theta_old from a file."""
-    torch.manual_seed(args.seed)  # the LoRA's gaussian init: identical on every rank
+    """theta (the LoRA adapter, seeded: the same on every rank), theta_old and the EMA (copies), AdamW over theta;
+    init (--init_lora, read by find_lora) starts theta and theta_old."""
+    torch.manual_seed(args.seed)
     params, old = add_adapters(transformer, args)
     if init:
         n = init_from_lora(params, old, init, args)
         print0(f"--init_lora {args.init_lora}: theta and theta_old start from its {n} LoRA tensors")
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    if args.fsdp:  # theta_old still equals theta (add_adapters, init_from_lora): copies of the shards
+    if args.fsdp:  # theta_old still equals theta: copies of the shards
         params, old = shard(transformer)
     ema = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -937,64 +1139,24 @@ def make_policies(transformer, args, init=None):
     return Policies(params, old, ema, opt)
 
 
-@contextlib.contextmanager
-def policy(params, weights):
-    """Run the transformer with `weights` in the LoRA: the old policy (theta_old), the EMA, or the reference
-    (weights=None: lora_B = 0, the base model exactly, since base(x) + 0 = base(x)). The weights are copied
-    in and theta copied back after: module flags (peft's set_adapter, disable_adapters) and requires_grad
-    flips are guards of torch.compile, so switching policies through them recompiles the model.
-    Enter it outside any autocast context: autocast caches its bf16 copy of the LoRA until the context exits."""
-    names = list(params)
-    live = [local(params[n].detach()) for n in names]  # --fsdp: this rank's shards, as in `weights`
-    backup = [t.clone() for t in live]
-    with torch.no_grad():
-        if weights is None:
-            torch._foreach_zero_([t for n, t in zip(names, live) if "lora_B" in n])
-        else:
-            torch._foreach_copy_(live, [local(weights[n]) for n in names])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(live, backup)
-
-
-def velocity(transformer, x, sigma, cond):
-    """v = transformer(x_sigma, sigma, prompt), by the transformer's family (see "model families").
-    x, v: (B, C, h, w) float32 latents; sigma: float or (B,) tensor; cond: encode_prompts' dict, B rows."""
-    return family_of(transformer).velocity(transformer, x, sigma, cond)
-
-
-def guided_velocity(transformer, x, sigma, cond, null, scale):
-    """True classifier-free guidance as the family's pipeline does it: combine(v(cond), v(null), scale) in two
-    passes (Family.combine: cfg; Qwen-Image rescales it). null: the negative prompt's conditioning, one row;
-    scale 1 is the conditional velocity alone, one pass."""
-    v = velocity(transformer, x, sigma, cond)
-    if scale == 1:
-        return v
-    null = {k: t.expand(len(x), *t.shape[1:]) for k, t in null.items()}
-    return family_of(transformer).combine(v, velocity(transformer, x, sigma, null), scale)
-
-
-def compile_blocks(transformer, **options):
-    """torch.compile each transformer block in place (regional compilation). Blocks of one kind share a
-    graph (their weights are graph inputs), so SD3.5-Medium compiles 3 kinds (dual-attention, joint, and the
-    last, context-pre-only block) x 2 grad modes, whatever its depth; the cheap layers around them stay
-    eager. Policies switch by copying weights (see `policy`), which no guard sees."""
-    torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
-    for block in blocks(transformer):
-        block.compile(**options)
-
-
 def blocks(transformer):
     """The transformer's repeated blocks (FLUX.1 has two lists of them): the unit of compile and of --fsdp."""
     return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
 
 
+def compile_blocks(transformer, **options):
+    """torch.compile each block in place. Blocks of one kind share a graph (their weights are graph inputs), so
+    SD3.5-Medium compiles 3 kinds x 2 grad modes whatever its depth; the cheap layers around them stay eager. Policies
+    switch by copying weights (`policy`), which no guard sees."""
+    torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
+    for block in blocks(transformer):
+        block.compile(**options)
+
+
 def shard(transformer):
-    """--fsdp: FSDP2, a unit per block, then the rest: a rank holds 1/world of each weight, LoRA included (DTensors
-    split on dim 0), and gathers a block only while it runs. The root reshards after its forward too (FSDP keeps it
-    gathered by default), so what `policy` copies into the shards reaches the next forward. Returns the LoRA, a copy."""
+    """--fsdp: FSDP2, a unit per block, then the rest: a rank holds 1/world of each weight, LoRA included, and gathers
+    a block only while it runs. The root reshards after its forward too (FSDP keeps it gathered by default), so what
+    `policy` copies into the shards reaches the next forward. Returns the LoRA and a copy of it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
@@ -1006,57 +1168,31 @@ def shard(transformer):
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
-    """The prompts' conditioning, by the pipeline's family: a dict of (N, ...) tensors, one row per prompt,
-    sliced along dim 0 like the latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048)). A transformer
-    with a guidance embedding (FLUX.1-dev) also gets `embedded_guidance` (N,): a model input, not CFG, so it must
-    be the same in rollouts and training (else v_old and v_theta are different functions)."""
+    """The prompts' conditioning by the pipeline's family: a dict of (N, ...) tensors sliced along dim 0 like the
+    latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048)). FLUX.1-dev's embedded guidance (N,) is a model
+    input, not CFG, so it rides along: the same in rollouts and training (else v_old and v_theta differ)."""
     cond = family_of(pipe).encode(pipe, prompts, max_sequence_length, device)
     if getattr(pipe.transformer.config, "guidance_embeds", False):
         cond["guidance"] = torch.full((len(prompts),), embedded_guidance, device=cond["embeds"].device)
     return cond
 
 
-def negative_conditioning(pipe, args, device):
-    """The conditioning of --negative_prompt, one row, for --guidance_scale > 1; None without guidance."""
-    if args.guidance_scale > 1:
-        return encode_prompts(pipe, [args.negative_prompt], args.max_sequence_length, device,
-                              args.embedded_guidance_scale)
-
-
 def decode(pipe, x0):
     """Latents (B, C, h, w) -> images in [0, 1], (B, 3, H, W) float32, by the pipeline's family."""
-    return family_of(pipe).decode(pipe, x0)
-
-
-def take(cond, s):
-    """Rows s (a slice or an index tensor) of every tensor of a conditioning dict."""
-    return {k: v[s] for k, v in cond.items()}
-
-
-@torch.no_grad()
-def sample(pipe, x, cond, sigmas, solver, args, autocast, null=None, generator=None):
-    """Integrate noise x (sigma = 1) to clean latents x0 with the transformer's active policy.
-    guidance_scale > 1 guides it by the family's rule (guided_velocity; null = the negative prompt's
-    conditioning), as in rollouts and evaluation (the loss only with --train_guided). generator feeds the noise
-    of stochastic solvers."""
-    def v_fn(x, sigma):
-        return guided_velocity(pipe.transformer, x, sigma, cond, null, args.guidance_scale)
-    with autocast():  # one context for all steps: autocast casts the fp32 LoRA to bf16 once, not every step
-        return solve(v_fn, x, sigmas, solver, generator=generator, eta=args.eta)
+    with torch.no_grad():
+        return family_of(pipe).decode(pipe, x0)
 
 
 def lora_state(weights):
-    """peft names (...lora_A.default.weight) -> diffusers transformer names (...lora_A.weight)."""
+    """peft names (...lora_A.default.weight) -> diffusers transformer names (...lora_A.weight), CPU fp32."""
     return {n.replace(".default.", "."): t.detach().float().cpu().contiguous() for n, t in weights.items()}
 
 
 def find_lora(path, flag="--lora"):
     """Locate and read (read_lora) a LoRA handed in: this project's pytorch_lora_weights.safetensors (a checkpoint
     folder or the file), or the official DiffusionNFT / Flow-GRPO peft layout, adapter_model.safetensors +
-    adapter_config.json (in the folder or its lora/ subfolder, as official checkpoints hold it). A hub id
-    "owner/name" that is not a local path is downloaded first."""
+    adapter_config.json (in the folder or its lora/ subfolder). A hub id "owner/name" is downloaded first."""
     if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
-        import rewards
         try:
             rewards.hub_ready(path, what=flag)
             from huggingface_hub import snapshot_download
@@ -1064,18 +1200,18 @@ def find_lora(path, flag="--lora"):
         except rewards.RewardError as e:
             raise UserError(f"{flag} {path}: no such file or folder; as a hub repo: {e}")
         except Exception as e:
-            raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download ({type(e).__name__}); "
-                            f"try `hf download {path}`")
+            raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download "
+                            f"({type(e).__name__}); try `hf download {path}`")
     if os.path.isfile(path):
-        return read_lora(*(("peft", os.path.dirname(path)) if os.path.basename(path) == "adapter_model.safetensors"
-                           else ("diffusers", path)), flag)
+        peft = os.path.basename(path) == "adapter_model.safetensors"
+        return read_lora("peft" if peft else "diffusers", os.path.dirname(path) if peft else path, flag)
     for folder in (path, os.path.join(path, "lora")):
         if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
             return read_lora("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
-        if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")):
             return read_lora("peft", folder, flag)
-    raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither pytorch_lora_weights"
-                    ".safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json (peft)"))
+    raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither "
+                    "pytorch_lora_weights.safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json"))
 
 
 def read_lora(kind, path, flag):
@@ -1142,9 +1278,9 @@ def check_targets(transformer, targets, what):
 
 
 def load_lora(pipe, lora, flag="--lora"):
-    """Add a LoRA read by find_lora to pipe.transformer as adapter "default": its config gives rank, alpha (scale
-    alpha/r) and targets (without targets: the modules its tensors name), and its tensors must be exactly the
-    adapter's, so a LoRA of another family or rank is refused where peft would only warn."""
+    """Add a LoRA read by find_lora to pipe.transformer as adapter "default": its config gives rank, alpha and targets
+    (without targets: the modules its tensors name), and its tensors must be exactly the adapter's, so a LoRA of
+    another family or rank is refused where peft would only warn."""
     from peft import LoraConfig
     file, config, weights = lora
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
@@ -1159,10 +1295,9 @@ def load_lora(pipe, lora, flag="--lora"):
 
 
 def init_from_lora(params, old, lora, args):
-    """--init_lora (official train.lora_path): copy a LoRA read by find_lora into the trainable parameters and the
-    old policy's, so theta = theta_old = that LoRA at step 0. Its tensors must be exactly the trainable ones
-    (--rank, --lora_targets). Its scale alpha/r is folded into lora_B, so the starting policy is the one
-    `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    """--init_lora (official train.lora_path): a LoRA read by find_lora into theta and theta_old, its tensors exactly
+    the trainable ones (--rank, --lora_targets), its scale alpha/r folded into lora_B so that the starting policy is
+    the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
     file, config, weights = lora
     check_fit(params, weights, f"--init_lora {file}", "this run's LoRA", "match --rank and --lora_targets to it")
     scale = config["lora_alpha"] / config["r"] / (args.lora_alpha / args.rank)
@@ -1175,48 +1310,44 @@ def init_from_lora(params, old, lora, args):
 
 
 # --------------------------------------------------------------------------- model families
-# NFT needs nothing model-specific beyond "a velocity for (x, sigma, prompt)". Each family is a handful of
-# functions picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask:
+# NFT needs nothing model-specific beyond "a velocity for (x, sigma, prompt)". A Family is a handful of functions,
+# picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask which:
 #   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (N, ...) tensors, sliced on dim 0
 #   velocity(transformer, x, sigma, cond) -> v                    x, v: (B, C, h, w) latents; sigma: (B,)
-#   sigmas(pipe, num_steps, resolution) -> (num_steps + 1,)       float64 ending in 0: the pipeline's schedule
-#   latent_shape(pipe, resolution) -> (C, h, w);  decode(pipe, x0) -> (B, 3, H, W) in [0, 1]
+#   decode(pipe, x0) -> images                                   (B, 3, H, W) in [0, 1]
 #   combine(v, v_neg, scale) -> v                                 the pipeline's true CFG (guided_velocity)
-# Latents stay unpacked (B, C, h, w) outside `velocity`: FLUX's and Qwen-Image's 2x2 packing into tokens
-# does not change the NFT loss (a mean over all non-batch dims), so the loop and the noise draws stay as for SD3.
 @dataclass(frozen=True)
 class Family:
     name: str  # "sd3" | "flux" | "qwenimage": also the name of its preset in PRESETS (none for sd3)
+    title: str  # how the family is called in messages
     pipeline: str  # the diffusers pipeline class: picks the family, and saves the LoRA (save_lora_weights)
     transformer: str  # the transformer class, so velocity() finds the family from the module alone
     lora_targets: tuple  # --lora_targets official: the reference RL trainer's LoRA targets (peft suffix match)
     text_encoders: tuple  # the pipeline's text encoder attributes (--offload_text_encoders)
+    max_text: int  # the longest --max_sequence_length its pipeline allows
     encode: object
     velocity: object
-    sigmas: object
-    latent_shape: object
     decode: object
-    combine: object = cfg  # combine(v, v_neg, scale) -> v: the pipeline's true CFG (--guidance_scale)
+    combine: object = cfg  # the pipeline's true CFG (--guidance_scale)
     negative_prompt: str = ""  # the published recipes' negative prompt (--negative_prompt unset)
 
 
 def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
-    """Encode each distinct prompt once (a group repeats its prompt group_size times), `chunk` at a time, and
-    index the result back to `prompts` order. encode_chunk(list of str) -> dict of (n, ...) tensors of one
-    shape per key. Text encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device`
-    once for the whole call."""
+    """Encode each distinct prompt once (a group repeats its prompt group_size times), `chunk` at a time, and index
+    the result back to `prompts` order. encode_chunk(list of str) -> dict of (n, ...) tensors of one shape per key.
+    Text encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the call."""
     uniq = list(dict.fromkeys(prompts))
     encoders = text_encoders(pipe)
     home = encoders[0].device
     for e in encoders if home != device else []:
         e.to(device)
-    parts = [encode_chunk(uniq[i:i + chunk]) for i in range(0, len(uniq), chunk)]
+    with torch.no_grad():
+        parts = [encode_chunk(uniq[i:i + chunk]) for i in range(0, len(uniq), chunk)]
     for e in encoders if home != device else []:
         e.to(home)
     cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     row = {p: i for i, p in enumerate(uniq)}
-    where = torch.tensor([row[p] for p in prompts], device=next(iter(cond.values())).device)
-    return take(cond, where)
+    return rows(cond, torch.tensor([row[p] for p in prompts], device=next(iter(cond.values())).device))
 
 
 def text_encoders(pipe):
@@ -1225,15 +1356,21 @@ def text_encoders(pipe):
 
 
 def latent_shape(pipe, resolution):
-    """(C, h, w) of one image's latents at `resolution` px (what the rollout noise is drawn in)."""
-    return family_of(pipe).latent_shape(pipe, resolution)
+    """(C, h, w) of one image's latents at `resolution` px (what the rollout noise is drawn in): the VAE downsamples by
+    8; FLUX.1 and Qwen-Image pack 2x2 patches of in_channels / 4 latent channels, so their sides are even."""
+    f, channels = pipe.vae_scale_factor, pipe.transformer.config.in_channels
+    if family_of(pipe).name == "sd3":
+        return channels, resolution // f, resolution // f
+    return channels // 4, 2 * (resolution // (2 * f)), 2 * (resolution // (2 * f))
 
 
-def _sigma_batch(sigma, x):
-    """sigma as a (B,) float32 tensor on x's device. A Python float is filled on the device:
-    torch.as_tensor(float, device=cuda) is a blocking host copy."""
-    return (sigma.to(x.device, torch.float32).expand(x.shape[0]) if torch.is_tensor(sigma)
-            else torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32))
+def schedule(pipe, num_steps, resolution):
+    """The sigmas the family's pipeline samples with, num_steps + 1 ending in 0: SD3 shifts by a constant (3.0 for
+    SD3.5, rollout_sigmas); FLUX.1 and Qwen-Image by the image's token count (shifted_sigmas)."""
+    if family_of(pipe).name == "sd3":
+        return rollout_sigmas(num_steps, pipe.scheduler.config.shift)
+    _, h, w = latent_shape(pipe, resolution)
+    return shifted_sigmas(pipe.scheduler.config, num_steps, h * w // 4)
 
 
 def kl_decode(pipe, x0):
@@ -1243,148 +1380,45 @@ def kl_decode(pipe, x0):
     return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
-# SD3 / SD3.5: CLIP-L + CLIP-G + T5, the transformer takes 1000*sigma, a constant shift (3.0 for SD3.5).
 def sd3_encode(pipe, prompts, max_sequence_length, device):
-    """embeds (N, 77 + T5 length, 4096): CLIP-L and CLIP-G side by side, then T5; pooled (N, 2048)."""
+    """SD3: embeds (N, 77 + T5 length, 4096), CLIP-L and CLIP-G side by side then T5; pooled (N, 2048)."""
     def chunk(texts):
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
-                                                  do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
         return {"embeds": embeds, "pooled": pooled}
-    with torch.no_grad():
-        return _encode_unique(pipe, prompts, device, chunk)
-
-
-def sd3_velocity(transformer, x, sigma, cond):
-    """v = SD3Transformer(x_sigma, timestep 1000*sigma, embeds, pooled)."""
-    embeds = cond["embeds"]
-    out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(_sigma_batch(sigma, x)),
-                      encoder_hidden_states=embeds, pooled_projections=cond["pooled"], return_dict=False)[0]
-    return out.float()
-
-
-def sd3_sigmas(pipe, num_steps, resolution):
-    """SD3 shifts by a constant, whatever the resolution."""
-    return rollout_sigmas(num_steps, pipe.scheduler.config.shift)
-
-
-def sd3_latent_shape(pipe, resolution):
-    h = resolution // pipe.vae_scale_factor
-    return pipe.transformer.config.in_channels, h, h
-
-
-# FLUX.1 and Qwen-Image: the transformer sees 2x2 patches of the latents as tokens and takes sigma itself
-# (FluxPipeline / QwenImagePipeline pass t / 1000 and the models scale by 1000 inside); the schedule's shift
-# grows with the number of image tokens (the pipelines' calculate_shift).
-def pack(x):
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C) tokens of 2x2 patches, row-major, channel-major inside a token
-    (FluxPipeline._pack_latents; Qwen-Image's is the same with a frame axis of length 1)."""
-    B, C, h, w = x.shape
-    return x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
-
-
-def unpack(tokens, h, w):
-    """Inverse of pack: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
-    B, _, D = tokens.shape
-    return tokens.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
-
-
-def packed_latent_shape(pipe, resolution):
-    """(C, h, w) with h = 2 * (resolution // 16): the VAE downsamples by 8 and packing needs even sides."""
-    h = 2 * (resolution // (2 * pipe.vae_scale_factor))
-    return pipe.transformer.config.in_channels // 4, h, h
-
-
-def shifted_sigmas(config, num_steps, image_seq_len):
-    """The schedule FluxPipeline and QwenImagePipeline hand FlowMatchEulerDiscreteScheduler: t = linspace(1,
-    1/num_steps, num_steps) and mu linear in the image tokens (calculate_shift), then per the scheduler config
-        use_dynamic_shifting:  sigma = e^mu / (e^mu + 1/t - 1)   (time_shift_type "exponential")
-                               sigma = mu / (mu + 1/t - 1)       ("linear")
-        else:                  sigma = shift*t / (1 + (shift - 1)*t)
-        shift_terminal:        1 - sigma stretched so the last sigma is shift_terminal (Qwen-Image: 0.02)
-    and a final 0. float64 (the scheduler computes in float32: they agree to ~1e-7)."""
-    c = lambda k, default: config.get(k, default)  # noqa: E731
-    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    if c("use_dynamic_shifting", False):
-        slope = (c("max_shift", 1.15) - c("base_shift", 0.5)) / (c("max_image_seq_len", 4096) - c("base_image_seq_len", 256))
-        mu = c("base_shift", 0.5) + slope * (image_seq_len - c("base_image_seq_len", 256))
-        s = (math.exp(mu) / (math.exp(mu) + (1 / t - 1)) if c("time_shift_type", "exponential") == "exponential"
-             else mu / (mu + (1 / t - 1)))
-    else:
-        s = c("shift", 1.0) * t / (1 + (c("shift", 1.0) - 1) * t)
-    if c("shift_terminal", None):
-        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - config["shift_terminal"]))
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
-
-
-def packed_sigmas(pipe, num_steps, resolution):
-    """FLUX / Qwen-Image rollout sigmas at `resolution` px: shifted_sigmas with the image's token count."""
-    _, h, w = packed_latent_shape(pipe, resolution)
-    return shifted_sigmas(pipe.scheduler.config, num_steps, (h // 2) * (w // 2))
+    return _encode_unique(pipe, prompts, device, chunk)
 
 
 def flux_encode(pipe, prompts, max_sequence_length, device):
-    """CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096); FLUX.1-dev's embedded guidance
-    (--embedded_guidance_scale) is added by encode_prompts. T5's padding is not masked: the length changes v."""
+    """FLUX.1: CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096); the embedded guidance is added
+    by encode_prompts. T5's padding is not masked: the length changes v."""
     def chunk(texts):
         embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
                                                max_sequence_length=max_sequence_length)
         return {"embeds": embeds, "pooled": pooled}
-    with torch.no_grad():
-        return _encode_unique(pipe, prompts, device, chunk)
-
-
-def flux_velocity(transformer, x, sigma, cond):
-    """v = unpack(FluxTransformer(pack(x), timestep sigma, guidance, text)). The RoPE ids: text tokens all
-    zeros (L, 3), image tokens (0, row, col) (FluxPipeline._prepare_latent_image_ids)."""
-    B, _, h, w = x.shape
-    embeds = cond["embeds"]
-    rows = torch.arange(h // 2, device=x.device).repeat_interleave(w // 2)
-    cols = torch.arange(w // 2, device=x.device).repeat(h // 2)
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], 1).to(embeds.dtype)
-    out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x), guidance=cond.get("guidance"),
-                      pooled_projections=cond["pooled"], encoder_hidden_states=embeds, img_ids=img_ids,
-                      txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype), return_dict=False)[0]
-    return unpack(out, h, w).float()
+    return _encode_unique(pipe, prompts, device, chunk)
 
 
 def qwenimage_encode(pipe, prompts, max_sequence_length, device):
-    """Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (the template's 34
-    leading tokens dropped, as the pipeline does): embeds (N, max_sequence_length, 3584), mask (N, same) bool.
-    The pipeline pads to each call's longest prompt; padding to max_sequence_length gives one shape per run
-    (chunks concatenate). Padded keys are masked out and their RoPE positions come after the real ones, so v is
-    unchanged. As the pipeline, no mask when every token is real (the unmasked, fast attention)."""
+    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (its 34 leading
+    tokens dropped, as the pipeline does): embeds (N, max_sequence_length, 3584), mask (N, same) bool. The pipeline
+    pads to each call's longest prompt; padding to max_sequence_length gives one shape per run. Padded keys are
+    masked out and their RoPE positions come after the real ones, so v is unchanged. As the pipeline: no mask when
+    every token is real (the unmasked, fast attention)."""
     def chunk(texts):
         embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
         n, length, _ = embeds.shape
         mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         pad = max_sequence_length - length
-        return {"embeds": torch.nn.functional.pad(embeds, (0, 0, 0, pad)), "mask": torch.nn.functional.pad(mask, (0, pad))}
-    with torch.no_grad():
-        cond = _encode_unique(pipe, prompts, device, chunk)
+        return {"embeds": F.pad(embeds, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad))}
+    cond = _encode_unique(pipe, prompts, device, chunk)
     return {"embeds": cond["embeds"]} if cond["mask"].all() else cond  # decided once here: no device sync per step
 
 
-def qwenimage_velocity(transformer, x, sigma, cond):
-    """v = unpack(QwenImageTransformer(pack(x), timestep sigma, text, mask or None, img_shapes)); img_shapes
-    (frames 1, h/2, w/2) place the image tokens' 3D RoPE."""
-    B, _, h, w = x.shape
-    embeds = cond["embeds"]
-    out = transformer(hidden_states=pack(x.to(embeds.dtype)), timestep=_sigma_batch(sigma, x), encoder_hidden_states=embeds,
-                      encoder_hidden_states_mask=cond.get("mask"), img_shapes=[[(1, h // 2, w // 2)]] * B,
-                      return_dict=False)[0]
-    return unpack(out, h, w).float()
-
-
-def qwenimage_cfg(v, v_neg, scale):
-    """QwenImagePipeline's true CFG: cfg, then each packed token (a 2x2 patch, 4C values) rescaled to the norm of
-    the conditional velocity's token."""
-    guided = pack(cfg(v, v_neg, scale))
-    return unpack(guided * (pack(v).norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True)), *v.shape[-2:])
-
-
 def qwenimage_latent(vae, x0):
-    """What AutoencoderKLQwenImage (a video VAE) decodes: a frame axis of length 1 and the pipeline's
-    per-channel normalisation undone, x0 * latents_std + latents_mean."""
+    """What AutoencoderKLQwenImage (a video VAE) decodes: a frame axis of length 1 and the pipeline's per-channel
+    normalisation undone, x0 * latents_std + latents_mean."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean, device=x0.device).view(shape)
     std = torch.tensor(vae.config.latents_std, device=x0.device).view(shape)
@@ -1396,23 +1430,19 @@ def qwenimage_decode(pipe, x0):
     return (pipe.vae.decode(qwenimage_latent(pipe.vae, x0)).sample[:, :, 0].float() / 2 + 0.5).clamp(0, 1)
 
 
-# LoRA targets. SD3: the official DiffusionNFT ones. FLUX: Flow-GRPO's scripts/train_flux.py ("attn.to_q/k/v"
-# also match the single-stream blocks, which have no to_out; "ff*" are the double-stream MLPs). Qwen-Image:
-# Flow-GRPO's scripts/train_qwenimage.py; its last block's text-stream output is discarded, so 6 of those
-# LoRA tensors never get a gradient (average_gradients zero-fills them) and 2 (add_q_proj) a zero one.
-_ATTN = tuple(OFFICIAL_TARGETS)
+# LoRA targets. SD3: the official DiffusionNFT ones. FLUX: Flow-GRPO's scripts/train_flux.py ("attn.to_q/k/v" also
+# match the single-stream blocks, which have no to_out; "ff*" are the double-stream MLPs). Qwen-Image: Flow-GRPO's
+# scripts/train_qwenimage.py; its last block's text-stream output is discarded, so 6 of those LoRA tensors never get
+# a gradient (average_gradients counts them zero) and 2 (add_q_proj) a zero one.
 FAMILIES = {f.pipeline: f for f in [
-    Family("sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel", _ATTN,
-           ("text_encoder", "text_encoder_2", "text_encoder_3"), sd3_encode, sd3_velocity, sd3_sigmas,
-           sd3_latent_shape, torch.no_grad()(kl_decode)),
-    Family("flux", "FluxPipeline", "FluxTransformer2DModel",
-           _ATTN + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
-           ("text_encoder", "text_encoder_2"), flux_encode, flux_velocity, packed_sigmas, packed_latent_shape,
-           torch.no_grad()(kl_decode)),
-    Family("qwenimage", "QwenImagePipeline", "QwenImageTransformer2DModel",
-           _ATTN + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
-           ("text_encoder",), qwenimage_encode, qwenimage_velocity, packed_sigmas, packed_latent_shape,
-           torch.no_grad()(qwenimage_decode), qwenimage_cfg, " "),
+    Family("sd3", "SD3", "StableDiffusion3Pipeline", "SD3Transformer2DModel", OFFICIAL_TARGETS,
+           ("text_encoder", "text_encoder_2", "text_encoder_3"), 512, sd3_encode, sd3_velocity, kl_decode),
+    Family("flux", "FLUX.1", "FluxPipeline", "FluxTransformer2DModel",
+           OFFICIAL_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+           ("text_encoder", "text_encoder_2"), 512, flux_encode, flux_velocity, kl_decode),
+    Family("qwenimage", "Qwen-Image", "QwenImagePipeline", "QwenImageTransformer2DModel",
+           OFFICIAL_TARGETS + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+           ("text_encoder",), 1024, qwenimage_encode, qwenimage_velocity, qwenimage_decode, qwenimage_cfg, " "),
 ]}
 
 
@@ -1425,12 +1455,17 @@ def family_of(obj):
     raise UserError(f"--model is a {name}; supported pipelines: {', '.join(FAMILIES)}")
 
 
+def family_named(name):
+    """The Family called `name` ("sd3", "flux", "qwenimage")."""
+    return next(f for f in FAMILIES.values() if f.name == name)
+
+
 def model_family(model):
     """The family --model names, read before loading it (for its preset): a built-in name, a local folder's
     model_index.json class, else the hub id ("flux" or "qwen-image" in it); SD3 otherwise."""
-    name = model.split(":")[-1] if model.startswith("random:") else model
-    if name in TINY_MODELS or name in FAMILY_ARCHS or name in RANDOM_ARCHS:
-        return TINY_MODELS.get(name) or FAMILY_ARCHS.get(name, {}).get("family", "sd3")
+    name = model.split(":")[-1]
+    if name in BUILTIN and builtin(model):
+        return BUILTIN[name]["family"]
     index = os.path.join(model, "model_index.json")
     if os.path.isfile(index):
         with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
@@ -1440,9 +1475,9 @@ def model_family(model):
 
 
 def resolve_guidance(pipe, args):
-    """--embedded_guidance_scale is a model input of a transformer with a guidance embedding (FLUX.1-dev) only:
-    None for the others (config.json and eval.json say so). True CFG on top of it runs, as FluxPipeline allows
-    it (true_cfg_scale with guidance_scale), after one warning."""
+    """--embedded_guidance_scale is a model input of a transformer with a guidance embedding (FLUX.1-dev) only: None
+    for the others (config.json and eval.json say so). True CFG on top of it runs, as FluxPipeline allows it
+    (true_cfg_scale with guidance_scale), after one warning."""
     if not getattr(pipe.transformer.config, "guidance_embeds", False):
         args.embedded_guidance_scale = None
     elif args.guidance_scale > 1:
@@ -1450,178 +1485,18 @@ def resolve_guidance(pipe, args):
                f"the embedded guidance {args.embedded_guidance_scale} of this FLUX.1, distilled to need only that")
 
 
-# --------------------------------------------------------------------------- prompts
-def load_prompts(path):
-    """Read prompt records: .txt (one prompt a line) or .jsonl (objects with "prompt" + metadata)."""
-    if os.path.isdir(path):
-        raise UserError(f"--prompts {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
-    if not os.path.isfile(path):
-        raise UserError(f"--prompts file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
-    records = []
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
-            lines = f.readlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompts {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.lower().endswith(".jsonl"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object")
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise UserError(f'{path}:{n}: each line needs a non-empty "prompt" string, e.g. {{"prompt": "a cat"}}')
-            records.append(rec)
-        else:
-            records.append({"prompt": line.strip()})
-    if not records:
-        raise UserError(f"--prompts file is empty: {path}")
-    return records
-
-
-def official_file(folder, preset, which, flag):
-    """The prompt file a --prompts/--eval_prompts folder stands for. which: 0 train, 1 test (evaluation during
-    training), 2 the --eval_only benchmark. `folder` is the official repository's dataset/ (the preset's file
-    from OFFICIAL_PROMPTS) or one of its subfolders ({split}_metadata.jsonl or {split}.txt, as the official
-    datasets read them)."""
-    names = OFFICIAL_PROMPTS.get(preset)
-    if names and os.path.isfile(os.path.join(folder, names[which])):
-        return os.path.join(folder, names[which])
-    split = "train" if which == 0 else "test"
-    for name in (f"{split}_metadata.jsonl", f"{split}.txt"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    want = names[which] if names else f"{split}.txt or {split}_metadata.jsonl"
-    raise UserError(f"{flag} {folder}: no {want} in this folder; pass the official DiffusionNFT repository's "
-                    "dataset/ folder, one of its subfolders, or a prompt file")
-
-
-def resolve_prompts(args):
-    """Turn folders in --prompts/--eval_prompts into files, in place. --eval_prompts left empty follows a
-    --prompts folder (its test file; with --eval_only the preset's benchmark file). "" = the built-in set."""
-    folder = args.prompts if os.path.isdir(args.prompts) else ""
-    if folder and not args.eval_only:
-        args.prompts = official_file(folder, args.preset, 0, "--prompts")
-    source, flag = (args.eval_prompts, "--eval_prompts") if args.eval_prompts else (folder, "--prompts")
-    if source and os.path.isdir(source):
-        args.eval_prompts = official_file(source, args.preset, 2 if args.eval_only else 1, flag)
-
-
-def prompt_set(args):
-    """What config.json records as the prompts used: the files, or which built-in set stood in."""
-    name = args.reward.split(",")[0].split(":")[0]
-    return {"train": args.prompts or f"built-in {name} train set (rewards.default_prompts)",
-            "eval": args.eval_prompts or f"built-in {name} test set (rewards.default_prompts)"}
-
-
-def prompt_warning(args):
-    """One line when a preset with official prompt files runs on a built-in set instead, naming what to pass;
-    None otherwise. GenEval's built-in test set is the official one (regenerated), so only its train set counts."""
-    names = OFFICIAL_PROMPTS.get(args.preset)
-    if not names:
-        return None
-    eval_file = names[2 if args.eval_only else 1]
-    missing = [] if args.eval_only or args.prompts else [("trains", names[0])]
-    if not args.eval_prompts and not eval_file.startswith("geneval/"):
-        missing.append(("evaluates", eval_file))
-    if not missing:
-        return None
-    return (f"warning: the {args.preset} preset {' and '.join(w for w, _ in missing)} on a built-in prompt set, not the "
-            f"official one; pass --{'eval_' if missing[0][0] == 'evaluates' else ''}prompts path/to/DiffusionNFT/dataset (it reads "
-            f"{' and '.join(f for _, f in missing)}). The built-in sets are for demos and tests.")
-
-
-def dedupe_records(records):
-    """Drop exact repeats, keeping the first: the official test files list a prompt once per image (GenEval 4,
-    DrawBench 5), while evaluation here draws --eval_images_per_prompt images of each distinct prompt."""
-    return list({json.dumps(r, sort_keys=True): r for r in records}.values())  # equal keys: equal records
-
-
-def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
-    """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn
-    without replacement (cycling if the set is small), each repeated group_size times, then shuffled
-    so a group spreads over ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
-    g = rng(seed, epoch, "prompts")
-    picks = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(-(-num_groups // num_prompts))])
-    ids = picks[:num_groups].repeat_interleave(group_size)
-    return ids[torch.randperm(len(ids), generator=g)]
-
-
-# --------------------------------------------------------------------------- ranks, gradients, RNG, precision
+# --------------------------------------------------------------------------- RNG, ranks, precision, memory
 def rng(*keys):
-    """A generator seeded from a tuple such as (seed, epoch, rank, "rollout"): every random draw of a
-    run is a function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
+    """A generator seeded from a tuple such as (seed, epoch, rank, "rollout"): every random draw of a run is a
+    function of these keys, so a resumed run draws exactly what the uninterrupted one would."""
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def device_rng(g, device):
-    """A generator on `device` seeded by one draw from the CPU generator g (an rng(...)): noise is drawn
-    where it is used (no host copy) and stays a function of rng's keys, so resume replays it exactly."""
+    """A generator on `device` seeded by one draw from the CPU generator g (an rng(...)): noise is drawn where it is
+    used (no host copy) and stays a function of rng's keys, so resume replays it exactly."""
     return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-
-
-def gather(t):
-    """Concatenate a tensor over ranks (rank order); identity on one process."""
-    if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def average_gradients(params):
-    """Average the accumulated LoRA gradients over ranks with one flat all-reduce, in place; return them flat."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-    flat = torch.cat([gr.flatten() for gr in grads])
-    if dist.is_initialized():
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-    for p, gr in zip(params.values(), flat.split([gr.numel() for gr in grads])):
-        p.grad = gr.view_as(p)
-    return flat
-
-
-def optimizer_step(params, opt, max_grad_norm, sync=True):
-    """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step
-    already did it after every backward), clip, step. Returns (gradient norm, None), or (None, problem) when
-    the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight NaN/inf (too
-    high a learning rate), in which case the weights and the optimizer state go back to before the step."""
-    if sync:  # --fsdp: the backward reduce-scattered them; a LoRA tensor outside the graph (Qwen-Image) has no grad
-        average_gradients(params)
-    # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
-    norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
-    if not math.isfinite(norm):
-        norm, problem = None, "non-finite gradient"
-    else:
-        before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
-        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
-        opt.step()
-        if not math.isfinite(float(full(torch.nn.utils.get_total_norm(params.values())))):  # a weight is NaN/inf
-            problem, norm = "the step made the weights NaN/inf", None
-            with torch.no_grad():
-                for p, b in zip(params.values(), before):
-                    p.copy_(b)
-            for p in list(opt.state):
-                if id(p) in saved:
-                    opt.state[p] = saved[id(p)]
-                else:  # the first step created this state: gone again
-                    del opt.state[p]
-    opt.zero_grad(set_to_none=True)
-    return norm, problem
-
-
-def local(t):
-    """This rank's part of t: an FSDP DTensor's local shard (--fsdp), else t itself."""
-    from torch.distributed.tensor import DTensor
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def full(t):
-    """All of t: an FSDP DTensor gathered from every rank (each must call this), else t itself."""
-    return t.full_tensor() if local(t) is not t else t
 
 
 def shard_like(whole, t):
@@ -1633,8 +1508,8 @@ def shard_like(whole, t):
 
 
 def training_state(pol):
-    """theta ("default"), theta_old, EMA, optimizer state as full CPU tensors on rank 0 (None elsewhere), as checkpoints
-    save them whatever the rank count; --fsdp gathers the shards here, so every rank must call it."""
+    """theta ("default"), theta_old, EMA and optimizer state as full CPU tensors on rank 0 (None elsewhere), as
+    checkpoints save them whatever the rank count; --fsdp gathers the shards here, so every rank must call it."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
     def cpu(t):
@@ -1669,17 +1544,9 @@ def precision_mode(args, device):
     return "fp16" if args.eval_only and model_family(args.model) == "sd3" else "bf16"
 
 
-def reward_vae(pipe, args):
-    """The VAE only decodes images for the rewards: fp32 as officially, unless --reward_precision bf16 keeps it
-    in the base's dtype (bf16 noise in the pixels moves thresholded rewards such as GenEval's)."""
-    if args.reward_precision == "fp32":
-        pipe.vae.to(torch.float32)
-
-
 def precision(args, device):
-    """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls.
-    fp16: the official setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline).
-    no: fp32 everywhere. auto: see precision_mode."""
+    """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls. fp16: the official
+    setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline). no: fp32 everywhere."""
     mode = precision_mode(args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "no": torch.float32}[mode]
     if mode == "no":
@@ -1687,8 +1554,8 @@ def precision(args, device):
     return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
-# memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets), blocks,
-# width d, bytes saved per token and block in units of d (bf16; .ci/memory_table.py), CLIP tokens, VAE decoder width.
+# memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets),
+# blocks, width d, bytes saved per token and block in units of d (bf16; .ci/memory_table.py), CLIP tokens, VAE width.
 MEMORY_FIELDS = ("transformer", "text", "vae", "lora", "blocks", "width", "saved", "clip_tokens", "vae_width")
 MEMORY = {"sd3": (2.243e9, 5.580e9, 83.7e6, 0.587e6, 24, 1536, 36.5, 77, 128),
           "flux": (11.90e9, 4.885e9, 83.8e6, 2.802e6, 57, 3072, 32.3, 0, 128),
@@ -1748,13 +1615,42 @@ def check_memory(args, world, device):
                         f"has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- checkpoints, resume and the run folder
+RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
+
+
+DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
+             "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
+
+
+RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's config.json (parse_args)
+    *DRAW_KEYS, "num_epochs", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "max_grad_norm", "max_nonfinite_steps", "reward_timeout", "eval_every", "eval_num_steps", "eval_images_per_prompt",
+    "eval_max_prompts", "eval_prompts", "save_every", "checkpoints_total_limit", "wandb", "wandb_project",
+    "wandb_run_name", "compile", "gradient_checkpointing", "offload_text_encoders", "grad_sync", "mixed_precision",
+    "reward_precision", "profile", "output_dir", "resume_from", "overwrite"]
+
+
+STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
+              "bad_steps": int, "config": dict}
+
+
+_HELD = []  # the lock files of this process's runs, released by main()
+_LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
+_STOPS = []  # the stop signals received (_stop)
+
+
+def run_draws(args, world_size):
+    """What fixes a run's random draws besides the epoch: DRAW_KEYS and the rank count."""
+    return dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
+
+
 def checkpoints(root):
-    """Complete checkpoint folders, oldest first (by number: checkpoint-100000 after checkpoint-99999). A
-    folder only gets its final name after all its files are written (see save_checkpoint), so a kill
-    mid-write leaves a *.tmp folder that is ignored."""
+    """Complete checkpoint folders, oldest first (by number: checkpoint-100000 after checkpoint-99999). A folder only
+    gets its final name after all its files are written (save_checkpoint), so a kill mid-write leaves a *.tmp folder
+    that is ignored."""
     root = os.path.join(root, "checkpoints")
-    names = [n for n in os.listdir(root) if n.startswith("checkpoint-") and n[11:].isascii() and n[11:].isdigit()] if os.path.isdir(root) else []
+    names = [n for n in os.listdir(root) if re.fullmatch(r"checkpoint-[0-9]+", n)] if os.path.isdir(root) else []
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[11:]))]
 
 
@@ -1767,10 +1663,11 @@ def write_error(e, what):
                      "folder) and continue with --resume_from latest")
 
 
-def save_checkpoint(args, epoch, state, ema, lora_meta, pipeline="StableDiffusion3Pipeline"):
-    """Write checkpoint-<epoch> atomically (a .tmp folder renamed when complete), then keep the newest
-    --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a good one.
-    The LoRA is written by the family's pipeline class (`pipeline`), so that class's load_lora_weights reads it."""
+def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pipeline"):
+    """Write checkpoint-<epoch> atomically (a .tmp folder renamed when complete): the EMA LoRA, written by the family's
+    pipeline class so that its load_lora_weights reads it, and training_state.pt (training_state + counters). Then
+    keep the newest --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a
+    good checkpoint."""
     import diffusers
     from safetensors import SafetensorError
     if not all(torch.isfinite(t).all() for key in ("default", "old", "ema") for t in state[key].values()):
@@ -1781,7 +1678,7 @@ def save_checkpoint(args, epoch, state, ema, lora_meta, pipeline="StableDiffusio
     try:
         make_way(tmp)
         os.makedirs(tmp)
-        getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(ema),
+        getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(state["ema"]),
                                                        transformer_lora_adapter_metadata=lora_meta)
         torch.save(state, os.path.join(tmp, "training_state.pt"))
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
@@ -1805,13 +1702,9 @@ def make_way(path):
         os.unlink(path)
 
 
-STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
-              "bad_steps": int, "config": dict}
-
-
 def read_state(path):
-    """training_state.pt of a checkpoint folder, checked before any model loads to hold what train() saves, consistent
-    and finite (state_problem); UserError otherwise. restore() then checks it against the model's LoRA."""
+    """training_state.pt of a checkpoint folder, checked before any model loads to hold what end_epoch saves,
+    consistent and finite, by the rules below; UserError otherwise. restore() then checks it against the model."""
     file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(file):
         raise UserError(f"--resume_from {path}: no training_state.pt there (not a checkpoint of this script, "
@@ -1822,40 +1715,31 @@ def read_state(path):
         raise UserError(f"--resume_from {path}: training_state.pt is truncated or corrupted ({type(e).__name__}); "
                         "resume from an earlier checkpoint")
     wrong = [k for k, kind in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
-    if wrong:
-        raise UserError(f"--resume_from {path}: training_state.pt is not a training state of this script "
-                        f"(missing or wrong: {', '.join(wrong)}); resume from another checkpoint")
-    problem = state_problem(state)
-    if problem:
-        raise UserError(f"--resume_from {path}: training_state.pt {problem}; resume from another checkpoint")
-    return state
+    lora = {} if wrong else {n: getattr(t, "shape", None) for n, t in state["default"].items()}
+    tensors = [] if wrong else [t for k in ("default", "old", "ema") for t in state[k].values()]
 
-
-def state_problem(state):
-    """What is wrong inside a training state (None if nothing): its rules, checked in order."""
-    lora = {n: getattr(t, "shape", None) for n, t in state["default"].items()}
-    weights = [t for k in ("default", "old", "ema") for t in state[k].values()]
-    rules = [
-        (lambda: not all(torch.is_tensor(t) for t in weights), "holds LoRA weights that are not tensors"),
-        (lambda: any({n: t.shape for n, t in state[k].items()} != lora for k in ("old", "ema")),
-         "holds a theta_old or EMA that does not match its LoRA (other names or shapes)"),
-        (lambda: not _optimizer_fits(state["optimizer"], list(lora.values())),
-         f"holds an optimizer state that does not match its {len(lora)} LoRA tensors"),
-        (lambda: not all(bool(torch.isfinite(t).all()) for t in weights + [
-            v for moments in state["optimizer"]["state"].values() for v in moments.values()]),
-         "holds NaN/inf weights (a diverged run?)"),
-    ]
-    return next((text for broken, text in rules if broken()), None)
-
-
-def _optimizer_fits(opt, shapes):
-    """An AdamW state_dict for parameters of these shapes: ids 0..n-1 in its groups, moments of each one's shape."""
-    try:
+    def optimizer_fits(opt, shapes):  # AdamW's state_dict for these LoRA tensors: ids 0..n-1, moments of their shapes
         ids = [i for group in opt["param_groups"] for i in group["params"]]
         return ids == list(range(len(shapes))) and all(torch.is_tensor(v) and (k == "step" or v.shape == shapes[i])
                                                        for i, s in opt["state"].items() for k, v in s.items())
-    except (KeyError, TypeError, IndexError, AttributeError):
-        return False
+    rules = [  # (broken, what is wrong), checked in order
+        (lambda: wrong, f"is not a training state of this script (missing or wrong: {', '.join(wrong)})"),
+        (lambda: not all(torch.is_tensor(t) for t in tensors), "holds LoRA weights that are not tensors"),
+        (lambda: any({n: t.shape for n, t in state[k].items()} != lora for k in ("old", "ema")),
+         "holds a theta_old or EMA that does not match its LoRA (other names or shapes)"),
+        (lambda: not optimizer_fits(state["optimizer"], list(lora.values())),
+         f"holds an optimizer state that does not match its {len(lora)} LoRA tensors"),
+        (lambda: not all(bool(torch.isfinite(t).all()) for t in tensors + [
+            v for moments in state["optimizer"]["state"].values() for v in moments.values()]),
+         "holds NaN/inf weights (a diverged run?)")]
+    for broken, problem in rules:
+        try:
+            bad = broken()
+        except (KeyError, TypeError, IndexError, AttributeError):  # a state too malformed for the rule to read
+            bad = True
+        if bad:
+            raise UserError(f"--resume_from {path}: training_state.pt {problem}; resume from another checkpoint")
+    return state
 
 
 def newest_good(paths, read):
@@ -1870,10 +1754,10 @@ def newest_good(paths, read):
 
 
 def load_checkpoint(args, world_size):
-    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet.
-    latest skips a newest checkpoint that is unreadable, with a warning, for the one before it.
-    RESUME_KEYS must match (they shape the LoRA or the schedule); a changed DRAW_KEY or rank count is
-    allowed with a warning: the run continues correctly but no longer replays the uninterrupted one."""
+    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet. latest skips a
+    newest checkpoint that is unreadable, with a warning, for the one before it. RESUME_KEYS must match (they shape
+    the LoRA or the schedule); changed DRAW_KEYS or rank count are allowed with a warning: the run continues
+    correctly but no longer replays the uninterrupted one."""
     path = args.resume_from
     if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
         found = checkpoints(args.output_dir)
@@ -1899,43 +1783,34 @@ def load_checkpoint(args, world_size):
     return path, state
 
 
-def own_checkpoint(args, path):
-    """Whether checkpoint folder `path` belongs to --output_dir's run (else it is another run's, read only)."""
-    return os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(os.path.join(args.output_dir, "checkpoints"))
-
-
 def claim_output_dir(args, rank, world):
-    """Lock --output_dir (rank 0), read the checkpoint to resume, and refuse what would clobber a run: a
-    previous run without --overwrite or --resume_from, or an older checkpoint of a run that has newer ones.
-    Returns (resume, foreign, locked): resume = (path, state) or None; foreign = resuming another run's
-    checkpoint (copied in, its folder never changed); locked = the lock is held already. None when the run to
-    resume is complete (nothing to train: said, not silently done)."""
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    """Lock --output_dir (rank 0), read the checkpoint to resume, and refuse what would clobber a run: a previous run
+    without --overwrite or --resume_from, or an older checkpoint of a run that has newer ones. Returns (resume,
+    foreign, locked): resume = (path, state) or None; foreign = resuming another run's checkpoint (copied in, its
+    folder never changed); locked = the lock is held already. None when the run to resume is complete."""
+    metrics_path, folder = (os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "checkpoints"))
     locked = rank == 0 and os.path.isdir(args.output_dir)
     if locked:  # before reading or changing anything of the folder
         run_lock(args.output_dir)
     resume = load_checkpoint(args, world) if args.resume_from else None
-    if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # not a silent no-op
-        print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and --num_epochs is "
-               f"{args.num_epochs}, so there is nothing to train; pass a larger --num_epochs to continue it")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # said, not a silent no-op
+        print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and "
+               f"--num_epochs is {args.num_epochs}, so there is nothing to train; pass a larger --num_epochs")
         return None
-    foreign = bool(resume) and not own_checkpoint(args, resume[0])  # another run's checkpoint: read, never changed
+    own = os.path.realpath(os.path.join(args.output_dir, "checkpoints"))
+    foreign = bool(resume) and os.path.realpath(os.path.dirname(os.path.normpath(resume[0]))) != own
     if (not args.resume_from or foreign) and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
                             "continue it, --overwrite to replace it, or another --output_dir")
         if rank == 0:
-            folder = os.path.join(args.output_dir, "checkpoints")
-            os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # a link, not its target
+            os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # not its target
     if resume and not foreign and args.resume_from != "latest":
         newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
         if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
-            raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints ({os.path.basename(newer[-1])}); "
-                            "resume from the newest with --resume_from latest, or branch off into another --output_dir "
-                            "(the checkpoint is copied there)")
-    folder = os.path.join(args.output_dir, "checkpoints")
+            raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints "
+                            f"({os.path.basename(newer[-1])}); resume from the newest with --resume_from latest, or "
+                            "branch off into another --output_dir (the checkpoint is copied there)")
     if os.path.lexists(folder) and not os.path.isdir(folder):  # no save could land: fail now, not after an epoch
         raise UserError(f"--output_dir {args.output_dir}: checkpoints is not a folder (a file, or a link to "
                         f"{os.path.realpath(folder)}); move it away")
@@ -1943,8 +1818,8 @@ def claim_output_dir(args, rank, world):
 
 
 def restore(pol, path, state, args):
-    """Load a checkpoint's theta, theta_old, EMA, optimizer state and counters into `pol`; returns the epoch to
-    start from. Its LoRA must fit the model's (check_fit; with `latest` one that does not is skipped, as read_state's
+    """Load a checkpoint's theta, theta_old, EMA, optimizer state and counters into `pol`; returns the epoch to start
+    from. Its LoRA must fit the model's (check_fit; with `latest` one that does not is skipped, as read_state's
     refusals are). The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
     def fitting(candidate):
         found = state if candidate == path else read_state(candidate)
@@ -1955,20 +1830,18 @@ def restore(pol, path, state, args):
     path, state = newest_good(candidates[:candidates.index(path) + 1], fitting)
     with torch.no_grad():
         for n, p in pol.theta.items():
-            p.copy_(shard_like(state["default"][n], p))
-            pol.old[n].copy_(shard_like(state["old"][n], p))
-            pol.ema[n].copy_(shard_like(state["ema"][n], p))
+            for key, target in [("default", p), ("old", pol.old[n]), ("ema", pol.ema[n])]:
+                target.copy_(shard_like(state[key][n], p))
     pol.opt.load_state_dict(state["optimizer"])
     for p, s in pol.opt.state.items():  # --fsdp: the saved moments split into this rank's shards
         s.update({k: shard_like(v, p) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
-    now = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-               eps=args.adam_epsilon)
-    flag = dict(lr="learning_rate", betas="adam_beta1/2", weight_decay="adam_weight_decay", eps="adam_epsilon")
+    flags = dict(lr=("learning_rate", args.learning_rate), betas=("adam_beta1/2", (args.adam_beta1, args.adam_beta2)),
+                 weight_decay=("adam_weight_decay", args.adam_weight_decay), eps=("adam_epsilon", args.adam_epsilon))
     group = pol.opt.param_groups[0]
-    changed = [f"--{flag[k]} {tuple(group[k]) if k == 'betas' else group[k]!r} -> {v!r}" for k, v in now.items()
+    changed = [f"--{flag} {tuple(group[k]) if k == 'betas' else group[k]!r} -> {v!r}" for k, (flag, v) in flags.items()
                if (tuple(group[k]) if k == "betas" else group[k]) != v]
     for group in pol.opt.param_groups:
-        group.update(now)
+        group.update({k: v for k, (_, v) in flags.items()})
     if changed:
         print0(f"resumed optimizer takes the flags given now: {', '.join(changed)}")
     pol.step, pol.bad_steps = state["step"], state["bad_steps"]
@@ -1977,8 +1850,8 @@ def restore(pol, path, state, args):
 
 
 def adopt_checkpoint(args, source, epoch):
-    """Copy another run's checkpoint into --output_dir, with the metrics of its finished epochs, so that
-    `latest` and the curves continue here; the source folder is left as it is."""
+    """Copy another run's checkpoint into --output_dir, with the metrics of its finished epochs, so that `latest`
+    and the curves continue here; the source folder is left as it is."""
     path = os.path.normpath(source)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")  # the name `latest` reads
@@ -2001,7 +1874,7 @@ def trim_metrics(metrics_path, start_epoch):
     if not os.path.exists(metrics_path):
         return
     with open(metrics_path) as f:
-        keep = [l for l in f if _epoch_of(l) < start_epoch]
+        keep = [line for line in f if _epoch_of(line) < start_epoch]
     try:
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(keep)
@@ -2010,17 +1883,21 @@ def trim_metrics(metrics_path, start_epoch):
         raise write_error(e, metrics_path) from None
 
 
-_HELD = []  # the lock files of this process's runs, released by main()
-_LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
-_STOPS = []  # the stop signals received (_stop)
+def _epoch_of(line):
+    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as unfinished."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def run_lock(folder):
-    """Hold folder/.lock for the run's lifetime (flock: the OS drops it when the process dies, even by
-    SIGKILL, so a killed run never blocks its resume). Refuses while another live run holds it."""
+    """Hold folder/.lock for the run's lifetime (flock: the OS drops it when the process dies, even by SIGKILL, so a
+    killed run never blocks its resume). Refuses while another live run holds it. Never through a link, and never
+    truncating anything but a regular file of its own (one name, no hard link)."""
     import fcntl
     os.makedirs(folder, exist_ok=True)
-    try:  # never through a link, and never truncating anything but a regular file of its own (one name, no hard link)
+    try:
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_nlink != 1:
             os.close(fd)
@@ -2057,87 +1934,49 @@ def json_safe(x):
     return x
 
 
-def _epoch_of(line):
-    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as unfinished."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
-
-
-DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
-             "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
-
-
-RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's config.json (parse_args)
-    *DRAW_KEYS, "num_epochs", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "max_grad_norm", "max_nonfinite_steps", "reward_timeout", "eval_every", "eval_num_steps", "eval_images_per_prompt",
-    "eval_max_prompts", "eval_prompts", "save_every", "checkpoints_total_limit", "wandb", "wandb_project",
-    "wandb_run_name", "compile", "gradient_checkpointing", "offload_text_encoders", "grad_sync", "mixed_precision",
-    "reward_precision", "profile", "output_dir", "resume_from", "overwrite"]
-
-
-def run_draws(args, world_size):
-    """What fixes a run's random draws besides the epoch: DRAW_KEYS and the rank count."""
-    return dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
-
-
 # --------------------------------------------------------------------------- evaluation
-# The paper's benchmarks: images per prompt, and how each reward's mean is printed
-# (column, scale): PickScore is logit*cos/26 here and x26 in the paper, UnifiedReward is score/5.
-EVAL_IMAGES = {"geneval": 4, "ocr": 1,  # and DrawBench, 5 images of each of its 200 prompts:
-               **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
-
-
-EVAL_COLUMNS = {"pickscore": ("PickScore", 26.0), "clipscore": ("CLIPScore", 1.0), "hpsv2": ("HPSv2.1", 1.0),
-                "aesthetic": ("Aesthetic", 1.0), "imagereward": ("ImageReward", 1.0), "unifiedreward": ("UnifiedReward", 5.0)}
-
-
 @torch.no_grad()
-def generate(pipe, records, items, args, device, autocast):
-    """Yield (batch, images) for (prompt index, image index) pairs with the transformer's active weights:
-    Euler, eval_num_steps. The noise is drawn on the CPU from rng(seed, "eval", i, k), so an image depends on
-    its pair alone, not on the batch, the rank or the device (that generator's initial_seed() redraws it)."""
+def generate(run, records, items):
+    """Yield (batch, images) for (prompt index, image index) pairs with the transformer's active weights: Euler,
+    eval_num_steps. The noise is drawn on the CPU from rng(seed, "eval", i, k), so an image depends on its pair
+    alone, not on the batch, the rank or the device (that generator's initial_seed() redraws it)."""
+    args, pipe, device = run.args, run.pipe, run.device
     if not items:  # more ranks than images
         return
-    sigmas = family_of(pipe).sigmas(pipe, args.eval_num_steps, args.resolution)
-    null = negative_conditioning(pipe, args, device)
+    sigmas = schedule(pipe, args.eval_num_steps, args.resolution)
     shape = latent_shape(pipe, args.resolution)
     prompts = sorted({i for i, _ in items})  # encoded once, kept on the CPU (offloaded encoders visit once)
-    cond = {k: v.cpu() for k, v in encode_prompts(pipe, [records[i]["prompt"] for i in prompts], args.max_sequence_length,
-                                                  device, args.embedded_guidance_scale).items()}
-    row = {i: j for j, i in enumerate(prompts)}
+    cond = encode_prompts(pipe, [records[i]["prompt"] for i in prompts], args.max_sequence_length, device,
+                          args.embedded_guidance_scale)
+    cond, row = {k: v.cpu() for k, v in cond.items()}, {i: j for j, i in enumerate(prompts)}
     for b in range(0, len(items), args.sample_batch_size):
         batch = items[b:b + args.sample_batch_size]
         where = torch.tensor([row[i] for i, _ in batch])
         noise = torch.stack([torch.randn(shape, generator=rng(args.seed, "eval", i, k)) for i, k in batch]).to(device)
-        yield batch, decode(pipe, sample(pipe, noise, {k: v[where].to(device) for k, v in cond.items()}, sigmas, "euler",
-                                         args, autocast, null))
+        x0 = sample(run, noise, {k: v[where].to(device) for k, v in cond.items()}, sigmas, "euler")
+        yield batch, decode(pipe, x0)
 
 
 @torch.no_grad()
-def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
-    """Score the active weights on test prompts, eval_images_per_prompt images each. Items (i, k) are split
-    over ranks by position (items[rank::world]) and gathered, so none is missing or duplicated. Returns, on
-    rank 0, one dict per image sorted by (index, image): index, image, prompt, seed, tag (GenEval), reward,
-    every reward component, and `_image` (CPU, [0, 1]) for the first 16 only: all images would not fit."""
-    from tqdm import tqdm
+def evaluate(run, records):
+    """Score the active weights on test prompts (run.eval_fn), eval_images_per_prompt images each. Items (i, k) are
+    split over ranks by position (items[rank::world]) and gathered, so none is missing or duplicated. Returns, on
+    rank 0, one dict per image sorted by (index, image): index, image, prompt, seed, tag (GenEval), reward, every
+    reward component, and `_image` (CPU, [0, 1]) for the first 16 only: all images would not fit."""
+    args, rank, world = run.args, run.process_index, run.num_processes
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
-    out = []
-    mine = items[rank::world]
-    mine += items[:1] * (len(items[::world]) - len(mine)) * args.fsdp  # --fsdp: as many forwards on every rank
-    for batch, images in tqdm(generate(pipe, records, mine, args, device, autocast), desc=f"evaluating {len(items)} images",
-                              total=-(-len(mine) // args.sample_batch_size), disable=rank != 0, leave=False, dynamic_ncols=True):
-        scores, comps = reward_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
+    out, mine = [], items[rank::world]
+    padded = mine + items[:1] * (len(items[::world]) - len(mine)) * args.fsdp  # --fsdp: equal forwards on all ranks
+    for batch, images in tqdm(generate(run, records, padded), desc=f"evaluating {len(items)} images",
+                              total=-(-len(padded) // args.sample_batch_size), **run.bar):
+        scores, comps = run.eval_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
-            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=rng(args.seed, "eval", i, k).initial_seed(),
+            seed = rng(args.seed, "eval", i, k).initial_seed()
+            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=seed,
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
                             **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
-    out = out[:len(items[rank::world])]  # without the padding
+    out = out[:len(mine)]  # without the padding
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -2145,151 +1984,112 @@ def evaluate(pipe, records, reward_fn, args, device, autocast, rank, world):
     return sorted(out, key=lambda r: (r["index"], r["image"]))
 
 
-def eval_metrics(results, reward_spec, eval_reward=""):
-    """The paper's numbers from evaluate()'s per-image results, for the training reward and the --eval_reward
-    ones. GenEval: per-tag accuracy of the binary "correct" check, overall = mean of the tags' accuracies (the
-    benchmark's aggregation, not the mean over images), strict accuracy and the mean partial score. OCR:
-    accuracy = mean reward, and the share of exact matches. Any other reward: its mean on the paper's scale
-    (EVAL_COLUMNS)."""
-    import rewards
-    mean = lambda xs: sum(xs) / len(xs)
-    names = list(dict.fromkeys(rewards.reward_names(reward_spec) + rewards.reward_names(eval_reward)))
-    out = {}
-    for name in names:
-        if name == "geneval":
-            g = rewards.geneval_summary([r["geneval/correct"] for r in results], [r["tag"] for r in results])
-            out.update({"GenEval overall": g["overall"], **{t: g[t] for t in rewards.GENEVAL_TAGS if t in g},
-                        "GenEval strict": mean([r["geneval/strict"] for r in results]),
-                        "GenEval partial": mean([r["geneval"] for r in results])})
-        elif name == "ocr":
-            out.update({"OCR accuracy": mean([r["ocr"] for r in results]),
-                        "OCR exact": mean([float(r["ocr"] == 1.0) for r in results])})
-        else:
-            column, scale = EVAL_COLUMNS.get(name, (name, 1.0))
-            out[column] = scale * mean([r[name] for r in results])
-    if len(rewards.reward_names(reward_spec)) > 1:
-        out["reward (weighted sum)"] = mean([r["reward"] for r in results])
-    return out
-
-
 def eval_only(args):
     """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; unless set, SD3 at the official
     evaluation script's T5 length 256 and fp16, FLUX.1 and Qwen-Image at their training length and bf16) of the base
-    model or a --lora on the test prompts, scored with --reward and --eval_reward.
-    Writes eval.json (settings and numbers), eval.md (the table, also printed), eval_images.jsonl (every
-    image's seed and scores), with --lora compare.png (base vs LoRA, same seeds), and curves.png when
-    output_dir or the LoRA's run folder holds a metrics.jsonl."""
-    import rewards
+    model or a --lora on the test prompts, scored with --reward and --eval_reward. Writes eval.json (settings and
+    numbers), eval.md (the table, also printed), eval_images.jsonl (every image's seed and scores), with --lora
+    compare.png (base vs LoRA, same seeds), and curves.png when output_dir or the LoRA's run holds metrics.jsonl."""
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
-    rank, world, device, _, records = setup(args)
+    run = setup(args)
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
-        args.eval_images_per_prompt = EVAL_IMAGES.get(rewards.parse_reward_spec(args.reward)[0][0], 1)
-    dtype, autocast = precision(args, device)
-    say_loading(args)
-    pipe = load_pipeline(args.model, dtype, device).to(device)
-    reward_vae(pipe, args)
-    resolve_guidance(pipe, args)
+        args.eval_images_per_prompt = rewards.EVAL_IMAGES.get(rewards.reward_names(args.reward)[0], 1)
+    load_model(run)
     if lora:
-        load_lora(pipe, lora)
+        load_lora(run.pipe, lora)
     if args.fsdp:
-        shard(pipe.transformer)
-    reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)
-    reward_fn = rewards.with_eval_rewards(reward_fn, args.reward, args.eval_reward, device, args.reward_precision,
-                                          args.reward_timeout)
-    mode = precision_mode(args, device)
+        shard(run.pipe.transformer)
+    mode = precision_mode(args, run.device)
     scored = f"{args.reward} (+ {args.eval_reward})" if args.eval_reward else args.reward
-    setting = (f"{scored} on {len(records)} prompts x {args.eval_images_per_prompt} images, "
+    setting = (f"{scored} on {len(run.eval_records)} prompts x {args.eval_images_per_prompt} images, "
                f"{args.eval_num_steps} Euler steps, guidance {args.guidance_scale}, {args.resolution} px, "
                f"text length {args.max_sequence_length}, transformer {'fp32' if mode == 'no' else mode}, "
                f"rewards {args.reward_precision}, seed {args.seed}")
-    print0(f"evaluating {args.lora or 'the base model'}: {setting}, {world} rank(s)")
-    results = evaluate(pipe, records, reward_fn, args, device, autocast, rank, world)
-    columns, items = [], [(i, 0) for i in range(min(8, len(records)))]  # base vs LoRA: image 0, the same seed in both
-    for on in (False, True) if lora and (rank == 0 or args.fsdp) else ():  # --fsdp: every rank joins each forward
-        pipe.transformer.enable_adapters() if on else pipe.transformer.disable_adapters()
-        columns.append(torch.cat([im.cpu() for _, im in generate(pipe, records, items, args, device, autocast)]))
-    if rank == 0:
-        out = args.output_dir
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
-            f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
-        metrics = eval_metrics(results, args.reward, args.eval_reward)
-        keys = ("model", "lora", "reward", "eval_reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale",
-                "negative_prompt", "embedded_guidance_scale", "resolution", "max_sequence_length", "mixed_precision",
-                "reward_precision", "seed")
-        summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
-                       prompt_set=prompt_set(args)["eval"], prompts=len(records), images=len(results),
-                       reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(json_safe(summary), f, indent=1)
-        name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
-        table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
-                 f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
-        with open(os.path.join(out, "eval.md"), "w") as f:
-            f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
-        print0(table)
-        if lora:
-            save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
-                      col_labels=["base", "LoRA"], row_labels=[records[i]["prompt"] for i, _ in items])
-        # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
-        folders = [out] + ([os.path.abspath(os.path.join(lora[0], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
-        found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
-        if found:
-            plot_curves(found[0], os.path.join(out, "curves.png"))
-        print0(f"outputs in {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    print0(f"evaluating {args.lora or 'the base model'}: {setting}, {run.num_processes} rank(s)")
+    results = evaluate(run, run.eval_records)
+    columns, items = [], [(i, 0) for i in range(min(8, len(run.eval_records)))]  # image 0: the same seed in both
+    for on in (False, True) if lora and (run.process_index == 0 or args.fsdp) else ():  # --fsdp: all ranks join
+        run.pipe.transformer.enable_adapters() if on else run.pipe.transformer.disable_adapters()
+        columns.append(torch.cat([im.cpu() for _, im in generate(run, run.eval_records, items)]))
+    if run.process_index != 0:
+        return
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
+        f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
+    metrics = rewards.benchmark_metrics(results, args.reward, args.eval_reward)
+    keys = ("model", "lora", "reward", "eval_reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale",
+            "negative_prompt", "embedded_guidance_scale", "resolution", "max_sequence_length", "mixed_precision",
+            "reward_precision", "seed")
+    summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
+                   prompt_set=prompt_set(args)["eval"], prompts=len(run.eval_records), images=len(results),
+                   reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(json_safe(summary), f, indent=1)
+    name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
+    table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
+             f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
+    print0(table)
+    if lora:
+        save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
+                  col_labels=["base", "LoRA"], row_labels=[run.eval_records[i]["prompt"] for i, _ in items])
+    # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
+    folders = [out] + ([os.path.abspath(os.path.join(lora[0], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
+    found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
+    if found:
+        plot_curves(found[0], os.path.join(out, "curves.png"))
+    print0(f"outputs in {out}")
 
 
 # --------------------------------------------------------------------------- logging, profiling and plots
-def zero_std_share(rewards, group_ids):
-    """Share of prompt groups whose rewards all tie (std 0, so every advantage in the group is 0 and it teaches
-    nothing): the official zero_std_ratio. rewards: (N,); group_ids: (N,) int, equal ids = same prompt."""
+def rollout_stats(R, group_ids, strict=None, tags=()):
+    """What the official run logs besides the reward: zero_std_share, the share of prompt groups whose rewards all
+    tie (std 0: every advantage in the group is 0, it teaches nothing; NaN when no reward is finite), and with GenEval
+    strict_<tag>, the epoch's strict accuracy per tag (rewards.strict_by_tag). R: (N,); group_ids: (N,) int."""
     groups = {}
-    for r, g in zip(rewards.tolist(), group_ids.tolist()):
+    for r, g in zip(R.tolist(), group_ids.tolist()):
         groups.setdefault(g, []).append(r)
-    return sum(max(v) == min(v) for v in groups.values()) / max(len(groups), 1)
+    share = sum(max(v) == min(v) for v in groups.values()) / len(groups) if groups else float("nan")
+    return dict(zero_std_share=share, **rewards.strict_by_tag(strict, tags) if strict is not None else {})
 
 
-def per_tag_mean(values, tags):
-    """Mean of `values` (N,) per tag, tags in first-seen order: {tag: mean}."""
-    out = {}
-    for tag in dict.fromkeys(tags):
-        picked = [float(v) for v, t in zip(values.tolist(), tags) if t == tag]
-        out[tag] = sum(picked) / len(picked)
-    return out
+def print_epoch(epoch, step, log):
+    """The epoch's line: reward, loss terms, r, |v_theta - v_old|, GenEval strict accuracy, evaluation, times."""
+    strict = " ".join(f"{k[7:]} {v:.2f}" for k, v in log.items() if k.startswith("strict_"))
+    extra = "".join(f" {k[5:]} {v:.4f}" for k, v in log.items()  # --eval_reward's
+                    if k.startswith("eval_") and not k.startswith("eval_reward") and not k.endswith("_before"))
+    t = {k[5:]: v for k, v in log.items() if k.startswith("time_")}
+    print0(f"epoch {epoch:4d} step {step:4d} | reward {log['reward_mean']:.4f} +- {log['reward_std']:.4f} | "
+           f"loss {log['loss']:.4f} kl {log['kl']:.2e} r {log['r_mean']:.3f} |v-v_old| {log['dv_old']:.2e} "
+           f"zero-std {log['zero_std_share']:.2f} | " + (f"strict {strict} | " if strict else "")
+           + (f"eval {log['eval_reward_mean']:.4f}{extra} | " if "eval_reward_mean" in log else "")
+           + f"{t['epoch']:.1f}s (text {t['text']:.1f} rollout {t['rollout']:.1f} decode {t['decode']:.1f} "
+           f"reward {t['reward']:.1f} train {t['train']:.1f})")
 
 
-def rollout_stats(rewards, group_ids, strict=None, tags=(), order=()):
-    """What the official run logs besides the reward: zero_std_share, and with GenEval strict_<tag>, the strict
-    accuracy of the epoch's rollouts per tag (tags listed in `order` first). NaN share when no reward is finite."""
-    out = {"zero_std_share": zero_std_share(rewards, group_ids) if len(rewards) else float("nan")}
-    if strict is not None and len(strict):
-        means = per_tag_mean(strict, list(tags))
-        for tag in sorted(means, key=lambda t: list(order).index(t) if t in order else len(order)):
-            out[f"strict_{tag}"] = means[tag]
-    return out
-
-
-def profile_report(args, pipe, logs, per_rank, T, device, autocast):
-    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles;
-    the first epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end
-    images/s per epoch, training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul
-    peak measured in the same run, and the training loop's peak memory. FLOPs of one forward are counted
-    once (FlopCounterMode): a forward, and a training forward + backward with gradients for the LoRA only, whose
-    backward costs about one forward (not two: no gradient flows to the frozen weights)."""
+def profile_report(run, logs):
+    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles; the first
+    epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end images/s per epoch,
+    training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul peak measured in the same run,
+    the training loop's peak memory beside memory_estimate's. FLOPs are counted once (FlopCounterMode) for a forward
+    and for a training forward + backward with gradients for the LoRA only (about one forward: no gradient flows to
+    the frozen weights)."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
+    args, pipe, device, per_rank, T = run.args, run.pipe, run.device, run.per_rank, run.T
     peak_memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else  # ru_maxrss: KiB
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     x = torch.randn(1, *latent_shape(pipe, args.resolution), device=device)
     cond = encode_prompts(pipe, ["a photo"], args.max_sequence_length, device)
     # eager: inductor's fused kernels would hide FLOPs from the counter, and batch 1 would recompile
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), run.autocast(), \
+            torch.compiler.set_stance("force_eager"):
         velocity(pipe.transformer, x, 0.5, cond)
     f = counter.get_total_flops()  # one transformer forward of one image
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-        with autocast():
+        with run.autocast():
             v = velocity(pipe.transformer, x, 0.5, cond)
         v.square().mean().backward()
     f_train = counter.get_total_flops()  # forward + backward, as measured
@@ -2302,30 +2102,32 @@ def profile_report(args, pipe, logs, per_rank, T, device, autocast):
     for _ in range(10):
         a @ b
     peak = 2 * n ** 3 * 10 / (clock(device) - t)
-    estimate = memory_estimate(model_sizes(args.model), args, precision_mode(args, device),  # beside the measured peak
+    estimate = memory_estimate(model_sizes(args.model), args, precision_mode(args, device),
                                dist.get_world_size() if args.fsdp else 1)["total"]
     steady = logs[1:] or logs
-    mean = lambda k: sum(l[k] for l in steady) / len(steady)
+    mean = lambda k: sum(log[k] for log in steady) / len(steady)  # noqa: E731
     # v_theta forward + backward, v_old (and v_ref) forward; --train_guided runs each for both CFG branches
     passes = 1 + (args.train_guided and args.guidance_scale > 1)
     train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0))) * passes
     roll_flops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
+    graphs = [log.get("compiled_graphs", 0) for log in (logs[0], logs[-1])]
     report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
-                  resolution=args.resolution, train_batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
-                  compile=args.compile, kl_coef=args.kl_coef, grad_sync=args.grad_sync,
-                  gradient_checkpointing=args.gradient_checkpointing, gflop_per_forward=f / 1e9,
-                  gflop_per_train_forward_backward=f_train / 1e9,
+                  resolution=args.resolution, train_batch_size=args.train_batch_size,
+                  mixed_precision=args.mixed_precision, compile=args.compile, kl_coef=args.kl_coef,
+                  grad_sync=args.grad_sync, gradient_checkpointing=args.gradient_checkpointing,
+                  gflop_per_forward=f / 1e9, gflop_per_train_forward_backward=f_train / 1e9,
                   peak_tflops_matmul=peak / 1e12,
-                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train", "epoch")},
-                  time_first_epoch_s=logs[0]["time_epoch"],
-                  epoch_images_per_s=per_rank / mean("time_epoch"), rollout_images_per_s=per_rank / mean("time_rollout"),
+                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train",
+                                                                "epoch")},
+                  time_first_epoch_s=logs[0]["time_epoch"], epoch_images_per_s=per_rank / mean("time_epoch"),
+                  rollout_images_per_s=per_rank / mean("time_rollout"),
                   train_samples_per_s=per_rank * T / mean("time_train"),
-                  rollout_tflops=roll_flops / mean("time_rollout") / 1e12, train_tflops=train_flops / mean("time_train") / 1e12,
-                  peak_memory_gib=peak_memory, memory_estimate_gib=estimate,
-                  compiled_graphs=logs[-1].get("compiled_graphs", 0), compile_time_s=logs[-1].get("compile_time_s", 0),
-                  recompiles_after_first_epoch=logs[-1].get("compiled_graphs", 0) - logs[0].get("compiled_graphs", 0))
+                  rollout_tflops=roll_flops / mean("time_rollout") / 1e12,
+                  train_tflops=train_flops / mean("time_train") / 1e12, peak_memory_gib=peak_memory,
+                  memory_estimate_gib=estimate, compiled_graphs=graphs[1],
+                  compile_time_s=logs[-1].get("compile_time_s", 0), recompiles_after_first_epoch=graphs[1] - graphs[0])
     report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if run.process_index == 0:
         with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
             json.dump(report, fh, indent=1)
     print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
@@ -2343,9 +2145,9 @@ def _font(size):
 
 
 def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
-    """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow images a row, with optional labels in a
-    16 px strip above the columns and a 160 px strip left of the rows. Images smaller than min_size are
-    upscaled by a whole factor with nearest neighbour, so a 32 px demo image is seen pixel for pixel."""
+    """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow images a row, with optional labels in a 16 px strip
+    above the columns and a 160 px strip left of the rows. Images smaller than min_size are upscaled by a whole factor
+    with nearest neighbour, so a 32 px demo image is seen pixel for pixel."""
     import textwrap
     from PIL import Image, ImageDraw
     n, _, h, w = images.shape
@@ -2377,19 +2179,19 @@ def _ticks(lo, hi, n=5):
 
 
 def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
-    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step
-    (the base model's eval, eval_reward_mean_before, is the eval curve's point at step 0), with a title
-    (the run's reward from its config.json), round y ticks and grid lines. Each --eval_reward (eval_<name>) has
-    its own scale: its curve is stretched onto the y range of the others, its legend names its own range."""
+    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step (the base
+    model's eval, eval_reward_mean_before, is the eval curve's point at step 0), with a title (the run's reward from
+    its config.json), round y ticks and grid lines. Each --eval_reward (eval_<name>) has its own scale: its curve is
+    stretched onto the y range of the others, and its legend names its own range."""
     from PIL import Image, ImageDraw
-    rows = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # skip a line cut by a kill
-    evals = lambda key: ([(0, r[key + "_before"]) for r in rows if key + "_before" in r]  # noqa: E731
-                         + [(r["step"], r[key]) for r in rows if key in r])
-    extra = dict.fromkeys(k[5:].removesuffix("_before") for r in rows for k in r
+    records = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # not one cut by a kill
+    evals = lambda key: ([(0, r[key + "_before"]) for r in records if key + "_before" in r]  # noqa: E731
+                         + [(r["step"], r[key]) for r in records if key in r])
+    extra = dict.fromkeys(k[5:].removesuffix("_before") for r in records for k in r
                           if k.startswith("eval_") and not k.startswith("eval_reward"))
-    series = {"train reward": [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r],
+    series = {"train reward": [(r["step"], r["reward_mean"]) for r in records if "reward_mean" in r],
               "eval reward": evals("eval_reward_mean"), **{name: evals(f"eval_{name}") for name in extra}}
-    series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}  # NaN is logged as null
+    series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}  # NaN: null
     extra = {name: series.pop(name) for name in extra}
     if title is None:
         config = os.path.join(os.path.dirname(metrics_path), "config.json")
@@ -2406,19 +2208,20 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
         (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
         yt, xt = _ticks(y0, y1), _ticks(x0, x1, 6)
         (y0, y1), (x0, x1) = (yt[0], yt[-1]), (min(x0, xt[0]), max(x1, xt[-1]))
-        sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)
-        sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)
+        sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)  # noqa: E731
+        sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)  # noqa: E731
         for name, pts in extra.items():
             lo, hi = min((y for _, y in pts), default=0), max((y for _, y in pts), default=0)
             stretch = lambda y: y0 + (y - lo) / ((hi - lo) or 1) * (y1 - y0)  # noqa: E731
             series[f"eval {name} ({lo:.4g} to {hi:.4g}, stretched)"] = [(x, stretch(y)) for x, y in pts]
         for y in yt:  # grid line and label at every round value
             draw.line([(L, sy(y)), (W - R, sy(y))], fill="#dddddd")
-            draw.text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}", fill="black", font=small)
-        for x in xt:
-            if x0 <= x <= x1:
-                draw.line([(sx(x), T), (sx(x), H - B)], fill="#dddddd")
-                draw.text((sx(x) - draw.textlength(f"{x:g}", font=small) / 2, H - B + 4), f"{x:g}", fill="black", font=small)
+            draw.text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}", fill="black",
+                      font=small)
+        for x in (x for x in xt if x0 <= x <= x1):
+            draw.line([(sx(x), T), (sx(x), H - B)], fill="#dddddd")
+            draw.text((sx(x) - draw.textlength(f"{x:g}", font=small) / 2, H - B + 4), f"{x:g}", fill="black",
+                      font=small)
         for n, (name, pts) in enumerate(series.items()):
             color = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")[n % 6]
             xy = [(sx(x), sy(y)) for x, y in pts]
@@ -2435,17 +2238,17 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
 # --------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     """Defaults (Args) <- preset (the reward's, or --preset; then the model family's, "flux" or "qwenimage", or
-    "tiny" for the tiny models) <- command line."""
-    import rewards
+    "tiny" for the tiny models) <- command line; with --resume_from, the run's own config.json first (resumed)."""
     epilog = ("presets (applied before the flags you give; a FLUX.1 or Qwen-Image --model adds its family's, "
               "--model tiny / tiny-flux / tiny-qwenimage the tiny one):\n") + "\n".join(
         f"  {name}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for name, preset in PRESETS.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.error = functools.partial(_flag_error, [f"--{f.name}" for f in dataclasses.fields(Args)])
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
+    builtins = ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN)
     choices = {"reward": f"Rewards: {', '.join(rewards.REWARDS)}.", "solver": f"Solvers: {', '.join(SOLVERS)}.",
-               "preset": f"Presets: {', '.join(PRESETS)}."}
+               "preset": f"Presets: {', '.join(PRESETS)}.", "model": f"Built in: {builtins}."}
     for f in dataclasses.fields(Args):
         by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
         text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
@@ -2457,15 +2260,15 @@ def parse_args(argv=None):
             p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
     args = Args()
-    # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the
-    # reward's own name; a weighted sum of several rewards has none
+    # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the reward's own
+    # name; a weighted sum of several rewards has none
     spec = given.get("reward", args.reward)
     exact = [k for k, p in PRESETS.items() if p.get("reward") == spec]
     name = given.get("preset") or (exact[0] if exact else "" if "," in spec else spec.split(":")[0])
     if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
         given.pop("reward", None)
     presets, model = [name], given.get("model", args.model)
-    if model in TINY_MODELS:
+    if builtin(model) and model in BUILTIN:
         presets += ["tiny"] + [model] * (model in PRESETS)
     elif model_family(model) in PRESETS:  # FLUX.1, Qwen-Image: the nearest published recipe's model settings
         presets.append(model_family(model))
@@ -2478,7 +2281,7 @@ def parse_args(argv=None):
         chosen |= set(PRESETS.get(name, {}))
     if given.get("eval_only") and "max_sequence_length" not in chosen:
         args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
-    args.negative_prompt = next(f.negative_prompt for f in FAMILIES.values() if f.name == model_family(model))
+    args.negative_prompt = family_named(model_family(model)).negative_prompt
     args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
     for k, v in given.items():
         setattr(args, k, v)
@@ -2491,6 +2294,11 @@ def _flag_error(flags, message):
     unknown = re.match(r"unrecognized arguments: (-*[^\s=]+)", message)
     said = f"unknown flag {unknown[1]}" + _closest(unknown[1], flags) if unknown else message
     raise UserError(f"{said}; see --help")
+
+
+def _closest(name, choices):
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def default_output_dir(args):
@@ -2532,37 +2340,39 @@ def resumed(args, given):
     return saved
 
 
+# validate's rules, as data: the range of each number flag (BOUNDS, with a note NOTES adds) and the choices of a few
+RANGES = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+          "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1}
+BOUNDS = {**dict.fromkeys(["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
+                           "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
+                           "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
+                           "max_nonfinite_steps", "reward_timeout"], "positive"),
+          **dict.fromkeys(["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
+                           "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit", "compile_budget",
+                           "kl_coef"], ">= 0"),
+          **dict.fromkeys(["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"], "in [0, 1)"),
+          "beta": "in (0, 1]", "timestep_fraction": "in (0, 1]", "guidance_scale": ">= 1"}
+NOTES = {"checkpoints_total_limit": "0 keeps every checkpoint", "guidance_scale": "1 = no classifier-free guidance",
+         "beta": "the paper uses 1.0, or 0.1 for OCR and multi-reward; beta > 1 makes the negative policy extrapolate",
+         "timestep_fraction": "official: 0.99, 9 of 10 rollout sigmas"}
+CHOICES = {"solver": SOLVERS, "grad_sync": ("step", "micro_step"), "mixed_precision": ("auto", "bf16", "fp16", "no"),
+           "reward_precision": ("fp32", "bf16")}
+
+
 def validate(args, world_size):
     """Fail fast, before any model loads, on values that would crash or silently misbehave later."""
-    for f in dataclasses.fields(Args):  # NaN passes every `<` check below, so finiteness comes first
+    for f in dataclasses.fields(Args):  # NaN passes every range check, so finiteness comes first
         if f.type in (float, "float") and not math.isfinite(getattr(args, f.name)):
             raise UserError(f"--{f.name} must be a finite number, got {getattr(args, f.name)}")
-    positive = ["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
-                "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
-                "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
-                "max_nonfinite_steps", "reward_timeout"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
-                 "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit", "compile_budget"]:
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}"
-                            + (" (0 keeps every checkpoint)" if name == "checkpoints_total_limit" else ""))
-    for name in ["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"]:
-        if not 0 <= getattr(args, name) < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.guidance_scale < 1:  # 1 = no classifier-free guidance; below 1 is not a guidance scale
-        raise UserError(f"--guidance_scale must be >= 1 (1 = no classifier-free guidance), got {args.guidance_scale}")
-    if not 0 < args.beta <= 1:
-        raise UserError(f"--beta must be in (0, 1], got {args.beta} (the paper uses 1.0, or 0.1 for OCR "
-                        "and multi-reward; beta > 1 makes the negative policy extrapolate)")
-    if not 0 < args.timestep_fraction <= 1:
-        raise UserError(f"--timestep_fraction must be in (0, 1], got {args.timestep_fraction} (official: 0.99, "
-                        "9 of 10 rollout sigmas)")
-    if args.kl_coef < 0:
-        raise UserError(f"--kl_coef must be >= 0, got {args.kl_coef}")
-    most = {"sd3": 512, "flux": 512, "qwenimage": 1024}[model_family(args.model)]  # as each family's pipeline allows
+    for name, bound in BOUNDS.items():
+        if not RANGES[bound](getattr(args, name)):
+            note = f" ({NOTES[name]})" if name in NOTES else ""
+            raise UserError(f"--{name} must be {bound}, got {getattr(args, name)}{note}")
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}"
+                            + _closest(getattr(args, name), choices))
+    most = family_named(model_family(args.model)).max_text  # as each family's pipeline allows
     if args.max_sequence_length > most:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} is past this model's text encoder maximum "
                         f"({most} tokens, as its diffusers pipeline allows); pass at most {most}")
@@ -2570,21 +2380,11 @@ def validate(args, world_size):
         r = args.resolution
         raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {r}; "
                         f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
-    if args.solver not in SOLVERS:
-        raise UserError(f"unknown --solver {args.solver!r}; choose from {sorted(SOLVERS)}" + _closest(args.solver, SOLVERS))
-    if args.grad_sync not in ("step", "micro_step"):
-        raise UserError(f"--grad_sync must be step or micro_step, got {args.grad_sync!r}")
     if args.fsdp and world_size < 2:
         raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1")
-    if args.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise UserError(f"--mixed_precision must be auto, bf16, fp16 or no, got {args.mixed_precision!r}")
-    if args.reward_precision not in ("fp32", "bf16"):
-        raise UserError(f"--reward_precision must be fp32 or bf16, got {args.reward_precision!r}")
-    if args.eval_only:
-        return
     total = args.num_groups * args.group_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
-    if total % unit:
+    if not args.eval_only and total % unit:
         # g * group_size is a multiple of unit exactly when g is a multiple of unit / gcd(unit, group_size):
         # arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 10**12)
         every = unit // math.gcd(unit, args.group_size)
@@ -2595,93 +2395,149 @@ def validate(args, world_size):
             f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
             f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
-            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if every <= 4 * args.num_groups else
-               "lower --sample_batch_size or --train_batch_size, or change --group_size"))
+            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if every <= 4 * args.num_groups
+               else "lower --sample_batch_size or --train_batch_size, or change --group_size"))
 
 
-def _closest(name, choices):
-    near = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {near[0]!r}?)" if near else ""
-
-
-# --------------------------------------------------------------------------- the tiny model builder
-def _tiny_tokenizer(max_length, eos):
-    """A word-level tokenizer built in memory (no download); unknown words map to <unk>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"] + sorted(set(
-        "a an the photo image of picture red green blue yellow orange purple pink brown black white gray cyan "
-        "and with on in cat dog car tree house sky sign says text two three four".split()))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    bos = "<|startoftext|>" if eos == "<|endoftext|>" else None
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
-                                   pad_token=eos if bos else "<pad>", model_max_length=max_length)
-
-
-# Random-weight SD3 architectures: "tiny" for CPU tests and the demo; "sd3.5-medium" is the real
-# SD3.5-Medium transformer with one-layer text encoders of the real widths, for GPU throughput checks.
-RANDOM_ARCHS = {
-    "tiny": dict(transformer=dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                  attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                                  caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16),
-                 clip=((32, 2, 4), (32, 2, 4)), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1)),
-    "sd3.5-medium": dict(transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                                          num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                                          joint_attention_dim=4096, caption_projection_dim=1536,
-                                          pooled_projection_dim=2048, pos_embed_max_size=384,
-                                          dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-                         clip=((768, 1, 12), (1280, 1, 20)), t5=(4096, 1, 64),  # (width, layers, heads)
-                         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2)),
+# --------------------------------------------------------------------------- the built-in models
+# Random-weight pipelines built in code, no download. "tiny*": CPU tests and demos (their decoder fitted so that
+# colours are reachable). The others: the published transformers and VAEs at full size (the transformer/ and vae/
+# config.json of stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) with
+# one-layer text encoders of the real widths, for GPU profiling ("meta" builds shapes only). text: (width, layers,
+# heads[, feed-forward width]) per text encoder; Qwen-Image's is a Qwen2.5-VL config (qwen_text, qwen_vision).
+_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False)
+_SCHEDULER = {"sd3": dict(shift=3.0),
+              "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                           base_image_seq_len=256, max_image_seq_len=4096),
+              "qwenimage": dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                time_shift_type="exponential")}
+BUILTIN = {
+    "tiny": dict(family="sd3", transformer=dict(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16), text=((32, 2, 4), (32, 2, 4), (32, 2, 4)),
+        vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4)),
+    "tiny-flux": dict(family="flux", transformer=dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+        text=((32, 2, 4), (32, 2, 4)), vae=dict(block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4)),
+    "tiny-qwenimage": dict(family="qwenimage", transformer=dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
+        qwen_text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, mrope_section=[1, 1, 2]),
+        qwen_vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2),
+        vae=dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
+    "sd3.5-medium": dict(family="sd3", transformer=dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        text=((768, 1, 12), (1280, 1, 20), (4096, 1, 64)),
+        vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2)),
+    "flux.1-dev": dict(family="flux", transformer=dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)), text=((768, 1, 12), (4096, 1, 64, 10240)),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)),
+    "qwen-image": dict(family="qwenimage", transformer=dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        vae=dict(base_dim=96, dim_mult=[1, 2, 4, 4], num_res_blocks=2),
+        qwen_vision=dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16),
+        qwen_text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=1, num_attention_heads=28,
+                       num_key_value_heads=4, mrope_section=[16, 24, 24])),
 }
+TINY_WORDS = ("a an the photo image of picture red green blue yellow orange purple pink brown black white gray cyan "
+              "and with on in cat dog car tree house sky sign says two three four")
+# QwenImagePipeline wraps each prompt in a fixed system template and drops its first 34 tokens: words, "\n" and
+# punctuation are one token each in this vocabulary, which makes that prefix exactly 34 tokens, as with Qwen's BPE
+QWEN_WORDS = ("system Describe the image by detailing color shape size texture quantity text spatial relationships "
+              "of objects background user assistant " + TINY_WORDS)
 
 
-def random_pipeline(arch, device="cpu"):
-    """A StableDiffusion3Pipeline with random weights, built in code on `device` (no download, no slow
-    CPU init of the big one; "meta" builds shapes only), eval mode, shift 3.0."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    cfg = RANDOM_ARCHS[arch]
-    device = torch.device(device)
+def word_tokenizer(specials, words, max_length, split_punctuation=False, **tokens):
+    """A word-level tokenizer built in memory (no download): the special tokens, then the sorted words; unknown
+    words map to <unk>. split_punctuation: "\\n" and punctuation are tokens of their own (Qwen's template)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = [*specials, *sorted(set(words.split()))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split(
+        Regex(r"\n|[^\w\s]"), behavior="isolated")]) if split_punctuation else pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=max_length, **tokens)
+
+
+def builtin_pipeline(name, device="cpu"):
+    """The pipeline of BUILTIN[name] with random weights (torch.manual_seed(0): the same model every time), built on
+    `device` ("meta": shapes only) in eval mode, with its family's scheduler config; a tiny one's decoder fitted."""
+    import diffusers
+    import transformers as tf
+    cfg, device, family = BUILTIN[name], torch.device(device), BUILTIN[name]["family"]
+    clip_tok = word_tokenizer(["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"], TINY_WORDS + " text",
+                              77, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    t5_tok = word_tokenizer(["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"], TINY_WORDS + " text",
+                            256 if family == "sd3" else 512, eos_token="</s>", pad_token="<pad>")
+
+    def clip(width, layers, heads, projection):  # CLIP-L / CLIP-G (SD3, with projection), CLIP-L (FLUX)
+        return (tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel)(tf.CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=(2 if projection else 4) * width,
+            projection_dim=width, num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2))
+
+    def t5(width, layers, heads, ff=None, gated=False):
+        return tf.T5EncoderModel(tf.T5Config(
+            vocab_size=len(clip_tok), d_model=width, d_kv=width // heads, d_ff=ff or 2 * width, num_layers=layers,
+            num_heads=heads, pad_token_id=0, eos_token_id=3, **({"feed_forward_proj": "gated-gelu"} if gated else {})))
+
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
-        torch.manual_seed(0)  # the same "model" every time
-        clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(256, "</s>")
-        v = len(clip_tok)
-        te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=v, hidden_size=width, intermediate_size=2 * width, projection_dim=width, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, bos_token_id=1, eos_token_id=2, pad_token_id=2))
-            for width, layers, heads in cfg["clip"])
-        d, layers, heads = cfg["t5"]
-        te3 = T5EncoderModel(T5Config(vocab_size=v, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
-                                      num_heads=heads, pad_token_id=0, eos_token_id=3))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, norm_num_groups=4 if arch == "tiny" else 32,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
-                            use_post_quant_conv=False, **cfg["vae"])
-        if arch == "tiny":
-            _tiny_decoder(vae)
-        pipe = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**cfg["transformer"]), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok,
-            text_encoder_3=te3, tokenizer_3=t5_tok)
+        torch.manual_seed(0)  # parts are built in the order the weights were first drawn in
+        if family == "sd3":
+            parts = dict(text_encoder=clip(*cfg["text"][0], True), text_encoder_2=clip(*cfg["text"][1], True),
+                         text_encoder_3=t5(*cfg["text"][2]), tokenizer=clip_tok, tokenizer_2=clip_tok,
+                         tokenizer_3=t5_tok, vae=diffusers.AutoencoderKL(
+                             shift_factor=0.0609, scaling_factor=1.5305, **_VAE, **cfg["vae"]))
+        elif family == "flux":
+            parts = dict(text_encoder=clip(*cfg["text"][0], False), text_encoder_2=t5(*cfg["text"][1], gated=True),
+                         tokenizer=clip_tok, tokenizer_2=t5_tok, vae=diffusers.AutoencoderKL(
+                             latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, **_VAE, **cfg["vae"]))
+        else:
+            tok, text = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"],
+                                       QWEN_WORDS, 2048, True, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       additional_special_tokens=["<|im_start|>", "<|im_end|>"]), dict(cfg["qwen_text"])
+            rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
+            config = tf.Qwen2_5_VLConfig(
+                text_config=dict(vocab_size=len(tok), rope_parameters=rope, **text), vocab_size=len(tok),
+                pad_token_id=0, vision_config=dict(out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0],
+                                                   **cfg["qwen_vision"]))
+            parts = dict(tokenizer=tok, transformer=diffusers.QwenImageTransformer2DModel(**cfg["transformer"]),
+                         vae=diffusers.AutoencoderKLQwenImage(z_dim=16, **cfg["vae"]))
+        if name.startswith("tiny"):
+            fitted_decoder(parts["vae"])
+        if family == "qwenimage":
+            parts["text_encoder"] = tf.Qwen2_5_VLForConditionalGeneration(config)
+        else:
+            transformer = {"sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family]
+            parts["transformer"] = transformer(**cfg["transformer"])
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER[family])
+        pipe = getattr(diffusers, family_named(family).pipeline)(scheduler=scheduler, **parts)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
     return pipe
 
 
-def _tiny_decoder(vae, steps=150, fit=None):
-    """Fit the tiny decoder (`fit`, default _fit_tiny_decoder) once per machine and cache the result: the fit costs
-    seconds on an idle CPU and up to a minute on a busy one, and every tiny run (demo, resume, eval,
-    diffusers loading) builds the model again. The key hashes the random initial weights, the fit's
-    code and the library versions, so a cached decoder is bit for bit what the fit would return here.
-    The cache lives in $NFT_CACHE (default ~/.cache/diffusion-nft); an unwritable one just refits."""
+def fitted_decoder(vae, steps=150):
+    """Fit the tiny decoder (fit_decoder) once per machine and cache it: the fit costs seconds on an idle CPU, up to a
+    minute on a busy one, and every tiny run (demo, resume, eval, diffusers loading) builds the model again. The key
+    hashes the random initial weights, the fit's code and the library versions, so a cached decoder is bit for bit
+    what the fit would return here. The cache is $NFT_CACHE (default ~/.cache/diffusion-nft); unwritable: refit."""
     import diffusers
-    fit = fit or _fit_tiny_decoder
     # what the fit trains: the decoder, and Qwen-Image's post_quant_conv (a random 1x1 conv mixing the channels)
     fitted = vae.decoder if getattr(vae, "post_quant_conv", None) is None else \
         torch.nn.ModuleDict(dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
-    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(fit))).encode())
+    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(fit_decoder))).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
     folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
@@ -2693,7 +2549,7 @@ def _tiny_decoder(vae, steps=150, fit=None):
     except Exception:  # not cached yet, or a damaged file: refit
         pass
     print0("fitting the tiny VAE decoder (once per machine, then cached)")
-    fit(vae, steps)
+    fit_decoder(vae, steps)
     with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -2701,34 +2557,18 @@ def _tiny_decoder(vae, steps=150, fit=None):
         os.replace(tmp, path)
 
 
-def _fit_tiny_decoder(vae, steps=150):
-    """A random decoder squashes every latent to grey, so no colour is reachable and the demo cannot
-    learn. Fit it briefly so the first three latent channels map smoothly onto RGB: pixel = 0.5 + 0.3*z."""
-    opt = torch.optim.Adam(vae.decoder.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        z = torch.randn(16, 4, 2, 2, generator=g)
-        z = torch.nn.functional.interpolate(z, size=4, mode="bilinear", align_corners=False) * 1.5
-        target = (0.5 + 0.3 * z[:, :3]).clamp(0, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
-        latent = z / vae.config.scaling_factor + vae.config.shift_factor  # what pipelines hand the decoder
-        loss = ((vae.decode(latent).sample / 2 + 0.5 - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.requires_grad_(False)
-
-
-def _fit_packed_decoder(vae, steps=150):
-    """_fit_tiny_decoder for the FLUX / Qwen-Image VAEs (16 latent channels): pixel = 0.5 + 0.3*z on channels
-    0-2, through what the family's decode hands the VAE. Qwen-Image's decode clamps to [-1, 1], which stops the
-    gradient of every saturated pixel of a random decoder, so its fit runs the decoder unclamped. Qwen's tiny
-    video VAE fits less well: one output channel stays nearly flat (green, for tiny-qwenimage's init)."""
+def fit_decoder(vae, steps=150):
+    """A random decoder squashes every latent to grey, so no colour is reachable and the demo cannot learn. Fit it
+    briefly so the first three latent channels map smoothly onto RGB, pixel = 0.5 + 0.3*z, through what the family's
+    decode hands the VAE. Qwen-Image's decode clamps to [-1, 1], which stops the gradient of every saturated pixel of
+    a random decoder, so its fit runs the decoder unclamped; its tiny video VAE fits less well (one output channel
+    stays nearly flat: green, for tiny-qwenimage's init)."""
     qwen = type(vae).__name__ == "AutoencoderKLQwenImage"
     params = list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters()) if qwen else [])
     opt = torch.optim.Adam(params, lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        z = torch.randn(16, 16, 2, 2, generator=g)
+        z = torch.randn(16, vae.config.z_dim if qwen else vae.config.latent_channels, 2, 2, generator=g)
         z = torch.nn.functional.interpolate(z, size=4, mode="bilinear", align_corners=False) * 1.5
         target = (0.5 + 0.3 * z[:, :3]).clamp(0, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
         images = (vae.decoder(vae.post_quant_conv(qwenimage_latent(vae, z)))[:, :, 0] if qwen else
@@ -2740,121 +2580,16 @@ def _fit_packed_decoder(vae, steps=150):
     vae.requires_grad_(False)
 
 
-# FLUX.1 and Qwen-Image with random weights: "tiny-*" for CPU tests and demos; the others are the published
-# transformers and VAEs at full size with one-layer text encoders of the real widths, for GPU profiling
-# ("meta" builds shapes only). Configs: the transformer/, vae/ and scheduler/ config.json of
-# black-forest-labs/FLUX.1-dev and Qwen/Qwen-Image.
-FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                      max_image_seq_len=4096)
-QWENIMAGE_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                           max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
-FAMILY_ARCHS = {
-    "tiny-flux": dict(family="flux", transformer=dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
-        clip=(32, 2, 4), t5=(32, 2, 4), vae=dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)),
-    "flux.1-dev": dict(family="flux", transformer=dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
-        clip=(768, 1, 12), t5=(4096, 1, 64, 10240), vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                                             norm_num_groups=32)),
-    "tiny-qwenimage": dict(family="qwenimage", transformer=dict(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  mrope_section=[1, 1, 2]), vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2),
-        vae=dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
-    "qwen-image": dict(family="qwenimage", transformer=dict(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
-        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
-        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=1, num_attention_heads=28,
-                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
-        vision=dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16),
-        vae=dict(base_dim=96, dim_mult=[1, 2, 4, 4], num_res_blocks=2)),
-}
-
-
-def _tiny_qwen_tokenizer():
-    """A word-level tokenizer with Qwen's chat markers. QwenImagePipeline wraps each prompt in a fixed system
-    template and drops its first 34 tokens: words, "\\n" and punctuation are one token each here, which makes
-    that prefix exactly 34 tokens, as with Qwen's BPE."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"] + sorted(set(
-        "system Describe the image by detailing color shape size texture quantity text spatial relationships of objects "
-        "and background user assistant a an photo picture red green blue yellow orange purple pink brown black white "
-        "gray cyan with on in cat dog car tree house sky sign says two three four".split()))
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
-                                                 pre_tokenizers.Split(Regex(r"\n|[^\w\s]"), behavior="isolated")])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=2048)
-
-
-def _flux_parts(cfg, tiny):
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    clip_tok, t5_tok = _tiny_tokenizer(77, "<|endoftext|>"), _tiny_tokenizer(512, "</s>")
-    width, layers, heads = cfg["clip"]
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=width, intermediate_size=4 * width,
-                                        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-                                        bos_token_id=1, eos_token_id=2, pad_token_id=2))
-    d, layers, heads, *ff = cfg["t5"]
-    t5 = T5EncoderModel(T5Config(vocab_size=len(clip_tok), d_model=d, d_kv=d // heads, d_ff=ff[0] if ff else 2 * d,
-                                 num_layers=layers, num_heads=heads, pad_token_id=0, eos_token_id=3, feed_forward_proj="gated-gelu"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, scaling_factor=0.3611,
-                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, **cfg["vae"])
-    if tiny:
-        _tiny_decoder(vae, fit=_fit_packed_decoder)
-    return dict(transformer=FluxTransformer2DModel(**cfg["transformer"]), vae=vae, text_encoder=clip, tokenizer=clip_tok,
-                text_encoder_2=t5, tokenizer_2=t5_tok)
-
-
-def _qwenimage_parts(cfg, tiny):
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    tok, text = _tiny_qwen_tokenizer(), dict(cfg["text"])
-    mrope = text.pop("mrope_section")
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope), **text),
-        vision_config=dict(out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0], **cfg["vision"]),
-        vocab_size=len(tok), pad_token_id=0)
-    transformer = QwenImageTransformer2DModel(**cfg["transformer"])
-    vae = AutoencoderKLQwenImage(z_dim=16, **cfg["vae"])
-    if tiny:
-        _tiny_decoder(vae, fit=_fit_packed_decoder)
-    return dict(transformer=transformer, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config), tokenizer=tok)
-
-
-def family_pipeline(arch, device="cpu"):
-    """A FluxPipeline or QwenImagePipeline with random weights from FAMILY_ARCHS, built on `device` ("meta":
-    shapes only), eval mode, the published scheduler config; tiny ones get a fitted decoder (_tiny_decoder)."""
-    import diffusers
-    cfg, device = FAMILY_ARCHS[arch], torch.device(device)
-    flux = cfg["family"] == "flux"
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
-        torch.manual_seed(0)  # the same "model" every time
-        parts = (_flux_parts if flux else _qwenimage_parts)(cfg, arch.startswith("tiny"))
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(FLUX_SCHEDULER if flux else QWENIMAGE_SCHEDULER))
-        pipe = (diffusers.FluxPipeline if flux else diffusers.QwenImagePipeline)(scheduler=scheduler, **parts)
-    for m in pipe.components.values():
-        if isinstance(m, torch.nn.Module):
-            m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
-    return pipe
-
-
 # --------------------------------------------------------------------------- main
 def _close_bars():
     """Close progress bars an error left open, so the error line starts a line of its own."""
-    from tqdm import tqdm
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
 
 
 def _stop(signum, frame):
-    """Ctrl-C or SIGTERM (sent before preemption; torchrun passes it to every rank): rank 0 stops at once; another rank
-    goes on, as rank 0 may be waiting for it in a collective, and ends when rank 0 has gone (main)."""
+    """Ctrl-C or SIGTERM (sent before preemption; torchrun passes it to every rank): rank 0 stops at once; another
+    rank goes on, as rank 0 may be waiting for it in a collective, and ends when rank 0 has gone (main)."""
     _STOPS.append(signum)
     if int(os.environ.get("RANK", 0)) == 0:
         raise KeyboardInterrupt(signum)
@@ -2887,12 +2622,15 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         eval_only(args) if args.eval_only else train(args)
+        if dist.is_initialized():  # every rank is done: the ranks' goodbye
+            dist.barrier()
+            dist.destroy_process_group()
     except KeyboardInterrupt as e:  # no traceback: what is safe on disk and how to go on
         sys.exit(interrupted(args, e.args[0] if e.args else signal.SIGINT))
     except Exception as e:
         if _STOPS:  # a collective that failed as a rank left after the signal: said by rank 0, no traceback
             sys.exit(interrupted(args, _STOPS[0]))
-        if not isinstance(e, UserError) and type(e).__name__ != "RewardError":  # rewards.py's one-line errors
+        if not isinstance(e, (UserError, rewards.RewardError)):
             raise
         _close_bars()
         print0(f"error: {e}", file=sys.stderr)  # rank 0 only: under torchrun every rank stops alike

@@ -652,7 +652,8 @@ def post_json(url, body, headers, deadline, max_bytes=MAX_REPLY_BYTES):
     try:
         conn = kind(parts.hostname, parts.port, timeout=deadline)
     except (http.client.InvalidURL, ValueError) as e:
-        raise RewardError(f"bad unifiedreward URL {_redact(url)} ({e}); set UNIFIEDREWARD_URL to http://host:port/v1") from None
+        raise RewardError(f"bad unifiedreward URL {_redact(url)} ({e}); set UNIFIEDREWARD_URL to "
+                          "http://host:port/v1") from None
     expired, sock = threading.Event(), []
 
     def stop():
@@ -694,7 +695,8 @@ def post_json(url, body, headers, deadline, max_bytes=MAX_REPLY_BYTES):
         return response.status, json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RewardError(f"unifiedreward server {_redact(url)} answered with something that is not JSON "
-                          f"(starts {data[:40]!r}); is UNIFIEDREWARD_URL the judge's OpenAI-compatible /v1 URL?") from None
+                          f"(starts {data[:40]!r}); is UNIFIEDREWARD_URL the judge's OpenAI-compatible /v1 "
+                          "URL?") from None
 
 
 def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120, retries=3, backoff=1.0):
@@ -1141,6 +1143,137 @@ def default_prompts(reward_name, split):
     return [{"prompt": p} for p in GENERIC_PROMPTS]
 
 
+# ---- prompt files and the official prompt sets ----
+
+# The official prompt files of each recipe (nft.py's presets), relative to the official repository's dataset/ folder:
+# (train, test during training, --eval_only benchmark). The paper scores the preference rewards on DrawBench; the
+# official test files repeat each prompt once per image.
+OFFICIAL_PROMPTS = {
+    "geneval": ("geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval/test_metadata.jsonl"),
+    "ocr": ("ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
+    **dict.fromkeys(["pickscore", "hpsv2", "multi"], ("pickscore/train.txt", "pickscore/test.txt",
+                                                      "drawbench/test.txt")),
+}
+
+
+def load_prompts(path):
+    """Prompt records from a file: .txt (one prompt a line) or .jsonl (objects with a non-empty "prompt" and the
+    reward's metadata, e.g. GenEval's). Blank lines are skipped; RewardError names the file and line otherwise."""
+    if os.path.isdir(path):
+        raise RewardError(f"--prompts {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
+    if not os.path.isfile(path):
+        raise RewardError(f"--prompts file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise RewardError(f"--prompts {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    records = [] if path.lower().endswith(".jsonl") else [{"prompt": line.strip()} for _, line in lines]
+    for n, line in lines if path.lower().endswith(".jsonl") else ():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RewardError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise RewardError(f'{path}:{n}: each line needs a non-empty "prompt" string, e.g. {{"prompt": "a cat"}}')
+        records.append(record)
+    if not records:
+        raise RewardError(f"--prompts file is empty: {path}")
+    return records
+
+
+def official_file(folder, preset, which, flag):
+    """The prompt file a --prompts/--eval_prompts folder stands for. which: 0 train, 1 test (evaluation during
+    training), 2 the --eval_only benchmark. `folder` is the official repository's dataset/ (the preset's file from
+    OFFICIAL_PROMPTS) or one of its subfolders ({split}_metadata.jsonl or {split}.txt, as the official code reads)."""
+    names, split = OFFICIAL_PROMPTS.get(preset, ()), "train" if which == 0 else "test"
+    for name in names[which:which + 1] + (f"{split}_metadata.jsonl", f"{split}.txt"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    want = names[which] if names else f"{split}.txt or {split}_metadata.jsonl"
+    raise RewardError(f"{flag} {folder}: no {want} in this folder; pass the official DiffusionNFT repository's "
+                      "dataset/ folder, one of its subfolders, or a prompt file")
+
+
+def prompt_files(preset, prompts="", eval_prompts="", eval_only=False):
+    """--prompts and --eval_prompts with folders turned into files (official_file); --eval_prompts left empty follows
+    a --prompts folder (its test file; with --eval_only the preset's benchmark file); "" is the built-in set.
+    Returns (prompts, eval_prompts, warning): warning is one line when a preset with official prompt files runs on
+    a built-in set instead (GenEval's built-in test set is the official one, regenerated), else None."""
+    folder = prompts if os.path.isdir(prompts) else ""
+    if folder and not eval_only:
+        prompts = official_file(folder, preset, 0, "--prompts")
+    source, flag = (eval_prompts, "--eval_prompts") if eval_prompts else (folder, "--prompts")
+    if source and os.path.isdir(source):
+        eval_prompts = official_file(source, preset, 2 if eval_only else 1, flag)
+    names = OFFICIAL_PROMPTS.get(preset)
+    missing = [] if not names or eval_only or prompts else [("trains", names[0], "--prompts")]
+    if names and not eval_prompts and not names[2 if eval_only else 1].startswith("geneval/"):
+        missing.append(("evaluates", names[2 if eval_only else 1], "--eval_prompts"))
+    warning = missing and (
+        f"warning: the {preset} preset {' and '.join(m[0] for m in missing)} on a built-in prompt set, not the "
+        f"official one; pass {missing[0][2]} path/to/DiffusionNFT/dataset (it reads "
+        f"{' and '.join(m[1] for m in missing)}). The built-in sets are for demos and tests.") or None
+    return prompts, eval_prompts, warning
+
+
+def prompt_records(spec, prompts="", eval_prompts="", max_eval=0):
+    """(train, eval, repeats) prompt records: the files (load_prompts), else the first reward's built-in sets
+    (default_prompts). The `repeats` exact repeats leave the evaluation set, as the official test files list a prompt
+    once per image while evaluation draws its own images of each; max_eval > 0 keeps its first that many."""
+    name = reward_names(spec)[0]
+    train = load_prompts(prompts) if prompts else default_prompts(name, "train")
+    evals = load_prompts(eval_prompts) if eval_prompts else default_prompts(name, "test")
+    unique = list({json.dumps(r, sort_keys=True): r for r in evals}.values())
+    return train, unique[:max_eval or None], len(evals) - len(unique)
+
+
+# ---- benchmark numbers: what the paper reports per reward ----
+
+# Images per prompt of each benchmark (GenEval 4, OCR 1, DrawBench 5 of its 200 prompts for the preference rewards),
+# and each reward's column and scale in the paper: PickScore is logit*cos/26 here and x26 there, UnifiedReward /5.
+EVAL_IMAGES = {"geneval": 4, "ocr": 1,
+               **dict.fromkeys(["pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward", "unifiedreward"], 5)}
+EVAL_COLUMNS = {"pickscore": ("PickScore", 26.0), "clipscore": ("CLIPScore", 1.0), "hpsv2": ("HPSv2.1", 1.0),
+                "aesthetic": ("Aesthetic", 1.0), "imagereward": ("ImageReward", 1.0),
+                "unifiedreward": ("UnifiedReward", 5.0)}
+
+
+def benchmark_metrics(results, spec, extra=""):
+    """The paper's numbers from per-image results (dicts holding "reward" and each reward's components), for the
+    rewards of `spec` and `extra`. GenEval: per-tag accuracy of the binary "correct" check, overall = mean of the
+    tags' accuracies (the benchmark's aggregation, not the mean over images), strict accuracy and the mean partial
+    score. OCR: accuracy = mean reward, and the share of exact matches. Any other reward: its mean on the paper's
+    scale (EVAL_COLUMNS). A weighted sum also gets its mean."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    out = {}
+    for name in dict.fromkeys(reward_names(spec) + reward_names(extra)):
+        if name == "geneval":
+            g = geneval_summary([r["geneval/correct"] for r in results], [r["tag"] for r in results])
+            out.update({"GenEval overall": g["overall"], **{t: g[t] for t in GENEVAL_TAGS if t in g},
+                        "GenEval strict": mean([r["geneval/strict"] for r in results]),
+                        "GenEval partial": mean([r["geneval"] for r in results])})
+        elif name == "ocr":
+            out.update({"OCR accuracy": mean([r["ocr"] for r in results]),
+                        "OCR exact": mean([float(r["ocr"] == 1.0) for r in results])})
+        else:
+            column, scale = EVAL_COLUMNS.get(name, (name, 1.0))
+            out[column] = scale * mean([r[name] for r in results])
+    if len(reward_names(spec)) > 1:
+        out["reward (weighted sum)"] = mean([r["reward"] for r in results])
+    return out
+
+
+def strict_by_tag(strict, tags):
+    """GenEval's strict accuracy of an epoch's rollouts per tag, {"strict_<tag>": mean}, GENEVAL_TAGS' order first.
+    strict: (N,) 0/1; tags: N tag names."""
+    picked = {}
+    for value, tag in zip(strict.tolist(), tags):
+        picked.setdefault(tag, []).append(float(value))
+    order = lambda t: GENEVAL_TAGS.index(t) if t in GENEVAL_TAGS else len(GENEVAL_TAGS)  # noqa: E731
+    return {f"strict_{tag}": sum(picked[tag]) / len(picked[tag]) for tag in sorted(picked, key=order)}
+
+
 # ---- registry and combinations ----
 
 REWARDS = {
@@ -1297,8 +1430,8 @@ def check_metadata(spec, metadata_list):
                 record.get("exclude", []), list) else None
             if not isinstance(record["tag"], str) or reqs is None or not all(
                     isinstance(r, dict) and isinstance(r.get("count"), int) for r in reqs):
-                raise RewardError(f"prompt line {line} ({prompt!r}): GenEval metadata of the wrong type; \"tag\" must be a "
-                                  'string and "include"/"exclude" lists of {"class": name, "count": integer}')
+                raise RewardError(f"prompt line {line} ({prompt!r}): GenEval metadata of the wrong type; \"tag\" must "
+                                  'be a string and "include"/"exclude" lists of {"class": name, "count": integer}')
             problems = [geneval_problem(req, index) for index, req in enumerate(reqs)]
             problems.append(None if record["tag"] in GENEVAL_TAGS else f"has tag {record['tag']!r}; GenEval's tags: "
                             + ", ".join(GENEVAL_TAGS))

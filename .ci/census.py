@@ -49,7 +49,7 @@ class Census(TorchDispatchMode):
         return out
 
 def run(mod, label):
-    cfg = dict(nft.RANDOM_ARCHS["sd3.5-medium"]["transformer"], num_layers=2, dual_attention_layers=(0,))
+    cfg = dict(nft.BUILTIN["sd3.5-medium"]["transformer"], num_layers=2, dual_attention_layers=(0,))
     torch.manual_seed(0)
     t = SD3Transformer2DModel(**cfg).eval().to(torch.bfloat16)
     args = mod.parse_args(["--model", "tiny", "--mixed_precision", "bf16", "--lora_targets", "official", "--rank", "32",

@@ -12,7 +12,7 @@ torch._dynamo.config.recompile_limit = 64
 from diffusers import SD3Transformer2DModel
 
 def build(layers, dual):
-    cfg = dict(nft.RANDOM_ARCHS["sd3.5-medium"]["transformer"], num_layers=layers, dual_attention_layers=tuple(range(dual)))
+    cfg = dict(nft.BUILTIN["sd3.5-medium"]["transformer"], num_layers=layers, dual_attention_layers=tuple(range(dual)))
     torch.manual_seed(0)
     t = SD3Transformer2DModel(**cfg).eval()
     args = nft.parse_args(["--model", "tiny"])

@@ -136,10 +136,12 @@ nft.compile_blocks(pipe.transformer, **({} if device.type == "cuda" else {"backe
 g = torch.Generator().manual_seed(0)
 x0 = torch.randn(2, *nft.latent_shape(pipe, size), generator=g).to(device)
 eps = torch.randn(2, *x0.shape, generator=g).to(device)
-sig = nft.family_of(pipe).sigmas(pipe, 10, size)[torch.tensor([[2, 5], [7, 3]])].float().to(device)
-cond = nft.encode_prompts(pipe, ["a photo of a cat", "a red car"], args.max_sequence_length, device)
-step = lambda: float(nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, torch.tensor([1.0, 0.0], device=device),
-                                    torch.ones(2, device=device), args, autocast, 1.0)[2]) / 2
+sig = nft.schedule(pipe, 10, size)[torch.tensor([[2, 5], [7, 3]])].float().to(device)
+prompts = ["a photo of a cat", "a red car"]
+cond = nft.encode_prompts(pipe, prompts, args.max_sequence_length, device)
+run, pol = nft.Run(args, 0, 1, device, pipe=pipe, autocast=autocast), nft.Policies(params, old, {}, None)
+mb = nft.Batch(torch.arange(2), prompts, cond, x0, torch.tensor([1.0, 0.0], device=device), torch.ones(2, device=device))
+step = lambda: float(nft.micro_step(run, pol, mb, sig, eps, 1.0)[2]) / 2
 equal = step()
 opt = torch.optim.AdamW(params.values(), lr=3e-4)
 opt.step()

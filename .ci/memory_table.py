@@ -72,9 +72,9 @@ def saved_bytes(transformer, family, res, text=64):
 def derive():
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    arch = {"sd3": (SD3Transformer2DModel, nft.RANDOM_ARCHS["sd3.5-medium"]["transformer"]),
-            "flux": (FluxTransformer2DModel, nft.FAMILY_ARCHS["flux.1-dev"]["transformer"]),
-            "qwenimage": (QwenImageTransformer2DModel, nft.FAMILY_ARCHS["qwen-image"]["transformer"])}
+    arch = {"sd3": (SD3Transformer2DModel, nft.BUILTIN["sd3.5-medium"]["transformer"]),
+            "flux": (FluxTransformer2DModel, nft.BUILTIN["flux.1-dev"]["transformer"]),
+            "qwenimage": (QwenImageTransformer2DModel, nft.BUILTIN["qwen-image"]["transformer"])}
     # layouts whose differences isolate one block of each kind; weights: how many the full model has of each
     layouts = {"sd3": ([dict(num_layers=2, dual_attention_layers=()), dict(num_layers=3, dual_attention_layers=()),
                         dict(num_layers=3, dual_attention_layers=(0,))], [(1, 0, 11), (2, 0, 13)]),
