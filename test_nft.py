@@ -1204,47 +1204,68 @@ def test_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(cap
 
 
 # ---- a stopped run keeps its work ----
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
-    """Kill the run (SIGKILL) at random moments, restart it with --resume_from latest each time:
-    the weights at the end equal an uninterrupted run's bit for bit, and metrics.jsonl too. A kill
-    lands inside a checkpoint write only by chance, so after the first kill the test also plants what
-    such a kill leaves (the next checkpoint's .tmp folder with a truncated file): it must be ignored."""
-    import random
-    import time
-    argv = [*SMALL, "--eval_every", 0, "--num_epochs", 12]  # enough epochs for 3+ kills on a fast, idle machine
-    run_nft(*argv, "--output_dir", tmp_path / "ref")
-    out, rnd, kills, mid_write, planted, done = tmp_path / "killed", random.Random(0), 0, 0, False, False
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    for attempt in range(10):
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv), "--output_dir", str(out),
-                              "--resume_from", "latest"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        # wait until this attempt has made progress (a new epoch or checkpoint), then kill at a random moment
-        start, seen = time.time(), nft.checkpoints(out)[-1:]
-        while p.poll() is None and nft.checkpoints(out)[-1:] == seen and time.time() - start < 120:
-            time.sleep(0.05)
-        time.sleep(rnd.uniform(0, 0.4))
-        if p.poll() is None and attempt < 9:
-            p.kill()
-            kills += 1
-            p.wait()
-            folder = os.path.join(out, "checkpoints")
-            mid_write += any(n.endswith(".tmp") for n in os.listdir(folder)) if os.path.isdir(folder) else 0
-            if not planted and nft.checkpoints(out):  # what a kill in the middle of the next save leaves behind
-                planted = True
-                last = nft.checkpoints(out)[-1]
-                partial = f"{last[:-5]}{int(last[-5:]) + 1:05d}.tmp"
-                os.makedirs(partial, exist_ok=True)
-                data = open(os.path.join(last, "training_state.pt"), "rb").read()
-                open(os.path.join(partial, "training_state.pt"), "wb").write(data[:len(data) // 3])
-        assert p.wait() in (0, -9), p.stderr.read().decode()[-2000:]
-        if p.returncode == 0:
-            done = True
-            break
-    assert done and kills >= 3 and planted, (kills, planted)
-    print(f"{kills} kills, {mid_write} of them while a checkpoint was being written, plus one planted")
-    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(tmp_path / "ref")[-1]))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
-    assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
+_HALF_SAVE = """import io, os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import nft
+save = torch.save
+
+
+def half_save(obj, path, *args, **kwargs):  # a checkpoint's training state: half of it written, then a hang
+    if str(path).endswith(os.path.join(".tmp", "training_state.pt")):
+        data = io.BytesIO()
+        save(obj, data)
+        with open(path, "wb") as f:
+            f.write(data.getvalue()[:len(data.getvalue()) // 2])
+        print("half written:", path, flush=True)
+        time.sleep(600)
+    return save(obj, path, *args, **kwargs)
+
+
+torch.save = half_save
+nft.main(sys.argv[2:])
+"""
+
+
+def _kill_when(command, seen, log):
+    """Run `command` (one OpenMP thread; its output to the file `log`) and SIGKILL it as soon as seen(output so far)
+    holds, checked every 10 ms. Returns the exit code: -9, or 0 if it ended at the moment it was seen."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        p = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        while p.poll() is None and not seen(log.read_text()):
+            time.sleep(0.01)
+    finally:
+        p.kill()
+        p.wait()
+    assert seen(log.read_text()), log.read_text()[-3000:]  # it ended before the moment it was to be killed at
+    return p.returncode
+
+
+def test_sigkill_at_observed_moments_then_resume_is_bit_exact(two_epochs, tmp_path):
+    """SIGKILL the run at three moments it is seen to reach, each time continuing it with --resume_from latest:
+    (1) half way through writing its first checkpoint (torch.save made to stop there): checkpoint-00001.tmp holds a
+    truncated training_state.pt and metrics.jsonl epoch 0's line; (2) as soon as checkpoint-00001 appears, in epoch
+    1's rollout or update; (3) as soon as epoch 1's line prints, with the last checkpoint not yet, partly or fully
+    written. The run then ends with the uninterrupted run's weights, optimizer state and metrics, bit for bit. Each
+    moment is waited for, not guessed with a delay, so a slow machine only makes the test slower."""
+    out = tmp_path / "out"
+    argv = [*map(str, SMALL_NO_EVAL), "--num_epochs", "2", "--output_dir", str(out), "--resume_from", "latest"]
+    run = [sys.executable, os.path.join(HERE, "nft.py"), *argv]
+    first = out / "checkpoints" / "checkpoint-00001"
+    code = _kill_when([sys.executable, "-c", _HALF_SAVE, HERE, *argv], lambda said: "half written:" in said,
+                      tmp_path / "1.txt")
+    assert code == -9 and nft.checkpoints(out) == [] and len(metrics(out)) == 1
+    with pytest.raises(Exception):  # what the kill left: a truncated file in a folder that is not a checkpoint
+        state(f"{first}.tmp")
+    assert _kill_when(run, lambda said: first.is_dir(), tmp_path / "2.txt") == -9
+    assert nft.checkpoints(out) == [str(first)]
+    _kill_when(run, lambda said: "\nepoch    1 step" in said, tmp_path / "3.txt")
+    nft.main(argv)  # the rest of the run, in this process
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
+                         for r in rows]
+    assert keep(metrics(out)) == keep(metrics(two_epochs))
 
 
 def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(two_epochs, tmp_path):
