@@ -1,8 +1,18 @@
 """Tests for nft.py and rewards.py. CPU only, offline: `HF_HUB_OFFLINE=1 python -m pytest -q test_nft.py`.
 
-Tiers: (1) the pure math against hand-written formulas; (2) solvers against diffusers and a Gaussian
-with a closed-form flow; (3) a toy policy-improvement run; (4) the tiny SD3 model end to end in
-subprocesses (tiny random weights: these test the code paths, not image quality); (5) rewards.
+The sections, in file order, by what they test (tiny random models throughout: the code paths, not image quality):
+  math                  the pure functions against hand-written formulas: noise, loss, advantages, decays, presets
+  solvers               against diffusers' scheduler and a Gaussian whose flow is known in closed form
+  policy improvement    NFT moves a toy 1-D flow toward the rewarded mode
+  the loop end to end   the tiny SD3 run: metrics, grids, curves, checkpoints, its LoRA in diffusers, ranks, profile
+  model families        FLUX.1 and Qwen-Image: rollouts and CFG equal each diffusers pipeline's; training learns
+  checkpoints, resume   resume is bit-exact, also after SIGKILL or SIGTERM and under --fsdp; which checkpoint is read
+  bad input and faults  one line, before any model loads: flags, files, LoRAs, locks, folders, rewards that break
+                        their contract, non-finite values, a full disk
+  evaluation            metrics per benchmark, seeds and ranks, LoRA layouts, evaluation rewards
+  rewards               each reward against a hand computation or the original code; the hub files they read
+  speed levers          compile, weight-swap policies, bf16, --fsdp, the memory estimate, FLOP counts
+Helpers that several sections use come first.
 """
 import os
 
@@ -21,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -35,7 +46,100 @@ import rewards  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# --------------------------------------------------------------------------- tier 1: math
+# --------------------------------------------------------------------------- helpers shared by the sections
+SMALL = ["--model", "tiny", "--reward", "color", "--num_groups", "2", "--group_size", "4", "--train_batch_size", "4",
+         "--sample_batch_size", "8", "--eval_every", "1", "--eval_images_per_prompt", "1", "--save_every", "1"]
+SMALL_NO_EVAL = [*SMALL, "--eval_every", 0]
+
+
+def run_nft(*args, nproc=0, check=True, timeout=600, threads=0):
+    """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process. torchrun's
+    ranks get one OpenMP thread each (two cores), as does everything when threads=1."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads or (1 if nproc else os.environ.get("OMP_NUM_THREADS", 2))))
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else [sys.executable]
+    p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def run_single_threaded(*args, **kwargs):
+    """nft.py in a subprocess with one OpenMP thread a process (see one_thread)."""
+    return run_nft(*args, threads=1, **kwargs)
+
+
+def cli_error(capsys, *argv):
+    """Run nft.main in-process; return its one-line error (exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        nft.main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]  # besides tqdm's progress bars
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def state(ckpt):
+    return torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)
+
+
+def assert_same_state(a, b):
+    for key in ("default", "old", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), (key, n)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for in-process model work: on 2 shared cores, two OpenMP threads that wait on
+    each other while other processes run can make the tiny model 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def no_models(monkeypatch):
+    """Make any model or reward load fail the test: a check that must come first really does."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the check")
+    monkeypatch.setattr(nft, "load_pipeline", boom)
+    monkeypatch.setattr(rewards, "make_reward", boom)
+
+
+def readme_block(section, lang):
+    """The first ```lang code block of a README section, as the user would copy it."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    return nft.random_pipeline("tiny")  # built once (the decoder fit is slow on a busy CPU); tests deepcopy it
+
+
+TINY_FAMILIES = {"flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}
+EVERY_FAMILY = {"sd3": "tiny", **TINY_FAMILIES}
+_TINY_PIPES = {}
+
+
+def tiny_pipe(name):
+    """The tiny pipeline of any family (SD3 too), built once per session; tests deep-copy it before changing it."""
+    if name not in _TINY_PIPES:
+        _TINY_PIPES[name] = nft.load_pipeline(EVERY_FAMILY[name], torch.float32)
+    return _TINY_PIPES[name]
+
+
+# --------------------------------------------------------------------------- math
 @pytest.mark.parametrize("shape", [(3, 4, 2, 2), (5, 16, 8, 8), (2, 7)])
 def test_add_noise_matches_formula(shape):
     g = torch.Generator().manual_seed(0)
@@ -122,6 +226,20 @@ def test_group_advantages_by_hand():
     assert torch.allclose(nft.group_advantages(R[perm], ids[perm]), nft.group_advantages(R, ids)[perm])
 
 
+def test_zero_std_share_and_per_tag_strict_means():
+    R = torch.tensor([1.0, 1.0, 0.5, 0.2, 0.3, 0.3, 0.7, 0.7])
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert nft.zero_std_share(R, ids) == 0.75  # groups 0, 2 and 3 tie
+    assert nft.zero_std_share(R[:4], ids[:4]) == 0.5
+    strict = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert nft.per_tag_mean(strict, ["counting", "colors", "counting", "colors"]) == {"counting": 1.0, "colors": 0.5}
+    stats = nft.rollout_stats(R[:4], ids[:4], strict, ["counting", "colors", "counting", "colors"], rewards.GENEVAL_TAGS)
+    assert stats == {"zero_std_share": 0.5, "strict_counting": 1.0, "strict_colors": 0.5}
+    assert list(stats) == ["zero_std_share", "strict_counting", "strict_colors"]  # GenEval's tag order
+    assert nft.rollout_stats(R, ids) == {"zero_std_share": 0.75}  # no GenEval: no per-tag keys
+    assert math.isnan(nft.rollout_stats(R[:0], ids[:0])["zero_std_share"])  # an epoch without finite rewards
+
+
 @pytest.mark.parametrize("preset, expected", [
     ((0, 0.001, 0.5), {0: 0.0, 100: 0.1, 499: 0.499, 5000: 0.5}),
     ((75, 0.0075, 0.999), {0: 0.0, 74: 0.0, 75: 0.0, 175: 0.75, 1000: 0.999}),
@@ -130,6 +248,12 @@ def test_group_advantages_by_hand():
 def test_old_decay_presets(preset, expected):
     for step, d in expected.items():
         assert nft.old_decay(step, *preset) == pytest.approx(d)
+
+
+def test_ema_decay():
+    assert nft.ema_decay(0) == pytest.approx(0.1)
+    assert nft.ema_decay(10) == pytest.approx(11 / 20)
+    assert nft.ema_decay(1000) == 0.9
 
 
 @pytest.mark.parametrize("argv, reward, beta, num_steps, steps_per_epoch", [
@@ -144,13 +268,7 @@ def test_presets_follow_the_reward_spec(argv, reward, beta, num_steps, steps_per
     assert (a.reward, a.beta, a.num_steps, a.steps_per_epoch) == (reward, beta, num_steps, steps_per_epoch)
 
 
-def test_ema_decay():
-    assert nft.ema_decay(0) == pytest.approx(0.1)
-    assert nft.ema_decay(10) == pytest.approx(11 / 20)
-    assert nft.ema_decay(1000) == 0.9
-
-
-# --------------------------------------------------------------------------- tier 2: solvers
+# --------------------------------------------------------------------------- solvers
 def test_rollout_sigmas_match_spec_and_diffusers():
     from diffusers import FlowMatchEulerDiscreteScheduler
     spec = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
@@ -231,7 +349,7 @@ def test_unknown_solver_names_the_choices():
         nft.solve(lambda x, s: x, torch.zeros(1), [1.0, 0.0], "dpm3")
 
 
-# --------------------------------------------------------------------------- tier 3: policy improvement
+# --------------------------------------------------------------------------- policy improvement
 def test_nft_shifts_a_toy_flow_toward_the_rewarded_mode():
     """A 1-D flow-matching MLP fitted to a two-mode mixture (-2 and +2), then trained with nft_loss and
     reward = 1 if the sample lands right of 0: the share of samples in the right mode must grow."""
@@ -268,40 +386,8 @@ def test_nft_shifts_a_toy_flow_toward_the_rewarded_mode():
     assert 0.35 < before < 0.65 and after > before + 0.25, (before, after)
 
 
-# --------------------------------------------------------------------------- tier 4: tiny SD3 end to end
-SMALL = ["--model", "tiny", "--reward", "color", "--num_groups", "2", "--group_size", "4", "--train_batch_size", "4",
-         "--sample_batch_size", "8", "--eval_every", "1", "--eval_images_per_prompt", "1", "--save_every", "1"]
-
-
-def run_nft(*args, nproc=0, check=True, timeout=600, threads=0):
-    """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process. torchrun's
-    ranks get one OpenMP thread each (two cores), as does everything when threads=1."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads or (1 if nproc else os.environ.get("OMP_NUM_THREADS", 2))))
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else [sys.executable]
-    p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def metrics(out):
-    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def state(ckpt):
-    return torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)
-
-
-def assert_same_state(a, b):
-    for key in ("default", "old", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for n in a[key]:
-            assert torch.equal(a[key][n], b[key][n]), (key, n)
-    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
-    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
+# --------------------------------------------------------------------------- the loop end to end (tiny SD3)
+# ---- a short run: metrics, grids, checkpoints, its LoRA ----
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
@@ -329,6 +415,18 @@ def test_two_epochs_write_metrics_grids_and_checkpoints(two_epochs):
     assert not torch.equal(s["default"][n], s["ema"][n])
 
 
+def test_the_run_prints_the_base_evaluation_and_ends_with_its_folder(two_epochs):
+    printed = open(os.path.join(os.path.dirname(two_epochs), "stdout.txt")).read()
+    assert re.search(r"the base model's eval reward: 0\.\d{4}\n", printed)
+    assert printed.strip().splitlines()[-1] == f"done: the outputs are in {two_epochs}"
+
+
+def test_same_seed_gives_identical_metrics(two_epochs, tmp_path):
+    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", tmp_path / "again")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert strip(metrics(tmp_path / "again")) == strip(metrics(two_epochs))
+
+
 def test_saved_lora_loads_into_diffusers_and_reproduces_ema_policy(two_epochs):
     """pipe.load_lora_weights reads our file and gives exactly the velocity of the EMA weights."""
     ckpt = nft.checkpoints(two_epochs)[-1]
@@ -350,15 +448,6 @@ def test_saved_lora_loads_into_diffusers_and_reproduces_ema_policy(two_epochs):
     assert torch.allclose(v_lora, v_ours, atol=1e-6)
 
 
-def test_resume_is_bit_exact(two_epochs, tmp_path):
-    out = tmp_path / "out"
-    run_nft(*SMALL, "--num_epochs", 1, "--output_dir", out)
-    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", out, "--resume_from", "latest")
-    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
-    assert strip(metrics(out)) == strip(metrics(two_epochs))
-
-
 def test_model_loads_from_a_saved_folder(tmp_path):
     """The real from_pretrained path, on a tiny pipeline saved with save_pretrained."""
     folder = tmp_path / "tiny-sd3"
@@ -367,6 +456,251 @@ def test_model_loads_from_a_saved_folder(tmp_path):
     assert len(metrics(tmp_path / "out")) == 1
 
 
+def test_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
+    """The tiny model's decoder fit runs once per machine; a cached build is bit for bit a fresh one."""
+    monkeypatch.setenv("NFT_CACHE", str(tmp_path / "cache"))
+    fits = []
+    fit = nft._fit_tiny_decoder
+    monkeypatch.setattr(nft, "_fit_tiny_decoder", lambda vae, steps: fits.append(steps) or fit(vae, steps))
+    a, b = nft.random_pipeline("tiny"), nft.random_pipeline("tiny")
+    assert fits == [150] and len(os.listdir(tmp_path / "cache")) == 1
+    for name, module in a.components.items():
+        if isinstance(module, torch.nn.Module):
+            sb = b.components[name].state_dict()
+            assert all(torch.equal(t, sb[n]) for n, t in module.state_dict().items()), name
+    (tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]).write_bytes(b"damaged")  # a damaged cache refits
+    c = nft.random_pipeline("tiny")
+    assert fits == [150, 150] and all(torch.equal(t, c.vae.state_dict()[n]) for n, t in a.vae.state_dict().items())
+
+
+def _saved_lora(tmp_path, args, base):
+    """A LoRA with non-zero lora_B in both layouts, from the tiny transformer's trainable names."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+    pipe = copy.deepcopy(base)
+    params, _ = nft.add_adapters(pipe.transformer, args)
+    g = torch.Generator().manual_seed(3)
+    weights = {n: 0.3 * torch.randn(p.shape, generator=g) for n, p in params.items()}
+    state = nft.lora_state(weights)
+    config = nft.lora_config(args).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "diffusers", transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=config)  # alpha 64, as checkpoints
+    os.makedirs(tmp_path / "peft")
+    save_file({f"base_model.model.{k}": v for k, v in state.items()}, tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config, default=str))
+    return weights, {"diffusers": str(tmp_path / "diffusers"), "peft": str(tmp_path / "peft")}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "peft"])
+def test_init_lora_first_rollout_equals_the_lora_loaded_by_hand(tmp_path, layout, tiny_sd3):
+    args = nft.parse_args(["--model", "tiny", "--reward", "color"])
+    weights, paths = _saved_lora(tmp_path, args, tiny_sd3)
+    lora = nft.find_lora(paths[layout], "--init_lora")
+    names = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
+    assert lora[0].endswith(names[layout])
+    ours = copy.deepcopy(tiny_sd3)
+    torch.manual_seed(args.seed)
+    params, old = nft.add_adapters(ours.transformer, args)
+    assert nft.init_from_lora(params, old, lora, args) == len(weights)
+    for n in params:
+        assert torch.equal(params[n], weights[n]) and torch.equal(old[n], weights[n])
+    by_hand = copy.deepcopy(tiny_sd3)
+    nft.load_lora(by_hand, lora)  # as --eval_only loads it
+    sigmas = nft.rollout_sigmas(args.num_steps)
+    noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    rollouts = []
+    for pipe, use in [(ours, old), (by_hand, None), (ours, "ref")]:
+        cond = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
+        with nft.policy(params, None if use == "ref" else use) if pipe is ours else contextlib.nullcontext():
+            rollouts.append(nft.sample(pipe, noise, cond, sigmas, "euler", args, contextlib.nullcontext))
+    assert torch.allclose(rollouts[0], rollouts[1], atol=1e-5)  # the first epoch rolls out with the LoRA
+    assert not torch.allclose(rollouts[0], rollouts[2], atol=1e-3)  # and the LoRA matters
+    # another --lora_alpha: the scale ratio (64/32)/(16/32) = 4 is folded into lora_B: the same starting policy
+    other = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_alpha", "16"])
+    p2, o2 = nft.add_adapters(copy.deepcopy(tiny_sd3).transformer, other)
+    nft.init_from_lora(p2, o2, lora, other)
+    assert all(torch.equal(p2[n], weights[n] * (4.0 if ".lora_B." in n else 1.0)) for n in weights)
+    small = nft.parse_args(["--model", "tiny", "--reward", "color", "--rank", "4"])
+    p3, o3 = nft.add_adapters(copy.deepcopy(tiny_sd3).transformer, small)
+    with pytest.raises(nft.UserError, match=r"--init_lora .* does not fit this run's LoRA: expected .* \(4, 32\), "
+                                             r"found shape \(32, 32\); match --rank"):
+        nft.init_from_lora(p3, o3, lora, small)
+
+
+def test_run_records_its_prompt_set_init_lora_and_rollout_stats(tmp_path, tiny_sd3):
+    args = nft.parse_args(["--model", "tiny", "--reward", "color"])
+    _, paths = _saved_lora(tmp_path, args, tiny_sd3)
+    prompts = tmp_path / "colors.txt"
+    prompts.write_text("a red image\na blue image\n")
+    out = tmp_path / "run"
+    p = run_nft(*SMALL, "--num_epochs", "1", "--eval_every", "0", "--prompts", prompts, "--init_lora", paths["diffusers"],
+                "--output_dir", out)
+    config = json.load(open(out / "config.json"))
+    assert config["init_lora"] == paths["diffusers"] and config["reward_precision"] == "fp32"
+    assert config["prompt_set"] == {"train": str(prompts), "eval": "built-in color test set (rewards.default_prompts)"}
+    line = metrics(out)[0]
+    assert 0 <= line["zero_std_share"] <= 1 and "zero-std" in p.stdout and "--init_lora" in p.stdout
+
+
+def test_wandb_gets_the_project_and_run_name_flags(monkeypatch, tmp_path, one_thread):
+    calls = []
+    import importlib.machinery
+    fake = types.ModuleType("wandb")  # records what nft.py asks of wandb
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init, fake.log = lambda **k: calls.append(("init", k)), lambda d, step: calls.append(("log", step))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    argv = [*SMALL, "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out", "--wandb"]
+    nft.main([str(a) for a in argv + ["--wandb_project", "my-proj", "--wandb_run_name", "first"]])
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "my-proj" and calls[0][1]["name"] == "first"
+    assert calls[0][1]["config"]["reward"] == "color" and calls[1] == ("log", 1)
+    assert nft.parse_args([]).wandb_project == "diffusion-nft"
+
+
+# ---- the command line and prompt sets ----
+def test_default_output_folder_follows_model_and_reward():
+    folder = lambda *argv: nft.parse_args(list(argv)).output_dir  # noqa: E731
+    assert folder("--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color")
+    assert folder("--model", "tiny-flux", "--reward", "color") == os.path.join("runs", "tiny-flux-color")
+    assert folder() == os.path.join("runs", "stable-diffusion-3.5-medium-geneval")
+    assert folder("--reward", "pickscore:1,hpsv2:0.5") == os.path.join("runs",
+                                                                      "stable-diffusion-3.5-medium-pickscore+hpsv2")
+    assert folder("--eval_only", "--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color-eval")
+    assert folder("--model", "tiny", "--output_dir", "mine") == "mine"
+
+
+def test_help_lists_names_presets_and_a_sentence_for_every_flag():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "nft.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, COLUMNS="10000"))  # one line per flag
+    assert p.returncode == 0
+    for name in [*rewards.REWARDS, *nft.SOLVERS, *nft.PRESETS]:
+        assert name in p.stdout, name
+    assert "tiny: --resolution 32" in p.stdout and "(default: 1.0; presets: geneval 1.0, ocr 0.1" in p.stdout
+    options = p.stdout.split("options:")[1].split("\npresets")[0]
+    helps = {}
+    for block in re.split(r"\n(?=  --)", options):  # "  --flag TYPE   Help text..." (long names wrap to a new line)
+        m = re.match(r"\s*--(\w+)(?: [A-Z]+)?(?:, --no-\w+)?\s+(.*)", block, re.S)
+        if m:
+            helps[m[1]] = " ".join(m[2].split())
+    for f in dataclasses.fields(nft.Args):
+        sentence = helps[f.name].split(" (default:")[0]
+        assert sentence[:1].isupper() and sentence.endswith(".") and len(sentence.split()) >= 4, (f.name, helps[f.name])
+
+
+def _official_dataset(root):
+    """The official repository's dataset/ folder, with a few lines per file (names as in NVlabs/DiffusionNFT)."""
+    geneval = [json.dumps(r) for r in rewards.geneval_prompts("test")[:3]]
+    files = {"geneval/train_metadata.jsonl": geneval, "geneval/test_metadata.jsonl": [l for l in geneval for _ in range(4)],
+             "ocr/train.txt": ['A sign that says "open"'], "ocr/test.txt": ['A mug printed with "tea"'],
+             "pickscore/train.txt": ["a red fox"], "pickscore/test.txt": ["a blue bird"],
+             "drawbench/test.txt": [p for p in ("a green cube", "a white cat") for _ in range(5)]}
+    for name, lines in files.items():
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("preset,train,test,bench", [
+    ("geneval", "geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval/test_metadata.jsonl"),
+    ("ocr", "ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
+    ("pickscore", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt"),
+    ("hpsv2", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt"),
+    ("multi", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")])
+def test_official_dataset_folder_resolves_per_preset(tmp_path, preset, train, test, bench):
+    root = _official_dataset(tmp_path / "dataset")
+    args = nft.parse_args(["--reward", preset, "--prompts", str(root)])
+    nft.resolve_prompts(args)
+    assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / test))
+    assert nft.prompt_warning(args) is None and nft.prompt_set(args) == {"train": str(root / train), "eval": str(root / test)}
+    args = nft.parse_args(["--reward", preset, "--eval_only", "--eval_prompts", str(root)])
+    nft.resolve_prompts(args)
+    assert args.eval_prompts == str(root / bench) and nft.prompt_warning(args) is None
+    # a subfolder (dataset/<name>) works too, and an explicit file wins over the folder's test file
+    sub = root / os.path.dirname(train)
+    args = nft.parse_args(["--reward", preset, "--prompts", str(sub), "--eval_prompts", str(root / bench)])
+    nft.resolve_prompts(args)
+    assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / bench))
+    nft.load_prompts(args.prompts)  # the official files read unchanged
+
+
+def test_prompt_warning_names_the_official_file_once_before_any_model_loads(tmp_path):
+    for preset, names in [("geneval", ["geneval/train_metadata.jsonl"]), ("ocr", ["ocr/train.txt", "ocr/test.txt"]),
+                          ("pickscore", ["pickscore/train.txt", "pickscore/test.txt"])]:
+        text = nft.prompt_warning(nft.parse_args(["--reward", preset]))
+        assert text.startswith(f"warning: the {preset} preset") and all(n in text for n in names)
+        assert "--prompts path/to/DiffusionNFT/dataset" in text
+    assert nft.prompt_warning(nft.parse_args(["--reward", "geneval", "--eval_only"])) is None  # built-in = official test set
+    assert "drawbench/test.txt" in nft.prompt_warning(nft.parse_args(["--reward", "hpsv2", "--eval_only"]))
+    assert nft.prompt_warning(nft.parse_args(["--model", "tiny", "--reward", "color"])) is None  # no official set
+    only_eval = nft.prompt_warning(nft.parse_args(["--reward", "ocr", "--prompts", "train.txt"]))
+    assert "evaluates on" in only_eval and "--eval_prompts path/to" in only_eval and "ocr/train.txt" not in only_eval
+    # the PickScore model cannot load offline: the warning must already be out, once
+    p = run_nft("--model", "tiny", "--reward", "pickscore", "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "hf download" in p.stderr and not os.path.exists(tmp_path / "out" / "config.json")
+    assert p.stdout.count("warning: the pickscore preset") == 1 and "pickscore/train.txt" in p.stdout
+
+
+# ---- grids and curves ----
+def test_grids_label_each_prompt_row_and_upscale_nearest(tmp_path):
+    from PIL import Image
+    colors = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    images = colors.repeat_interleave(2, 0)[:, :, None, None].expand(6, 3, 32, 32).clone()
+    images[0, :, 0, 0] = 0.0  # one dark pixel: nearest neighbour makes it a 4 x 4 block, no blur
+    nft.save_grid(images, tmp_path / "g.png", nrow=2, row_labels=["a red image", "a green image", "a blue image"])
+    g = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
+    assert g.shape == (3 * 128, 160 + 2 * 128, 3)
+    assert (g[:4, 160:164] == 0).all() and (g[4:128, 164:288] == [255, 0, 0]).all()
+    assert (g[128:256, 160:] == [0, 255, 0]).all() and (g[256:, 160:] == [0, 0, 255]).all()
+    for row in range(3):  # each row's label strip holds text
+        assert (g[row * 128:row * 128 + 20, :160] < 128).any(), row
+
+
+def test_curves_have_a_title_round_ticks_and_a_grid(tmp_path):
+    from PIL import Image
+    assert nft._ticks(0.498, 0.833) == [0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
+    assert nft._ticks(0, 150, 6) == [0, 20, 40, 60, 80, 100, 120, 140, 160] and len(nft._ticks(0.5, 0.5)) == 2
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.002 * e)) + "\n"
+                                                    for e in range(150)))
+    (tmp_path / "config.json").write_text(json.dumps(dict(reward="color")))
+    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+    c = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    assert (c[:30] < 100).all(-1).sum() > 100  # a title in the top strip
+    grid = (c == [0xDD, 0xDD, 0xDD]).all(-1)
+    assert grid.sum(1).max() > 400 and grid.sum(0).max() > 250  # horizontal and vertical grid lines
+
+
+def test_curves_draw_train_and_eval_series_past_a_cut_line(tmp_path):
+    from PIL import Image
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.01 * e) for e in range(30)]
+    rows[0]["eval_reward_mean_before"] = 0.45
+    for e in (9, 19, 29):
+        rows[e]["eval_reward_mean"] = 0.5 + 0.02 * e
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps(rows[-1])[:20])  # + a line cut by a kill
+    nft.plot_curves(str(path), str(tmp_path / "curves.png"), size=(320, 200))
+    image = Image.open(tmp_path / "curves.png").convert("RGB")
+    assert image.format is None and image.size == (320, 200)
+    colors = set(image.getdata())
+    assert (0x1F, 0x77, 0xB4) in colors and (0xD6, 0x27, 0x28) in colors and (0, 0, 0) in colors
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
+
+
+def test_curves_stretch_each_eval_reward_onto_the_axis(tmp_path):
+    """curves.png draws every eval_<name> beside the train and eval reward, each stretched from its own range onto the
+    plot's y range (so a 5-7 aesthetic score and a 0.8 PickScore share one axis), in colours of their own."""
+    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.05 * e) for e in range(6)]
+    rows[0].update(eval_reward_mean_before=0.5, eval_pickscore_before=0.80, eval_aesthetic_before=5.0)
+    rows[2].update(eval_reward_mean=0.6, eval_pickscore=0.84, eval_aesthetic=6.5)
+    rows[5].update(eval_reward_mean=0.7, eval_pickscore=0.82, eval_aesthetic=7.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    image = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
+    for colour in ((44, 160, 44), (148, 103, 189)):  # the two eval rewards' lines
+        rows_hit = np.nonzero((np.abs(image - colour).sum(-1) < 30)[:, 100:].any(1))[0]  # right of the legend
+        assert rows_hit.max() - rows_hit.min() > 0.6 * (400 - 44 - 40), colour  # spans most of the plot's height
+
+
+# ---- ranks ----
 def test_two_gloo_ranks_group_advantages_across_ranks(tmp_path):
     """Each rank holds half of every group; the gathered advantages equal the single-process ones."""
     script = tmp_path / "adv.py"
@@ -411,6 +745,18 @@ def test_torchrun_two_ranks_end_to_end_and_grad_sync_modes_agree(tmp_path):
     assert moved and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
+def test_readme_two_ranks_on_a_cpu_command_is_valid(tmp_path):
+    """The README's two-rank CPU command, run as written for one short epoch: the flags make 2 ranks valid."""
+    line = readme_block("Multi-GPU on a CPU", "bash").strip()
+    assert line.startswith("torchrun --nproc_per_node=2 --standalone nft.py --model tiny --reward color")
+    argv = line.split("nft.py", 1)[1].split()
+    with pytest.raises(nft.UserError, match="nearest valid"):  # without the README's flag, 2 ranks do not fit
+        nft.validate(nft.parse_args(["--model", "tiny", "--reward", "color"]), 2)
+    p = run_nft(*argv, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", tmp_path / "out", nproc=2)
+    assert "epoch    0" in p.stdout and len(metrics(tmp_path / "out")) == 1
+
+
+# ---- profile ----
 def test_profile_reports_phases_throughput_and_mfu(tmp_path):
     """--profile on the tiny model: the report's shape, not its speed (CPU numbers mean nothing)."""
     p = run_nft(*SMALL, "--profile", "--output_dir", tmp_path / "p")
@@ -426,2126 +772,13 @@ def test_profile_reports_phases_throughput_and_mfu(tmp_path):
     assert len(metrics(tmp_path / "p")) == 3 and not nft.checkpoints(tmp_path / "p")
 
 
-def test_random_sd35_medium_is_the_spec_architecture():
-    """random:sd3.5-medium (built on the meta device: shapes only) is SPEC section 7's transformer: 2.24B
-    parameters and 2.25 TFLOP per 512 px image forward with 205 text tokens; text widths 768 + 1280, T5 4096."""
-    from torch.utils.flop_counter import FlopCounterMode
-    pipe = nft.random_pipeline("sd3.5-medium", "meta")
-    assert sum(p.numel() for p in pipe.transformer.parameters()) == pytest.approx(2.243e9, rel=1e-3)
-    assert (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size,
-            pipe.text_encoder_3.config.d_model, pipe.vae.config.latent_channels) == (768, 1280, 4096, 16)
-    x = torch.empty(1, 16, 64, 64, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        nft.velocity(pipe.transformer, x, 0.5, dict(embeds=torch.empty(1, 205, 4096, device="meta"),
-                                                    pooled=torch.empty(1, 2048, device="meta")))
-    assert counter.get_total_flops() == pytest.approx(2.25e12, rel=0.02)
-
-
-def test_bf16_vae_decode_stays_within_a_pixel_level_of_fp32():
-    """The fast path decodes in bf16. On the tiny (fitted) decoder the images stay within 8-bit quantisation
-    noise of fp32: mean |diff| < 1/255, max < 6/255. (The real VAE's check is in .ci/gpu_check.sh.)"""
-    pipe = nft.random_pipeline("tiny")
-    x0 = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    fp32 = nft.decode(pipe, x0)
-    bf16 = nft.decode(pipe.to(dtype=torch.bfloat16), x0)
-    diff = (fp32 - bf16).abs()
-    assert bf16.dtype == torch.float32 and diff.mean() < 1 / 255 and diff.max() < 6 / 255, (diff.mean(), diff.max())
-
-
-def test_compiled_transformer_switches_adapters_without_recompiling():
-    """--compile's premise: policies switch by copying weights, which no guard sees, so after one round of every
-    policy (old and reference no-grad, trainable with grad, rollout sampling with the old weights) a second
-    round compiles nothing (fail_on_recompile raises otherwise), and the compiled loss equals eager's.
-    Dynamo's guards and graphs are what is tested; backend aot_eager skips inductor's codegen (CPU)."""
-    import torch._dynamo
-    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
-    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
-    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-    pipe = nft.random_pipeline("tiny")
-    torch.manual_seed(1)
-    params, old = nft.add_adapters(pipe.transformer, args)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-    theta = {n: p.detach().clone() for n, p in params.items()}
-
-    def one_round():
-        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
-        with nft.policy(params, old):
-            x = nft.sample(pipe, x0, dict(embeds=emb, pooled=pooled), nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
-        return stats, x
-    eager = one_round()
-    torch._dynamo.reset()
-    nft.compile_blocks(pipe.transformer, backend="aot_eager")
-    try:
-        compiled = one_round()
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        with torch.compiler.set_stance("fail_on_recompile"):
-            one_round()
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
-    finally:
-        torch._dynamo.reset()
-    assert torch.allclose(compiled[0], eager[0], rtol=1e-4) and torch.allclose(compiled[1], eager[1], atol=1e-5)
-    assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta is back after every swap
-
-
-def test_bf16_micro_step_matches_fp32_within_bf16_noise():
-    """The fast default (bf16 base, fp32 LoRA, bf16 autocast) gives the fp32 loss and gradient on the same
-    inputs within bf16 noise: loss within 2%, gradient cosine > 0.99 (tiny model, CPU autocast)."""
-    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6"])
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
-    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float(), torch.rand(4, generator=g), torch.ones(4)
-    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-    results = []
-    for mode in ("no", "bf16"):
-        args.mixed_precision = mode
-        dtype, autocast = nft.precision(args, torch.device("cpu"))
-        pipe = nft.random_pipeline("tiny").to(dtype=dtype)
-        torch.manual_seed(1)
-        params, old = nft.add_adapters(pipe.transformer, args)
-        with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
-            for n, p in params.items():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)), sig, eps, r, mask,
-                                   args, autocast, 1.0)
-        results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
-    (s32, g32), (s16, g16) = results
-    assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
-    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
-
-
-# --------------------------------------------------------------------------- tier 4b: bad input and faults
-def cli_error(capsys, *argv):
-    """Run nft.main in-process; return its one-line error (exit code 2, no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        nft.main([str(a) for a in argv])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]  # besides tqdm's progress bars
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--reward", "colr"], "did you mean 'color'"),
-    (["--reward", "color:x"], "bad weight"),
-    (["--solver", "eulr"], "did you mean 'euler'"),
-    (["--resolution", "40"], "got 40; try 32 or 48"),
-    (["--num_groups", "3", "--group_size", "5"], "nearest valid: --num_groups"),
-    (["--learning_rate", "0"], "--learning_rate must be positive"),
-    (["--group_size", "0"], "--group_size must be positive"),
-    (["--num_steps", "-1"], "--num_steps must be positive"),
-    (["--beta", "1.5"], "--beta must be in (0, 1]"),
-    (["--beta", "0"], "--beta must be in (0, 1]"),
-    (["--preset", "genevel"], "unknown --preset"),
-    (["--model", "/no/such/folder"], "--model folder not found"),
-    (["--prompts", "/no/such/file.txt"], "--prompts file not found"),
-    (["--resume_from", "/no/such/checkpoint"], "no such folder"),
-    (["--reward", "hpsv2"], "hf download xswu/HPSv2"),
-])
-def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
-    out = tmp_path / "out"
-    assert message in cli_error(capsys, *SMALL, "--output_dir", out, *argv)
-    assert not out.exists()  # nothing written
-
-
-def test_no_cuda_points_to_the_cpu_demo(capsys, tmp_path):
-    assert "python nft.py --model tiny --reward color" in cli_error(capsys, "--output_dir", tmp_path / "o")
-
-
-def test_bad_prompt_files(capsys, tmp_path):
-    empty, bad, plain = tmp_path / "empty.txt", tmp_path / "bad.jsonl", tmp_path / "plain.txt"
-    empty.write_text("\n\n")
-    bad.write_text('{"prompt": "a red image"}\n{"prompt": "a blue image"\n')
-    plain.write_text("a photo of a cat\n")
-    out = ["--output_dir", tmp_path / "out"]  # never the working directory's runs/tiny-color
-    assert "empty" in cli_error(capsys, *SMALL, *out, "--prompts", empty)
-    assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, *out, "--prompts", bad)
-    assert "needs GenEval metadata" in cli_error(capsys, *SMALL, *out, "--reward", "geneval", "--prompts", plain)
-
-
-def test_model_folder_that_is_not_sd3_and_hub_id_offline(capsys, tmp_path):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    assert "not a folder of a supported pipeline" in cli_error(capsys, *SMALL, "--model", tmp_path / "m",
-                                                               "--output_dir", tmp_path / "out")
-    with pytest.raises(nft.UserError, match="offline"):
-        nft.load_pipeline("someone/not-cached-sd3", torch.float32)
-
-
-def test_previous_run_is_refused_and_kept(capsys, two_epochs):
-    before = open(os.path.join(two_epochs, "metrics.jsonl")).read()
-    assert "holds a previous run" in cli_error(capsys, *SMALL, "--output_dir", two_epochs)
-    assert open(os.path.join(two_epochs, "metrics.jsonl")).read() == before
-    assert len(nft.checkpoints(two_epochs)) == 2
-
-
-def test_bad_checkpoints(capsys, two_epochs, tmp_path):
-    import shutil
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(nft.checkpoints(two_epochs)[-1], ckpt)
-    out = tmp_path / "out"
-    assert "different configuration (rank: saved 32 vs now 8)" in cli_error(
-        capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt, "--rank", 8)
-    assert "--timestep_fraction must be in (0, 1]" in cli_error(capsys, *SMALL, "--output_dir", out, "--timestep_fraction", 1.5)
-    args = nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt), "--seed", "7"])
-    assert nft.load_checkpoint(args, world_size=2)[0] == str(ckpt)  # allowed, but no longer a replay:
-    assert "resuming with seed 42 -> 7, world_size 1 -> 2: training continues" in capsys.readouterr().out
-    data = (ckpt / "training_state.pt").read_bytes()
-    (ckpt / "training_state.pt").write_bytes(data[:len(data) // 2])  # truncated
-    assert "truncated or corrupted" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
-    (ckpt / "training_state.pt").unlink()
-    assert "no training_state.pt" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
-
-
-def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
-    p = run_nft(*SMALL, "--reward", "colr", "--output_dir", tmp_path / "o", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error: unknown reward 'colr'")
-
-
-def _nan_reward(fraction):
-    """A reward factory (registered for one test) that returns NaN for a share of the images."""
-    import rewards
-
-    def make(device):
-        color = rewards.REWARDS["color"](device)
-
-        def fn(images, prompts, metadata):
-            score, _ = color(images, prompts, metadata)
-            score[: int(len(score) * fraction)] = float("nan")
-            return score, {}
-        return fn
-    return make
-
-
-def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch, tmp_path):
-    import rewards
-    monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5))
-    monkeypatch.setitem(rewards.REWARDS, "nan_all", _nan_reward(1.0))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red image\na blue image\n")
-    nft.main([str(a) for a in (*SMALL, "--reward", "nan_half", "--prompts", prompts, "--eval_every", 0,
-                                "--num_epochs", 1, "--output_dir", tmp_path / "half")])
-    m = metrics(tmp_path / "half")
-    assert m[0]["dropped"] == 4 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
-    assert "4 of 8 rewards are NaN/inf" in capsys.readouterr().out
-    msg = cli_error(capsys, *SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 5,
-                    "--max_nonfinite_steps", 2, "--output_dir", tmp_path / "all")  # a reward that scores nothing stops
-    assert msg == ("error: 2 non-finite optimizer steps in a row (no finite reward); stopping with no checkpoint saved "
-                   "yet. Check the reward, then continue with --resume_from latest")
-    m = metrics(tmp_path / "all")  # epoch 0 is logged, with no step taken and no checkpoint of untrained weights
-    assert len(m) == 1 and m[0]["dropped"] == 8 and m[0]["step"] == 0 and nft.checkpoints(tmp_path / "all") == []
-    # a diverged sample (NaN latent, so a NaN colour reward) must not poison the loss of the others
-    real_sample = nft.sample
-    monkeypatch.setattr(nft, "sample", lambda *a, **k: real_sample(*a, **k).index_fill_(0, torch.tensor([0]), math.nan))
-    nft.main([str(a) for a in (*SMALL, "--prompts", prompts, "--eval_every", 0, "--num_epochs", 1,
-                                "--kl_coef", 1e-4, "--output_dir", tmp_path / "nan_x0")])
-    m = metrics(tmp_path / "nan_x0")
-    assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and math.isfinite(m[0]["kl"])
-
-
-def test_nonfinite_gradients_skip_steps_then_stop_with_checkpoint_intact(capsys, monkeypatch, tmp_path):
-    out = tmp_path / "out"
-    nft.main([str(a) for a in (*SMALL, "--eval_every", 0, "--num_epochs", 1, "--output_dir", out)])
-    good = state(nft.checkpoints(out)[-1])
-    real_loss = nft.nft_loss
-    monkeypatch.setattr(nft, "nft_loss", lambda *a: real_loss(*a) * float("nan"))  # fault injection
-    msg = cli_error(capsys, *SMALL, "--eval_every", 0, "--num_epochs", 9, "--output_dir", out,
-                    "--resume_from", "latest", "--max_nonfinite_steps", 2)
-    assert "2 non-finite optimizer steps in a row" in msg
-    assert_same_state(state(nft.checkpoints(out)[0]), good)  # the last good checkpoint is intact
-    newest = state(nft.checkpoints(out)[-1])  # a checkpoint after a skipped step holds unchanged, finite weights
-    assert all(torch.equal(newest["default"][n], good["default"][n]) for n in good["default"])
-
-
-def test_same_seed_gives_identical_metrics(two_epochs, tmp_path):
-    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", tmp_path / "again")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
-    assert strip(metrics(tmp_path / "again")) == strip(metrics(two_epochs))
-
-
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
-    """Kill the run (SIGKILL) at random moments, restart it with --resume_from latest each time:
-    the weights at the end equal an uninterrupted run's bit for bit, and metrics.jsonl too. A kill
-    lands inside a checkpoint write only by chance, so after the first kill the test also plants what
-    such a kill leaves (the next checkpoint's .tmp folder with a truncated file): it must be ignored."""
-    import random
-    import time
-    argv = [*SMALL, "--eval_every", 0, "--num_epochs", 12]  # enough epochs for 3+ kills on a fast, idle machine
-    run_nft(*argv, "--output_dir", tmp_path / "ref")
-    out, rnd, kills, mid_write, planted, done = tmp_path / "killed", random.Random(0), 0, 0, False, False
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    for attempt in range(10):
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv), "--output_dir", str(out),
-                              "--resume_from", "latest"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        # wait until this attempt has made progress (a new epoch or checkpoint), then kill at a random moment
-        start, seen = time.time(), nft.checkpoints(out)[-1:]
-        while p.poll() is None and nft.checkpoints(out)[-1:] == seen and time.time() - start < 120:
-            time.sleep(0.05)
-        time.sleep(rnd.uniform(0, 0.4))
-        if p.poll() is None and attempt < 9:
-            p.kill()
-            kills += 1
-            p.wait()
-            folder = os.path.join(out, "checkpoints")
-            mid_write += any(n.endswith(".tmp") for n in os.listdir(folder)) if os.path.isdir(folder) else 0
-            if not planted and nft.checkpoints(out):  # what a kill in the middle of the next save leaves behind
-                planted = True
-                last = nft.checkpoints(out)[-1]
-                partial = f"{last[:-5]}{int(last[-5:]) + 1:05d}.tmp"
-                os.makedirs(partial, exist_ok=True)
-                data = open(os.path.join(last, "training_state.pt"), "rb").read()
-                open(os.path.join(partial, "training_state.pt"), "wb").write(data[:len(data) // 3])
-        assert p.wait() in (0, -9), p.stderr.read().decode()[-2000:]
-        if p.returncode == 0:
-            done = True
-            break
-    assert done and kills >= 3 and planted, (kills, planted)
-    print(f"{kills} kills, {mid_write} of them while a checkpoint was being written, plus one planted")
-    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(tmp_path / "ref")[-1]))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
-    assert strip(metrics(out)) == strip(metrics(tmp_path / "ref"))
-
-
-# --------------------------------------------------------------------------- tier 4c: evaluation
-_EV_SMALL = ["--model", "tiny", "--reward", "color", "--eval_max_prompts", 4, "--eval_images_per_prompt", 2,
-             "--resolution", 32, "--max_sequence_length", 16, "--eval_num_steps", 4]
-
-
-def _ev_run(*args, **kwargs):
-    """nft.py in a subprocess with one OpenMP thread a process (see _ev_one_thread)."""
-    return run_nft(*args, threads=1, **kwargs)
-
-
-@pytest.fixture
-def _ev_one_thread():
-    """One intra-op thread for in-process model work: on 2 shared cores, two OpenMP threads that wait on
-    each other while other processes run can make the tiny model 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ev_rows(out):
-    return [json.loads(line) for line in open(os.path.join(out, "eval_images.jsonl"))]
-
-
-def _ev_velocity(transformer):
-    g = torch.Generator().manual_seed(0)
-    x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
-    with torch.no_grad():
-        return nft.velocity(transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
-
-
-# ---- evaluation: aggregation (pure) ----
-def test_ev_geneval_metrics_average_the_tags_not_the_images():
-    # 3 single_object images (2 correct) and 1 counting image (correct): per tag 2/3 and 1, overall 5/6
-    # (the mean over images would be 3/4)
-    results = [dict(tag=t, reward=p, geneval=p, **{"geneval/correct": c, "geneval/strict": s, "geneval/partial": p})
-               for t, c, s, p in [("single_object", 1.0, 1.0, 1.0), ("single_object", 0.0, 0.0, 0.5),
-                                  ("single_object", 1.0, 0.0, 0.75), ("counting", 1.0, 1.0, 1.0)]]
-    m = nft.eval_metrics(results, "geneval")
-    assert m["single_object"] == pytest.approx(2 / 3) and m["counting"] == 1.0
-    assert m["GenEval overall"] == pytest.approx(5 / 6)
-    assert m["GenEval strict"] == pytest.approx(0.5) and m["GenEval partial"] == pytest.approx(3.25 / 4)
-    assert list(m)[:3] == ["GenEval overall", "single_object", "counting"]
-
-
-def test_ev_ocr_and_drawbench_metrics():
-    m = nft.eval_metrics([dict(reward=r, ocr=r) for r in (1.0, 0.5, 1.0, 0.0)], "ocr")
-    assert m == {"OCR accuracy": 0.625, "OCR exact": 0.5}
-    spec = "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1"
-    comps = dict(pickscore=0.9, clipscore=0.3, hpsv2=0.33, aesthetic=6.0, imagereward=1.5)
-    results = [dict(reward=sum(comps.values()), **comps)] * 2
-    m = nft.eval_metrics(results, spec)
-    assert list(m) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
-    assert m["PickScore"] == pytest.approx(23.4) and m["Aesthetic"] == pytest.approx(6.0)  # PickScore x26 as printed
-    assert nft.EVAL_IMAGES["geneval"] == 4 and nft.EVAL_IMAGES["ocr"] == 1 and nft.EVAL_IMAGES["pickscore"] == 5
-
-
-# ---- evaluation: seeds and ranks ----
-@pytest.fixture(scope="module")
-def _ev_pipe():
-    return nft.random_pipeline("tiny")
-
-
-def test_ev_geneval_tags_reach_the_report(_ev_pipe, _ev_one_thread):
-    """evaluate() carries each record's tag into its results, so eval_metrics can average per tag."""
-    records = [r for t in rewards.GENEVAL_TAGS for r in rewards.geneval_prompts("test") if r["tag"] == t][::40]
-    def fake(images, prompts, metadata):  # what make_reward("geneval") returns, with made-up scores
-        correct = torch.tensor([float(m["tag"] == "counting") for m in metadata])
-        return correct, {"geneval": correct, "geneval/partial": correct, "geneval/strict": correct, "geneval/correct": correct}
-    args = nft.parse_args([str(a) for a in _EV_SMALL] + ["--eval_images_per_prompt", "1"])
-    results = nft.evaluate(_ev_pipe, records, fake, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
-    assert [r["tag"] for r in results] == [r["tag"] for r in records]
-    m = nft.eval_metrics(results, "geneval")
-    assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
-
-
-def test_ev_seeds_fix_each_image_whatever_the_batch(_ev_pipe, _ev_one_thread):
-    pipe = _ev_pipe
-    records = rewards.default_prompts("color", "test")
-    fn = rewards.make_reward("color", "cpu")
-    args = nft.parse_args([str(a) for a in _EV_SMALL])
-
-    def scores(**kw):
-        for k, v in kw.items():
-            setattr(args, k, v)
-        res = nft.evaluate(pipe, records, fn, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
-        return {(r["index"], r["image"]): (r["seed"], r["reward"]) for r in res}
-
-    a = scores(sample_batch_size=8)
-    assert len(a) == 8 and len({s for s, _ in a.values()}) == 8  # one seed per (prompt, image)
-    assert scores(sample_batch_size=8) == a  # the same run twice: identical
-    b = scores(sample_batch_size=3)  # other batches: the same images up to float rounding
-    assert all(b[key][0] == a[key][0] and b[key][1] == pytest.approx(a[key][1], abs=1e-5) for key in a)
-    assert scores(sample_batch_size=8, seed=7) != a
-
-
-def test_ev_two_gloo_ranks_cover_every_item_once(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    p = _ev_run("--eval_only", *_EV_SMALL, "--output_dir", one)
-    _ev_run("--eval_only", *_EV_SMALL, "--output_dir", two, nproc=2)
-    rows1, rows2 = _ev_rows(one), _ev_rows(two)
-    keys = [(r["index"], r["image"]) for r in rows2]
-    assert len(keys) == len(set(keys)) == 8 and set(keys) == {(i, k) for i in range(4) for k in range(2)}
-    assert [(r["index"], r["image"], r["seed"]) for r in rows1] == [(r["index"], r["image"], r["seed"]) for r in rows2]
-    assert [r["reward"] for r in rows2] == pytest.approx([r["reward"] for r in rows1], abs=1e-5)
-    assert set(rows1[0]) >= {"index", "image", "prompt", "seed", "reward", "color"}
-    summary = json.load(open(one / "eval.json"))
-    assert summary["images"] == 8 and summary["eval_num_steps"] == 4 and summary["metrics"]["color"] == pytest.approx(summary["reward_mean"])
-    table = open(one / "eval.md").read()
-    assert "| model | color |" in table and "| base |" in table and "| model | color |" in p.stdout
-
-
-# ---- evaluation: LoRA layouts ----
-def test_ev_peft_layout_lora_loads_with_its_scaling(tmp_path, _ev_one_thread):
-    """An official-style checkpoint (peft save_pretrained: adapter_model.safetensors + adapter_config.json,
-    keys base_model.model.<module>.lora_A.weight) gives the source model's velocity; alpha/r = 3 matters."""
-    from peft import LoraConfig, get_peft_model
-    source = nft.random_pipeline("tiny").transformer
-    config = LoraConfig(r=4, lora_alpha=12, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
-    peft_model = get_peft_model(source, config)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    folder = tmp_path / "checkpoint-7" / "lora"
-    peft_model.save_pretrained(folder)
-    from safetensors.torch import load_file
-    assert any(k.startswith("base_model.model.transformer_blocks.0.attn.to_q.lora_A") for k in load_file(folder / "adapter_model.safetensors"))
-    v_source = _ev_velocity(peft_model.base_model.model)
-
-    pipe = nft.random_pipeline("tiny")
-    v_base = _ev_velocity(pipe.transformer)
-    lora = nft.find_lora(str(tmp_path / "checkpoint-7"))  # the checkpoint folder finds its lora/
-    assert lora[0] == str(folder / "adapter_model.safetensors") and lora[1]["r"] == 4 and lora[1]["lora_alpha"] == 12
-    nft.load_lora(pipe, lora)
-    v_loaded = _ev_velocity(pipe.transformer)
-    assert (v_source - v_base).abs().max() > 1e-4
-    assert torch.allclose(v_loaded, v_source, atol=1e-6)
-    assert nft.find_lora(str(folder / "adapter_model.safetensors"))[0] == lora[0]
-
-
-def test_ev_lora_path_errors(tmp_path):
-    with pytest.raises(nft.UserError, match="neither"):
-        nft.find_lora(str(tmp_path))
-    with pytest.raises(nft.UserError, match="no such file"):
-        nft.find_lora(str(tmp_path / "missing"))
-    p = _ev_run("--eval_only", *_EV_SMALL, "--lora", tmp_path / "missing", "--output_dir", tmp_path / "out", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error: --lora") and len(p.stderr.strip().splitlines()) == 1
-
-
-def test_ev_project_checkpoint_eval_writes_compare_and_curves(tmp_path, _ev_one_thread):
-    """A short training run's diffusers LoRA evaluates, differs from the base, and yields both pictures."""
-    from PIL import Image
-    run = tmp_path / "run"
-    _ev_run("--model", "tiny", "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
-            "--sample_batch_size", 8, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", run)
-    ckpt = run / "checkpoints" / "checkpoint-00001"
-    assert nft.find_lora(str(ckpt))[0] == str(ckpt / "pytorch_lora_weights.safetensors")
-    pipe = nft.random_pipeline("tiny")
-    v_base = _ev_velocity(pipe.transformer)
-    nft.load_lora(pipe, nft.find_lora(str(ckpt / "pytorch_lora_weights.safetensors")))  # the file itself works too
-    assert (_ev_velocity(pipe.transformer) - v_base).abs().max() > 1e-6
-
-    out = tmp_path / "eval"
-    _ev_run("--eval_only", *_EV_SMALL, "--lora", ckpt, "--output_dir", out)
-    assert len(_ev_rows(out)) == 8 and "| checkpoint-00001 |" in open(out / "eval.md").read()
-    compare = Image.open(out / "compare.png")
-    assert compare.format == "PNG" and compare.size == (160 + 2 * 128, 16 + 4 * 128)  # label strips + 2 columns x 4 prompts, 32 px x4
-    curves = Image.open(out / "curves.png")  # found through the LoRA's run folder
-    assert curves.format == "PNG" and curves.size == (640, 400)
-
-
-def test_ev_plot_curves_draws_both_series(tmp_path):
-    from PIL import Image
-    path = tmp_path / "metrics.jsonl"
-    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.01 * e) for e in range(30)]
-    rows[0]["eval_reward_mean_before"] = 0.45
-    for e in (9, 19, 29):
-        rows[e]["eval_reward_mean"] = 0.5 + 0.02 * e
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps(rows[-1])[:20])  # + a line cut by a kill
-    nft.plot_curves(str(path), str(tmp_path / "curves.png"), size=(320, 200))
-    image = Image.open(tmp_path / "curves.png").convert("RGB")
-    assert image.format is None and image.size == (320, 200)
-    colors = set(image.getdata())
-    assert (0x1F, 0x77, 0xB4) in colors and (0xD6, 0x27, 0x28) in colors and (0, 0, 0) in colors
-    assert Image.open(tmp_path / "curves.png").format == "PNG"
-
-
-# --------------------------------------------------------------------------- tier 5: rewards
-
-def _rw_det(box, score=0.95, color=None):
-    return {"box": box, "score": score, "color": color}
-
-
-def _rw_meta(tag, include, exclude=None):
-    record = {"tag": tag, "include": include, "prompt": "p"}
-    if exclude:
-        record["exclude"] = exclude
-    return record
-
-
-def _rw_tiny_clip(projection_dim=16):
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=60, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                           num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=projection_dim)
-    return CLIPModel(cfg).eval()
-
-
-def _rw_tokenizer():
-    """A character-level CLIP BPE tokenizer built in memory (no merges): one token per letter."""
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz-":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
-
-
-def _rw_clip_ip(size=32):
-    from transformers import CLIPImageProcessor
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-def _rw_images(n=2, h=40, w=48, seed=0):
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-# ---- geneval rules ----
-
-@pytest.mark.parametrize("tag, detections, include, exclude, expected", [
-    # single object found / below the 0.3 threshold
-    ("single_object", {"apple": [_rw_det((0, 0, 10, 10), 0.5)]}, [{"class": "apple", "count": 1}], None, (1.0, True, True)),
-    ("single_object", {"apple": [_rw_det((0, 0, 10, 10), 0.29)]}, [{"class": "apple", "count": 1}], None, (0.0, False, False)),
-    ("two_object", {"apple": [_rw_det((0, 0, 9, 9))]}, [{"class": "apple", "count": 1}, {"class": "dog", "count": 1}], None, (0.5, False, False)),
-    # counting: 0.9 threshold keeps 2 of 3
-    ("counting", {"dog": [_rw_det((0, 0, 9, 9), s) for s in (0.95, 0.92, 0.5)]},
-     [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}], (1.0, True, True)),
-    # counting with extras: the count term goes negative, the exclude fails the benchmark
-    ("counting", {"dog": [_rw_det((0, 0, 9, 9))] * 5}, [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}],
-     (1 - 3 / 2, False, False)),
-    ("counting", {"dog": [_rw_det((0, 0, 9, 9))] * 1}, [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}],
-     (0.5, False, False)),
-    # the 16 cap: 20 confident detections count as 16
-    ("counting", {"person": [_rw_det((0, 0, 9, 9))] * 20}, [{"class": "person", "count": 2}], None, (1 - 14 / 2, False, True)),
-    # colors
-    ("colors", {"apple": [_rw_det((0, 0, 9, 9), color="red")]}, [{"class": "apple", "count": 1, "color": "red"}], None, (1.0, True, True)),
-    ("colors", {"apple": [_rw_det((0, 0, 9, 9), color="blue")]}, [{"class": "apple", "count": 1, "color": "red"}], None, (0.5, False, False)),
-    # two apples for one: partial 0 (count term 0, color term 0), benchmark still correct (top one red)
-    ("colors", {"apple": [_rw_det((0, 0, 9, 9), 0.9, "red"), _rw_det((0, 0, 9, 9), 0.8, "blue")]},
-     [{"class": "apple", "count": 1, "color": "red"}], None, (0.0, False, True)),
-    ("color_attr", {"apple": [_rw_det((0, 0, 9, 9), color="red")], "cup": [_rw_det((0, 0, 9, 9), color="red")]},
-     [{"class": "apple", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}], None, (0.75, False, False)),
-])
-def test_rw_geneval_score_rules(tag, detections, include, exclude, expected):
-    partial, strict, correct = rewards.geneval_score(detections, _rw_meta(tag, include, exclude))
-    assert partial == pytest.approx(expected[0])
-    assert (strict, correct) == expected[1:]
-
-
-_RW_POSITION = [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}]
-
-
-def test_rw_geneval_position():
-    cat = [_rw_det((50, 0, 60, 10))]
-    ok = rewards.geneval_score({"cat": cat, "dog": [_rw_det((0, 0, 10, 10))]}, _rw_meta("position", _RW_POSITION))
-    assert ok == (1.0, True, True)
-    # wrong side: terms [1, 1, 0] (the official server appends another 1.0, giving 0.75)
-    bad = rewards.geneval_score({"cat": cat, "dog": [_rw_det((80, 0, 90, 10))]}, _rw_meta("position", _RW_POSITION))
-    assert bad == (pytest.approx(2 / 3), False, False)
-    # missing target: cat term 0, dog count 1, position 0
-    none = rewards.geneval_score({"dog": [_rw_det((0, 0, 10, 10))]}, _rw_meta("position", _RW_POSITION))
-    assert none == (pytest.approx(1 / 3), False, False)
-
-
-def test_rw_relative_position_margin_and_every_pair():
-    # centers 6 apart, sizes 20 + 20: the 0.1 margin eats 4 of the 6, dx = -2/6 -> no relation
-    assert rewards.relative_position((10, 0, 30, 20), (16, 0, 36, 20)) == set()
-    assert rewards.relative_position((10, 0, 30, 20), (30, 0, 50, 20)) == {"left of"}
-    assert rewards.relative_position((0, 0, 10, 10), (0, 50, 10, 60)) == {"above"}
-    assert rewards.relative_position((0, 50, 10, 60), (0, 0, 10, 10)) == {"below"}
-    assert rewards.relative_position((0, 0, 10, 10), (0, 0, 10, 10)) == set()
-    # two dogs "left of" a cat: one dog sits right of it, so the relation fails
-    include = [{"class": "cat", "count": 1}, {"class": "dog", "count": 2, "position": ["left of", 0]}]
-    dets = {"cat": [_rw_det((40, 0, 50, 10))], "dog": [_rw_det((0, 0, 10, 10)), _rw_det((70, 0, 80, 10))]}
-    assert rewards.geneval_score(dets, _rw_meta("position", include))[1:] == (False, False)
-    dets["dog"][1] = _rw_det((0, 20, 10, 30))
-    assert rewards.geneval_score(dets, _rw_meta("position", include)) == (1.0, True, True)
-
-
-def test_rw_geneval_summary_is_mean_of_tags():
-    s = rewards.geneval_summary([True, False, False, True], ["a", "a", "a", "b"])
-    assert s["a"] == pytest.approx(1 / 3) and s["b"] == 1.0
-    assert s["overall"] == pytest.approx((1 / 3 + 1) / 2)  # not the image mean 0.5
-    assert s["n/a"] == 3 and s["n"] == 4
-
-
-# ---- geneval models ----
-
-def test_rw_mask2former_instances_by_hand():
-    class_logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 2.0, 0.0]])  # 2 queries, 3 classes + no-object
-    mask_logits = torch.full((2, 4, 4), -5.0)
-    mask_logits[0, 1:3, 0:2] = 5.0
-    mask_logits[1, 0, 3] = 5.0
-    labels, scores, boxes, masks = rewards.mask2former_instances(class_logits, mask_logits, (4, 4), top_k=3)
-    probs = class_logits.softmax(-1)[:, :-1]
-    expected = sorted([(probs[0, 0], 0, 0), (probs[1, 1], 1, 1), (probs[1, 2], 1, 2)], key=lambda t: -t[0])
-    mask_score = torch.sigmoid(torch.tensor(5.0))
-    for (p, q, c), label, score, box in zip(expected, labels, scores, boxes):
-        assert int(label) == c
-        assert float(score) == pytest.approx(float(p * mask_score), rel=1e-5)
-        assert box.tolist() == ([0, 1, 2, 3] if q == 0 else [3, 0, 4, 1])
-
-
-class _RwStubDetector(torch.nn.Module):
-    """Returns fixed logits: the only thing replaced is the model's forward (the model boundary)."""
-
-    def __init__(self, class_logits, mask_logits):
-        super().__init__()
-        self.class_logits, self.mask_logits = class_logits, mask_logits
-        self.seen = []
-
-    def forward(self, pixel_values):
-        self.seen.append(tuple(pixel_values.shape))
-        return types.SimpleNamespace(class_queries_logits=self.class_logits, masks_queries_logits=self.mask_logits)
-
-
-class _RwColorClip(torch.nn.Module):
-    """A CLIP stand-in at the model boundary: image feature = mean pixel color - 0.5, text feature =
-    RGB of the color word named by the (fake) tokenizer - 0.5. Counts image calls."""
-    RGB = {"red": (1, 0, 0), "orange": (1, .5, 0), "yellow": (1, 1, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
-           "purple": (.5, 0, .5), "pink": (1, .7, .8), "brown": (.5, .3, .1), "black": (0, 0, 0), "white": (1, 1, 1)}
-
-    def __init__(self):
-        super().__init__()
-        self.image_calls = 0
-        self.table = torch.tensor([self.RGB[c] for c in rewards.GENEVAL_COLORS]) - 0.5
-
-    def get_image_features(self, pixel_values):
-        self.image_calls += 1
-        return pixel_values.mean(dim=(2, 3)) - 0.5  # processor mean 0, std 1: pixels are colors
-
-    def get_text_features(self, input_ids, attention_mask):
-        return self.table[input_ids[:, 0]]
-
-
-def _rw_color_tokenizer(texts, **kwargs):
-    from transformers import BatchEncoding
-    ids = [[next(i for i, c in enumerate(rewards.GENEVAL_COLORS) if f" {c}" in t)] for t in texts]
-    return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), 1, dtype=torch.long)})
-
-
-def _rw_det_processor():
-    from transformers import Mask2FormerImageProcessor
-    return Mask2FormerImageProcessor()  # only its ImageNet mean / std are used
-
-
-def test_rw_geneval_painted_rectangle_stubbed_detector():
-    # two 64x64 gray images, a red and a blue rectangle at x 16..32, y 32..48
-    images = torch.full((2, 3, 64, 64), 0.6)
-    images[0, :, 32:48, 16:32] = torch.tensor([1.0, 0, 0]).view(3, 1, 1)
-    images[1, :, 32:48, 16:32] = torch.tensor([0, 0, 1.0]).view(3, 1, 1)
-    apple = rewards.COCO_CLASSES.index("apple")
-    class_logits = torch.full((2, 3, 81), -10.0)
-    class_logits[:, 0, apple] = 10.0  # query 0 is an apple; the others are "no object"
-    class_logits[:, 1:, 80] = 10.0
-    mask_logits = torch.full((2, 3, 16, 16), -10.0)  # detector masks at 1/4 of its 64 px input
-    mask_logits[:, 0, 8:12, 4:8] = 10.0
-    detector, clip = _RwStubDetector(class_logits, mask_logits), _RwColorClip()
-    ip = types.SimpleNamespace(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
-                               image_mean=[0, 0, 0], image_std=[1, 1, 1])
-    scorer = rewards.GenEvalScorer(detector, _rw_det_processor(), clip, _rw_color_tokenizer, ip, "cpu", (64, 128))
-
-    dets = scorer.detect(images)
-    best = max(dets[0]["apple"], key=lambda d: d["score"])
-    assert np.allclose(best["box"], (16, 32, 32, 48), atol=1)
-    assert best["score"] > 0.9 and detector.seen == [(2, 3, 64, 64)]
-
-    meta = {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}], "prompt": "a photo of a red apple"}
-    score, comps = scorer(images, [meta["prompt"]] * 2, [meta, meta])
-    assert score.tolist() == [1.0, 0.5]  # red apple right; blue apple: count 1, color 0
-    assert comps["correct"].tolist() == [1.0, 0.0] and comps["strict"].tolist() == [1.0, 0.0]
-    assert clip.image_calls == 1  # both crops of the batch in one CLIP call
-    assert score.dtype == torch.float32 and score.device.type == "cpu"
-
-
-def test_rw_geneval_one_clip_call_for_all_crops():
-    cup = rewards.COCO_CLASSES.index("cup")
-    class_logits = torch.full((3, 4, 81), -10.0)
-    class_logits[:, :2, cup] = 10.0  # two cups per image
-    class_logits[:, 2:, 80] = 10.0
-    mask_logits = torch.full((3, 4, 8, 8), -10.0)
-    mask_logits[:, 0, 0:2, 0:2] = 10.0
-    mask_logits[:, 1, 4:6, 4:6] = 10.0
-    clip = _RwColorClip()
-    ip = types.SimpleNamespace(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
-                               image_mean=[0, 0, 0], image_std=[1, 1, 1])
-    from transformers import Mask2FormerImageProcessor
-    scorer = rewards.GenEvalScorer(_RwStubDetector(class_logits, mask_logits), Mask2FormerImageProcessor(),
-                                   clip, _rw_color_tokenizer, ip, "cpu", (32, 64))
-    meta = {"tag": "counting", "include": [{"class": "cup", "count": 2, "color": "green"}], "prompt": "p"}
-    score, comps = scorer(torch.rand(3, 3, 32, 32), ["p"] * 3, [meta] * 3)
-    assert clip.image_calls == 1 and score.shape == (3,)
-
-
-def test_rw_geneval_tiny_mask2former_and_clip_end_to_end():
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    torch.manual_seed(0)
-    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=swin, hidden_dim=32, num_queries=12, encoder_layers=1, decoder_layers=2,
-                            feature_size=32, mask_feature_size=32, dim_feedforward=64, num_attention_heads=2,
-                            encoder_feedforward_dim=64, num_labels=80, use_pretrained_backbone=False)
-    detector = Mask2FormerForUniversalSegmentation(cfg)
-    scorer = rewards.GenEvalScorer(detector, _rw_det_processor(), _rw_tiny_clip(), _rw_tokenizer(), _rw_clip_ip(),
-                                   "cpu", (64, 128))
-    images = _rw_images(2, 48, 48)
-    dets = scorer.detect(images)
-    assert sum(len(v) for v in dets[0].values()) == 100  # top-100 (query, class) pairs, no NMS
-    for name, objects in dets[0].items():
-        assert name in rewards.COCO_CLASSES
-        for d in objects:
-            assert 0 <= d["score"] <= 1 and d["mask"].shape == (48, 48)
-            assert 0 <= d["box"][0] <= d["box"][2] <= 48 and 0 <= d["box"][1] <= d["box"][3] <= 48
-    meta = rewards.geneval_prompts("test")
-    score, comps = scorer(images, [m["prompt"] for m in meta[:2]], meta[:2])
-    assert score.shape == (2,) and set(comps) == {"partial", "strict", "correct"}
-    assert torch.isfinite(score).all()
-    # colors of kept objects go through CLIP crops: force a confident detection of a colored class
-    det = scorer.detect(images)[0]
-    name = next(iter(det))
-    d = det[name][0]
-    colors = scorer.classify_colors(images, [(0, name, d), (1, name, d)])
-    assert len(colors) == 2 and all(c in rewards.GENEVAL_COLORS for c in colors)
-
-
-def test_rw_geneval_label_mapping_by_index():
-    mouse = rewards.COCO_CLASSES.index("computer mouse")
-    assert mouse == 64 and rewards.COCO_CLASSES[65:67] == ["tv remote", "computer keyboard"]
-    class_logits = torch.full((1, 1, 81), -10.0)
-    class_logits[0, 0, mouse] = 10.0
-    mask_logits = torch.full((1, 1, 8, 8), 10.0)
-    scorer = rewards.GenEvalScorer(_RwStubDetector(class_logits, mask_logits), _rw_det_processor(),
-                                   _RwColorClip(), _rw_color_tokenizer, _rw_clip_ip(8), "cpu", (32, 64))
-    dets = scorer.detect(torch.rand(1, 3, 32, 32))[0]
-    assert max(d["score"] for d in dets["computer mouse"]) > 0.9
-
-
-# ---- ocr ----
-
-def _rw_text_image(text, size=(256, 128)):
-    image = Image.new("RGB", size, "white")
-    if text:
-        ImageDraw.Draw(image).text((20, 40), text, fill="black", font=ImageFont.load_default(size=40))
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
-
-
-def test_rw_ocr_reward_from_text():
-    assert rewards.ocr_reward_from_text("The Big Coffee shop", "coffee") == 1.0  # substring, case, spaces
-    assert rewards.ocr_reward_from_text("cofee", "coffee") == pytest.approx(1 - 1 / 6)
-    assert rewards.ocr_reward_from_text("", "coffee") == 0.0
-    assert rewards.ocr_reward_from_text("a much longer unrelated text", "ab") == 0.0  # capped at len
-    assert rewards.levenshtein("kitten", "sitting") == 3
-    assert rewards.ocr_target('A sign that says "Hello World" and "x"') == "Hello World"
-    with pytest.raises(rewards.RewardError, match="double quotes"):
-        rewards.ocr_target("no quotes here")
-
-
-def test_rw_ocr_rapidocr_for_real():
-    pytest.importorskip("rapidocr_onnxruntime")
-    fn = rewards.REWARDS["ocr"](torch.device("cpu"))
-    images = torch.cat([_rw_text_image("COFFEE"), _rw_text_image("COFFEX"), _rw_text_image("")])
-    prompts = ['A mug that says "coffee"'] * 3
-    scores, comps = fn(images, prompts, [{}] * 3)
-    assert scores.tolist() == pytest.approx([1.0, 1 - 1 / 6, 0.0])
-    assert scores.dtype == torch.float32 and comps == {}
-
-
-# ---- jpeg and color ----
-
-def test_rw_jpeg_hand_computed():
-    images = _rw_images(2, 32, 32)
-    scores, _ = rewards.REWARDS["jpeg"]("cpu")(images, ["a", "b"], [{}, {}])
-    for image, score in zip(images, scores):
-        buffer = io.BytesIO()
-        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
-        assert float(score) == pytest.approx(-len(buffer.getvalue()) / 1000 / 500)
-
-
-def test_rw_color_hand_computed():
-    fn = rewards.REWARDS["color"]("cpu")
-    images = torch.zeros(2, 3, 4, 4)
-    images[0, 0] = 1.0  # pure red
-    images[1] = torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1)
-    scores, _ = fn(images, ["a red image", "a Blue sky"], [{}, {}])
-    assert scores.tolist() == pytest.approx([1.0, 1 - (0.2 + 0.4 + 0.4) / 3])
-    with pytest.raises(rewards.RewardError, match="a cat"):
-        fn(images, ["a red image", "a cat"], [{}, {}])
-    assert [r["prompt"] for r in rewards.default_prompts("color", "train")] == \
-        ["a red image", "a green image", "a blue image", "a yellow image"]
-
-
-# ---- CLIP family ----
-
-def test_rw_clip_pixels_close_to_clip_image_processor():
-    ip = _rw_clip_ip(32)
-    x = torch.linspace(0, 1, 48).view(1, 1, 1, 48).expand(1, 3, 40, 48).clone()
-    x[:, 1] = x[:, 1].flip(-1)
-    ours = rewards.clip_pixels(x, ip)
-    ref = ip(images=[Image.fromarray(rewards.to_uint8(x)[0])], return_tensors="pt").pixel_values
-    assert ours.shape == ref.shape == (1, 3, 32, 32)
-    assert (ours - ref).abs().mean() < 0.02
-
-
-def _rw_scorer():
-    return rewards.ClipScorer(_rw_tiny_clip(), _rw_tokenizer(), _rw_clip_ip(), "cpu")
-
-
-def test_rw_pickscore_and_clipscore_tiny():
-    scorer = _rw_scorer()
-    images, prompts = _rw_images(2), ["a red cat " * 40, "a dog"]  # the first is far beyond 77 tokens
-    seen = []
-    original = scorer.model.get_text_features
-    scorer.model.get_text_features = lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw)
-    pick, _ = rewards.pickscore_fn(scorer)(images, prompts, [{}, {}])
-    clip, _ = rewards.clipscore_fn(scorer)(images, prompts, [{}, {}])
-    assert seen[0] == (2, 77)  # truncated at 77 tokens
-    assert pick.shape == clip.shape == (2,) and torch.isfinite(pick).all() and (clip.abs() <= 1).all()
-    # against CLIPModel's own logits on the same inputs: logits_per_image = scale * cos
-    tokens = scorer.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-    with torch.no_grad():
-        out = scorer.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                           pixel_values=rewards.clip_pixels(images, scorer.image_processor))
-    assert pick.tolist() == pytest.approx((out.logits_per_image.diagonal() / 26).tolist(), abs=1e-5)
-    assert clip.tolist() == pytest.approx((out.logits_per_image.diagonal() / scorer.model.logit_scale.exp()).tolist(), abs=1e-5)
-
-
-def test_rw_aesthetic_tiny(tmp_path):
-    torch.manual_seed(0)
-    mlp = rewards.aesthetic_mlp(16)
-    path = tmp_path / "aesthetic.pth"
-    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, path)  # the checkpoint's key layout
-    loaded = rewards.load_aesthetic_mlp(str(path))
-    scorer = _rw_scorer()
-    scores, _ = rewards.aesthetic_fn(scorer, loaded)(_rw_images(3), ["x"] * 3, [{}] * 3)
-    expected = mlp.eval()(scorer.image_embeds(_rw_images(3))).squeeze(-1)
-    assert scores.shape == (3,) and scores.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
-
-
-def test_rw_missing_weights_offline_is_one_line():
-    with pytest.raises(rewards.RewardError, match="openai/clip-vit-large-patch14.*HF_HUB_OFFLINE"):
-        rewards._from_hub("openai/clip-vit-large-patch14", lambda hub_id: (_ for _ in ()).throw(OSError("offline")))
-    from huggingface_hub import try_to_load_from_cache
-    if os.environ.get("HF_HUB_OFFLINE") != "1" or isinstance(
-            try_to_load_from_cache("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "preprocessor_config.json"), str):
-        pytest.skip("needs an offline hub without PickScore's processor in the cache")
-    with pytest.raises(rewards.RewardError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
-        rewards.REWARDS["pickscore"]("cpu")
-
-
-# ---- hpsv2 and imagereward against the original code ----
-
-def _rw_images_of(stored, repeat):
-    return stored.repeat_interleave(repeat, -1).repeat_interleave(repeat, -2).float() / 255
-
-
-@pytest.fixture(scope="module")
-def _rw_reference():
-    """What .ci/reward_reference.py recorded with the original hpsv2 and ImageReward code on reduced random-weight
-    models: their original-layout state dicts, configs, tiny tokenizer vocabularies, the images and prompts, the
-    originals' token ids and scores (the original packages are not needed here)."""
-    from safetensors.torch import load_file
-    folder = os.path.join(HERE, ".ci", "fixtures")
-    ref = json.load(open(os.path.join(folder, "reward_reference.json"), encoding="utf-8"))
-    tensors = load_file(os.path.join(folder, "reward_reference.safetensors"))
-    for name in ("hpsv2", "imagereward"):
-        ref[name]["state"] = {k.split(".", 1)[1]: v.float() if v.is_floating_point() else v
-                              for k, v in tensors.items() if k.startswith(name + ".")}
-    ref["images"] = {name: _rw_images_of(tensors[f"images.{name}"], repeat)
-                     for name, (*_, repeat) in ref["batches"].items()}
-    return ref
-
-
-def _rw_hps_tokenizer(ref):
-    from transformers import CLIPTokenizer
-    vocab = {t: i for i, t in enumerate(ref["vocab"])}
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in ref["merges"]])
-
-
-def _rw_bert_tokenizer(ref):
-    from transformers import BertTokenizer
-    return rewards.bert_tokenizer(BertTokenizer(vocab={t: i for i, t in enumerate(ref["vocab"])}))
-
-
-def test_rw_hpsv2_scores_as_the_original_open_clip_code(_rw_reference):
-    """HPSv2.1 here (CLIPModel + the converted open_clip state dict + open_clip's transform and tokens) gives the
-    original hpsv2 code's token ids and scores on the same reduced random model, images (square, padded, shrunk)
-    and prompts (curly quotes, HTML entities, past 77 tokens), within 1e-4 relative."""
-    ref = _rw_reference["hpsv2"]
-    tokenizer = _rw_hps_tokenizer(ref)
-    model = rewards.load_hpsv2(ref["state"], ref["config"])
-    fn = rewards.clipscore_fn(rewards.HpsScorer(model, tokenizer, None, "cpu"))
-    for name, prompts in _rw_reference["prompts"].items():
-        assert rewards.open_clip_tokens(tokenizer, prompts).tolist() == ref["ids"][name]
-        scores, _ = fn(_rw_reference["images"][name], prompts, None)
-        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
-
-
-def test_rw_imagereward_scores_as_the_original_blip_code(_rw_reference):
-    """ImageReward here (transformers' BLIP vision + text models with the converted state dict, PIL preprocessing,
-    35 BERT tokens) gives ImageReward.score()'s token ids and scores on the same reduced random model, within 1e-4."""
-    ref = _rw_reference["imagereward"]
-    tokenizer = _rw_bert_tokenizer(ref)
-    model = rewards.load_imagereward(ref["state"], ref["med_config"], ref["vision"])
-    fn = rewards.imagereward_fn(model, tokenizer, "cpu")
-    for name, prompts in _rw_reference["prompts"].items():
-        assert tokenizer(prompts, padding="max_length", truncation=True, max_length=35).input_ids == ref["ids"][name]
-        scores, _ = fn(_rw_reference["images"][name], prompts, None)
-        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
-
-
-def test_rw_full_size_checkpoints_fill_the_transformers_models_exactly():
-    """Every key of the full-size originals' state dicts (HPSv2.1's open_clip ViT-H-14 and ImageReward-v1.0, key ->
-    shape recorded by .ci/reward_reference.py) lands on a weight of the same shape of our full-size models (built
-    on the meta device), and every weight gets one; only BLIP's unused contrastive projections are left out."""
-    import gzip
-    with gzip.open(os.path.join(HERE, ".ci", "fixtures", "reward_layouts.json.gz"), "rt") as f:
-        layouts = json.load(f)
-    meta = {name: {k: torch.empty(shape, device="meta") for k, shape in layouts[name].items()}
-            for name in ("hpsv2", "imagereward")}
-    med = layouts["imagereward_med_config"]
-    from transformers import CLIPModel
-    with torch.device("meta"):
-        clip, blip = CLIPModel(rewards.open_clip_config(rewards.VIT_H_14)), rewards.ImageRewardModel(med)
-    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
-    projections = [f"blip.{p}_proj.{w}" for p in ("vision", "text") for w in ("weight", "bias")]
-    for model, (weights, unused), left_out in [
-            (clip, rewards.hpsv2_state_dict(meta["hpsv2"]), []),
-            (blip, rewards.imagereward_state_dict(meta["imagereward"]),
-             ["blip.text_encoder.embeddings.position_ids"] + projections)]:
-        assert sorted(unused) == sorted(left_out)
-        assert shapes(weights) == shapes(model.state_dict())
-    assert sum(v.numel() for v in meta["hpsv2"].values()) == 986_109_441  # open_clip's ViT-H-14: 986.1M
-    rewards.load_hpsv2(meta["hpsv2"], device="meta")  # the loaders' strict load_state_dict accepts them
-    rewards.load_imagereward(meta["imagereward"], med, device="meta")
-
-
-def _rw_snapshot(cache, repo):
-    """The snapshot folder of a hub repo in a Hugging Face cache, laid out as huggingface_hub writes one."""
-    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    folder = os.path.join(root, "snapshots", "0" * 40)
-    os.makedirs(folder, exist_ok=True)
-    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
-    with open(os.path.join(root, "refs", "main"), "w") as f:
-        f.write("0" * 40)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def _rw_hub(tmp_path_factory, _rw_reference):
-    """A Hugging Face cache with tiny random stand-ins of every reward model under the real ids and file names:
-    HPSv2.1 and ImageReward as the reduced originals of .ci/fixtures (checkpoints in the original layouts, the
-    tokenizers as tokenizer.json + tokenizer_config.json), PickScore and CLIP ViT-L/14 as one tiny CLIPModel with
-    the same CLIP tokenizer, the aesthetic MLP on its 16-d embeddings. Use it with _rw_use_hub."""
-    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
-    cache, ref = str(tmp_path_factory.mktemp("hub")), _rw_reference
-    vocab = len(ref["hpsv2"]["vocab"])
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(projection_dim=16, text_config=dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=2)))
-    processor = CLIPProcessor(image_processor=_rw_clip_ip(32), tokenizer=_rw_hps_tokenizer(ref["hpsv2"]))
-    for repo in ("yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14", rewards.CLIP_TOKENIZER):
-        clip.save_pretrained(_rw_snapshot(cache, repo))  # the processor's AutoTokenizer reads config.json too
-    for repo in (rewards.CLIP_TOKENIZER, "openai/clip-vit-large-patch14"):
-        processor.save_pretrained(_rw_snapshot(cache, repo))
-    mlp = {f"layers.{k}": v for k, v in rewards.aesthetic_mlp(16).state_dict().items()}
-    torch.save(mlp, os.path.join(_rw_snapshot(cache, rewards.AESTHETIC_REPO), rewards.AESTHETIC_FILE))
-    hps = os.path.join(_rw_snapshot(cache, rewards.HPSV2_REPO), rewards.HPSV2_FILE)
-    torch.save({"state_dict": ref["hpsv2"]["state"]}, hps)
-    folder = _rw_snapshot(cache, rewards.IMAGEREWARD_REPO)
-    torch.save(ref["imagereward"]["state"], os.path.join(folder, "ImageReward.pt"))
-    with open(os.path.join(folder, "med_config.json"), "w") as f:
-        json.dump(ref["imagereward"]["med_config"], f)
-    BertTokenizer(vocab={t: i for i, t in enumerate(ref["imagereward"]["vocab"])}).save_pretrained(
-        _rw_snapshot(cache, rewards.BERT_TOKENIZER))
-    return cache
-
-
-def _rw_use_hub(monkeypatch, cache, ref):
-    """huggingface_hub (and through it transformers) reads `cache`; HPSv2.1 and ImageReward build the reduced sizes."""
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
-    monkeypatch.setattr(rewards, "VIT_H_14", ref["hpsv2"]["config"])
-    monkeypatch.setattr(rewards, "BLIP_VIT_L", ref["imagereward"]["vision"])
-
-
-def test_rw_hpsv2_and_imagereward_load_the_published_files_and_score_as_the_originals(monkeypatch, _rw_hub,
-                                                                                       _rw_reference):
-    """make_reward offline from a cache of the published file names (each checkpoint in its original layout, read
-    with weights_only=True; each tokenizer from tokenizer.json and tokenizer_config.json) scores as the originals."""
-    _rw_use_hub(monkeypatch, _rw_hub, _rw_reference)
-    for name in ("hpsv2", "imagereward"):
-        fn = rewards.make_reward(name, "cpu")
-        for batch, prompts in _rw_reference["prompts"].items():
-            scores, _ = fn(_rw_reference["images"][batch], prompts, [{}] * len(prompts))
-            assert scores.tolist() == pytest.approx(_rw_reference[name]["scores"][batch], rel=1e-4), (name, batch)
-
-
-def test_rw_hpsv2_and_imagereward_offline_name_each_download_before_any_model_loads(monkeypatch, tmp_path, _rw_hub):
-    """Offline with an empty cache, each stops at once with the `hf download` command of its checkpoint files;
-    with those cached, with the command of its tokenizer files; no model is built (no pip message either)."""
-    import shutil
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    for loader in ("load_hpsv2", "load_imagereward"):
-        monkeypatch.setattr(rewards, loader, lambda *a, **k: pytest.fail("a model was built before the check"))
-    for name, command in [("hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
-                          ("imagereward", "THUDM/ImageReward ImageReward.pt med_config.json")]:
-        with pytest.raises(rewards.RewardError, match=rf"offline .*: download it first with `hf download {command}`"):
-            rewards.make_reward(name, "cpu")
-    for repo in (rewards.HPSV2_REPO, rewards.IMAGEREWARD_REPO):
-        folder = "models--" + repo.replace("/", "--")
-        shutil.copytree(os.path.join(_rw_hub, folder), tmp_path / folder)
-    for name, repo in [("hpsv2", rewards.CLIP_TOKENIZER), ("imagereward", rewards.BERT_TOKENIZER)]:
-        with pytest.raises(rewards.RewardError, match=f"`hf download {repo} tokenizer.json tokenizer_config.json`"):
-            rewards.make_reward(name, "cpu")
-
-
-def test_rw_readme_multi_reward_evaluation_runs_as_written(monkeypatch, tmp_path, _rw_hub, _rw_reference,
-                                                            _ev_one_thread):
-    """The README's multi-reward --eval_only command, its flags as written (one process, not torchrun's 8), runs
-    offline: every reward through its real loader from a cache of tiny random stand-ins (_rw_hub), the base model a
-    tiny random SD3 with 4 x 4 patches (512 px), the LoRA a peft checkpoint at the path written. Tests the code
-    path, not the numbers."""
-    from peft import LoraConfig, get_peft_model
-    block = re.sub(r"\\\n\s*", "", _nb_readme_block("Evaluation", "bash"))
-    line = next(l for l in block.splitlines() if "imagereward" in l).split("#")[0]
-    assert line.startswith("torchrun --nproc_per_node=8 nft.py --eval_only --reward "
-                           "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1")
-    argv = line.split("nft.py", 1)[1].split()
-    _rw_use_hub(monkeypatch, _rw_hub, _rw_reference)
-    tiny = nft.RANDOM_ARCHS["tiny"]
-    patches = dict(tiny["transformer"], patch_size=4)  # 16 x 16 patches at 512 px
-    monkeypatch.setitem(nft.RANDOM_ARCHS, "tiny", dict(tiny, transformer=patches))
-    pipe = nft.random_pipeline("tiny")
-    default, builtin = nft.parse_args([]).model, nft.builtin
-    monkeypatch.setattr(nft, "builtin", lambda model: model == default or builtin(model))  # no GPU or SD3.5 download
-    monkeypatch.setattr(nft, "load_pipeline", lambda model, dtype, device="cpu": pipe)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / argv[argv.index("--eval_prompts") + 1]).write_text("a red cat on a sofa\n")
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
-    lora = tmp_path / argv[argv.index("--lora") + 1] / "lora"
-    get_peft_model(nft.random_pipeline("tiny").transformer, config).save_pretrained(lora)
-    nft.main(argv)
-    out = tmp_path / nft.parse_args(argv).output_dir  # runs/<model>-<reward names>-eval
-    summary = json.load(open(out / "eval.json"))
-    assert summary["images"] == 5 and summary["resolution"] == 512 and summary["eval_num_steps"] == 40
-    metrics = summary["metrics"]
-    assert list(metrics) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
-    assert all(math.isfinite(v) for v in metrics.values()) and abs(metrics["HPSv2.1"]) <= 1
-    assert (out / "compare.png").exists()
-
-
-# ---- unifiedreward ----
-
-class _RwChatHandler(http.server.BaseHTTPRequestHandler):
-    requests = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _RwChatHandler.requests.append((self.path, self.headers.get("Authorization"), body))
-        question = body["messages"][0]["content"][1]["text"]
-        answer = "The image is nice.\nFinal Score: 4" if "cat" in question else "I cannot tell."
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_rw_unifiedreward_against_local_server(monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RwChatHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("UNIFIEDREWARD_URL", f"http://127.0.0.1:{server.server_port}/v1")
-        monkeypatch.setenv("UNIFIEDREWARD_MODEL", "tiny-judge")
-        monkeypatch.setenv("UNIFIEDREWARD_API_KEY", "secret")
-        fn = rewards.REWARDS["unifiedreward"]("cpu")
-        scores, _ = fn(_rw_images(2, 16, 16), ["a cat", "a dog"], [{}, {}])
-        assert scores.tolist() == pytest.approx([0.8, 0.0])
-        path, auth, body = _RwChatHandler.requests[-1]
-        assert path == "/v1/chat/completions" and auth == "Bearer secret" and body["model"] == "tiny-judge"
-        assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
-    finally:
-        server.shutdown()
-    assert rewards.parse_final_score("Final Score: 3.5") == pytest.approx(0.7)
-    assert rewards.parse_final_score("Final Score: 9") == 0.0
-
-
-def test_rw_unifiedreward_server_down():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fn = rewards.make_unifiedreward("cpu", url=f"http://127.0.0.1:{port}/v1", timeout=5, backoff=0.01)
-    with pytest.raises(rewards.RewardError, match=f"127.0.0.1:{port}"):
-        fn(_rw_images(1, 16, 16), ["a cat"], [{}])
-
-
-# ---- specs, combinations, metadata ----
-
-def test_rw_parse_reward_spec():
-    assert rewards.parse_reward_spec("geneval") == [("geneval", 1.0)]
-    assert rewards.parse_reward_spec("pickscore:1, hpsv2:0.5") == [("pickscore", 1.0), ("hpsv2", 0.5)]
-    with pytest.raises(rewards.RewardError, match="did you mean 'pickscore'"):
-        rewards.parse_reward_spec("pickscor")
-    with pytest.raises(rewards.RewardError, match="geneval, ocr"):
-        rewards.parse_reward_spec("nonsense")
-    with pytest.raises(rewards.RewardError, match="bad weight"):
-        rewards.parse_reward_spec("pickscore:abc")
-    assert set(rewards.REWARDS) == {"geneval", "ocr", "pickscore", "clipscore", "hpsv2", "aesthetic",
-                                    "imagereward", "jpeg", "color", "unifiedreward"}
-
-
-def test_rw_make_reward_weighted_sum_and_components(monkeypatch):
-    images = torch.rand(2, 3, 16, 16)
-    prompts = ["a red image", "a blue image"]
-    color, _ = rewards.REWARDS["color"]("cpu")(images, prompts, [{}, {}])
-    jpeg, _ = rewards.REWARDS["jpeg"]("cpu")(images, prompts, [{}, {}])
-    total, comps = rewards.make_reward("color:2,jpeg:0.5", "cpu")(images, prompts, [{}, {}])
-    assert total.tolist() == pytest.approx((2 * color + 0.5 * jpeg).tolist())
-    assert set(comps) == {"color", "jpeg"} and torch.equal(comps["color"], color)
-    single, _ = rewards.make_reward("color", "cpu")(images, prompts, [{}, {}])
-    assert torch.equal(single, color)
-    fake = lambda device: lambda i, p, m: (torch.ones(len(p)), {"strict": torch.zeros(len(p))})  # noqa: E731
-    monkeypatch.setitem(rewards.REWARDS, "geneval", fake)
-    _, comps = rewards.make_reward("geneval", "cpu")(images, prompts, [{}, {}])
-    assert set(comps) == {"geneval", "geneval/strict"}
-
-
-def test_rw_check_metadata():
-    good = rewards.geneval_prompts("test")[:3]
-    rewards.check_metadata("geneval", good)
-    rewards.check_metadata("pickscore", [{"prompt": "x"}])
-    with pytest.raises(rewards.RewardError, match=r"line 2 .*'a cat'.*GenEval jsonl"):
-        rewards.check_metadata("pickscore:1,geneval:1", [good[0], {"prompt": "a cat"}])
-    assert "geneval" in rewards.NEEDS_METADATA
-
-
-# ---- prompt sets ----
-
-def test_rw_geneval_prompts_match_official_and_split():
-    from collections import Counter
-    test = rewards.geneval_prompts("test")
-    assert Counter(r["tag"] for r in test) == {"single_object": 80, "two_object": 99, "counting": 80,
-                                               "colors": 94, "position": 100, "color_attr": 100}
-    # lines of the official evaluation_metadata.jsonl
-    assert [r["prompt"] for r in test[:3]] == ["a photo of a bench", "a photo of a cow", "a photo of a bicycle"]
-    assert test[530]["prompt"] == "a photo of a purple suitcase and an orange pizza"
-    assert test == rewards.geneval_prompts("test")  # deterministic
-    train = rewards.geneval_prompts("train")
-    assert train == rewards.geneval_prompts("train") and train != rewards.geneval_prompts("train", seed=7)
-    test_keys = {rewards._geneval_key(r) for r in test}
-    train_keys = [rewards._geneval_key(r) for r in train]
-    # issue 11: single objects are all test prompts, so only the other tags avoid the test set
-    assert not test_keys & {k for k in train_keys if k[0] != "single_object"} and len(set(train_keys)) > 1000
-    flipped = {"tag": "two_object", "include": test[81]["include"][::-1]}  # "B and A" is the same prompt
-    assert test[81]["tag"] == "two_object" and rewards._geneval_key(flipped) in test_keys
-    for r in train[:50] + test:
-        assert set(r) <= {"tag", "include", "exclude", "prompt"} and r["tag"] in rewards.GENEVAL_TAGS
-        assert all(i["class"] in rewards.COCO_CLASSES for i in r["include"])
-        json.dumps(r)
-    counting = next(r for r in test if r["tag"] == "counting")
-    assert counting["exclude"][0]["count"] == counting["include"][0]["count"] + 1
-    position = next(r for r in test if r["tag"] == "position")
-    assert position["include"][1]["position"][1] == 0 and position["include"][1]["position"][0] in rewards.RELATIONS
-
-
-def test_rw_ocr_prompts_and_defaults():
-    test, train = rewards.ocr_prompts("test"), rewards.ocr_prompts("train")
-    assert len(test) == 1018 and len(train) > 1000 and test == rewards.ocr_prompts("test")
-    targets = lambda records: {rewards.ocr_target(r["prompt"]) for r in records}  # noqa: E731
-    assert not targets(test) & targets(train)
-    assert rewards.default_prompts("geneval", "test") == rewards.geneval_prompts("test")
-    generic = rewards.default_prompts("pickscore", "train")
-    assert generic and all(set(r) == {"prompt"} for r in generic)
-    with pytest.raises(ValueError):
-        rewards.geneval_prompts("val")
-
-
-# --------------------------------------------------------------------------- issue 13: a newcomer's first hour
-def _nb_fake_finished_run(root):
-    """What the Quickstart's demo leaves in root/runs/tiny-color: config, metrics and a final checkpoint."""
-    run = root / "runs" / "tiny-color"
-    (run / "checkpoints" / "checkpoint-00150").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint-00150" / "training_state.pt").write_bytes(b"not read by these tests")
-    (run / "config.json").write_text("{}")
-    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5)) + "\n" for e in range(150)))
-    return run
-
-
-def test_nb_cli_tests_pass_next_to_a_finished_demo_run(tmp_path):
-    """The Quickstart runs the demo and then the suite in the same folder: the tests that run the CLI
-    must write under their own temporary folders, never into the working directory's runs/tiny-color."""
-    run = _nb_fake_finished_run(tmp_path)
-    before = sorted(str(p) for p in run.rglob("*"))
-    tests = ("bad_flags_give_one_line or bad_prompt_files or model_folder_that_is_not_sd3 or no_cuda or "
-             "no_traceback_in_a_real_process or nb_wandb_missing or nb_color_prompt or nb_hub or nb_resuming")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_nft.py"),
-                        "-k", tests], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert p.returncode == 0 and " passed" in p.stdout and "failed" not in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
-    assert sorted(str(p) for p in run.rglob("*")) == before  # the finished run is untouched
-
-
-def test_nb_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
-    """The tiny model's decoder fit runs once per machine; a cached build is bit for bit a fresh one."""
-    monkeypatch.setenv("NFT_CACHE", str(tmp_path / "cache"))
-    fits = []
-    fit = nft._fit_tiny_decoder
-    monkeypatch.setattr(nft, "_fit_tiny_decoder", lambda vae, steps: fits.append(steps) or fit(vae, steps))
-    a, b = nft.random_pipeline("tiny"), nft.random_pipeline("tiny")
-    assert fits == [150] and len(os.listdir(tmp_path / "cache")) == 1
-    for name, module in a.components.items():
-        if isinstance(module, torch.nn.Module):
-            sb = b.components[name].state_dict()
-            assert all(torch.equal(t, sb[n]) for n, t in module.state_dict().items()), name
-    (tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]).write_bytes(b"damaged")  # a damaged cache refits
-    c = nft.random_pipeline("tiny")
-    assert fits == [150, 150] and all(torch.equal(t, c.vae.state_dict()[n]) for n, t in a.vae.state_dict().items())
-
-
-def test_nb_hub_errors_are_one_line_with_the_hf_download_command(tmp_path):
-    """A model that is not cached fails at once, naming the id and the exact `hf download` command:
-    offline (HF_HUB_OFFLINE=1), and online with an unreachable hub (no retries for minutes)."""
-    with pytest.raises(nft.UserError, match=r"'someone/not-cached-sd3'.*`hf download someone/not-cached-sd3`"):
-        nft.load_pipeline("someone/not-cached-sd3", torch.float32)
-    with pytest.raises(rewards.RewardError, match=r"`hf download xswu/HPSv2 HPS_v2.1_compressed.pt`"):
-        rewards.hub_ready("xswu/HPSv2", "HPS_v2.1_compressed.pt")
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import nft, rewards\n"
-            "for call in (lambda: nft.load_pipeline('someone/not-cached-sd3', torch.float32),\n"
-            "             lambda: rewards.make_reward('clipscore', 'cpu')):\n"
-            "    try:\n        call()\n    except (nft.UserError, rewards.RewardError) as e:\n        print(e)\n")
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: nothing listens, no real network
-    p = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env, timeout=120)
-    lines = p.stdout.strip().splitlines()
-    assert p.returncode == 0 and len(lines) == 2 and "Retrying" not in p.stderr, p.stdout + p.stderr[-2000:]
-    assert "cannot reach the Hugging Face hub" in lines[0] and "`hf download someone/not-cached-sd3`" in lines[0]
-    assert "'openai/clip-vit-large-patch14'" in lines[1] and "`hf download openai/clip-vit-large-patch14`" in lines[1]
-
-
-def _nb_no_models(monkeypatch):
-    """Make any model or reward load fail the test: a check that must come first really does."""
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the check")
-    monkeypatch.setattr(nft, "load_pipeline", boom)
-    monkeypatch.setattr(rewards, "make_reward", boom)
-
-
-def test_nb_wandb_missing_fails_before_any_model_loads_or_file_is_written(capsys, monkeypatch, tmp_path):
-    _nb_no_models(monkeypatch)
-    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
-    assert "pip install wandb" in cli_error(capsys, *SMALL, "--wandb", "--output_dir", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_nb_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp_path):
-    _nb_no_models(monkeypatch)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red image\na photo of a cat\n")
-    err = cli_error(capsys, *SMALL, "--prompts", prompts, "--output_dir", tmp_path / "out")
-    assert "prompt line 2: the color reward needs a color word" in err and "a photo of a cat" in err
-    err = cli_error(capsys, *SMALL, "--eval_prompts", prompts, "--output_dir", tmp_path / "out")
-    assert "prompt line 2" in err
-    assert "needs the target text in double quotes" in cli_error(
-        capsys, *SMALL, "--reward", "ocr", "--prompts", prompts, "--output_dir", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_nb_wandb_project_and_run_name_flags(monkeypatch, tmp_path, _ev_one_thread):
-    calls = []
-    import importlib.machinery
-    fake = types.ModuleType("wandb")  # records what nft.py asks of wandb
-    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    fake.init, fake.log = lambda **k: calls.append(("init", k)), lambda d, step: calls.append(("log", step))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    argv = [*SMALL, "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out", "--wandb"]
-    nft.main([str(a) for a in argv + ["--wandb_project", "my-proj", "--wandb_run_name", "first"]])
-    assert calls[0][0] == "init" and calls[0][1]["project"] == "my-proj" and calls[0][1]["name"] == "first"
-    assert calls[0][1]["config"]["reward"] == "color" and calls[1] == ("log", 1)
-    assert nft.parse_args([]).wandb_project == "diffusion-nft"
-
-
-def test_nb_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypatch, tmp_path):
-    out = tmp_path / "out"
-    args = nft.parse_args([str(a) for a in SMALL])
-    ckpt = out / "checkpoints" / "checkpoint-00150"
-    ckpt.mkdir(parents=True)
-    torch.save(dict(epoch=150, step=150, default={}, old={}, ema={}, optimizer=dict(state={}, param_groups=[]),
-                    bad_steps=0,
-                    config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)),
-               ckpt / "training_state.pt")  # the structure read_state checks; no model is built
-    (out / "metrics.jsonl").write_text('{"epoch": 149}\n')
-    _nb_no_models(monkeypatch)
-    nft.main([str(a) for a in (*SMALL, "--num_epochs", 150, "--output_dir", out, "--resume_from", "latest")])
-    said = capsys.readouterr().out
-    assert "is complete" in said and "holds epoch 150" in said and "pass a larger --num_epochs" in said
-    assert sorted(p.name for p in out.rglob("*")) == [".lock", "checkpoint-00150", "checkpoints", "metrics.jsonl",
-                                                      "training_state.pt"]  # .lock: the run lock, held while it looked
-
-
-def test_nb_grids_label_each_prompt_row_and_upscale_nearest(tmp_path):
-    from PIL import Image
-    colors = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
-    images = colors.repeat_interleave(2, 0)[:, :, None, None].expand(6, 3, 32, 32).clone()
-    images[0, :, 0, 0] = 0.0  # one dark pixel: nearest neighbour makes it a 4 x 4 block, no blur
-    nft.save_grid(images, tmp_path / "g.png", nrow=2, row_labels=["a red image", "a green image", "a blue image"])
-    g = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
-    assert g.shape == (3 * 128, 160 + 2 * 128, 3)
-    assert (g[:4, 160:164] == 0).all() and (g[4:128, 164:288] == [255, 0, 0]).all()
-    assert (g[128:256, 160:] == [0, 255, 0]).all() and (g[256:, 160:] == [0, 0, 255]).all()
-    for row in range(3):  # each row's label strip holds text
-        assert (g[row * 128:row * 128 + 20, :160] < 128).any(), row
-
-
-def test_nb_curves_have_a_title_round_ticks_and_a_grid(tmp_path):
-    from PIL import Image
-    assert nft._ticks(0.498, 0.833) == [0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
-    assert nft._ticks(0, 150, 6) == [0, 20, 40, 60, 80, 100, 120, 140, 160] and len(nft._ticks(0.5, 0.5)) == 2
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.002 * e)) + "\n"
-                                                    for e in range(150)))
-    (tmp_path / "config.json").write_text(json.dumps(dict(reward="color")))
-    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
-    c = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
-    assert (c[:30] < 100).all(-1).sum() > 100  # a title in the top strip
-    grid = (c == [0xDD, 0xDD, 0xDD]).all(-1)
-    assert grid.sum(1).max() > 400 and grid.sum(0).max() > 250  # horizontal and vertical grid lines
-
-
-def test_nb_help_lists_names_presets_and_a_sentence_for_every_flag():
-    p = subprocess.run([sys.executable, os.path.join(HERE, "nft.py"), "--help"], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, COLUMNS="10000"))  # one line per flag
-    assert p.returncode == 0
-    for name in [*rewards.REWARDS, *nft.SOLVERS, *nft.PRESETS]:
-        assert name in p.stdout, name
-    assert "tiny: --resolution 32" in p.stdout and "(default: 1.0; presets: geneval 1.0, ocr 0.1" in p.stdout
-    options = p.stdout.split("options:")[1].split("\npresets")[0]
-    helps = {}
-    for block in re.split(r"\n(?=  --)", options):  # "  --flag TYPE   Help text..." (long names wrap to a new line)
-        m = re.match(r"\s*--(\w+)(?: [A-Z]+)?(?:, --no-\w+)?\s+(.*)", block, re.S)
-        if m:
-            helps[m[1]] = " ".join(m[2].split())
-    for f in dataclasses.fields(nft.Args):
-        sentence = helps[f.name].split(" (default:")[0]
-        assert sentence[:1].isupper() and sentence.endswith(".") and len(sentence.split()) >= 4, (f.name, helps[f.name])
-
-
-def _nb_readme_block(section, lang):
-    """The first ```lang code block of a README section, as the user would copy it."""
-    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return body.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
-
-
-def test_nb_readme_own_reward_example_trains(tmp_path):
-    """The README's "Your own reward" example, copied as written next to nft.py, trains an epoch."""
-    code = _nb_readme_block("Your own reward", "python")
-    assert len([l for l in code.splitlines() if l.strip()]) <= 14 and 'REWARDS["saturation"]' in code
-    (tmp_path / "my_reward.py").write_text(code)
-    prompts = tmp_path / "my_prompts.txt"
-    prompts.write_text("a red image\na blue image\n")
-    argv = ["--model", "tiny", "--reward", "saturation", "--prompts", prompts, *SMALL[4:], "--num_epochs", 1,
-            "--eval_every", 0, "--output_dir", tmp_path / "out"]
-    p = subprocess.run([sys.executable, str(tmp_path / "my_reward.py"), *map(str, argv)],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "loading the tiny random SD3 (built in code, no download) and the reward model of saturation" in p.stdout
-    m = metrics(tmp_path / "out")
-    assert len(m) == 1 and 0 <= m[0]["reward_mean"] <= 1 and m[0]["reward_std"] > 0
-
-
-def test_nb_readme_two_ranks_on_a_cpu_command_is_valid(tmp_path):
-    """The README's two-rank CPU command, run as written for one short epoch: the flags make 2 ranks valid."""
-    line = _nb_readme_block("Multi-GPU on a CPU", "bash").strip()
-    assert line.startswith("torchrun --nproc_per_node=2 --standalone nft.py --model tiny --reward color")
-    argv = line.split("nft.py", 1)[1].split()
-    with pytest.raises(nft.UserError, match="nearest valid"):  # without the README's flag, 2 ranks do not fit
-        nft.validate(nft.parse_args(["--model", "tiny", "--reward", "color"]), 2)
-    p = run_nft(*argv, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", tmp_path / "out", nproc=2)
-    assert "epoch    0" in p.stdout and len(metrics(tmp_path / "out")) == 1
-
-
-def test_nb_evaluation_shows_a_progress_bar(capsys, _ev_one_thread):
-    """A long evaluation (the OCR test set is 1018 images) shows a bar counting its batches."""
-    records = [{"prompt": f"a {c} image"} for c in ("red", "green", "blue")]
-    args = nft.parse_args([str(a) for a in _EV_SMALL] + ["--sample_batch_size", "2"])
-    results = nft.evaluate(nft.random_pipeline("tiny"), records, rewards.make_reward("color", "cpu"), args,
-                           torch.device("cpu"), contextlib.nullcontext, 0, 1)
-    err = capsys.readouterr().err
-    assert len(results) == 6 and "evaluating 6 images" in err and "/3 " in err  # 3 batches of 2
-
-
-# --------------------------------------------------------------------------- issue 11: the paper's recipe by default
-def _rc_official_layout(root):
-    """The official repository's dataset/ folder, with a few lines per file (names as in NVlabs/DiffusionNFT)."""
-    geneval = [json.dumps(r) for r in rewards.geneval_prompts("test")[:3]]
-    files = {"geneval/train_metadata.jsonl": geneval, "geneval/test_metadata.jsonl": [l for l in geneval for _ in range(4)],
-             "ocr/train.txt": ['A sign that says "open"'], "ocr/test.txt": ['A mug printed with "tea"'],
-             "pickscore/train.txt": ["a red fox"], "pickscore/test.txt": ["a blue bird"],
-             "drawbench/test.txt": [p for p in ("a green cube", "a white cat") for _ in range(5)]}
-    for name, lines in files.items():
-        os.makedirs(root / os.path.dirname(name), exist_ok=True)
-        (root / name).write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.mark.parametrize("preset,train,test,bench", [
-    ("geneval", "geneval/train_metadata.jsonl", "geneval/test_metadata.jsonl", "geneval/test_metadata.jsonl"),
-    ("ocr", "ocr/train.txt", "ocr/test.txt", "ocr/test.txt"),
-    ("pickscore", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt"),
-    ("hpsv2", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt"),
-    ("multi", "pickscore/train.txt", "pickscore/test.txt", "drawbench/test.txt")])
-def test_rc_official_dataset_folder_resolves_per_preset(tmp_path, preset, train, test, bench):
-    root = _rc_official_layout(tmp_path / "dataset")
-    args = nft.parse_args(["--reward", preset, "--prompts", str(root)])
-    nft.resolve_prompts(args)
-    assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / test))
-    assert nft.prompt_warning(args) is None and nft.prompt_set(args) == {"train": str(root / train), "eval": str(root / test)}
-    args = nft.parse_args(["--reward", preset, "--eval_only", "--eval_prompts", str(root)])
-    nft.resolve_prompts(args)
-    assert args.eval_prompts == str(root / bench) and nft.prompt_warning(args) is None
-    # a subfolder (dataset/<name>) works too, and an explicit file wins over the folder's test file
-    sub = root / os.path.dirname(train)
-    args = nft.parse_args(["--reward", preset, "--prompts", str(sub), "--eval_prompts", str(root / bench)])
-    nft.resolve_prompts(args)
-    assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / bench))
-    nft.load_prompts(args.prompts)  # the official files read unchanged
-
-
-def test_rc_missing_official_file_is_one_clear_error(tmp_path):
-    root = _rc_official_layout(tmp_path / "dataset")
-    os.remove(root / "ocr/train.txt")
-    args = nft.parse_args(["--reward", "ocr", "--prompts", str(root)])
-    with pytest.raises(nft.UserError, match=r"--prompts .*: no ocr/train.txt in this folder; pass the official"):
-        nft.resolve_prompts(args)
-    p = run_nft("--model", "tiny", "--reward", "color", "--prompts", tmp_path, "--output_dir", tmp_path / "out", check=False)
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --prompts") and "Traceback" not in p.stderr
-
-
-def test_rc_warning_names_the_file_once_before_any_model_loads(tmp_path):
-    for preset, names in [("geneval", ["geneval/train_metadata.jsonl"]), ("ocr", ["ocr/train.txt", "ocr/test.txt"]),
-                          ("pickscore", ["pickscore/train.txt", "pickscore/test.txt"])]:
-        text = nft.prompt_warning(nft.parse_args(["--reward", preset]))
-        assert text.startswith(f"warning: the {preset} preset") and all(n in text for n in names)
-        assert "--prompts path/to/DiffusionNFT/dataset" in text
-    assert nft.prompt_warning(nft.parse_args(["--reward", "geneval", "--eval_only"])) is None  # built-in = official test set
-    assert "drawbench/test.txt" in nft.prompt_warning(nft.parse_args(["--reward", "hpsv2", "--eval_only"]))
-    assert nft.prompt_warning(nft.parse_args(["--model", "tiny", "--reward", "color"])) is None  # no official set
-    only_eval = nft.prompt_warning(nft.parse_args(["--reward", "ocr", "--prompts", "train.txt"]))
-    assert "evaluates on" in only_eval and "--eval_prompts path/to" in only_eval and "ocr/train.txt" not in only_eval
-    # the PickScore model cannot load offline: the warning must already be out, once
-    p = run_nft("--model", "tiny", "--reward", "pickscore", "--output_dir", tmp_path / "out", check=False)
-    assert p.returncode == 2 and "hf download" in p.stderr and not os.path.exists(tmp_path / "out" / "config.json")
-    assert p.stdout.count("warning: the pickscore preset") == 1 and "pickscore/train.txt" in p.stdout
-
-
-def test_rc_official_test_files_repeat_prompts_and_evaluation_dedupes(tmp_path):
-    root = _rc_official_layout(tmp_path / "dataset")
-    lines = nft.load_prompts(str(root / "drawbench/test.txt"))
-    assert len(lines) == 10 and [r["prompt"] for r in nft.dedupe_records(lines)] == ["a green cube", "a white cat"]
-    official = nft.load_prompts(str(root / "geneval/test_metadata.jsonl"))
-    assert nft.dedupe_records(official) == rewards.geneval_prompts("test")[:3]
-
-
-def test_rc_geneval_train_set_follows_the_generators_tag_mix():
-    from collections import Counter
-    train = rewards.geneval_prompts("train")
-    share = {t: n / len(train) for t, n in Counter(r["tag"] for r in train).items()}
-    assert set(share) == set(rewards.GENEVAL_TAGS)  # all six, single_object included
-    assert share["single_object"] == pytest.approx(80 / 580) and share["counting"] == pytest.approx(100 / 580)
-    test_keys = {rewards._geneval_key(r) for r in rewards.geneval_prompts("test")}
-    assert all(rewards._geneval_key(r) not in test_keys for r in train if r["tag"] != "single_object")
-    rewards.check_metadata("geneval", train)
-
-
-def test_rc_eval_only_defaults_to_the_official_evaluation_settings():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    args = nft.parse_args(["--eval_only", "--reward", "geneval"])
-    assert args.max_sequence_length == 256 and nft.precision_mode(args, gpu) == "fp16" and nft.precision_mode(args, cpu) == "no"
-    args = nft.parse_args(["--eval_only", "--reward", "geneval", "--max_sequence_length", "128", "--mixed_precision", "bf16"])
-    assert args.max_sequence_length == 128 and nft.precision_mode(args, gpu) == "bf16"
-    args = nft.parse_args(["--reward", "geneval"])  # training and its evaluations keep 128 and bf16
-    assert args.max_sequence_length == 128 and nft.precision_mode(args, gpu) == "bf16"
-    assert nft.parse_args(["--eval_only", "--model", "tiny", "--reward", "color"]).max_sequence_length == 16  # preset's
-
-
-def _rc_dtype_reward(seen):
-    layer = torch.nn.Linear(4, 1)
-
-    def fn(images, prompts, metadata):
-        out = layer(images.mean((2, 3)).repeat(1, 2)[:, :4])
-        seen.append(out.dtype)
-        return out.float().squeeze(1).detach(), {}
-    return lambda device: fn
-
-
-def test_rc_rewards_run_in_fp32_by_default(monkeypatch):
-    seen = []
-    monkeypatch.setitem(rewards.REWARDS, "dtype_probe", _rc_dtype_reward(seen))
-    images = torch.rand(2, 3, 8, 8)
-    rewards.make_reward("dtype_probe", "cpu")(images, ["a", "b"], [{}, {}])
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a caller's bf16 region
-        rewards.make_reward("dtype_probe", "cpu")(images, ["a", "b"], [{}, {}])
-    rewards.make_reward("dtype_probe", "cpu", "bf16")(images, ["a", "b"], [{}, {}])
-    assert seen == [torch.float32, torch.float32, torch.bfloat16]
-    with pytest.raises(rewards.RewardError, match="fp32 or bf16"):
-        rewards.make_reward("dtype_probe", "cpu", "fp16")
-    with pytest.raises(nft.UserError, match="--reward_precision"):
-        nft.validate(nft.parse_args(["--reward_precision", "half"]), 1)
-    pipe = types.SimpleNamespace(vae=torch.nn.Linear(2, 2).to(torch.bfloat16))  # the decode feeding the reward
-    nft.reward_vae(pipe, nft.parse_args([]))
-    assert pipe.vae.weight.dtype == torch.float32
-    pipe.vae.to(torch.bfloat16)
-    nft.reward_vae(pipe, nft.parse_args(["--reward_precision", "bf16"]))
-    assert pipe.vae.weight.dtype == torch.bfloat16
-
-
-def test_rc_ocr_engine_settings_as_official():
-    calls = []
-
-    def engine(image, use_cls=None):
-        calls.append(use_cls)
-        return [([0], "COF", 0.49), ([0], "FEE", 0.5), ([0], "SHOP", 0.9)], None
-    fn = rewards.make_ocr("cpu", engine=engine, workers=1)
-    scores, _ = fn(torch.zeros(1, 3, 8, 8), ['A mug that says "fee shop"'], [{}])
-    assert calls == [False] and scores.tolist() == [1.0]  # "COF" (score < 0.5) dropped: "feeshop" found
-
-
-def test_rc_zero_std_share_and_per_tag_strict():
-    R = torch.tensor([1.0, 1.0, 0.5, 0.2, 0.3, 0.3, 0.7, 0.7])
-    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    assert nft.zero_std_share(R, ids) == 0.75  # groups 0, 2 and 3 tie
-    assert nft.zero_std_share(R[:4], ids[:4]) == 0.5
-    strict = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert nft.per_tag_mean(strict, ["counting", "colors", "counting", "colors"]) == {"counting": 1.0, "colors": 0.5}
-    stats = nft.rollout_stats(R[:4], ids[:4], strict, ["counting", "colors", "counting", "colors"], rewards.GENEVAL_TAGS)
-    assert stats == {"zero_std_share": 0.5, "strict_counting": 1.0, "strict_colors": 0.5}
-    assert list(stats) == ["zero_std_share", "strict_counting", "strict_colors"]  # GenEval's tag order
-    assert nft.rollout_stats(R, ids) == {"zero_std_share": 0.75}  # no GenEval: no per-tag keys
-    assert math.isnan(nft.rollout_stats(R[:0], ids[:0])["zero_std_share"])  # an epoch without finite rewards
-
-
-@pytest.fixture(scope="module")
-def _rc_pipe():
-    return nft.random_pipeline("tiny")  # built once (the decoder fit is slow on a busy CPU); tests deepcopy it
-
-
-def _rc_saved_lora(tmp_path, args, base):
-    """A LoRA with non-zero lora_B in both layouts, from the tiny transformer's trainable names."""
-    from diffusers import StableDiffusion3Pipeline
-    from safetensors.torch import save_file
-    pipe = copy.deepcopy(base)
-    params, _ = nft.add_adapters(pipe.transformer, args)
-    g = torch.Generator().manual_seed(3)
-    weights = {n: 0.3 * torch.randn(p.shape, generator=g) for n, p in params.items()}
-    state = nft.lora_state(weights)
-    config = nft.lora_config(args).to_dict()
-    config["target_modules"] = sorted(config["target_modules"])
-    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "diffusers", transformer_lora_layers=state,
-                                               transformer_lora_adapter_metadata=config)  # alpha 64, as checkpoints
-    os.makedirs(tmp_path / "peft")
-    save_file({f"base_model.model.{k}": v for k, v in state.items()}, tmp_path / "peft" / "adapter_model.safetensors")
-    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config, default=str))
-    return weights, {"diffusers": str(tmp_path / "diffusers"), "peft": str(tmp_path / "peft")}
-
-
-@pytest.mark.parametrize("layout", ["diffusers", "peft"])
-def test_rc_init_lora_first_rollout_equals_adapters_loaded_by_hand(tmp_path, layout, _rc_pipe):
-    args = nft.parse_args(["--model", "tiny", "--reward", "color"])
-    weights, paths = _rc_saved_lora(tmp_path, args, _rc_pipe)
-    lora = nft.find_lora(paths[layout], "--init_lora")
-    names = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
-    assert lora[0].endswith(names[layout])
-    ours = copy.deepcopy(_rc_pipe)
-    torch.manual_seed(args.seed)
-    params, old = nft.add_adapters(ours.transformer, args)
-    assert nft.init_from_lora(params, old, lora, args) == len(weights)
-    for n in params:
-        assert torch.equal(params[n], weights[n]) and torch.equal(old[n], weights[n])
-    by_hand = copy.deepcopy(_rc_pipe)
-    nft.load_lora(by_hand, lora)  # as --eval_only loads it
-    sigmas = nft.rollout_sigmas(args.num_steps)
-    noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    rollouts = []
-    for pipe, use in [(ours, old), (by_hand, None), (ours, "ref")]:
-        cond = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
-        with nft.policy(params, None if use == "ref" else use) if pipe is ours else contextlib.nullcontext():
-            rollouts.append(nft.sample(pipe, noise, cond, sigmas, "euler", args, contextlib.nullcontext))
-    assert torch.allclose(rollouts[0], rollouts[1], atol=1e-5)  # the first epoch rolls out with the LoRA
-    assert not torch.allclose(rollouts[0], rollouts[2], atol=1e-3)  # and the LoRA matters
-    # another --lora_alpha: the scale ratio (64/32)/(16/32) = 4 is folded into lora_B: the same starting policy
-    other = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_alpha", "16"])
-    p2, o2 = nft.add_adapters(copy.deepcopy(_rc_pipe).transformer, other)
-    nft.init_from_lora(p2, o2, lora, other)
-    assert all(torch.equal(p2[n], weights[n] * (4.0 if ".lora_B." in n else 1.0)) for n in weights)
-    small = nft.parse_args(["--model", "tiny", "--reward", "color", "--rank", "4"])
-    p3, o3 = nft.add_adapters(copy.deepcopy(_rc_pipe).transformer, small)
-    with pytest.raises(nft.UserError, match=r"--init_lora .* does not fit this run's LoRA: expected .* \(4, 32\), "
-                                             r"found shape \(32, 32\); match --rank"):
-        nft.init_from_lora(p3, o3, lora, small)
-
-
-def test_rc_run_records_prompt_set_init_lora_and_new_metrics(tmp_path, _rc_pipe):
-    args = nft.parse_args(["--model", "tiny", "--reward", "color"])
-    _, paths = _rc_saved_lora(tmp_path, args, _rc_pipe)
-    prompts = tmp_path / "colors.txt"
-    prompts.write_text("a red image\na blue image\n")
-    out = tmp_path / "run"
-    p = run_nft(*SMALL, "--num_epochs", "1", "--eval_every", "0", "--prompts", prompts, "--init_lora", paths["diffusers"],
-                "--output_dir", out)
-    config = json.load(open(out / "config.json"))
-    assert config["init_lora"] == paths["diffusers"] and config["reward_precision"] == "fp32"
-    assert config["prompt_set"] == {"train": str(prompts), "eval": "built-in color test set (rewards.default_prompts)"}
-    line = metrics(out)[0]
-    assert 0 <= line["zero_std_share"] <= 1 and "zero-std" in p.stdout and "--init_lora" in p.stdout
-
-
-# --------------------------------------------------------------------------- issue 12: reliability, round 2
-import time  # noqa: E402
-
-_RL_FAST = [*SMALL, "--eval_every", 0]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
-    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
-    (["--kl_coef", "nan"], "--kl_coef must be a finite number"),
-    (["--solver", "sde", "--eta", "nan"], "--eta must be a finite number"),
-    (["--adam_beta1", "1.0"], "--adam_beta1 must be in [0, 1)"),
-    (["--save_every", "0"], "--save_every must be positive"),
-    (["--guidance_scale", "0.5"], "--guidance_scale must be >= 1"),
-    (["--eval_num_steps", "-1"], "--eval_num_steps must be positive"),
-    (["--eval_images_per_prompt", "-2"], "--eval_images_per_prompt must be >= 0"),
-    (["--max_sequence_length", "0"], "--max_sequence_length must be positive"),
-    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0, got -1 (0 keeps every checkpoint)"),
-    (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
-    (["--sample_batch_size", "1000000000000"], "lower --sample_batch_size"),  # was an endless search
-    (["--sample_batch_size", "24"], "nearest valid: --num_groups 6 or 12"),  # arithmetic: multiples of 6
-])
-def test_rl_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message):
-    out = tmp_path / "out"
-    assert message in cli_error(capsys, *_RL_FAST, "--output_dir", out, *argv)
-    assert not out.exists()
-
-
-def test_rl_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 photo\n".encode("latin-1"))
-    assert "is not UTF-8 text (byte 5)" in cli_error(capsys, *_RL_FAST, "--prompts", tmp_path / "latin1.txt")
-    # a folder is read as the official dataset/ layout; one without its files is a clear error
-    assert "no train.txt or train_metadata.jsonl in this folder" in cli_error(capsys, *_RL_FAST, "--prompts", tmp_path)
-    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfa red image\na blue image\n")
-    assert nft.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
-    (tmp_path / "upper.JSONL").write_text('{"prompt": "a red image", "tag": "x"}\n')
-    assert nft.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
-    bad = tmp_path / "geneval.jsonl"
-    bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat", "count": "1"}]}\n')
-    assert "GenEval metadata of the wrong type" in cli_error(capsys, *_RL_FAST, "--reward", "geneval", "--prompts", bad)
-    bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": {"class": "cat", "count": 1}}\n')
-    assert "GenEval metadata of the wrong type" in cli_error(capsys, *_RL_FAST, "--reward", "geneval", "--prompts", bad)
-
-
-def test_rl_lora_files_are_checked_before_the_model_loads(tmp_path):
-    empty = tmp_path / "empty" / "pytorch_lora_weights.safetensors"
-    empty.parent.mkdir()
-    empty.write_bytes(b"")
-    with pytest.raises(nft.UserError, match="not a safetensors file \\(empty\\)"):
-        nft.find_lora(str(empty.parent))
-    absurd = tmp_path / "absurd.safetensors"
-    absurd.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")
-    with pytest.raises(nft.UserError, match="bad header"):
-        nft.find_lora(str(absurd))
-    from safetensors.torch import save_file
-    peft = tmp_path / "peft"
-    peft.mkdir()
-    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(peft / "adapter_model.safetensors"))
-    (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha"')
-    with pytest.raises(nft.UserError, match="adapter_config.json is not valid JSON"):
-        nft.find_lora(str(peft))
-    (peft / "adapter_config.json").write_text('["r", 4]')
-    with pytest.raises(nft.UserError, match="not a LoRA config"):
-        nft.find_lora(str(peft))
-    (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["x"]}')
-    assert nft.find_lora(str(peft))[:2] == (str(peft / "adapter_model.safetensors"),
-                                            {"r": 4, "lora_alpha": 8, "target_modules": ["x"]})
-
-
-def _rl_state(args, **over):
-    """A hand-made training state with the structure train() saves (one 2x2 LoRA weight)."""
-    w = {"x.lora_A.default.weight": torch.ones(2, 2)}
-    optimizer = {"state": {}, "param_groups": [{"params": [0]}]}
-    return dict(dict(default=w, old=w, ema=w, optimizer=optimizer, step=3, epoch=3,
-                     bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)), **over)
-
-
-def test_rl_checkpoint_order_fallback_and_structure(capsys, tmp_path):
-    root = tmp_path / "run"
-    for n in (99999, 100000, 3, 20):
-        (root / "checkpoints" / f"checkpoint-{n:05d}").mkdir(parents=True)
-    (root / "checkpoints" / "checkpoint-00021.tmp").mkdir()
-    assert [os.path.basename(c) for c in nft.checkpoints(root)] == [
-        "checkpoint-00003", "checkpoint-00020", "checkpoint-99999", "checkpoint-100000"]
-    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
-    ckpts = nft.checkpoints(root)
-    torch.save(_rl_state(args), os.path.join(ckpts[0], "training_state.pt"))
-    torch.save(_rl_state(args, epoch=20), os.path.join(ckpts[1], "training_state.pt"))
-    torch.save({"default": "not a state"}, os.path.join(ckpts[2], "training_state.pt"))  # wrong structure
-    open(os.path.join(ckpts[3], "training_state.pt"), "wb").write(b"PK\x03\x04 truncated")  # corrupt newest
-    path, state = nft.load_checkpoint(args, 1)  # falls back past both, with a warning each
-    assert path == ckpts[1] and state["epoch"] == 20
-    out = capsys.readouterr().out
-    assert "warning: training_state.pt is truncated or corrupted" in out and "checkpoint-100000" in out
-    assert "not a training state of this script" in out
-    args.resume_from = ckpts[2]  # named explicitly: an error, not a fallback
-    with pytest.raises(nft.UserError, match="missing or wrong: default, old, ema, optimizer"):
-        nft.load_checkpoint(args, 1)
-
-
-def test_rl_optimizer_step_undoes_a_step_that_makes_weights_nonfinite():
-    p = torch.nn.Parameter(torch.ones(4))
-    params = {"w": p}
-    opt = torch.optim.AdamW([p], lr=1e-2)
-    p.grad = torch.ones(4)
-    assert nft.optimizer_step(params, opt, 1.0)[1] is None  # a good step
-    good_w, good_state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
-    for group in opt.param_groups:
-        group["lr"] = float("inf")  # finite gradient, infinite step: every weight NaN/inf, as with --learning_rate inf
-    p.grad = torch.ones(4)
-    norm, problem = nft.optimizer_step(params, opt, 1.0)
-    assert norm is None and problem == "the step made the weights NaN/inf"
-    assert torch.equal(p.detach(), good_w) and all(torch.equal(opt.state[p][k], good_state[k]) for k in good_state)
-    p.grad = torch.full((4,), float("nan"))
-    assert nft.optimizer_step(params, opt, 1.0) == (None, "non-finite gradient") and torch.equal(p.detach(), good_w)
-    fresh = torch.nn.Parameter(torch.ones(2))  # a first step that diverges leaves no optimizer state behind
-    opt = torch.optim.AdamW([fresh], lr=float("inf"))
-    fresh.grad = torch.ones(2)
-    assert nft.optimizer_step({"f": fresh}, opt, 1.0)[1] and not opt.state and torch.equal(fresh.detach(), torch.ones(2))
-
-
-def test_rl_json_never_holds_bare_nan_and_readers_cope(tmp_path):
-    row = nft.json_safe(dict(epoch=0, step=0, reward_mean=float("nan"), loss=float("inf"), xs=[1.0, float("-inf")]))
-    line = json.dumps(row, allow_nan=False)
-    assert "NaN" not in line and "Infinity" not in line and json.loads(line)["reward_mean"] is None
-    assert nft._epoch_of(line) == 0
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(line + "\n" + json.dumps(dict(epoch=1, step=1, reward_mean=0.5, eval_reward_mean=0.4)) + "\n")
-    nft.plot_curves(str(path), str(tmp_path / "curves.png"))
-    assert (tmp_path / "curves.png").stat().st_size > 0
-
-
-def test_rl_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tmp_path):
-    import errno
-    from peft import LoraConfig
-    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
-    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
-    meta = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict()
-    meta["target_modules"] = sorted(meta["target_modules"])
-    st = dict(default=lora, old=lora, ema=lora, step=1)
-    good = nft.save_checkpoint(args, 1, st, lora, meta)
-    real_save = torch.save
-    for fault in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")):
-        def full(*a, **k):
-            raise fault
-        monkeypatch.setattr(torch, "save", full)
-        with pytest.raises(nft.UserError, match="no space left on device; the last good checkpoint is kept"):
-            nft.save_checkpoint(args, 2, st, lora, meta)
-        assert nft.checkpoints(tmp_path) == [good] and os.listdir(tmp_path / "checkpoints") == ["checkpoint-00001"]
-    monkeypatch.setattr(torch, "save", real_save)
-    nan = {n: torch.full_like(t, float("nan")) for n, t in lora.items()}
-    with pytest.raises(nft.UserError, match="NaN/inf, so no checkpoint is saved"):
-        nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), nan, meta)
-    assert nft.checkpoints(tmp_path) == [good] and state(good)["default"].keys() == lora.keys()
-    assert "no space left on device" in str(nft.write_error(OSError(errno.ENOSPC, "x"), "metrics.jsonl"))
-    from safetensors import SafetensorError  # how safetensors words it
-    rust = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
-    assert "no space left on device" in str(nft.write_error(rust, "pytorch_lora_weights.safetensors"))
-
-
-_RL_HOLDER = """import fcntl, sys, time
-f = open(sys.argv[1], "a+"); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.write("4242\\n"); f.flush()
-print("locked", flush=True); time.sleep(60)"""
-
-
-def test_rl_run_lock_refuses_a_live_run_and_ignores_a_killed_one(capsys, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", _RL_HOLDER, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        msg = cli_error(capsys, *_RL_FAST, "--output_dir", out, "--resume_from", "latest")
-        assert "is in use by another running run (pid 4242)" in msg
-    finally:
-        holder.kill()  # SIGKILL: the OS drops the lock with the process
-        holder.wait()
-    lock = nft.run_lock(str(out))  # a stale lock file does not block
-    assert open(out / ".lock").read().strip() == str(os.getpid())
-    nft._HELD.remove(lock)
-    lock.close()
-
-
-def test_rl_overwrite_removes_a_checkpoints_link_not_its_target(capsys, monkeypatch, tmp_path):
-    other = tmp_path / "other_run" / "checkpoints"
-    (other / "checkpoint-00009").mkdir(parents=True)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "checkpoints").symlink_to(other)
-    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
-
-    def stop(*a, **k):
-        raise nft.UserError("stopped before the model loads")
-    monkeypatch.setattr(nft, "load_pipeline", stop)
-    assert "stopped" in cli_error(capsys, *_RL_FAST, "--output_dir", out, "--overwrite")
-    assert not os.path.lexists(out / "checkpoints") and (other / "checkpoint-00009").is_dir()
-
-
-def test_rl_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
-    (tmp_path / "checkpoints" / "checkpoint-00004").mkdir(parents=True)
-
-    def interrupted(args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(nft, "train", interrupted)
-    with pytest.raises(SystemExit) as e:
-        nft.main([*map(str, _RL_FAST), "--output_dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 130 and "Traceback" not in err
-    assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path}/checkpoints/checkpoint-00004; continue "
-                           f"with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
-
-
-@pytest.fixture(scope="module")
-def _rl_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rl") / "src"
-    run_nft(*_RL_FAST, "--num_epochs", 1, "--output_dir", out)
-    return out
-
-
-def _rl_files(folder):
-    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(folder) for n in names}
-
-
-def test_rl_divergence_is_undone_and_resume_applies_the_new_learning_rate(capsys, monkeypatch, _rl_run, tmp_path):
-    import shutil
-    out = tmp_path / "out"
-    shutil.copytree(_rl_run, out)
-    good = state(nft.checkpoints(out)[-1])
-    used, real_step = [], torch.optim.AdamW.step
-
-    def diverging_step(self, *a, **k):  # records the rate in use, then does what --learning_rate inf did
-        used.append(self.param_groups[0]["lr"])
-        real_step(self, *a, **k)
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.fill_(float("nan"))
-    monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
-    with pytest.raises(SystemExit) as e:
-        nft.main([str(a) for a in (*_RL_FAST, "--num_epochs", 5, "--output_dir", out, "--resume_from", "latest",
-                                   "--learning_rate", 0.02, "--max_nonfinite_steps", 2, "--save_every", 1)])
-    printed, err = capsys.readouterr()
-    assert e.value.code == 2 and "Traceback" not in err
-    assert "2 non-finite optimizer steps in a row (the step made the weights NaN/inf)" in err
-    assert "resumed optimizer takes the flags given now: --learning_rate 0.01 -> 0.02" in printed
-    assert used == [0.02, 0.02] and json.load(open(out / "config.json"))["learning_rate"] == 0.02
-    ckpts = nft.checkpoints(out)  # epochs 1 and 2 took no step: no checkpoint of them, and none of NaN weights
-    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001"] and "epoch 1 took no optimizer step" in printed
-    assert_same_state(state(ckpts[0]), good)
-    for line in open(out / "metrics.jsonl"):
-        assert "NaN" not in line and "Infinity" not in line
-
-
-def test_rl_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(capsys, _rl_run, tmp_path):
-    before = _rl_files(_rl_run)
-    src_ckpt = nft.checkpoints(_rl_run)[-1]
-    new = tmp_path / "branch"
-    p = run_nft(*_RL_FAST, "--num_epochs", 2, "--output_dir", new, "--resume_from", src_ckpt, check=True)
-    assert "another run's checkpoint, copied into" in p.stdout
-    assert _rl_files(_rl_run) == before  # the source run: not one byte changed
-    assert [os.path.basename(c) for c in nft.checkpoints(new)] == ["checkpoint-00001", "checkpoint-00002"]
-    assert [r["epoch"] for r in metrics(new)] == [0, 1] and metrics(new)[0] == metrics(_rl_run)[0]
-    # naming an older checkpoint of the same run would leave a newer one for `latest` to pick later
-    msg = cli_error(capsys, *_RL_FAST, "--num_epochs", 3, "--output_dir", new, "--resume_from", nft.checkpoints(new)[0])
-    assert "this run already has newer checkpoints (checkpoint-00002)" in msg
-    # into a folder that holds a run: the usual guard
-    msg = cli_error(capsys, *_RL_FAST, "--num_epochs", 3, "--output_dir", new, "--resume_from", src_ckpt)
-    assert "holds a previous run" in msg
-
-
-# ---- issue 12: the HTTP reward client against misbehaving local servers ----
-class _RlServer(http.server.BaseHTTPRequestHandler):
-    mode, hits = "ok", []
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        _RlServer.hits.append(self.headers.get("Authorization"))
-        mode = _RlServer.mode
-        if mode == "500" or (mode == "500-then-ok" and len(_RlServer.hits) == 1):
-            self.send_response(500)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if mode == "trickle":  # a byte every 0.3 s: no single read ever times out
-            self.send_response(200)
-            self.end_headers()
-            with contextlib.suppress(OSError):
-                for _ in range(100):
-                    self.wfile.write(b" ")
-                    self.wfile.flush()
-                    time.sleep(0.3)
-            return
-        data = {"garbage": b"<html>not json</html>",
-                "flood": b"x" * (rewards.MAX_REPLY_BYTES + 10)}.get(mode, json.dumps(
-                    {"choices": [{"message": {"content": "Final Score: 4"}}]}).encode())
-        self.send_response(200)
-        if mode != "flood":  # a flood without Content-Length: the cap must hold while reading
-            self.send_header("Content-Length", str(512 << 20) if mode == "huge" else str(len(data)))
-        self.end_headers()
-        with contextlib.suppress(OSError):
-            self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def _rl_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RlServer)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _RlServer.hits = []
-    yield f"http://user:hunter2@127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-
-
-@pytest.mark.parametrize("mode, message", [
-    ("trickle", "no complete reply within 1 s"),
-    ("flood", "more than 1048576 bytes"),
-    ("huge", "announced a reply of '536870912' bytes"),  # refused before reading it
-    ("garbage", "not JSON (starts b'<html>not json</html>')"),
-    ("500", "HTTP 500 after 3 tries"),
-])
-def test_rl_http_client_fails_in_bounded_time_with_one_line(_rl_server, mode, message):
-    _RlServer.mode = mode
-    fn = rewards.make_unifiedreward("cpu", url=_rl_server, timeout=1, retries=2, backoff=0.05)
-    start = time.monotonic()
-    with pytest.raises(rewards.RewardError) as e:
-        fn(_rw_images(1, 16, 16), ["a cat"], [{}])
-    assert message in str(e.value) and "\n" not in str(e.value)
-    assert "hunter2" not in str(e.value) and "user:" not in str(e.value)  # credentials never printed
-    assert time.monotonic() - start < 8
-    assert len(_RlServer.hits) == (3 if mode == "500" else 1)  # only 5xx (and connection errors) are retried
-
-
-def test_rl_http_client_retries_a_500_and_sends_url_credentials_as_basic_auth(_rl_server):
-    import base64
-    _RlServer.mode = "500-then-ok"
-    fn = rewards.make_unifiedreward("cpu", url=_rl_server, timeout=5, retries=2, backoff=0.05)
-    assert fn(_rw_images(1, 16, 16), ["a cat"], [{}])[0].tolist() == pytest.approx([0.8])
-    assert _RlServer.hits == [f"Basic {base64.b64encode(b'user:hunter2').decode()}"] * 2
-
-
-def test_rl_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypatch, tmp_path):
-    import tempfile
-    real_file = tempfile.TemporaryFile
-
-    def refused(*a, dir=None, **k):  # a real write is tried; root ignores chmod, so it is patched to fail
-        if str(dir) == str(tmp_path):
-            raise PermissionError(13, "Permission denied")
-        return real_file(*a, dir=dir, **k)
-    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
-    msg = cli_error(capsys, *_RL_FAST, "--output_dir", tmp_path / "new" / "out")
-    assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
-
-
-# --------------------------------------------------------------------------- issue 10: GPU speed, round 2
-def _three_peft_adapters(transformer, args, theta, old):
-    """The previous scheme, kept here as the reference: peft adapters "default" and "old", policies chosen
-    by set_adapter / disable_adapters."""
-    import warnings
-    transformer.requires_grad_(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        transformer.add_adapter(nft.lora_config(args), adapter_name="default")
-        transformer.add_adapter(nft.lora_config(args), adapter_name="old")
-    named = dict(transformer.named_parameters())
-    for n in theta:
-        named[n].data = theta[n].clone()
-        named[n.replace(".default.", ".old.")].data = old[n].clone()
-
-    def set_policy(policy):
-        if policy == "ref":
-            transformer.disable_adapters()
-        else:
-            transformer.enable_adapters()
-            transformer.set_adapter(policy)
-    return set_policy
-
-
-@pytest.mark.parametrize("mode", ["no", "bf16"])
-def test_sp_weight_swap_policies_equal_peft_adapters_bitwise(mode):
-    """One adapter with theta_old copied in (old) or lora_B zeroed (reference) gives exactly the velocities of
-    peft's separate adapters, in fp32 and under bf16 autocast on a bf16 base, and theta is restored after."""
-    args = nft.parse_args(["--model", "tiny", "--mixed_precision", mode])
-    dtype, autocast = nft.precision(args, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    x, emb, pooled = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 93, 32, generator=g), torch.randn(3, 64, generator=g)
-    ours = nft.random_pipeline("tiny").to(dtype=dtype)
-    torch.manual_seed(1)
-    params, old = nft.add_adapters(ours.transformer, args)
-    with torch.no_grad():  # theta, theta_old and the base all differ
-        for n, p in params.items():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-            old[n].add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n) + 1)))
-    theta = {n: p.detach().clone() for n, p in params.items()}
-    peft = nft.random_pipeline("tiny").to(dtype=dtype)
-    set_policy = _three_peft_adapters(peft.transformer, args, theta, old)
-    v = lambda pipe: nft.velocity(pipe.transformer, x, 0.3, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)))  # noqa: E731
-    mine, theirs = {}, {}
-    for name, weights in [("default", theta), ("old", old), ("ref", None)]:
-        # one autocast per policy, as micro_step does: autocast caches the LoRA's bf16 cast within a context
-        with nft.policy(params, weights), torch.no_grad(), autocast():
-            mine[name] = v(ours)
-        set_policy(name)
-        with torch.no_grad(), autocast():
-            theirs[name] = v(peft)
-    for name in mine:
-        assert torch.equal(mine[name], theirs[name]), name
-    assert not torch.equal(mine["default"], mine["old"]) and not torch.equal(mine["old"], mine["ref"])
-    assert all(torch.equal(p, theta[n]) for n, p in params.items())
-
-
-def _epochs(pipe, params, old, args, epochs, compiled_from=None):
-    """A miniature training loop on fixed inputs: per epoch a rollout with theta_old, one micro-step (old and
-    reference no-grad passes, v_theta with grad), an AdamW step. theta_old stays at the initial weights, so
-    epoch 0's |v_theta - v_old| is at equal weights and epoch 1's is exactly one optimizer step's change.
-    From epoch `compiled_from` on, any recompile raises. Returns each epoch's (loss, kl, |v_theta - v_old|)."""
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
-    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
-    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-    opt = torch.optim.AdamW(params.values(), lr=1e-3)
-    out = []
-    for epoch in range(epochs):
-        stance = "fail_on_recompile" if compiled_from is not None and epoch >= compiled_from else "default"
-        with torch.compiler.set_stance(stance):
-            with nft.policy(params, old):
-                nft.sample(pipe, torch.randn(8, 4, 4, 4, generator=g), dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
-                           nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
-            out.append(nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
-                                      contextlib.nullcontext, 1.0))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return torch.stack(out)
-
-
-def test_sp_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
-    """Regional compile (aot_eager on the CPU): epochs 1 and 2 compile nothing new (fail_on_recompile), the
-    compiled losses equal eager's, and at equal weights (epoch 0) compiled |v_theta - v_old| is far below the
-    change one optimizer step makes (epoch 1): the grad and no-grad graphs do not read as a policy gap."""
-    import torch._dynamo
-    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
-    runs = {}
-    for compiled in (False, True):
-        pipe = nft.random_pipeline("tiny")
-        torch.manual_seed(1)
-        params, old = nft.add_adapters(pipe.transformer, args)
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()  # the counters outlive reset(): an earlier test's graphs would count
-        if compiled:
-            nft.compile_blocks(pipe.transformer, backend="aot_eager")
-        try:
-            runs[compiled] = _epochs(pipe, params, old, args, 3, compiled_from=1 if compiled else None)
-            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        finally:
-            torch._dynamo.reset()
-        assert (graphs > 0) == compiled
-    eager, comp = runs[False], runs[True]
-    assert torch.allclose(comp[:, 0], eager[:, 0], rtol=1e-5), (comp, eager)
-    assert eager[0, 2] == 0 and comp[1, 2] > 1e-4
-    assert comp[0, 2] < 0.01 * comp[1, 2], comp[:, 2]
-
-
-def test_sp_profile_counts_backward_as_measured_and_reports_graphs(tmp_path):
-    """--profile counts a training forward + backward as measured (gradients for the LoRA only: well under
-    the 3 forwards of full backprop) and reports compiled_graphs and recompiles_after_first_epoch."""
-    run_nft(*SMALL, "--profile", "--output_dir", tmp_path / "p")
-    report = json.load(open(tmp_path / "p" / "profile.json"))
-    ratio = report["gflop_per_train_forward_backward"] / report["gflop_per_forward"]
-    assert 1.5 < ratio < 2.7, ratio
-    assert report["compile"] is False and report["compiled_graphs"] == 0 and report["recompiles_after_first_epoch"] == 0
-    assert json.load(open(tmp_path / "p" / "config.json"))["compile"] is False
-
-
-# =========================================================================== issue 15: model families (FLUX.1, Qwen-Image)
-FAM = {"flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}
-FAM_EPOCHS = 40  # the colour demo's length on the tiny families
-_FAM_PIPES = {}
-
-
-def _fam_pipe(name):
-    """The tiny pipeline of a family, built once per session; tests deep-copy it before changing it."""
-    if name not in _FAM_PIPES:
-        _FAM_PIPES[name] = nft.load_pipeline(FAM[name], torch.float32)
-    return _FAM_PIPES[name]
-
-
-def test_fam_family_is_picked_from_the_pipeline_class():
+# --------------------------------------------------------------------------- model families (FLUX.1, Qwen-Image)
+# ---- picking the family, its defaults and sizes ----
+def test_family_is_picked_from_the_pipeline_class():
     """The family comes from the loaded pipeline's class (or its transformer's); the preset from --model."""
     assert nft.family_of(nft.random_pipeline("tiny")).name == "sd3"
-    for name in FAM:
-        pipe = _fam_pipe(name)
+    for name in TINY_FAMILIES:
+        pipe = tiny_pipe(name)
         assert nft.family_of(pipe).name == nft.family_of(pipe.transformer).name == name
     with pytest.raises(nft.UserError, match="supported pipelines: StableDiffusion3Pipeline, FluxPipeline"):
         nft.family_of(types.SimpleNamespace())
@@ -2560,9 +793,43 @@ def test_fam_family_is_picked_from_the_pipeline_class():
     assert (sd3.rank, sd3.num_steps, sd3.eval_num_steps) == (32, 10, 40)  # SD3.5 keeps its defaults
 
 
+def test_family_model_folder_picks_family_and_preset(tmp_path):
+    """A FLUX.1 pipeline saved with save_pretrained loads from its folder as the flux family, and its
+    model_index.json picks the flux preset before loading."""
+    folder = tmp_path / "flux"
+    tiny_pipe("flux").save_pretrained(folder)
+    pipe = nft.load_pipeline(str(folder), torch.float32)
+    assert nft.family_of(pipe).name == "flux" and nft.model_family(str(folder)) == "flux"
+    assert nft.parse_args(["--model", str(folder)]).rank == 64
+    cond, ref = (nft.encode_prompts(p, ["a red image"], 16, "cpu") for p in (pipe, tiny_pipe("flux")))
+    assert all(torch.equal(cond[k], ref[k]) for k in ref)
+
+
+def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
+    """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
+    (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
+    official evaluation's 256 and fp16. Negative prompts as the published recipes; the tiny presets keep 16."""
+    import diffusers
+    gpu = torch.device("cuda")
+    for model, pipeline in [("black-forest-labs/FLUX.1-dev", diffusers.FluxPipeline),
+                            ("Qwen/Qwen-Image", diffusers.QwenImagePipeline)]:
+        default = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
+        for extra in ([], ["--eval_only"]):
+            args = nft.parse_args(["--model", model, *extra])
+            assert args.max_sequence_length == default == 512 and nft.precision_mode(args, gpu) == "bf16"
+    sd3 = nft.parse_args(["--eval_only"])
+    assert sd3.max_sequence_length == 256 and nft.precision_mode(sd3, gpu) == "fp16"
+    models = ["tiny", "tiny-flux", "tiny-qwenimage", "Qwen/Qwen-Image"]
+    negative = {m: nft.parse_args(["--model", m]).negative_prompt for m in models}
+    assert negative == {"tiny": "", "tiny-flux": "", "tiny-qwenimage": " ", "Qwen/Qwen-Image": " "}
+    assert nft.parse_args(["--model", "tiny-qwenimage", "--negative_prompt", "blurry"]).negative_prompt == "blurry"
+    assert nft.parse_args(["--model", "tiny-flux", "--eval_only"]).max_sequence_length == 16
+    assert nft.parse_args(["--model", "tiny-flux"]).embedded_guidance_scale == 3.5
+
+
 # Published sizes: FLUX.1 [dev] transformer 11.9B ("12B"), Qwen-Image's MMDiT 20.4B ("20B").
 @pytest.mark.parametrize("arch,expected", [("flux.1-dev", 11.90e9), ("qwen-image", 20.43e9)])
-def test_fam_random_full_size_transformers_have_the_published_size(arch, expected):
+def test_random_full_size_family_transformers_have_the_published_size(arch, expected):
     pipe = nft.load_pipeline(f"random:{arch}", torch.float32, "meta")
     assert pipe.transformer.device.type == "meta"
     n = sum(p.numel() for p in pipe.transformer.parameters())
@@ -2572,12 +839,13 @@ def test_fam_random_full_size_transformers_have_the_published_size(arch, expecte
     assert nft.latent_shape(pipe, 512) == (16, 64, 64)
 
 
-@pytest.mark.parametrize("name", list(FAM))
-def test_fam_euler_rollout_equals_the_pipeline(name):
+# ---- rollouts equal the pipeline's ----
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+def test_family_euler_rollout_equals_the_pipeline(name):
     """nft.sample (the family's encode, velocity and schedule on unpacked latents) reproduces the diffusers
     pipeline's own sampling loop from the same noise: packing, position ids, timestep scale (sigma, not
     1000*sigma), FLUX.1-dev's guidance embedding, Qwen-Image's mask and the resolution-dependent shift."""
-    pipe = _fam_pipe(name)
+    pipe = tiny_pipe(name)
     C, h, w = nft.latent_shape(pipe, 32)
     x = torch.randn(2, C, h, w, generator=torch.Generator().manual_seed(1))
     args = types.SimpleNamespace(guidance_scale=1.0, eta=0.0)
@@ -2592,7 +860,7 @@ def test_fam_euler_rollout_equals_the_pipeline(name):
     torch.testing.assert_close(ours, nft.unpack(theirs, h, w).float(), atol=2e-5, rtol=1e-4)
 
 
-def _fam_pipeline_sigmas(pipe, num_steps, resolution):
+def _pipeline_sigmas(pipe, num_steps, resolution):
     """The sigmas the pipeline hands its scheduler at this resolution: run it and stop after one step."""
     def stop(p, i, t, kwargs):
         p._interrupt = True
@@ -2603,519 +871,46 @@ def _fam_pipeline_sigmas(pipe, num_steps, resolution):
     return pipe.scheduler.sigmas.double()
 
 
-@pytest.mark.parametrize("name", list(FAM))
-def test_fam_sigmas_equal_the_pipelines_schedule(name):
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+def test_family_sigmas_equal_the_pipelines_schedule(name):
     """The rollout schedule is the family pipeline's at every resolution (FLUX: dynamic shift; Qwen-Image:
     dynamic shift and a last sigma of 0.02); it shifts more at 512 px than at 256 px (more image tokens)."""
-    pipe = copy.deepcopy(_fam_pipe(name))
+    pipe = copy.deepcopy(tiny_pipe(name))
     fam = nft.family_of(pipe)
     for num_steps, resolution in [(10, 256), (10, 512), (28, 512)]:
         ours = fam.sigmas(pipe, num_steps, resolution)
         assert ours.dtype == torch.float64 and ours.shape == (num_steps + 1,) and ours[0] == 1 and ours[-1] == 0
-        torch.testing.assert_close(ours, _fam_pipeline_sigmas(pipe, num_steps, resolution), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours, _pipeline_sigmas(pipe, num_steps, resolution), atol=1e-6, rtol=0)
     assert (fam.sigmas(pipe, 10, 512)[1:-2] > fam.sigmas(pipe, 10, 256)[1:-2]).all()  # Qwen-Image: both end at 0.02
     if name == "qwenimage":
         assert abs(fam.sigmas(pipe, 10, 512)[-2].item() - 0.02) < 1e-12
 
 
-@pytest.mark.parametrize("name", list(FAM))
-def test_fam_micro_step_backprops_into_the_lora_only(name):
-    """The NFT loss (micro_step: v_old and v_ref no-grad, v_theta with grad) reaches the trainable LoRA and
-    nothing else; every target of the family's recipe exists in the architecture. Qwen-Image's last block
-    discards its text stream, so 6 of its LoRA tensors get no gradient (and 2 a zero one): the optimizer step
-    still runs, with --grad_sync micro_step's unsynchronised path too."""
-    pipe = copy.deepcopy(_fam_pipe(name))
-    args = nft.parse_args(["--model", FAM[name], "--kl_coef", "1e-4", "--sample_batch_size", "4", "--lora_targets", "official"])
-    torch.manual_seed(0)
-    params, old = nft.add_adapters(pipe.transformer, args)
-    with torch.no_grad():  # old != theta, and a non-zero lora_B, so that every factor gets a gradient
-        for n, p in params.items():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-    g = torch.Generator().manual_seed(2)
-    x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
-    eps, r, mask = torch.randn(3, *x0.shape, generator=g), torch.tensor([1.0, 0.0]), torch.ones(2)
-    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[1, 5], [3, 7], [8, 2]])].float()
-    cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
-    stats = nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
-    assert torch.isfinite(stats).all() and stats[1] > 0 and stats[2] > 0  # loss, KL to the base, |v_theta - v_old|
-    with_grad = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None}
-    dead, zero = set(), set()
-    if name == "qwenimage":  # outside the graph; and the text queries reach only the discarded text output
-        last = f"transformer_blocks.{pipe.transformer.config.num_layers - 1}."
-        dead = {n for n in params if n.startswith(last) and (".to_add_out." in n or ".txt_mlp." in n)}
-        zero = {n for n in params if n.startswith(last) and ".add_q_proj." in n}
-        assert len(dead) == 6 and len(zero) == 2 and all(params[n].grad.abs().sum() == 0 for n in zero)
-    assert with_grad == set(params) - dead and all(params[n].grad.abs().sum() > 0 for n in with_grad - zero)
-    targets = {n.split(".lora_")[0] for n in params}
-    assert all(any(t.endswith(s) for t in targets) for s in nft.family_of(pipe).lora_targets)
-    opt = torch.optim.AdamW(params.values(), lr=1e-3)
-    norm, problem = nft.optimizer_step(params, opt, 1.0, sync=False)
-    assert problem is None and norm > 0
-
-
-def _fam_demo_args(name, out, epochs=FAM_EPOCHS):
-    """The colour demo of a tiny family (its preset: tiny), with a checkpoint every 2 epochs, all kept."""
-    return ["--model", FAM[name], "--reward", "color", "--num_epochs", epochs, "--eval_every", FAM_EPOCHS,
-            "--save_every", 2, "--checkpoints_total_limit", 0, "--output_dir", out]
-
-
-@pytest.fixture(scope="module", params=list(FAM))
-def fam_demo(request, tmp_path_factory):
-    """The tiny family's colour demo, run once per family; its checkpoints serve the resume and LoRA tests."""
-    out = tmp_path_factory.mktemp(request.param) / "out"
-    run_nft(*_fam_demo_args(request.param, out))
-    return request.param, str(out)
-
-
-def test_fam_colour_demo_learns(fam_demo):
-    """The colour reward on each tiny family: the EMA policy's eval reward rises by at least 0.2."""
-    name, out = fam_demo
-    m = metrics(out)
-    before, after = m[0]["eval_reward_mean_before"], m[-1]["eval_reward_mean"]
-    print(f"{name}: eval reward {before:.3f} -> {after:.3f}, rollout reward {m[0]['reward_mean']:.3f} -> {m[-1]['reward_mean']:.3f}")
-    assert len(m) == FAM_EPOCHS and after >= before + 0.2, (before, after)
-
-
-def test_fam_checkpoint_lora_loads_with_load_lora_weights(fam_demo):
-    """A checkpoint's LoRA, written by the family pipeline's save_lora_weights, loads into a fresh pipeline with
-    plain `pipe.load_lora_weights(folder)` (rank, alpha and targets from its metadata) and gives exactly the
-    velocity of the trained EMA weights."""
-    name, out = fam_demo
-    ckpt = nft.checkpoints(out)[-1]
-    pipe = copy.deepcopy(_fam_pipe(name))
-    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
-    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+def test_qwenimage_mask_is_dropped_when_every_token_is_real():
+    """As QwenImagePipeline.encode_prompt: when every prompt fills --max_sequence_length (no padding) the conditioning
+    has no mask, and the velocity without it equals the velocity with an all-ones mask; padding keeps the mask."""
+    pipe = tiny_pipe("qwenimage")
+    prompts = ["a red photo", "a cat on a tree"]
+    full, padded = nft.encode_prompts(pipe, prompts, 6, "cpu"), nft.encode_prompts(pipe, prompts, 16, "cpu")
+    assert set(full) == {"embeds"} and full["embeds"].shape[1] == 6 and not padded["mask"].all()
     with torch.no_grad():
-        v_base = nft.velocity(pipe.transformer, x, 0.5, cond)
-        pipe.load_lora_weights(ckpt)
-        v_lora = nft.velocity(pipe.transformer, x, 0.5, cond)
-    ours = copy.deepcopy(_fam_pipe(name))
-    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", FAM[name]]))
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state(ckpt)["ema"][n])
-        v_ours = nft.velocity(ours.transformer, x, 0.5, cond)
-    assert (v_lora - v_base).abs().max() > 1e-3
-    torch.testing.assert_close(v_lora, v_ours, atol=1e-5, rtol=1e-4)
-
-
-def test_fam_resume_is_exact(fam_demo, tmp_path):
-    """One epoch, then resumed for a second: the same LoRA, old policy, EMA, optimizer and metrics as the
-    uninterrupted demo after two epochs."""
-    name, demo = fam_demo
-    out = tmp_path / "out"
-    run_nft(*_fam_demo_args(name, out, epochs=1))
-    run_nft(*_fam_demo_args(name, out, epochs=2), "--resume_from", "latest")
-    assert_same_state(state(nft.checkpoints(out)[-1]), state(os.path.join(demo, "checkpoints", "checkpoint-00002")))
-    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))} for r in rows]  # noqa: E731
-    assert keep(metrics(out)) == keep(metrics(demo)[:2])
-
-
-def test_fam_eval_only_reads_the_checkpoint_lora(fam_demo, tmp_path):
-    """--eval_only --lora on a family checkpoint: the trained LoRA scores as in training (the same images as
-    the demo's last evaluation) and beats the base model."""
-    name, demo = fam_demo
-    out = tmp_path / "eval"
-    run_nft("--eval_only", "--model", FAM[name], "--reward", "color", "--lora", nft.checkpoints(demo)[-1],
-            "--eval_images_per_prompt", 4, "--mixed_precision", "no", "--output_dir", out)
-    result = json.load(open(out / "eval.json"))
-    assert result["reward_mean"] == pytest.approx(metrics(demo)[-1]["eval_reward_mean"], abs=1e-4)
-    assert os.path.isfile(out / "compare.png")
-
-
-def test_fam_model_folder_picks_family_and_preset(tmp_path):
-    """A FLUX.1 pipeline saved with save_pretrained loads from its folder as the flux family, and its
-    model_index.json picks the flux preset before loading."""
-    folder = tmp_path / "flux"
-    _fam_pipe("flux").save_pretrained(folder)
-    pipe = nft.load_pipeline(str(folder), torch.float32)
-    assert nft.family_of(pipe).name == "flux" and nft.model_family(str(folder)) == "flux"
-    assert nft.parse_args(["--model", str(folder)]).rank == 64
-    cond, ref = (nft.encode_prompts(p, ["a red image"], 16, "cpu") for p in (pipe, _fam_pipe("flux")))
-    assert all(torch.equal(cond[k], ref[k]) for k in ref)
-
-
-@pytest.mark.parametrize("name", list(FAM))
-def test_fam_profile_with_cfg_rollouts(name, tmp_path):
-    """--profile (FLOP count of the family's velocity) with --guidance_scale 2: rollouts mix in the velocity of
-    "" (the null conditioning dict: FLUX's guidance, Qwen-Image's mask broadcast along)."""
-    out = tmp_path / "p"
-    run_nft("--model", FAM[name], "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
-            "--sample_batch_size", 8, "--guidance_scale", 2, "--profile", "--output_dir", out)
-    report = json.load(open(out / "profile.json"))
-    assert report["gflop_per_forward"] > 0 and 1.5 < report["gflop_per_train_forward_backward"] / report["gflop_per_forward"] < 2.7
-    assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
-
-
-# ---- files handed in: LoRA files and training states ----
-def _lora_file(path, tensors, meta=None):
-    """A safetensors LoRA file with an optional lora_adapter_metadata string."""
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata=None if meta is None else {"lora_adapter_metadata": meta})
-    return str(path)
-
-
-def test_hostile_lora_files_are_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
-    """--lora and --init_lora go through one reader: readable and complete, metadata a JSON object with r and
-    alpha > 0, every tensor finite; each broken file is one line naming it, before any model loads."""
-    good = {"transformer.x.lora_A.weight": torch.ones(4, 8), "transformer.x.lora_B.weight": torch.zeros(8, 4)}
-    ok = _lora_file(tmp_path / "ok.safetensors", good, json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8}))
-    file, config, weights = nft.find_lora(ok, "--init_lora")
-    assert file == ok and (config["r"], config["lora_alpha"]) == (4, 8)
-    assert set(weights) == {"x.lora_A.weight", "x.lora_B.weight"}
-    bare = _lora_file(tmp_path / "bare.safetensors", good)
-    assert nft.find_lora(bare)[1] == {"r": 4, "lora_alpha": 4}  # without metadata alpha = r, as diffusers
-    (tmp_path / "cut.safetensors").write_bytes(open(ok, "rb").read()[:-7])
-    nan = dict(good, **{"transformer.x.lora_B.weight": torch.full((8, 4), float("nan"))})
-    hostile = {
-        str(tmp_path / "cut.safetensors"): "is not a safetensors file (bad header or truncated)",
-        _lora_file(tmp_path / "text.safetensors", good, "r=4"): "(its lora_adapter_metadata) is not valid JSON",
-        _lora_file(tmp_path / "list.safetensors", good, "[4, 8]"): "is not a LoRA config (a JSON object",
-        _lora_file(tmp_path / "alpha0.safetensors", good, '{"r": 4, "lora_alpha": 0}'):
-            "r = 4 and lora_alpha = 0; both must be positive",
-        _lora_file(tmp_path / "rank0.safetensors", good, '{"r": 0}'): "rank r = 0 and lora_alpha = 0",
-        _lora_file(tmp_path / "nan.safetensors", nan): "holds NaN/inf in 1 of its 2 tensors, e.g. x.lora_B.weight",
-    }
-    for path, message in hostile.items():
-        with pytest.raises(nft.UserError, match=re.escape(f"--init_lora {path}")) as e:
-            nft.find_lora(path, "--init_lora")
-        assert message in str(e.value), (path, str(e.value))
-    _nb_no_models(monkeypatch)  # a NaN LoRA is refused, not scored as nan with exit 0
-    assert "holds NaN/inf" in cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "nan.safetensors",
-                                        "--output_dir", tmp_path / "eval")
-
-
-def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tmp_path, _rc_pipe):
-    """A FLUX.1 LoRA (the tiny FLUX transformer's adapter, saved as checkpoints are) on the tiny SD3: --eval_only
-    and load_lora refuse it in one line, saying what was expected and what was found."""
-    import diffusers
-    flux = diffusers.FluxTransformer2DModel(**nft.FAMILY_ARCHS["tiny-flux"]["transformer"])
-    args = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
-    params, _ = nft.add_adapters(flux, args)
-    meta = nft.lora_config(args, nft.family_of(flux).lora_targets).to_dict()
-    meta["target_modules"] = sorted(meta["target_modules"])
-    diffusers.FluxPipeline.save_lora_weights(tmp_path / "flux", transformer_lora_layers=nft.lora_state(params),
-                                             transformer_lora_adapter_metadata=meta)
-    with pytest.raises(nft.UserError, match=r"does not fit this transformer: expected \d+ LoRA tensors such as "):
-        nft.load_lora(copy.deepcopy(_rc_pipe), nft.find_lora(str(tmp_path / "flux")))
-    msg = cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "flux", "--output_dir", tmp_path / "eval")
-    assert "does not fit this transformer" in msg and "is it a LoRA of this --model?" in msg
-
-
-def test_lora_targets_that_match_no_layer_name_the_nearest():
-    import diffusers
-    transformer = diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"])
-    args = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_targets", "attn.to_q,atn.to_k"])
-    with pytest.raises(nft.UserError, match="LoRA target 'atn.to_k' matches no layer of this transformer; the nearest "
-                                            "are attn.to_k"):
-        nft.add_adapters(transformer, args)  # peft would train attn.to_q alone, without a word
-
-
-def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(capsys, tmp_path):
-    """Hand-made checkpoints, newest first: NaN weights, an optimizer state of other shapes, an EMA missing a
-    tensor (refused before the model loads), a LoRA of rank 4 (refused against the model); `latest` falls back
-    past each with a warning to the good one, and naming a bad one is one line."""
-    import diffusers
-    root = tmp_path / "run"
-    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
-    counters = dict(step=0, bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS},
-                    draws=nft.run_draws(args, 1))
-    tiny = nft.RANDOM_ARCHS["tiny"]["transformer"]
-    pol = nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), args)
-    pol.theta[next(iter(pol.theta))].grad = torch.ones_like(next(iter(pol.theta.values())))
-    pol.opt.step()  # optimizer state to check
-    good = dict(nft.training_state(pol), epoch=1, **counters)  # what end_epoch saves
-    small = types.SimpleNamespace(**(vars(args) | {"rank": 4}))
-    rank4 = dict(nft.training_state(nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), small)), epoch=2,
-                 **counters)  # claims the run's configuration
-    first = next(iter(good["ema"]))
-    cut = {0: {k: v[:1] if v.dim() else v for k, v in good["optimizer"]["state"][0].items()}}  # other shapes
-    broken = {3: dict(good, epoch=3, ema={n: t for n, t in good["ema"].items() if n != first}),
-              4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state=cut)),
-              5: dict(good, epoch=5, old={n: t * float("nan") for n, t in good["old"].items()})}
-    for epoch, st in {1: good, 2: rank4, **broken}.items():
-        os.makedirs(root / "checkpoints" / f"checkpoint-{epoch:05d}")
-        torch.save(st, root / "checkpoints" / f"checkpoint-{epoch:05d}" / "training_state.pt")
-    path, st = nft.load_checkpoint(args, 1)
-    assert path.endswith("checkpoint-00002")
-    said = capsys.readouterr().out
-    for reason in ("holds NaN/inf weights", "holds an optimizer state that does not match its", "holds a theta_old or "
-                   "EMA that does not match its LoRA"):
-        assert f"warning: training_state.pt {reason}" in said
-    assert nft.restore(pol, path, st, args) == 1  # rank 4 does not fit the model: the one before it does
-    said = capsys.readouterr().out
-    assert re.search(r"training_state.pt does not fit this model's LoRA: expected \d+ LoRA tensors such as ", said)
-    assert "found shape (4, 32) in" in said and "resumed from" in said and "checkpoint-00001: epoch 1" in said
-    assert all(torch.equal(pol.ema[n], good["ema"][n]) for n in pol.ema)
-    args.resume_from = str(root / "checkpoints" / "checkpoint-00002")  # named: one line, no fallback
-    with pytest.raises(nft.UserError, match="checkpoint-00002: training_state.pt does not fit this model's LoRA"):
-        nft.restore(pol, args.resume_from, rank4, args)
-
-
-def test_resume_takes_the_run_configuration_from_its_config_json(tmp_path):
-    """--resume_from latest --output_dir D alone resumes the run as configured; flags given may change only what a
-    resume may change; --init_lora with a resume is refused unless it is the run's own."""
-    run = tmp_path / "run"
-    run.mkdir()
-    original = nft.parse_args(["--model", "tiny", "--reward", "color", "--num_groups", "2", "--init_lora",
-                               "a/init.safetensors", "--output_dir", str(run)])
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
-    args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
-    assert dataclasses.asdict(args) == dict(dataclasses.asdict(original), resume_from="latest")
-    assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--num_epochs", "300",
-                           "--init_lora", "./a/init.safetensors"]).num_epochs == 300  # the same file: allowed
-    with pytest.raises(nft.UserError, match=r"--rank 8: the run in .* has 32, which a resume cannot change; it may "
-                                            r"change --seed, .*--learning_rate"):
-        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--rank", "8"])
-    with pytest.raises(nft.UserError, match="--init_lora 'b.safetensors': the run in .* has 'a/init.safetensors'"):
-        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--init_lora", "b.safetensors"])
-    with pytest.raises(nft.UserError, match="--init_lora with --resume_from .*: the checkpoint's weights replace"):
-        nft.parse_args(["--resume_from", str(tmp_path / "x" / "checkpoints" / "checkpoint-00001"), "--init_lora", "b"])
-
-
-# ---- rewards behind a contract ----
-_BAD_REWARDS = {  # what a custom reward returns for 2 images -> what the one line says
-    "shape (N, 1)": (lambda: (torch.zeros(2, 1), {}), "scores as a float32 tensor of shape (2, 1) on cpu for 2 images"),
-    "a list": (lambda: ([0.0, 1.0], {}), "scores as a list for 2 images"),
-    "a 0-d tensor": (lambda: (torch.tensor(0.5), {}), "scores as a float32 tensor of shape () on cpu"),
-    "integers": (lambda: (torch.ones(2, dtype=torch.long), {}), "scores as a int64 tensor of shape (2,)"),
-    "no tuple": (lambda: torch.zeros(2), "returned a float32 tensor of shape (2,) on cpu, not a (scores, components)"),
-    "a non-tensor component": (lambda: (torch.zeros(2), {"x": 1.0}), "component 'x' as a float for 2 images"),
-    "a component of another shape": (lambda: (torch.zeros(2), {"x": torch.zeros(3)}),
-                                     "component 'x' as a float32 tensor of shape (3,)"),
-    "inf": (lambda: (torch.tensor([1.0, float("inf")]), {}), "1 infinite score(s)"),
-    "an exception": (lambda: 1 / 0, "raised ZeroDivisionError: division by zero"),
-}
-
-
-@pytest.mark.parametrize("case", list(_BAD_REWARDS))
-def test_reward_contract_violation_is_one_line_naming_the_reward(monkeypatch, case):
-    make, message = _BAD_REWARDS[case]
-    monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda images, prompts, metadata: make())
-    with pytest.raises(rewards.RewardError) as e:
-        rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])
-    assert str(e.value).startswith("reward 'mine' ") and message in str(e.value) and "\n" not in str(e.value)
-    if case == "inf":  # NaN marks an image a reward cannot score: allowed
-        monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda i, p, m: (torch.tensor([1.0, math.nan]), {}))
-        assert rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])[0][1].isnan()
-
-
-def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatch, tmp_path):
-    """A reward that never returns: the run stops with one line after --reward_timeout (its thread is left
-    behind), batches already queued fail at once, and a process holding such a thread still exits."""
-    release = threading.Event()
-    monkeypatch.setitem(rewards.REWARDS, "hang", lambda device: lambda images, prompts, metadata: release.wait())
-    try:
-        msg = cli_error(capsys, *SMALL, "--reward", "hang", "--prompts", _color_prompts(tmp_path), "--eval_every", 0,
-                        "--sample_batch_size", 4, "--reward_timeout", 1, "--output_dir", tmp_path / "out")
-    finally:
-        release.set()
-    assert msg == ("error: reward 'hang' did not return within 1 s; check it, or raise --reward_timeout if it is "
-                   "only slow")
-    script = ("import threading, torch, rewards\n"
-              "rewards.REWARDS['hang'] = lambda device: lambda i, p, m: threading.Event().wait()\n"
-              "try:\n    rewards.make_reward('hang', 'cpu', timeout=0.5)(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
-              "except rewards.RewardError as e:\n    print(e)\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0 and "did not return within 0.5 s" in p.stdout, p.stderr[-2000:]
-
-
-def _color_prompts(tmp_path):
-    prompts = tmp_path / "colors.txt"
-    prompts.write_text("a red image\na blue image\n")
-    return prompts
-
-
-# ---- output folder, run lock and checkpoint names ----
-def test_run_lock_never_follows_a_link_or_truncates_another_file(capsys, monkeypatch, tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ".lock").symlink_to(victim)
-    _nb_no_models(monkeypatch)
-    msg = cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
-    assert ".lock is a symbolic link, which a run's lock never is; it is left as it is" in msg
-    (out / ".lock").unlink()
-    os.link(victim, out / ".lock")  # a hard link: the victim under another name
-    with pytest.raises(nft.UserError, match=r"\.lock is not a plain file of its own"):
-        nft.run_lock(str(out))
-    (out / ".lock").unlink()
-    (out / ".lock").mkdir()
-    with pytest.raises(nft.UserError, match=r"\.lock is a folder"):
-        nft.run_lock(str(out))
-    assert victim.read_text() == "precious\n" and not nft._HELD
-
-
-def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
-    _nb_no_models(monkeypatch)
-    (tmp_path / "file").write_text("x")
-    msg = cli_error(capsys, *SMALL, "--output_dir", tmp_path / "file" / "run")
-    assert f"{tmp_path / 'file'} is not a folder" in msg
-    if os.path.isdir("/sys"):  # sysfs refuses new files even to root, whom os.access lets through
-        assert "/sys is not writable" in cli_error(capsys, *SMALL, "--output_dir", "/sys/nft-run")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "checkpoints").symlink_to("/dev/zero")  # no checkpoint could land: refused before an epoch is trained
-    assert "checkpoints is not a folder (a file, or a link to /dev/zero)" in cli_error(
-        capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
-
-
-def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
-    """A checkpoint's name held by a link to itself, a link to /dev/zero, a file, or a link where the temporary
-    folder goes: the save replaces the name (never what a link points to), so the epoch is not lost."""
-    from peft import LoraConfig
-    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
-    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
-    meta = dict(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict(), target_modules=["to_q"])
-    folder, kept = tmp_path / "checkpoints", tmp_path / "kept"
-    folder.mkdir()
-    kept.mkdir()
-    (kept / "file").write_text("kept")
-    (folder / "checkpoint-00001").symlink_to(folder / "checkpoint-00001")
-    (folder / "checkpoint-00002").symlink_to("/dev/zero")
-    (folder / "checkpoint-00003").write_text("a file where the folder goes")
-    (folder / "checkpoint-00004.tmp").symlink_to(kept)
-    for epoch in (1, 2, 3, 4):
-        path = nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), lora, meta)
-        assert os.path.isdir(path) and not os.path.islink(path) and state(path)["step"] == epoch
-    assert (kept / "file").read_text() == "kept" and os.path.exists("/dev/zero")
-
-
-# ---- values checked against the model they meet ----
-_GENEVAL_BAD = [  # a change to a valid position record (a cat right of a dog) -> what the one line says
-    (lambda r: r["include"][1].update(count=0), "asks for 0 of 'cat'; a count is at least 1"),
-    (lambda r: r["include"][1].update(count=-2), "asks for -2 of 'cat'"),
-    (lambda r: r["include"][0].update(color="teal"), "has color 'teal'; GenEval's colors: red"),
-    (lambda r: r["include"][1].update(position=["next to", 0]), "has position ['next to', 0]; a position is [relation, "
-                                                                "index of an earlier include]"),
-    (lambda r: r["include"][1].update(position=["left of", 1]), "has position ['left of', 1]"),
-    (lambda r: r["include"][0].update(position=["left of", 0]), "has position ['left of', 0]"),
-    (lambda r: r.update(tag="sizes"), "has tag 'sizes'; GenEval's tags: single_object"),
-    (lambda r: r["include"][1].update({"class": "unicorn"}), "names 'unicorn', not one of GenEval's 80 COCO class"),
-]
-
-
-@pytest.mark.parametrize("change, message", _GENEVAL_BAD)
-def test_geneval_metadata_is_fully_validated(change, message):
-    record = {"prompt": "a photo of a cat right of a dog", "tag": "position",
-              "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]}
-    rewards.check_metadata("geneval", [record])
-    change(record)
-    said = f"prompt line 1 ('a photo of a cat right of a dog') {message}"
-    with pytest.raises(rewards.RewardError, match=re.escape(said)):
-        rewards.check_metadata("geneval", [record])
-
-
-def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path):
-    _nb_no_models(monkeypatch)
-    msg = cli_error(capsys, *SMALL, "--max_sequence_length", 600, "--output_dir", tmp_path / "o")
-    assert "--max_sequence_length 600 is past this model's text encoder maximum (512 tokens" in msg
-    with pytest.raises(nft.UserError, match=r"\(1024 tokens"):
-        nft.validate(nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color", "--max_sequence_length",
-                                     "1100"]), 1)
-    for empty in ('""', '"   "'):
-        (tmp_path / "p.jsonl").write_text('{"prompt": "a red image"}\n{"prompt": %s}\n' % empty)
-        assert 'p.jsonl:2: each line needs a non-empty "prompt" string' in cli_error(
-            capsys, *SMALL, "--prompts", tmp_path / "p.jsonl", "--output_dir", tmp_path / "o")
-    said = "error: unknown flag --num_epoch (did you mean '--num_epochs'?); see --help"
-    assert cli_error(capsys, "--num_epoch", 3) == said
-    assert "argument --num_epochs: invalid int value: 'x'" in cli_error(capsys, "--num_epochs", "x")
-    assert not (tmp_path / "o").exists()
-
-
-def test_default_output_folder_follows_model_and_reward():
-    folder = lambda *argv: nft.parse_args(list(argv)).output_dir  # noqa: E731
-    assert folder("--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color")
-    assert folder("--model", "tiny-flux", "--reward", "color") == os.path.join("runs", "tiny-flux-color")
-    assert folder() == os.path.join("runs", "stable-diffusion-3.5-medium-geneval")
-    assert folder("--reward", "pickscore:1,hpsv2:0.5") == os.path.join("runs",
-                                                                      "stable-diffusion-3.5-medium-pickscore+hpsv2")
-    assert folder("--eval_only", "--model", "tiny", "--reward", "color") == os.path.join("runs", "tiny-color-eval")
-    assert folder("--model", "tiny", "--output_dir", "mine") == "mine"
-
-
-def test_the_run_prints_the_base_evaluation_and_ends_with_its_folder(two_epochs):
-    printed = open(os.path.join(os.path.dirname(two_epochs), "stdout.txt")).read()
-    assert re.search(r"the base model's eval reward: 0\.\d{4}\n", printed)
-    assert printed.strip().splitlines()[-1] == f"done: the outputs are in {two_epochs}"
-
-
-def test_torchrun_error_is_one_line_from_rank_0(tmp_path):
-    p = run_nft(*SMALL, "--sample_batch_size", 4, "--reward", "colr", "--output_dir", tmp_path / "o", nproc=2,
-                check=False)
-    ours = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error: ")]
-    said = "error: unknown reward 'colr' in 'colr' (did you mean 'color'?); valid rewards: " + ", ".join(
-        rewards.REWARDS)
-    assert p.returncode != 0 and ours == [said], p.stderr[-3000:]
-    assert "Traceback" not in p.stderr.split("error: unknown reward")[0]  # no rank's own traceback before it
-
-
-# ---- a stopped run keeps its work ----
-def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(two_epochs, tmp_path):
-    """SIGTERM (what a cluster sends before preemption) once epoch 0 is printed, with no checkpoint due before the
-    end: the run writes epoch 0 from its in-memory copy, exits 143 with the command to continue, and that
-    command alone (the run's config.json supplies the rest) finishes bit for bit as the uninterrupted run."""
-    out = tmp_path / "out"
-    argv = [*SMALL, "--num_epochs", 2, "--eval_every", 0, "--save_every", 50, "--output_dir", out]
-    with open(tmp_path / "err.txt", "w") as err:
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv)], stdout=subprocess.PIPE,
-                             stderr=err, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-        for line in p.stdout:
-            if line.startswith("epoch    0 "):
-                p.send_signal(signal.SIGTERM)
-                break
-        p.stdout.read()
-        assert p.wait(timeout=120) == 143
-    said = open(tmp_path / "err.txt").read()
-    assert "Traceback" not in said
-    last = said.strip().splitlines()[-1]
-    said = f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python "
-    assert last.startswith(said)
-    command = last.split("continue with python ", 1)[1].split()
-    assert command == [os.path.join(HERE, "nft.py"), "--resume_from", "latest", "--output_dir", str(out)]
-    assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))  # the epoch, exactly
-    run_nft(*command[1:], threads=1)
-    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
-    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
-                         for r in rows]
-    assert keep(metrics(out)) == keep(metrics(two_epochs))
-
-
-def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tmp_path):
-    before = signal.getsignal(signal.SIGINT)
-
-    def interrupted(args):
-        os.kill(os.getpid(), signal.SIGINT)  # through the handler main() installs
-        time.sleep(5)
-    monkeypatch.setattr(nft, "train", interrupted)
-    with pytest.raises(SystemExit) as e:
-        nft.main([*map(str, SMALL), "--output_dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 130 and err.strip() == "SIGINT: no epoch was completed: nothing to save"
-    assert signal.getsignal(signal.SIGINT) is before  # main() restores the handlers
+        assert pipe.encode_prompt(prompt=prompts, device="cpu", max_sequence_length=6)[1] is None  # the pipeline's rule
+        x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+        v = nft.velocity(pipe.transformer, x, 0.5, full)
+        v_mask = nft.velocity(pipe.transformer, x, 0.5, dict(full, mask=torch.ones(2, 6, dtype=torch.bool)))
+    assert v.abs().mean() > 0.1
+    torch.testing.assert_close(v, v_mask, atol=1e-6, rtol=0)
 
 
 # ---- guidance per family: true CFG as each pipeline does it ----
-GUIDED = {"sd3": "tiny", **FAM}
-
-
-def _guided_pipe(name):
-    """The tiny pipeline of any family (SD3 too), built once per session; tests deep-copy it before changing it."""
-    if name not in _FAM_PIPES:
-        _FAM_PIPES[name] = nft.load_pipeline(GUIDED[name], torch.float32)
-    return _FAM_PIPES[name]
-
-
-@pytest.mark.parametrize("name", list(GUIDED))
+@pytest.mark.parametrize("name", list(EVERY_FAMILY))
 def test_cfg_rollout_equals_the_pipeline(name, capsys, monkeypatch):
     """--guidance_scale is each pipeline's true CFG with its rule and the family's negative prompt ("" for SD3 and
     FLUX.1, " " for Qwen-Image): an Euler rollout equals StableDiffusion3Pipeline(guidance_scale=3),
     FluxPipeline(true_cfg_scale=3, guidance_scale=2.5 = --embedded_guidance_scale, with one warning that both run)
     and QwenImagePipeline(true_cfg_scale=3) from the same noise. Plain CFG misses Qwen-Image's rescale by far."""
-    pipe = _guided_pipe(name)
-    args = nft.parse_args(["--model", GUIDED[name], "--guidance_scale", "3", "--embedded_guidance_scale", "2.5"])
+    pipe = tiny_pipe(name)
+    args = nft.parse_args(["--model", EVERY_FAMILY[name], "--guidance_scale", "3", "--embedded_guidance_scale", "2.5"])
     nft.resolve_guidance(pipe, args)
     assert args.negative_prompt == (" " if name == "qwenimage" else "") and args.max_sequence_length == 16
     assert (args.embedded_guidance_scale == 2.5) == (name == "flux")  # None without a guidance embedding
@@ -3147,54 +942,50 @@ def test_cfg_rollout_equals_the_pipeline(name, capsys, monkeypatch):
         assert error > 1e-3
 
 
-def test_qwenimage_mask_is_dropped_when_every_token_is_real():
-    """As QwenImagePipeline.encode_prompt: when every prompt fills --max_sequence_length (no padding) the conditioning
-    has no mask, and the velocity without it equals the velocity with an all-ones mask; padding keeps the mask."""
-    pipe = _fam_pipe("qwenimage")
-    prompts = ["a red photo", "a cat on a tree"]
-    full, padded = nft.encode_prompts(pipe, prompts, 6, "cpu"), nft.encode_prompts(pipe, prompts, 16, "cpu")
-    assert set(full) == {"embeds"} and full["embeds"].shape[1] == 6 and not padded["mask"].all()
-    with torch.no_grad():
-        assert pipe.encode_prompt(prompt=prompts, device="cpu", max_sequence_length=6)[1] is None  # the pipeline's rule
-        x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
-        v = nft.velocity(pipe.transformer, x, 0.5, full)
-        v_mask = nft.velocity(pipe.transformer, x, 0.5, dict(full, mask=torch.ones(2, 6, dtype=torch.bool)))
-    assert v.abs().mean() > 0.1
-    torch.testing.assert_close(v, v_mask, atol=1e-6, rtol=0)
+# ---- training ----
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+def test_family_micro_step_backprops_into_the_lora_only(name):
+    """The NFT loss (micro_step: v_old and v_ref no-grad, v_theta with grad) reaches the trainable LoRA and
+    nothing else; every target of the family's recipe exists in the architecture. Qwen-Image's last block
+    discards its text stream, so 6 of its LoRA tensors get no gradient (and 2 a zero one): the optimizer step
+    still runs, with --grad_sync micro_step's unsynchronised path too."""
+    pipe = copy.deepcopy(tiny_pipe(name))
+    args = nft.parse_args(["--model", TINY_FAMILIES[name], "--kl_coef", "1e-4", "--sample_batch_size", "4", "--lora_targets", "official"])
+    torch.manual_seed(0)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    with torch.no_grad():  # old != theta, and a non-zero lora_B, so that every factor gets a gradient
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
+    eps, r, mask = torch.randn(3, *x0.shape, generator=g), torch.tensor([1.0, 0.0]), torch.ones(2)
+    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[1, 5], [3, 7], [8, 2]])].float()
+    cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
+    stats = nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+    assert torch.isfinite(stats).all() and stats[1] > 0 and stats[2] > 0  # loss, KL to the base, |v_theta - v_old|
+    with_grad = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None}
+    dead, zero = set(), set()
+    if name == "qwenimage":  # outside the graph; and the text queries reach only the discarded text output
+        last = f"transformer_blocks.{pipe.transformer.config.num_layers - 1}."
+        dead = {n for n in params if n.startswith(last) and (".to_add_out." in n or ".txt_mlp." in n)}
+        zero = {n for n in params if n.startswith(last) and ".add_q_proj." in n}
+        assert len(dead) == 6 and len(zero) == 2 and all(params[n].grad.abs().sum() == 0 for n in zero)
+    assert with_grad == set(params) - dead and all(params[n].grad.abs().sum() > 0 for n in with_grad - zero)
+    targets = {n.split(".lora_")[0] for n in params}
+    assert all(any(t.endswith(s) for t in targets) for s in nft.family_of(pipe).lora_targets)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    norm, problem = nft.optimizer_step(params, opt, 1.0, sync=False)
+    assert problem is None and norm > 0
 
 
-# ---- per-family defaults: text length, negative prompt, evaluation precision ----
-def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
-    """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
-    (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
-    official evaluation's 256 and fp16. Negative prompts as the published recipes; the tiny presets keep 16."""
-    import diffusers
-    gpu = torch.device("cuda")
-    for model, pipeline in [("black-forest-labs/FLUX.1-dev", diffusers.FluxPipeline),
-                            ("Qwen/Qwen-Image", diffusers.QwenImagePipeline)]:
-        default = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
-        for extra in ([], ["--eval_only"]):
-            args = nft.parse_args(["--model", model, *extra])
-            assert args.max_sequence_length == default == 512 and nft.precision_mode(args, gpu) == "bf16"
-    sd3 = nft.parse_args(["--eval_only"])
-    assert sd3.max_sequence_length == 256 and nft.precision_mode(sd3, gpu) == "fp16"
-    models = ["tiny", "tiny-flux", "tiny-qwenimage", "Qwen/Qwen-Image"]
-    negative = {m: nft.parse_args(["--model", m]).negative_prompt for m in models}
-    assert negative == {"tiny": "", "tiny-flux": "", "tiny-qwenimage": " ", "Qwen/Qwen-Image": " "}
-    assert nft.parse_args(["--model", "tiny-qwenimage", "--negative_prompt", "blurry"]).negative_prompt == "blurry"
-    assert nft.parse_args(["--model", "tiny-flux", "--eval_only"]).max_sequence_length == 16
-    assert nft.parse_args(["--model", "tiny-flux"]).embedded_guidance_scale == 3.5
-
-
-# ---- guided training: the loss of the guided policy that sampled ----
-@pytest.mark.parametrize("name", list(GUIDED))
+@pytest.mark.parametrize("name", list(EVERY_FAMILY))
 def test_guided_training_loss_equals_a_hand_computation(name):
     """--train_guided: micro_step's loss, KL and gradient are the NFT loss of guided velocities computed here by hand
     from the family's transformer call for the prompts and for the negative prompt (v_theta: the trainable LoRA with
     grad in both branches, v_old: theta_old, v_ref: the base), combined by the pipeline's rule (Qwen-Image: rescaled
     to the conditional velocity's norm per 2x2 patch of all channels). At --guidance_scale 1 it changes nothing."""
-    pipe = copy.deepcopy(_guided_pipe(name))
-    argv = ["--model", GUIDED[name], "--kl_coef", "0.1", "--beta", "0.5", "--sample_batch_size", "4"]
+    pipe = copy.deepcopy(tiny_pipe(name))
+    argv = ["--model", EVERY_FAMILY[name], "--kl_coef", "0.1", "--beta", "0.5", "--sample_batch_size", "4"]
     args = nft.parse_args(argv + ["--guidance_scale", "3", "--train_guided"])
     torch.manual_seed(0)
     params, old = nft.add_adapters(pipe.transformer, args)
@@ -3251,6 +1042,55 @@ def test_guided_training_loss_equals_a_hand_computation(name):
     torch.testing.assert_close(grad, grads(), rtol=1e-3, atol=1e-6)
 
 
+FAMILY_DEMO_EPOCHS = 40  # the colour demo's length on the tiny families
+
+
+def _family_demo_args(name, out, epochs=FAMILY_DEMO_EPOCHS):
+    """The colour demo of a tiny family (its preset: tiny), with a checkpoint every 2 epochs, all kept."""
+    return ["--model", TINY_FAMILIES[name], "--reward", "color", "--num_epochs", epochs, "--eval_every", FAMILY_DEMO_EPOCHS,
+            "--save_every", 2, "--checkpoints_total_limit", 0, "--output_dir", out]
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def family_demo(request, tmp_path_factory):
+    """The tiny family's colour demo, run once per family; its checkpoints serve the resume and LoRA tests."""
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    run_nft(*_family_demo_args(request.param, out))
+    return request.param, str(out)
+
+
+def test_family_colour_demo_learns(family_demo):
+    """The colour reward on each tiny family: the EMA policy's eval reward rises by at least 0.2."""
+    name, out = family_demo
+    m = metrics(out)
+    before, after = m[0]["eval_reward_mean_before"], m[-1]["eval_reward_mean"]
+    print(f"{name}: eval reward {before:.3f} -> {after:.3f}, rollout reward {m[0]['reward_mean']:.3f} -> {m[-1]['reward_mean']:.3f}")
+    assert len(m) == FAMILY_DEMO_EPOCHS and after >= before + 0.2, (before, after)
+
+
+def test_family_checkpoint_lora_loads_with_load_lora_weights(family_demo):
+    """A checkpoint's LoRA, written by the family pipeline's save_lora_weights, loads into a fresh pipeline with
+    plain `pipe.load_lora_weights(folder)` (rank, alpha and targets from its metadata) and gives exactly the
+    velocity of the trained EMA weights."""
+    name, out = family_demo
+    ckpt = nft.checkpoints(out)[-1]
+    pipe = copy.deepcopy(tiny_pipe(name))
+    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
+    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v_base = nft.velocity(pipe.transformer, x, 0.5, cond)
+        pipe.load_lora_weights(ckpt)
+        v_lora = nft.velocity(pipe.transformer, x, 0.5, cond)
+    ours = copy.deepcopy(tiny_pipe(name))
+    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", TINY_FAMILIES[name]]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state(ckpt)["ema"][n])
+        v_ours = nft.velocity(ours.transformer, x, 0.5, cond)
+    assert (v_lora - v_base).abs().max() > 1e-3
+    torch.testing.assert_close(v_lora, v_ours, atol=1e-5, rtol=1e-4)
+
+
 GUIDED_DEMO = ["--model", "tiny", "--reward", "color", "--guidance_scale", 2, "--train_guided", "--timestep_fraction",
                0.3, "--learning_rate", 2e-2, "--num_epochs", 8, "--eval_every", 8, "--eval_reward", "jpeg"]
 
@@ -3272,109 +1112,220 @@ def test_guided_training_colour_demo_learns(guided_demo):
     assert after >= before + 0.04, (before, after)
 
 
-# ---- evaluation rewards beside the training reward ----
-def test_eval_rewards_score_beside_the_training_reward(monkeypatch):
-    """rewards.with_eval_rewards keeps the training reward's total, adds each eval reward's score to the components,
-    and loads a reward once (one already trained on is not loaded again); eval_metrics tables them all, with the
-    weighted sum only for a training spec of several rewards."""
-    loads = []
-    for name in ("color", "jpeg"):
-        def counted(device, make=rewards.REWARDS[name], name=name):
-            loads.append(name)
-            return make(device)
-        monkeypatch.setitem(rewards.REWARDS, name, counted)
-    train = rewards.make_reward("color", "cpu")
-    both = rewards.with_eval_rewards(train, "color", "jpeg,color", "cpu")
-    assert loads == ["color", "jpeg"] and rewards.with_eval_rewards(train, "color", "", "cpu") is train
-    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    prompts = ["a red image", "a blue image"]
-    (total, comps), (alone, _) = both(images, prompts, [{}, {}]), train(images, prompts, [{}, {}])
-    assert torch.equal(total, alone) and set(comps) == {"color", "jpeg"} and (comps["jpeg"] < 0).all()
-    results = [dict(reward=float(total[i]), **{k: float(v[i]) for k, v in comps.items()}) for i in range(2)]
-    assert set(nft.eval_metrics(results, "color", "jpeg")) == {"color", "jpeg"}
-    assert "reward (weighted sum)" in nft.eval_metrics(results, "color:1,jpeg:1", "jpeg")
+# --------------------------------------------------------------------------- checkpoints and resume
+# ---- resume replays the uninterrupted run ----
+def test_resume_is_bit_exact(two_epochs, tmp_path):
+    out = tmp_path / "out"
+    run_nft(*SMALL, "--num_epochs", 1, "--output_dir", out)
+    run_nft(*SMALL, "--num_epochs", 2, "--output_dir", out, "--resume_from", "latest")
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert strip(metrics(out)) == strip(metrics(two_epochs))
 
 
-def test_eval_rewards_are_logged_and_eval_only_tables_them(guided_demo, tmp_path, _ev_one_thread):
-    """--eval_reward jpeg: the base model's evaluation and the last one log eval_jpeg (_before) without training on it;
-    --eval_only of the last checkpoint with the same flags scores the same images (the same colour and jpeg means),
-    puts jpeg in eval.json and eval.md, and records the text length and precision it ran at."""
-    m = metrics(guided_demo)
-    assert -1 < m[0]["eval_jpeg_before"] < 0 and -1 < m[-1]["eval_jpeg"] < 0 and "reward_jpeg" not in m[-1]
-    out = tmp_path / "eval"
-    nft.main(["--eval_only", "--model", "tiny", "--reward", "color", "--eval_reward", "jpeg", "--guidance_scale", "2",
-              "--lora", nft.checkpoints(guided_demo)[-1], "--eval_images_per_prompt", "4", "--output_dir", str(out)])
-    result = json.load(open(out / "eval.json"))
-    assert result["reward_mean"] == pytest.approx(m[-1]["eval_reward_mean"], abs=1e-4)
-    assert result["metrics"]["jpeg"] == pytest.approx(m[-1]["eval_jpeg"], abs=1e-5)
-    assert "| jpeg |" in open(out / "eval.md").read() and result["eval_reward"] == "jpeg"
-    assert (result["max_sequence_length"], result["transformer_precision"]) == (16, "fp32")
-    assert result["negative_prompt"] == "" and result["embedded_guidance_scale"] is None
+def test_family_resume_is_bit_exact(family_demo, tmp_path):
+    """One epoch, then resumed for a second: the same LoRA, old policy, EMA, optimizer and metrics as the
+    uninterrupted demo after two epochs."""
+    name, demo = family_demo
+    out = tmp_path / "out"
+    run_nft(*_family_demo_args(name, out, epochs=1))
+    run_nft(*_family_demo_args(name, out, epochs=2), "--resume_from", "latest")
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(os.path.join(demo, "checkpoints", "checkpoint-00002")))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))} for r in rows]  # noqa: E731
+    assert keep(metrics(out)) == keep(metrics(demo)[:2])
 
 
-def test_curves_stretch_each_eval_reward_onto_the_axis(tmp_path):
-    """curves.png draws every eval_<name> beside the train and eval reward, each stretched from its own range onto the
-    plot's y range (so a 5-7 aesthetic score and a 0.8 PickScore share one axis), in colours of their own."""
-    rows = [dict(epoch=e, step=e + 1, reward_mean=0.5 + 0.05 * e) for e in range(6)]
-    rows[0].update(eval_reward_mean_before=0.5, eval_pickscore_before=0.80, eval_aesthetic_before=5.0)
-    rows[2].update(eval_reward_mean=0.6, eval_pickscore=0.84, eval_aesthetic=6.5)
-    rows[5].update(eval_reward_mean=0.7, eval_pickscore=0.82, eval_aesthetic=7.0)
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    nft.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
-    image = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB")).astype(int)
-    for colour in ((44, 160, 44), (148, 103, 189)):  # the two eval rewards' lines
-        rows_hit = np.nonzero((np.abs(image - colour).sum(-1) < 30)[:, 100:].any(1))[0]  # right of the legend
-        assert rows_hit.max() - rows_hit.min() > 0.6 * (400 - 44 - 40), colour  # spans most of the plot's height
+def test_resume_takes_the_run_configuration_from_its_config_json(tmp_path):
+    """--resume_from latest --output_dir D alone resumes the run as configured; flags given may change only what a
+    resume may change; --init_lora with a resume is refused unless it is the run's own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    original = nft.parse_args(["--model", "tiny", "--reward", "color", "--num_groups", "2", "--init_lora",
+                               "a/init.safetensors", "--output_dir", str(run)])
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(original)))
+    args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
+    assert dataclasses.asdict(args) == dict(dataclasses.asdict(original), resume_from="latest")
+    assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--num_epochs", "300",
+                           "--init_lora", "./a/init.safetensors"]).num_epochs == 300  # the same file: allowed
+    with pytest.raises(nft.UserError, match=r"--rank 8: the run in .* has 32, which a resume cannot change; it may "
+                                            r"change --seed, .*--learning_rate"):
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--rank", "8"])
+    with pytest.raises(nft.UserError, match="--init_lora 'b.safetensors': the run in .* has 'a/init.safetensors'"):
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--init_lora", "b.safetensors"])
+    with pytest.raises(nft.UserError, match="--init_lora with --resume_from .*: the checkpoint's weights replace"):
+        nft.parse_args(["--resume_from", str(tmp_path / "x" / "checkpoints" / "checkpoint-00001"), "--init_lora", "b"])
 
 
-# --------------------------------------------------------------------------- a compile that cannot stall a run
-@pytest.fixture
-def _aot_compile(monkeypatch):
-    """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance reset after."""
-    import functools
-    import torch._dynamo
-    monkeypatch.setattr(nft, "compile_blocks", functools.partial(nft.compile_blocks, backend="aot_eager"))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch.compiler.set_stance("default")
-    torch._dynamo.callback_handler.clear()
-    torch._dynamo.reset()
+def test_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    args = nft.parse_args([str(a) for a in SMALL])
+    ckpt = out / "checkpoints" / "checkpoint-00150"
+    ckpt.mkdir(parents=True)
+    torch.save(dict(epoch=150, step=150, default={}, old={}, ema={}, optimizer=dict(state={}, param_groups=[]),
+                    bad_steps=0,
+                    config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)),
+               ckpt / "training_state.pt")  # the structure read_state checks; no model is built
+    (out / "metrics.jsonl").write_text('{"epoch": 149}\n')
+    no_models(monkeypatch)
+    nft.main([str(a) for a in (*SMALL, "--num_epochs", 150, "--output_dir", out, "--resume_from", "latest")])
+    said = capsys.readouterr().out
+    assert "is complete" in said and "holds epoch 150" in said and "pass a larger --num_epochs" in said
+    assert sorted(p.name for p in out.rglob("*")) == [".lock", "checkpoint-00150", "checkpoints", "metrics.jsonl",
+                                                      "training_state.pt"]  # .lock: the run lock, held while it looked
 
 
-def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monkeypatch, tmp_path, _aot_compile):
-    """A graph compiled after the first epoch (forced: end_epoch of epoch 0 compiles one more function) makes the run
-    eager from epoch 1 on: one warning line, config.json and metrics.jsonl say why, and epoch 2 compiles nothing. With
-    --compile_budget 0 the run goes eager as soon as its first graph is compiled, in epoch 0. The first epoch logs
-    compile_time_s either way."""
-    import torch._dynamo
-    end_epoch = nft.end_epoch
-
-    def end_epoch_then_compile(run, pol, epoch, log):
-        end_epoch(run, pol, epoch, log)
-        if epoch == 0:
-            torch.compile(torch.sin, backend="eager")(torch.ones(1))
-    monkeypatch.setattr(nft, "end_epoch", end_epoch_then_compile)
-    argv = [*_RL_FAST, "--compile", "--num_epochs", 3]
-    nft.main([str(a) for a in (*argv, "--output_dir", tmp_path / "recompile")])
-    m = metrics(tmp_path / "recompile")
-    assert m[0]["compile_time_s"] > 0 and m[0]["compile_fallback"] is None and m[0]["compiled_graphs"] > 0
-    assert "after the first epoch" in m[1]["compile_fallback"] and m[2]["compiled_graphs"] == m[1]["compiled_graphs"]
-    config = json.load(open(tmp_path / "recompile" / "config.json"))
-    assert config["compile"] is True and config["compile_fallback"] == m[1]["compile_fallback"]
-    assert capsys.readouterr().out.count("the rest of the run is eager") == 1
-    monkeypatch.setattr(nft, "end_epoch", end_epoch)
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()  # else the new run's blocks pass the old graphs' guards and compile nothing
-    torch._dynamo.utils.counters.clear()
-    nft.main([str(a) for a in (*argv, "--num_epochs", 2, "--compile_budget", 0, "--output_dir", tmp_path / "budget")])
-    m = metrics(tmp_path / "budget")
-    assert "past --compile_budget 0" in m[0]["compile_fallback"]
-    assert m[0]["compiled_graphs"] == m[1]["compiled_graphs"] == 1
-    assert m[0]["compile_time_s"] > 0 and all(math.isfinite(r["loss"]) for r in m)
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl") / "src"
+    run_nft(*SMALL_NO_EVAL, "--num_epochs", 1, "--output_dir", out)
+    return out
 
 
-# --------------------------------------------------------------------------- sharding over ranks (--fsdp)
+def _file_bytes(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(capsys, one_epoch_run, tmp_path):
+    before = _file_bytes(one_epoch_run)
+    src_ckpt = nft.checkpoints(one_epoch_run)[-1]
+    new = tmp_path / "branch"
+    p = run_nft(*SMALL_NO_EVAL, "--num_epochs", 2, "--output_dir", new, "--resume_from", src_ckpt, check=True)
+    assert "another run's checkpoint, copied into" in p.stdout
+    assert _file_bytes(one_epoch_run) == before  # the source run: not one byte changed
+    assert [os.path.basename(c) for c in nft.checkpoints(new)] == ["checkpoint-00001", "checkpoint-00002"]
+    assert [r["epoch"] for r in metrics(new)] == [0, 1] and metrics(new)[0] == metrics(one_epoch_run)[0]
+    # naming an older checkpoint of the same run would leave a newer one for `latest` to pick later
+    msg = cli_error(capsys, *SMALL_NO_EVAL, "--num_epochs", 3, "--output_dir", new, "--resume_from", nft.checkpoints(new)[0])
+    assert "this run already has newer checkpoints (checkpoint-00002)" in msg
+    # into a folder that holds a run: the usual guard
+    msg = cli_error(capsys, *SMALL_NO_EVAL, "--num_epochs", 3, "--output_dir", new, "--resume_from", src_ckpt)
+    assert "holds a previous run" in msg
+
+
+# ---- a stopped run keeps its work ----
+_HALF_SAVE = """import io, os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import nft
+save = torch.save
+
+
+def half_save(obj, path, *args, **kwargs):  # a checkpoint's training state: half of it written, then a hang
+    if str(path).endswith(os.path.join(".tmp", "training_state.pt")):
+        data = io.BytesIO()
+        save(obj, data)
+        with open(path, "wb") as f:
+            f.write(data.getvalue()[:len(data.getvalue()) // 2])
+        print("half written:", path, flush=True)
+        time.sleep(600)
+    return save(obj, path, *args, **kwargs)
+
+
+torch.save = half_save
+nft.main(sys.argv[2:])
+"""
+
+
+def _kill_when(command, seen, log):
+    """Run `command` (one OpenMP thread; its output to the file `log`) and SIGKILL it as soon as seen(output so far)
+    holds, checked every 10 ms. Returns the exit code: -9, or 0 if it ended at the moment it was seen."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        p = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        while p.poll() is None and not seen(log.read_text()):
+            time.sleep(0.01)
+    finally:
+        p.kill()
+        p.wait()
+    assert seen(log.read_text()), log.read_text()[-3000:]  # it ended before the moment it was to be killed at
+    return p.returncode
+
+
+def test_sigkill_at_observed_moments_then_resume_is_bit_exact(two_epochs, tmp_path):
+    """SIGKILL the run at three moments it is seen to reach, each time continuing it with --resume_from latest:
+    (1) half way through writing its first checkpoint (torch.save made to stop there): checkpoint-00001.tmp holds a
+    truncated training_state.pt and metrics.jsonl epoch 0's line; (2) as soon as checkpoint-00001 appears, in epoch
+    1's rollout or update; (3) as soon as epoch 1's line prints, with the last checkpoint not yet, partly or fully
+    written. The run then ends with the uninterrupted run's weights, optimizer state and metrics, bit for bit. Each
+    moment is waited for, not guessed with a delay, so a slow machine only makes the test slower."""
+    out = tmp_path / "out"
+    argv = [*map(str, SMALL_NO_EVAL), "--num_epochs", "2", "--output_dir", str(out), "--resume_from", "latest"]
+    run = [sys.executable, os.path.join(HERE, "nft.py"), *argv]
+    first = out / "checkpoints" / "checkpoint-00001"
+    code = _kill_when([sys.executable, "-c", _HALF_SAVE, HERE, *argv], lambda said: "half written:" in said,
+                      tmp_path / "1.txt")
+    assert code == -9 and nft.checkpoints(out) == [] and len(metrics(out)) == 1
+    with pytest.raises(Exception):  # what the kill left: a truncated file in a folder that is not a checkpoint
+        state(f"{first}.tmp")
+    assert _kill_when(run, lambda said: first.is_dir(), tmp_path / "2.txt") == -9
+    assert nft.checkpoints(out) == [str(first)]
+    _kill_when(run, lambda said: "\nepoch    1 step" in said, tmp_path / "3.txt")
+    nft.main(argv)  # the rest of the run, in this process
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
+                         for r in rows]
+    assert keep(metrics(out)) == keep(metrics(two_epochs))
+
+
+def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(two_epochs, tmp_path):
+    """SIGTERM (what a cluster sends before preemption) once epoch 0 is printed, with no checkpoint due before the
+    end: the run writes epoch 0 from its in-memory copy, exits 143 with the command to continue, and that
+    command alone (the run's config.json supplies the rest) finishes bit for bit as the uninterrupted run."""
+    out = tmp_path / "out"
+    argv = [*SMALL, "--num_epochs", 2, "--eval_every", 0, "--save_every", 50, "--output_dir", out]
+    with open(tmp_path / "err.txt", "w") as err:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv)], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+        for line in p.stdout:
+            if line.startswith("epoch    0 "):
+                p.send_signal(signal.SIGTERM)
+                break
+        p.stdout.read()
+        assert p.wait(timeout=120) == 143
+    said = open(tmp_path / "err.txt").read()
+    assert "Traceback" not in said
+    last = said.strip().splitlines()[-1]
+    said = f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python "
+    assert last.startswith(said)
+    command = last.split("continue with python ", 1)[1].split()
+    assert command == [os.path.join(HERE, "nft.py"), "--resume_from", "latest", "--output_dir", str(out)]
+    assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))  # the epoch, exactly
+    run_nft(*command[1:], threads=1)
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
+                         for r in rows]
+    assert keep(metrics(out)) == keep(metrics(two_epochs))
+
+
+def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGINT)  # through the handler main() installs
+        time.sleep(5)
+    monkeypatch.setattr(nft, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, SMALL), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "SIGINT: no epoch was completed: nothing to save"
+    assert signal.getsignal(signal.SIGINT) is before  # main() restores the handlers
+
+
+def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint-00004").mkdir(parents=True)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nft, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path}/checkpoints/checkpoint-00004; continue "
+                           f"with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
+
+
 FSDP = {"sd3": ("tiny", "step", "no"), "flux": ("tiny-flux", "step", "bf16"),  # model, --grad_sync, --mixed_precision
         "qwenimage": ("tiny-qwenimage", "micro_step", "no")}
 
@@ -3413,33 +1364,6 @@ def fsdp_runs(request, tmp_path_factory):
     return family, root
 
 
-def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs):
-    """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
-    2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
-    the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
-    family, root = fsdp_runs
-    plain, fsdp = (state(root / name / "checkpoints" / "checkpoint-00002") for name in ("plain", "fsdp"))
-    for key in ("default", "old", "ema"):
-        assert plain[key].keys() == fsdp[key].keys()
-        assert all(torch.allclose(plain[key][n], fsdp[key][n], rtol=0, atol=1e-5) for n in plain[key]), key
-    assert any(t.abs().max() > 1e-4 for n, t in fsdp["default"].items() if "lora_B" in n)  # it trained
-    m = metrics(root / "plain")
-    assert [r["step"] for r in m] == [r["step"] for r in metrics(root / "fsdp")][:2] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + metrics(root / "fsdp"))
-    model = FSDP[family][0]
-    pipe = nft.random_pipeline("tiny") if family == "sd3" else copy.deepcopy(_fam_pipe(family))
-    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
-    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
-    ours = copy.deepcopy(pipe)
-    pipe.load_lora_weights(str(root / "fsdp" / "checkpoints" / "checkpoint-00002"))
-    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", model]))
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(fsdp["ema"][n])
-        v_lora, v_ours = (nft.velocity(p.transformer, x, 0.5, cond) for p in (pipe, ours))
-    torch.testing.assert_close(v_lora, v_ours, atol=1e-5, rtol=1e-4)
-
-
 def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_runs):
     """The --fsdp run killed after its checkpoint-00002: that checkpoint set aside, --resume_from latest (the full state
     of checkpoint-00001, split into each rank's shards) trains epoch 2 again to the same bits: theta, theta_old, EMA,
@@ -3456,7 +1380,2061 @@ def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_runs):
     assert strip(metrics(out)) == strip(ref_metrics)
 
 
-# --------------------------------------------------------------------------- the memory check before loading
+# ---- which checkpoint is read, and how one is written ----
+def _hand_made_state(args, **over):
+    """A hand-made training state with the structure train() saves (one 2x2 LoRA weight)."""
+    w = {"x.lora_A.default.weight": torch.ones(2, 2)}
+    optimizer = {"state": {}, "param_groups": [{"params": [0]}]}
+    return dict(dict(default=w, old=w, ema=w, optimizer=optimizer, step=3, epoch=3,
+                     bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)), **over)
+
+
+def test_checkpoints_sort_by_number_and_latest_skips_unreadable_ones(capsys, tmp_path):
+    root = tmp_path / "run"
+    for n in (99999, 100000, 3, 20):
+        (root / "checkpoints" / f"checkpoint-{n:05d}").mkdir(parents=True)
+    (root / "checkpoints" / "checkpoint-00021.tmp").mkdir()
+    assert [os.path.basename(c) for c in nft.checkpoints(root)] == [
+        "checkpoint-00003", "checkpoint-00020", "checkpoint-99999", "checkpoint-100000"]
+    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
+    ckpts = nft.checkpoints(root)
+    torch.save(_hand_made_state(args), os.path.join(ckpts[0], "training_state.pt"))
+    torch.save(_hand_made_state(args, epoch=20), os.path.join(ckpts[1], "training_state.pt"))
+    torch.save({"default": "not a state"}, os.path.join(ckpts[2], "training_state.pt"))  # wrong structure
+    open(os.path.join(ckpts[3], "training_state.pt"), "wb").write(b"PK\x03\x04 truncated")  # corrupt newest
+    path, state = nft.load_checkpoint(args, 1)  # falls back past both, with a warning each
+    assert path == ckpts[1] and state["epoch"] == 20
+    out = capsys.readouterr().out
+    assert "warning: training_state.pt is truncated or corrupted" in out and "checkpoint-100000" in out
+    assert "not a training state of this script" in out
+    args.resume_from = ckpts[2]  # named explicitly: an error, not a fallback
+    with pytest.raises(nft.UserError, match="missing or wrong: default, old, ema, optimizer"):
+        nft.load_checkpoint(args, 1)
+
+
+def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(capsys, tmp_path):
+    """Hand-made checkpoints, newest first: NaN weights, an optimizer state of other shapes, an EMA missing a
+    tensor (refused before the model loads), a LoRA of rank 4 (refused against the model); `latest` falls back
+    past each with a warning to the good one, and naming a bad one is one line."""
+    import diffusers
+    root = tmp_path / "run"
+    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
+    counters = dict(step=0, bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS},
+                    draws=nft.run_draws(args, 1))
+    tiny = nft.RANDOM_ARCHS["tiny"]["transformer"]
+    pol = nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), args)
+    pol.theta[next(iter(pol.theta))].grad = torch.ones_like(next(iter(pol.theta.values())))
+    pol.opt.step()  # optimizer state to check
+    good = dict(nft.training_state(pol), epoch=1, **counters)  # what end_epoch saves
+    small = types.SimpleNamespace(**(vars(args) | {"rank": 4}))
+    rank4 = dict(nft.training_state(nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), small)), epoch=2,
+                 **counters)  # claims the run's configuration
+    first = next(iter(good["ema"]))
+    cut = {0: {k: v[:1] if v.dim() else v for k, v in good["optimizer"]["state"][0].items()}}  # other shapes
+    broken = {3: dict(good, epoch=3, ema={n: t for n, t in good["ema"].items() if n != first}),
+              4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state=cut)),
+              5: dict(good, epoch=5, old={n: t * float("nan") for n, t in good["old"].items()})}
+    for epoch, st in {1: good, 2: rank4, **broken}.items():
+        os.makedirs(root / "checkpoints" / f"checkpoint-{epoch:05d}")
+        torch.save(st, root / "checkpoints" / f"checkpoint-{epoch:05d}" / "training_state.pt")
+    path, st = nft.load_checkpoint(args, 1)
+    assert path.endswith("checkpoint-00002")
+    said = capsys.readouterr().out
+    for reason in ("holds NaN/inf weights", "holds an optimizer state that does not match its", "holds a theta_old or "
+                   "EMA that does not match its LoRA"):
+        assert f"warning: training_state.pt {reason}" in said
+    assert nft.restore(pol, path, st, args) == 1  # rank 4 does not fit the model: the one before it does
+    said = capsys.readouterr().out
+    assert re.search(r"training_state.pt does not fit this model's LoRA: expected \d+ LoRA tensors such as ", said)
+    assert "found shape (4, 32) in" in said and "resumed from" in said and "checkpoint-00001: epoch 1" in said
+    assert all(torch.equal(pol.ema[n], good["ema"][n]) for n in pol.ema)
+    args.resume_from = str(root / "checkpoints" / "checkpoint-00002")  # named: one line, no fallback
+    with pytest.raises(nft.UserError, match="checkpoint-00002: training_state.pt does not fit this model's LoRA"):
+        nft.restore(pol, args.resume_from, rank4, args)
+
+
+def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
+    """A checkpoint's name held by a link to itself, a link to /dev/zero, a file, or a link where the temporary
+    folder goes: the save replaces the name (never what a link points to), so the epoch is not lost."""
+    from peft import LoraConfig
+    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
+    meta = dict(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict(), target_modules=["to_q"])
+    folder, kept = tmp_path / "checkpoints", tmp_path / "kept"
+    folder.mkdir()
+    kept.mkdir()
+    (kept / "file").write_text("kept")
+    (folder / "checkpoint-00001").symlink_to(folder / "checkpoint-00001")
+    (folder / "checkpoint-00002").symlink_to("/dev/zero")
+    (folder / "checkpoint-00003").write_text("a file where the folder goes")
+    (folder / "checkpoint-00004.tmp").symlink_to(kept)
+    for epoch in (1, 2, 3, 4):
+        path = nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), lora, meta)
+        assert os.path.isdir(path) and not os.path.islink(path) and state(path)["step"] == epoch
+    assert (kept / "file").read_text() == "kept" and os.path.exists("/dev/zero")
+
+
+# --------------------------------------------------------------------------- bad input and faults
+# ---- flags ----
+@pytest.mark.parametrize("argv, message", [
+    (["--reward", "colr"], "did you mean 'color'"),
+    (["--reward", "color:x"], "bad weight"),
+    (["--solver", "eulr"], "did you mean 'euler'"),
+    (["--resolution", "40"], "got 40; try 32 or 48"),
+    (["--num_groups", "3", "--group_size", "5"], "nearest valid: --num_groups"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--group_size", "0"], "--group_size must be positive"),
+    (["--num_steps", "-1"], "--num_steps must be positive"),
+    (["--beta", "1.5"], "--beta must be in (0, 1]"),
+    (["--beta", "0"], "--beta must be in (0, 1]"),
+    (["--preset", "genevel"], "unknown --preset"),
+    (["--model", "/no/such/folder"], "--model folder not found"),
+    (["--prompts", "/no/such/file.txt"], "--prompts file not found"),
+    (["--resume_from", "/no/such/checkpoint"], "no such folder"),
+    (["--reward", "hpsv2"], "hf download xswu/HPSv2"),
+])
+def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    assert message in cli_error(capsys, *SMALL, "--output_dir", out, *argv)
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--kl_coef", "nan"], "--kl_coef must be a finite number"),
+    (["--solver", "sde", "--eta", "nan"], "--eta must be a finite number"),
+    (["--adam_beta1", "1.0"], "--adam_beta1 must be in [0, 1)"),
+    (["--save_every", "0"], "--save_every must be positive"),
+    (["--guidance_scale", "0.5"], "--guidance_scale must be >= 1"),
+    (["--eval_num_steps", "-1"], "--eval_num_steps must be positive"),
+    (["--eval_images_per_prompt", "-2"], "--eval_images_per_prompt must be >= 0"),
+    (["--max_sequence_length", "0"], "--max_sequence_length must be positive"),
+    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0, got -1 (0 keeps every checkpoint)"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
+    (["--sample_batch_size", "1000000000000"], "lower --sample_batch_size"),  # arithmetic, no search
+    (["--sample_batch_size", "24"], "nearest valid: --num_groups 6 or 12"),  # arithmetic: multiples of 6
+])
+def test_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    assert message in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, *argv)
+    assert not out.exists()
+
+
+def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    no_models(monkeypatch)
+    msg = cli_error(capsys, *SMALL, "--max_sequence_length", 600, "--output_dir", tmp_path / "o")
+    assert "--max_sequence_length 600 is past this model's text encoder maximum (512 tokens" in msg
+    with pytest.raises(nft.UserError, match=r"\(1024 tokens"):
+        nft.validate(nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color", "--max_sequence_length",
+                                     "1100"]), 1)
+    for empty in ('""', '"   "'):
+        (tmp_path / "p.jsonl").write_text('{"prompt": "a red image"}\n{"prompt": %s}\n' % empty)
+        assert 'p.jsonl:2: each line needs a non-empty "prompt" string' in cli_error(
+            capsys, *SMALL, "--prompts", tmp_path / "p.jsonl", "--output_dir", tmp_path / "o")
+    said = "error: unknown flag --num_epoch (did you mean '--num_epochs'?); see --help"
+    assert cli_error(capsys, "--num_epoch", 3) == said
+    assert "argument --num_epochs: invalid int value: 'x'" in cli_error(capsys, "--num_epochs", "x")
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_cuda_points_to_the_cpu_demo(capsys, tmp_path):
+    assert "python nft.py --model tiny --reward color" in cli_error(capsys, "--output_dir", tmp_path / "o")
+
+
+def test_wandb_missing_fails_before_any_model_loads_or_file_is_written(capsys, monkeypatch, tmp_path):
+    no_models(monkeypatch)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
+    assert "pip install wandb" in cli_error(capsys, *SMALL, "--wandb", "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
+    p = run_nft(*SMALL, "--reward", "colr", "--output_dir", tmp_path / "o", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: unknown reward 'colr'")
+
+
+def test_torchrun_error_is_one_line_from_rank_0(tmp_path):
+    p = run_nft(*SMALL, "--sample_batch_size", 4, "--reward", "colr", "--output_dir", tmp_path / "o", nproc=2,
+                check=False)
+    ours = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error: ")]
+    said = "error: unknown reward 'colr' in 'colr' (did you mean 'color'?); valid rewards: " + ", ".join(
+        rewards.REWARDS)
+    assert p.returncode != 0 and ours == [said], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr.split("error: unknown reward")[0]  # no rank's own traceback before it
+
+
+def _finished_demo_run(root):
+    """What the Quickstart's demo leaves in root/runs/tiny-color: config, metrics and a final checkpoint."""
+    run = root / "runs" / "tiny-color"
+    (run / "checkpoints" / "checkpoint-00150").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-00150" / "training_state.pt").write_bytes(b"not read by these tests")
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5)) + "\n" for e in range(150)))
+    return run
+
+
+def test_cli_tests_pass_next_to_a_finished_demo_run(tmp_path):
+    """The Quickstart runs the demo and then the suite in the same folder: the tests that run the CLI
+    must write under their own temporary folders, never into the working directory's runs/tiny-color."""
+    run = _finished_demo_run(tmp_path)
+    before = sorted(str(p) for p in run.rglob("*"))
+    tests = ("bad_flags_give_one_line or bad_prompt_files or model_folder_that_is_not_sd3 or no_cuda or "
+             "no_traceback_in_a_real_process or wandb_missing or color_prompt_without or hub_errors or "
+             "resuming_a_finished_run")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_nft.py"),
+                        "-k", tests], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 0 and " passed" in p.stdout and "failed" not in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+    assert sorted(str(p) for p in run.rglob("*")) == before  # the finished run is untouched
+
+
+# ---- prompt files, model folders, checkpoints handed in ----
+def test_bad_prompt_files(capsys, tmp_path):
+    empty, bad, plain = tmp_path / "empty.txt", tmp_path / "bad.jsonl", tmp_path / "plain.txt"
+    empty.write_text("\n\n")
+    bad.write_text('{"prompt": "a red image"}\n{"prompt": "a blue image"\n')
+    plain.write_text("a photo of a cat\n")
+    out = ["--output_dir", tmp_path / "out"]  # never the working directory's runs/tiny-color
+    assert "empty" in cli_error(capsys, *SMALL, *out, "--prompts", empty)
+    assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, *out, "--prompts", bad)
+    assert "needs GenEval metadata" in cli_error(capsys, *SMALL, *out, "--reward", "geneval", "--prompts", plain)
+
+
+def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 photo\n".encode("latin-1"))
+    assert "is not UTF-8 text (byte 5)" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts", tmp_path / "latin1.txt")
+    # a folder is read as the official dataset/ layout; one without its files is a clear error
+    assert "no train.txt or train_metadata.jsonl in this folder" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts", tmp_path)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfa red image\na blue image\n")
+    assert nft.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
+    (tmp_path / "upper.JSONL").write_text('{"prompt": "a red image", "tag": "x"}\n')
+    assert nft.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
+    bad = tmp_path / "geneval.jsonl"
+    bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat", "count": "1"}]}\n')
+    assert "GenEval metadata of the wrong type" in cli_error(capsys, *SMALL_NO_EVAL, "--reward", "geneval", "--prompts", bad)
+    bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": {"class": "cat", "count": 1}}\n')
+    assert "GenEval metadata of the wrong type" in cli_error(capsys, *SMALL_NO_EVAL, "--reward", "geneval", "--prompts", bad)
+
+
+def test_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp_path):
+    no_models(monkeypatch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red image\na photo of a cat\n")
+    err = cli_error(capsys, *SMALL, "--prompts", prompts, "--output_dir", tmp_path / "out")
+    assert "prompt line 2: the color reward needs a color word" in err and "a photo of a cat" in err
+    err = cli_error(capsys, *SMALL, "--eval_prompts", prompts, "--output_dir", tmp_path / "out")
+    assert "prompt line 2" in err
+    assert "needs the target text in double quotes" in cli_error(
+        capsys, *SMALL, "--reward", "ocr", "--prompts", prompts, "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+_GENEVAL_BAD = [  # a change to a valid position record (a cat right of a dog) -> what the one line says
+    (lambda r: r["include"][1].update(count=0), "asks for 0 of 'cat'; a count is at least 1"),
+    (lambda r: r["include"][1].update(count=-2), "asks for -2 of 'cat'"),
+    (lambda r: r["include"][0].update(color="teal"), "has color 'teal'; GenEval's colors: red"),
+    (lambda r: r["include"][1].update(position=["next to", 0]), "has position ['next to', 0]; a position is [relation, "
+                                                                "index of an earlier include]"),
+    (lambda r: r["include"][1].update(position=["left of", 1]), "has position ['left of', 1]"),
+    (lambda r: r["include"][0].update(position=["left of", 0]), "has position ['left of', 0]"),
+    (lambda r: r.update(tag="sizes"), "has tag 'sizes'; GenEval's tags: single_object"),
+    (lambda r: r["include"][1].update({"class": "unicorn"}), "names 'unicorn', not one of GenEval's 80 COCO class"),
+]
+
+
+@pytest.mark.parametrize("change, message", _GENEVAL_BAD)
+def test_geneval_metadata_is_fully_validated(change, message):
+    record = {"prompt": "a photo of a cat right of a dog", "tag": "position",
+              "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]}
+    rewards.check_metadata("geneval", [record])
+    change(record)
+    said = f"prompt line 1 ('a photo of a cat right of a dog') {message}"
+    with pytest.raises(rewards.RewardError, match=re.escape(said)):
+        rewards.check_metadata("geneval", [record])
+
+
+def test_missing_official_file_is_one_clear_error(tmp_path):
+    root = _official_dataset(tmp_path / "dataset")
+    os.remove(root / "ocr/train.txt")
+    args = nft.parse_args(["--reward", "ocr", "--prompts", str(root)])
+    with pytest.raises(nft.UserError, match=r"--prompts .*: no ocr/train.txt in this folder; pass the official"):
+        nft.resolve_prompts(args)
+    p = run_nft("--model", "tiny", "--reward", "color", "--prompts", tmp_path, "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --prompts") and "Traceback" not in p.stderr
+
+
+def test_model_folder_that_is_not_sd3_and_hub_id_offline(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert "not a folder of a supported pipeline" in cli_error(capsys, *SMALL, "--model", tmp_path / "m",
+                                                               "--output_dir", tmp_path / "out")
+    with pytest.raises(nft.UserError, match="offline"):
+        nft.load_pipeline("someone/not-cached-sd3", torch.float32)
+
+
+def test_hub_errors_are_one_line_with_the_hf_download_command(tmp_path):
+    """A model that is not cached fails at once, naming the id and the exact `hf download` command:
+    offline (HF_HUB_OFFLINE=1), and online with an unreachable hub (no retries for minutes)."""
+    with pytest.raises(nft.UserError, match=r"'someone/not-cached-sd3'.*`hf download someone/not-cached-sd3`"):
+        nft.load_pipeline("someone/not-cached-sd3", torch.float32)
+    with pytest.raises(rewards.RewardError, match=r"`hf download xswu/HPSv2 HPS_v2.1_compressed.pt`"):
+        rewards.hub_ready("xswu/HPSv2", "HPS_v2.1_compressed.pt")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import nft, rewards\n"
+            "for call in (lambda: nft.load_pipeline('someone/not-cached-sd3', torch.float32),\n"
+            "             lambda: rewards.make_reward('clipscore', 'cpu')):\n"
+            "    try:\n        call()\n    except (nft.UserError, rewards.RewardError) as e:\n        print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: nothing listens, no real network
+    p = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env, timeout=120)
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and len(lines) == 2 and "Retrying" not in p.stderr, p.stdout + p.stderr[-2000:]
+    assert "cannot reach the Hugging Face hub" in lines[0] and "`hf download someone/not-cached-sd3`" in lines[0]
+    assert "'openai/clip-vit-large-patch14'" in lines[1] and "`hf download openai/clip-vit-large-patch14`" in lines[1]
+
+
+def test_mismatched_or_broken_checkpoints_are_one_line(capsys, two_epochs, tmp_path):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(nft.checkpoints(two_epochs)[-1], ckpt)
+    out = tmp_path / "out"
+    assert "different configuration (rank: saved 32 vs now 8)" in cli_error(
+        capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt, "--rank", 8)
+    assert "--timestep_fraction must be in (0, 1]" in cli_error(capsys, *SMALL, "--output_dir", out, "--timestep_fraction", 1.5)
+    args = nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt), "--seed", "7"])
+    assert nft.load_checkpoint(args, world_size=2)[0] == str(ckpt)  # allowed, but no longer a replay:
+    assert "resuming with seed 42 -> 7, world_size 1 -> 2: training continues" in capsys.readouterr().out
+    data = (ckpt / "training_state.pt").read_bytes()
+    (ckpt / "training_state.pt").write_bytes(data[:len(data) // 2])  # truncated
+    assert "truncated or corrupted" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
+    (ckpt / "training_state.pt").unlink()
+    assert "no training_state.pt" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
+
+
+# ---- LoRA files ----
+def test_lora_path_errors_are_one_line(tmp_path):
+    with pytest.raises(nft.UserError, match="neither"):
+        nft.find_lora(str(tmp_path))
+    with pytest.raises(nft.UserError, match="no such file"):
+        nft.find_lora(str(tmp_path / "missing"))
+    p = run_single_threaded("--eval_only", *EVAL_SMALL, "--lora", tmp_path / "missing", "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --lora") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_lora_files_are_checked_before_the_model_loads(tmp_path):
+    empty = tmp_path / "empty" / "pytorch_lora_weights.safetensors"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    with pytest.raises(nft.UserError, match="not a safetensors file \\(empty\\)"):
+        nft.find_lora(str(empty.parent))
+    absurd = tmp_path / "absurd.safetensors"
+    absurd.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(nft.UserError, match="bad header"):
+        nft.find_lora(str(absurd))
+    from safetensors.torch import save_file
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, str(peft / "adapter_model.safetensors"))
+    (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha"')
+    with pytest.raises(nft.UserError, match="adapter_config.json is not valid JSON"):
+        nft.find_lora(str(peft))
+    (peft / "adapter_config.json").write_text('["r", 4]')
+    with pytest.raises(nft.UserError, match="not a LoRA config"):
+        nft.find_lora(str(peft))
+    (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["x"]}')
+    assert nft.find_lora(str(peft))[:2] == (str(peft / "adapter_model.safetensors"),
+                                            {"r": 4, "lora_alpha": 8, "target_modules": ["x"]})
+
+
+def _lora_file(path, tensors, meta=None):
+    """A safetensors LoRA file with an optional lora_adapter_metadata string."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=None if meta is None else {"lora_adapter_metadata": meta})
+    return str(path)
+
+
+def test_hostile_lora_files_are_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
+    """--lora and --init_lora go through one reader: readable and complete, metadata a JSON object with r and
+    alpha > 0, every tensor finite; each broken file is one line naming it, before any model loads."""
+    good = {"transformer.x.lora_A.weight": torch.ones(4, 8), "transformer.x.lora_B.weight": torch.zeros(8, 4)}
+    ok = _lora_file(tmp_path / "ok.safetensors", good, json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8}))
+    file, config, weights = nft.find_lora(ok, "--init_lora")
+    assert file == ok and (config["r"], config["lora_alpha"]) == (4, 8)
+    assert set(weights) == {"x.lora_A.weight", "x.lora_B.weight"}
+    bare = _lora_file(tmp_path / "bare.safetensors", good)
+    assert nft.find_lora(bare)[1] == {"r": 4, "lora_alpha": 4}  # without metadata alpha = r, as diffusers
+    (tmp_path / "cut.safetensors").write_bytes(open(ok, "rb").read()[:-7])
+    nan = dict(good, **{"transformer.x.lora_B.weight": torch.full((8, 4), float("nan"))})
+    hostile = {
+        str(tmp_path / "cut.safetensors"): "is not a safetensors file (bad header or truncated)",
+        _lora_file(tmp_path / "text.safetensors", good, "r=4"): "(its lora_adapter_metadata) is not valid JSON",
+        _lora_file(tmp_path / "list.safetensors", good, "[4, 8]"): "is not a LoRA config (a JSON object",
+        _lora_file(tmp_path / "alpha0.safetensors", good, '{"r": 4, "lora_alpha": 0}'):
+            "r = 4 and lora_alpha = 0; both must be positive",
+        _lora_file(tmp_path / "rank0.safetensors", good, '{"r": 0}'): "rank r = 0 and lora_alpha = 0",
+        _lora_file(tmp_path / "nan.safetensors", nan): "holds NaN/inf in 1 of its 2 tensors, e.g. x.lora_B.weight",
+    }
+    for path, message in hostile.items():
+        with pytest.raises(nft.UserError, match=re.escape(f"--init_lora {path}")) as e:
+            nft.find_lora(path, "--init_lora")
+        assert message in str(e.value), (path, str(e.value))
+    no_models(monkeypatch)  # a NaN LoRA is refused, not scored as nan with exit 0
+    assert "holds NaN/inf" in cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "nan.safetensors",
+                                        "--output_dir", tmp_path / "eval")
+
+
+def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tmp_path, tiny_sd3):
+    """A FLUX.1 LoRA (the tiny FLUX transformer's adapter, saved as checkpoints are) on the tiny SD3: --eval_only
+    and load_lora refuse it in one line, saying what was expected and what was found."""
+    import diffusers
+    flux = diffusers.FluxTransformer2DModel(**nft.FAMILY_ARCHS["tiny-flux"]["transformer"])
+    args = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
+    params, _ = nft.add_adapters(flux, args)
+    meta = nft.lora_config(args, nft.family_of(flux).lora_targets).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    diffusers.FluxPipeline.save_lora_weights(tmp_path / "flux", transformer_lora_layers=nft.lora_state(params),
+                                             transformer_lora_adapter_metadata=meta)
+    with pytest.raises(nft.UserError, match=r"does not fit this transformer: expected \d+ LoRA tensors such as "):
+        nft.load_lora(copy.deepcopy(tiny_sd3), nft.find_lora(str(tmp_path / "flux")))
+    msg = cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "flux", "--output_dir", tmp_path / "eval")
+    assert "does not fit this transformer" in msg and "is it a LoRA of this --model?" in msg
+
+
+def test_lora_targets_that_match_no_layer_name_the_nearest():
+    import diffusers
+    transformer = diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"])
+    args = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_targets", "attn.to_q,atn.to_k"])
+    with pytest.raises(nft.UserError, match="LoRA target 'atn.to_k' matches no layer of this transformer; the nearest "
+                                            "are attn.to_k"):
+        nft.add_adapters(transformer, args)  # peft would train attn.to_q alone, without a word
+
+
+# ---- output folder and run lock ----
+def test_previous_run_is_refused_and_kept(capsys, two_epochs):
+    before = open(os.path.join(two_epochs, "metrics.jsonl")).read()
+    assert "holds a previous run" in cli_error(capsys, *SMALL, "--output_dir", two_epochs)
+    assert open(os.path.join(two_epochs, "metrics.jsonl")).read() == before
+    assert len(nft.checkpoints(two_epochs)) == 2
+
+
+_LOCK_HOLDER = """import fcntl, sys, time
+f = open(sys.argv[1], "a+"); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.write("4242\\n"); f.flush()
+print("locked", flush=True); time.sleep(60)"""
+
+
+def test_run_lock_refuses_a_live_run_and_ignores_a_killed_one(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        msg = cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, "--resume_from", "latest")
+        assert "is in use by another running run (pid 4242)" in msg
+    finally:
+        holder.kill()  # SIGKILL: the OS drops the lock with the process
+        holder.wait()
+    lock = nft.run_lock(str(out))  # a stale lock file does not block
+    assert open(out / ".lock").read().strip() == str(os.getpid())
+    nft._HELD.remove(lock)
+    lock.close()
+
+
+def test_run_lock_never_follows_a_link_or_truncates_another_file(capsys, monkeypatch, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    no_models(monkeypatch)
+    msg = cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
+    assert ".lock is a symbolic link, which a run's lock never is; it is left as it is" in msg
+    (out / ".lock").unlink()
+    os.link(victim, out / ".lock")  # a hard link: the victim under another name
+    with pytest.raises(nft.UserError, match=r"\.lock is not a plain file of its own"):
+        nft.run_lock(str(out))
+    (out / ".lock").unlink()
+    (out / ".lock").mkdir()
+    with pytest.raises(nft.UserError, match=r"\.lock is a folder"):
+        nft.run_lock(str(out))
+    assert victim.read_text() == "precious\n" and not nft._HELD
+
+
+def test_overwrite_removes_a_checkpoints_link_not_its_target(capsys, monkeypatch, tmp_path):
+    other = tmp_path / "other_run" / "checkpoints"
+    (other / "checkpoint-00009").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(other)
+    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+
+    def stop(*a, **k):
+        raise nft.UserError("stopped before the model loads")
+    monkeypatch.setattr(nft, "load_pipeline", stop)
+    assert "stopped" in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, "--overwrite")
+    assert not os.path.lexists(out / "checkpoints") and (other / "checkpoint-00009").is_dir()
+
+
+def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
+    no_models(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    msg = cli_error(capsys, *SMALL, "--output_dir", tmp_path / "file" / "run")
+    assert f"{tmp_path / 'file'} is not a folder" in msg
+    if os.path.isdir("/sys"):  # sysfs refuses new files even to root, whom os.access lets through
+        assert "/sys is not writable" in cli_error(capsys, *SMALL, "--output_dir", "/sys/nft-run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to("/dev/zero")  # no checkpoint could land: refused before an epoch is trained
+    assert "checkpoints is not a folder (a file, or a link to /dev/zero)" in cli_error(
+        capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
+
+
+def test_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    import tempfile
+    real_file = tempfile.TemporaryFile
+
+    def refused(*a, dir=None, **k):  # a real write is tried; root ignores chmod, so it is patched to fail
+        if str(dir) == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real_file(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    msg = cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", tmp_path / "new" / "out")
+    assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
+
+
+# ---- rewards behind a contract, and the HTTP client against misbehaving local servers ----
+_BAD_REWARDS = {  # what a custom reward returns for 2 images -> what the one line says
+    "shape (N, 1)": (lambda: (torch.zeros(2, 1), {}), "scores as a float32 tensor of shape (2, 1) on cpu for 2 images"),
+    "a list": (lambda: ([0.0, 1.0], {}), "scores as a list for 2 images"),
+    "a 0-d tensor": (lambda: (torch.tensor(0.5), {}), "scores as a float32 tensor of shape () on cpu"),
+    "integers": (lambda: (torch.ones(2, dtype=torch.long), {}), "scores as a int64 tensor of shape (2,)"),
+    "no tuple": (lambda: torch.zeros(2), "returned a float32 tensor of shape (2,) on cpu, not a (scores, components)"),
+    "a non-tensor component": (lambda: (torch.zeros(2), {"x": 1.0}), "component 'x' as a float for 2 images"),
+    "a component of another shape": (lambda: (torch.zeros(2), {"x": torch.zeros(3)}),
+                                     "component 'x' as a float32 tensor of shape (3,)"),
+    "inf": (lambda: (torch.tensor([1.0, float("inf")]), {}), "1 infinite score(s)"),
+    "an exception": (lambda: 1 / 0, "raised ZeroDivisionError: division by zero"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_REWARDS))
+def test_reward_contract_violation_is_one_line_naming_the_reward(monkeypatch, case):
+    make, message = _BAD_REWARDS[case]
+    monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda images, prompts, metadata: make())
+    with pytest.raises(rewards.RewardError) as e:
+        rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])
+    assert str(e.value).startswith("reward 'mine' ") and message in str(e.value) and "\n" not in str(e.value)
+    if case == "inf":  # NaN marks an image a reward cannot score: allowed
+        monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda i, p, m: (torch.tensor([1.0, math.nan]), {}))
+        assert rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])[0][1].isnan()
+
+
+def _color_prompts(tmp_path):
+    prompts = tmp_path / "colors.txt"
+    prompts.write_text("a red image\na blue image\n")
+    return prompts
+
+
+def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatch, tmp_path):
+    """A reward that never returns: the run stops with one line after --reward_timeout (its thread is left
+    behind), batches already queued fail at once, and a process holding such a thread still exits."""
+    release = threading.Event()
+    monkeypatch.setitem(rewards.REWARDS, "hang", lambda device: lambda images, prompts, metadata: release.wait())
+    try:
+        msg = cli_error(capsys, *SMALL, "--reward", "hang", "--prompts", _color_prompts(tmp_path), "--eval_every", 0,
+                        "--sample_batch_size", 4, "--reward_timeout", 1, "--output_dir", tmp_path / "out")
+    finally:
+        release.set()
+    assert msg == ("error: reward 'hang' did not return within 1 s; check it, or raise --reward_timeout if it is "
+                   "only slow")
+    script = ("import threading, torch, rewards\n"
+              "rewards.REWARDS['hang'] = lambda device: lambda i, p, m: threading.Event().wait()\n"
+              "try:\n    rewards.make_reward('hang', 'cpu', timeout=0.5)(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
+              "except rewards.RewardError as e:\n    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0 and "did not return within 0.5 s" in p.stdout, p.stderr[-2000:]
+
+
+class _MisbehavingServer(http.server.BaseHTTPRequestHandler):
+    mode, hits = "ok", []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _MisbehavingServer.hits.append(self.headers.get("Authorization"))
+        mode = _MisbehavingServer.mode
+        if mode == "500" or (mode == "500-then-ok" and len(_MisbehavingServer.hits) == 1):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if mode == "trickle":  # a byte every 0.3 s: no single read ever times out
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            return
+        data = {"garbage": b"<html>not json</html>",
+                "flood": b"x" * (rewards.MAX_REPLY_BYTES + 10)}.get(mode, json.dumps(
+                    {"choices": [{"message": {"content": "Final Score: 4"}}]}).encode())
+        self.send_response(200)
+        if mode != "flood":  # a flood without Content-Length: the cap must hold while reading
+            self.send_header("Content-Length", str(512 << 20) if mode == "huge" else str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def misbehaving_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MisbehavingServer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _MisbehavingServer.hits = []
+    yield f"http://user:hunter2@127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("trickle", "no complete reply within 1 s"),
+    ("flood", "more than 1048576 bytes"),
+    ("huge", "announced a reply of '536870912' bytes"),  # refused before reading it
+    ("garbage", "not JSON (starts b'<html>not json</html>')"),
+    ("500", "HTTP 500 after 3 tries"),
+])
+def test_http_reward_client_fails_in_bounded_time_with_one_line(misbehaving_server, mode, message):
+    _MisbehavingServer.mode = mode
+    fn = rewards.make_unifiedreward("cpu", url=misbehaving_server, timeout=1, retries=2, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(rewards.RewardError) as e:
+        fn(_random_images(1, 16, 16), ["a cat"], [{}])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert "hunter2" not in str(e.value) and "user:" not in str(e.value)  # credentials never printed
+    assert time.monotonic() - start < 8
+    assert len(_MisbehavingServer.hits) == (3 if mode == "500" else 1)  # only 5xx (and connection errors) are retried
+
+
+def test_http_reward_client_retries_a_500_and_sends_url_credentials_as_basic_auth(misbehaving_server):
+    import base64
+    _MisbehavingServer.mode = "500-then-ok"
+    fn = rewards.make_unifiedreward("cpu", url=misbehaving_server, timeout=5, retries=2, backoff=0.05)
+    assert fn(_random_images(1, 16, 16), ["a cat"], [{}])[0].tolist() == pytest.approx([0.8])
+    assert _MisbehavingServer.hits == [f"Basic {base64.b64encode(b'user:hunter2').decode()}"] * 2
+
+
+# ---- non-finite values and a full disk ----
+def _nan_reward(fraction):
+    """A reward factory (registered for one test) that returns NaN for a share of the images."""
+    import rewards
+
+    def make(device):
+        color = rewards.REWARDS["color"](device)
+
+        def fn(images, prompts, metadata):
+            score, _ = color(images, prompts, metadata)
+            score[: int(len(score) * fraction)] = float("nan")
+            return score, {}
+        return fn
+    return make
+
+
+def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch, tmp_path):
+    import rewards
+    monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5))
+    monkeypatch.setitem(rewards.REWARDS, "nan_all", _nan_reward(1.0))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red image\na blue image\n")
+    nft.main([str(a) for a in (*SMALL, "--reward", "nan_half", "--prompts", prompts, "--eval_every", 0,
+                                "--num_epochs", 1, "--output_dir", tmp_path / "half")])
+    m = metrics(tmp_path / "half")
+    assert m[0]["dropped"] == 4 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
+    assert "4 of 8 rewards are NaN/inf" in capsys.readouterr().out
+    msg = cli_error(capsys, *SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 5,
+                    "--max_nonfinite_steps", 2, "--output_dir", tmp_path / "all")  # a reward that scores nothing stops
+    assert msg == ("error: 2 non-finite optimizer steps in a row (no finite reward); stopping with no checkpoint saved "
+                   "yet. Check the reward, then continue with --resume_from latest")
+    m = metrics(tmp_path / "all")  # epoch 0 is logged, with no step taken and no checkpoint of untrained weights
+    assert len(m) == 1 and m[0]["dropped"] == 8 and m[0]["step"] == 0 and nft.checkpoints(tmp_path / "all") == []
+    # a diverged sample (NaN latent, so a NaN colour reward) must not poison the loss of the others
+    real_sample = nft.sample
+    monkeypatch.setattr(nft, "sample", lambda *a, **k: real_sample(*a, **k).index_fill_(0, torch.tensor([0]), math.nan))
+    nft.main([str(a) for a in (*SMALL, "--prompts", prompts, "--eval_every", 0, "--num_epochs", 1,
+                                "--kl_coef", 1e-4, "--output_dir", tmp_path / "nan_x0")])
+    m = metrics(tmp_path / "nan_x0")
+    assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and math.isfinite(m[0]["kl"])
+
+
+def test_nonfinite_gradients_skip_steps_then_stop_with_checkpoint_intact(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    nft.main([str(a) for a in (*SMALL, "--eval_every", 0, "--num_epochs", 1, "--output_dir", out)])
+    good = state(nft.checkpoints(out)[-1])
+    real_loss = nft.nft_loss
+    monkeypatch.setattr(nft, "nft_loss", lambda *a: real_loss(*a) * float("nan"))  # fault injection
+    msg = cli_error(capsys, *SMALL, "--eval_every", 0, "--num_epochs", 9, "--output_dir", out,
+                    "--resume_from", "latest", "--max_nonfinite_steps", 2)
+    assert "2 non-finite optimizer steps in a row" in msg
+    assert_same_state(state(nft.checkpoints(out)[0]), good)  # the last good checkpoint is intact
+    newest = state(nft.checkpoints(out)[-1])  # a checkpoint after a skipped step holds unchanged, finite weights
+    assert all(torch.equal(newest["default"][n], good["default"][n]) for n in good["default"])
+
+
+def test_optimizer_step_undoes_a_step_that_makes_weights_nonfinite():
+    p = torch.nn.Parameter(torch.ones(4))
+    params = {"w": p}
+    opt = torch.optim.AdamW([p], lr=1e-2)
+    p.grad = torch.ones(4)
+    assert nft.optimizer_step(params, opt, 1.0)[1] is None  # a good step
+    good_w, good_state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    for group in opt.param_groups:
+        group["lr"] = float("inf")  # finite gradient, infinite step: every weight NaN/inf, as with --learning_rate inf
+    p.grad = torch.ones(4)
+    norm, problem = nft.optimizer_step(params, opt, 1.0)
+    assert norm is None and problem == "the step made the weights NaN/inf"
+    assert torch.equal(p.detach(), good_w) and all(torch.equal(opt.state[p][k], good_state[k]) for k in good_state)
+    p.grad = torch.full((4,), float("nan"))
+    assert nft.optimizer_step(params, opt, 1.0) == (None, "non-finite gradient") and torch.equal(p.detach(), good_w)
+    fresh = torch.nn.Parameter(torch.ones(2))  # a first step that diverges leaves no optimizer state behind
+    opt = torch.optim.AdamW([fresh], lr=float("inf"))
+    fresh.grad = torch.ones(2)
+    assert nft.optimizer_step({"f": fresh}, opt, 1.0)[1] and not opt.state and torch.equal(fresh.detach(), torch.ones(2))
+
+
+def test_divergence_is_undone_and_resume_applies_the_new_learning_rate(capsys, monkeypatch, one_epoch_run, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(one_epoch_run, out)
+    good = state(nft.checkpoints(out)[-1])
+    used, real_step = [], torch.optim.AdamW.step
+
+    def diverging_step(self, *a, **k):  # records the rate in use, then NaN weights, as an infinite rate
+        used.append(self.param_groups[0]["lr"])
+        real_step(self, *a, **k)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
+    with pytest.raises(SystemExit) as e:
+        nft.main([str(a) for a in (*SMALL_NO_EVAL, "--num_epochs", 5, "--output_dir", out, "--resume_from", "latest",
+                                   "--learning_rate", 0.02, "--max_nonfinite_steps", 2, "--save_every", 1)])
+    printed, err = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "2 non-finite optimizer steps in a row (the step made the weights NaN/inf)" in err
+    assert "resumed optimizer takes the flags given now: --learning_rate 0.01 -> 0.02" in printed
+    assert used == [0.02, 0.02] and json.load(open(out / "config.json"))["learning_rate"] == 0.02
+    ckpts = nft.checkpoints(out)  # epochs 1 and 2 took no step: no checkpoint of them, and none of NaN weights
+    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001"] and "epoch 1 took no optimizer step" in printed
+    assert_same_state(state(ckpts[0]), good)
+    for line in open(out / "metrics.jsonl"):
+        assert "NaN" not in line and "Infinity" not in line
+
+
+def test_json_never_holds_bare_nan_and_readers_cope(tmp_path):
+    row = nft.json_safe(dict(epoch=0, step=0, reward_mean=float("nan"), loss=float("inf"), xs=[1.0, float("-inf")]))
+    line = json.dumps(row, allow_nan=False)
+    assert "NaN" not in line and "Infinity" not in line and json.loads(line)["reward_mean"] is None
+    assert nft._epoch_of(line) == 0
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(line + "\n" + json.dumps(dict(epoch=1, step=1, reward_mean=0.5, eval_reward_mean=0.4)) + "\n")
+    nft.plot_curves(str(path), str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tmp_path):
+    import errno
+    from peft import LoraConfig
+    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
+    meta = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    st = dict(default=lora, old=lora, ema=lora, step=1)
+    good = nft.save_checkpoint(args, 1, st, lora, meta)
+    real_save = torch.save
+    for fault in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")):
+        def full(*a, **k):
+            raise fault
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(nft.UserError, match="no space left on device; the last good checkpoint is kept"):
+            nft.save_checkpoint(args, 2, st, lora, meta)
+        assert nft.checkpoints(tmp_path) == [good] and os.listdir(tmp_path / "checkpoints") == ["checkpoint-00001"]
+    monkeypatch.setattr(torch, "save", real_save)
+    nan = {n: torch.full_like(t, float("nan")) for n, t in lora.items()}
+    with pytest.raises(nft.UserError, match="NaN/inf, so no checkpoint is saved"):
+        nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), nan, meta)
+    assert nft.checkpoints(tmp_path) == [good] and state(good)["default"].keys() == lora.keys()
+    assert "no space left on device" in str(nft.write_error(OSError(errno.ENOSPC, "x"), "metrics.jsonl"))
+    from safetensors import SafetensorError  # how safetensors words it
+    rust = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    assert "no space left on device" in str(nft.write_error(rust, "pytorch_lora_weights.safetensors"))
+
+
+# --------------------------------------------------------------------------- evaluation
+# ---- aggregation (pure) ----
+EVAL_SMALL = ["--model", "tiny", "--reward", "color", "--eval_max_prompts", 4, "--eval_images_per_prompt", 2,
+             "--resolution", 32, "--max_sequence_length", 16, "--eval_num_steps", 4]
+
+
+def eval_rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "eval_images.jsonl"))]
+
+
+def tiny_velocity(transformer):
+    g = torch.Generator().manual_seed(0)
+    x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        return nft.velocity(transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
+
+
+def test_geneval_metrics_average_the_tags_not_the_images():
+    # 3 single_object images (2 correct) and 1 counting image (correct): per tag 2/3 and 1, overall 5/6
+    # (the mean over images would be 3/4)
+    results = [dict(tag=t, reward=p, geneval=p, **{"geneval/correct": c, "geneval/strict": s, "geneval/partial": p})
+               for t, c, s, p in [("single_object", 1.0, 1.0, 1.0), ("single_object", 0.0, 0.0, 0.5),
+                                  ("single_object", 1.0, 0.0, 0.75), ("counting", 1.0, 1.0, 1.0)]]
+    m = nft.eval_metrics(results, "geneval")
+    assert m["single_object"] == pytest.approx(2 / 3) and m["counting"] == 1.0
+    assert m["GenEval overall"] == pytest.approx(5 / 6)
+    assert m["GenEval strict"] == pytest.approx(0.5) and m["GenEval partial"] == pytest.approx(3.25 / 4)
+    assert list(m)[:3] == ["GenEval overall", "single_object", "counting"]
+
+
+def test_ocr_and_drawbench_metrics():
+    m = nft.eval_metrics([dict(reward=r, ocr=r) for r in (1.0, 0.5, 1.0, 0.0)], "ocr")
+    assert m == {"OCR accuracy": 0.625, "OCR exact": 0.5}
+    spec = "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1"
+    comps = dict(pickscore=0.9, clipscore=0.3, hpsv2=0.33, aesthetic=6.0, imagereward=1.5)
+    results = [dict(reward=sum(comps.values()), **comps)] * 2
+    m = nft.eval_metrics(results, spec)
+    assert list(m) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
+    assert m["PickScore"] == pytest.approx(23.4) and m["Aesthetic"] == pytest.approx(6.0)  # PickScore x26 as printed
+    assert nft.EVAL_IMAGES["geneval"] == 4 and nft.EVAL_IMAGES["ocr"] == 1 and nft.EVAL_IMAGES["pickscore"] == 5
+
+
+# ---- seeds, ranks and defaults ----
+def test_geneval_tags_reach_the_evaluation_report(tiny_sd3, one_thread):
+    """evaluate() carries each record's tag into its results, so eval_metrics can average per tag."""
+    records = [r for t in rewards.GENEVAL_TAGS for r in rewards.geneval_prompts("test") if r["tag"] == t][::40]
+    def fake(images, prompts, metadata):  # what make_reward("geneval") returns, with made-up scores
+        correct = torch.tensor([float(m["tag"] == "counting") for m in metadata])
+        return correct, {"geneval": correct, "geneval/partial": correct, "geneval/strict": correct, "geneval/correct": correct}
+    args = nft.parse_args([str(a) for a in EVAL_SMALL] + ["--eval_images_per_prompt", "1"])
+    results = nft.evaluate(tiny_sd3, records, fake, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    assert [r["tag"] for r in results] == [r["tag"] for r in records]
+    m = nft.eval_metrics(results, "geneval")
+    assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
+
+
+def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3, one_thread):
+    pipe = tiny_sd3
+    records = rewards.default_prompts("color", "test")
+    fn = rewards.make_reward("color", "cpu")
+    args = nft.parse_args([str(a) for a in EVAL_SMALL])
+
+    def scores(**kw):
+        for k, v in kw.items():
+            setattr(args, k, v)
+        res = nft.evaluate(pipe, records, fn, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+        return {(r["index"], r["image"]): (r["seed"], r["reward"]) for r in res}
+
+    a = scores(sample_batch_size=8)
+    assert len(a) == 8 and len({s for s, _ in a.values()}) == 8  # one seed per (prompt, image)
+    assert scores(sample_batch_size=8) == a  # the same run twice: identical
+    b = scores(sample_batch_size=3)  # other batches: the same images up to float rounding
+    assert all(b[key][0] == a[key][0] and b[key][1] == pytest.approx(a[key][1], abs=1e-5) for key in a)
+    assert scores(sample_batch_size=8, seed=7) != a
+
+
+def test_evaluation_shows_a_progress_bar(capsys, one_thread):
+    """A long evaluation (the OCR test set is 1018 images) shows a bar counting its batches."""
+    records = [{"prompt": f"a {c} image"} for c in ("red", "green", "blue")]
+    args = nft.parse_args([str(a) for a in EVAL_SMALL] + ["--sample_batch_size", "2"])
+    results = nft.evaluate(nft.random_pipeline("tiny"), records, rewards.make_reward("color", "cpu"), args,
+                           torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    err = capsys.readouterr().err
+    assert len(results) == 6 and "evaluating 6 images" in err and "/3 " in err  # 3 batches of 2
+
+
+def test_eval_on_two_gloo_ranks_covers_every_item_once(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = run_single_threaded("--eval_only", *EVAL_SMALL, "--output_dir", one)
+    run_single_threaded("--eval_only", *EVAL_SMALL, "--output_dir", two, nproc=2)
+    rows1, rows2 = eval_rows(one), eval_rows(two)
+    keys = [(r["index"], r["image"]) for r in rows2]
+    assert len(keys) == len(set(keys)) == 8 and set(keys) == {(i, k) for i in range(4) for k in range(2)}
+    assert [(r["index"], r["image"], r["seed"]) for r in rows1] == [(r["index"], r["image"], r["seed"]) for r in rows2]
+    assert [r["reward"] for r in rows2] == pytest.approx([r["reward"] for r in rows1], abs=1e-5)
+    assert set(rows1[0]) >= {"index", "image", "prompt", "seed", "reward", "color"}
+    summary = json.load(open(one / "eval.json"))
+    assert summary["images"] == 8 and summary["eval_num_steps"] == 4 and summary["metrics"]["color"] == pytest.approx(summary["reward_mean"])
+    table = open(one / "eval.md").read()
+    assert "| model | color |" in table and "| base |" in table and "| model | color |" in p.stdout
+
+
+def test_eval_only_defaults_to_the_official_evaluation_settings():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    args = nft.parse_args(["--eval_only", "--reward", "geneval"])
+    assert args.max_sequence_length == 256 and nft.precision_mode(args, gpu) == "fp16" and nft.precision_mode(args, cpu) == "no"
+    args = nft.parse_args(["--eval_only", "--reward", "geneval", "--max_sequence_length", "128", "--mixed_precision", "bf16"])
+    assert args.max_sequence_length == 128 and nft.precision_mode(args, gpu) == "bf16"
+    args = nft.parse_args(["--reward", "geneval"])  # training and its evaluations keep 128 and bf16
+    assert args.max_sequence_length == 128 and nft.precision_mode(args, gpu) == "bf16"
+    assert nft.parse_args(["--eval_only", "--model", "tiny", "--reward", "color"]).max_sequence_length == 16  # preset's
+
+
+def test_official_test_files_repeat_prompts_and_evaluation_dedupes(tmp_path):
+    root = _official_dataset(tmp_path / "dataset")
+    lines = nft.load_prompts(str(root / "drawbench/test.txt"))
+    assert len(lines) == 10 and [r["prompt"] for r in nft.dedupe_records(lines)] == ["a green cube", "a white cat"]
+    official = nft.load_prompts(str(root / "geneval/test_metadata.jsonl"))
+    assert nft.dedupe_records(official) == rewards.geneval_prompts("test")[:3]
+
+
+# ---- LoRAs evaluated ----
+def test_peft_layout_lora_loads_with_its_scaling(tmp_path, one_thread):
+    """An official-style checkpoint (peft save_pretrained: adapter_model.safetensors + adapter_config.json,
+    keys base_model.model.<module>.lora_A.weight) gives the source model's velocity; alpha/r = 3 matters."""
+    from peft import LoraConfig, get_peft_model
+    source = nft.random_pipeline("tiny").transformer
+    config = LoraConfig(r=4, lora_alpha=12, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
+    peft_model = get_peft_model(source, config)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    folder = tmp_path / "checkpoint-7" / "lora"
+    peft_model.save_pretrained(folder)
+    from safetensors.torch import load_file
+    assert any(k.startswith("base_model.model.transformer_blocks.0.attn.to_q.lora_A") for k in load_file(folder / "adapter_model.safetensors"))
+    v_source = tiny_velocity(peft_model.base_model.model)
+
+    pipe = nft.random_pipeline("tiny")
+    v_base = tiny_velocity(pipe.transformer)
+    lora = nft.find_lora(str(tmp_path / "checkpoint-7"))  # the checkpoint folder finds its lora/
+    assert lora[0] == str(folder / "adapter_model.safetensors") and lora[1]["r"] == 4 and lora[1]["lora_alpha"] == 12
+    nft.load_lora(pipe, lora)
+    v_loaded = tiny_velocity(pipe.transformer)
+    assert (v_source - v_base).abs().max() > 1e-4
+    assert torch.allclose(v_loaded, v_source, atol=1e-6)
+    assert nft.find_lora(str(folder / "adapter_model.safetensors"))[0] == lora[0]
+
+
+def test_eval_of_a_training_checkpoint_writes_compare_and_curves(tmp_path, one_thread):
+    """A short training run's diffusers LoRA evaluates, differs from the base, and yields both pictures."""
+    from PIL import Image
+    run = tmp_path / "run"
+    run_single_threaded("--model", "tiny", "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
+            "--sample_batch_size", 8, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", run)
+    ckpt = run / "checkpoints" / "checkpoint-00001"
+    assert nft.find_lora(str(ckpt))[0] == str(ckpt / "pytorch_lora_weights.safetensors")
+    pipe = nft.random_pipeline("tiny")
+    v_base = tiny_velocity(pipe.transformer)
+    nft.load_lora(pipe, nft.find_lora(str(ckpt / "pytorch_lora_weights.safetensors")))  # the file itself works too
+    assert (tiny_velocity(pipe.transformer) - v_base).abs().max() > 1e-6
+
+    out = tmp_path / "eval"
+    run_single_threaded("--eval_only", *EVAL_SMALL, "--lora", ckpt, "--output_dir", out)
+    assert len(eval_rows(out)) == 8 and "| checkpoint-00001 |" in open(out / "eval.md").read()
+    compare = Image.open(out / "compare.png")
+    assert compare.format == "PNG" and compare.size == (160 + 2 * 128, 16 + 4 * 128)  # label strips + 2 columns x 4 prompts, 32 px x4
+    curves = Image.open(out / "curves.png")  # found through the LoRA's run folder
+    assert curves.format == "PNG" and curves.size == (640, 400)
+
+
+def test_eval_only_of_a_family_checkpoint_scores_as_in_training(family_demo, tmp_path):
+    """--eval_only --lora on a family checkpoint: the trained LoRA scores as in training (the same images as
+    the demo's last evaluation) and beats the base model."""
+    name, demo = family_demo
+    out = tmp_path / "eval"
+    run_nft("--eval_only", "--model", TINY_FAMILIES[name], "--reward", "color", "--lora", nft.checkpoints(demo)[-1],
+            "--eval_images_per_prompt", 4, "--mixed_precision", "no", "--output_dir", out)
+    result = json.load(open(out / "eval.json"))
+    assert result["reward_mean"] == pytest.approx(metrics(demo)[-1]["eval_reward_mean"], abs=1e-4)
+    assert os.path.isfile(out / "compare.png")
+
+
+# ---- evaluation rewards beside the training reward ----
+def test_eval_rewards_score_beside_the_training_reward(monkeypatch):
+    """rewards.with_eval_rewards keeps the training reward's total, adds each eval reward's score to the components,
+    and loads a reward once (one already trained on is not loaded again); eval_metrics tables them all, with the
+    weighted sum only for a training spec of several rewards."""
+    loads = []
+    for name in ("color", "jpeg"):
+        def counted(device, make=rewards.REWARDS[name], name=name):
+            loads.append(name)
+            return make(device)
+        monkeypatch.setitem(rewards.REWARDS, name, counted)
+    train = rewards.make_reward("color", "cpu")
+    both = rewards.with_eval_rewards(train, "color", "jpeg,color", "cpu")
+    assert loads == ["color", "jpeg"] and rewards.with_eval_rewards(train, "color", "", "cpu") is train
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red image", "a blue image"]
+    (total, comps), (alone, _) = both(images, prompts, [{}, {}]), train(images, prompts, [{}, {}])
+    assert torch.equal(total, alone) and set(comps) == {"color", "jpeg"} and (comps["jpeg"] < 0).all()
+    results = [dict(reward=float(total[i]), **{k: float(v[i]) for k, v in comps.items()}) for i in range(2)]
+    assert set(nft.eval_metrics(results, "color", "jpeg")) == {"color", "jpeg"}
+    assert "reward (weighted sum)" in nft.eval_metrics(results, "color:1,jpeg:1", "jpeg")
+
+
+def test_eval_rewards_are_logged_and_eval_only_tables_them(guided_demo, tmp_path, one_thread):
+    """--eval_reward jpeg: the base model's evaluation and the last one log eval_jpeg (_before) without training on it;
+    --eval_only of the last checkpoint with the same flags scores the same images (the same colour and jpeg means),
+    puts jpeg in eval.json and eval.md, and records the text length and precision it ran at."""
+    m = metrics(guided_demo)
+    assert -1 < m[0]["eval_jpeg_before"] < 0 and -1 < m[-1]["eval_jpeg"] < 0 and "reward_jpeg" not in m[-1]
+    out = tmp_path / "eval"
+    nft.main(["--eval_only", "--model", "tiny", "--reward", "color", "--eval_reward", "jpeg", "--guidance_scale", "2",
+              "--lora", nft.checkpoints(guided_demo)[-1], "--eval_images_per_prompt", "4", "--output_dir", str(out)])
+    result = json.load(open(out / "eval.json"))
+    assert result["reward_mean"] == pytest.approx(m[-1]["eval_reward_mean"], abs=1e-4)
+    assert result["metrics"]["jpeg"] == pytest.approx(m[-1]["eval_jpeg"], abs=1e-5)
+    assert "| jpeg |" in open(out / "eval.md").read() and result["eval_reward"] == "jpeg"
+    assert (result["max_sequence_length"], result["transformer_precision"]) == (16, "fp32")
+    assert result["negative_prompt"] == "" and result["embedded_guidance_scale"] is None
+
+
+# --------------------------------------------------------------------------- rewards
+def _detection(box, score=0.95, color=None):
+    return {"box": box, "score": score, "color": color}
+
+
+def _geneval_record(tag, include, exclude=None):
+    record = {"tag": tag, "include": include, "prompt": "p"}
+    if exclude:
+        record["exclude"] = exclude
+    return record
+
+
+def _tiny_clip(projection_dim=16):
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=60, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=projection_dim)
+    return CLIPModel(cfg).eval()
+
+
+def _letter_tokenizer():
+    """A character-level CLIP BPE tokenizer built in memory (no merges): one token per letter."""
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz-":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def _clip_processor(size=32):
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _random_images(n=2, h=40, w=48, seed=0):
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- geneval rules ----
+@pytest.mark.parametrize("tag, detections, include, exclude, expected", [
+    # single object found / below the 0.3 threshold
+    ("single_object", {"apple": [_detection((0, 0, 10, 10), 0.5)]}, [{"class": "apple", "count": 1}], None, (1.0, True, True)),
+    ("single_object", {"apple": [_detection((0, 0, 10, 10), 0.29)]}, [{"class": "apple", "count": 1}], None, (0.0, False, False)),
+    ("two_object", {"apple": [_detection((0, 0, 9, 9))]}, [{"class": "apple", "count": 1}, {"class": "dog", "count": 1}], None, (0.5, False, False)),
+    # counting: 0.9 threshold keeps 2 of 3
+    ("counting", {"dog": [_detection((0, 0, 9, 9), s) for s in (0.95, 0.92, 0.5)]},
+     [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}], (1.0, True, True)),
+    # counting with extras: the count term goes negative, the exclude fails the benchmark
+    ("counting", {"dog": [_detection((0, 0, 9, 9))] * 5}, [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}],
+     (1 - 3 / 2, False, False)),
+    ("counting", {"dog": [_detection((0, 0, 9, 9))] * 1}, [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}],
+     (0.5, False, False)),
+    # the 16 cap: 20 confident detections count as 16
+    ("counting", {"person": [_detection((0, 0, 9, 9))] * 20}, [{"class": "person", "count": 2}], None, (1 - 14 / 2, False, True)),
+    # colors
+    ("colors", {"apple": [_detection((0, 0, 9, 9), color="red")]}, [{"class": "apple", "count": 1, "color": "red"}], None, (1.0, True, True)),
+    ("colors", {"apple": [_detection((0, 0, 9, 9), color="blue")]}, [{"class": "apple", "count": 1, "color": "red"}], None, (0.5, False, False)),
+    # two apples for one: partial 0 (count term 0, color term 0), benchmark still correct (top one red)
+    ("colors", {"apple": [_detection((0, 0, 9, 9), 0.9, "red"), _detection((0, 0, 9, 9), 0.8, "blue")]},
+     [{"class": "apple", "count": 1, "color": "red"}], None, (0.0, False, True)),
+    ("color_attr", {"apple": [_detection((0, 0, 9, 9), color="red")], "cup": [_detection((0, 0, 9, 9), color="red")]},
+     [{"class": "apple", "count": 1, "color": "red"}, {"class": "cup", "count": 1, "color": "blue"}], None, (0.75, False, False)),
+])
+def test_geneval_score_rules(tag, detections, include, exclude, expected):
+    partial, strict, correct = rewards.geneval_score(detections, _geneval_record(tag, include, exclude))
+    assert partial == pytest.approx(expected[0])
+    assert (strict, correct) == expected[1:]
+
+
+_POSITION_INCLUDE = [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}]
+
+
+def test_geneval_position_rules():
+    cat = [_detection((50, 0, 60, 10))]
+    ok = rewards.geneval_score({"cat": cat, "dog": [_detection((0, 0, 10, 10))]}, _geneval_record("position", _POSITION_INCLUDE))
+    assert ok == (1.0, True, True)
+    # wrong side: terms [1, 1, 0] (the official server appends another 1.0, giving 0.75)
+    bad = rewards.geneval_score({"cat": cat, "dog": [_detection((80, 0, 90, 10))]}, _geneval_record("position", _POSITION_INCLUDE))
+    assert bad == (pytest.approx(2 / 3), False, False)
+    # missing target: cat term 0, dog count 1, position 0
+    none = rewards.geneval_score({"dog": [_detection((0, 0, 10, 10))]}, _geneval_record("position", _POSITION_INCLUDE))
+    assert none == (pytest.approx(1 / 3), False, False)
+
+
+def test_relative_position_margin_and_every_pair():
+    # centers 6 apart, sizes 20 + 20: the 0.1 margin eats 4 of the 6, dx = -2/6 -> no relation
+    assert rewards.relative_position((10, 0, 30, 20), (16, 0, 36, 20)) == set()
+    assert rewards.relative_position((10, 0, 30, 20), (30, 0, 50, 20)) == {"left of"}
+    assert rewards.relative_position((0, 0, 10, 10), (0, 50, 10, 60)) == {"above"}
+    assert rewards.relative_position((0, 50, 10, 60), (0, 0, 10, 10)) == {"below"}
+    assert rewards.relative_position((0, 0, 10, 10), (0, 0, 10, 10)) == set()
+    # two dogs "left of" a cat: one dog sits right of it, so the relation fails
+    include = [{"class": "cat", "count": 1}, {"class": "dog", "count": 2, "position": ["left of", 0]}]
+    dets = {"cat": [_detection((40, 0, 50, 10))], "dog": [_detection((0, 0, 10, 10)), _detection((70, 0, 80, 10))]}
+    assert rewards.geneval_score(dets, _geneval_record("position", include))[1:] == (False, False)
+    dets["dog"][1] = _detection((0, 20, 10, 30))
+    assert rewards.geneval_score(dets, _geneval_record("position", include)) == (1.0, True, True)
+
+
+def test_geneval_summary_is_mean_of_tags():
+    s = rewards.geneval_summary([True, False, False, True], ["a", "a", "a", "b"])
+    assert s["a"] == pytest.approx(1 / 3) and s["b"] == 1.0
+    assert s["overall"] == pytest.approx((1 / 3 + 1) / 2)  # not the image mean 0.5
+    assert s["n/a"] == 3 and s["n"] == 4
+
+
+# ---- geneval models ----
+def test_mask2former_instances_by_hand():
+    class_logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 2.0, 0.0]])  # 2 queries, 3 classes + no-object
+    mask_logits = torch.full((2, 4, 4), -5.0)
+    mask_logits[0, 1:3, 0:2] = 5.0
+    mask_logits[1, 0, 3] = 5.0
+    labels, scores, boxes, masks = rewards.mask2former_instances(class_logits, mask_logits, (4, 4), top_k=3)
+    probs = class_logits.softmax(-1)[:, :-1]
+    expected = sorted([(probs[0, 0], 0, 0), (probs[1, 1], 1, 1), (probs[1, 2], 1, 2)], key=lambda t: -t[0])
+    mask_score = torch.sigmoid(torch.tensor(5.0))
+    for (p, q, c), label, score, box in zip(expected, labels, scores, boxes):
+        assert int(label) == c
+        assert float(score) == pytest.approx(float(p * mask_score), rel=1e-5)
+        assert box.tolist() == ([0, 1, 2, 3] if q == 0 else [3, 0, 4, 1])
+
+
+class _StubDetector(torch.nn.Module):
+    """Returns fixed logits: the only thing replaced is the model's forward (the model boundary)."""
+
+    def __init__(self, class_logits, mask_logits):
+        super().__init__()
+        self.class_logits, self.mask_logits = class_logits, mask_logits
+        self.seen = []
+
+    def forward(self, pixel_values):
+        self.seen.append(tuple(pixel_values.shape))
+        return types.SimpleNamespace(class_queries_logits=self.class_logits, masks_queries_logits=self.mask_logits)
+
+
+class _ColorClip(torch.nn.Module):
+    """A CLIP stand-in at the model boundary: image feature = mean pixel color - 0.5, text feature =
+    RGB of the color word named by the (fake) tokenizer - 0.5. Counts image calls."""
+    RGB = {"red": (1, 0, 0), "orange": (1, .5, 0), "yellow": (1, 1, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
+           "purple": (.5, 0, .5), "pink": (1, .7, .8), "brown": (.5, .3, .1), "black": (0, 0, 0), "white": (1, 1, 1)}
+
+    def __init__(self):
+        super().__init__()
+        self.image_calls = 0
+        self.table = torch.tensor([self.RGB[c] for c in rewards.GENEVAL_COLORS]) - 0.5
+
+    def get_image_features(self, pixel_values):
+        self.image_calls += 1
+        return pixel_values.mean(dim=(2, 3)) - 0.5  # processor mean 0, std 1: pixels are colors
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self.table[input_ids[:, 0]]
+
+
+def _color_word_tokenizer(texts, **kwargs):
+    from transformers import BatchEncoding
+    ids = [[next(i for i, c in enumerate(rewards.GENEVAL_COLORS) if f" {c}" in t)] for t in texts]
+    return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), 1, dtype=torch.long)})
+
+
+def _detector_processor():
+    from transformers import Mask2FormerImageProcessor
+    return Mask2FormerImageProcessor()  # only its ImageNet mean / std are used
+
+
+def test_geneval_scores_a_painted_rectangle_through_a_stubbed_detector():
+    # two 64x64 gray images, a red and a blue rectangle at x 16..32, y 32..48
+    images = torch.full((2, 3, 64, 64), 0.6)
+    images[0, :, 32:48, 16:32] = torch.tensor([1.0, 0, 0]).view(3, 1, 1)
+    images[1, :, 32:48, 16:32] = torch.tensor([0, 0, 1.0]).view(3, 1, 1)
+    apple = rewards.COCO_CLASSES.index("apple")
+    class_logits = torch.full((2, 3, 81), -10.0)
+    class_logits[:, 0, apple] = 10.0  # query 0 is an apple; the others are "no object"
+    class_logits[:, 1:, 80] = 10.0
+    mask_logits = torch.full((2, 3, 16, 16), -10.0)  # detector masks at 1/4 of its 64 px input
+    mask_logits[:, 0, 8:12, 4:8] = 10.0
+    detector, clip = _StubDetector(class_logits, mask_logits), _ColorClip()
+    ip = types.SimpleNamespace(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                               image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    scorer = rewards.GenEvalScorer(detector, _detector_processor(), clip, _color_word_tokenizer, ip, "cpu", (64, 128))
+
+    dets = scorer.detect(images)
+    best = max(dets[0]["apple"], key=lambda d: d["score"])
+    assert np.allclose(best["box"], (16, 32, 32, 48), atol=1)
+    assert best["score"] > 0.9 and detector.seen == [(2, 3, 64, 64)]
+
+    meta = {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}], "prompt": "a photo of a red apple"}
+    score, comps = scorer(images, [meta["prompt"]] * 2, [meta, meta])
+    assert score.tolist() == [1.0, 0.5]  # red apple right; blue apple: count 1, color 0
+    assert comps["correct"].tolist() == [1.0, 0.0] and comps["strict"].tolist() == [1.0, 0.0]
+    assert clip.image_calls == 1  # both crops of the batch in one CLIP call
+    assert score.dtype == torch.float32 and score.device.type == "cpu"
+
+
+def test_geneval_makes_one_clip_call_for_all_crops():
+    cup = rewards.COCO_CLASSES.index("cup")
+    class_logits = torch.full((3, 4, 81), -10.0)
+    class_logits[:, :2, cup] = 10.0  # two cups per image
+    class_logits[:, 2:, 80] = 10.0
+    mask_logits = torch.full((3, 4, 8, 8), -10.0)
+    mask_logits[:, 0, 0:2, 0:2] = 10.0
+    mask_logits[:, 1, 4:6, 4:6] = 10.0
+    clip = _ColorClip()
+    ip = types.SimpleNamespace(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
+                               image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    from transformers import Mask2FormerImageProcessor
+    scorer = rewards.GenEvalScorer(_StubDetector(class_logits, mask_logits), Mask2FormerImageProcessor(),
+                                   clip, _color_word_tokenizer, ip, "cpu", (32, 64))
+    meta = {"tag": "counting", "include": [{"class": "cup", "count": 2, "color": "green"}], "prompt": "p"}
+    score, comps = scorer(torch.rand(3, 3, 32, 32), ["p"] * 3, [meta] * 3)
+    assert clip.image_calls == 1 and score.shape == (3,)
+
+
+def test_geneval_on_a_tiny_mask2former_and_clip_end_to_end():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    torch.manual_seed(0)
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=swin, hidden_dim=32, num_queries=12, encoder_layers=1, decoder_layers=2,
+                            feature_size=32, mask_feature_size=32, dim_feedforward=64, num_attention_heads=2,
+                            encoder_feedforward_dim=64, num_labels=80, use_pretrained_backbone=False)
+    detector = Mask2FormerForUniversalSegmentation(cfg)
+    scorer = rewards.GenEvalScorer(detector, _detector_processor(), _tiny_clip(), _letter_tokenizer(), _clip_processor(),
+                                   "cpu", (64, 128))
+    images = _random_images(2, 48, 48)
+    dets = scorer.detect(images)
+    assert sum(len(v) for v in dets[0].values()) == 100  # top-100 (query, class) pairs, no NMS
+    for name, objects in dets[0].items():
+        assert name in rewards.COCO_CLASSES
+        for d in objects:
+            assert 0 <= d["score"] <= 1 and d["mask"].shape == (48, 48)
+            assert 0 <= d["box"][0] <= d["box"][2] <= 48 and 0 <= d["box"][1] <= d["box"][3] <= 48
+    meta = rewards.geneval_prompts("test")
+    score, comps = scorer(images, [m["prompt"] for m in meta[:2]], meta[:2])
+    assert score.shape == (2,) and set(comps) == {"partial", "strict", "correct"}
+    assert torch.isfinite(score).all()
+    # colors of kept objects go through CLIP crops: force a confident detection of a colored class
+    det = scorer.detect(images)[0]
+    name = next(iter(det))
+    d = det[name][0]
+    colors = scorer.classify_colors(images, [(0, name, d), (1, name, d)])
+    assert len(colors) == 2 and all(c in rewards.GENEVAL_COLORS for c in colors)
+
+
+def test_geneval_maps_labels_by_index():
+    mouse = rewards.COCO_CLASSES.index("computer mouse")
+    assert mouse == 64 and rewards.COCO_CLASSES[65:67] == ["tv remote", "computer keyboard"]
+    class_logits = torch.full((1, 1, 81), -10.0)
+    class_logits[0, 0, mouse] = 10.0
+    mask_logits = torch.full((1, 1, 8, 8), 10.0)
+    scorer = rewards.GenEvalScorer(_StubDetector(class_logits, mask_logits), _detector_processor(),
+                                   _ColorClip(), _color_word_tokenizer, _clip_processor(8), "cpu", (32, 64))
+    dets = scorer.detect(torch.rand(1, 3, 32, 32))[0]
+    assert max(d["score"] for d in dets["computer mouse"]) > 0.9
+
+
+# ---- ocr ----
+def _text_image(text, size=(256, 128)):
+    image = Image.new("RGB", size, "white")
+    if text:
+        ImageDraw.Draw(image).text((20, 40), text, fill="black", font=ImageFont.load_default(size=40))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+
+
+def test_ocr_reward_from_text():
+    assert rewards.ocr_reward_from_text("The Big Coffee shop", "coffee") == 1.0  # substring, case, spaces
+    assert rewards.ocr_reward_from_text("cofee", "coffee") == pytest.approx(1 - 1 / 6)
+    assert rewards.ocr_reward_from_text("", "coffee") == 0.0
+    assert rewards.ocr_reward_from_text("a much longer unrelated text", "ab") == 0.0  # capped at len
+    assert rewards.levenshtein("kitten", "sitting") == 3
+    assert rewards.ocr_target('A sign that says "Hello World" and "x"') == "Hello World"
+    with pytest.raises(rewards.RewardError, match="double quotes"):
+        rewards.ocr_target("no quotes here")
+
+
+def test_ocr_reads_rendered_text_with_rapidocr():
+    pytest.importorskip("rapidocr_onnxruntime")
+    fn = rewards.REWARDS["ocr"](torch.device("cpu"))
+    images = torch.cat([_text_image("COFFEE"), _text_image("COFFEX"), _text_image("")])
+    prompts = ['A mug that says "coffee"'] * 3
+    scores, comps = fn(images, prompts, [{}] * 3)
+    assert scores.tolist() == pytest.approx([1.0, 1 - 1 / 6, 0.0])
+    assert scores.dtype == torch.float32 and comps == {}
+
+
+def test_ocr_engine_settings_as_official():
+    calls = []
+
+    def engine(image, use_cls=None):
+        calls.append(use_cls)
+        return [([0], "COF", 0.49), ([0], "FEE", 0.5), ([0], "SHOP", 0.9)], None
+    fn = rewards.make_ocr("cpu", engine=engine, workers=1)
+    scores, _ = fn(torch.zeros(1, 3, 8, 8), ['A mug that says "fee shop"'], [{}])
+    assert calls == [False] and scores.tolist() == [1.0]  # "COF" (score < 0.5) dropped: "feeshop" found
+
+
+# ---- jpeg and color ----
+def test_jpeg_reward_by_hand():
+    images = _random_images(2, 32, 32)
+    scores, _ = rewards.REWARDS["jpeg"]("cpu")(images, ["a", "b"], [{}, {}])
+    for image, score in zip(images, scores):
+        buffer = io.BytesIO()
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        assert float(score) == pytest.approx(-len(buffer.getvalue()) / 1000 / 500)
+
+
+def test_color_reward_by_hand():
+    fn = rewards.REWARDS["color"]("cpu")
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0] = 1.0  # pure red
+    images[1] = torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1)
+    scores, _ = fn(images, ["a red image", "a Blue sky"], [{}, {}])
+    assert scores.tolist() == pytest.approx([1.0, 1 - (0.2 + 0.4 + 0.4) / 3])
+    with pytest.raises(rewards.RewardError, match="a cat"):
+        fn(images, ["a red image", "a cat"], [{}, {}])
+    assert [r["prompt"] for r in rewards.default_prompts("color", "train")] == \
+        ["a red image", "a green image", "a blue image", "a yellow image"]
+
+
+# ---- CLIP family ----
+def test_clip_pixels_close_to_clip_image_processor():
+    ip = _clip_processor(32)
+    x = torch.linspace(0, 1, 48).view(1, 1, 1, 48).expand(1, 3, 40, 48).clone()
+    x[:, 1] = x[:, 1].flip(-1)
+    ours = rewards.clip_pixels(x, ip)
+    ref = ip(images=[Image.fromarray(rewards.to_uint8(x)[0])], return_tensors="pt").pixel_values
+    assert ours.shape == ref.shape == (1, 3, 32, 32)
+    assert (ours - ref).abs().mean() < 0.02
+
+
+def _tiny_clip_scorer():
+    return rewards.ClipScorer(_tiny_clip(), _letter_tokenizer(), _clip_processor(), "cpu")
+
+
+def test_pickscore_and_clipscore_on_a_tiny_clip():
+    scorer = _tiny_clip_scorer()
+    images, prompts = _random_images(2), ["a red cat " * 40, "a dog"]  # the first is far beyond 77 tokens
+    seen = []
+    original = scorer.model.get_text_features
+    scorer.model.get_text_features = lambda **kw: seen.append(kw["input_ids"].shape) or original(**kw)
+    pick, _ = rewards.pickscore_fn(scorer)(images, prompts, [{}, {}])
+    clip, _ = rewards.clipscore_fn(scorer)(images, prompts, [{}, {}])
+    assert seen[0] == (2, 77)  # truncated at 77 tokens
+    assert pick.shape == clip.shape == (2,) and torch.isfinite(pick).all() and (clip.abs() <= 1).all()
+    # against CLIPModel's own logits on the same inputs: logits_per_image = scale * cos
+    tokens = scorer.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = scorer.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                           pixel_values=rewards.clip_pixels(images, scorer.image_processor))
+    assert pick.tolist() == pytest.approx((out.logits_per_image.diagonal() / 26).tolist(), abs=1e-5)
+    assert clip.tolist() == pytest.approx((out.logits_per_image.diagonal() / scorer.model.logit_scale.exp()).tolist(), abs=1e-5)
+
+
+def test_aesthetic_on_a_tiny_clip(tmp_path):
+    torch.manual_seed(0)
+    mlp = rewards.aesthetic_mlp(16)
+    path = tmp_path / "aesthetic.pth"
+    torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, path)  # the checkpoint's key layout
+    loaded = rewards.load_aesthetic_mlp(str(path))
+    scorer = _tiny_clip_scorer()
+    scores, _ = rewards.aesthetic_fn(scorer, loaded)(_random_images(3), ["x"] * 3, [{}] * 3)
+    expected = mlp.eval()(scorer.image_embeds(_random_images(3))).squeeze(-1)
+    assert scores.shape == (3,) and scores.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_missing_reward_weights_offline_is_one_line():
+    with pytest.raises(rewards.RewardError, match="openai/clip-vit-large-patch14.*HF_HUB_OFFLINE"):
+        rewards._from_hub("openai/clip-vit-large-patch14", lambda hub_id: (_ for _ in ()).throw(OSError("offline")))
+    from huggingface_hub import try_to_load_from_cache
+    if os.environ.get("HF_HUB_OFFLINE") != "1" or isinstance(
+            try_to_load_from_cache("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "preprocessor_config.json"), str):
+        pytest.skip("needs an offline hub without PickScore's processor in the cache")
+    with pytest.raises(rewards.RewardError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        rewards.REWARDS["pickscore"]("cpu")
+
+
+# ---- hpsv2 and imagereward against the original code ----
+def _upscaled_images(stored, repeat):
+    return stored.repeat_interleave(repeat, -1).repeat_interleave(repeat, -2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def reward_reference():
+    """What .ci/reward_reference.py recorded with the original hpsv2 and ImageReward code on reduced random-weight
+    models: their original-layout state dicts, configs, tiny tokenizer vocabularies, the images and prompts, the
+    originals' token ids and scores (the original packages are not needed here)."""
+    from safetensors.torch import load_file
+    folder = os.path.join(HERE, ".ci", "fixtures")
+    ref = json.load(open(os.path.join(folder, "reward_reference.json"), encoding="utf-8"))
+    tensors = load_file(os.path.join(folder, "reward_reference.safetensors"))
+    for name in ("hpsv2", "imagereward"):
+        ref[name]["state"] = {k.split(".", 1)[1]: v.float() if v.is_floating_point() else v
+                              for k, v in tensors.items() if k.startswith(name + ".")}
+    ref["images"] = {name: _upscaled_images(tensors[f"images.{name}"], repeat)
+                     for name, (*_, repeat) in ref["batches"].items()}
+    return ref
+
+
+def _hps_tokenizer(ref):
+    from transformers import CLIPTokenizer
+    vocab = {t: i for i, t in enumerate(ref["vocab"])}
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in ref["merges"]])
+
+
+def _bert_tokenizer(ref):
+    from transformers import BertTokenizer
+    return rewards.bert_tokenizer(BertTokenizer(vocab={t: i for i, t in enumerate(ref["vocab"])}))
+
+
+def test_hpsv2_scores_as_the_original_open_clip_code(reward_reference):
+    """HPSv2.1 here (CLIPModel + the converted open_clip state dict + open_clip's transform and tokens) gives the
+    original hpsv2 code's token ids and scores on the same reduced random model, images (square, padded, shrunk)
+    and prompts (curly quotes, HTML entities, past 77 tokens), within 1e-4 relative."""
+    ref = reward_reference["hpsv2"]
+    tokenizer = _hps_tokenizer(ref)
+    model = rewards.load_hpsv2(ref["state"], ref["config"])
+    fn = rewards.clipscore_fn(rewards.HpsScorer(model, tokenizer, None, "cpu"))
+    for name, prompts in reward_reference["prompts"].items():
+        assert rewards.open_clip_tokens(tokenizer, prompts).tolist() == ref["ids"][name]
+        scores, _ = fn(reward_reference["images"][name], prompts, None)
+        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
+
+
+def test_imagereward_scores_as_the_original_blip_code(reward_reference):
+    """ImageReward here (transformers' BLIP vision + text models with the converted state dict, PIL preprocessing,
+    35 BERT tokens) gives ImageReward.score()'s token ids and scores on the same reduced random model, within 1e-4."""
+    ref = reward_reference["imagereward"]
+    tokenizer = _bert_tokenizer(ref)
+    model = rewards.load_imagereward(ref["state"], ref["med_config"], ref["vision"])
+    fn = rewards.imagereward_fn(model, tokenizer, "cpu")
+    for name, prompts in reward_reference["prompts"].items():
+        assert tokenizer(prompts, padding="max_length", truncation=True, max_length=35).input_ids == ref["ids"][name]
+        scores, _ = fn(reward_reference["images"][name], prompts, None)
+        assert scores.tolist() == pytest.approx(ref["scores"][name], rel=1e-4), name
+
+
+def test_full_size_reward_checkpoints_fill_the_transformers_models_exactly():
+    """Every key of the full-size originals' state dicts (HPSv2.1's open_clip ViT-H-14 and ImageReward-v1.0, key ->
+    shape recorded by .ci/reward_reference.py) lands on a weight of the same shape of our full-size models (built
+    on the meta device), and every weight gets one; only BLIP's unused contrastive projections are left out."""
+    import gzip
+    with gzip.open(os.path.join(HERE, ".ci", "fixtures", "reward_layouts.json.gz"), "rt") as f:
+        layouts = json.load(f)
+    meta = {name: {k: torch.empty(shape, device="meta") for k, shape in layouts[name].items()}
+            for name in ("hpsv2", "imagereward")}
+    med = layouts["imagereward_med_config"]
+    from transformers import CLIPModel
+    with torch.device("meta"):
+        clip, blip = CLIPModel(rewards.open_clip_config(rewards.VIT_H_14)), rewards.ImageRewardModel(med)
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items()}  # noqa: E731
+    projections = [f"blip.{p}_proj.{w}" for p in ("vision", "text") for w in ("weight", "bias")]
+    for model, (weights, unused), left_out in [
+            (clip, rewards.hpsv2_state_dict(meta["hpsv2"]), []),
+            (blip, rewards.imagereward_state_dict(meta["imagereward"]),
+             ["blip.text_encoder.embeddings.position_ids"] + projections)]:
+        assert sorted(unused) == sorted(left_out)
+        assert shapes(weights) == shapes(model.state_dict())
+    assert sum(v.numel() for v in meta["hpsv2"].values()) == 986_109_441  # open_clip's ViT-H-14: 986.1M
+    rewards.load_hpsv2(meta["hpsv2"], device="meta")  # the loaders' strict load_state_dict accepts them
+    rewards.load_imagereward(meta["imagereward"], med, device="meta")
+
+
+def _hub_snapshot(cache, repo):
+    """The snapshot folder of a hub repo in a Hugging Face cache, laid out as huggingface_hub writes one."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    folder = os.path.join(root, "snapshots", "0" * 40)
+    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write("0" * 40)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reward_hub(tmp_path_factory, reward_reference):
+    """A Hugging Face cache with tiny random stand-ins of every reward model under the real ids and file names:
+    HPSv2.1 and ImageReward as the reduced originals of .ci/fixtures (checkpoints in the original layouts, the
+    tokenizers as tokenizer.json + tokenizer_config.json), PickScore and CLIP ViT-L/14 as one tiny CLIPModel with
+    the same CLIP tokenizer, the aesthetic MLP on its 16-d embeddings. Use it with _use_reward_hub."""
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
+    cache, ref = str(tmp_path_factory.mktemp("hub")), reward_reference
+    vocab = len(ref["hpsv2"]["vocab"])
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(projection_dim=16, text_config=dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                           num_attention_heads=2)))
+    processor = CLIPProcessor(image_processor=_clip_processor(32), tokenizer=_hps_tokenizer(ref["hpsv2"]))
+    for repo in ("yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14", rewards.CLIP_TOKENIZER):
+        clip.save_pretrained(_hub_snapshot(cache, repo))  # the processor's AutoTokenizer reads config.json too
+    for repo in (rewards.CLIP_TOKENIZER, "openai/clip-vit-large-patch14"):
+        processor.save_pretrained(_hub_snapshot(cache, repo))
+    mlp = {f"layers.{k}": v for k, v in rewards.aesthetic_mlp(16).state_dict().items()}
+    torch.save(mlp, os.path.join(_hub_snapshot(cache, rewards.AESTHETIC_REPO), rewards.AESTHETIC_FILE))
+    hps = os.path.join(_hub_snapshot(cache, rewards.HPSV2_REPO), rewards.HPSV2_FILE)
+    torch.save({"state_dict": ref["hpsv2"]["state"]}, hps)
+    folder = _hub_snapshot(cache, rewards.IMAGEREWARD_REPO)
+    torch.save(ref["imagereward"]["state"], os.path.join(folder, "ImageReward.pt"))
+    with open(os.path.join(folder, "med_config.json"), "w") as f:
+        json.dump(ref["imagereward"]["med_config"], f)
+    BertTokenizer(vocab={t: i for i, t in enumerate(ref["imagereward"]["vocab"])}).save_pretrained(
+        _hub_snapshot(cache, rewards.BERT_TOKENIZER))
+    return cache
+
+
+def _use_reward_hub(monkeypatch, cache, ref):
+    """huggingface_hub (and through it transformers) reads `cache`; HPSv2.1 and ImageReward build the reduced sizes."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(rewards, "VIT_H_14", ref["hpsv2"]["config"])
+    monkeypatch.setattr(rewards, "BLIP_VIT_L", ref["imagereward"]["vision"])
+
+
+def test_hpsv2_and_imagereward_load_the_published_files_and_score_as_the_originals(monkeypatch, reward_hub,
+                                                                                       reward_reference):
+    """make_reward offline from a cache of the published file names (each checkpoint in its original layout, read
+    with weights_only=True; each tokenizer from tokenizer.json and tokenizer_config.json) scores as the originals."""
+    _use_reward_hub(monkeypatch, reward_hub, reward_reference)
+    for name in ("hpsv2", "imagereward"):
+        fn = rewards.make_reward(name, "cpu")
+        for batch, prompts in reward_reference["prompts"].items():
+            scores, _ = fn(reward_reference["images"][batch], prompts, [{}] * len(prompts))
+            assert scores.tolist() == pytest.approx(reward_reference[name]["scores"][batch], rel=1e-4), (name, batch)
+
+
+def test_hpsv2_and_imagereward_offline_name_each_download_before_any_model_loads(monkeypatch, tmp_path, reward_hub):
+    """Offline with an empty cache, each stops at once with the `hf download` command of its checkpoint files;
+    with those cached, with the command of its tokenizer files; no model is built (no pip message either)."""
+    import shutil
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for loader in ("load_hpsv2", "load_imagereward"):
+        monkeypatch.setattr(rewards, loader, lambda *a, **k: pytest.fail("a model was built before the check"))
+    for name, command in [("hpsv2", "xswu/HPSv2 HPS_v2.1_compressed.pt"),
+                          ("imagereward", "THUDM/ImageReward ImageReward.pt med_config.json")]:
+        with pytest.raises(rewards.RewardError, match=rf"offline .*: download it first with `hf download {command}`"):
+            rewards.make_reward(name, "cpu")
+    for repo in (rewards.HPSV2_REPO, rewards.IMAGEREWARD_REPO):
+        folder = "models--" + repo.replace("/", "--")
+        shutil.copytree(os.path.join(reward_hub, folder), tmp_path / folder)
+    for name, repo in [("hpsv2", rewards.CLIP_TOKENIZER), ("imagereward", rewards.BERT_TOKENIZER)]:
+        with pytest.raises(rewards.RewardError, match=f"`hf download {repo} tokenizer.json tokenizer_config.json`"):
+            rewards.make_reward(name, "cpu")
+
+
+def test_readme_multi_reward_evaluation_runs_as_written(monkeypatch, tmp_path, reward_hub, reward_reference,
+                                                            one_thread):
+    """The README's multi-reward --eval_only command, its flags as written (one process, not torchrun's 8), runs
+    offline: every reward through its real loader from a cache of tiny random stand-ins (reward_hub), the base model a
+    tiny random SD3 with 4 x 4 patches (512 px), the LoRA a peft checkpoint at the path written. Tests the code
+    path, not the numbers."""
+    from peft import LoraConfig, get_peft_model
+    block = re.sub(r"\\\n\s*", "", readme_block("Evaluation", "bash"))
+    line = next(l for l in block.splitlines() if "imagereward" in l).split("#")[0]
+    assert line.startswith("torchrun --nproc_per_node=8 nft.py --eval_only --reward "
+                           "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1")
+    argv = line.split("nft.py", 1)[1].split()
+    _use_reward_hub(monkeypatch, reward_hub, reward_reference)
+    tiny = nft.RANDOM_ARCHS["tiny"]
+    patches = dict(tiny["transformer"], patch_size=4)  # 16 x 16 patches at 512 px
+    monkeypatch.setitem(nft.RANDOM_ARCHS, "tiny", dict(tiny, transformer=patches))
+    pipe = nft.random_pipeline("tiny")
+    default, builtin = nft.parse_args([]).model, nft.builtin
+    monkeypatch.setattr(nft, "builtin", lambda model: model == default or builtin(model))  # no GPU or SD3.5 download
+    monkeypatch.setattr(nft, "load_pipeline", lambda model, dtype, device="cpu": pipe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / argv[argv.index("--eval_prompts") + 1]).write_text("a red cat on a sofa\n")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
+    lora = tmp_path / argv[argv.index("--lora") + 1] / "lora"
+    get_peft_model(nft.random_pipeline("tiny").transformer, config).save_pretrained(lora)
+    nft.main(argv)
+    out = tmp_path / nft.parse_args(argv).output_dir  # runs/<model>-<reward names>-eval
+    summary = json.load(open(out / "eval.json"))
+    assert summary["images"] == 5 and summary["resolution"] == 512 and summary["eval_num_steps"] == 40
+    metrics = summary["metrics"]
+    assert list(metrics) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
+    assert all(math.isfinite(v) for v in metrics.values()) and abs(metrics["HPSv2.1"]) <= 1
+    assert (out / "compare.png").exists()
+
+
+# ---- unifiedreward ----
+class _ChatHandler(http.server.BaseHTTPRequestHandler):
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _ChatHandler.requests.append((self.path, self.headers.get("Authorization"), body))
+        question = body["messages"][0]["content"][1]["text"]
+        answer = "The image is nice.\nFinal Score: 4" if "cat" in question else "I cannot tell."
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unifiedreward_against_a_local_server(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("UNIFIEDREWARD_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("UNIFIEDREWARD_MODEL", "tiny-judge")
+        monkeypatch.setenv("UNIFIEDREWARD_API_KEY", "secret")
+        fn = rewards.REWARDS["unifiedreward"]("cpu")
+        scores, _ = fn(_random_images(2, 16, 16), ["a cat", "a dog"], [{}, {}])
+        assert scores.tolist() == pytest.approx([0.8, 0.0])
+        path, auth, body = _ChatHandler.requests[-1]
+        assert path == "/v1/chat/completions" and auth == "Bearer secret" and body["model"] == "tiny-judge"
+        assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    finally:
+        server.shutdown()
+    assert rewards.parse_final_score("Final Score: 3.5") == pytest.approx(0.7)
+    assert rewards.parse_final_score("Final Score: 9") == 0.0
+
+
+def test_unifiedreward_server_down_is_one_line():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fn = rewards.make_unifiedreward("cpu", url=f"http://127.0.0.1:{port}/v1", timeout=5, backoff=0.01)
+    with pytest.raises(rewards.RewardError, match=f"127.0.0.1:{port}"):
+        fn(_random_images(1, 16, 16), ["a cat"], [{}])
+
+
+# ---- specs, combinations, metadata, precision ----
+def test_parse_reward_spec():
+    assert rewards.parse_reward_spec("geneval") == [("geneval", 1.0)]
+    assert rewards.parse_reward_spec("pickscore:1, hpsv2:0.5") == [("pickscore", 1.0), ("hpsv2", 0.5)]
+    with pytest.raises(rewards.RewardError, match="did you mean 'pickscore'"):
+        rewards.parse_reward_spec("pickscor")
+    with pytest.raises(rewards.RewardError, match="geneval, ocr"):
+        rewards.parse_reward_spec("nonsense")
+    with pytest.raises(rewards.RewardError, match="bad weight"):
+        rewards.parse_reward_spec("pickscore:abc")
+    assert set(rewards.REWARDS) == {"geneval", "ocr", "pickscore", "clipscore", "hpsv2", "aesthetic",
+                                    "imagereward", "jpeg", "color", "unifiedreward"}
+
+
+def test_make_reward_weighted_sum_and_components(monkeypatch):
+    images = torch.rand(2, 3, 16, 16)
+    prompts = ["a red image", "a blue image"]
+    color, _ = rewards.REWARDS["color"]("cpu")(images, prompts, [{}, {}])
+    jpeg, _ = rewards.REWARDS["jpeg"]("cpu")(images, prompts, [{}, {}])
+    total, comps = rewards.make_reward("color:2,jpeg:0.5", "cpu")(images, prompts, [{}, {}])
+    assert total.tolist() == pytest.approx((2 * color + 0.5 * jpeg).tolist())
+    assert set(comps) == {"color", "jpeg"} and torch.equal(comps["color"], color)
+    single, _ = rewards.make_reward("color", "cpu")(images, prompts, [{}, {}])
+    assert torch.equal(single, color)
+    fake = lambda device: lambda i, p, m: (torch.ones(len(p)), {"strict": torch.zeros(len(p))})  # noqa: E731
+    monkeypatch.setitem(rewards.REWARDS, "geneval", fake)
+    _, comps = rewards.make_reward("geneval", "cpu")(images, prompts, [{}, {}])
+    assert set(comps) == {"geneval", "geneval/strict"}
+
+
+def test_check_metadata():
+    good = rewards.geneval_prompts("test")[:3]
+    rewards.check_metadata("geneval", good)
+    rewards.check_metadata("pickscore", [{"prompt": "x"}])
+    with pytest.raises(rewards.RewardError, match=r"line 2 .*'a cat'.*GenEval jsonl"):
+        rewards.check_metadata("pickscore:1,geneval:1", [good[0], {"prompt": "a cat"}])
+    assert "geneval" in rewards.NEEDS_METADATA
+
+
+def _dtype_probe_reward(seen):
+    layer = torch.nn.Linear(4, 1)
+
+    def fn(images, prompts, metadata):
+        out = layer(images.mean((2, 3)).repeat(1, 2)[:, :4])
+        seen.append(out.dtype)
+        return out.float().squeeze(1).detach(), {}
+    return lambda device: fn
+
+
+def test_rewards_run_in_fp32_by_default(monkeypatch):
+    seen = []
+    monkeypatch.setitem(rewards.REWARDS, "dtype_probe", _dtype_probe_reward(seen))
+    images = torch.rand(2, 3, 8, 8)
+    rewards.make_reward("dtype_probe", "cpu")(images, ["a", "b"], [{}, {}])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a caller's bf16 region
+        rewards.make_reward("dtype_probe", "cpu")(images, ["a", "b"], [{}, {}])
+    rewards.make_reward("dtype_probe", "cpu", "bf16")(images, ["a", "b"], [{}, {}])
+    assert seen == [torch.float32, torch.float32, torch.bfloat16]
+    with pytest.raises(rewards.RewardError, match="fp32 or bf16"):
+        rewards.make_reward("dtype_probe", "cpu", "fp16")
+    with pytest.raises(nft.UserError, match="--reward_precision"):
+        nft.validate(nft.parse_args(["--reward_precision", "half"]), 1)
+    pipe = types.SimpleNamespace(vae=torch.nn.Linear(2, 2).to(torch.bfloat16))  # the decode feeding the reward
+    nft.reward_vae(pipe, nft.parse_args([]))
+    assert pipe.vae.weight.dtype == torch.float32
+    pipe.vae.to(torch.bfloat16)
+    nft.reward_vae(pipe, nft.parse_args(["--reward_precision", "bf16"]))
+    assert pipe.vae.weight.dtype == torch.bfloat16
+
+
+# ---- prompt sets ----
+def test_geneval_prompts_match_official_and_split():
+    from collections import Counter
+    test = rewards.geneval_prompts("test")
+    assert Counter(r["tag"] for r in test) == {"single_object": 80, "two_object": 99, "counting": 80,
+                                               "colors": 94, "position": 100, "color_attr": 100}
+    # lines of the official evaluation_metadata.jsonl
+    assert [r["prompt"] for r in test[:3]] == ["a photo of a bench", "a photo of a cow", "a photo of a bicycle"]
+    assert test[530]["prompt"] == "a photo of a purple suitcase and an orange pizza"
+    assert test == rewards.geneval_prompts("test")  # deterministic
+    train = rewards.geneval_prompts("train")
+    assert train == rewards.geneval_prompts("train") and train != rewards.geneval_prompts("train", seed=7)
+    test_keys = {rewards._geneval_key(r) for r in test}
+    train_keys = [rewards._geneval_key(r) for r in train]
+    # single objects are all test prompts, so only the other tags avoid the test set
+    assert not test_keys & {k for k in train_keys if k[0] != "single_object"} and len(set(train_keys)) > 1000
+    flipped = {"tag": "two_object", "include": test[81]["include"][::-1]}  # "B and A" is the same prompt
+    assert test[81]["tag"] == "two_object" and rewards._geneval_key(flipped) in test_keys
+    for r in train[:50] + test:
+        assert set(r) <= {"tag", "include", "exclude", "prompt"} and r["tag"] in rewards.GENEVAL_TAGS
+        assert all(i["class"] in rewards.COCO_CLASSES for i in r["include"])
+        json.dumps(r)
+    counting = next(r for r in test if r["tag"] == "counting")
+    assert counting["exclude"][0]["count"] == counting["include"][0]["count"] + 1
+    position = next(r for r in test if r["tag"] == "position")
+    assert position["include"][1]["position"][1] == 0 and position["include"][1]["position"][0] in rewards.RELATIONS
+
+
+def test_geneval_train_set_follows_the_generators_tag_mix():
+    from collections import Counter
+    train = rewards.geneval_prompts("train")
+    share = {t: n / len(train) for t, n in Counter(r["tag"] for r in train).items()}
+    assert set(share) == set(rewards.GENEVAL_TAGS)  # all six, single_object included
+    assert share["single_object"] == pytest.approx(80 / 580) and share["counting"] == pytest.approx(100 / 580)
+    test_keys = {rewards._geneval_key(r) for r in rewards.geneval_prompts("test")}
+    assert all(rewards._geneval_key(r) not in test_keys for r in train if r["tag"] != "single_object")
+    rewards.check_metadata("geneval", train)
+
+
+def test_ocr_prompts_and_defaults():
+    test, train = rewards.ocr_prompts("test"), rewards.ocr_prompts("train")
+    assert len(test) == 1018 and len(train) > 1000 and test == rewards.ocr_prompts("test")
+    targets = lambda records: {rewards.ocr_target(r["prompt"]) for r in records}  # noqa: E731
+    assert not targets(test) & targets(train)
+    assert rewards.default_prompts("geneval", "test") == rewards.geneval_prompts("test")
+    generic = rewards.default_prompts("pickscore", "train")
+    assert generic and all(set(r) == {"prompt"} for r in generic)
+    with pytest.raises(ValueError):
+        rewards.geneval_prompts("val")
+
+
+# ---- your own reward ----
+def test_readme_own_reward_example_trains(tmp_path):
+    """The README's "Your own reward" example, copied as written next to nft.py, trains an epoch."""
+    code = readme_block("Your own reward", "python")
+    assert len([l for l in code.splitlines() if l.strip()]) <= 14 and 'REWARDS["saturation"]' in code
+    (tmp_path / "my_reward.py").write_text(code)
+    prompts = tmp_path / "my_prompts.txt"
+    prompts.write_text("a red image\na blue image\n")
+    argv = ["--model", "tiny", "--reward", "saturation", "--prompts", prompts, *SMALL[4:], "--num_epochs", 1,
+            "--eval_every", 0, "--output_dir", tmp_path / "out"]
+    p = subprocess.run([sys.executable, str(tmp_path / "my_reward.py"), *map(str, argv)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "loading the tiny random SD3 (built in code, no download) and the reward model of saturation" in p.stdout
+    m = metrics(tmp_path / "out")
+    assert len(m) == 1 and 0 <= m[0]["reward_mean"] <= 1 and m[0]["reward_std"] > 0
+
+
+# --------------------------------------------------------------------------- speed levers
+# ---- compile ----
+def test_compiled_transformer_switches_adapters_without_recompiling():
+    """--compile's premise: policies switch by copying weights, which no guard sees, so after one round of every
+    policy (old and reference no-grad, trainable with grad, rollout sampling with the old weights) a second
+    round compiles nothing (fail_on_recompile raises otherwise), and the compiled loss equals eager's.
+    Dynamo's guards and graphs are what is tested; backend aot_eager skips inductor's codegen (CPU)."""
+    import torch._dynamo
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
+    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+    pipe = nft.random_pipeline("tiny")
+    torch.manual_seed(1)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+
+    def one_round():
+        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+        with nft.policy(params, old):
+            x = nft.sample(pipe, x0, dict(embeds=emb, pooled=pooled), nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+        return stats, x
+    eager = one_round()
+    torch._dynamo.reset()
+    nft.compile_blocks(pipe.transformer, backend="aot_eager")
+    try:
+        compiled = one_round()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with torch.compiler.set_stance("fail_on_recompile"):
+            one_round()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(compiled[0], eager[0], rtol=1e-4) and torch.allclose(compiled[1], eager[1], atol=1e-5)
+    assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta is back after every swap
+
+
+def _mini_epochs(pipe, params, old, args, epochs, compiled_from=None):
+    """A miniature training loop on fixed inputs: per epoch a rollout with theta_old, one micro-step (old and
+    reference no-grad passes, v_theta with grad), an AdamW step. theta_old stays at the initial weights, so
+    epoch 0's |v_theta - v_old| is at equal weights and epoch 1's is exactly one optimizer step's change.
+    From epoch `compiled_from` on, any recompile raises. Returns each epoch's (loss, kl, |v_theta - v_old|)."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
+    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    out = []
+    for epoch in range(epochs):
+        stance = "fail_on_recompile" if compiled_from is not None and epoch >= compiled_from else "default"
+        with torch.compiler.set_stance(stance):
+            with nft.policy(params, old):
+                nft.sample(pipe, torch.randn(8, 4, 4, 4, generator=g), dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
+                           nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+            out.append(nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
+                                      contextlib.nullcontext, 1.0))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.stack(out)
+
+
+def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
+    """Regional compile (aot_eager on the CPU): epochs 1 and 2 compile nothing new (fail_on_recompile), the
+    compiled losses equal eager's, and at equal weights (epoch 0) compiled |v_theta - v_old| is far below the
+    change one optimizer step makes (epoch 1): the grad and no-grad graphs do not read as a policy gap."""
+    import torch._dynamo
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
+    runs = {}
+    for compiled in (False, True):
+        pipe = nft.random_pipeline("tiny")
+        torch.manual_seed(1)
+        params, old = nft.add_adapters(pipe.transformer, args)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # the counters outlive reset(): an earlier test's graphs would count
+        if compiled:
+            nft.compile_blocks(pipe.transformer, backend="aot_eager")
+        try:
+            runs[compiled] = _mini_epochs(pipe, params, old, args, 3, compiled_from=1 if compiled else None)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+        assert (graphs > 0) == compiled
+    eager, comp = runs[False], runs[True]
+    assert torch.allclose(comp[:, 0], eager[:, 0], rtol=1e-5), (comp, eager)
+    assert eager[0, 2] == 0 and comp[1, 2] > 1e-4
+    assert comp[0, 2] < 0.01 * comp[1, 2], comp[:, 2]
+
+
+@pytest.fixture
+def _aot_compile(monkeypatch):
+    """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance reset after."""
+    import functools
+    import torch._dynamo
+    monkeypatch.setattr(nft, "compile_blocks", functools.partial(nft.compile_blocks, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.callback_handler.clear()
+    torch._dynamo.reset()
+
+
+def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monkeypatch, tmp_path, _aot_compile):
+    """A graph compiled after the first epoch (forced: end_epoch of epoch 0 compiles one more function) makes the run
+    eager from epoch 1 on: one warning line, config.json and metrics.jsonl say why, and epoch 2 compiles nothing. With
+    --compile_budget 0 the run goes eager as soon as its first graph is compiled, in epoch 0. The first epoch logs
+    compile_time_s either way."""
+    import torch._dynamo
+    end_epoch = nft.end_epoch
+
+    def end_epoch_then_compile(run, pol, epoch, log):
+        end_epoch(run, pol, epoch, log)
+        if epoch == 0:
+            torch.compile(torch.sin, backend="eager")(torch.ones(1))
+    monkeypatch.setattr(nft, "end_epoch", end_epoch_then_compile)
+    argv = [*SMALL_NO_EVAL, "--compile", "--num_epochs", 3]
+    nft.main([str(a) for a in (*argv, "--output_dir", tmp_path / "recompile")])
+    m = metrics(tmp_path / "recompile")
+    assert m[0]["compile_time_s"] > 0 and m[0]["compile_fallback"] is None and m[0]["compiled_graphs"] > 0
+    assert "after the first epoch" in m[1]["compile_fallback"] and m[2]["compiled_graphs"] == m[1]["compiled_graphs"]
+    config = json.load(open(tmp_path / "recompile" / "config.json"))
+    assert config["compile"] is True and config["compile_fallback"] == m[1]["compile_fallback"]
+    assert capsys.readouterr().out.count("the rest of the run is eager") == 1
+    monkeypatch.setattr(nft, "end_epoch", end_epoch)
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()  # else the new run's blocks pass the old graphs' guards and compile nothing
+    torch._dynamo.utils.counters.clear()
+    nft.main([str(a) for a in (*argv, "--num_epochs", 2, "--compile_budget", 0, "--output_dir", tmp_path / "budget")])
+    m = metrics(tmp_path / "budget")
+    assert "past --compile_budget 0" in m[0]["compile_fallback"]
+    assert m[0]["compiled_graphs"] == m[1]["compiled_graphs"] == 1
+    assert m[0]["compile_time_s"] > 0 and all(math.isfinite(r["loss"]) for r in m)
+
+
+# ---- weight-swap policies and bf16 ----
+def _three_peft_adapters(transformer, args, theta, old):
+    """The reference: peft's own adapters "default" and "old", policies chosen
+    by set_adapter / disable_adapters."""
+    import warnings
+    transformer.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        transformer.add_adapter(nft.lora_config(args), adapter_name="default")
+        transformer.add_adapter(nft.lora_config(args), adapter_name="old")
+    named = dict(transformer.named_parameters())
+    for n in theta:
+        named[n].data = theta[n].clone()
+        named[n.replace(".default.", ".old.")].data = old[n].clone()
+
+    def set_policy(policy):
+        if policy == "ref":
+            transformer.disable_adapters()
+        else:
+            transformer.enable_adapters()
+            transformer.set_adapter(policy)
+    return set_policy
+
+
+@pytest.mark.parametrize("mode", ["no", "bf16"])
+def test_weight_swap_policies_equal_peft_adapters_bitwise(mode):
+    """One adapter with theta_old copied in (old) or lora_B zeroed (reference) gives exactly the velocities of
+    peft's separate adapters, in fp32 and under bf16 autocast on a bf16 base, and theta is restored after."""
+    args = nft.parse_args(["--model", "tiny", "--mixed_precision", mode])
+    dtype, autocast = nft.precision(args, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, emb, pooled = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 93, 32, generator=g), torch.randn(3, 64, generator=g)
+    ours = nft.random_pipeline("tiny").to(dtype=dtype)
+    torch.manual_seed(1)
+    params, old = nft.add_adapters(ours.transformer, args)
+    with torch.no_grad():  # theta, theta_old and the base all differ
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+            old[n].add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n) + 1)))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    peft = nft.random_pipeline("tiny").to(dtype=dtype)
+    set_policy = _three_peft_adapters(peft.transformer, args, theta, old)
+    v = lambda pipe: nft.velocity(pipe.transformer, x, 0.3, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)))  # noqa: E731
+    mine, theirs = {}, {}
+    for name, weights in [("default", theta), ("old", old), ("ref", None)]:
+        # one autocast per policy, as micro_step does: autocast caches the LoRA's bf16 cast within a context
+        with nft.policy(params, weights), torch.no_grad(), autocast():
+            mine[name] = v(ours)
+        set_policy(name)
+        with torch.no_grad(), autocast():
+            theirs[name] = v(peft)
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    assert not torch.equal(mine["default"], mine["old"]) and not torch.equal(mine["old"], mine["ref"])
+    assert all(torch.equal(p, theta[n]) for n, p in params.items())
+
+
+def test_bf16_vae_decode_stays_within_a_pixel_level_of_fp32():
+    """The fast path decodes in bf16. On the tiny (fitted) decoder the images stay within 8-bit quantisation
+    noise of fp32: mean |diff| < 1/255, max < 6/255. (The real VAE's check is in .ci/gpu_check.sh.)"""
+    pipe = nft.random_pipeline("tiny")
+    x0 = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    fp32 = nft.decode(pipe, x0)
+    bf16 = nft.decode(pipe.to(dtype=torch.bfloat16), x0)
+    diff = (fp32 - bf16).abs()
+    assert bf16.dtype == torch.float32 and diff.mean() < 1 / 255 and diff.max() < 6 / 255, (diff.mean(), diff.max())
+
+
+def test_bf16_micro_step_matches_fp32_within_bf16_noise():
+    """The fast default (bf16 base, fp32 LoRA, bf16 autocast) gives the fp32 loss and gradient on the same
+    inputs within bf16 noise: loss within 2%, gradient cosine > 0.99 (tiny model, CPU autocast)."""
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6"])
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
+    sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float(), torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+    results = []
+    for mode in ("no", "bf16"):
+        args.mixed_precision = mode
+        dtype, autocast = nft.precision(args, torch.device("cpu"))
+        pipe = nft.random_pipeline("tiny").to(dtype=dtype)
+        torch.manual_seed(1)
+        params, old = nft.add_adapters(pipe.transformer, args)
+        with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
+            for n, p in params.items():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)), sig, eps, r, mask,
+                                   args, autocast, 1.0)
+        results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
+    (s32, g32), (s16, g16) = results
+    assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+# ---- sharding over ranks (--fsdp) and the memory check before loading ----
+def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs):
+    """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
+    2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
+    the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
+    family, root = fsdp_runs
+    plain, fsdp = (state(root / name / "checkpoints" / "checkpoint-00002") for name in ("plain", "fsdp"))
+    for key in ("default", "old", "ema"):
+        assert plain[key].keys() == fsdp[key].keys()
+        assert all(torch.allclose(plain[key][n], fsdp[key][n], rtol=0, atol=1e-5) for n in plain[key]), key
+    assert any(t.abs().max() > 1e-4 for n, t in fsdp["default"].items() if "lora_B" in n)  # it trained
+    m = metrics(root / "plain")
+    assert [r["step"] for r in m] == [r["step"] for r in metrics(root / "fsdp")][:2] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + metrics(root / "fsdp"))
+    model = FSDP[family][0]
+    pipe = nft.random_pipeline("tiny") if family == "sd3" else copy.deepcopy(tiny_pipe(family))
+    cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
+    x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
+    ours = copy.deepcopy(pipe)
+    pipe.load_lora_weights(str(root / "fsdp" / "checkpoints" / "checkpoint-00002"))
+    params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", model]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(fsdp["ema"][n])
+        v_lora, v_ours = (nft.velocity(p.transformer, x, 0.5, cond) for p in (pipe, ours))
+    torch.testing.assert_close(v_lora, v_ours, atol=1e-5, rtol=1e-4)
+
+
 def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypatch):
     """memory_estimate on Qwen-Image's published sizes and preset (bf16, 512 px, batch 9, rank 64, text 512), by hand:
     the transformer alone is 20.43e9 x 2 bytes = 38.05 GiB, past a 40 GB GPU (37.25 GiB). With --fsdp on 8 ranks it is
@@ -3483,3 +3461,42 @@ def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypa
     nft.check_memory(args, 1, torch.device("cpu"))
     counted = nft.model_sizes("random:qwen-image")  # built on the meta device: one-layer text encoder
     assert counted["transformer"] == pytest.approx(20.43e9, rel=2e-3) and counted["text"] < 1e9 < sizes["text"]
+
+
+# ---- profile: FLOP counts ----
+def test_random_sd35_medium_is_the_spec_architecture():
+    """random:sd3.5-medium (built on the meta device: shapes only) is SPEC section 7's transformer: 2.24B
+    parameters and 2.25 TFLOP per 512 px image forward with 205 text tokens; text widths 768 + 1280, T5 4096."""
+    from torch.utils.flop_counter import FlopCounterMode
+    pipe = nft.random_pipeline("sd3.5-medium", "meta")
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == pytest.approx(2.243e9, rel=1e-3)
+    assert (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size,
+            pipe.text_encoder_3.config.d_model, pipe.vae.config.latent_channels) == (768, 1280, 4096, 16)
+    x = torch.empty(1, 16, 64, 64, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        nft.velocity(pipe.transformer, x, 0.5, dict(embeds=torch.empty(1, 205, 4096, device="meta"),
+                                                    pooled=torch.empty(1, 2048, device="meta")))
+    assert counter.get_total_flops() == pytest.approx(2.25e12, rel=0.02)
+
+
+def test_profile_counts_backward_as_measured_and_reports_graphs(tmp_path):
+    """--profile counts a training forward + backward as measured (gradients for the LoRA only: well under
+    the 3 forwards of full backprop) and reports compiled_graphs and recompiles_after_first_epoch."""
+    run_nft(*SMALL, "--profile", "--output_dir", tmp_path / "p")
+    report = json.load(open(tmp_path / "p" / "profile.json"))
+    ratio = report["gflop_per_train_forward_backward"] / report["gflop_per_forward"]
+    assert 1.5 < ratio < 2.7, ratio
+    assert report["compile"] is False and report["compiled_graphs"] == 0 and report["recompiles_after_first_epoch"] == 0
+    assert json.load(open(tmp_path / "p" / "config.json"))["compile"] is False
+
+
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+def test_family_profile_with_cfg_rollouts(name, tmp_path):
+    """--profile (FLOP count of the family's velocity) with --guidance_scale 2: rollouts mix in the velocity of
+    "" (the null conditioning dict: FLUX's guidance, Qwen-Image's mask broadcast along)."""
+    out = tmp_path / "p"
+    run_nft("--model", TINY_FAMILIES[name], "--reward", "color", "--num_groups", 2, "--group_size", 4, "--train_batch_size", 4,
+            "--sample_batch_size", 8, "--guidance_scale", 2, "--profile", "--output_dir", out)
+    report = json.load(open(out / "profile.json"))
+    assert report["gflop_per_forward"] > 0 and 1.5 < report["gflop_per_train_forward_backward"] / report["gflop_per_forward"] < 2.7
+    assert len(metrics(out)) == 3 and all(math.isfinite(r["loss"]) for r in metrics(out))
