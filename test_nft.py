@@ -122,9 +122,44 @@ def readme_block(section, lang):
     return body.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
 
 
+def make_run(pipe, args, autocast=contextlib.nullcontext, negative=None, rank=0, world=1, eval_fn=None):
+    """A Run around a built pipeline, for tests that call sample, micro_step or evaluate directly."""
+    return nft.Run(args, rank, world, torch.device("cpu"), pipe=pipe, autocast=autocast, negative=negative,
+                   eval_fn=eval_fn)
+
+
+def sample_with(pipe, x, cond, sigmas, solver, args, autocast, negative=None):
+    """nft.sample with the transformer's active policy, from the pieces a test has at hand."""
+    return nft.sample(make_run(pipe, args, autocast, negative), x, cond, sigmas, solver)
+
+
+def micro_step_with(transformer, params, old, x0, cond, sigma, eps, r, mask, args, autocast, scale, negative=None):
+    """nft.micro_step on one micro-batch (x0, cond, r, mask) from the pieces a test has at hand."""
+    run = make_run(types.SimpleNamespace(transformer=transformer), args, autocast, negative)
+    batch = nft.Batch(torch.arange(len(x0)), [""] * len(x0), cond, x0, r, mask)
+    return nft.micro_step(run, nft.Policies(params, old, {}, None), batch, sigma, eps, scale)
+
+
+def evaluate_with(pipe, records, reward_fn, args, device, autocast, rank, world):
+    """nft.evaluate of the pipeline's active weights, scored by reward_fn."""
+    return nft.evaluate(make_run(pipe, args, autocast, rank=rank, world=world, eval_fn=reward_fn), records)
+
+
+def resolve_prompts(args):
+    """rewards.prompt_files applied to args, as nft.prompt_sets does: folders become files; returns the warning."""
+    args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
+                                                                    args.eval_only)
+    return warning
+
+
+def negative_conditioning(pipe, args):
+    """The conditioning of --negative_prompt, as load_model encodes it for --guidance_scale > 1."""
+    return nft.encode_prompts(pipe, [args.negative_prompt], args.max_sequence_length, "cpu", args.embedded_guidance_scale)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    return nft.random_pipeline("tiny")  # built once (the decoder fit is slow on a busy CPU); tests deepcopy it
+    return nft.builtin_pipeline("tiny")  # built once (the decoder fit is slow on a busy CPU); tests deepcopy it
 
 
 TINY_FAMILIES = {"flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}
@@ -229,14 +264,14 @@ def test_group_advantages_by_hand():
 def test_zero_std_share_and_per_tag_strict_means():
     R = torch.tensor([1.0, 1.0, 0.5, 0.2, 0.3, 0.3, 0.7, 0.7])
     ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    assert nft.zero_std_share(R, ids) == 0.75  # groups 0, 2 and 3 tie
-    assert nft.zero_std_share(R[:4], ids[:4]) == 0.5
+    assert nft.rollout_stats(R[:4], ids[:4])["zero_std_share"] == 0.5
     strict = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert nft.per_tag_mean(strict, ["counting", "colors", "counting", "colors"]) == {"counting": 1.0, "colors": 0.5}
-    stats = nft.rollout_stats(R[:4], ids[:4], strict, ["counting", "colors", "counting", "colors"], rewards.GENEVAL_TAGS)
+    assert rewards.strict_by_tag(strict, ["counting", "colors", "counting", "colors"]) == {
+        "strict_counting": 1.0, "strict_colors": 0.5}
+    stats = nft.rollout_stats(R[:4], ids[:4], strict, ["counting", "colors", "counting", "colors"])
     assert stats == {"zero_std_share": 0.5, "strict_counting": 1.0, "strict_colors": 0.5}
     assert list(stats) == ["zero_std_share", "strict_counting", "strict_colors"]  # GenEval's tag order
-    assert nft.rollout_stats(R, ids) == {"zero_std_share": 0.75}  # no GenEval: no per-tag keys
+    assert nft.rollout_stats(R, ids) == {"zero_std_share": 0.75}  # groups 0, 2 and 3 tie; no GenEval: no per-tag keys
     assert math.isnan(nft.rollout_stats(R[:0], ids[:0])["zero_std_share"])  # an epoch without finite rewards
 
 
@@ -266,6 +301,33 @@ def test_ema_decay():
 def test_presets_follow_the_reward_spec(argv, reward, beta, num_steps, steps_per_epoch):
     a = nft.parse_args(argv)
     assert (a.reward, a.beta, a.num_steps, a.steps_per_epoch) == (reward, beta, num_steps, steps_per_epoch)
+
+
+# ---- the file reads as the paper: the algorithm first ----
+ALGORITHM = ["add_noise", "nft_loss", "cfg", "adv_to_r", "group_advantages", "old_decay", "ema_decay", "soft_update_",
+             "solve", "rollout_sigmas", "train", "epoch_prompt_indices", "encode_batch", "rollout", "sample", "score",
+             "nft_update", "micro_step", "take_step", "optimizer_step", "average_gradients", "gather",
+             "update_old_policy", "policy", "guided_velocity", "velocity", "sd3_velocity", "flux_velocity",
+             "qwenimage_velocity", "qwenimage_cfg"]
+
+
+def test_the_algorithm_is_one_read_before_the_plumbing_banner_the_docstring_names():
+    """Every function that carries the algorithm (the math, train() and each step it calls, the policy swap, the
+    optimizer step and gradient sync, each family's velocity) is defined above the plumbing banner, whose line the
+    module docstring gives; the steps train() calls are those functions; no line of nft.py or rewards.py is over 120 characters."""
+    import ast
+    source = open(os.path.join(HERE, "nft.py"), encoding="utf-8").read()
+    lines = source.splitlines()
+    banner = next(i for i, line in enumerate(lines, 1) if re.fullmatch(r"# =+ plumbing", line))
+    assert f"banner, line {banner}" in nft.__doc__.replace("\n", " ")
+    defined = {node.name: node.lineno for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    assert all(defined[name] < banner for name in ALGORITHM), [n for n in ALGORITHM if defined[n] > banner]
+    train = next(node for node in ast.parse(source).body if getattr(node, "name", "") == "train")
+    steps = {n.func.id for n in ast.walk(train) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"encode_batch", "rollout", "score", "nft_update", "update_old_policy"} <= steps
+    for name in ("nft.py", "rewards.py"):
+        long = [i for i, line in enumerate(open(os.path.join(HERE, name), encoding="utf-8"), 1) if len(line) > 121]
+        assert not long, (name, long[:5])
 
 
 # --------------------------------------------------------------------------- solvers
@@ -430,14 +492,14 @@ def test_same_seed_gives_identical_metrics(two_epochs, tmp_path):
 def test_saved_lora_loads_into_diffusers_and_reproduces_ema_policy(two_epochs):
     """pipe.load_lora_weights reads our file and gives exactly the velocity of the EMA weights."""
     ckpt = nft.checkpoints(two_epochs)[-1]
-    pipe = nft.random_pipeline("tiny")
+    pipe = nft.builtin_pipeline("tiny")
     g = torch.Generator().manual_seed(0)
     x, emb, pooled = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 93, 32, generator=g), torch.randn(2, 64, generator=g)
     with torch.no_grad():
         v_base = nft.velocity(pipe.transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
         pipe.load_lora_weights(ckpt)
         v_lora = nft.velocity(pipe.transformer, x, 0.5, dict(embeds=emb, pooled=pooled))
-    ours = nft.random_pipeline("tiny")
+    ours = nft.builtin_pipeline("tiny")
     args = nft.parse_args(["--model", "tiny"])
     params, _ = nft.add_adapters(ours.transformer, args)
     with torch.no_grad():
@@ -451,7 +513,7 @@ def test_saved_lora_loads_into_diffusers_and_reproduces_ema_policy(two_epochs):
 def test_model_loads_from_a_saved_folder(tmp_path):
     """The real from_pretrained path, on a tiny pipeline saved with save_pretrained."""
     folder = tmp_path / "tiny-sd3"
-    nft.random_pipeline("tiny").save_pretrained(folder)
+    nft.builtin_pipeline("tiny").save_pretrained(folder)
     run_nft(*SMALL, "--model", folder, "--preset", "tiny", "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out")
     assert len(metrics(tmp_path / "out")) == 1
 
@@ -460,16 +522,16 @@ def test_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
     """The tiny model's decoder fit runs once per machine; a cached build is bit for bit a fresh one."""
     monkeypatch.setenv("NFT_CACHE", str(tmp_path / "cache"))
     fits = []
-    fit = nft._fit_tiny_decoder
-    monkeypatch.setattr(nft, "_fit_tiny_decoder", lambda vae, steps: fits.append(steps) or fit(vae, steps))
-    a, b = nft.random_pipeline("tiny"), nft.random_pipeline("tiny")
+    fit = nft.fit_decoder
+    monkeypatch.setattr(nft, "fit_decoder", lambda vae, steps: fits.append(steps) or fit(vae, steps))
+    a, b = nft.builtin_pipeline("tiny"), nft.builtin_pipeline("tiny")
     assert fits == [150] and len(os.listdir(tmp_path / "cache")) == 1
     for name, module in a.components.items():
         if isinstance(module, torch.nn.Module):
             sb = b.components[name].state_dict()
             assert all(torch.equal(t, sb[n]) for n, t in module.state_dict().items()), name
     (tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]).write_bytes(b"damaged")  # a damaged cache refits
-    c = nft.random_pipeline("tiny")
+    c = nft.builtin_pipeline("tiny")
     assert fits == [150, 150] and all(torch.equal(t, c.vae.state_dict()[n]) for n, t in a.vae.state_dict().items())
 
 
@@ -513,7 +575,7 @@ def test_init_lora_first_rollout_equals_the_lora_loaded_by_hand(tmp_path, layout
     for pipe, use in [(ours, old), (by_hand, None), (ours, "ref")]:
         cond = nft.encode_prompts(pipe, ["a red image"] * 4, args.max_sequence_length, "cpu")
         with nft.policy(params, None if use == "ref" else use) if pipe is ours else contextlib.nullcontext():
-            rollouts.append(nft.sample(pipe, noise, cond, sigmas, "euler", args, contextlib.nullcontext))
+            rollouts.append(sample_with(pipe, noise, cond, sigmas, "euler", args, contextlib.nullcontext))
     assert torch.allclose(rollouts[0], rollouts[1], atol=1e-5)  # the first epoch rolls out with the LoRA
     assert not torch.allclose(rollouts[0], rollouts[2], atol=1e-3)  # and the LoRA matters
     # another --lora_alpha: the scale ratio (64/32)/(16/32) = 4 is folded into lora_B: the same starting policy
@@ -609,30 +671,30 @@ def _official_dataset(root):
 def test_official_dataset_folder_resolves_per_preset(tmp_path, preset, train, test, bench):
     root = _official_dataset(tmp_path / "dataset")
     args = nft.parse_args(["--reward", preset, "--prompts", str(root)])
-    nft.resolve_prompts(args)
+    resolve_prompts(args)
     assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / test))
-    assert nft.prompt_warning(args) is None and nft.prompt_set(args) == {"train": str(root / train), "eval": str(root / test)}
+    assert resolve_prompts(args) is None and nft.prompt_set(args) == {"train": str(root / train), "eval": str(root / test)}
     args = nft.parse_args(["--reward", preset, "--eval_only", "--eval_prompts", str(root)])
-    nft.resolve_prompts(args)
-    assert args.eval_prompts == str(root / bench) and nft.prompt_warning(args) is None
+    resolve_prompts(args)
+    assert args.eval_prompts == str(root / bench) and resolve_prompts(args) is None
     # a subfolder (dataset/<name>) works too, and an explicit file wins over the folder's test file
     sub = root / os.path.dirname(train)
     args = nft.parse_args(["--reward", preset, "--prompts", str(sub), "--eval_prompts", str(root / bench)])
-    nft.resolve_prompts(args)
+    resolve_prompts(args)
     assert (args.prompts, args.eval_prompts) == (str(root / train), str(root / bench))
-    nft.load_prompts(args.prompts)  # the official files read unchanged
+    rewards.load_prompts(args.prompts)  # the official files read unchanged
 
 
 def test_prompt_warning_names_the_official_file_once_before_any_model_loads(tmp_path):
     for preset, names in [("geneval", ["geneval/train_metadata.jsonl"]), ("ocr", ["ocr/train.txt", "ocr/test.txt"]),
                           ("pickscore", ["pickscore/train.txt", "pickscore/test.txt"])]:
-        text = nft.prompt_warning(nft.parse_args(["--reward", preset]))
+        text = resolve_prompts(nft.parse_args(["--reward", preset]))
         assert text.startswith(f"warning: the {preset} preset") and all(n in text for n in names)
         assert "--prompts path/to/DiffusionNFT/dataset" in text
-    assert nft.prompt_warning(nft.parse_args(["--reward", "geneval", "--eval_only"])) is None  # built-in = official test set
-    assert "drawbench/test.txt" in nft.prompt_warning(nft.parse_args(["--reward", "hpsv2", "--eval_only"]))
-    assert nft.prompt_warning(nft.parse_args(["--model", "tiny", "--reward", "color"])) is None  # no official set
-    only_eval = nft.prompt_warning(nft.parse_args(["--reward", "ocr", "--prompts", "train.txt"]))
+    assert resolve_prompts(nft.parse_args(["--reward", "geneval", "--eval_only"])) is None  # built-in = official test set
+    assert "drawbench/test.txt" in resolve_prompts(nft.parse_args(["--reward", "hpsv2", "--eval_only"]))
+    assert resolve_prompts(nft.parse_args(["--model", "tiny", "--reward", "color"])) is None  # no official set
+    only_eval = resolve_prompts(nft.parse_args(["--reward", "ocr", "--prompts", "train.txt"]))
     assert "evaluates on" in only_eval and "--eval_prompts path/to" in only_eval and "ocr/train.txt" not in only_eval
     # the PickScore model cannot load offline: the warning must already be out, once
     p = run_nft("--model", "tiny", "--reward", "pickscore", "--output_dir", tmp_path / "out", check=False)
@@ -776,7 +838,7 @@ def test_profile_reports_phases_throughput_and_mfu(tmp_path):
 # ---- picking the family, its defaults and sizes ----
 def test_family_is_picked_from_the_pipeline_class():
     """The family comes from the loaded pipeline's class (or its transformer's); the preset from --model."""
-    assert nft.family_of(nft.random_pipeline("tiny")).name == "sd3"
+    assert nft.family_of(nft.builtin_pipeline("tiny")).name == "sd3"
     for name in TINY_FAMILIES:
         pipe = tiny_pipe(name)
         assert nft.family_of(pipe).name == nft.family_of(pipe.transformer).name == name
@@ -848,10 +910,10 @@ def test_family_euler_rollout_equals_the_pipeline(name):
     pipe = tiny_pipe(name)
     C, h, w = nft.latent_shape(pipe, 32)
     x = torch.randn(2, C, h, w, generator=torch.Generator().manual_seed(1))
-    args = types.SimpleNamespace(guidance_scale=1.0, eta=0.0)
+    args = nft.parse_args(["--model", TINY_FAMILIES[name], "--guidance_scale", "1.0", "--eta", "0"])
     prompts = ["a red photo", "a cat on a tree"]
     cond = nft.encode_prompts(pipe, prompts, 16, "cpu")
-    ours = nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext)
+    ours = sample_with(pipe, x, cond, nft.schedule(pipe, 4, 32), "euler", args, contextlib.nullcontext)
     extra = dict(guidance_scale=nft.Args.embedded_guidance_scale) if name == "flux" else {}  # embedded, not CFG
     with torch.no_grad():
         theirs = pipe(prompt=prompts, height=32, width=32, num_inference_steps=4, output_type="latent",
@@ -878,12 +940,12 @@ def test_family_sigmas_equal_the_pipelines_schedule(name):
     pipe = copy.deepcopy(tiny_pipe(name))
     fam = nft.family_of(pipe)
     for num_steps, resolution in [(10, 256), (10, 512), (28, 512)]:
-        ours = fam.sigmas(pipe, num_steps, resolution)
+        ours = nft.schedule(pipe, num_steps, resolution)
         assert ours.dtype == torch.float64 and ours.shape == (num_steps + 1,) and ours[0] == 1 and ours[-1] == 0
         torch.testing.assert_close(ours, _pipeline_sigmas(pipe, num_steps, resolution), atol=1e-6, rtol=0)
-    assert (fam.sigmas(pipe, 10, 512)[1:-2] > fam.sigmas(pipe, 10, 256)[1:-2]).all()  # Qwen-Image: both end at 0.02
+    assert (nft.schedule(pipe, 10, 512)[1:-2] > nft.schedule(pipe, 10, 256)[1:-2]).all()  # Qwen-Image: both end at 0.02
     if name == "qwenimage":
-        assert abs(fam.sigmas(pipe, 10, 512)[-2].item() - 0.02) < 1e-12
+        assert abs(nft.schedule(pipe, 10, 512)[-2].item() - 0.02) < 1e-12
 
 
 def test_qwenimage_mask_is_dropped_when_every_token_is_real():
@@ -921,8 +983,8 @@ def test_cfg_rollout_equals_the_pipeline(name, capsys, monkeypatch):
 
     def ours():
         cond = nft.encode_prompts(pipe, prompts, 16, "cpu", args.embedded_guidance_scale)
-        return nft.sample(pipe, x, cond, nft.family_of(pipe).sigmas(pipe, 4, 32), "euler", args, contextlib.nullcontext,
-                          nft.negative_conditioning(pipe, args, "cpu"))
+        return sample_with(pipe, x, cond, nft.schedule(pipe, 4, 32), "euler", args, contextlib.nullcontext,
+                          negative_conditioning(pipe, args))
     guidance = {"sd3": dict(guidance_scale=3.0), "flux": dict(true_cfg_scale=3.0, guidance_scale=2.5),
                 "qwenimage": dict(true_cfg_scale=3.0)}[name]
     with torch.no_grad():
@@ -959,9 +1021,9 @@ def test_family_micro_step_backprops_into_the_lora_only(name):
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
     eps, r, mask = torch.randn(3, *x0.shape, generator=g), torch.tensor([1.0, 0.0]), torch.ones(2)
-    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[1, 5], [3, 7], [8, 2]])].float()
+    sig = nft.schedule(pipe, 10, 32)[torch.tensor([[1, 5], [3, 7], [8, 2]])].float()
     cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
-    stats = nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+    stats = micro_step_with(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
     assert torch.isfinite(stats).all() and stats[1] > 0 and stats[2] > 0  # loss, KL to the base, |v_theta - v_old|
     with_grad = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None}
     dead, zero = set(), set()
@@ -996,12 +1058,12 @@ def test_guided_training_loss_equals_a_hand_computation(name):
             old[n].add_(0.05 * torch.randn(p.shape, generator=g))
     x0 = torch.randn(2, *nft.latent_shape(pipe, 32), generator=g)
     eps, r, mask = torch.randn(2, *x0.shape, generator=g), torch.tensor([0.8, 0.2]), torch.ones(2)
-    sig = nft.family_of(pipe).sigmas(pipe, 10, 32)[torch.tensor([[2, 6], [4, 8]])].float()
+    sig = nft.schedule(pipe, 10, 32)[torch.tensor([[2, 6], [4, 8]])].float()
     cond = nft.encode_prompts(pipe, ["a red photo", "a cat"], 16, "cpu")
-    null = nft.negative_conditioning(pipe, args, "cpu")
+    null = negative_conditioning(pipe, args)
 
     def step(a):
-        return nft.micro_step(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, a, contextlib.nullcontext,
+        return micro_step_with(pipe.transformer, params, old, x0, cond, sig, eps, r, mask, a, contextlib.nullcontext,
                               1.0, null)
 
     def grads():
@@ -1421,7 +1483,7 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
     args = nft.parse_args([*map(str, SMALL), "--output_dir", str(root), "--resume_from", "latest"])
     counters = dict(step=0, bad_steps=0, config={k: getattr(args, k) for k in nft.RESUME_KEYS},
                     draws=nft.run_draws(args, 1))
-    tiny = nft.RANDOM_ARCHS["tiny"]["transformer"]
+    tiny = nft.BUILTIN["tiny"]["transformer"]
     pol = nft.make_policies(diffusers.SD3Transformer2DModel(**tiny), args)
     pol.theta[next(iter(pol.theta))].grad = torch.ones_like(next(iter(pol.theta.values())))
     pol.opt.step()  # optimizer state to check
@@ -1469,7 +1531,7 @@ def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
     (folder / "checkpoint-00003").write_text("a file where the folder goes")
     (folder / "checkpoint-00004.tmp").symlink_to(kept)
     for epoch in (1, 2, 3, 4):
-        path = nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), lora, meta)
+        path = nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), meta)
         assert os.path.isdir(path) and not os.path.islink(path) and state(path)["step"] == epoch
     assert (kept / "file").read_text() == "kept" and os.path.exists("/dev/zero")
 
@@ -1608,9 +1670,9 @@ def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
     # a folder is read as the official dataset/ layout; one without its files is a clear error
     assert "no train.txt or train_metadata.jsonl in this folder" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts", tmp_path)
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfa red image\na blue image\n")
-    assert nft.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
+    assert rewards.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
     (tmp_path / "upper.JSONL").write_text('{"prompt": "a red image", "tag": "x"}\n')
-    assert nft.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
+    assert rewards.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
     bad = tmp_path / "geneval.jsonl"
     bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat", "count": "1"}]}\n')
     assert "GenEval metadata of the wrong type" in cli_error(capsys, *SMALL_NO_EVAL, "--reward", "geneval", "--prompts", bad)
@@ -1659,8 +1721,8 @@ def test_missing_official_file_is_one_clear_error(tmp_path):
     root = _official_dataset(tmp_path / "dataset")
     os.remove(root / "ocr/train.txt")
     args = nft.parse_args(["--reward", "ocr", "--prompts", str(root)])
-    with pytest.raises(nft.UserError, match=r"--prompts .*: no ocr/train.txt in this folder; pass the official"):
-        nft.resolve_prompts(args)
+    with pytest.raises(rewards.RewardError, match=r"--prompts .*: no ocr/train.txt in this folder; pass the official"):
+        resolve_prompts(args)
     p = run_nft("--model", "tiny", "--reward", "color", "--prompts", tmp_path, "--output_dir", tmp_path / "out", check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --prompts") and "Traceback" not in p.stderr
 
@@ -1789,7 +1851,7 @@ def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tm
     """A FLUX.1 LoRA (the tiny FLUX transformer's adapter, saved as checkpoints are) on the tiny SD3: --eval_only
     and load_lora refuse it in one line, saying what was expected and what was found."""
     import diffusers
-    flux = diffusers.FluxTransformer2DModel(**nft.FAMILY_ARCHS["tiny-flux"]["transformer"])
+    flux = diffusers.FluxTransformer2DModel(**nft.BUILTIN["tiny-flux"]["transformer"])
     args = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
     params, _ = nft.add_adapters(flux, args)
     meta = nft.lora_config(args, nft.family_of(flux).lora_targets).to_dict()
@@ -1804,7 +1866,7 @@ def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tm
 
 def test_lora_targets_that_match_no_layer_name_the_nearest():
     import diffusers
-    transformer = diffusers.SD3Transformer2DModel(**nft.RANDOM_ARCHS["tiny"]["transformer"])
+    transformer = diffusers.SD3Transformer2DModel(**nft.BUILTIN["tiny"]["transformer"])
     args = nft.parse_args(["--model", "tiny", "--reward", "color", "--lora_targets", "attn.to_q,atn.to_k"])
     with pytest.raises(nft.UserError, match="LoRA target 'atn.to_k' matches no layer of this transformer; the nearest "
                                             "are attn.to_k"):
@@ -2155,19 +2217,19 @@ def test_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tmp_p
     meta = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict()
     meta["target_modules"] = sorted(meta["target_modules"])
     st = dict(default=lora, old=lora, ema=lora, step=1)
-    good = nft.save_checkpoint(args, 1, st, lora, meta)
+    good = nft.save_checkpoint(args, 1, st, meta)
     real_save = torch.save
     for fault in (OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")):
         def full(*a, **k):
             raise fault
         monkeypatch.setattr(torch, "save", full)
         with pytest.raises(nft.UserError, match="no space left on device; the last good checkpoint is kept"):
-            nft.save_checkpoint(args, 2, st, lora, meta)
+            nft.save_checkpoint(args, 2, st, meta)
         assert nft.checkpoints(tmp_path) == [good] and os.listdir(tmp_path / "checkpoints") == ["checkpoint-00001"]
     monkeypatch.setattr(torch, "save", real_save)
     nan = {n: torch.full_like(t, float("nan")) for n, t in lora.items()}
     with pytest.raises(nft.UserError, match="NaN/inf, so no checkpoint is saved"):
-        nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), nan, meta)
+        nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), meta)
     assert nft.checkpoints(tmp_path) == [good] and state(good)["default"].keys() == lora.keys()
     assert "no space left on device" in str(nft.write_error(OSError(errno.ENOSPC, "x"), "metrics.jsonl"))
     from safetensors import SafetensorError  # how safetensors words it
@@ -2198,7 +2260,7 @@ def test_geneval_metrics_average_the_tags_not_the_images():
     results = [dict(tag=t, reward=p, geneval=p, **{"geneval/correct": c, "geneval/strict": s, "geneval/partial": p})
                for t, c, s, p in [("single_object", 1.0, 1.0, 1.0), ("single_object", 0.0, 0.0, 0.5),
                                   ("single_object", 1.0, 0.0, 0.75), ("counting", 1.0, 1.0, 1.0)]]
-    m = nft.eval_metrics(results, "geneval")
+    m = rewards.benchmark_metrics(results, "geneval")
     assert m["single_object"] == pytest.approx(2 / 3) and m["counting"] == 1.0
     assert m["GenEval overall"] == pytest.approx(5 / 6)
     assert m["GenEval strict"] == pytest.approx(0.5) and m["GenEval partial"] == pytest.approx(3.25 / 4)
@@ -2206,15 +2268,15 @@ def test_geneval_metrics_average_the_tags_not_the_images():
 
 
 def test_ocr_and_drawbench_metrics():
-    m = nft.eval_metrics([dict(reward=r, ocr=r) for r in (1.0, 0.5, 1.0, 0.0)], "ocr")
+    m = rewards.benchmark_metrics([dict(reward=r, ocr=r) for r in (1.0, 0.5, 1.0, 0.0)], "ocr")
     assert m == {"OCR accuracy": 0.625, "OCR exact": 0.5}
     spec = "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1"
     comps = dict(pickscore=0.9, clipscore=0.3, hpsv2=0.33, aesthetic=6.0, imagereward=1.5)
     results = [dict(reward=sum(comps.values()), **comps)] * 2
-    m = nft.eval_metrics(results, spec)
+    m = rewards.benchmark_metrics(results, spec)
     assert list(m) == ["PickScore", "CLIPScore", "HPSv2.1", "Aesthetic", "ImageReward", "reward (weighted sum)"]
     assert m["PickScore"] == pytest.approx(23.4) and m["Aesthetic"] == pytest.approx(6.0)  # PickScore x26 as printed
-    assert nft.EVAL_IMAGES["geneval"] == 4 and nft.EVAL_IMAGES["ocr"] == 1 and nft.EVAL_IMAGES["pickscore"] == 5
+    assert rewards.EVAL_IMAGES["geneval"] == 4 and rewards.EVAL_IMAGES["ocr"] == 1 and rewards.EVAL_IMAGES["pickscore"] == 5
 
 
 # ---- seeds, ranks and defaults ----
@@ -2225,9 +2287,9 @@ def test_geneval_tags_reach_the_evaluation_report(tiny_sd3, one_thread):
         correct = torch.tensor([float(m["tag"] == "counting") for m in metadata])
         return correct, {"geneval": correct, "geneval/partial": correct, "geneval/strict": correct, "geneval/correct": correct}
     args = nft.parse_args([str(a) for a in EVAL_SMALL] + ["--eval_images_per_prompt", "1"])
-    results = nft.evaluate(tiny_sd3, records, fake, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    results = evaluate_with(tiny_sd3, records, fake, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
     assert [r["tag"] for r in results] == [r["tag"] for r in records]
-    m = nft.eval_metrics(results, "geneval")
+    m = rewards.benchmark_metrics(results, "geneval")
     assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
 
 
@@ -2240,7 +2302,7 @@ def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3, one_thread):
     def scores(**kw):
         for k, v in kw.items():
             setattr(args, k, v)
-        res = nft.evaluate(pipe, records, fn, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+        res = evaluate_with(pipe, records, fn, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
         return {(r["index"], r["image"]): (r["seed"], r["reward"]) for r in res}
 
     a = scores(sample_batch_size=8)
@@ -2255,7 +2317,7 @@ def test_evaluation_shows_a_progress_bar(capsys, one_thread):
     """A long evaluation (the OCR test set is 1018 images) shows a bar counting its batches."""
     records = [{"prompt": f"a {c} image"} for c in ("red", "green", "blue")]
     args = nft.parse_args([str(a) for a in EVAL_SMALL] + ["--sample_batch_size", "2"])
-    results = nft.evaluate(nft.random_pipeline("tiny"), records, rewards.make_reward("color", "cpu"), args,
+    results = evaluate_with(nft.builtin_pipeline("tiny"), records, rewards.make_reward("color", "cpu"), args,
                            torch.device("cpu"), contextlib.nullcontext, 0, 1)
     err = capsys.readouterr().err
     assert len(results) == 6 and "evaluating 6 images" in err and "/3 " in err  # 3 batches of 2
@@ -2290,10 +2352,11 @@ def test_eval_only_defaults_to_the_official_evaluation_settings():
 
 def test_official_test_files_repeat_prompts_and_evaluation_dedupes(tmp_path):
     root = _official_dataset(tmp_path / "dataset")
-    lines = nft.load_prompts(str(root / "drawbench/test.txt"))
-    assert len(lines) == 10 and [r["prompt"] for r in nft.dedupe_records(lines)] == ["a green cube", "a white cat"]
-    official = nft.load_prompts(str(root / "geneval/test_metadata.jsonl"))
-    assert nft.dedupe_records(official) == rewards.geneval_prompts("test")[:3]
+    assert len(rewards.load_prompts(str(root / "drawbench/test.txt"))) == 10
+    _, evals, repeats = rewards.prompt_records("pickscore", "", str(root / "drawbench/test.txt"))
+    assert repeats == 8 and [r["prompt"] for r in evals] == ["a green cube", "a white cat"]
+    _, official, _ = rewards.prompt_records("geneval", "", str(root / "geneval/test_metadata.jsonl"))
+    assert official == rewards.geneval_prompts("test")[:3]
 
 
 # ---- LoRAs evaluated ----
@@ -2301,7 +2364,7 @@ def test_peft_layout_lora_loads_with_its_scaling(tmp_path, one_thread):
     """An official-style checkpoint (peft save_pretrained: adapter_model.safetensors + adapter_config.json,
     keys base_model.model.<module>.lora_A.weight) gives the source model's velocity; alpha/r = 3 matters."""
     from peft import LoraConfig, get_peft_model
-    source = nft.random_pipeline("tiny").transformer
+    source = nft.builtin_pipeline("tiny").transformer
     config = LoraConfig(r=4, lora_alpha=12, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
     peft_model = get_peft_model(source, config)
     with torch.no_grad():
@@ -2314,7 +2377,7 @@ def test_peft_layout_lora_loads_with_its_scaling(tmp_path, one_thread):
     assert any(k.startswith("base_model.model.transformer_blocks.0.attn.to_q.lora_A") for k in load_file(folder / "adapter_model.safetensors"))
     v_source = tiny_velocity(peft_model.base_model.model)
 
-    pipe = nft.random_pipeline("tiny")
+    pipe = nft.builtin_pipeline("tiny")
     v_base = tiny_velocity(pipe.transformer)
     lora = nft.find_lora(str(tmp_path / "checkpoint-7"))  # the checkpoint folder finds its lora/
     assert lora[0] == str(folder / "adapter_model.safetensors") and lora[1]["r"] == 4 and lora[1]["lora_alpha"] == 12
@@ -2333,7 +2396,7 @@ def test_eval_of_a_training_checkpoint_writes_compare_and_curves(tmp_path, one_t
             "--sample_batch_size", 8, "--num_epochs", 1, "--eval_every", 0, "--save_every", 1, "--output_dir", run)
     ckpt = run / "checkpoints" / "checkpoint-00001"
     assert nft.find_lora(str(ckpt))[0] == str(ckpt / "pytorch_lora_weights.safetensors")
-    pipe = nft.random_pipeline("tiny")
+    pipe = nft.builtin_pipeline("tiny")
     v_base = tiny_velocity(pipe.transformer)
     nft.load_lora(pipe, nft.find_lora(str(ckpt / "pytorch_lora_weights.safetensors")))  # the file itself works too
     assert (tiny_velocity(pipe.transformer) - v_base).abs().max() > 1e-6
@@ -2378,8 +2441,8 @@ def test_eval_rewards_score_beside_the_training_reward(monkeypatch):
     (total, comps), (alone, _) = both(images, prompts, [{}, {}]), train(images, prompts, [{}, {}])
     assert torch.equal(total, alone) and set(comps) == {"color", "jpeg"} and (comps["jpeg"] < 0).all()
     results = [dict(reward=float(total[i]), **{k: float(v[i]) for k, v in comps.items()}) for i in range(2)]
-    assert set(nft.eval_metrics(results, "color", "jpeg")) == {"color", "jpeg"}
-    assert "reward (weighted sum)" in nft.eval_metrics(results, "color:1,jpeg:1", "jpeg")
+    assert set(rewards.benchmark_metrics(results, "color", "jpeg")) == {"color", "jpeg"}
+    assert "reward (weighted sum)" in rewards.benchmark_metrics(results, "color:1,jpeg:1", "jpeg")
 
 
 def test_eval_rewards_are_logged_and_eval_only_tables_them(guided_demo, tmp_path, one_thread):
@@ -2965,10 +3028,10 @@ def test_readme_multi_reward_evaluation_runs_as_written(monkeypatch, tmp_path, r
                            "pickscore:1,clipscore:1,hpsv2:1,aesthetic:1,imagereward:1")
     argv = line.split("nft.py", 1)[1].split()
     _use_reward_hub(monkeypatch, reward_hub, reward_reference)
-    tiny = nft.RANDOM_ARCHS["tiny"]
+    tiny = nft.BUILTIN["tiny"]
     patches = dict(tiny["transformer"], patch_size=4)  # 16 x 16 patches at 512 px
-    monkeypatch.setitem(nft.RANDOM_ARCHS, "tiny", dict(tiny, transformer=patches))
-    pipe = nft.random_pipeline("tiny")
+    monkeypatch.setitem(nft.BUILTIN, "tiny", dict(tiny, transformer=patches))
+    pipe = nft.builtin_pipeline("tiny")
     default, builtin = nft.parse_args([]).model, nft.builtin
     monkeypatch.setattr(nft, "builtin", lambda model: model == default or builtin(model))  # no GPU or SD3.5 download
     monkeypatch.setattr(nft, "load_pipeline", lambda model, dtype, device="cpu": pipe)
@@ -2976,7 +3039,7 @@ def test_readme_multi_reward_evaluation_runs_as_written(monkeypatch, tmp_path, r
     (tmp_path / argv[argv.index("--eval_prompts") + 1]).write_text("a red cat on a sofa\n")
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=nft.OFFICIAL_TARGETS)
     lora = tmp_path / argv[argv.index("--lora") + 1] / "lora"
-    get_peft_model(nft.random_pipeline("tiny").transformer, config).save_pretrained(lora)
+    get_peft_model(nft.builtin_pipeline("tiny").transformer, config).save_pretrained(lora)
     nft.main(argv)
     out = tmp_path / nft.parse_args(argv).output_dir  # runs/<model>-<reward names>-eval
     summary = json.load(open(out / "eval.json"))
@@ -3097,12 +3160,11 @@ def test_rewards_run_in_fp32_by_default(monkeypatch):
         rewards.make_reward("dtype_probe", "cpu", "fp16")
     with pytest.raises(nft.UserError, match="--reward_precision"):
         nft.validate(nft.parse_args(["--reward_precision", "half"]), 1)
-    pipe = types.SimpleNamespace(vae=torch.nn.Linear(2, 2).to(torch.bfloat16))  # the decode feeding the reward
-    nft.reward_vae(pipe, nft.parse_args([]))
-    assert pipe.vae.weight.dtype == torch.float32
-    pipe.vae.to(torch.bfloat16)
-    nft.reward_vae(pipe, nft.parse_args(["--reward_precision", "bf16"]))
-    assert pipe.vae.weight.dtype == torch.bfloat16
+    for flags, dtype in [([], torch.float32), (["--reward_precision", "bf16"], torch.bfloat16)]:  # the decode fed to it
+        args = nft.parse_args(["--model", "tiny", "--reward", "color", "--mixed_precision", "bf16", *flags])
+        run = nft.Run(args, 0, 1, torch.device("cpu"))
+        nft.load_model(run)
+        assert run.pipe.vae.dtype == dtype and run.pipe.transformer.dtype == torch.bfloat16
 
 
 # ---- prompt sets ----
@@ -3188,7 +3250,7 @@ def test_compiled_transformer_switches_adapters_without_recompiling():
     x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
     sig, r, mask = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float(), torch.rand(4, generator=g), torch.ones(4)
     emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-    pipe = nft.random_pipeline("tiny")
+    pipe = nft.builtin_pipeline("tiny")
     torch.manual_seed(1)
     params, old = nft.add_adapters(pipe.transformer, args)
     with torch.no_grad():
@@ -3197,9 +3259,9 @@ def test_compiled_transformer_switches_adapters_without_recompiling():
     theta = {n: p.detach().clone() for n, p in params.items()}
 
     def one_round():
-        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
+        stats = micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args, contextlib.nullcontext, 1.0)
         with nft.policy(params, old):
-            x = nft.sample(pipe, x0, dict(embeds=emb, pooled=pooled), nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+            x = sample_with(pipe, x0, dict(embeds=emb, pooled=pooled), nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
         return stats, x
     eager = one_round()
     torch._dynamo.reset()
@@ -3231,9 +3293,9 @@ def _mini_epochs(pipe, params, old, args, epochs, compiled_from=None):
         stance = "fail_on_recompile" if compiled_from is not None and epoch >= compiled_from else "default"
         with torch.compiler.set_stance(stance):
             with nft.policy(params, old):
-                nft.sample(pipe, torch.randn(8, 4, 4, 4, generator=g), dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
+                sample_with(pipe, torch.randn(8, 4, 4, 4, generator=g), dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
                            nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
-            out.append(nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
+            out.append(micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
                                       contextlib.nullcontext, 1.0))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -3248,7 +3310,7 @@ def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
     args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
     runs = {}
     for compiled in (False, True):
-        pipe = nft.random_pipeline("tiny")
+        pipe = nft.builtin_pipeline("tiny")
         torch.manual_seed(1)
         params, old = nft.add_adapters(pipe.transformer, args)
         torch._dynamo.reset()
@@ -3345,7 +3407,7 @@ def test_weight_swap_policies_equal_peft_adapters_bitwise(mode):
     dtype, autocast = nft.precision(args, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x, emb, pooled = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 93, 32, generator=g), torch.randn(3, 64, generator=g)
-    ours = nft.random_pipeline("tiny").to(dtype=dtype)
+    ours = nft.builtin_pipeline("tiny").to(dtype=dtype)
     torch.manual_seed(1)
     params, old = nft.add_adapters(ours.transformer, args)
     with torch.no_grad():  # theta, theta_old and the base all differ
@@ -3353,7 +3415,7 @@ def test_weight_swap_policies_equal_peft_adapters_bitwise(mode):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
             old[n].add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n) + 1)))
     theta = {n: p.detach().clone() for n, p in params.items()}
-    peft = nft.random_pipeline("tiny").to(dtype=dtype)
+    peft = nft.builtin_pipeline("tiny").to(dtype=dtype)
     set_policy = _three_peft_adapters(peft.transformer, args, theta, old)
     v = lambda pipe: nft.velocity(pipe.transformer, x, 0.3, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)))  # noqa: E731
     mine, theirs = {}, {}
@@ -3373,7 +3435,7 @@ def test_weight_swap_policies_equal_peft_adapters_bitwise(mode):
 def test_bf16_vae_decode_stays_within_a_pixel_level_of_fp32():
     """The fast path decodes in bf16. On the tiny (fitted) decoder the images stay within 8-bit quantisation
     noise of fp32: mean |diff| < 1/255, max < 6/255. (The real VAE's check is in .ci/gpu_check.sh.)"""
-    pipe = nft.random_pipeline("tiny")
+    pipe = nft.builtin_pipeline("tiny")
     x0 = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     fp32 = nft.decode(pipe, x0)
     bf16 = nft.decode(pipe.to(dtype=torch.bfloat16), x0)
@@ -3393,13 +3455,13 @@ def test_bf16_micro_step_matches_fp32_within_bf16_noise():
     for mode in ("no", "bf16"):
         args.mixed_precision = mode
         dtype, autocast = nft.precision(args, torch.device("cpu"))
-        pipe = nft.random_pipeline("tiny").to(dtype=dtype)
+        pipe = nft.builtin_pipeline("tiny").to(dtype=dtype)
         torch.manual_seed(1)
         params, old = nft.add_adapters(pipe.transformer, args)
         with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
             for n, p in params.items():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        stats = nft.micro_step(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)), sig, eps, r, mask,
+        stats = micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)), sig, eps, r, mask,
                                    args, autocast, 1.0)
         results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
     (s32, g32), (s16, g16) = results
@@ -3422,7 +3484,7 @@ def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs):
     assert [r["step"] for r in m] == [r["step"] for r in metrics(root / "fsdp")][:2] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + metrics(root / "fsdp"))
     model = FSDP[family][0]
-    pipe = nft.random_pipeline("tiny") if family == "sd3" else copy.deepcopy(tiny_pipe(family))
+    pipe = nft.builtin_pipeline("tiny") if family == "sd3" else copy.deepcopy(tiny_pipe(family))
     cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
     x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
     ours = copy.deepcopy(pipe)
@@ -3468,7 +3530,7 @@ def test_random_sd35_medium_is_the_spec_architecture():
     """random:sd3.5-medium (built on the meta device: shapes only) is SPEC section 7's transformer: 2.24B
     parameters and 2.25 TFLOP per 512 px image forward with 205 text tokens; text widths 768 + 1280, T5 4096."""
     from torch.utils.flop_counter import FlopCounterMode
-    pipe = nft.random_pipeline("sd3.5-medium", "meta")
+    pipe = nft.builtin_pipeline("sd3.5-medium", "meta")
     assert sum(p.numel() for p in pipe.transformer.parameters()) == pytest.approx(2.243e9, rel=1e-3)
     assert (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size,
             pipe.text_encoder_3.config.d_model, pipe.vae.config.latent_channels) == (768, 1280, 4096, 16)
