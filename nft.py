@@ -25,7 +25,7 @@ x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 
 SD3.5, FLUX.1 and Qwen-Image all fit this: a Family says how prompts are encoded, how the transformer gives v for
 (x, sigma, prompt), the rollout schedule and the LoRA targets; the loop never asks which family it runs.
 
-Where this file deliberately differs from the official code (README lists the same):
+Where this file deliberately differs from the official code (the README's table gives them in more detail):
  1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler).
  2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
  3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
