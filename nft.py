@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 770: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 771: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -503,7 +503,8 @@ def score(run, batch, futures, epoch, log):
     batch.mask = ok[lo:hi].float().to(device)
     batch.x0 = torch.where(batch.mask.view(-1, 1, 1, 1) > 0, batch.x0, 0.0)
     batch.r = adv_to_r(adv[lo:hi], args.adv_clip).to(device)
-    log.update(reward_mean=float(all_R[ok].mean()), reward_std=float(all_R[ok].std(unbiased=False)),
+    spread = float(all_R[ok].std(unbiased=False)) if ok.any() else float("nan")  # no finite reward: null, no warning
+    log.update(reward_mean=float(all_R[ok].mean()), reward_std=spread,
                **{f"reward_{k}": float(v[ok].mean()) for k, v in comps.items()},
                r_mean=float(batch.r.mean()), dropped=int((~ok).sum()))
 
@@ -886,7 +887,7 @@ def load_model(run):
     args, device = run.args, run.device
     say_loading(args)
     run.reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)
-    run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, args.eval_reward, device,
+    run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, watched(args), device,
                                             args.reward_precision, args.reward_timeout)
     dtype, run.autocast = precision(args, device)
     run.pipe = load_pipeline(args.model, dtype, device).to(device)
@@ -1031,10 +1032,15 @@ def end_run(run, history):
     print0(f"done: the outputs are in {run.args.output_dir}")
 
 
+def watched(args):
+    """--eval_reward, when an evaluation will score with it (not with --eval_every 0): its models load only then."""
+    return args.eval_reward if args.eval_every or args.eval_only else ""
+
+
 def say_loading(args):
     """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a silent terminal
     never leaves a user wondering whether anything is happening."""
-    models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(args.eval_reward))
+    models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(watched(args)))
               if n not in rewards.NO_MODEL]
     name = args.model.split(":")[-1]
     model = args.model if not builtin(args.model) else f"random-weight {name}"
