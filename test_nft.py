@@ -1524,17 +1524,17 @@ def _fsdp_argv(family, out, *extra):
             "--output_dir", out, *extra]
 
 
-@pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    """Per tiny family, on 2 gloo ranks: 2 epochs unsharded (<family>/plain), then per family 2 epochs with --fsdp
-    (<family>/fsdp), all in one torchrun (start_ranks). The last --fsdp run (Qwen-Image) is set for 8 epochs and
-    SIGKILLed with the whole process group (torchrun and both ranks) as soon as its checkpoint-00002 appears.
-    Qwen-Image runs with --grad_sync micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA tensors
-    that get no gradient. FLUX.1 runs in bf16: a bf16 base and the fp32 LoRA in one FSDP unit. Returns the root."""
-    root, last = tmp_path_factory.mktemp("fsdp"), list(FSDP)[-1]
-    p = start_ranks(root, *[_fsdp_argv(f, root / f / "plain", "--num_epochs", 2) for f in FSDP],
-                    *[_fsdp_argv(f, root / f / "fsdp", "--fsdp", "--num_epochs", 8 if f == last else 2) for f in FSDP])
-    ckpt = root / last / "fsdp" / "checkpoints" / "checkpoint-00002"
+@pytest.fixture(scope="module", params=list(FSDP))
+def fsdp_run(request, tmp_path_factory):
+    """A tiny family's torchrun of 2 gloo ranks (start_ranks): 2 epochs unsharded (plain), then an --fsdp run set for 8
+    epochs (fsdp), SIGKILLed with its whole process group (torchrun and both ranks) as soon as its checkpoint-00002
+    appears. Qwen-Image runs with --grad_sync micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA
+    tensors that get no gradient. FLUX.1 runs in bf16: a bf16 base and the fp32 LoRA in one FSDP unit. Returns
+    (family, folder)."""
+    family, root = request.param, tmp_path_factory.mktemp(f"fsdp-{request.param}")
+    p = start_ranks(root, _fsdp_argv(family, root / "plain", "--num_epochs", 2),
+                    _fsdp_argv(family, root / "fsdp", "--fsdp", "--num_epochs", 8))
+    ckpt = root / "fsdp" / "checkpoints" / "checkpoint-00002"
     try:
         while p.poll() is None and not ckpt.is_dir():
             time.sleep(0.01)
@@ -1543,26 +1543,19 @@ def fsdp_runs(tmp_path_factory):
         p.wait()
     assert p.returncode == -9 and ckpt.is_dir(), (root / "ranks.txt").read_text()[-5000:]
     ranks_said(root)
-    return root
+    return family, root
 
 
-@pytest.fixture(scope="module")
-def fsdp_resumed(fsdp_runs):
-    """Each --fsdp run of fsdp_runs copied to <family>/resumed without its checkpoint-00002 (as a kill before that
-    checkpoint leaves it), then resumed there with --resume_from latest for 2 epochs: all in one torchrun."""
-    for f in FSDP:
-        shutil.copytree(fsdp_runs / f / "fsdp", fsdp_runs / f / "resumed",
-                        ignore=lambda folder, names: [n for n in names if re.fullmatch(r"checkpoint-0000[2-9].*", n)])
-    run_ranks(fsdp_runs, *[_fsdp_argv(f, fsdp_runs / f / "resumed", "--fsdp", "--num_epochs", 2, "--resume_from",
-                                      "latest") for f in FSDP])
-    return fsdp_runs
-
-
-@pytest.mark.parametrize("family", list(FSDP))
-def test_fsdp_resume_is_bit_exact(fsdp_resumed, family):
-    """An --fsdp run resumed from its checkpoint-00001 (the full state, split into each rank's shards; the Qwen-Image
-    run's after a SIGKILL) trains epoch 1 again to the same bits: theta, theta_old, EMA, optimizer, and the metrics."""
-    run, out = fsdp_resumed / family / "fsdp", fsdp_resumed / family / "resumed"
+def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_run):
+    """The --fsdp run SIGKILLed after its checkpoint-00002, copied without that checkpoint and any later one (as a kill
+    just before it leaves the run) and resumed with --resume_from latest from checkpoint-00001 (the full state, split
+    into each rank's shards), trains epoch 1 again to the same bits: theta, theta_old, EMA, optimizer, and the
+    metrics."""
+    family, root = fsdp_run
+    run, out = root / "fsdp", root / "resumed"
+    shutil.copytree(run, out, ignore=lambda folder, names: [n for n in names
+                                                             if re.fullmatch(r"checkpoint-0000[2-9].*", n)])
+    run_ranks(root, _fsdp_argv(family, out, "--fsdp", "--num_epochs", 2, "--resume_from", "latest"))
     assert_same_state(state(out / "checkpoints" / "checkpoint-00002"), state(run / "checkpoints" / "checkpoint-00002"))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
     assert strip(metrics(out)) == strip(metrics(run)[:2])
@@ -3650,12 +3643,11 @@ def test_bf16_micro_step_matches_fp32_within_bf16_noise():
 
 
 # ---- sharding over ranks (--fsdp) and the memory check before loading ----
-@pytest.mark.parametrize("family", list(FSDP))
-def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs, family):
+def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_run):
     """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
     2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
     the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
-    root = fsdp_runs / family
+    family, root = fsdp_run
     plain, fsdp = (state(root / name / "checkpoints" / "checkpoint-00002") for name in ("plain", "fsdp"))
     for key in ("default", "old", "ema"):
         assert plain[key].keys() == fsdp[key].keys()
