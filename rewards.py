@@ -27,6 +27,7 @@ import http.client
 import io
 import json
 import os
+import pickle
 import re
 import socket
 import threading
@@ -41,6 +42,17 @@ from PIL import Image
 
 class RewardError(Exception):
     """A one-line, user-facing problem with a reward (nft.py prints it and exits)."""
+
+
+def load_weights(path):
+    """A downloaded checkpoint's tensors: torch.load(weights_only=True), so a file that holds code is never unpickled;
+    such a file, or a truncated one, is a RewardError that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise RewardError(f"{path} is not a weights-only checkpoint ({reason}); it is not unpickled, since that could "
+                          "run code: delete it and download it again") from None
 
 
 # ---- shared helpers ----
@@ -353,7 +365,7 @@ def make_aesthetic(device):
 
 def load_aesthetic_mlp(path):
     """The MLP with weights from sac+logos+ava1-l14-linearMSE.pth (keys "layers.<i>.weight")."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     dim = state["layers.0.weight"].shape[1]
     mlp = aesthetic_mlp(dim)
     # the checkpoint wraps the Sequential in a module attribute "layers"; ours is the bare Sequential
@@ -507,7 +519,7 @@ def make_hpsv2(device):
     _require("ftfy", "ftfy")  # open_clip_tokens needs it: say so before any download or load
     path = _from_hub(HPSV2_REPO, hf_hub_download, HPSV2_FILE)
     tokenizer = _from_hub(CLIP_TOKENIZER, CLIPTokenizer.from_pretrained, filename=TOKENIZER_FILES)
-    model = load_hpsv2(torch.load(path, map_location="cpu", weights_only=True)["state_dict"], VIT_H_14, device)
+    model = load_hpsv2(load_weights(path)["state_dict"], VIT_H_14, device)
     return clipscore_fn(HpsScorer(model, tokenizer, None, device))
 
 
@@ -611,7 +623,7 @@ def make_imagereward(device):
     tokenizer = _from_hub(BERT_TOKENIZER, BertTokenizer.from_pretrained, filename=TOKENIZER_FILES)
     with open(med) as f:
         med_config = json.load(f)
-    model = load_imagereward(torch.load(weights, map_location="cpu", weights_only=True), med_config, BLIP_VIT_L, device)
+    model = load_imagereward(load_weights(weights), med_config, BLIP_VIT_L, device)
     return imagereward_fn(model, bert_tokenizer(tokenizer), device)
 
 

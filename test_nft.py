@@ -3259,6 +3259,29 @@ def test_unifiedreward_server_down_is_one_line():
 
 
 # ---- specs, combinations, metadata, precision ----
+class _Opens:
+    """Unpickling it calls open(path, "w"): what a malicious checkpoint could do, made visible."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_reward_checkpoints_are_read_weights_only(tmp_path):
+    """rewards.load_weights (aesthetic, hpsv2, imagereward checkpoints): tensors load; a file holding an object whose
+    unpickling runs code is refused without running it, and a truncated file, each as one RewardError naming it."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.pt")
+    assert torch.equal(rewards.load_weights(tmp_path / "good.pt")["w"], torch.ones(2))
+    torch.save({"w": _Opens(str(tmp_path / "ran"))}, tmp_path / "code.pt")
+    with pytest.raises(rewards.RewardError, match=r"code\.pt is not a weights-only checkpoint .* not unpickled"):
+        rewards.load_weights(tmp_path / "code.pt")
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:200])
+    with pytest.raises(rewards.RewardError, match=r"cut\.pt is not a weights-only checkpoint"):
+        rewards.load_weights(tmp_path / "cut.pt")
+
+
 def test_parse_reward_spec():
     assert rewards.parse_reward_spec("geneval") == [("geneval", 1.0)]
     assert rewards.parse_reward_spec("pickscore:1, hpsv2:0.5") == [("pickscore", 1.0), ("hpsv2", 0.5)]
