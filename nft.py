@@ -1965,10 +1965,9 @@ def generate(run, records, items):
 
 @torch.no_grad()
 def evaluate(run, records):
-    """Score the active weights on test prompts (run.eval_fn), eval_images_per_prompt images each. Items (i, k) are
-    split over ranks by position (items[rank::world]) and gathered, so none is missing or duplicated. Returns, on
-    rank 0, one dict per image sorted by (index, image): index, image, prompt, seed, tag (GenEval), reward, every
-    reward component, and `_image` (CPU, [0, 1]) for the first 16 only: all images would not fit."""
+    """Score the active weights on the test prompts (run.eval_fn), eval_images_per_prompt images each, split over ranks
+    by position and gathered (none missing or duplicated). Returns on rank 0 one dict per image, sorted by (index,
+    image): index, image, prompt, seed, tag (GenEval), reward, each component, `_image` (CPU) for the first 16 only."""
     args, rank, world = run.args, run.process_index, run.num_processes
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
     out, mine = [], items[rank::world]
@@ -1991,11 +1990,10 @@ def evaluate(run, records):
 
 
 def eval_only(args):
-    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; unless set, SD3 at the official
-    evaluation script's T5 length 256 and fp16, FLUX.1 and Qwen-Image at their training length and bf16) of the base
-    model or a --lora on the test prompts, scored with --reward and --eval_reward. Writes eval.json (settings and
-    numbers), eval.md (the table, also printed), eval_images.jsonl (every image's seed and scores), with --lora
-    compare.png (base vs LoRA, same seeds), and curves.png when output_dir or the LoRA's run holds metrics.jsonl."""
+    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; unless set, SD3 at the official script's
+    T5 length 256 and fp16, FLUX.1 and Qwen-Image at their training length and bf16) of the base model or a --lora on
+    the test prompts, scored with --reward and --eval_reward. Writes eval.json, eval.md (also printed),
+    eval_images.jsonl (each image's seed and scores), compare.png (--lora: base vs LoRA) and curves.png (below)."""
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
     run = setup(args)
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
@@ -2006,10 +2004,11 @@ def eval_only(args):
     if args.fsdp:
         shard(run.pipe.transformer)
     mode = precision_mode(args, run.device)
+    mode = "fp32" if mode == "no" else mode  # the transformer's, as eval.json and eval.md name it
     scored = f"{args.reward} (+ {args.eval_reward})" if args.eval_reward else args.reward
     setting = (f"{scored} on {len(run.eval_records)} prompts x {args.eval_images_per_prompt} images, "
                f"{args.eval_num_steps} Euler steps, guidance {args.guidance_scale}, {args.resolution} px, "
-               f"text length {args.max_sequence_length}, transformer {'fp32' if mode == 'no' else mode}, "
+               f"text length {args.max_sequence_length}, transformer {mode}, "
                f"rewards {args.reward_precision}, seed {args.seed}")
     print0(f"evaluating {args.lora or 'the base model'}: {setting}, {run.num_processes} rank(s)")
     results = evaluate(run, run.eval_records)
@@ -2019,29 +2018,28 @@ def eval_only(args):
         columns.append(torch.cat([im.cpu() for _, im in generate(run, run.eval_records, items)]))
     if run.process_index != 0:
         return
+    from pathlib import Path
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "eval_images.jsonl"), "w") as f:
-        f.writelines(json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results)
+    Path(out, "eval_images.jsonl").write_text("".join(
+        json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results))
     metrics = rewards.benchmark_metrics(results, args.reward, args.eval_reward)
     keys = ("model", "lora", "reward", "eval_reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale",
             "negative_prompt", "embedded_guidance_scale", "resolution", "max_sequence_length", "mixed_precision",
             "reward_precision", "seed")
-    summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision="fp32" if mode == "no" else mode,
+    summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision=mode,
                    prompt_set=prompt_set(args)["eval"], prompts=len(run.eval_records), images=len(results),
                    reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(json_safe(summary), f, indent=1)
+    Path(out, "eval.json").write_text(json.dumps(json_safe(summary), indent=1))
     name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
     table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
              f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
-    with open(os.path.join(out, "eval.md"), "w") as f:
-        f.write(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
+    Path(out, "eval.md").write_text(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
     print0(table)
     if lora:
         save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
                   col_labels=["base", "LoRA"], row_labels=[run.eval_records[i]["prompt"] for i, _ in items])
-    # metrics.jsonl of output_dir, or of the LoRA's run: <run>/checkpoints/checkpoint-N/[lora/]<file>
+    # curves.png: from metrics.jsonl of output_dir, or of the LoRA's run (<run>/checkpoints/checkpoint-N/[lora/]<file>)
     folders = [out] + ([os.path.abspath(os.path.join(lora[0], *[".."] * n)) for n in (1, 2, 3, 4)] if lora else [])
     found = [p for p in (os.path.join(d, "metrics.jsonl") for d in folders) if os.path.isfile(p)]
     if found:
@@ -2076,12 +2074,10 @@ def print_epoch(epoch, step, log):
 
 
 def profile_report(run, logs):
-    """--profile: wall time per phase (mean over the epochs after the first, which warms up and compiles; the first
-    epoch's extra time is the one-off cost), rollout images/s (transformer only), end-to-end images/s per epoch,
-    training (sample, sigma) visits/s, achieved TFLOP/s and MFU against a bf16 matmul peak measured in the same run,
-    the training loop's peak memory beside memory_estimate's. FLOPs are counted once (FlopCounterMode) for a forward
-    and for a training forward + backward with gradients for the LoRA only (about one forward: no gradient flows to
-    the frozen weights)."""
+    """--profile: profile.json, also printed. Phase times are means over the epochs after the first (which warms up and
+    compiles); MFU is against a bf16 matmul timed in the same run. FLOPs are counted once (FlopCounterMode), for a
+    forward and for a training forward + backward with LoRA gradients only (about one forward: none reach the frozen
+    weights)."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     args, pipe, device, per_rank, T = run.args, run.pipe, run.device, run.per_rank, run.T
@@ -2099,8 +2095,7 @@ def profile_report(run, logs):
             v = velocity(pipe.transformer, x, 0.5, cond)
         v.square().mean().backward()
     f_train = counter.get_total_flops()  # forward + backward, as measured
-    for p in pipe.transformer.parameters():
-        p.grad = None
+    pipe.transformer.zero_grad(set_to_none=True)
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -2111,28 +2106,24 @@ def profile_report(run, logs):
     estimate = memory_estimate(model_sizes(args.model), args, precision_mode(args, device),
                                dist.get_world_size() if args.fsdp else 1)["total"]
     steady = logs[1:] or logs
-    mean = lambda k: sum(log[k] for log in steady) / len(steady)  # noqa: E731
+    secs = {k: sum(log[f"time_{k}"] for log in steady) / len(steady)
+            for k in ("text", "rollout", "decode", "reward", "train", "epoch")}
     # v_theta forward + backward, v_old (and v_ref) forward; --train_guided runs each for both CFG branches
     passes = 1 + (args.train_guided and args.guidance_scale > 1)
-    train_flops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0))) * passes
-    roll_flops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1))
+    train_tflops = per_rank * T * (f_train + f * (1 + (args.kl_coef > 0))) * passes / secs["train"] / 1e12
+    rollout_tflops = per_rank * args.num_steps * f * (1 + (args.guidance_scale > 1)) / secs["rollout"] / 1e12
     graphs = [log.get("compiled_graphs", 0) for log in (logs[0], logs[-1])]
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", model=args.model,
-                  resolution=args.resolution, train_batch_size=args.train_batch_size,
-                  mixed_precision=args.mixed_precision, compile=args.compile, kl_coef=args.kl_coef,
-                  grad_sync=args.grad_sync, gradient_checkpointing=args.gradient_checkpointing,
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  **{k: getattr(args, k) for k in ("model", "resolution", "train_batch_size", "mixed_precision",
+                                                   "compile", "kl_coef", "grad_sync", "gradient_checkpointing")},
                   gflop_per_forward=f / 1e9, gflop_per_train_forward_backward=f_train / 1e9,
-                  peak_tflops_matmul=peak / 1e12,
-                  **{f"time_{k}_s": mean(f"time_{k}") for k in ("text", "rollout", "decode", "reward", "train",
-                                                                "epoch")},
-                  time_first_epoch_s=logs[0]["time_epoch"], epoch_images_per_s=per_rank / mean("time_epoch"),
-                  rollout_images_per_s=per_rank / mean("time_rollout"),
-                  train_samples_per_s=per_rank * T / mean("time_train"),
-                  rollout_tflops=roll_flops / mean("time_rollout") / 1e12,
-                  train_tflops=train_flops / mean("time_train") / 1e12, peak_memory_gib=peak_memory,
+                  peak_tflops_matmul=peak / 1e12, **{f"time_{k}_s": v for k, v in secs.items()},
+                  time_first_epoch_s=logs[0]["time_epoch"], epoch_images_per_s=per_rank / secs["epoch"],
+                  rollout_images_per_s=per_rank / secs["rollout"], train_samples_per_s=per_rank * T / secs["train"],
+                  rollout_tflops=rollout_tflops, train_tflops=train_tflops, peak_memory_gib=peak_memory,
                   memory_estimate_gib=estimate, compiled_graphs=graphs[1],
-                  compile_time_s=logs[-1].get("compile_time_s", 0), recompiles_after_first_epoch=graphs[1] - graphs[0])
-    report.update(rollout_mfu=report["rollout_tflops"] * 1e12 / peak, train_mfu=report["train_tflops"] * 1e12 / peak)
+                  compile_time_s=logs[-1].get("compile_time_s", 0), recompiles_after_first_epoch=graphs[1] - graphs[0],
+                  rollout_mfu=rollout_tflops * 1e12 / peak, train_mfu=train_tflops * 1e12 / peak)
     if run.process_index == 0:
         with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
             json.dump(report, fh, indent=1)
@@ -2216,10 +2207,10 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
         (y0, y1), (x0, x1) = (yt[0], yt[-1]), (min(x0, xt[0]), max(x1, xt[-1]))
         sx = lambda x: L + (x - x0) / ((x1 - x0) or 1) * (W - L - R)  # noqa: E731
         sy = lambda y: H - B - (y - y0) / ((y1 - y0) or 1) * (H - T - B)  # noqa: E731
-        for name, pts in extra.items():
+        for name, pts in extra.items():  # [lo, hi] stretched onto [y0, y1]
             lo, hi = min((y for _, y in pts), default=0), max((y for _, y in pts), default=0)
-            stretch = lambda y: y0 + (y - lo) / ((hi - lo) or 1) * (y1 - y0)  # noqa: E731
-            series[f"eval {name} ({lo:.4g} to {hi:.4g}, stretched)"] = [(x, stretch(y)) for x, y in pts]
+            series[f"eval {name} ({lo:.4g} to {hi:.4g}, stretched)"] = [
+                (x, y0 + (y - lo) / ((hi - lo) or 1) * (y1 - y0)) for x, y in pts]
         for y in yt:  # grid line and label at every round value
             draw.line([(L, sy(y)), (W - R, sy(y))], fill="#dddddd")
             draw.text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}", fill="black",
@@ -2259,39 +2250,36 @@ def parse_args(argv=None):
         by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
         text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
             f" (default: {f.default!r}" + (f"; presets: {by_preset})" if by_preset else ")")
-        if f.type in (bool, "bool"):
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
+        if kind is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
-    args = Args()
     # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the reward's own
     # name; a weighted sum of several rewards has none
-    spec = given.get("reward", args.reward)
-    exact = [k for k, p in PRESETS.items() if p.get("reward") == spec]
-    name = given.get("preset") or (exact[0] if exact else "" if "," in spec else spec.split(":")[0])
+    spec, model = given.get("reward", Args.reward), given.get("model", Args.model)
+    name = given.get("preset") or next((k for k, preset in PRESETS.items() if preset.get("reward") == spec),
+                                       "" if "," in spec else spec.split(":")[0])
     if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
         given.pop("reward", None)
-    presets, model = [name], given.get("model", args.model)
+    presets = [name]
     if builtin(model) and model in BUILTIN:
         presets += ["tiny"] + [model] * (model in PRESETS)
     elif model_family(model) in PRESETS:  # FLUX.1, Qwen-Image: the nearest published recipe's model settings
         presets.append(model_family(model))
-    chosen = set(given)
-    for name in presets:
-        if name not in PRESETS and name == given.get("preset"):
-            raise UserError(f"unknown --preset {name!r}; choose from {sorted(PRESETS)}")
-        for k, v in PRESETS.get(name, {}).items():
-            setattr(args, k, v)
-        chosen |= set(PRESETS.get(name, {}))
-    if given.get("eval_only") and "max_sequence_length" not in chosen:
-        args.max_sequence_length = 256  # the official evaluation calls the pipeline with diffusers' default T5 length
-    args.negative_prompt = family_named(model_family(model)).negative_prompt
-    args.preset = presets[0] if presets[0] in PRESETS else ""  # config.json says which recipe ran
-    for k, v in given.items():
-        setattr(args, k, v)
-    args.output_dir = args.output_dir or default_output_dir(args)
+    if name not in PRESETS and name == given.get("preset"):
+        raise UserError(f"unknown --preset {name!r}; choose from {sorted(PRESETS)}")
+    values = {k: v for preset in presets for k, v in PRESETS.get(preset, {}).items()}
+    if given.get("eval_only") and "max_sequence_length" not in values | given:
+        values["max_sequence_length"] = 256  # the official evaluation runs the pipeline at diffusers' default T5 length
+    values.update(negative_prompt=family_named(model_family(model)).negative_prompt,
+                  preset=name if name in PRESETS else "")  # config.json says which recipe ran
+    args = Args(**(values | given))
+    if not args.output_dir:  # runs/<model>-<reward>[-eval]: runs of other models or rewards, and evaluations, apart
+        reward = args.preset or re.sub(r":[^,]*", "", args.reward).replace(",", "+")  # a sum: its names, no weights
+        folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
+        args.output_dir = os.path.join("runs", re.sub(r"[^\w.+-]+", "_", folder))
     return resumed(args, given) if args.resume_from else args
 
 
@@ -2305,14 +2293,6 @@ def _flag_error(flags, message):
 def _closest(name, choices):
     near = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
-
-
-def default_output_dir(args):
-    """runs/<model>-<reward> (the demo: runs/tiny-color), -eval for --eval_only: runs of other models or rewards do
-    not collide, and an evaluation does not write into the training run's folder."""
-    reward = args.preset or re.sub(r":[^,]*", "", args.reward).replace(",", "+")  # a sum: its names, no weights
-    name = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
-    return os.path.join("runs", re.sub(r"[^\w.+-]+", "_", name))
 
 
 def resumed(args, given):
@@ -2333,17 +2313,13 @@ def resumed(args, given):
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"--resume_from {args.resume_from}: {path} is unreadable ({type(e).__name__}); restore it, or "
                         "move it away and give every flag of the run") from None
-    same = lambda k: given[k] == getattr(saved, k) or (  # noqa: E731
-        k == "init_lora" and os.path.realpath(given[k]) == os.path.realpath(saved.init_lora))
-    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not same(k)]
+    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and given[k] != getattr(saved, k)
+             and not (k == "init_lora" and os.path.realpath(given[k]) == os.path.realpath(saved.init_lora))]
     if fixed:
         may = ", ".join("--" + k for k in RESUME_MAY_CHANGE)
         raise UserError(f"--{fixed[0]} {given[fixed[0]]!r}: the run in {run} has {getattr(saved, fixed[0])!r}, which a "
                         f"resume cannot change; it may change {may}. Start a new run in another --output_dir for more")
-    for k, v in given.items():
-        setattr(saved, k, v)
-    saved.output_dir = args.output_dir
-    return saved
+    return dataclasses.replace(saved, **(given | {"output_dir": args.output_dir}))
 
 
 # validate's rules, as data: the range of each number flag (BOUNDS, with a note NOTES adds) and the choices of a few
@@ -2391,17 +2367,15 @@ def validate(args, world_size):
     total = args.num_groups * args.group_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
     if not args.eval_only and total % unit:
-        # g * group_size is a multiple of unit exactly when g is a multiple of unit / gcd(unit, group_size):
-        # arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 10**12)
+        # g * group_size is a multiple of unit exactly when g is a multiple of every = unit / gcd(unit, group_size):
+        # the nearest two valid g by arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 1e12)
         every = unit // math.gcd(unit, args.group_size)
-        below = args.num_groups // every * every
-        near = sorted((g for g in (below - every, below, below + every, below + 2 * every) if g > 0),
-                      key=lambda g: abs(g - args.num_groups))[:2]
+        low = max(every, args.num_groups // every * every)  # the nearest valid g below, or the smallest one
         raise UserError(
             f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
             f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
-            + (f"nearest valid: --num_groups {' or '.join(map(str, sorted(near)))}" if every <= 4 * args.num_groups
+            + (f"nearest valid: --num_groups {low} or {low + every}" if every <= 4 * args.num_groups
                else "lower --sample_batch_size or --train_batch_size, or change --group_size"))
 
 
