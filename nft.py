@@ -2198,8 +2198,9 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     font, small = _font(16), _font(12)
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text(((W - draw.textlength(title, font=font)) / 2, 8), title, fill="black", font=font)
-    draw.text((W // 2 - 12, H - 16), "step", fill="black", font=small)
+    text = functools.partial(draw.text, fill="black", font=small)
+    text(((W - draw.textlength(title, font=font)) / 2, 8), title, font=font)
+    text((W // 2 - 12, H - 16), "step")
     points = [p for s in series.values() for p in s] or [p for s in extra.values() for p in s]
     if points:
         (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
@@ -2213,12 +2214,10 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
                 (x, y0 + (y - lo) / ((hi - lo) or 1) * (y1 - y0)) for x, y in pts]
         for y in yt:  # grid line and label at every round value
             draw.line([(L, sy(y)), (W - R, sy(y))], fill="#dddddd")
-            draw.text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}", fill="black",
-                      font=small)
+            text((L - 4 - draw.textlength(f"{y:.4g}", font=small), sy(y) - 7), f"{y:.4g}")
         for x in (x for x in xt if x0 <= x <= x1):
             draw.line([(sx(x), T), (sx(x), H - B)], fill="#dddddd")
-            draw.text((sx(x) - draw.textlength(f"{x:g}", font=small) / 2, H - B + 4), f"{x:g}", fill="black",
-                      font=small)
+            text((sx(x) - draw.textlength(f"{x:g}", font=small) / 2, H - B + 4), f"{x:g}")
         for n, (name, pts) in enumerate(series.items()):
             color = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")[n % 6]
             xy = [(sx(x), sy(y)) for x, y in pts]
@@ -2227,7 +2226,7 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
             for x, y in xy if len(xy) <= 50 else []:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
             draw.line([(L + 10, T + 10 + 16 * n), (L + 30, T + 10 + 16 * n)], fill=color, width=2)  # legend
-            draw.text((L + 35, T + 3 + 16 * n), name, fill="black", font=small)
+            text((L + 35, T + 3 + 16 * n), name)
     draw.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
     canvas.save(png_path)
 
