@@ -882,9 +882,8 @@ def prompt_set(args):
 
 
 def load_model(run):
-    """One line saying what loads (minutes for SD3.5 and the reward models: a silent terminal would worry), then the
-    reward models (before the big model: a missing download fails fast), the pipeline on the device in
-    --mixed_precision, its VAE in --reward_precision, the negative prompt encoded, text encoders offloaded."""
+    """A line saying what loads (minutes for SD3.5: never a silent terminal), the reward models (a missing download
+    fails before the big model), the pipeline in --mixed_precision, its VAE in --reward_precision, and the rest."""
     args, device = run.args, run.device
     watched = args.eval_reward if args.eval_every or args.eval_only else ""  # its models load only if it is used
     models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(watched))
@@ -912,9 +911,8 @@ def load_model(run):
 
 
 def start_run(args):
-    """Everything before the first epoch: setup, the output folder (claim_output_dir), the rewards and the model, the
-    LoRA policies and optimizer (make_policies, then restore), compile, config.json and W&B. Returns (run, policies,
-    first epoch), or (None, None, None) when the run to resume is already complete."""
+    """Everything before the first epoch, from setup to config.json and W&B. Returns (run, policies, first epoch), or
+    (None, None, None) when the run to resume is already complete."""
     run = setup(args)
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     claimed = claim_output_dir(args, run.process_index, run.num_processes)
@@ -1647,7 +1645,7 @@ def write_error(e, what):
 
 
 def make_way(path):
-    """Clear a checkpoint's name: an old folder, a file, a link (to itself, to /dev/zero), never what it points to."""
+    """Clear a name for a write: an old folder, a file, a link (to itself, to /dev/zero), never what it points to."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -1671,16 +1669,15 @@ def replacing(path, errors=OSError):
 
 
 def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pipeline"):
-    """Write checkpoint-<epoch> atomically: the EMA LoRA, by the family's pipeline class so that its load_lora_weights
-    reads it, and training_state.pt (training_state + counters); then keep the newest --checkpoints_total_limit (0:
-    all). Refuses non-finite weights: a diverged run never replaces a good checkpoint."""
+    """checkpoint-<epoch>: the EMA LoRA as the family's pipeline class writes it (for its load_lora_weights) and
+    training_state.pt; keeps the newest --checkpoints_total_limit. Refuses NaN/inf: never over a good checkpoint."""
     import diffusers
     from safetensors import SafetensorError
     if not all(torch.isfinite(t).all() for key in ("default", "old", "ema") for t in state[key].values()):
         raise UserError(f"epoch {epoch}: the LoRA weights are NaN/inf, so no checkpoint is saved; the last good "
                         f"one in {args.output_dir}/checkpoints is kept. Lower --learning_rate and resume from it")
     final = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")
-    with replacing(final, (OSError, RuntimeError, SafetensorError)) as tmp:  # torch.save: a full disk, RuntimeError
+    with replacing(final, (OSError, RuntimeError, SafetensorError)) as tmp:  # torch.save: a full disk is a RuntimeError
         os.makedirs(tmp)
         getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(state["ema"]),
                                                        transformer_lora_adapter_metadata=lora_meta)
@@ -1773,10 +1770,9 @@ def load_checkpoint(args, world_size):
 
 
 def claim_output_dir(args, rank, world):
-    """Lock --output_dir (rank 0), read the checkpoint to resume, and refuse what would clobber a run: a previous run
-    without --overwrite or --resume_from, or an older checkpoint of a run that has newer ones. Returns (resume,
-    foreign, locked): resume = (path, state) or None; foreign = another run's checkpoint (carry_over copies it in);
-    locked = the lock is held already. None when the run to resume is complete."""
+    """Lock --output_dir (rank 0), read the checkpoint to resume and refuse to clobber a run (a previous one, or one
+    with newer checkpoints). Returns (resume (path, state) or None, foreign: another run's checkpoint, locked: the lock
+    is held), or None when the run to resume is complete."""
     folder = os.path.join(args.output_dir, "checkpoints")
     locked = rank == 0 and os.path.isdir(args.output_dir)
     if locked:  # before reading or changing anything of the folder
@@ -1839,9 +1835,8 @@ def restore(pol, path, state, args):
 
 
 def carry_over(args, source, start_epoch):
-    """Keep the metrics lines of finished epochs (before start_epoch; the rest is redone). Resuming another run's
-    checkpoint (`source`) copies it in, with its run's metrics, so that `latest` and the curves continue here; the
-    source folder is left as it is."""
+    """Keep the metrics lines of the epochs before start_epoch. Another run's checkpoint (`source`) is copied in with
+    its run's metrics, so that `latest` and the curves continue here; its folder is left as it is."""
     metrics_path = kept = os.path.join(args.output_dir, "metrics.jsonl")
     if source:
         source = os.path.normpath(source)
@@ -1868,9 +1863,8 @@ def _epoch_of(line):
 
 
 def run_lock(folder):
-    """Hold folder/.lock for the run's lifetime (flock: the OS drops it when the process dies, even by SIGKILL, so a
-    killed run never blocks its resume). Refuses while another live run holds it. Never through a link, and never
-    truncating anything but a regular file of its own (one name, no hard link)."""
+    """Hold folder/.lock while the run lives (flock: a killed run never blocks its resume); refuses while another run
+    holds it. Never through a link, nor truncating anything but a regular file of its own (no hard link)."""
     import fcntl
     os.makedirs(folder, exist_ok=True)
     try:
