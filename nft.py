@@ -823,8 +823,8 @@ class PhaseTimer:
 
 
 def setup(args):
-    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, check the flags, the model,
-    its memory, the output folder and the prompt sets, all before any model loads. Returns a Run without the model."""
+    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, and check the flags, the
+    model, its memory, the output folder and the prompt sets before any model loads. Returns a Run without the model."""
     if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -882,13 +882,21 @@ def prompt_set(args):
 
 
 def load_model(run):
-    """The reward models (before the big model: a missing download fails fast), then the pipeline on the device in
-    --mixed_precision, its VAE in --reward_precision, the negative prompt encoded, text encoders offloaded."""
+    """A line saying what loads (minutes for SD3.5: never a silent terminal), the reward models (a missing download
+    fails before the big model), the pipeline in --mixed_precision, its VAE in --reward_precision, and the rest."""
     args, device = run.args, run.device
-    say_loading(args)
+    watched = args.eval_reward if args.eval_every or args.eval_only else ""  # its models load only if it is used
+    models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(watched))
+              if n not in rewards.NO_MODEL]
+    name = args.model.split(":")[-1]
+    model = f"random-weight {name}" if builtin(args.model) else args.model
+    if name.startswith("tiny") and name in BUILTIN:
+        model = f"the tiny random {family_named(BUILTIN[name]['family']).title} (built in code, no download)"
+    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}"
+                                 if models else "") + " ...")
     run.reward_fn = rewards.make_reward(args.reward, device, args.reward_precision, args.reward_timeout)
-    run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, watched(args), device,
-                                            args.reward_precision, args.reward_timeout)
+    run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, watched, device, args.reward_precision,
+                                            args.reward_timeout)
     dtype, run.autocast = precision(args, device)
     run.pipe = load_pipeline(args.model, dtype, device).to(device)
     if args.reward_precision == "fp32":  # the VAE only decodes for the rewards: fp32 as officially
@@ -903,10 +911,8 @@ def load_model(run):
 
 
 def start_run(args):
-    """Everything before the first epoch: setup, the output folder (claim_output_dir: lock, resume, overwrite), the
-    rewards and the model, the LoRA policies and the optimizer (make_policies, then a resumed state), compile,
-    config.json and W&B. Returns (run, policies, first epoch), or (None, None, None) when the run to resume is
-    already complete."""
+    """Everything before the first epoch, from setup to config.json and W&B. Returns (run, policies, first epoch), or
+    (None, None, None) when the run to resume is already complete."""
     run = setup(args)
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     claimed = claim_output_dir(args, run.process_index, run.num_processes)
@@ -917,12 +923,6 @@ def start_run(args):
     load_model(run)
     pol = make_policies(run.pipe.transformer, args, init)
     start_epoch = restore(pol, *resume, args) if resume else 0
-    if run.process_index == 0:  # a new folder is created and locked once the model has loaded
-        if not locked:
-            run_lock(args.output_dir)
-        if foreign:
-            adopt_checkpoint(args, resume[0], start_epoch)
-        trim_metrics(run.metrics_path, start_epoch)
     if args.compile is None:  # config.json records what ran
         args.compile = run.device.type == "cuda"
     if args.compile:  # a one-off cost, checked as each graph is done: a compile past its budget must not stall a run
@@ -932,7 +932,9 @@ def start_run(args):
         torch._dynamo.callback_handler.register_start_callback(run.compile_started)
         torch._dynamo.callback_handler.register_end_callback(run.compile_done)
     if run.process_index == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+        if not locked:  # a new folder is created and locked once the model has loaded
+            run_lock(args.output_dir)
+        carry_over(args, resume[0] if foreign else None, start_epoch)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         write_config(args)
         if args.wandb:  # the package was checked in setup()
@@ -1015,11 +1017,11 @@ def end_epoch(run, pol, epoch, log):
         run.wandb.log(log, step=pol.step)
     if args.profile or not ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
         return
-    if not _LAST:  # no step since the last checkpoint: no checkpoint of untrained weights
-        print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
-    else:
+    if _LAST:
         _LAST[0]()
         _LAST.clear()
+    else:  # no step since the last checkpoint: no checkpoint of untrained weights
+        print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
 
 
 def end_run(run, history):
@@ -1030,24 +1032,6 @@ def end_run(run, history):
     if run.args.profile and (run.process_index == 0 or run.args.fsdp):  # --fsdp: all ranks join the FLOP count
         profile_report(run, history)
     print0(f"done: the outputs are in {run.args.output_dir}")
-
-
-def watched(args):
-    """--eval_reward, when an evaluation will score with it (not with --eval_every 0): its models load only then."""
-    return args.eval_reward if args.eval_every or args.eval_only else ""
-
-
-def say_loading(args):
-    """One line before the loads that take a while (minutes for SD3.5 and the reward models), so a silent terminal
-    never leaves a user wondering whether anything is happening."""
-    models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(watched(args)))
-              if n not in rewards.NO_MODEL]
-    name = args.model.split(":")[-1]
-    model = args.model if not builtin(args.model) else f"random-weight {name}"
-    if name.startswith("tiny") and name in BUILTIN:
-        model = f"the tiny random {family_named(BUILTIN[name]['family']).title} (built in code, no download)"
-    print0(f"loading {model}" + (f" and the reward model{'s' * (len(models) > 1)} of {', '.join(models)}"
-                                 if models else "") + " ...")
 
 
 # --------------------------------------------------------------------------- model loading and the LoRA
@@ -1623,24 +1607,16 @@ def check_memory(args, world, device):
 
 # --------------------------------------------------------------------------- checkpoints, resume and the run folder
 RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
-
-
 DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
              "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
-
-
 RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's config.json (parse_args)
     *DRAW_KEYS, "num_epochs", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "max_nonfinite_steps", "reward_timeout", "eval_every", "eval_num_steps", "eval_images_per_prompt",
     "eval_max_prompts", "eval_prompts", "save_every", "checkpoints_total_limit", "wandb", "wandb_project",
     "wandb_run_name", "compile", "gradient_checkpointing", "offload_text_encoders", "grad_sync", "mixed_precision",
     "reward_precision", "profile", "output_dir", "resume_from", "overwrite"]
-
-
 STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
               "bad_steps": int, "config": dict}
-
-
 _HELD = []  # the lock files of this process's runs, released by main()
 _LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
 _STOPS = []  # the stop signals received (_stop)
@@ -1652,9 +1628,8 @@ def run_draws(args, world_size):
 
 
 def checkpoints(root):
-    """Complete checkpoint folders, oldest first (by number: checkpoint-100000 after checkpoint-99999). A folder only
-    gets its final name after all its files are written (save_checkpoint), so a kill mid-write leaves a *.tmp folder
-    that is ignored."""
+    """Complete checkpoint folders, oldest first (by number: checkpoint-100000 after checkpoint-99999). A kill mid-save
+    leaves a *.tmp folder (`replacing`), which is ignored."""
     root = os.path.join(root, "checkpoints")
     names = [n for n in os.listdir(root) if re.fullmatch(r"checkpoint-[0-9]+", n)] if os.path.isdir(root) else []
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[11:]))]
@@ -1669,20 +1644,40 @@ def write_error(e, what):
                      "folder) and continue with --resume_from latest")
 
 
+def make_way(path):
+    """Clear a name for a write: an old folder, a file, a link (to itself, to /dev/zero), never what it points to."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def replacing(path, errors=OSError):
+    """Write `path` atomically: the caller writes the yielded path + ".tmp" (cleared first), which then takes its
+    place; a failed write (one of `errors`) leaves `path` as it was and is one write_error."""
+    tmp = path + ".tmp"
+    try:
+        make_way(tmp)
+        yield tmp
+        if os.path.isdir(tmp):  # a folder cannot be renamed over a folder, a file or a link
+            make_way(path)
+        os.replace(tmp, path)
+    except errors as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, path) from None
+
+
 def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pipeline"):
-    """Write checkpoint-<epoch> atomically (a .tmp folder renamed when complete): the EMA LoRA, written by the family's
-    pipeline class so that its load_lora_weights reads it, and training_state.pt (training_state + counters). Then
-    keep the newest --checkpoints_total_limit (0: all). Refuses non-finite weights: a diverged run never replaces a
-    good checkpoint."""
+    """checkpoint-<epoch>: the EMA LoRA as the family's pipeline class writes it (for its load_lora_weights) and
+    training_state.pt; keeps the newest --checkpoints_total_limit. Refuses NaN/inf: never over a good checkpoint."""
     import diffusers
     from safetensors import SafetensorError
     if not all(torch.isfinite(t).all() for key in ("default", "old", "ema") for t in state[key].values()):
         raise UserError(f"epoch {epoch}: the LoRA weights are NaN/inf, so no checkpoint is saved; the last good "
                         f"one in {args.output_dir}/checkpoints is kept. Lower --learning_rate and resume from it")
     final = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")
-    tmp = final + ".tmp"
-    try:
-        make_way(tmp)
+    with replacing(final, (OSError, RuntimeError, SafetensorError)) as tmp:  # torch.save: a full disk is a RuntimeError
         os.makedirs(tmp)
         getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(state["ema"]),
                                                        transformer_lora_adapter_metadata=lora_meta)
@@ -1690,27 +1685,14 @@ def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pip
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(e, f"checkpoint {final}") from None
-    make_way(final)
-    os.replace(tmp, final)
     for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def make_way(path):
-    """Clear a checkpoint's name: an old folder, a file, a link (to itself, to /dev/zero), never what it points to."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
 def read_state(path):
     """training_state.pt of a checkpoint folder, checked before any model loads to hold what end_epoch saves,
-    consistent and finite, by the rules below; UserError otherwise. restore() then checks it against the model."""
+    consistent and finite (the rules below); UserError otherwise. restore() then checks it against the model."""
     file = os.path.join(path, "training_state.pt")
     if not os.path.isfile(file):
         raise UserError(f"--resume_from {path}: no training_state.pt there (not a checkpoint of this script, "
@@ -1760,10 +1742,9 @@ def newest_good(paths, read):
 
 
 def load_checkpoint(args, world_size):
-    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet. latest skips a
-    newest checkpoint that is unreadable, with a warning, for the one before it. RESUME_KEYS must match (they shape
-    the LoRA or the schedule); changed DRAW_KEYS or rank count are allowed with a warning: the run continues
-    correctly but no longer replays the uninterrupted one."""
+    """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet; latest falls back
+    past unreadable ones (newest_good). RESUME_KEYS must match (they shape the LoRA or the schedule); changed
+    DRAW_KEYS or rank count only warn: the run continues correctly but no longer replays the uninterrupted one."""
     path = args.resume_from
     if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
         found = checkpoints(args.output_dir)
@@ -1775,11 +1756,10 @@ def load_checkpoint(args, world_size):
         raise UserError(f"--resume_from {path}: no such folder; give a checkpoint folder or 'latest'")
     else:
         state = read_state(path)
-    saved = state["config"]
-    now = {k: getattr(args, k, None) for k in saved}
-    if saved != now:
-        diff = ", ".join(f"{k}: saved {saved[k]!r} vs now {now[k]!r}" for k in saved if saved[k] != now[k])
-        raise UserError(f"--resume_from {path} was saved with a different configuration ({diff}); "
+    diff = [f"{k}: saved {v!r} vs now {getattr(args, k, None)!r}" for k, v in state["config"].items()
+            if v != getattr(args, k, None)]
+    if diff:
+        raise UserError(f"--resume_from {path} was saved with a different configuration ({', '.join(diff)}); "
                         "pass the same flags or start a new run")
     draws = run_draws(args, world_size)
     changed = [f"{k} {v!r} -> {draws[k]!r}" for k, v in state.get("draws", draws).items() if draws.get(k) != v]
@@ -1790,11 +1770,10 @@ def load_checkpoint(args, world_size):
 
 
 def claim_output_dir(args, rank, world):
-    """Lock --output_dir (rank 0), read the checkpoint to resume, and refuse what would clobber a run: a previous run
-    without --overwrite or --resume_from, or an older checkpoint of a run that has newer ones. Returns (resume,
-    foreign, locked): resume = (path, state) or None; foreign = resuming another run's checkpoint (copied in, its
-    folder never changed); locked = the lock is held already. None when the run to resume is complete."""
-    metrics_path, folder = (os.path.join(args.output_dir, name) for name in ("metrics.jsonl", "checkpoints"))
+    """Lock --output_dir (rank 0), read the checkpoint to resume and refuse to clobber a run (a previous one, or one
+    with newer checkpoints). Returns (resume (path, state) or None, foreign: another run's checkpoint, locked: the lock
+    is held), or None when the run to resume is complete."""
+    folder = os.path.join(args.output_dir, "checkpoints")
     locked = rank == 0 and os.path.isdir(args.output_dir)
     if locked:  # before reading or changing anything of the folder
         run_lock(args.output_dir)
@@ -1803,9 +1782,10 @@ def claim_output_dir(args, rank, world):
         print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and "
                f"--num_epochs is {args.num_epochs}, so there is nothing to train; pass a larger --num_epochs")
         return None
-    own = os.path.realpath(os.path.join(args.output_dir, "checkpoints"))
+    own = os.path.realpath(folder)
     foreign = bool(resume) and os.path.realpath(os.path.dirname(os.path.normpath(resume[0]))) != own
-    if (not args.resume_from or foreign) and (os.path.exists(metrics_path) or checkpoints(args.output_dir)):
+    if (not args.resume_from or foreign) and (os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
+                                              or checkpoints(args.output_dir)):
         if not args.overwrite:
             raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
                             "continue it, --overwrite to replace it, or another --output_dir")
@@ -1825,8 +1805,8 @@ def claim_output_dir(args, rank, world):
 
 def restore(pol, path, state, args):
     """Load a checkpoint's theta, theta_old, EMA, optimizer state and counters into `pol`; returns the epoch to start
-    from. Its LoRA must fit the model's (check_fit; with `latest` one that does not is skipped, as read_state's
-    refusals are). The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
+    from. Its LoRA must fit the model's (check_fit; `latest` skips one that does not, as it skips what read_state
+    refuses). The optimizer's saved hyperparameters give way to the flags given now, and a line says so."""
     def fitting(candidate):
         found = state if candidate == path else read_state(candidate)
         check_fit(pol.theta, found["default"], f"--resume_from {candidate}: training_state.pt", "this model's LoRA",
@@ -1843,9 +1823,8 @@ def restore(pol, path, state, args):
         s.update({k: shard_like(v, p) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
     flags = dict(lr=("learning_rate", args.learning_rate), betas=("adam_beta1/2", (args.adam_beta1, args.adam_beta2)),
                  weight_decay=("adam_weight_decay", args.adam_weight_decay), eps=("adam_epsilon", args.adam_epsilon))
-    group = pol.opt.param_groups[0]
-    changed = [f"--{flag} {tuple(group[k]) if k == 'betas' else group[k]!r} -> {v!r}" for k, (flag, v) in flags.items()
-               if (tuple(group[k]) if k == "betas" else group[k]) != v]
+    saved = {k: tuple(v) if k == "betas" else v for k, v in pol.opt.param_groups[0].items()}
+    changed = [f"--{flag} {saved[k]!r} -> {v!r}" for k, (flag, v) in flags.items() if saved[k] != v]
     for group in pol.opt.param_groups:
         group.update({k: v for k, (_, v) in flags.items()})
     if changed:
@@ -1855,38 +1834,24 @@ def restore(pol, path, state, args):
     return state["epoch"]
 
 
-def adopt_checkpoint(args, source, epoch):
-    """Copy another run's checkpoint into --output_dir, with the metrics of its finished epochs, so that `latest`
-    and the curves continue here; the source folder is left as it is."""
-    path = os.path.normpath(source)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{epoch:05d}")  # the name `latest` reads
-    shutil.rmtree(into + ".tmp", ignore_errors=True)
-    try:
-        shutil.copytree(path, into + ".tmp")
-    except OSError as e:
-        raise write_error(e, into) from None
-    os.replace(into + ".tmp", into)
-    metrics = os.path.join(os.path.dirname(os.path.dirname(path)), "metrics.jsonl")
-    if os.path.isfile(metrics):
-        shutil.copyfile(metrics, metrics_path)
+def carry_over(args, source, start_epoch):
+    """Keep the metrics lines of the epochs before start_epoch. Another run's checkpoint (`source`) is copied in with
+    its run's metrics, so that `latest` and the curves continue here; its folder is left as it is."""
+    metrics_path = kept = os.path.join(args.output_dir, "metrics.jsonl")
+    if source:
+        source = os.path.normpath(source)
+        into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{start_epoch:05d}")  # the name `latest` reads
+        with replacing(into) as tmp:
+            shutil.copytree(source, tmp)
+        print0(f"--resume_from {source}: another run's checkpoint, copied into {into}; its folder is left as it is")
+        kept = os.path.join(os.path.dirname(os.path.dirname(source)), "metrics.jsonl")
+    if os.path.isfile(kept):
+        with open(kept) as f:
+            lines = [line for line in f if _epoch_of(line) < start_epoch]
+        with replacing(metrics_path) as tmp, open(tmp, "w") as f:
+            f.writelines(lines)
     elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
         os.remove(metrics_path)
-    print0(f"--resume_from {path}: another run's checkpoint, copied into {into}; its folder is left as it is")
-
-
-def trim_metrics(metrics_path, start_epoch):
-    """Keep the metrics lines of finished epochs (before start_epoch); the rest is redone."""
-    if not os.path.exists(metrics_path):
-        return
-    with open(metrics_path) as f:
-        keep = [line for line in f if _epoch_of(line) < start_epoch]
-    try:
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    except OSError as e:
-        raise write_error(e, metrics_path) from None
 
 
 def _epoch_of(line):
@@ -1898,9 +1863,8 @@ def _epoch_of(line):
 
 
 def run_lock(folder):
-    """Hold folder/.lock for the run's lifetime (flock: the OS drops it when the process dies, even by SIGKILL, so a
-    killed run never blocks its resume). Refuses while another live run holds it. Never through a link, and never
-    truncating anything but a regular file of its own (one name, no hard link)."""
+    """Hold folder/.lock while the run lives (flock: a killed run never blocks its resume); refuses while another run
+    holds it. Never through a link, nor truncating anything but a regular file of its own (no hard link)."""
     import fcntl
     os.makedirs(folder, exist_ok=True)
     try:
@@ -1916,13 +1880,11 @@ def run_lock(folder):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
         owner = f.read().strip() or "?"
         f.close()
         raise UserError(f"--output_dir {folder} is in use by another running run (pid {owner}); wait for it to "
                         "finish, stop it, or use another --output_dir")
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
     _HELD.append(f)
@@ -1931,13 +1893,7 @@ def run_lock(folder):
 
 def json_safe(x):
     """NaN/inf floats -> None (JSON null), recursively: json.dumps would write bare NaN, which is not JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
+    return json.loads(json.dumps(x), parse_constant=lambda _: None)
 
 
 # --------------------------------------------------------------------------- evaluation
