@@ -1074,21 +1074,20 @@ def load_pipeline(model, dtype, device="cpu"):
     """A built-in model (BUILTIN: tiny ones on the CPU, random:<name> on `device`), a hub id or a local folder of a
     StableDiffusion3Pipeline, FluxPipeline or QwenImagePipeline (the class picks the family), frozen, in eval mode."""
     import diffusers
-    name = model.split(":")[-1]
-    if builtin(model) and name not in BUILTIN:
-        raise UserError(f"unknown built-in --model {model!r}; choose from "
-                        + ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN))
+    name, index = model.split(":")[-1], os.path.join(model, "model_index.json")
     if builtin(model):
+        if name not in BUILTIN:
+            raise UserError(f"unknown built-in --model {model!r}; choose from "
+                            + ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN))
         pipe = builtin_pipeline(name, "cpu" if name.startswith("tiny") else device)
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
-    index = os.path.join(model, "model_index.json")
-    if _is_local(model) and not os.path.isdir(model):
-        raise UserError(f"--model folder not found: {model}")
-    if _is_local(model) and (not os.path.isfile(index) or not any(f'"{n}"' in open(index).read() for n in FAMILIES)):
-        raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
-                        "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     if not _is_local(model):
         check_hub_model(model)
+    elif not os.path.isdir(model):
+        raise UserError(f"--model folder not found: {model}")
+    elif not os.path.isfile(index) or not any(f'"{n}"' in open(index).read() for n in FAMILIES):
+        raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
+                        "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:
@@ -1174,10 +1173,24 @@ def shard(transformer):
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
-    """The prompts' conditioning by the pipeline's family: a dict of (N, ...) tensors sliced along dim 0 like the
-    latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048)). FLUX.1-dev's embedded guidance (N,) is a model
-    input, not CFG, so it rides along: the same in rollouts and training (else v_old and v_theta differ)."""
-    cond = family_of(pipe).encode(pipe, prompts, max_sequence_length, device)
+    """The prompts' conditioning by the pipeline's family (Family.encode): a dict of (N, ...) tensors sliced along
+    dim 0 like the latents. Each distinct prompt is encoded once (a group repeats its prompt), 64 at a time; text
+    encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once per call. FLUX.1-dev's
+    embedded guidance (N,) is a model input, not CFG, so it rides along: the same in rollouts and training."""
+    uniq, encoders = list(dict.fromkeys(prompts)), text_encoders(pipe)
+    home = encoders[0].device
+    for e in encoders if home != device else []:
+        e.to(device)
+    with torch.no_grad():
+        parts = [family_of(pipe).encode(pipe, uniq[i:i + 64], max_sequence_length, device)
+                 for i in range(0, len(uniq), 64)]
+    for e in encoders if home != device else []:
+        e.to(home)
+    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if "mask" in cond and cond["mask"].all():  # as Qwen-Image's pipeline: no mask, the fast attention, when every
+        del cond["mask"]  # token is real; decided once here, no device sync per step
+    row = {p: i for i, p in enumerate(uniq)}
+    cond = rows(cond, torch.tensor([row[p] for p in prompts], device=cond["embeds"].device))
     if getattr(pipe.transformer.config, "guidance_embeds", False):
         cond["guidance"] = torch.full((len(prompts),), embedded_guidance, device=cond["embeds"].device)
     return cond
@@ -1209,24 +1222,22 @@ def find_lora(path, flag="--lora"):
             raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download "
                             f"({type(e).__name__}); try `hf download {path}`")
     if os.path.isfile(path):
-        peft = os.path.basename(path) == "adapter_model.safetensors"
-        return read_lora("peft" if peft else "diffusers", os.path.dirname(path) if peft else path, flag)
+        return read_lora(path, flag)
     for folder in (path, os.path.join(path, "lora")):
         if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-            return read_lora("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
+            return read_lora(os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
         if all(os.path.isfile(os.path.join(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")):
-            return read_lora("peft", folder, flag)
+            return read_lora(os.path.join(folder, "adapter_model.safetensors"), flag)
     raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither "
                     "pytorch_lora_weights.safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json"))
 
 
-def read_lora(kind, path, flag):
+def read_lora(file, flag):
     """The one reader of LoRA files (--lora, --init_lora), before any model loads: the safetensors file readable and
-    complete; its config (peft's adapter_config.json, or the file's lora_adapter_metadata; without one alpha = r, as
-    diffusers assumes) a JSON object with r, alpha > 0; every tensor finite. Returns (file, config, weights), weights
-    under diffusers' transformer names (<module>.lora_A.weight), checked against the model later (check_fit)."""
+    complete; its config (peft's adapter_config.json beside an adapter_model.safetensors, else the file's
+    lora_adapter_metadata; without one alpha = r, as diffusers assumes) a JSON object with r, alpha > 0; every tensor
+    finite. Returns (file, config, weights), weights under diffusers' transformer names (<module>.lora_A.weight)."""
     from safetensors import safe_open
-    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
     try:
         with safe_open(file, "pt") as f:
             meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -1234,9 +1245,10 @@ def read_lora(kind, path, flag):
         why = "empty" if os.path.getsize(file) == 0 else "bad header or truncated"
         raise UserError(f"{flag} {file} is not a safetensors file ({why}); give the pytorch_lora_weights.safetensors "
                         "of a checkpoint or a peft adapter folder") from None
-    source = os.path.join(path, "adapter_config.json") if kind == "peft" else f"{file} (its lora_adapter_metadata)"
+    peft = os.path.join(os.path.dirname(file), "adapter_config.json")
+    source = peft if os.path.basename(file) == "adapter_model.safetensors" else f"{file} (its lora_adapter_metadata)"
     try:
-        config = json.loads(open(source).read() if kind == "peft" else meta.get("lora_adapter_metadata", "{}"))
+        config = json.loads(open(source).read() if source == peft else meta.get("lora_adapter_metadata", "{}"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{flag} {source} is not valid JSON ({e}); restore it from the adapter's source") from None
     if not isinstance(config, dict):
@@ -1318,7 +1330,7 @@ def init_from_lora(params, old, lora, args):
 # --------------------------------------------------------------------------- model families
 # NFT needs nothing model-specific beyond "a velocity for (x, sigma, prompt)". A Family is a handful of functions,
 # picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask which:
-#   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (N, ...) tensors, sliced on dim 0
+#   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (n, ...) tensors (encode_prompts batches)
 #   velocity(transformer, x, sigma, cond) -> v                    x, v: (B, C, h, w) latents; sigma: (B,)
 #   decode(pipe, x0) -> images                                   (B, 3, H, W) in [0, 1]
 #   combine(v, v_neg, scale) -> v                                 the pipeline's true CFG (guided_velocity)
@@ -1336,24 +1348,6 @@ class Family:
     decode: object
     combine: object = cfg  # the pipeline's true CFG (--guidance_scale)
     negative_prompt: str = ""  # the published recipes' negative prompt (--negative_prompt unset)
-
-
-def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
-    """Encode each distinct prompt once (a group repeats its prompt group_size times), `chunk` at a time, and index
-    the result back to `prompts` order. encode_chunk(list of str) -> dict of (n, ...) tensors of one shape per key.
-    Text encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the call."""
-    uniq = list(dict.fromkeys(prompts))
-    encoders = text_encoders(pipe)
-    home = encoders[0].device
-    for e in encoders if home != device else []:
-        e.to(device)
-    with torch.no_grad():
-        parts = [encode_chunk(uniq[i:i + chunk]) for i in range(0, len(uniq), chunk)]
-    for e in encoders if home != device else []:
-        e.to(home)
-    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    row = {p: i for i, p in enumerate(uniq)}
-    return rows(cond, torch.tensor([row[p] for p in prompts], device=next(iter(cond.values())).device))
 
 
 def text_encoders(pipe):
@@ -1379,47 +1373,39 @@ def schedule(pipe, num_steps, resolution):
     return shifted_sigmas(pipe.scheduler.config, num_steps, h * w // 4)
 
 
+def sd3_encode(pipe, prompts, max_sequence_length, device):
+    """SD3: embeds (n, 77 + T5 length, 4096), CLIP-L and CLIP-G side by side then T5; pooled (n, 2048)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=max_sequence_length)
+    return {"embeds": embeds, "pooled": pooled}
+
+
+def flux_encode(pipe, prompts, max_sequence_length, device):
+    """FLUX.1: CLIP-L pooled (n, 768), T5-XXL embeds (n, max_sequence_length, 4096); the embedded guidance is added
+    by encode_prompts. T5's padding is not masked: the length changes v."""
+    embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                           max_sequence_length=max_sequence_length)
+    return {"embeds": embeds, "pooled": pooled}
+
+
+def qwenimage_encode(pipe, prompts, max_sequence_length, device):
+    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (its 34 leading
+    tokens dropped, as the pipeline does): embeds (n, max_sequence_length, 3584), mask (n, same) bool. The pipeline
+    pads to each call's longest prompt; padding to max_sequence_length gives one shape per run. Padded keys are
+    masked out and their RoPE positions come after the real ones, so v is unchanged."""
+    embeds, mask = pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=max_sequence_length)
+    n, length, _ = embeds.shape
+    mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+    pad = max_sequence_length - length
+    return {"embeds": F.pad(embeds, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad))}
+
+
 def kl_decode(pipe, x0):
     """AutoencoderKL (SD3, FLUX): latent = x0 / scaling_factor + shift_factor, images in [0, 1]."""
     vae = pipe.vae
     latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
     return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
-
-
-def sd3_encode(pipe, prompts, max_sequence_length, device):
-    """SD3: embeds (N, 77 + T5 length, 4096), CLIP-L and CLIP-G side by side then T5; pooled (N, 2048)."""
-    def chunk(texts):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
-                                                  do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
-        return {"embeds": embeds, "pooled": pooled}
-    return _encode_unique(pipe, prompts, device, chunk)
-
-
-def flux_encode(pipe, prompts, max_sequence_length, device):
-    """FLUX.1: CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096); the embedded guidance is added
-    by encode_prompts. T5's padding is not masked: the length changes v."""
-    def chunk(texts):
-        embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
-                                               max_sequence_length=max_sequence_length)
-        return {"embeds": embeds, "pooled": pooled}
-    return _encode_unique(pipe, prompts, device, chunk)
-
-
-def qwenimage_encode(pipe, prompts, max_sequence_length, device):
-    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (its 34 leading
-    tokens dropped, as the pipeline does): embeds (N, max_sequence_length, 3584), mask (N, same) bool. The pipeline
-    pads to each call's longest prompt; padding to max_sequence_length gives one shape per run. Padded keys are
-    masked out and their RoPE positions come after the real ones, so v is unchanged. As the pipeline: no mask when
-    every token is real (the unmasked, fast attention)."""
-    def chunk(texts):
-        embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
-        n, length, _ = embeds.shape
-        mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
-        pad = max_sequence_length - length
-        return {"embeds": F.pad(embeds, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad))}
-    cond = _encode_unique(pipe, prompts, device, chunk)
-    return {"embeds": cond["embeds"]} if cond["mask"].all() else cond  # decided once here: no device sync per step
 
 
 def qwenimage_latent(vae, x0):
@@ -1469,13 +1455,10 @@ def family_named(name):
 def model_family(model):
     """The family --model names, read before loading it (for its preset): a built-in name, a local folder's
     model_index.json class, else the hub id ("flux" or "qwen-image" in it); SD3 otherwise."""
-    name = model.split(":")[-1]
-    if name in BUILTIN and builtin(model):
-        return BUILTIN[name]["family"]
-    index = os.path.join(model, "model_index.json")
-    if os.path.isfile(index):
-        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
-            return FAMILIES[json.load(open(index)).get("_class_name")].name
+    if builtin(model) and model.split(":")[-1] in BUILTIN:
+        return BUILTIN[model.split(":")[-1]]["family"]
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
+        return FAMILIES[json.load(open(os.path.join(model, "model_index.json"))).get("_class_name")].name
     low = model.lower()
     return "flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else "sd3"
 
@@ -1554,10 +1537,10 @@ def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls. fp16: the official
     setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline). no: fp32 everywhere."""
     mode = precision_mode(args, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "no": torch.float32}[mode]
     if mode == "no":
-        return dtype, contextlib.nullcontext
-    return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+        return torch.float32, contextlib.nullcontext
+    half = torch.bfloat16 if mode == "bf16" else torch.float16
+    return (half if mode == "bf16" else torch.float32), functools.partial(torch.autocast, device.type, dtype=half)
 
 
 # memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets),
@@ -2480,54 +2463,53 @@ def builtin_pipeline(name, device="cpu"):
     `device` ("meta": shapes only) in eval mode, with its family's scheduler config; a tiny one's decoder fitted."""
     import diffusers
     import transformers as tf
-    cfg, device, family = BUILTIN[name], torch.device(device), BUILTIN[name]["family"]
-    clip_tok = word_tokenizer(["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"], TINY_WORDS + " text",
-                              77, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    t5_tok = word_tokenizer(["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"], TINY_WORDS + " text",
-                            256 if family == "sd3" else 512, eos_token="</s>", pad_token="<pad>")
+    cfg, device, family = BUILTIN[name], torch.device(device), family_named(BUILTIN[name]["family"])
+    sd3, text, transformer = family.name == "sd3", cfg.get("text"), getattr(diffusers, family.transformer)
+    specials = ["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"]
+    clip_tok = word_tokenizer(specials, TINY_WORDS + " text", 77, bos_token="<|startoftext|>",
+                              eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    t5_tok = word_tokenizer(specials, TINY_WORDS + " text", 256 if sd3 else 512, eos_token="</s>", pad_token="<pad>")
+    qwen_tok = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"], QWEN_WORDS,
+                              2048, True, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
-    def clip(width, layers, heads, projection):  # CLIP-L / CLIP-G (SD3, with projection), CLIP-L (FLUX)
-        return (tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel)(tf.CLIPTextConfig(
-            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=(2 if projection else 4) * width,
+    def clip(width, layers, heads):  # CLIP-L and CLIP-G with projections (SD3), CLIP-L (FLUX.1)
+        return (tf.CLIPTextModelWithProjection if sd3 else tf.CLIPTextModel)(tf.CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=(2 if sd3 else 4) * width,
             projection_dim=width, num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
             bos_token_id=1, eos_token_id=2, pad_token_id=2))
 
-    def t5(width, layers, heads, ff=None, gated=False):
+    def t5(width, layers, heads, ff=None):  # FLUX.1's is gated
         return tf.T5EncoderModel(tf.T5Config(
             vocab_size=len(clip_tok), d_model=width, d_kv=width // heads, d_ff=ff or 2 * width, num_layers=layers,
-            num_heads=heads, pad_token_id=0, eos_token_id=3, **({"feed_forward_proj": "gated-gelu"} if gated else {})))
+            num_heads=heads, pad_token_id=0, eos_token_id=3, **({} if sd3 else {"feed_forward_proj": "gated-gelu"})))
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
         torch.manual_seed(0)  # parts are built in the order the weights were first drawn in
-        if family == "sd3":
-            parts = dict(text_encoder=clip(*cfg["text"][0], True), text_encoder_2=clip(*cfg["text"][1], True),
-                         text_encoder_3=t5(*cfg["text"][2]), tokenizer=clip_tok, tokenizer_2=clip_tok,
-                         tokenizer_3=t5_tok, vae=diffusers.AutoencoderKL(
-                             shift_factor=0.0609, scaling_factor=1.5305, **_VAE, **cfg["vae"]))
-        elif family == "flux":
-            parts = dict(text_encoder=clip(*cfg["text"][0], False), text_encoder_2=t5(*cfg["text"][1], gated=True),
-                         tokenizer=clip_tok, tokenizer_2=t5_tok, vae=diffusers.AutoencoderKL(
-                             latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, **_VAE, **cfg["vae"]))
-        else:
-            tok, text = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"],
-                                       QWEN_WORDS, 2048, True, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       additional_special_tokens=["<|im_start|>", "<|im_end|>"]), dict(cfg["qwen_text"])
-            rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
-            config = tf.Qwen2_5_VLConfig(
-                text_config=dict(vocab_size=len(tok), rope_parameters=rope, **text), vocab_size=len(tok),
-                pad_token_id=0, vision_config=dict(out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0],
-                                                   **cfg["qwen_vision"]))
-            parts = dict(tokenizer=tok, transformer=diffusers.QwenImageTransformer2DModel(**cfg["transformer"]),
+        if family.name == "qwenimage":
+            parts = dict(tokenizer=qwen_tok, transformer=transformer(**cfg["transformer"]),
                          vae=diffusers.AutoencoderKLQwenImage(z_dim=16, **cfg["vae"]))
+        elif sd3:
+            parts = dict(text_encoder=clip(*text[0]), text_encoder_2=clip(*text[1]), text_encoder_3=t5(*text[2]),
+                         tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=t5_tok, vae=diffusers.AutoencoderKL(
+                             shift_factor=0.0609, scaling_factor=1.5305, **_VAE, **cfg["vae"]))
+        else:
+            parts = dict(text_encoder=clip(*text[0]), text_encoder_2=t5(*text[1]), tokenizer=clip_tok,
+                         tokenizer_2=t5_tok, vae=diffusers.AutoencoderKL(
+                             latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, **_VAE, **cfg["vae"]))
         if name.startswith("tiny"):
             fitted_decoder(parts["vae"])
-        if family == "qwenimage":
-            parts["text_encoder"] = tf.Qwen2_5_VLForConditionalGeneration(config)
-        else:
-            transformer = {"sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family]
+        if family.name != "qwenimage":
             parts["transformer"] = transformer(**cfg["transformer"])
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER[family])
-        pipe = getattr(diffusers, family_named(family).pipeline)(scheduler=scheduler, **parts)
+        else:  # Qwen2.5-VL: its text model with multimodal RoPE sections, and a vision tower
+            qwen = dict(cfg["qwen_text"])
+            rope = dict(rope_type="default", rope_theta=1e6, mrope_section=qwen.pop("mrope_section"))
+            parts["text_encoder"] = tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(
+                text_config=dict(vocab_size=len(qwen_tok), rope_parameters=rope, **qwen), vocab_size=len(qwen_tok),
+                pad_token_id=0, vision_config=dict(out_hidden_size=qwen["hidden_size"], fullatt_block_indexes=[0],
+                                                   **cfg["qwen_vision"])))
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER[family.name])
+        pipe = getattr(diffusers, family.pipeline)(scheduler=scheduler, **parts)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
@@ -2535,14 +2517,14 @@ def builtin_pipeline(name, device="cpu"):
 
 
 def fitted_decoder(vae, steps=150):
-    """Fit the tiny decoder (fit_decoder) once per machine and cache it: the fit costs seconds on an idle CPU, up to a
-    minute on a busy one, and every tiny run (demo, resume, eval, diffusers loading) builds the model again. The key
-    hashes the random initial weights, the fit's code and the library versions, so a cached decoder is bit for bit
-    what the fit would return here. The cache is $NFT_CACHE (default ~/.cache/diffusion-nft); unwritable: refit."""
+    """Fit the tiny decoder (fit_decoder) once per machine and cache it in $NFT_CACHE (default ~/.cache/diffusion-nft;
+    unwritable: refit): the fit takes up to a minute on a busy CPU, and every tiny run builds the model again. The key
+    hashes the random initial weights, the fit's code and the library versions: a cached decoder is bit for bit what
+    the fit would return here."""
     import diffusers
     # what the fit trains: the decoder, and Qwen-Image's post_quant_conv (a random 1x1 conv mixing the channels)
-    fitted = vae.decoder if getattr(vae, "post_quant_conv", None) is None else \
-        torch.nn.ModuleDict(dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
+    fitted = vae.decoder if vae.post_quant_conv is None else torch.nn.ModuleDict(
+        dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
     h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(fit_decoder))).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
