@@ -1071,8 +1071,8 @@ def check_hub_model(model):
 
 
 def load_pipeline(model, dtype, device="cpu"):
-    """A built-in model (BUILTIN: tiny ones on the CPU, random:<name> on `device`), a hub id or a local folder of a
-    StableDiffusion3Pipeline, FluxPipeline or QwenImagePipeline (the class picks the family), frozen, in eval mode."""
+    """A built-in model (tiny ones on the CPU, random:<name> on `device`), a hub id or a local folder of a pipeline
+    in FAMILIES (its class picks the family), frozen, in eval mode."""
     import diffusers
     name, index = model.split(":")[-1], os.path.join(model, "model_index.json")
     if builtin(model):
@@ -1110,9 +1110,8 @@ def lora_config(args, official=OFFICIAL_TARGETS):
 
 
 def add_adapters(transformer, args):
-    """One LoRA adapter, "default", on the frozen base: the trainable theta, in fp32. The old policy theta_old is a
-    dict of tensors with the same names, copied into the adapter for its passes (`policy`). lora_B starts at zero,
-    so theta, theta_old and the reference (lora_B = 0) agree at step 0. Returns theta and theta_old."""
+    """theta, the fp32 LoRA adapter "default" on the frozen base, and theta_old, a copy that `policy` copies in for
+    its passes. lora_B starts at zero: theta, theta_old and the reference (lora_B = 0) agree at step 0."""
     transformer.requires_grad_(False)
     config = lora_config(args, family_of(transformer).lora_targets)
     check_targets(transformer, config.target_modules, f"--lora_targets {args.lora_targets}")
@@ -1150,18 +1149,16 @@ def blocks(transformer):
 
 
 def compile_blocks(transformer, **options):
-    """torch.compile each block in place. Blocks of one kind share a graph (their weights are graph inputs), so
-    SD3.5-Medium compiles 3 kinds x 2 grad modes whatever its depth; the cheap layers around them stay eager. Policies
-    switch by copying weights (`policy`), which no guard sees."""
+    """torch.compile each block in place; the cheap layers around them stay eager. Blocks of one kind share a graph
+    (weights are graph inputs, and `policy` copies weights, which no guard sees): SD3.5-Medium compiles 3 kinds x 2."""
     torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
     for block in blocks(transformer):
         block.compile(**options)
 
 
 def shard(transformer):
-    """--fsdp: FSDP2, a unit per block, then the rest: a rank holds 1/world of each weight, LoRA included, and gathers
-    a block only while it runs. The root reshards after its forward too (FSDP keeps it gathered by default), so what
-    `policy` copies into the shards reaches the next forward. Returns the LoRA and a copy of it."""
+    """--fsdp: FSDP2, a unit per block, then the rest (resharded after its forward too, so what `policy` copies into
+    the shards reaches the next forward): a rank holds 1/world of each weight. Returns the LoRA and a copy of it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
@@ -1173,10 +1170,9 @@ def shard(transformer):
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
-    """The prompts' conditioning by the pipeline's family (Family.encode): a dict of (N, ...) tensors sliced along
-    dim 0 like the latents. Each distinct prompt is encoded once (a group repeats its prompt), 64 at a time; text
-    encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once per call. FLUX.1-dev's
-    embedded guidance (N,) is a model input, not CFG, so it rides along: the same in rollouts and training."""
+    """The prompts' conditioning (Family.encode, each distinct prompt once, 64 at a time; offloaded text encoders visit
+    `device` once per call): a dict of (N, ...) tensors sliced like the latents. FLUX.1-dev's embedded guidance (N,) is
+    a model input, not CFG, so it rides along: the same in rollouts and training."""
     uniq, encoders = list(dict.fromkeys(prompts)), text_encoders(pipe)
     home = encoders[0].device
     for e in encoders if home != device else []:
@@ -1187,8 +1183,8 @@ def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance
     for e in encoders if home != device else []:
         e.to(home)
     cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    if "mask" in cond and cond["mask"].all():  # as Qwen-Image's pipeline: no mask, the fast attention, when every
-        del cond["mask"]  # token is real; decided once here, no device sync per step
+    if "mask" in cond and cond["mask"].all():  # every token real: no mask, the fast attention, as Qwen-Image's
+        del cond["mask"]  # pipeline does (decided once here: no device sync per step)
     row = {p: i for i, p in enumerate(uniq)}
     cond = rows(cond, torch.tensor([row[p] for p in prompts], device=cond["embeds"].device))
     if getattr(pipe.transformer.config, "guidance_embeds", False):
@@ -1208,9 +1204,9 @@ def lora_state(weights):
 
 
 def find_lora(path, flag="--lora"):
-    """Locate and read (read_lora) a LoRA handed in: this project's pytorch_lora_weights.safetensors (a checkpoint
-    folder or the file), or the official DiffusionNFT / Flow-GRPO peft layout, adapter_model.safetensors +
-    adapter_config.json (in the folder or its lora/ subfolder). A hub id "owner/name" is downloaded first."""
+    """Locate and read (read_lora) a LoRA: pytorch_lora_weights.safetensors (ours) or the official DiffusionNFT /
+    Flow-GRPO peft adapter_model.safetensors + adapter_config.json: the file, or in the folder or its lora/ subfolder.
+    A hub id "owner/name" is downloaded first."""
     if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
         try:
             rewards.hub_ready(path, what=flag)
@@ -1233,10 +1229,9 @@ def find_lora(path, flag="--lora"):
 
 
 def read_lora(file, flag):
-    """The one reader of LoRA files (--lora, --init_lora), before any model loads: the safetensors file readable and
-    complete; its config (peft's adapter_config.json beside an adapter_model.safetensors, else the file's
-    lora_adapter_metadata; without one alpha = r, as diffusers assumes) a JSON object with r, alpha > 0; every tensor
-    finite. Returns (file, config, weights), weights under diffusers' transformer names (<module>.lora_A.weight)."""
+    """The one reader of LoRA files, before any model loads: the file complete, its config (peft's adapter_config.json,
+    else its lora_adapter_metadata; none: alpha = r, as diffusers) a JSON object with r, alpha > 0, every tensor finite.
+    Returns (file, config, weights), weights under diffusers' transformer names (<module>.lora_A.weight)."""
     from safetensors import safe_open
     try:
         with safe_open(file, "pt") as f:
@@ -1296,9 +1291,8 @@ def check_targets(transformer, targets, what):
 
 
 def load_lora(pipe, lora, flag="--lora"):
-    """Add a LoRA read by find_lora to pipe.transformer as adapter "default": its config gives rank, alpha and targets
-    (without targets: the modules its tensors name), and its tensors must be exactly the adapter's, so a LoRA of
-    another family or rank is refused where peft would only warn."""
+    """Add a LoRA (find_lora) to pipe.transformer as adapter "default", as its config says (no targets: the modules
+    its tensors name); its tensors must be exactly the adapter's: peft would only warn of another family's."""
     from peft import LoraConfig
     file, config, weights = lora
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
@@ -1313,9 +1307,8 @@ def load_lora(pipe, lora, flag="--lora"):
 
 
 def init_from_lora(params, old, lora, args):
-    """--init_lora (official train.lora_path): a LoRA read by find_lora into theta and theta_old, its tensors exactly
-    the trainable ones (--rank, --lora_targets), its scale alpha/r folded into lora_B so that the starting policy is
-    the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    """--init_lora (official train.lora_path): a LoRA (find_lora) into theta and theta_old, exactly their tensors,
+    its alpha/r folded into lora_B: the policy `load_lora_weights` shows, whatever --lora_alpha. Returns their count."""
     file, config, weights = lora
     check_fit(params, weights, f"--init_lora {file}", "this run's LoRA", "match --rank and --lora_targets to it")
     scale = config["lora_alpha"] / config["r"] / (args.lora_alpha / args.rank)
@@ -1382,18 +1375,16 @@ def sd3_encode(pipe, prompts, max_sequence_length, device):
 
 
 def flux_encode(pipe, prompts, max_sequence_length, device):
-    """FLUX.1: CLIP-L pooled (n, 768), T5-XXL embeds (n, max_sequence_length, 4096); the embedded guidance is added
-    by encode_prompts. T5's padding is not masked: the length changes v."""
+    """FLUX.1: CLIP-L pooled (n, 768), T5-XXL embeds (n, max_sequence_length, 4096), padding unmasked (it changes v)."""
     embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                            max_sequence_length=max_sequence_length)
     return {"embeds": embeds, "pooled": pooled}
 
 
 def qwenimage_encode(pipe, prompts, max_sequence_length, device):
-    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (its 34 leading
-    tokens dropped, as the pipeline does): embeds (n, max_sequence_length, 3584), mask (n, same) bool. The pipeline
-    pads to each call's longest prompt; padding to max_sequence_length gives one shape per run. Padded keys are
-    masked out and their RoPE positions come after the real ones, so v is unchanged."""
+    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's template (less its 34 leading
+    tokens): embeds (n, max_sequence_length, 3584), mask (n, same) bool. Padded to max_sequence_length (the pipeline:
+    to the longest prompt) for one shape per run; padded keys are masked and their RoPE positions come last."""
     embeds, mask = pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=max_sequence_length)
     n, length, _ = embeds.shape
     mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
@@ -1403,9 +1394,8 @@ def qwenimage_encode(pipe, prompts, max_sequence_length, device):
 
 def kl_decode(pipe, x0):
     """AutoencoderKL (SD3, FLUX): latent = x0 / scaling_factor + shift_factor, images in [0, 1]."""
-    vae = pipe.vae
-    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
-    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    latent = x0 / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    return (pipe.vae.decode(latent.to(pipe.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 def qwenimage_latent(vae, x0):
@@ -1464,9 +1454,8 @@ def model_family(model):
 
 
 def resolve_guidance(pipe, args):
-    """--embedded_guidance_scale is a model input of a transformer with a guidance embedding (FLUX.1-dev) only: None
-    for the others (config.json and eval.json say so). True CFG on top of it runs, as FluxPipeline allows it
-    (true_cfg_scale with guidance_scale), after one warning."""
+    """--embedded_guidance_scale is an input of a transformer with a guidance embedding (FLUX.1-dev) only: None for
+    the others (config.json says so). True CFG on top of it runs, as FluxPipeline allows, after one warning."""
     if not getattr(pipe.transformer.config, "guidance_embeds", False):
         args.embedded_guidance_scale = None
     elif args.guidance_scale > 1:
@@ -1536,11 +1525,10 @@ def precision_mode(args, device):
 def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls. fp16: the official
     setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline). no: fp32 everywhere."""
-    mode = precision_mode(args, device)
-    if mode == "no":
-        return torch.float32, contextlib.nullcontext
-    half = torch.bfloat16 if mode == "bf16" else torch.float16
-    return (half if mode == "bf16" else torch.float32), functools.partial(torch.autocast, device.type, dtype=half)
+    weights, compute = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float32, torch.float16),
+                        "no": (torch.float32, None)}[precision_mode(args, device)]
+    autocast = functools.partial(torch.autocast, device.type, dtype=compute) if compute else contextlib.nullcontext
+    return weights, autocast
 
 
 # memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets),
@@ -2517,10 +2505,9 @@ def builtin_pipeline(name, device="cpu"):
 
 
 def fitted_decoder(vae, steps=150):
-    """Fit the tiny decoder (fit_decoder) once per machine and cache it in $NFT_CACHE (default ~/.cache/diffusion-nft;
-    unwritable: refit): the fit takes up to a minute on a busy CPU, and every tiny run builds the model again. The key
-    hashes the random initial weights, the fit's code and the library versions: a cached decoder is bit for bit what
-    the fit would return here."""
+    """Fit the tiny decoder (fit_decoder, up to a minute on a busy CPU) once per machine, cached in $NFT_CACHE (default
+    ~/.cache/diffusion-nft; unwritable: refit). The key hashes the initial weights, the fit's code and the library
+    versions, so a cached decoder is bit for bit what the fit would return here."""
     import diffusers
     # what the fit trains: the decoder, and Qwen-Image's post_quant_conv (a random 1x1 conv mixing the channels)
     fitted = vae.decoder if vae.post_quant_conv is None else torch.nn.ModuleDict(
@@ -2530,12 +2517,10 @@ def fitted_decoder(vae, steps=150):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
     folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
     path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
-    try:
+    with contextlib.suppress(Exception):  # not cached yet, or a damaged file: refit
         fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         vae.requires_grad_(False)
         return
-    except Exception:  # not cached yet, or a damaged file: refit
-        pass
     print0("fitting the tiny VAE decoder (once per machine, then cached)")
     fit_decoder(vae, steps)
     with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
