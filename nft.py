@@ -1055,24 +1055,23 @@ def check_hub_model(model):
 
 
 def load_pipeline(model, dtype, device="cpu"):
-    """A built-in model (BUILTIN: tiny ones on the CPU, random:<name> on `device`), a hub id or a local folder of a
-    StableDiffusion3Pipeline, FluxPipeline or QwenImagePipeline (the class picks the family), frozen, in eval mode."""
+    """A built-in model (tiny ones on the CPU, random:<name> on `device`), a hub id or a local folder of a pipeline
+    in FAMILIES (its class picks the family), frozen, in eval mode."""
     import diffusers
-    name = model.split(":")[-1]
-    if builtin(model) and name not in BUILTIN:
-        raise UserError(f"unknown built-in --model {model!r}; choose from "
-                        + ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN))
+    name, index = model.split(":")[-1], os.path.join(model, "model_index.json")
     if builtin(model):
+        if name not in BUILTIN:
+            raise UserError(f"unknown built-in --model {model!r}; choose from "
+                            + ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN))
         pipe = builtin_pipeline(name, "cpu" if name.startswith("tiny") else device)
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
-    index = os.path.join(model, "model_index.json")
-    if _is_local(model) and not os.path.isdir(model):
-        raise UserError(f"--model folder not found: {model}")
-    if _is_local(model) and (not os.path.isfile(index) or not any(f'"{n}"' in open(index).read() for n in FAMILIES)):
-        raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
-                        "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     if not _is_local(model):
         check_hub_model(model)
+    elif not os.path.isdir(model):
+        raise UserError(f"--model folder not found: {model}")
+    elif not os.path.isfile(index) or not any(f'"{n}"' in open(index).read() for n in FAMILIES):
+        raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
+                        "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except OSError as e:
@@ -1095,9 +1094,8 @@ def lora_config(args, official=OFFICIAL_TARGETS):
 
 
 def add_adapters(transformer, args):
-    """One LoRA adapter, "default", on the frozen base: the trainable theta, in fp32. The old policy theta_old is a
-    dict of tensors with the same names, copied into the adapter for its passes (`policy`). lora_B starts at zero,
-    so theta, theta_old and the reference (lora_B = 0) agree at step 0. Returns theta and theta_old."""
+    """theta, the fp32 LoRA adapter "default" on the frozen base, and theta_old, a copy that `policy` copies in for
+    its passes. lora_B starts at zero: theta, theta_old and the reference (lora_B = 0) agree at step 0."""
     transformer.requires_grad_(False)
     config = lora_config(args, family_of(transformer).lora_targets)
     check_targets(transformer, config.target_modules, f"--lora_targets {args.lora_targets}")
@@ -1135,18 +1133,16 @@ def blocks(transformer):
 
 
 def compile_blocks(transformer, **options):
-    """torch.compile each block in place. Blocks of one kind share a graph (their weights are graph inputs), so
-    SD3.5-Medium compiles 3 kinds x 2 grad modes whatever its depth; the cheap layers around them stay eager. Policies
-    switch by copying weights (`policy`), which no guard sees."""
+    """torch.compile each block in place; the cheap layers around them stay eager. Blocks of one kind share a graph
+    (weights are graph inputs, and `policy` copies weights, which no guard sees): SD3.5-Medium compiles 3 kinds x 2."""
     torch._dynamo.config.recompile_limit = 64  # past the limit dynamo silently runs eager
     for block in blocks(transformer):
         block.compile(**options)
 
 
 def shard(transformer):
-    """--fsdp: FSDP2, a unit per block, then the rest: a rank holds 1/world of each weight, LoRA included, and gathers
-    a block only while it runs. The root reshards after its forward too (FSDP keeps it gathered by default), so what
-    `policy` copies into the shards reaches the next forward. Returns the LoRA and a copy of it."""
+    """--fsdp: FSDP2, a unit per block, then the rest (resharded after its forward too, so what `policy` copies into
+    the shards reaches the next forward): a rank holds 1/world of each weight. Returns the LoRA and a copy of it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
@@ -1158,10 +1154,23 @@ def shard(transformer):
 
 
 def encode_prompts(pipe, prompts, max_sequence_length, device, embedded_guidance=Args.embedded_guidance_scale):
-    """The prompts' conditioning by the pipeline's family: a dict of (N, ...) tensors sliced along dim 0 like the
-    latents (SD3: embeds (N, 77 + T5 length, 4096), pooled (N, 2048)). FLUX.1-dev's embedded guidance (N,) is a model
-    input, not CFG, so it rides along: the same in rollouts and training (else v_old and v_theta differ)."""
-    cond = family_of(pipe).encode(pipe, prompts, max_sequence_length, device)
+    """The prompts' conditioning (Family.encode, each distinct prompt once, 64 at a time; offloaded text encoders visit
+    `device` once per call): a dict of (N, ...) tensors sliced like the latents. FLUX.1-dev's embedded guidance (N,) is
+    a model input, not CFG, so it rides along: the same in rollouts and training."""
+    uniq, encoders = list(dict.fromkeys(prompts)), text_encoders(pipe)
+    home = encoders[0].device
+    for e in encoders if home != device else []:
+        e.to(device)
+    with torch.no_grad():
+        parts = [family_of(pipe).encode(pipe, uniq[i:i + 64], max_sequence_length, device)
+                 for i in range(0, len(uniq), 64)]
+    for e in encoders if home != device else []:
+        e.to(home)
+    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if "mask" in cond and cond["mask"].all():  # every token real: no mask, the fast attention, as Qwen-Image's
+        del cond["mask"]  # pipeline does (decided once here: no device sync per step)
+    row = {p: i for i, p in enumerate(uniq)}
+    cond = rows(cond, torch.tensor([row[p] for p in prompts], device=cond["embeds"].device))
     if getattr(pipe.transformer.config, "guidance_embeds", False):
         cond["guidance"] = torch.full((len(prompts),), embedded_guidance, device=cond["embeds"].device)
     return cond
@@ -1179,9 +1188,9 @@ def lora_state(weights):
 
 
 def find_lora(path, flag="--lora"):
-    """Locate and read (read_lora) a LoRA handed in: this project's pytorch_lora_weights.safetensors (a checkpoint
-    folder or the file), or the official DiffusionNFT / Flow-GRPO peft layout, adapter_model.safetensors +
-    adapter_config.json (in the folder or its lora/ subfolder). A hub id "owner/name" is downloaded first."""
+    """Locate and read (read_lora) a LoRA: pytorch_lora_weights.safetensors (ours) or the official DiffusionNFT /
+    Flow-GRPO peft adapter_model.safetensors + adapter_config.json: the file, or in the folder or its lora/ subfolder.
+    A hub id "owner/name" is downloaded first."""
     if not os.path.exists(path) and path.count("/") == 1 and not path.startswith("."):
         try:
             rewards.hub_ready(path, what=flag)
@@ -1193,24 +1202,21 @@ def find_lora(path, flag="--lora"):
             raise UserError(f"{flag} {path}: no such file or folder, and not a hub repo we can download "
                             f"({type(e).__name__}); try `hf download {path}`")
     if os.path.isfile(path):
-        peft = os.path.basename(path) == "adapter_model.safetensors"
-        return read_lora("peft" if peft else "diffusers", os.path.dirname(path) if peft else path, flag)
+        return read_lora(path, flag)
     for folder in (path, os.path.join(path, "lora")):
         if os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-            return read_lora("diffusers", os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
+            return read_lora(os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
         if all(os.path.isfile(os.path.join(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")):
-            return read_lora("peft", folder, flag)
+            return read_lora(os.path.join(folder, "adapter_model.safetensors"), flag)
     raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither "
                     "pytorch_lora_weights.safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json"))
 
 
-def read_lora(kind, path, flag):
-    """The one reader of LoRA files (--lora, --init_lora), before any model loads: the safetensors file readable and
-    complete; its config (peft's adapter_config.json, or the file's lora_adapter_metadata; without one alpha = r, as
-    diffusers assumes) a JSON object with r, alpha > 0; every tensor finite. Returns (file, config, weights), weights
-    under diffusers' transformer names (<module>.lora_A.weight), checked against the model later (check_fit)."""
+def read_lora(file, flag):
+    """The one reader of LoRA files, before any model loads: the file complete, its config (peft's adapter_config.json,
+    else its lora_adapter_metadata; none: alpha = r, as diffusers) a JSON object with r, alpha > 0, every tensor finite.
+    Returns (file, config, weights), weights under diffusers' transformer names (<module>.lora_A.weight)."""
     from safetensors import safe_open
-    file = path if kind == "diffusers" else os.path.join(path, "adapter_model.safetensors")
     try:
         with safe_open(file, "pt") as f:
             meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -1218,9 +1224,10 @@ def read_lora(kind, path, flag):
         why = "empty" if os.path.getsize(file) == 0 else "bad header or truncated"
         raise UserError(f"{flag} {file} is not a safetensors file ({why}); give the pytorch_lora_weights.safetensors "
                         "of a checkpoint or a peft adapter folder") from None
-    source = os.path.join(path, "adapter_config.json") if kind == "peft" else f"{file} (its lora_adapter_metadata)"
+    peft = os.path.join(os.path.dirname(file), "adapter_config.json")
+    source = peft if os.path.basename(file) == "adapter_model.safetensors" else f"{file} (its lora_adapter_metadata)"
     try:
-        config = json.loads(open(source).read() if kind == "peft" else meta.get("lora_adapter_metadata", "{}"))
+        config = json.loads(open(source).read() if source == peft else meta.get("lora_adapter_metadata", "{}"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{flag} {source} is not valid JSON ({e}); restore it from the adapter's source") from None
     if not isinstance(config, dict):
@@ -1268,9 +1275,8 @@ def check_targets(transformer, targets, what):
 
 
 def load_lora(pipe, lora, flag="--lora"):
-    """Add a LoRA read by find_lora to pipe.transformer as adapter "default": its config gives rank, alpha and targets
-    (without targets: the modules its tensors name), and its tensors must be exactly the adapter's, so a LoRA of
-    another family or rank is refused where peft would only warn."""
+    """Add a LoRA (find_lora) to pipe.transformer as adapter "default", as its config says (no targets: the modules
+    its tensors name); its tensors must be exactly the adapter's: peft would only warn of another family's."""
     from peft import LoraConfig
     file, config, weights = lora
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
@@ -1285,9 +1291,8 @@ def load_lora(pipe, lora, flag="--lora"):
 
 
 def init_from_lora(params, old, lora, args):
-    """--init_lora (official train.lora_path): a LoRA read by find_lora into theta and theta_old, its tensors exactly
-    the trainable ones (--rank, --lora_targets), its scale alpha/r folded into lora_B so that the starting policy is
-    the one `load_lora_weights` shows whatever --lora_alpha is. Returns the number of tensors copied."""
+    """--init_lora (official train.lora_path): a LoRA (find_lora) into theta and theta_old, exactly their tensors,
+    its alpha/r folded into lora_B: the policy `load_lora_weights` shows, whatever --lora_alpha. Returns their count."""
     file, config, weights = lora
     check_fit(params, weights, f"--init_lora {file}", "this run's LoRA", "match --rank and --lora_targets to it")
     scale = config["lora_alpha"] / config["r"] / (args.lora_alpha / args.rank)
@@ -1302,7 +1307,7 @@ def init_from_lora(params, old, lora, args):
 # --------------------------------------------------------------------------- model families
 # NFT needs nothing model-specific beyond "a velocity for (x, sigma, prompt)". A Family is a handful of functions,
 # picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask which:
-#   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (N, ...) tensors, sliced on dim 0
+#   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (n, ...) tensors (encode_prompts batches)
 #   velocity(transformer, x, sigma, cond) -> v                    x, v: (B, C, h, w) latents; sigma: (B,)
 #   decode(pipe, x0) -> images                                   (B, 3, H, W) in [0, 1]
 #   combine(v, v_neg, scale) -> v                                 the pipeline's true CFG (guided_velocity)
@@ -1320,24 +1325,6 @@ class Family:
     decode: object
     combine: object = cfg  # the pipeline's true CFG (--guidance_scale)
     negative_prompt: str = ""  # the published recipes' negative prompt (--negative_prompt unset)
-
-
-def _encode_unique(pipe, prompts, device, encode_chunk, chunk=64):
-    """Encode each distinct prompt once (a group repeats its prompt group_size times), `chunk` at a time, and index
-    the result back to `prompts` order. encode_chunk(list of str) -> dict of (n, ...) tensors of one shape per key.
-    Text encoders kept on the CPU (--offload_text_encoders: T5-XXL is ~9.5 GiB) visit `device` once for the call."""
-    uniq = list(dict.fromkeys(prompts))
-    encoders = text_encoders(pipe)
-    home = encoders[0].device
-    for e in encoders if home != device else []:
-        e.to(device)
-    with torch.no_grad():
-        parts = [encode_chunk(uniq[i:i + chunk]) for i in range(0, len(uniq), chunk)]
-    for e in encoders if home != device else []:
-        e.to(home)
-    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    row = {p: i for i, p in enumerate(uniq)}
-    return rows(cond, torch.tensor([row[p] for p in prompts], device=next(iter(cond.values())).device))
 
 
 def text_encoders(pipe):
@@ -1363,47 +1350,36 @@ def schedule(pipe, num_steps, resolution):
     return shifted_sigmas(pipe.scheduler.config, num_steps, h * w // 4)
 
 
-def kl_decode(pipe, x0):
-    """AutoencoderKL (SD3, FLUX): latent = x0 / scaling_factor + shift_factor, images in [0, 1]."""
-    vae = pipe.vae
-    latent = x0 / vae.config.scaling_factor + vae.config.shift_factor
-    return (vae.decode(latent.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
-
-
 def sd3_encode(pipe, prompts, max_sequence_length, device):
-    """SD3: embeds (N, 77 + T5 length, 4096), CLIP-L and CLIP-G side by side then T5; pooled (N, 2048)."""
-    def chunk(texts):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
-                                                  do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
-        return {"embeds": embeds, "pooled": pooled}
-    return _encode_unique(pipe, prompts, device, chunk)
+    """SD3: embeds (n, 77 + T5 length, 4096), CLIP-L and CLIP-G side by side then T5; pooled (n, 2048)."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=max_sequence_length)
+    return {"embeds": embeds, "pooled": pooled}
 
 
 def flux_encode(pipe, prompts, max_sequence_length, device):
-    """FLUX.1: CLIP-L pooled (N, 768), T5-XXL embeds (N, max_sequence_length, 4096); the embedded guidance is added
-    by encode_prompts. T5's padding is not masked: the length changes v."""
-    def chunk(texts):
-        embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
-                                               max_sequence_length=max_sequence_length)
-        return {"embeds": embeds, "pooled": pooled}
-    return _encode_unique(pipe, prompts, device, chunk)
+    """FLUX.1: CLIP-L pooled (n, 768), T5-XXL embeds (n, max_sequence_length, 4096), padding unmasked (it changes v)."""
+    embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                           max_sequence_length=max_sequence_length)
+    return {"embeds": embeds, "pooled": pooled}
 
 
 def qwenimage_encode(pipe, prompts, max_sequence_length, device):
-    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's system template (its 34 leading
-    tokens dropped, as the pipeline does): embeds (N, max_sequence_length, 3584), mask (N, same) bool. The pipeline
-    pads to each call's longest prompt; padding to max_sequence_length gives one shape per run. Padded keys are
-    masked out and their RoPE positions come after the real ones, so v is unchanged. As the pipeline: no mask when
-    every token is real (the unmasked, fast attention)."""
-    def chunk(texts):
-        embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
-        n, length, _ = embeds.shape
-        mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
-        pad = max_sequence_length - length
-        return {"embeds": F.pad(embeds, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad))}
-    cond = _encode_unique(pipe, prompts, device, chunk)
-    return {"embeds": cond["embeds"]} if cond["mask"].all() else cond  # decided once here: no device sync per step
+    """Qwen-Image: Qwen2.5-VL's last hidden states of the prompt in the pipeline's template (less its 34 leading
+    tokens): embeds (n, max_sequence_length, 3584), mask (n, same) bool. Padded to max_sequence_length (the pipeline:
+    to the longest prompt) for one shape per run; padded keys are masked and their RoPE positions come last."""
+    embeds, mask = pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=max_sequence_length)
+    n, length, _ = embeds.shape
+    mask = torch.ones(n, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+    pad = max_sequence_length - length
+    return {"embeds": F.pad(embeds, (0, 0, 0, pad)), "mask": F.pad(mask, (0, pad))}
+
+
+def kl_decode(pipe, x0):
+    """AutoencoderKL (SD3, FLUX): latent = x0 / scaling_factor + shift_factor, images in [0, 1]."""
+    latent = x0 / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    return (pipe.vae.decode(latent.to(pipe.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 def qwenimage_latent(vae, x0):
@@ -1453,21 +1429,17 @@ def family_named(name):
 def model_family(model):
     """The family --model names, read before loading it (for its preset): a built-in name, a local folder's
     model_index.json class, else the hub id ("flux" or "qwen-image" in it); SD3 otherwise."""
-    name = model.split(":")[-1]
-    if name in BUILTIN and builtin(model):
-        return BUILTIN[name]["family"]
-    index = os.path.join(model, "model_index.json")
-    if os.path.isfile(index):
-        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
-            return FAMILIES[json.load(open(index)).get("_class_name")].name
+    if builtin(model) and model.split(":")[-1] in BUILTIN:
+        return BUILTIN[model.split(":")[-1]]["family"]
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
+        return FAMILIES[json.load(open(os.path.join(model, "model_index.json"))).get("_class_name")].name
     low = model.lower()
     return "flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else "sd3"
 
 
 def resolve_guidance(pipe, args):
-    """--embedded_guidance_scale is a model input of a transformer with a guidance embedding (FLUX.1-dev) only: None
-    for the others (config.json and eval.json say so). True CFG on top of it runs, as FluxPipeline allows it
-    (true_cfg_scale with guidance_scale), after one warning."""
+    """--embedded_guidance_scale is an input of a transformer with a guidance embedding (FLUX.1-dev) only: None for
+    the others (config.json says so). True CFG on top of it runs, as FluxPipeline allows, after one warning."""
     if not getattr(pipe.transformer.config, "guidance_embeds", False):
         args.embedded_guidance_scale = None
     elif args.guidance_scale > 1:
@@ -1537,11 +1509,10 @@ def precision_mode(args, device):
 def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls. fp16: the official
     setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline). no: fp32 everywhere."""
-    mode = precision_mode(args, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "no": torch.float32}[mode]
-    if mode == "no":
-        return dtype, contextlib.nullcontext
-    return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+    weights, compute = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float32, torch.float16),
+                        "no": (torch.float32, None)}[precision_mode(args, device)]
+    autocast = functools.partial(torch.autocast, device.type, dtype=compute) if compute else contextlib.nullcontext
+    return weights, autocast
 
 
 # memory_estimate's view of a family: published parameter counts, LoRA parameters per --rank (official targets),
@@ -2409,54 +2380,53 @@ def builtin_pipeline(name, device="cpu"):
     `device` ("meta": shapes only) in eval mode, with its family's scheduler config; a tiny one's decoder fitted."""
     import diffusers
     import transformers as tf
-    cfg, device, family = BUILTIN[name], torch.device(device), BUILTIN[name]["family"]
-    clip_tok = word_tokenizer(["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"], TINY_WORDS + " text",
-                              77, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    t5_tok = word_tokenizer(["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"], TINY_WORDS + " text",
-                            256 if family == "sd3" else 512, eos_token="</s>", pad_token="<pad>")
+    cfg, device, family = BUILTIN[name], torch.device(device), family_named(BUILTIN[name]["family"])
+    sd3, text, transformer = family.name == "sd3", cfg.get("text"), getattr(diffusers, family.transformer)
+    specials = ["<pad>", "<|startoftext|>", "<|endoftext|>", "</s>", "<unk>"]
+    clip_tok = word_tokenizer(specials, TINY_WORDS + " text", 77, bos_token="<|startoftext|>",
+                              eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    t5_tok = word_tokenizer(specials, TINY_WORDS + " text", 256 if sd3 else 512, eos_token="</s>", pad_token="<pad>")
+    qwen_tok = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"], QWEN_WORDS,
+                              2048, True, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
-    def clip(width, layers, heads, projection):  # CLIP-L / CLIP-G (SD3, with projection), CLIP-L (FLUX)
-        return (tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel)(tf.CLIPTextConfig(
-            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=(2 if projection else 4) * width,
+    def clip(width, layers, heads):  # CLIP-L and CLIP-G with projections (SD3), CLIP-L (FLUX.1)
+        return (tf.CLIPTextModelWithProjection if sd3 else tf.CLIPTextModel)(tf.CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=(2 if sd3 else 4) * width,
             projection_dim=width, num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
             bos_token_id=1, eos_token_id=2, pad_token_id=2))
 
-    def t5(width, layers, heads, ff=None, gated=False):
+    def t5(width, layers, heads, ff=None):  # FLUX.1's is gated
         return tf.T5EncoderModel(tf.T5Config(
             vocab_size=len(clip_tok), d_model=width, d_kv=width // heads, d_ff=ff or 2 * width, num_layers=layers,
-            num_heads=heads, pad_token_id=0, eos_token_id=3, **({"feed_forward_proj": "gated-gelu"} if gated else {})))
+            num_heads=heads, pad_token_id=0, eos_token_id=3, **({} if sd3 else {"feed_forward_proj": "gated-gelu"})))
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
         torch.manual_seed(0)  # parts are built in the order the weights were first drawn in
-        if family == "sd3":
-            parts = dict(text_encoder=clip(*cfg["text"][0], True), text_encoder_2=clip(*cfg["text"][1], True),
-                         text_encoder_3=t5(*cfg["text"][2]), tokenizer=clip_tok, tokenizer_2=clip_tok,
-                         tokenizer_3=t5_tok, vae=diffusers.AutoencoderKL(
-                             shift_factor=0.0609, scaling_factor=1.5305, **_VAE, **cfg["vae"]))
-        elif family == "flux":
-            parts = dict(text_encoder=clip(*cfg["text"][0], False), text_encoder_2=t5(*cfg["text"][1], gated=True),
-                         tokenizer=clip_tok, tokenizer_2=t5_tok, vae=diffusers.AutoencoderKL(
-                             latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, **_VAE, **cfg["vae"]))
-        else:
-            tok, text = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"],
-                                       QWEN_WORDS, 2048, True, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       additional_special_tokens=["<|im_start|>", "<|im_end|>"]), dict(cfg["qwen_text"])
-            rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
-            config = tf.Qwen2_5_VLConfig(
-                text_config=dict(vocab_size=len(tok), rope_parameters=rope, **text), vocab_size=len(tok),
-                pad_token_id=0, vision_config=dict(out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0],
-                                                   **cfg["qwen_vision"]))
-            parts = dict(tokenizer=tok, transformer=diffusers.QwenImageTransformer2DModel(**cfg["transformer"]),
+        if family.name == "qwenimage":
+            parts = dict(tokenizer=qwen_tok, transformer=transformer(**cfg["transformer"]),
                          vae=diffusers.AutoencoderKLQwenImage(z_dim=16, **cfg["vae"]))
+        elif sd3:
+            parts = dict(text_encoder=clip(*text[0]), text_encoder_2=clip(*text[1]), text_encoder_3=t5(*text[2]),
+                         tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=t5_tok, vae=diffusers.AutoencoderKL(
+                             shift_factor=0.0609, scaling_factor=1.5305, **_VAE, **cfg["vae"]))
+        else:
+            parts = dict(text_encoder=clip(*text[0]), text_encoder_2=t5(*text[1]), tokenizer=clip_tok,
+                         tokenizer_2=t5_tok, vae=diffusers.AutoencoderKL(
+                             latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, **_VAE, **cfg["vae"]))
         if name.startswith("tiny"):
             fitted_decoder(parts["vae"])
-        if family == "qwenimage":
-            parts["text_encoder"] = tf.Qwen2_5_VLForConditionalGeneration(config)
-        else:
-            transformer = {"sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family]
+        if family.name != "qwenimage":
             parts["transformer"] = transformer(**cfg["transformer"])
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER[family])
-        pipe = getattr(diffusers, family_named(family).pipeline)(scheduler=scheduler, **parts)
+        else:  # Qwen2.5-VL: its text model with multimodal RoPE sections, and a vision tower
+            qwen = dict(cfg["qwen_text"])
+            rope = dict(rope_type="default", rope_theta=1e6, mrope_section=qwen.pop("mrope_section"))
+            parts["text_encoder"] = tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(
+                text_config=dict(vocab_size=len(qwen_tok), rope_parameters=rope, **qwen), vocab_size=len(qwen_tok),
+                pad_token_id=0, vision_config=dict(out_hidden_size=qwen["hidden_size"], fullatt_block_indexes=[0],
+                                                   **cfg["qwen_vision"])))
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER[family.name])
+        pipe = getattr(diffusers, family.pipeline)(scheduler=scheduler, **parts)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.eval()  # constructors build modules in train mode (T5 dropout 0.1)
@@ -2464,25 +2434,22 @@ def builtin_pipeline(name, device="cpu"):
 
 
 def fitted_decoder(vae, steps=150):
-    """Fit the tiny decoder (fit_decoder) once per machine and cache it: the fit costs seconds on an idle CPU, up to a
-    minute on a busy one, and every tiny run (demo, resume, eval, diffusers loading) builds the model again. The key
-    hashes the random initial weights, the fit's code and the library versions, so a cached decoder is bit for bit
-    what the fit would return here. The cache is $NFT_CACHE (default ~/.cache/diffusion-nft); unwritable: refit."""
+    """Fit the tiny decoder (fit_decoder, up to a minute on a busy CPU) once per machine, cached in $NFT_CACHE (default
+    ~/.cache/diffusion-nft; unwritable: refit). The key hashes the initial weights, the fit's code and the library
+    versions, so a cached decoder is bit for bit what the fit would return here."""
     import diffusers
     # what the fit trains: the decoder, and Qwen-Image's post_quant_conv (a random 1x1 conv mixing the channels)
-    fitted = vae.decoder if getattr(vae, "post_quant_conv", None) is None else \
-        torch.nn.ModuleDict(dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
+    fitted = vae.decoder if vae.post_quant_conv is None else torch.nn.ModuleDict(
+        dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
     h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(fit_decoder))).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
     folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
     path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
-    try:
+    with contextlib.suppress(Exception):  # not cached yet, or a damaged file: refit
         fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         vae.requires_grad_(False)
         return
-    except Exception:  # not cached yet, or a damaged file: refit
-        pass
     print0("fitting the tiny VAE decoder (once per machine, then cached)")
     fit_decoder(vae, steps)
     with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
