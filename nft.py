@@ -915,6 +915,8 @@ def start_run(args):
     (None, None, None) when the run to resume is already complete."""
     run = setup(args)
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
+    if args.profile:  # a few timed epochs, no evaluation (so no --eval_reward model loads) and no checkpoints
+        args.eval_every = 0
     claimed = claim_output_dir(args, run.process_index, run.num_processes)
     if claimed is None:
         return None, None, None
@@ -945,8 +947,8 @@ def start_run(args):
     run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
     run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
     run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
-    if args.profile:  # a few timed epochs, no evaluation or checkpoints
-        args.num_epochs, args.eval_every = start_epoch + 3, 0
+    if args.profile:
+        args.num_epochs = start_epoch + 3
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # the training loop's peak, not the model build's
     return run, pol, start_epoch

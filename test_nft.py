@@ -2603,10 +2603,13 @@ def test_eval_rewards_are_logged_and_eval_only_tables_them(guided_demo, tmp_path
 def test_eval_reward_models_load_only_when_an_evaluation_scores_with_them(capsys, tmp_path):
     """--eval_reward pickscore with --eval_every 0: no evaluation will score with it, so its model (not cached here:
     loading it would stop with `hf download`) is never loaded and the run trains; with evaluation on, it is loaded
-    first and its download named."""
+    first and its download named; --profile never evaluates, so it does not load it either."""
     printed = run_here(*SMALL_NO_EVAL, "--num_epochs", 1, "--eval_reward", "pickscore", "--output_dir", tmp_path / "a")
     assert "pickscore" not in printed.split("loading", 1)[1].splitlines()[0] and len(metrics(tmp_path / "a")) == 1
     assert "hf download" in cli_error(capsys, *SMALL, "--eval_reward", "pickscore", "--output_dir", tmp_path / "b")
+    printed = run_here(*SMALL, "--profile", "--eval_reward", "pickscore", "--output_dir", tmp_path / "c")  # no eval
+    assert "pickscore" not in printed.split("loading", 1)[1].splitlines()[0] and len(metrics(tmp_path / "c")) == 3
+    assert json.load(open(tmp_path / "c" / "config.json"))["eval_every"] == 0
 
 
 # --------------------------------------------------------------------------- rewards
