@@ -1041,7 +1041,6 @@ def test_family_sigmas_equal_the_pipelines_schedule(name):
     """The rollout schedule is the family pipeline's at every resolution (FLUX: dynamic shift; Qwen-Image:
     dynamic shift and a last sigma of 0.02); it shifts more at 512 px than at 256 px (more image tokens)."""
     pipe = copy.deepcopy(tiny_pipe(name))
-    fam = nft.family_of(pipe)
     for num_steps, resolution in [(10, 256), (10, 512), (28, 512)]:
         ours = nft.schedule(pipe, num_steps, resolution)
         assert ours.dtype == torch.float64 and ours.shape == (num_steps + 1,) and ours[0] == 1 and ours[-1] == 0
