@@ -2388,9 +2388,9 @@ def builtin_pipeline(name, device="cpu"):
     clip_tok = word_tokenizer(specials, TINY_WORDS + " text", 77, bos_token="<|startoftext|>",
                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     t5_tok = word_tokenizer(specials, TINY_WORDS + " text", 256 if sd3 else 512, eos_token="</s>", pad_token="<pad>")
-    qwen_tok = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"], QWEN_WORDS,
-                              2048, True, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    qwen_tok = None if family.name != "qwenimage" else word_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", ",", ":"], QWEN_WORDS, 2048, True,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
     def clip(width, layers, heads):  # CLIP-L and CLIP-G with projections (SD3), CLIP-L (FLUX.1)
         return (tf.CLIPTextModelWithProjection if sd3 else tf.CLIPTextModel)(tf.CLIPTextConfig(
