@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 771: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 772: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -50,6 +50,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -848,11 +849,9 @@ def setup(args):
         what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link there
         raise UserError(f"--output_dir {args.output_dir}: {existing} is not {what} ({e.strerror}); give a folder you "
                         "can write to") from None
-    if args.wandb and not args.eval_only and rank == 0:  # a missing package fails before minutes of loading
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
+    # a missing package fails now, not after minutes of loading
+    if args.wandb and not args.eval_only and rank == 0 and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
     train_records, eval_records = prompt_sets(args)
     for spec, records in [(args.reward, train_records), (args.reward, eval_records), (args.eval_reward, eval_records)]:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
@@ -939,7 +938,7 @@ def start_run(args):
         carry_over(args, resume[0] if foreign else None, start_epoch)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         write_config(args)
-        if args.wandb:  # the package was checked in setup()
+        if args.wandb:  # setup() found the package
             import wandb
             run.wandb = wandb
             wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
@@ -1232,6 +1231,9 @@ def read_lora(file, flag):
         config = json.loads(open(source).read() if source == peft else meta.get("lora_adapter_metadata", "{}"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{flag} {source} is not valid JSON ({e}); restore it from the adapter's source") from None
+    except OSError as e:  # a peft adapter_model.safetensors given alone: its config says r, alpha and the targets
+        raise UserError(f"{flag} {file}: {source} beside it is unreadable ({e.strerror}); a peft adapter needs its "
+                        "adapter_config.json: copy it from the adapter's source, or give the whole folder") from None
     if not isinstance(config, dict):
         raise UserError(f"{flag} {source} is not a LoRA config (a JSON object with r and lora_alpha)")
     config = {k.removeprefix("transformer."): v for k, v in config.items()}

@@ -1933,6 +1933,9 @@ def test_lora_files_are_checked_before_the_model_loads(tmp_path):
     (peft / "adapter_config.json").write_text('["r", 4]')
     with pytest.raises(nft.UserError, match="not a LoRA config"):
         nft.find_lora(str(peft))
+    (peft / "adapter_config.json").unlink()  # the adapter's file given alone, its config not beside it
+    with pytest.raises(nft.UserError, match="adapter_config.json beside it is unreadable"):
+        nft.find_lora(str(peft / "adapter_model.safetensors"))
     (peft / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8, "target_modules": ["x"]}')
     assert nft.find_lora(str(peft))[:2] == (str(peft / "adapter_model.safetensors"),
                                             {"r": 4, "lora_alpha": 8, "target_modules": ["x"]})
