@@ -2439,13 +2439,15 @@ def builtin_pipeline(name, device="cpu"):
 
 def fitted_decoder(vae, steps=150):
     """Fit the tiny decoder (fit_decoder, up to a minute on a busy CPU) once per machine, cached in $NFT_CACHE (default
-    ~/.cache/diffusion-nft; unwritable: refit). The key hashes the initial weights, the fit's code and the library
-    versions, so a cached decoder is bit for bit what the fit would return here."""
+    ~/.cache/diffusion-nft; unwritable: refit). The key hashes the initial weights, the fit's code, the library
+    versions and the thread count (the fit's float sums depend on it), so a cached decoder is bit for bit what the fit
+    would return here."""
     import diffusers
     # what the fit trains: the decoder, and Qwen-Image's post_quant_conv (a random 1x1 conv mixing the channels)
     fitted = vae.decoder if vae.post_quant_conv is None else torch.nn.ModuleDict(
         dict(decoder=vae.decoder, post_quant_conv=vae.post_quant_conv))
-    h = hashlib.sha256(repr((steps, torch.__version__, diffusers.__version__, inspect.getsource(fit_decoder))).encode())
+    key = (steps, torch.__version__, diffusers.__version__, torch.get_num_threads(), inspect.getsource(fit_decoder))
+    h = hashlib.sha256(repr(key).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
     folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
