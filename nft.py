@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 772: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 774: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -37,7 +37,7 @@ Where this file deliberately differs from the official code (the README's table 
  6. The LoRA is saved in the diffusers layout (`pipe.load_lora_weights` reads it), not peft's.
  7. GenEval's partial reward appends 0.0 only for a failed position check (official: 0.0 then 1.0).
  8. Gradients are all-reduced once per optimizer step by hand (or reduce-scattered by FSDP2), not by DDP.
- 9. Samples with a NaN/inf reward are dropped from the update with a warning.
+ 9. Samples with a NaN/inf reward or rollout latent are dropped from the update with a warning.
 10. An epoch draws distinct prompts, grouped by index (official: each rollout batch draws afresh, so a prompt can
     fill two groups, which its stat tracker merges by text).
 11. Rewards: GenEval on transformers' Mask2Former, OCR on rapidocr's PP-OCRv4, HPSv2.1 and ImageReward on
@@ -481,17 +481,19 @@ def sample(run, x, cond, sigmas, solver, generator=None):
 
 def score(run, batch, futures, epoch, log):
     """Step 3: gather every rank's rewards, A = group_advantages (by prompt index, over all ranks), r = adv_to_r.
-    Samples with a NaN/inf reward get mask 0 and x0 = 0 (a NaN image would make even its masked loss NaN)."""
+    Samples with a NaN/inf reward or latent get mask 0 and x0 = 0 (a NaN image would make even its masked loss NaN)."""
     args, device, n = run.args, run.device, run.per_rank
     lo, hi = run.process_index * n, (run.process_index + 1) * n
     results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **run.bar)]
     R = torch.cat([r[0] for r in results]).double()
+    # a diverged rollout counts as unscored even where its reward is finite (JPEG and OCR score NaN pixels as black)
+    R[~torch.isfinite(batch.x0).flatten(1).all(1).cpu()] = math.nan
     comps = {k: gather(torch.cat([r[1][k] for r in results]).double().to(device)).cpu() for k in results[0][1]}
     all_R, all_ids = gather(R.to(device)).cpu(), gather(batch.ids.to(device)).cpu()
     ok = torch.isfinite(all_R)
     if not ok.all():
-        print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} rewards are NaN/inf; "
-               "those samples are dropped from the update")
+        print0(f"warning: epoch {epoch}: {int((~ok).sum())} of {len(ok)} samples have a NaN/inf reward or latent; "
+               "they are dropped from the update")
     batch.trainable = bool(ok.any())
     if not batch.trainable:
         print0(f"epoch {epoch}: every reward is non-finite; skipping the update (check the reward model)")
@@ -853,9 +855,11 @@ def setup(args):
     if args.wandb and not args.eval_only and rank == 0 and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
     train_records, eval_records = prompt_sets(args)
-    for spec, records in [(args.reward, train_records), (args.reward, eval_records), (args.eval_reward, eval_records)]:
+    checks = [(args.reward, train_records, "train"), (args.reward, eval_records, "eval"),
+              (args.eval_reward, eval_records, "eval")]
+    for spec, records, which in checks:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
-            rewards.check_metadata(spec, records)
+            rewards.check_metadata(spec, records, prompt_set(args)[which])
     return Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
 
 
@@ -982,7 +986,7 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
                   nrow=run.args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
     names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
     for key, name in names.items():
-        log[key + suffix] = sum(r[name] for r in results) / len(results)
+        log[key + suffix] = rewards.finite_mean([r[name] for r in results])  # an unscored (NaN) image left out
 
 
 def end_epoch(run, pol, epoch, log):
@@ -1955,12 +1959,17 @@ def eval_only(args):
     Path(out, "eval_images.jsonl").write_text("".join(
         json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results))
     metrics = rewards.benchmark_metrics(results, args.reward, args.eval_reward)
+    unscored = sum(not math.isfinite(r["reward"]) for r in results)  # left out of every mean, said, not hidden
+    if unscored:
+        print0(f"warning: {unscored} of {len(results)} images got a NaN/inf reward; the metrics leave them out "
+               "(eval_images.jsonl lists them as null)")
     keys = ("model", "lora", "reward", "eval_reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale",
             "negative_prompt", "embedded_guidance_scale", "resolution", "max_sequence_length", "mixed_precision",
             "reward_precision", "seed")
     summary = dict(**{k: getattr(args, k) for k in keys}, transformer_precision=mode,
                    prompt_set=prompt_set(args)["eval"], prompts=len(run.eval_records), images=len(results),
-                   reward_mean=sum(r["reward"] for r in results) / len(results), metrics=metrics)
+                   unscored_images=unscored, reward_mean=rewards.finite_mean([r["reward"] for r in results]),
+                   metrics=metrics)
     Path(out, "eval.json").write_text(json.dumps(json_safe(summary), indent=1))
     name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
     table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"

@@ -26,6 +26,7 @@ import html
 import http.client
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -215,7 +216,7 @@ def make_color(device):
 def ocr_target(prompt):
     """The text the image should show: what sits inside the prompt's first pair of double quotes."""
     parts = prompt.split('"')
-    if len(parts) < 3:
+    if len(parts) < 3 or not parts[1].strip():  # empty quotes: every image would score 0, a group that teaches nothing
         raise RewardError(f'the ocr reward needs the target text in double quotes in the prompt; got {prompt!r}')
     return parts[1]
 
@@ -640,8 +641,9 @@ UNIFIEDREWARD_QUESTION = (
 
 
 def parse_final_score(text):
-    """'... Final Score: x' with x in 1..5 -> x / 5; 0.0 when the reply has no such score."""
-    match = re.search(r"Final Score:\s*([1-5](?:\.\d+)?)", text or "")
+    """'... Final Score: x' with x in 1..5 -> x / 5; 0.0 when the reply has no such score (10 or 5.5 is none, not
+    1 or 5)."""
+    match = re.search(r"Final Score:\s*([1-4](?:\.\d+)?|5(?:\.0+)?)(?!\.?\d)", text or "")
     return float(match.group(1)) / 5 if match else 0.0
 
 
@@ -719,6 +721,14 @@ def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120, 
     `retries` times, waiting backoff, 2*backoff, ... seconds. Unparsable replies score 0; anything else
     (4xx, timeout, retries spent, a non-JSON or oversized reply) is a one-line error."""
     url = (url or os.environ.get("UNIFIEDREWARD_URL", "http://127.0.0.1:17140/v1")).rstrip("/")
+    try:  # checked before any model loads, not at the first rollout's request
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a port that is not a number raises here
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("it needs http:// or https:// and a host")
+    except ValueError as e:
+        raise RewardError(f"bad unifiedreward URL {re.sub(r'//[^/]*@', '//', url)} ({e}); set UNIFIEDREWARD_URL to "
+                          "http://host:port/v1") from None
     model = model or os.environ.get("UNIFIEDREWARD_MODEL", "UnifiedReward-7b-v1.5")
     api_key = api_key or os.environ.get("UNIFIEDREWARD_API_KEY", "EMPTY")
     login = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
@@ -1168,18 +1178,18 @@ OFFICIAL_PROMPTS = {
 }
 
 
-def load_prompts(path):
+def load_prompts(path, flag="--prompts"):
     """Prompt records from a file: .txt (one prompt a line) or .jsonl (objects with a non-empty "prompt" and the
-    reward's metadata, e.g. GenEval's). Blank lines are skipped; RewardError names the file and line otherwise."""
+    reward's metadata, e.g. GenEval's). Blank lines are skipped; RewardError names the flag, file and line otherwise."""
     if os.path.isdir(path):
-        raise RewardError(f"--prompts {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
+        raise RewardError(f"{flag} {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
     if not os.path.isfile(path):
-        raise RewardError(f"--prompts file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
+        raise RewardError(f"{flag} file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as e:
-        raise RewardError(f"--prompts {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise RewardError(f"{flag} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     records = [] if path.lower().endswith(".jsonl") else [{"prompt": line.strip()} for _, line in lines]
     for n, line in lines if path.lower().endswith(".jsonl") else ():
         try:
@@ -1190,7 +1200,7 @@ def load_prompts(path):
             raise RewardError(f'{path}:{n}: each line needs a non-empty "prompt" string, e.g. {{"prompt": "a cat"}}')
         records.append(record)
     if not records:
-        raise RewardError(f"--prompts file is empty: {path}")
+        raise RewardError(f"{flag} file is empty: {path}")
     return records
 
 
@@ -1213,8 +1223,8 @@ def prompt_files(preset, prompts="", eval_prompts="", eval_only=False):
     Returns (prompts, eval_prompts, warning): warning is one line when a preset with official prompt files runs on
     a built-in set instead (GenEval's built-in test set is the official one, regenerated), else None."""
     folder = prompts if os.path.isdir(prompts) else ""
-    if folder and not eval_only:
-        prompts = official_file(folder, preset, 0, "--prompts")
+    if folder:  # --eval_only trains on nothing: the folder gives only its benchmark file
+        prompts = "" if eval_only else official_file(folder, preset, 0, "--prompts")
     source, flag = (eval_prompts, "--eval_prompts") if eval_prompts else (folder, "--prompts")
     if source and os.path.isdir(source):
         eval_prompts = official_file(source, preset, 2 if eval_only else 1, flag)
@@ -1233,9 +1243,9 @@ def prompt_records(spec, prompts="", eval_prompts="", max_eval=0):
     """(train, eval, repeats) prompt records: the files (load_prompts), else the first reward's built-in sets
     (default_prompts). The `repeats` exact repeats leave the evaluation set, as the official test files list a prompt
     once per image while evaluation draws its own images of each; max_eval > 0 keeps its first that many."""
-    name = reward_names(spec)[0]
+    name = parse_reward_spec(spec)[0][0]  # an empty spec is one clear error here
     train = load_prompts(prompts) if prompts else default_prompts(name, "train")
-    evals = load_prompts(eval_prompts) if eval_prompts else default_prompts(name, "test")
+    evals = load_prompts(eval_prompts, "--eval_prompts") if eval_prompts else default_prompts(name, "test")
     unique = list({json.dumps(r, sort_keys=True): r for r in evals}.values())
     return train, unique[:max_eval or None], len(evals) - len(unique)
 
@@ -1251,13 +1261,20 @@ EVAL_COLUMNS = {"pickscore": ("PickScore", 26.0), "clipscore": ("CLIPScore", 1.0
                 "unifiedreward": ("UnifiedReward", 5.0)}
 
 
+def finite_mean(xs):
+    """The mean of the finite values: an image a reward cannot score is NaN, and is left out as training drops it.
+    NaN when none is finite."""
+    xs = [x for x in xs if math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
 def benchmark_metrics(results, spec, extra=""):
     """The paper's numbers from per-image results (dicts holding "reward" and each reward's components), for the
     rewards of `spec` and `extra`. GenEval: per-tag accuracy of the binary "correct" check, overall = mean of the
     tags' accuracies (the benchmark's aggregation, not the mean over images), strict accuracy and the mean partial
     score. OCR: accuracy = mean reward, and the share of exact matches. Any other reward: its mean on the paper's
-    scale (EVAL_COLUMNS). A weighted sum also gets its mean."""
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    scale (EVAL_COLUMNS). A weighted sum also gets its mean. Means leave unscored (NaN) images out (finite_mean)."""
+    mean = finite_mean
     out = {}
     for name in dict.fromkeys(reward_names(spec) + reward_names(extra)):
         if name == "geneval":
@@ -1267,7 +1284,8 @@ def benchmark_metrics(results, spec, extra=""):
                         "GenEval partial": mean([r["geneval"] for r in results])})
         elif name == "ocr":
             out.update({"OCR accuracy": mean([r["ocr"] for r in results]),
-                        "OCR exact": mean([float(r["ocr"] == 1.0) for r in results])})
+                        "OCR exact": mean([float(r["ocr"] == 1.0) if math.isfinite(r["ocr"]) else math.nan
+                                           for r in results])})
         else:
             column, scale = EVAL_COLUMNS.get(name, (name, 1.0))
             out[column] = scale * mean([r[name] for r in results])
@@ -1304,15 +1322,20 @@ def parse_reward_spec(spec):
     for part in (p.strip() for p in str(spec).split(",")):
         name, _, weight = part.partition(":")
         name = name.strip()
+        if not name:
+            raise RewardError(f"no reward name in {spec!r}; give one of {', '.join(REWARDS)}, or a weighted sum such "
+                              "as pickscore:1,hpsv2:0.5")
         if name not in REWARDS:
             close = difflib.get_close_matches(name, REWARDS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}")
         try:
             weight = float(weight) if weight.strip() else 1.0
+            if not math.isfinite(weight):  # every reward would be NaN/inf: the run could never train
+                raise ValueError
         except ValueError:
             raise RewardError(f"bad weight '{weight}' for reward '{name}' in '{spec}': "
-                              "use name:number, e.g. pickscore:0.5") from None
+                              "use name:number with a finite number, e.g. pickscore:0.5") from None
         if name in (n for n, _ in parsed):
             raise RewardError(f"reward '{name}' appears twice in '{spec}'")
         parsed.append((name, weight))
@@ -1419,36 +1442,36 @@ def with_eval_rewards(reward_fn, spec, extra, device, precision="fp32", timeout=
     return fn
 
 
-def check_metadata(spec, metadata_list):
-    """Fail early, with the line and prompt, when a reward that needs jsonl metadata lacks it, or a prompt
-    the reward cannot score (PROMPT_CHECKS: color needs a color word, ocr quoted text): before any model
-    loads or any file is written, not at the first rollout or evaluation."""
+def check_metadata(spec, metadata_list, source="the prompt set"):
+    """Fail early, naming the prompt set (`source`, e.g. "--prompts p.txt") and the prompt, when a reward that needs
+    jsonl metadata lacks it, or a prompt the reward cannot score (PROMPT_CHECKS: color needs a color word, ocr quoted
+    text): before any model loads or any file is written, not at the first rollout or evaluation."""
     for name, _ in parse_reward_spec(spec):
-        for line, record in enumerate(metadata_list, 1) if name in PROMPT_CHECKS else ():
+        for record in metadata_list if name in PROMPT_CHECKS else ():
             try:
                 PROMPT_CHECKS[name]((record or {}).get("prompt", ""))
             except RewardError as e:
-                raise RewardError(f"prompt line {line}: {e}") from None
+                raise RewardError(f"{source}: {e}") from None
     needs = [name for name, _ in parse_reward_spec(spec) if name in NEEDS_METADATA]
     for name in needs:  # only geneval today
-        for line, record in enumerate(metadata_list, 1):
+        for record in metadata_list:
             missing = [k for k in ("tag", "include") if k not in (record or {})]
-            prompt = (record or {}).get("prompt", "?")
+            prompt = f"{source}, prompt {(record or {}).get('prompt', '?')!r}"
             if missing:
-                raise RewardError(f"reward '{name}' needs GenEval metadata but prompt line {line} ({prompt!r}) lacks "
-                                  f"{', '.join(missing)}: pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with "
-                                  "--prompts, or leave --prompts out to use the built-in GenEval set")
+                raise RewardError(f"reward '{name}' needs GenEval metadata but {prompt} lacks {', '.join(missing)}: "
+                                  "pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with --prompts, or leave "
+                                  "--prompts out to use the built-in GenEval set")
             reqs = record["include"] + record.get("exclude", []) if isinstance(record["include"], list) and isinstance(
-                record.get("exclude", []), list) else None
+                record.get("exclude", []), list) and record["include"] else None
             if not isinstance(record["tag"], str) or reqs is None or not all(
-                    isinstance(r, dict) and isinstance(r.get("count"), int) for r in reqs):
-                raise RewardError(f"prompt line {line} ({prompt!r}): GenEval metadata of the wrong type; \"tag\" must "
-                                  'be a string and "include"/"exclude" lists of {"class": name, "count": integer}')
+                    isinstance(r, dict) and type(r.get("count")) is int for r in reqs):  # a bool is no count
+                raise RewardError(f"{prompt}: GenEval metadata of the wrong type; \"tag\" must be a string and "
+                                  '"include" (not empty) and "exclude" lists of {"class": name, "count": integer}')
             problems = [geneval_problem(req, index) for index, req in enumerate(reqs)]
             problems.append(None if record["tag"] in GENEVAL_TAGS else f"has tag {record['tag']!r}; GenEval's tags: "
                             + ", ".join(GENEVAL_TAGS))
             if any(problems):
-                raise RewardError(f"prompt line {line} ({prompt!r}) {next(p for p in problems if p)}")
+                raise RewardError(f"{prompt} {next(p for p in problems if p)}")
 
 
 def geneval_problem(req, index):

@@ -760,6 +760,10 @@ def test_official_dataset_folder_resolves_per_preset(tmp_path, preset, train, te
     args = nft.parse_args(["--reward", preset, "--eval_only", "--eval_prompts", str(root)])
     resolve_prompts(args)
     assert args.eval_prompts == str(root / bench) and resolve_prompts(args) is None
+    args = nft.parse_args(["--reward", preset, "--eval_only", "--prompts", str(root)])  # --eval_only trains on nothing
+    resolve_prompts(args)
+    assert (args.prompts, args.eval_prompts) == ("", str(root / bench))
+    assert rewards.prompt_records(args.reward, args.prompts, args.eval_prompts)[1]  # read, no folder error
     # a subfolder (dataset/<name>) works too, and an explicit file wins over the folder's test file
     sub = root / os.path.dirname(train)
     args = nft.parse_args(["--reward", preset, "--prompts", str(sub), "--eval_prompts", str(root / bench)])
@@ -1668,6 +1672,8 @@ def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--reward", "colr"], "did you mean 'color'"),
     (["--reward", "color:x"], "bad weight"),
+    (["--reward", "color:nan"], "with a finite number"),
+    (["--reward", ""], "no reward name in ''"),
     (["--solver", "eulr"], "did you mean 'euler'"),
     (["--resolution", "40"], "got 40; try 32 or 48"),
     (["--num_groups", "3", "--group_size", "5"], "nearest valid: --num_groups"),
@@ -1790,6 +1796,8 @@ def test_bad_prompt_files(capsys, tmp_path):
     out = ["--output_dir", tmp_path / "out"]  # never the working directory's runs/tiny-color
     assert "empty" in cli_error(capsys, *SMALL, *out, "--prompts", empty)
     assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, *out, "--prompts", bad)
+    assert "--eval_prompts file is empty" in cli_error(capsys, *SMALL, *out, "--eval_prompts", empty)  # its own flag
+    assert "--eval_prompts file not found" in cli_error(capsys, *SMALL, *out, "--eval_prompts", tmp_path / "no.txt")
     assert "needs GenEval metadata" in cli_error(capsys, *SMALL, *out, "--reward", "geneval", "--prompts", plain)
 
 
@@ -1817,9 +1825,11 @@ def test_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red image\na photo of a cat\n")
     err = cli_error(capsys, *SMALL, "--prompts", prompts, "--output_dir", tmp_path / "out")
-    assert "prompt line 2: the color reward needs a color word" in err and "a photo of a cat" in err
+    assert f"{prompts}: the color reward needs a color word" in err and "a photo of a cat" in err
     err = cli_error(capsys, *SMALL, "--eval_prompts", prompts, "--output_dir", tmp_path / "out")
-    assert "prompt line 2" in err
+    assert f"{prompts}: the color reward needs a color word" in err
+    with pytest.raises(rewards.RewardError, match="needs the target text in double quotes"):
+        rewards.check_metadata("ocr", [{"prompt": 'a sign that says " "'}])  # empty quotes: every image scores 0
     assert "needs the target text in double quotes" in cli_error(
         capsys, *SMALL, "--reward", "ocr", "--prompts", prompts, "--output_dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -1835,6 +1845,8 @@ _GENEVAL_BAD = [  # a change to a valid position record (a cat right of a dog) -
     (lambda r: r["include"][0].update(position=["left of", 0]), "has position ['left of', 0]"),
     (lambda r: r.update(tag="sizes"), "has tag 'sizes'; GenEval's tags: single_object"),
     (lambda r: r["include"][1].update({"class": "unicorn"}), "names 'unicorn', not one of GenEval's 80 COCO class"),
+    (lambda r: r["include"][1].update(count=True), ": GenEval metadata of the wrong type"),  # a bool is no count
+    (lambda r: r.update(include=[]), ": GenEval metadata of the wrong type"),  # nothing to look for
 ]
 
 
@@ -1844,7 +1856,7 @@ def test_geneval_metadata_is_fully_validated(change, message):
               "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]}
     rewards.check_metadata("geneval", [record])
     change(record)
-    said = f"prompt line 1 ('a photo of a cat right of a dog') {message}"
+    said = f"the prompt set, prompt 'a photo of a cat right of a dog'{'' if message[0] == ':' else ' '}{message}"
     with pytest.raises(rewards.RewardError, match=re.escape(said)):
         rewards.check_metadata("geneval", [record])
 
@@ -2256,7 +2268,7 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
                                 "--num_epochs", 1, "--output_dir", tmp_path / "half")])
     m = metrics(tmp_path / "half")
     assert m[0]["dropped"] == 4 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
-    assert "4 of 8 rewards are NaN/inf" in capsys.readouterr().out
+    assert "4 of 8 samples have a NaN/inf reward or latent" in capsys.readouterr().out
     msg = cli_error(capsys, *SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 5,
                     "--max_nonfinite_steps", 2, "--output_dir", tmp_path / "all")  # a reward that scores nothing stops
     assert msg == ("error: 2 non-finite optimizer steps in a row (no finite reward); stopping with no checkpoint saved "
@@ -2270,6 +2282,26 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
                                 "--kl_coef", 1e-4, "--output_dir", tmp_path / "nan_x0")])
     m = metrics(tmp_path / "nan_x0")
     assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"]) and math.isfinite(m[0]["kl"])
+    # ... also under a reward that scores the NaN image finitely (JPEG reads NaN pixels as black)
+    nft.main([str(a) for a in (*SMALL, "--reward", "jpeg", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 1,
+                                "--output_dir", tmp_path / "nan_x0_jpeg")])
+    m = metrics(tmp_path / "nan_x0_jpeg")
+    assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
+
+
+def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(monkeypatch, tmp_path):
+    """An image a reward cannot score (NaN) leaves every evaluation mean finite, and eval.json counts it."""
+    monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red image\na blue image\n")
+    printed = run_here("--eval_only", *EVAL_SMALL, "--reward", "nan_half", "--eval_prompts", prompts, "--output_dir",
+                       tmp_path / "out")
+    summary, rows = json.load(open(tmp_path / "out" / "eval.json")), eval_rows(tmp_path / "out")
+    scored = [r["reward"] for r in rows if r["reward"] is not None]
+    assert summary["unscored_images"] == len(rows) - len(scored) > 0 and scored
+    assert summary["reward_mean"] == summary["metrics"]["nan_half"] == pytest.approx(sum(scored) / len(scored))
+    assert f"{summary['unscored_images']} of {len(rows)} images got a NaN/inf reward" in printed
+    assert rewards.finite_mean([math.nan, math.inf]) != rewards.finite_mean([math.nan, math.inf])  # none: NaN
 
 
 def test_nonfinite_gradients_skip_steps_then_stop_with_checkpoint_intact(capsys, monkeypatch, tmp_path):
@@ -3260,6 +3292,9 @@ def test_unifiedreward_against_a_local_server(monkeypatch):
         server.shutdown()
     assert rewards.parse_final_score("Final Score: 3.5") == pytest.approx(0.7)
     assert rewards.parse_final_score("Final Score: 9") == 0.0
+    scores = {"Final Score: 10": 0.0, "Final Score: 5.5": 0.0, "Final Score: 5.0": 1.0, "Final Score: 3.": 0.6,
+              "Final Score: 4.25 overall": 0.85, "Final Score: 0.5": 0.0}  # outside 1..5 is no score, as SPEC says
+    assert {t: rewards.parse_final_score(t) for t in scores} == pytest.approx(scores)
 
 
 def test_unifiedreward_server_down_is_one_line():
@@ -3269,6 +3304,16 @@ def test_unifiedreward_server_down_is_one_line():
     fn = rewards.make_unifiedreward("cpu", url=f"http://127.0.0.1:{port}/v1", timeout=5, backoff=0.01)
     with pytest.raises(rewards.RewardError, match=f"127.0.0.1:{port}"):
         fn(_random_images(1, 16, 16), ["a cat"], [{}])
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:17140/v1", "localhost:17140/v1", "http://[::1/v1", "ftp://host/v1",
+                                 "http://user:pw@host:port/v1"])
+def test_unifiedreward_bad_url_is_one_line_when_it_loads(url):
+    """A URL without http(s):// and a host, or that does not parse, fails as the reward loads, not after a rollout;
+    the line never shows credentials."""
+    with pytest.raises(rewards.RewardError, match="bad unifiedreward URL") as e:
+        rewards.make_unifiedreward("cpu", url=url)
+    assert "pw" not in str(e.value)
 
 
 # ---- specs, combinations, metadata, precision ----
@@ -3304,6 +3349,12 @@ def test_parse_reward_spec():
         rewards.parse_reward_spec("nonsense")
     with pytest.raises(rewards.RewardError, match="bad weight"):
         rewards.parse_reward_spec("pickscore:abc")
+    for weight in ("nan", "inf", "-inf", "1e400"):  # every reward would be NaN/inf: refused before any model loads
+        with pytest.raises(rewards.RewardError, match="with a finite number"):
+            rewards.parse_reward_spec(f"color:{weight}")
+    for spec in ("", " ", "pickscore:1,", ":2"):
+        with pytest.raises(rewards.RewardError, match="no reward name in"):
+            rewards.parse_reward_spec(spec)
     assert set(rewards.REWARDS) == {"geneval", "ocr", "pickscore", "clipscore", "hpsv2", "aesthetic",
                                     "imagereward", "jpeg", "color", "unifiedreward"}
 
@@ -3328,7 +3379,7 @@ def test_check_metadata():
     good = rewards.geneval_prompts("test")[:3]
     rewards.check_metadata("geneval", good)
     rewards.check_metadata("pickscore", [{"prompt": "x"}])
-    with pytest.raises(rewards.RewardError, match=r"line 2 .*'a cat'.*GenEval jsonl"):
+    with pytest.raises(rewards.RewardError, match=r"prompt 'a cat' lacks tag, include: pass a GenEval jsonl"):
         rewards.check_metadata("pickscore:1,geneval:1", [good[0], {"prompt": "a cat"}])
     assert "geneval" in rewards.NEEDS_METADATA
 
