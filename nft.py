@@ -860,7 +860,10 @@ def setup(args):
     for spec, records, which in checks:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
             rewards.check_metadata(spec, records, prompt_set(args)[which])
-    return Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
+    run = Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
+    # a stop (error, Ctrl-C) drops the batches queued for scoring: exiting would otherwise wait to score them all
+    _HELD.append(functools.partial(run.pool.shutdown, wait=False, cancel_futures=True))
+    return run
 
 
 def prompt_sets(args):
@@ -923,7 +926,7 @@ def start_run(args):
     claimed = claim_output_dir(args, run.process_index, run.num_processes)
     if claimed is None:
         return None, None, None
-    resume, foreign, locked = claimed
+    resume, foreign, locked, replace = claimed
     init = find_lora(args.init_lora, "--init_lora") if args.init_lora and not resume else None  # before the model
     load_model(run)
     pol = make_policies(run.pipe.transformer, args, init)
@@ -939,7 +942,10 @@ def start_run(args):
     if run.process_index == 0:
         if not locked:  # a new folder is created and locked once the model has loaded
             run_lock(args.output_dir)
-        carry_over(args, resume[0] if foreign else None, start_epoch)
+            if previous_run(args.output_dir):  # it did not exist a moment ago: another run is using it
+                raise UserError(f"--output_dir {args.output_dir}: another run wrote into it while this one loaded; "
+                                "continue that run with --resume_from latest, or use another --output_dir")
+        carry_over(args, resume[0] if foreign else None, start_epoch, replace)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         write_config(args)
         if args.wandb:  # setup() found the package
@@ -958,10 +964,13 @@ def start_run(args):
 
 
 def write_config(args, **extra):
-    """config.json: the resolved flags (what ran), the prompt sets, and `extra` (the compile fallback)."""
+    """config.json: the resolved flags (what ran), the prompt sets, and `extra` (the compile fallback); written whole
+    or not at all. A --profile run leaves a run's config.json as it is: a resume reads the run's, not the profile's."""
+    path = os.path.join(args.output_dir, "config.json")
+    if args.profile and os.path.exists(path):
+        return
     config = dict(dataclasses.asdict(args), prompt_set=prompt_set(args), **extra)
-    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-        json.dump(json_safe(config), f, indent=1, allow_nan=False)
+    write_file(path, json.dumps(json_safe(config), indent=1, allow_nan=False))
 
 
 def go_eager(run, reason):
@@ -1300,10 +1309,15 @@ def load_lora(pipe, lora, flag="--lora"):
 
 def init_from_lora(params, old, lora, args):
     """--init_lora (official train.lora_path): a LoRA (find_lora) into theta and theta_old, exactly their tensors,
-    its alpha/r folded into lora_B: the policy `load_lora_weights` shows, whatever --lora_alpha. Returns their count."""
+    its scale (alpha/r, rsLoRA's alpha/sqrt(r)) folded into lora_B: the policy `load_lora_weights` shows, whatever
+    --lora_alpha. Returns their count."""
     file, config, weights = lora
+    if config.get("rank_pattern") or config.get("alpha_pattern"):  # one scale per layer: not one number to fold
+        raise UserError(f"--init_lora {file}: its config gives layers a rank or alpha of their own (rank_pattern, "
+                        "alpha_pattern), which --init_lora cannot take over; use a LoRA of one rank and alpha")
     check_fit(params, weights, f"--init_lora {file}", "this run's LoRA", "match --rank and --lora_targets to it")
-    scale = config["lora_alpha"] / config["r"] / (args.lora_alpha / args.rank)
+    scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    scale /= args.lora_alpha / args.rank
     with torch.no_grad():
         for n, p in params.items():
             k = n.replace(".default.", ".")
@@ -1596,7 +1610,7 @@ RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's
     "reward_precision", "profile", "output_dir", "resume_from", "overwrite"]
 STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
               "bad_steps": int, "config": dict}
-_HELD = []  # the lock files of this process's runs, released by main()
+_HELD = []  # what main() releases when a run ends, whatever the way: the run lock, the reward queue
 _LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
 _STOPS = []  # the stop signals received (_stop)
 
@@ -1619,8 +1633,8 @@ def write_error(e, what):
     full = getattr(e, "errno", None) == errno.ENOSPC or any(  # torch.save and safetensors word it their own way
         s in str(e) for s in ("unexpected pos", "file write failed", "No space left", "StorageFull"))
     reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
-    return UserError(f"could not write {what}: {reason}; the last good checkpoint is kept. Free space (or fix the "
-                     "folder) and continue with --resume_from latest")
+    return UserError(f"could not write {what}: {reason}; what was written before it (the last good checkpoint) is "
+                     "kept. Free space (or fix the folder) and run again: a training run with --resume_from latest")
 
 
 def make_way(path):
@@ -1635,7 +1649,7 @@ def make_way(path):
 def replacing(path, errors=OSError):
     """Write `path` atomically: the caller writes the yielded path + ".tmp" (cleared first), which then takes its
     place; a failed write (one of `errors`) leaves `path` as it was and is one write_error."""
-    tmp = path + ".tmp"
+    tmp = os.fspath(path) + ".tmp"
     try:
         make_way(tmp)
         yield tmp
@@ -1643,8 +1657,15 @@ def replacing(path, errors=OSError):
             make_way(path)
         os.replace(tmp, path)
     except errors as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the half-written file or folder
+            make_way(tmp)
         raise write_error(e, path) from None
+
+
+def write_file(path, text):
+    """A whole text file, atomically (replacing): never half-written, a failed write one line."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pipeline"):
@@ -1664,7 +1685,10 @@ def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pip
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-    for old in checkpoints(args.output_dir)[:-args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
+    # the newest older ones stay; one numbered above it can only be one that `latest` skipped (unreadable): never kept
+    # in place of good ones
+    older = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) < epoch]
+    for old in older[:len(older) - args.checkpoints_total_limit + 1] if args.checkpoints_total_limit else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -1751,7 +1775,8 @@ def load_checkpoint(args, world_size):
 def claim_output_dir(args, rank, world):
     """Lock --output_dir (rank 0), read the checkpoint to resume and refuse to clobber a run (a previous one, or one
     with newer checkpoints). Returns (resume (path, state) or None, foreign: another run's checkpoint, locked: the lock
-    is held), or None when the run to resume is complete."""
+    is held, replace: --overwrite replaces a previous run, once the model has loaded), or None when the run to resume
+    is complete."""
     folder = os.path.join(args.output_dir, "checkpoints")
     locked = rank == 0 and os.path.isdir(args.output_dir)
     if locked:  # before reading or changing anything of the folder
@@ -1762,24 +1787,32 @@ def claim_output_dir(args, rank, world):
                f"--num_epochs is {args.num_epochs}, so there is nothing to train; pass a larger --num_epochs")
         return None
     own = os.path.realpath(folder)
-    foreign = bool(resume) and os.path.realpath(os.path.dirname(os.path.normpath(resume[0]))) != own
-    if (not args.resume_from or foreign) and (os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))
-                                              or checkpoints(args.output_dir)):
-        if not args.overwrite:
-            raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
-                            "continue it, --overwrite to replace it, or another --output_dir")
-        if rank == 0:
-            os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # not its target
+    foreign = bool(resume) and os.path.realpath(os.path.dirname(os.path.abspath(resume[0]))) != own
+    replace = (not args.resume_from or foreign) and previous_run(args.output_dir)
+    if replace and not args.overwrite:
+        raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
+                        "continue it, --overwrite to replace it, or another --output_dir")
     if resume and not foreign and args.resume_from != "latest":
         newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
         if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
             raise UserError(f"--resume_from {resume[0]}: this run already has newer checkpoints "
                             f"({os.path.basename(newer[-1])}); resume from the newest with --resume_from latest, or "
                             "branch off into another --output_dir (the checkpoint is copied there)")
-    if os.path.lexists(folder) and not os.path.isdir(folder):  # no save could land: fail now, not after an epoch
+    if os.path.lexists(folder) and not os.path.isdir(folder) and not replace:  # no save could land: fail now
         raise UserError(f"--output_dir {args.output_dir}: checkpoints is not a folder (a file, or a link to "
                         f"{os.path.realpath(folder)}); move it away")
-    return resume, foreign, locked
+    return resume, foreign, locked, replace
+
+
+def previous_run(folder):
+    """Whether `folder` holds a run's metrics or checkpoints."""
+    return os.path.exists(os.path.join(folder, "metrics.jsonl")) or bool(checkpoints(folder))
+
+
+def run_of(checkpoint):
+    """The run folder of a checkpoint (<run>/checkpoints/checkpoint-N), or None for one outside a run's folder."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
 def restore(pol, path, state, args):
@@ -1813,22 +1846,28 @@ def restore(pol, path, state, args):
     return state["epoch"]
 
 
-def carry_over(args, source, start_epoch):
+def carry_over(args, source, start_epoch, replace=False):
     """Keep the metrics lines of the epochs before start_epoch. Another run's checkpoint (`source`) is copied in with
-    its run's metrics, so that `latest` and the curves continue here; its folder is left as it is."""
+    its run's metrics, so that `latest` and the curves continue here; its folder is left as it is. replace
+    (--overwrite, once the model has loaded): the previous run's checkpoints, metrics, grids and reports go first."""
     metrics_path = kept = os.path.join(args.output_dir, "metrics.jsonl")
+    if replace:
+        folder = os.path.join(args.output_dir, "checkpoints")
+        os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # not its target
+        for name in os.listdir(args.output_dir):
+            if re.fullmatch(r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json", name):
+                make_way(os.path.join(args.output_dir, name))
     if source:
         source = os.path.normpath(source)
         into = os.path.join(args.output_dir, "checkpoints", f"checkpoint-{start_epoch:05d}")  # the name `latest` reads
         with replacing(into) as tmp:
             shutil.copytree(source, tmp)
         print0(f"--resume_from {source}: another run's checkpoint, copied into {into}; its folder is left as it is")
-        kept = os.path.join(os.path.dirname(os.path.dirname(source)), "metrics.jsonl")
+        kept = os.path.join(run_of(source) or os.devnull, "metrics.jsonl")  # a checkpoint outside a run: none
     if os.path.isfile(kept):
         with open(kept) as f:
             lines = [line for line in f if _epoch_of(line) < start_epoch]
-        with replacing(metrics_path) as tmp, open(tmp, "w") as f:
-            f.writelines(lines)
+        write_file(metrics_path, "".join(lines))
     elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
         os.remove(metrics_path)
 
@@ -1866,7 +1905,7 @@ def run_lock(folder):
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _HELD.append(f)
+    _HELD.append(f.close)
     return f
 
 
@@ -1931,6 +1970,9 @@ def eval_only(args):
     eval_images.jsonl (each image's seed and scores), compare.png (--lora: base vs LoRA) and curves.png (below)."""
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
     run = setup(args)
+    if os.path.exists(os.path.join(args.output_dir, "eval.json")) and not args.overwrite:
+        raise UserError(f"--output_dir {args.output_dir} holds an evaluation (eval.json); pass --overwrite to replace "
+                        "it, or another --output_dir")
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
         args.eval_images_per_prompt = rewards.EVAL_IMAGES.get(rewards.reward_names(args.reward)[0], 1)
     load_model(run)
@@ -1953,10 +1995,11 @@ def eval_only(args):
         columns.append(torch.cat([im.cpu() for _, im in generate(run, run.eval_records, items)]))
     if run.process_index != 0:
         return
-    from pathlib import Path
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
-    Path(out, "eval_images.jsonl").write_text("".join(
+    for name in ("compare.png", "curves.png"):  # --overwrite: a replaced evaluation's, made again below if they apply
+        make_way(os.path.join(out, name))
+    write_file(os.path.join(out, "eval_images.jsonl"), "".join(
         json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results))
     metrics = rewards.benchmark_metrics(results, args.reward, args.eval_reward)
     unscored = sum(not math.isfinite(r["reward"]) for r in results)  # left out of every mean, said, not hidden
@@ -1970,11 +2013,11 @@ def eval_only(args):
                    prompt_set=prompt_set(args)["eval"], prompts=len(run.eval_records), images=len(results),
                    unscored_images=unscored, reward_mean=rewards.finite_mean([r["reward"] for r in results]),
                    metrics=metrics)
-    Path(out, "eval.json").write_text(json.dumps(json_safe(summary), indent=1))
+    write_file(os.path.join(out, "eval.json"), json.dumps(json_safe(summary), indent=1))
     name = os.path.basename(os.path.normpath(args.lora)) if args.lora else "base"
     table = (f"| model | {' | '.join(metrics)} |\n|---|{'---|' * len(metrics)}\n"
              f"| {name} | {' | '.join(f'{v:.4f}' for v in metrics.values())} |\n")
-    Path(out, "eval.md").write_text(f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
+    write_file(os.path.join(out, "eval.md"), f"{args.model} + {args.lora or 'no LoRA'}: {setting}\n\n{table}")
     print0(table)
     if lora:
         save_grid(torch.stack(columns, 1).flatten(0, 1), os.path.join(out, "compare.png"), nrow=2,
@@ -2065,8 +2108,7 @@ def profile_report(run, logs):
                   compile_time_s=logs[-1].get("compile_time_s", 0), recompiles_after_first_epoch=graphs[1] - graphs[0],
                   rollout_mfu=rollout_tflops * 1e12 / peak, train_mfu=train_tflops * 1e12 / peak)
     if run.process_index == 0:
-        with open(os.path.join(args.output_dir, "profile.json"), "w") as fh:
-            json.dump(report, fh, indent=1)
+        write_file(os.path.join(args.output_dir, "profile.json"), json.dumps(report, indent=1))
     print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
         f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
     return report
@@ -2103,7 +2145,8 @@ def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
     for i, label in enumerate(row_labels):  # as many wrapped lines of the prompt as the row's height holds
         lines = textwrap.wrap(label, 24)[:max(1, h // 16)]
         draw.multiline_text((3, top + i * h + 2), "\n".join(lines), fill="black", spacing=2, font=font)
-    canvas.save(path)
+    with replacing(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def _ticks(lo, hi, n=5):
@@ -2168,7 +2211,8 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
             draw.line([(L + 10, T + 10 + 16 * n), (L + 30, T + 10 + 16 * n)], fill=color, width=2)  # legend
             text((L + 35, T + 3 + 16 * n), name)
     draw.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
-    canvas.save(png_path)
+    with replacing(png_path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 # --------------------------------------------------------------------------- command line
@@ -2200,8 +2244,8 @@ def parse_args(argv=None):
     spec, model = given.get("reward", Args.reward), given.get("model", Args.model)
     name = given.get("preset") or next((k for k, preset in PRESETS.items() if preset.get("reward") == spec),
                                        "" if "," in spec else spec.split(":")[0])
-    if name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's own spec
-        given.pop("reward", None)
+    if "reward" in given and name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's spec
+        given["reward"] = PRESETS[name]["reward"]
     presets = [name]
     if builtin(model) and model in BUILTIN:
         presets += ["tiny"] + [model] * (model in PRESETS)
@@ -2215,6 +2259,8 @@ def parse_args(argv=None):
     values.update(negative_prompt=family_named(model_family(model)).negative_prompt,
                   preset=name if name in PRESETS else "")  # config.json says which recipe ran
     args = Args(**(values | given))
+    if not args.output_dir and args.resume_from not in ("", "latest") and run_of(args.resume_from):
+        args.output_dir = run_of(args.resume_from)  # a checkpoint continues in its own run's folder
     if not args.output_dir:  # runs/<model>-<reward>[-eval]: runs of other models or rewards, and evaluations, apart
         reward = args.preset or re.sub(r":[^,]*", "", args.reward).replace(",", "+")  # a sum: its names, no weights
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
@@ -2239,26 +2285,36 @@ def resumed(args, given):
     checkpoint's run) under the flags given now, which may change only RESUME_MAY_CHANGE. Without one the flags given
     are the configuration, and --init_lora with a checkpoint named is refused (its weights would replace the init)."""
     latest = args.resume_from == "latest"
-    run = args.output_dir if latest else os.path.dirname(os.path.dirname(os.path.normpath(args.resume_from)))
+    run = args.output_dir if latest else run_of(args.resume_from) or os.devnull  # outside a run's folder: no config
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         if args.init_lora and not latest:
             raise UserError(f"--init_lora with --resume_from {args.resume_from}: the checkpoint's weights replace the "
                             "init; drop --init_lora")
         return args
+    kinds = {f.name: {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
+             for f in dataclasses.fields(Args)}
     try:
         saved = json.load(open(path))  # null: a value resolved away (a flag of another family): the default applies
-        saved = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and v is not None})
+        saved = {k: v for k, v in saved.items() if k in kinds and v is not None}
+        wrong = [k for k, v in saved.items() if type(v) is not kinds[k] and not (kinds[k] is float and type(v) is int)]
+        if wrong:
+            raise TypeError(f"{wrong[0]} is {saved[wrong[0]]!r}, not {kinds[wrong[0]].__name__}")
+        saved = Args(**saved)
     except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"--resume_from {args.resume_from}: {path} is unreadable ({type(e).__name__}); restore it, or "
-                        "move it away and give every flag of the run") from None
-    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and given[k] != getattr(saved, k)
-             and not (k == "init_lora" and os.path.realpath(given[k]) == os.path.realpath(saved.init_lora))]
+        raise UserError(f"--resume_from {args.resume_from}: {path} is unreadable ({type(e).__name__}: {e}); restore "
+                        "it, or move it away and give every flag of the run") from None
+    if saved.profile:  # a --profile run's record, not a run to continue: the flags given are the configuration
+        return args
+    given = {k: v for k, v in given.items() if not (k in ("init_lora", "model", "prompts", "eval_prompts")
+             and getattr(saved, k) and os.path.realpath(v) == os.path.realpath(getattr(saved, k)))}  # spelled anew
+    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and given[k] != getattr(saved, k)]
     if fixed:
         may = ", ".join("--" + k for k in RESUME_MAY_CHANGE)
         raise UserError(f"--{fixed[0]} {given[fixed[0]]!r}: the run in {run} has {getattr(saved, fixed[0])!r}, which a "
                         f"resume cannot change; it may change {may}. Start a new run in another --output_dir for more")
-    return dataclasses.replace(saved, **(given | {"output_dir": args.output_dir}))
+    once = {k: getattr(args, k) for k in ("output_dir", "overwrite", "profile", "eval_only")}  # this call's, not saved
+    return dataclasses.replace(saved, **(given | once))
 
 
 # validate's rules, as data: the range of each number flag (BOUNDS, with a note NOTES adds) and the choices of a few
@@ -2303,6 +2359,14 @@ def validate(args, world_size):
                         f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
     if args.fsdp and world_size < 2:
         raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1")
+    if args.lora and not args.eval_only:  # it would go unused without a word
+        raise UserError("--lora is the LoRA --eval_only evaluates; to start training from a LoRA use --init_lora")
+    if args.init_lora and args.eval_only:
+        raise UserError("--init_lora starts a training run; to evaluate a LoRA use --lora with --eval_only")
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise UserError(f"--seed must fit in 64 bits, got {args.seed}")
+    if not [t for t in args.lora_targets.split(",") if t.strip()]:
+        raise UserError("--lora_targets names no layer; give official, official+proj_out or a comma list of layers")
     total = args.num_groups * args.group_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
     if not args.eval_only and total % unit:
@@ -2518,16 +2582,18 @@ def interrupted(args, signum):
     for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the save short
         signal.signal(s, signal.SIG_IGN)
     _close_bars()
-    saved = []
+    saved, where = [], "the last completed epoch is in"
     if args and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
         try:
             saved = [_LAST[0]()] if _LAST else checkpoints(args.output_dir)[-1:]
-        except UserError as e:
+        except UserError as e:  # the save failed: the newest checkpoint on disk is where to continue from
             print(f"error: {e}", file=sys.stderr)
+            saved = checkpoints(args.output_dir)[-1:]
+            where = "the last completed epoch could not be saved; the newest checkpoint is"
     said = "no epoch was completed: nothing to save"
     if saved:  # the run's config.json supplies every other flag (parse_args)
         launcher = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}" if "RANK" in os.environ else "python"
-        said = (f"the last completed epoch is in {saved[0]}; continue with {launcher} "
+        said = (f"{where} {saved[0]}; continue with {launcher} "
                 + shlex.join([sys.argv[0], "--resume_from", "latest", "--output_dir", args.output_dir]))
     print0(f"\n{signal.Signals(signum).name}: {said}", file=sys.stderr)
     return 128 + signum
@@ -2557,8 +2623,8 @@ def main(argv=None):
         _STOPS.clear()
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        while _HELD:  # the run's lock (the OS drops it anyway when the process ends)
-            _HELD.pop().close()
+        while _HELD:  # the run's lock (the OS drops it anyway when the process ends) and its reward queue
+            _HELD.pop()()
 
 
 if __name__ == "__main__":

@@ -45,15 +45,32 @@ class RewardError(Exception):
     """A one-line, user-facing problem with a reward (nft.py prints it and exits)."""
 
 
-def load_weights(path):
-    """A downloaded checkpoint's tensors: torch.load(weights_only=True), so a file that holds code is never unpickled;
-    such a file, or a truncated one, is a RewardError that names it."""
+def load_weights(path, key=None):
+    """A downloaded checkpoint's tensors (its dict's `key`, if given): torch.load(weights_only=True), so a file that
+    holds code is never unpickled; such a file, a truncated one or one of another structure is a RewardError that
+    names it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise RewardError(f"{path} is not a weights-only checkpoint ({reason}); it is not unpickled, since that could "
                           "run code: delete it and download it again") from None
+    state = state.get(key) if key and isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(t) for t in state.values()):
+        raise RewardError(f"{path} is not the checkpoint this reward reads (no dict of tensors"
+                          f"{f' under {key!r}' if key else ''}); delete it and download it again")
+    return state
+
+
+def load_into(model, weights, path):
+    """model.load_state_dict(weights), strictly; weights of another model are a RewardError naming the file."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing or unexpected keys, other shapes
+        said = " ".join(str(e).split())[:300]
+        raise RewardError(f"{path} does not fit the reward's model ({said}); delete it and download it "
+                          "again") from None
+    return model
 
 
 # ---- shared helpers ----
@@ -367,11 +384,10 @@ def make_aesthetic(device):
 def load_aesthetic_mlp(path):
     """The MLP with weights from sac+logos+ava1-l14-linearMSE.pth (keys "layers.<i>.weight")."""
     state = load_weights(path)
-    dim = state["layers.0.weight"].shape[1]
-    mlp = aesthetic_mlp(dim)
+    first = state.get("layers.0.weight")
+    dim = first.shape[-1] if first is not None and first.dim() else 768  # another file: the strict load says so
     # the checkpoint wraps the Sequential in a module attribute "layers"; ours is the bare Sequential
-    mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
-    return mlp
+    return load_into(aesthetic_mlp(dim), {k.removeprefix("layers."): v for k, v in state.items()}, path)
 
 
 # ---- checkpoints of other code bases on transformers' modules ----
@@ -450,11 +466,12 @@ def hpsv2_state_dict(state):
         for name, part in zip("qkv", out.pop(key).chunk(3)):
             out[f"{head}.{name}_proj.{kind}"] = part
     for key in ("visual_projection.weight", "text_projection.weight"):
-        out[key] = out[key].T
+        if key in out:  # missing: the strict load says so
+            out[key] = out[key].T
     return out, unused
 
 
-def load_hpsv2(state, cfg=VIT_H_14, device="cpu"):
+def load_hpsv2(state, cfg=VIT_H_14, device="cpu", path=HPSV2_FILE):
     """CLIPModel with an open_clip checkpoint's weights (every one of its keys used, all of the model's filled)."""
     from transformers import CLIPModel
     with torch.device(device):
@@ -463,8 +480,7 @@ def load_hpsv2(state, cfg=VIT_H_14, device="cpu"):
     if unused:  # the original loads strictly too
         raise RewardError(f"the HPSv2 checkpoint has keys that open_clip's CLIP has not ({', '.join(unused[:3])}); "
                           f"is it {HPSV2_FILE}?")
-    model.load_state_dict(weights)
-    return model.eval()
+    return load_into(model, weights, path).eval()
 
 
 def normalize(x, mean=OPENAI_MEAN, std=OPENAI_STD):
@@ -520,7 +536,7 @@ def make_hpsv2(device):
     _require("ftfy", "ftfy")  # open_clip_tokens needs it: say so before any download or load
     path = _from_hub(HPSV2_REPO, hf_hub_download, HPSV2_FILE)
     tokenizer = _from_hub(CLIP_TOKENIZER, CLIPTokenizer.from_pretrained, filename=TOKENIZER_FILES)
-    model = load_hpsv2(load_weights(path)["state_dict"], VIT_H_14, device)
+    model = load_hpsv2(load_weights(path, "state_dict"), VIT_H_14, device, path)
     return clipscore_fn(HpsScorer(model, tokenizer, None, device))
 
 
@@ -570,13 +586,12 @@ def imagereward_state_dict(state):
     return rename_state_dict(state, IMAGEREWARD_NAMES, BLIP_BLOCK)
 
 
-def load_imagereward(state, med_config, vision=BLIP_VIT_L, device="cpu"):
+def load_imagereward(state, med_config, vision=BLIP_VIT_L, device="cpu", path="ImageReward.pt"):
     """ImageRewardModel with ImageReward.pt's weights. Keys it does not use (BLIP's contrastive projections) are
     skipped, as ImageReward's strict=False load leaves them; every weight of the model must be there."""
     with torch.device(device):
         model = ImageRewardModel(med_config, vision)
-    model.load_state_dict(imagereward_state_dict(state)[0])
-    return model.eval()
+    return load_into(model, imagereward_state_dict(state)[0], path).eval()
 
 
 def imagereward_pixels(images, size=224):
@@ -624,7 +639,7 @@ def make_imagereward(device):
     tokenizer = _from_hub(BERT_TOKENIZER, BertTokenizer.from_pretrained, filename=TOKENIZER_FILES)
     with open(med) as f:
         med_config = json.load(f)
-    model = load_imagereward(load_weights(weights), med_config, BLIP_VIT_L, device)
+    model = load_imagereward(load_weights(weights), med_config, BLIP_VIT_L, device, weights)
     return imagereward_fn(model, bert_tokenizer(tokenizer), device)
 
 
@@ -1185,6 +1200,9 @@ def load_prompts(path, flag="--prompts"):
         raise RewardError(f"{flag} {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
     if not os.path.isfile(path):
         raise RewardError(f"{flag} file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
+    if path.lower().endswith(".json"):  # read as text, its brackets and quotes would become prompts
+        raise RewardError(f"{flag} {path} is a .json file; give a .jsonl (one JSON object a line, with a "
+                          "\"prompt\") or a .txt with one prompt a line")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
@@ -1339,6 +1357,8 @@ def parse_reward_spec(spec):
         if name in (n for n, _ in parsed):
             raise RewardError(f"reward '{name}' appears twice in '{spec}'")
         parsed.append((name, weight))
+    if not any(weight for _, weight in parsed):  # every reward 0: every advantage 0, a run that never learns
+        raise RewardError(f"every weight in '{spec}' is 0; give at least one reward a weight other than 0")
     return parsed
 
 
@@ -1481,6 +1501,8 @@ def geneval_problem(req, index):
     rules = [
         (req.get("class") not in COCO_CLASSES, f"names {req.get('class')!r}, not one of GenEval's 80 COCO class names"),
         (req["count"] < 1, f"asks for {req['count']} of {req.get('class')!r}; a count is at least 1"),
+        (req["count"] > MAX_OBJECTS, f"asks for {req['count']} of {req.get('class')!r}; GenEval keeps at most "
+                                     f"{MAX_OBJECTS} detections of a class, so no image could meet it"),
         ("color" in req and req.get("color") not in GENEVAL_COLORS,
          f"has color {req.get('color')!r}; GenEval's colors: {', '.join(GENEVAL_COLORS)}"),
         (position is not None and not (isinstance(position, list) and len(position) == 2 and position[0] in RELATIONS

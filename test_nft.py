@@ -662,6 +662,16 @@ def test_init_lora_first_rollout_equals_the_lora_loaded_by_hand(tmp_path, layout
     p2, o2 = nft.add_adapters(copy.deepcopy(tiny_sd3).transformer, other)
     nft.init_from_lora(p2, o2, lora, other)
     assert all(torch.equal(p2[n], weights[n] * (4.0 if ".lora_B." in n else 1.0)) for n in weights)
+    # an rsLoRA (scale alpha/sqrt(r), as peft loads it): sqrt(32) times the plain scale folded in; per-layer patterns
+    # are refused
+    rs = (lora[0], dict(lora[1], use_rslora=True), lora[2])
+    nft.init_from_lora(p2, o2, rs, args)
+    assert all(torch.allclose(p2[n], weights[n] * (32 ** 0.5 if ".lora_B." in n else 1.0)) for n in weights)
+    peft_rs = copy.deepcopy(tiny_sd3)
+    nft.load_lora(peft_rs, rs)
+    assert peft_rs.transformer.transformer_blocks[0].attn.to_q.scaling["default"] == pytest.approx(64 / 32 ** 0.5)
+    with pytest.raises(nft.UserError, match="gives layers a rank or alpha of their own"):
+        nft.init_from_lora(p2, o2, (lora[0], dict(lora[1], alpha_pattern={"to_q": 8}), lora[2]), args)
     small = nft.parse_args(["--model", "tiny", "--reward", "color", "--rank", "4"])
     p3, o3 = nft.add_adapters(copy.deepcopy(tiny_sd3).transformer, small)
     with pytest.raises(nft.UserError, match=r"--init_lora .* does not fit this run's LoRA: expected .* \(4, 32\), "
@@ -1327,7 +1337,7 @@ def test_family_resume_is_bit_exact(family_demo, tmp_path):
     assert keep(metrics(out)) == keep(metrics(demo)[:4])
 
 
-def test_resume_takes_the_run_configuration_from_its_config_json(tmp_path):
+def test_resume_takes_the_run_configuration_from_its_config_json(monkeypatch, tmp_path):
     """--resume_from latest --output_dir D alone resumes the run as configured; flags given may change only what a
     resume may change; --init_lora with a resume is refused unless it is the run's own."""
     run = tmp_path / "run"
@@ -1346,6 +1356,27 @@ def test_resume_takes_the_run_configuration_from_its_config_json(tmp_path):
         nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--init_lora", "b.safetensors"])
     with pytest.raises(nft.UserError, match="--init_lora with --resume_from .*: the checkpoint's weights replace"):
         nft.parse_args(["--resume_from", str(tmp_path / "x" / "checkpoints" / "checkpoint-00001"), "--init_lora", "b"])
+    with pytest.raises(nft.UserError, match="--reward 'ocr': the run in .* has 'color'"):  # a preset's name too
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--reward", "ocr"])
+    # a checkpoint continues in its own run's folder, named from anywhere, relative too
+    assert nft.parse_args(["--resume_from", str(run / "checkpoints" / "checkpoint-00001")]).output_dir == str(run)
+    (run / "checkpoints").mkdir()
+    monkeypatch.chdir(run / "checkpoints")
+    args = nft.parse_args(["--resume_from", "checkpoint-00001"])
+    assert os.path.realpath(args.output_dir) == os.path.realpath(run) and args.init_lora == "a/init.safetensors"
+    # what holds for one invocation only is not inherited: the flags given now decide it
+    saved = dict(dataclasses.asdict(original), overwrite=True, eval_only=False)
+    (run / "config.json").write_text(json.dumps(saved))
+    assert not nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)]).overwrite
+    (run / "config.json").write_text(json.dumps(dict(saved, profile=True, num_epochs=7)))  # a --profile run's record
+    assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)]).num_epochs == nft.Args.num_epochs
+    (run / "p.txt").write_text("a red image\n")  # a path flag spelled another way names the same file: the run's
+    (run / "config.json").write_text(json.dumps(dict(saved, prompts=str(run / "p.txt"))))
+    args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--prompts", "../p.txt"])
+    assert args.prompts == str(run / "p.txt")
+    (run / "config.json").write_text(json.dumps(dict(saved, num_epochs="5")))  # edited by hand
+    with pytest.raises(nft.UserError, match=r"config.json is unreadable \(TypeError: num_epochs is '5', not int\)"):
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
 
 
 def test_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypatch, tmp_path):
@@ -1519,6 +1550,22 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path}/checkpoints/checkpoint-00004; continue "
                            f"with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
 
+    def save_fails():
+        raise nft.UserError("could not write checkpoint-00005: no space left on device")
+
+    def interrupted_while_unsaved(args):  # an epoch done, its save still pending, and the save fails
+        nft._LAST[:] = [save_fails]
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nft, "train", interrupted_while_unsaved)
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err and not nft._LAST
+    assert [line for line in err.splitlines() if line] == [
+        "error: could not write checkpoint-00005: no space left on device",
+        f"SIGINT: the last completed epoch could not be saved; the newest checkpoint is {tmp_path}/checkpoints/"
+        f"checkpoint-00004; continue with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}"]
+
 
 FSDP = {"sd3": ("tiny", "step", "no"), "flux": ("tiny-flux", "step", "bf16"),  # model, --grad_sync, --mixed_precision
         "qwenimage": ("tiny-qwenimage", "micro_step", "no")}
@@ -1667,12 +1714,31 @@ def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
     assert (kept / "file").read_text() == "kept" and os.path.exists("/dev/zero")
 
 
+def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
+    """--checkpoints_total_limit 2 after a resume that skipped an unreadable checkpoint-00004: saving epoch 3 keeps
+    checkpoint-00002 (the newest older one), not the unreadable checkpoint in its place."""
+    from peft import LoraConfig
+    args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=2)
+    lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
+    meta = dict(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]).to_dict(), target_modules=["to_q"])
+    for epoch in (1, 2, 4):
+        nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), meta)
+    open(tmp_path / "checkpoints" / "checkpoint-00004" / "training_state.pt", "wb").write(b"PK\x03\x04 truncated")
+    nft.save_checkpoint(args, 3, dict(default=lora, old=lora, ema=lora, step=3), meta)
+    assert [os.path.basename(c) for c in nft.checkpoints(tmp_path)] == [
+        "checkpoint-00002", "checkpoint-00003", "checkpoint-00004"]
+    nft.save_checkpoint(args, 4, dict(default=lora, old=lora, ema=lora, step=4), meta)  # replaces the unreadable one
+    assert [os.path.basename(c) for c in nft.checkpoints(tmp_path)] == ["checkpoint-00003", "checkpoint-00004"]
+    assert state(tmp_path / "checkpoints" / "checkpoint-00004")["step"] == 4
+
+
 # --------------------------------------------------------------------------- bad input and faults
 # ---- flags ----
 @pytest.mark.parametrize("argv, message", [
     (["--reward", "colr"], "did you mean 'color'"),
     (["--reward", "color:x"], "bad weight"),
     (["--reward", "color:nan"], "with a finite number"),
+    (["--reward", "color:0,jpeg:0"], "every weight in 'color:0,jpeg:0' is 0"),
     (["--reward", ""], "no reward name in ''"),
     (["--solver", "eulr"], "did you mean 'euler'"),
     (["--resolution", "40"], "got 40; try 32 or 48"),
@@ -1687,6 +1753,10 @@ def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
     (["--prompts", "/no/such/file.txt"], "--prompts file not found"),
     (["--resume_from", "/no/such/checkpoint"], "no such folder"),
     (["--reward", "hpsv2"], "hf download xswu/HPSv2"),
+    (["--lora", "x.safetensors"], "--lora is the LoRA --eval_only evaluates; to start training from a LoRA use"),
+    (["--eval_only", "--init_lora", "x"], "--init_lora starts a training run; to evaluate a LoRA use --lora"),
+    (["--seed", "99999999999999999999999"], "--seed must fit in 64 bits"),
+    (["--lora_targets", " , "], "--lora_targets names no layer"),
 ])
 def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -1811,6 +1881,9 @@ def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
     assert rewards.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
     (tmp_path / "upper.JSONL").write_text('{"prompt": "a red image", "tag": "x"}\n')
     assert rewards.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
+    (tmp_path / "list.json").write_text('["a red image", "a blue image"]\n')  # not read as lines of text
+    assert "list.json is a .json file; give a .jsonl" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts",
+                                                                   tmp_path / "list.json")
     bad = tmp_path / "geneval.jsonl"
     bad.write_text('{"prompt": "a cat", "tag": "single_object", "include": [{"class": "cat", "count": "1"}]}\n')
     assert "GenEval metadata of the wrong type" in cli_error(capsys, *SMALL_NO_EVAL, "--reward", "geneval",
@@ -1838,6 +1911,7 @@ def test_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp
 _GENEVAL_BAD = [  # a change to a valid position record (a cat right of a dog) -> what the one line says
     (lambda r: r["include"][1].update(count=0), "asks for 0 of 'cat'; a count is at least 1"),
     (lambda r: r["include"][1].update(count=-2), "asks for -2 of 'cat'"),
+    (lambda r: r["include"][1].update(count=17), "asks for 17 of 'cat'; GenEval keeps at most 16 detections"),
     (lambda r: r["include"][0].update(color="teal"), "has color 'teal'; GenEval's colors: red"),
     (lambda r: r["include"][1].update(position=["next to", 0]), "has position ['next to', 0]; a position is [relation, "
                                                                 "index of an earlier include]"),
@@ -2051,7 +2125,7 @@ def test_run_lock_refuses_a_live_run_and_ignores_a_killed_one(capsys, tmp_path):
         holder.wait()
     lock = nft.run_lock(str(out))  # a stale lock file does not block
     assert open(out / ".lock").read().strip() == str(os.getpid())
-    nft._HELD.remove(lock)
+    nft._HELD.remove(lock.close)
     lock.close()
 
 
@@ -2075,19 +2149,68 @@ def test_run_lock_never_follows_a_link_or_truncates_another_file(capsys, monkeyp
     assert victim.read_text() == "precious\n" and not nft._HELD
 
 
-def test_overwrite_removes_a_checkpoints_link_not_its_target(capsys, monkeypatch, tmp_path):
+def test_overwrite_replaces_a_run_only_once_the_model_loaded_and_unlinks_a_checkpoints_link(capsys, monkeypatch,
+                                                                                                tmp_path):
+    """--overwrite: a start that fails before the model loads leaves the previous run whole; one that loads replaces
+    its checkpoints (a link is removed, never its target), metrics, grids and reports."""
     other = tmp_path / "other_run" / "checkpoints"
     (other / "checkpoint-00009").mkdir(parents=True)
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoints").symlink_to(other)
-    (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    stale = ("metrics.jsonl", "eval_epoch00007.png", "profile.json", "curves.png")
+    for name in stale:
+        (out / name).write_text('{"epoch": 0}\n')
+    load = nft.load_pipeline
 
     def stop(*a, **k):
         raise nft.UserError("stopped before the model loads")
     monkeypatch.setattr(nft, "load_pipeline", stop)
     assert "stopped" in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, "--overwrite")
-    assert not os.path.lexists(out / "checkpoints") and (other / "checkpoint-00009").is_dir()
+    assert os.path.islink(out / "checkpoints") and all((out / name).exists() for name in stale)
+    monkeypatch.setattr(nft, "load_pipeline", load)
+    run_here(*SMALL_NO_EVAL, "--num_epochs", 1, "--output_dir", out, "--overwrite")
+    assert not os.path.islink(out / "checkpoints") and (other / "checkpoint-00009").is_dir()
+    assert [os.path.basename(c) for c in nft.checkpoints(out)] == ["checkpoint-00001"]
+    assert [r["epoch"] for r in metrics(out)] == [0] and not (out / "eval_epoch00007.png").exists()
+    assert not (out / "profile.json").exists() and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_that_appears_in_the_folder_while_the_model_loads_is_not_clobbered(capsys, monkeypatch, tmp_path):
+    """The output folder is new when the run starts; another run writes into it while this one loads its model: this
+    one stops with one line and leaves the other's files as they are."""
+    out, load = tmp_path / "out", nft.load_pipeline
+
+    def racing(*a, **k):
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"epoch": 0}\n')
+        return load(*a, **k)
+    monkeypatch.setattr(nft, "load_pipeline", racing)
+    assert "another run wrote into it while this one loaded" in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out)
+    assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"] and metrics(out) == [{"epoch": 0}]
+
+
+def test_config_json_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
+    import errno
+    args = nft.parse_args([*map(str, SMALL), "--output_dir", str(tmp_path)])
+    nft.write_config(args)
+    before = (tmp_path / "config.json").read_text()
+
+    def full_disk_open(path, mode="r", *args, **kwargs):  # half of what is written lands, then the disk is full
+        f = open(path, mode, *args, **kwargs)
+
+        def write(text):
+            type(f).write(f, text[:len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write = write
+        return f
+    monkeypatch.setattr(nft, "open", full_disk_open, raising=False)  # nft.py's open(), not the builtin's
+    with pytest.raises(nft.UserError, match=r"could not write .*config.json: no space left on device"):
+        nft.write_config(dataclasses.replace(args, num_epochs=9))
+    monkeypatch.undo()
+    assert (tmp_path / "config.json").read_text() == before and sorted(os.listdir(tmp_path)) == ["config.json"]
+    nft.write_config(dataclasses.replace(args, profile=True, num_epochs=9))  # a --profile run keeps the run's own
+    assert (tmp_path / "config.json").read_text() == before
 
 
 def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
@@ -2168,6 +2291,33 @@ def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatc
               "except rewards.RewardError as e:\n    print(e)\n")
     p = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "did not return within 0.5 s" in p.stdout, p.stderr[-2000:]
+
+
+def test_ctrl_c_drops_the_batches_queued_for_scoring(capsys, monkeypatch, tmp_path):
+    """Ctrl-C while the reward thread scores the first of eight queued batches: the other seven are dropped, not
+    scored on the way out (which would hold the exit for an epoch's scoring)."""
+    first, release, calls = threading.Event(), threading.Event(), []
+
+    def slow(images, prompts, metadata):
+        calls.append(len(prompts))
+        first.set()
+        release.wait(60)
+        return torch.zeros(len(prompts)), {}
+    monkeypatch.setitem(rewards.REWARDS, "slow", lambda device: slow)
+
+    def ctrl_c_in_score(*a, **k):  # every batch queued, the first being scored: Ctrl-C (as _stop raises it)
+        first.wait(60)
+        raise KeyboardInterrupt(signal.SIGINT)
+    monkeypatch.setattr(nft, "score", ctrl_c_in_score)
+    try:
+        with pytest.raises(SystemExit) as e:
+            nft.main([*map(str, SMALL_NO_EVAL), "--reward", "slow", "--prompts", str(_color_prompts(tmp_path)),
+                      "--sample_batch_size", "1", "--train_batch_size", "1", "--output_dir", str(tmp_path / "out")])
+    finally:
+        release.set()
+    assert e.value.code == 130 and "SIGINT: no epoch was completed" in capsys.readouterr().err
+    time.sleep(2)  # time enough for seven more calls, were they still queued
+    assert calls == [1]
 
 
 class _MisbehavingServer(http.server.BaseHTTPRequestHandler):
@@ -2289,8 +2439,9 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
     assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
 
 
-def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(monkeypatch, tmp_path):
-    """An image a reward cannot score (NaN) leaves every evaluation mean finite, and eval.json counts it."""
+def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(capsys, monkeypatch, tmp_path):
+    """An image a reward cannot score (NaN) leaves every evaluation mean finite, and eval.json counts it. A second
+    evaluation into its folder needs --overwrite, which removes what the first one wrote."""
     monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red image\na blue image\n")
@@ -2302,6 +2453,15 @@ def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(monkey
     assert summary["reward_mean"] == summary["metrics"]["nan_half"] == pytest.approx(sum(scored) / len(scored))
     assert f"{summary['unscored_images']} of {len(rows)} images got a NaN/inf reward" in printed
     assert rewards.finite_mean([math.nan, math.inf]) != rewards.finite_mean([math.nan, math.inf])  # none: NaN
+    argv = ["--eval_only", *EVAL_SMALL, "--reward", "color", "--eval_prompts", prompts, "--output_dir",
+            tmp_path / "out"]
+    msg = cli_error(capsys, *argv)  # a second evaluation into the same folder: refused, the first one kept
+    assert "holds an evaluation (eval.json); pass --overwrite to replace it" in msg
+    assert json.load(open(tmp_path / "out" / "eval.json")) == summary
+    (tmp_path / "out" / "compare.png").write_bytes(b"a stale base-vs-LoRA grid")
+    run_here(*argv, "--overwrite")  # no --lora: no compare.png of its own, and the stale one is gone
+    assert json.load(open(tmp_path / "out" / "eval.json"))["reward"] == "color"
+    assert not (tmp_path / "out" / "compare.png").exists()
 
 
 def test_nonfinite_gradients_skip_steps_then_stop_with_checkpoint_intact(capsys, monkeypatch, tmp_path):
@@ -2396,7 +2556,8 @@ def test_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tmp_p
         def full(*a, **k):
             raise fault
         monkeypatch.setattr(torch, "save", full)
-        with pytest.raises(nft.UserError, match="no space left on device; the last good checkpoint is kept"):
+        with pytest.raises(nft.UserError, match=r"no space left on device; what was written before it \(the last "
+                                                r"good checkpoint\) is kept"):
             nft.save_checkpoint(args, 2, st, meta)
         assert nft.checkpoints(tmp_path) == [good] and os.listdir(tmp_path / "checkpoints") == ["checkpoint-00001"]
     monkeypatch.setattr(torch, "save", real_save)
@@ -2405,6 +2566,15 @@ def test_disk_full_and_nan_checkpoints_keep_the_last_good_one(monkeypatch, tmp_p
         nft.save_checkpoint(args, 2, dict(st, default=nan, ema=nan), meta)
     assert nft.checkpoints(tmp_path) == [good] and state(good)["default"].keys() == lora.keys()
     assert "no space left on device" in str(nft.write_error(OSError(errno.ENOSPC, "x"), "metrics.jsonl"))
+    from PIL import Image
+
+    def full_png(image, fp, *args, **kwargs):  # a grid or curves.png on a full disk: one line, nothing half-written
+        open(fp, "wb").write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_png)
+    with pytest.raises(nft.UserError, match=r"could not write .*grid\.png: no space left on device"):
+        nft.save_grid(torch.rand(2, 3, 8, 8), tmp_path / "grid.png", nrow=1)
+    assert not os.path.lexists(tmp_path / "grid.png") and not os.path.lexists(tmp_path / "grid.png.tmp")
     from safetensors import SafetensorError  # how safetensors words it
     rust = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
                            'message: "No space left on device" })')
@@ -3338,6 +3508,17 @@ def test_reward_checkpoints_are_read_weights_only(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:200])
     with pytest.raises(rewards.RewardError, match=r"cut\.pt is not a weights-only checkpoint"):
         rewards.load_weights(tmp_path / "cut.pt")
+    # weights-only files of another structure or model: one line naming the file, no KeyError or load traceback
+    torch.save(torch.ones(2), tmp_path / "tensor.pt")
+    with pytest.raises(rewards.RewardError, match=r"tensor\.pt is not the checkpoint this reward reads"):
+        rewards.load_weights(tmp_path / "tensor.pt")
+    with pytest.raises(rewards.RewardError, match=r"good\.pt is not the checkpoint .* \(no dict of tensors under "
+                                                  r"'state_dict'\)"):
+        rewards.load_weights(tmp_path / "good.pt", "state_dict")
+    with pytest.raises(rewards.RewardError, match=r"good\.pt does not fit the reward's model \(Error\(s\) in loading"):
+        rewards.load_aesthetic_mlp(tmp_path / "good.pt")
+    with pytest.raises(rewards.RewardError, match=r"x\.pt does not fit the reward's model"):
+        rewards.load_hpsv2({"logit_scale": torch.ones(())}, device="meta", path="x.pt")
 
 
 def test_parse_reward_spec():
