@@ -965,12 +965,9 @@ def start_run(args):
 
 def write_config(args, **extra):
     """config.json: the resolved flags (what ran), the prompt sets, and `extra` (the compile fallback); written whole
-    or not at all. A --profile run leaves a run's config.json as it is: a resume reads the run's, not the profile's."""
-    path = os.path.join(args.output_dir, "config.json")
-    if args.profile and os.path.exists(path):
-        return
+    or not at all."""
     config = dict(dataclasses.asdict(args), prompt_set=prompt_set(args), **extra)
-    write_file(path, json.dumps(json_safe(config), indent=1, allow_nan=False))
+    write_file(os.path.join(args.output_dir, "config.json"), json.dumps(json_safe(config), indent=1, allow_nan=False))
 
 
 def go_eager(run, reason):
@@ -1688,7 +1685,7 @@ def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pip
     # the newest older ones stay; one numbered above it can only be one that `latest` skipped (unreadable): never kept
     # in place of good ones
     older = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) < epoch]
-    for old in older[:len(older) - args.checkpoints_total_limit + 1] if args.checkpoints_total_limit else []:
+    for old in older[:max(0, len(older) - args.checkpoints_total_limit + 1)] if args.checkpoints_total_limit else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -1788,7 +1785,11 @@ def claim_output_dir(args, rank, world):
         return None
     own = os.path.realpath(folder)
     foreign = bool(resume) and os.path.realpath(os.path.dirname(os.path.abspath(resume[0]))) != own
-    replace = (not args.resume_from or foreign) and previous_run(args.output_dir)
+    if args.profile and resume and not foreign:  # its epochs would join the run's metrics.jsonl and curves
+        raise UserError(f"--profile with --resume_from {args.resume_from}: the profile's epochs would join this run's "
+                        "metrics; profile into another --output_dir with --resume_from <a checkpoint of this run> "
+                        "(it is copied there)")
+    replace = (not args.resume_from or foreign or args.profile) and previous_run(args.output_dir)
     if replace and not args.overwrite:
         raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
                         "continue it, --overwrite to replace it, or another --output_dir")
@@ -1852,8 +1853,7 @@ def carry_over(args, source, start_epoch, replace=False):
     (--overwrite, once the model has loaded): the previous run's checkpoints, metrics, grids and reports go first."""
     metrics_path = kept = os.path.join(args.output_dir, "metrics.jsonl")
     if replace:
-        folder = os.path.join(args.output_dir, "checkpoints")
-        os.unlink(folder) if os.path.islink(folder) else shutil.rmtree(folder, ignore_errors=True)  # not its target
+        make_way(os.path.join(args.output_dir, "checkpoints"))  # a link: not its target
         for name in os.listdir(args.output_dir):
             if re.fullmatch(r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json", name):
                 make_way(os.path.join(args.output_dir, name))
@@ -2259,8 +2259,9 @@ def parse_args(argv=None):
     values.update(negative_prompt=family_named(model_family(model)).negative_prompt,
                   preset=name if name in PRESETS else "")  # config.json says which recipe ran
     args = Args(**(values | given))
-    if not args.output_dir and args.resume_from not in ("", "latest") and run_of(args.resume_from):
-        args.output_dir = run_of(args.resume_from)  # a checkpoint continues in its own run's folder
+    run = run_of(args.resume_from) if not args.output_dir and args.resume_from not in ("", "latest") else None
+    if run and os.path.isfile(os.path.join(run, "config.json")):  # a run's checkpoint continues in its run's folder
+        args.output_dir = run
     if not args.output_dir:  # runs/<model>-<reward>[-eval]: runs of other models or rewards, and evaluations, apart
         reward = args.preset or re.sub(r":[^,]*", "", args.reward).replace(",", "+")  # a sum: its names, no weights
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
@@ -2296,7 +2297,7 @@ def resumed(args, given):
              for f in dataclasses.fields(Args)}
     try:
         saved = json.load(open(path))  # null: a value resolved away (a flag of another family): the default applies
-        saved = {k: v for k, v in saved.items() if k in kinds and v is not None}
+        saved = {k: v for k, v in saved.items() if k in kinds and v is not None and k != "lora"}  # lora: --eval_only's
         wrong = [k for k, v in saved.items() if type(v) is not kinds[k] and not (kinds[k] is float and type(v) is int)]
         if wrong:
             raise TypeError(f"{wrong[0]} is {saved[wrong[0]]!r}, not {kinds[wrong[0]].__name__}")
@@ -2582,7 +2583,7 @@ def interrupted(args, signum):
     for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the save short
         signal.signal(s, signal.SIG_IGN)
     _close_bars()
-    saved, where = [], "the last completed epoch is in"
+    saved, where, said = [], "the last completed epoch is in", "no epoch was completed: nothing to save"
     if args and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
         try:
             saved = [_LAST[0]()] if _LAST else checkpoints(args.output_dir)[-1:]
@@ -2590,7 +2591,7 @@ def interrupted(args, signum):
             print(f"error: {e}", file=sys.stderr)
             saved = checkpoints(args.output_dir)[-1:]
             where = "the last completed epoch could not be saved; the newest checkpoint is"
-    said = "no epoch was completed: nothing to save"
+            said = "the last completed epoch could not be saved, and there is no checkpoint yet"
     if saved:  # the run's config.json supplies every other flag (parse_args)
         launcher = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}" if "RANK" in os.environ else "python"
         said = (f"{where} {saved[0]}; continue with {launcher} "

@@ -1487,22 +1487,24 @@ def check_metadata(spec, metadata_list, source="the prompt set"):
                     isinstance(r, dict) and type(r.get("count")) is int for r in reqs):  # a bool is no count
                 raise RewardError(f"{prompt}: GenEval metadata of the wrong type; \"tag\" must be a string and "
                                   '"include" (not empty) and "exclude" lists of {"class": name, "count": integer}')
-            problems = [geneval_problem(req, index) for index, req in enumerate(reqs)]
+            problems = [geneval_problem(req, index, index < len(record["include"])) for index, req in enumerate(reqs)]
             problems.append(None if record["tag"] in GENEVAL_TAGS else f"has tag {record['tag']!r}; GenEval's tags: "
                             + ", ".join(GENEVAL_TAGS))
             if any(problems):
                 raise RewardError(f"{prompt} {next(p for p in problems if p)}")
 
 
-def geneval_problem(req, index):
+def geneval_problem(req, index, include=True):
     """What is wrong with one "include"/"exclude" entry of GenEval metadata (None if nothing): every rule that
-    geneval_score relies on. index: the entry's place, so a position may only name an earlier include."""
+    geneval_score relies on. index: the entry's place, so a position may only name an earlier include; include: False
+    for an exclude, whose count may pass MAX_OBJECTS ("exactly 16" excludes 17)."""
     position = req.get("position")
     rules = [
         (req.get("class") not in COCO_CLASSES, f"names {req.get('class')!r}, not one of GenEval's 80 COCO class names"),
         (req["count"] < 1, f"asks for {req['count']} of {req.get('class')!r}; a count is at least 1"),
-        (req["count"] > MAX_OBJECTS, f"asks for {req['count']} of {req.get('class')!r}; GenEval keeps at most "
-                                     f"{MAX_OBJECTS} detections of a class, so no image could meet it"),
+        (include and req["count"] > MAX_OBJECTS,
+         f"asks for {req['count']} of {req.get('class')!r}; GenEval keeps at most {MAX_OBJECTS} detections of a "
+         "class, so no image could meet it"),
         ("color" in req and req.get("color") not in GENEVAL_COLORS,
          f"has color {req.get('color')!r}; GenEval's colors: {', '.join(GENEVAL_COLORS)}"),
         (position is not None and not (isinstance(position, list) and len(position) == 2 and position[0] in RELATIONS

@@ -1374,6 +1374,10 @@ def test_resume_takes_the_run_configuration_from_its_config_json(monkeypatch, tm
     (run / "config.json").write_text(json.dumps(dict(saved, prompts=str(run / "p.txt"))))
     args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--prompts", "../p.txt"])
     assert args.prompts == str(run / "p.txt")
+    (run / "config.json").write_text(json.dumps(dict(saved, lora="x.safetensors")))  # --lora: never a training flag
+    assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)]).lora == ""
+    stash = tmp_path / "stash" / "checkpoints" / "checkpoint-00001"  # a checkpoints folder without a run's config
+    assert not nft.parse_args(["--resume_from", str(stash)]).output_dir.startswith(str(tmp_path))
     (run / "config.json").write_text(json.dumps(dict(saved, num_epochs="5")))  # edited by hand
     with pytest.raises(nft.UserError, match=r"config.json is unreadable \(TypeError: num_epochs is '5', not int\)"):
         nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
@@ -1426,6 +1430,11 @@ def test_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(cap
     # into a folder that holds a run: the usual guard
     msg = cli_error(capsys, *SMALL_NO_EVAL, "--num_epochs", 3, "--output_dir", new, "--resume_from", src_ckpt)
     assert "holds a previous run" in msg
+    # --profile never adds its epochs to a run's metrics: into a run's folder it is refused, resumed or not
+    msg = cli_error(capsys, *SMALL_NO_EVAL, "--profile", "--output_dir", new, "--resume_from", "latest")
+    assert "--profile with --resume_from latest: the profile's epochs would join this run's metrics" in msg
+    assert "holds a previous run" in cli_error(capsys, *SMALL_NO_EVAL, "--profile", "--output_dir", new)
+    assert [r["epoch"] for r in metrics(new)] == [0, 1]
 
 
 # ---- a stopped run keeps its work ----
@@ -1565,6 +1574,10 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
         "error: could not write checkpoint-00005: no space left on device",
         f"SIGINT: the last completed epoch could not be saved; the newest checkpoint is {tmp_path}/checkpoints/"
         f"checkpoint-00004; continue with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}"]
+    with pytest.raises(SystemExit):  # the same with no checkpoint yet
+        nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path / "new")])
+    assert capsys.readouterr().err.strip().endswith(
+        "SIGINT: the last completed epoch could not be saved, and there is no checkpoint yet")
 
 
 FSDP = {"sd3": ("tiny", "step", "no"), "flux": ("tiny-flux", "step", "bf16"),  # model, --grad_sync, --mixed_precision
@@ -1730,6 +1743,11 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
     nft.save_checkpoint(args, 4, dict(default=lora, old=lora, ema=lora, step=4), meta)  # replaces the unreadable one
     assert [os.path.basename(c) for c in nft.checkpoints(tmp_path)] == ["checkpoint-00003", "checkpoint-00004"]
     assert state(tmp_path / "checkpoints" / "checkpoint-00004")["step"] == 4
+    args = types.SimpleNamespace(output_dir=str(tmp_path / "five"), checkpoints_total_limit=5)
+    for epoch in range(1, 8):  # fewer older ones than the limit keeps them all
+        nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), meta)
+        assert [int(os.path.basename(c)[11:]) for c in nft.checkpoints(args.output_dir)] == list(
+            range(max(1, epoch - 4), epoch + 1))
 
 
 # --------------------------------------------------------------------------- bad input and faults
@@ -1929,6 +1947,7 @@ def test_geneval_metadata_is_fully_validated(change, message):
     record = {"prompt": "a photo of a cat right of a dog", "tag": "position",
               "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]}
     rewards.check_metadata("geneval", [record])
+    rewards.check_metadata("geneval", [dict(record, exclude=[{"class": "cat", "count": 17}])])  # "exactly 16": valid
     change(record)
     said = f"the prompt set, prompt 'a photo of a cat right of a dog'{'' if message[0] == ':' else ' '}{message}"
     with pytest.raises(rewards.RewardError, match=re.escape(said)):
@@ -2174,6 +2193,10 @@ def test_overwrite_replaces_a_run_only_once_the_model_loaded_and_unlinks_a_check
     assert [os.path.basename(c) for c in nft.checkpoints(out)] == ["checkpoint-00001"]
     assert [r["epoch"] for r in metrics(out)] == [0] and not (out / "eval_epoch00007.png").exists()
     assert not (out / "profile.json").exists() and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (out / "checkpoints").rename(out / "kept")
+    (out / "checkpoints").write_text("a file where the folder goes")  # replaced too, not left to fail the first save
+    nft.carry_over(types.SimpleNamespace(output_dir=str(out)), None, 0, replace=True)
+    assert sorted(os.listdir(out)) == [".lock", "kept", "metrics.jsonl"] and not metrics(out)
 
 
 def test_a_run_that_appears_in_the_folder_while_the_model_loads_is_not_clobbered(capsys, monkeypatch, tmp_path):
@@ -2209,8 +2232,6 @@ def test_config_json_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
         nft.write_config(dataclasses.replace(args, num_epochs=9))
     monkeypatch.undo()
     assert (tmp_path / "config.json").read_text() == before and sorted(os.listdir(tmp_path)) == ["config.json"]
-    nft.write_config(dataclasses.replace(args, profile=True, num_epochs=9))  # a --profile run keeps the run's own
-    assert (tmp_path / "config.json").read_text() == before
 
 
 def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monkeypatch, tmp_path):
