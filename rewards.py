@@ -742,11 +742,12 @@ def make_unifiedreward(device, url=None, model=None, api_key=None, timeout=120, 
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("it needs http:// or https:// and a host")
     except ValueError as e:
+        # a regex, not _redact: urlsplit itself may be what failed
         raise RewardError(f"bad unifiedreward URL {re.sub(r'//[^/]*@', '//', url)} ({e}); set UNIFIEDREWARD_URL to "
                           "http://host:port/v1") from None
     model = model or os.environ.get("UNIFIEDREWARD_MODEL", "UnifiedReward-7b-v1.5")
     api_key = api_key or os.environ.get("UNIFIEDREWARD_API_KEY", "EMPTY")
-    login = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
+    login = parts.netloc.rpartition("@")[0]
     auth = (f"Basic {base64.b64encode(urllib.parse.unquote(login).encode()).decode()}" if login and api_key == "EMPTY"
             else f"Bearer {api_key}")
     shown = _redact(url)
