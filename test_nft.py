@@ -75,6 +75,8 @@ _RANKS = """import json, os, socket, sys, time
 sys.path.insert(0, sys.argv[1])
 import nft
 folder = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(folder, f"rank{os.environ['RANK']}.pid"), "w") as f:  # torchrun starts each rank in a session
+    f.write(str(os.getpid()))  # of its own, so killing torchrun's group leaves the ranks running (kill_ranks)
 for i, argv in enumerate(json.loads(sys.argv[2])):
     if i:  # a fresh store per run: a second process group on the first's store finds its stale keys and hangs
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
@@ -99,8 +101,8 @@ for i, argv in enumerate(json.loads(sys.argv[2])):
 def start_ranks(folder, *runs):
     """Start torchrun with 2 gloo ranks that run nft.main for each argv of `runs` in turn, in
     the same two processes: one start of torchrun, its ranks and their imports for all the runs (seconds each). Its
-    output goes to folder/ranks.txt; it gets a process group of its own (os.killpg). Returns the Popen."""
-    for stale in folder.glob("port*"):  # an earlier start's ports (start_ranks' runs wait for these files)
+    output goes to folder/ranks.txt; each rank's pid to folder/rank<N>.pid (kill_ranks). Returns the Popen."""
+    for stale in [*folder.glob("port*"), *folder.glob("rank*.pid")]:  # an earlier start's (its runs wait for ports)
         stale.unlink()
     (folder / "ranks.py").write_text(_RANKS)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -108,6 +110,22 @@ def start_ranks(folder, *runs):
                str(folder / "ranks.py"), HERE, json.dumps([[str(a) for a in argv] for argv in runs])]
     with open(folder / "ranks.txt", "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def kill_ranks(folder, p):
+    """SIGKILL start_ranks' torchrun and both its ranks (each in a session of its own, with whatever it started), and
+    wait until they are gone: a rank left running would go on writing into its run and take the CPU from the next."""
+    pids = [int(f.read_text()) for f in sorted(folder.glob("rank*.pid"))]  # a rank not started yet: none to kill
+    for pid in [p.pid, *pids]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    p.wait()
+
+    def running(pid):  # an orphan is reaped by init: gone, or a zombie, which runs nothing
+        with contextlib.suppress(FileNotFoundError):
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    while any(running(pid) for pid in pids):
+        time.sleep(0.01)
 
 
 def ranks_said(folder):
@@ -1598,8 +1616,7 @@ def _fsdp_argv(family, out, *extra):
 @pytest.fixture(scope="module", params=list(FSDP))
 def fsdp_run(request, tmp_path_factory):
     """A tiny family's torchrun of 2 gloo ranks (start_ranks): 2 epochs unsharded (plain), then an --fsdp run set for 8
-    epochs (fsdp), SIGKILLed with its whole process group (torchrun and both ranks) as soon as its checkpoint-00002
-    appears. Qwen-Image runs with --grad_sync micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA
+    epochs (fsdp), SIGKILLed (torchrun and both ranks, kill_ranks) as soon as its checkpoint-00002 appears. Qwen-Image runs with --grad_sync micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA
     tensors that get no gradient. FLUX.1 runs in bf16: a bf16 base and the fp32 LoRA in one FSDP unit. Returns
     (family, folder)."""
     family, root = request.param, tmp_path_factory.mktemp(f"fsdp-{request.param}")
@@ -1610,10 +1627,10 @@ def fsdp_run(request, tmp_path_factory):
         while p.poll() is None and not ckpt.is_dir():
             time.sleep(0.01)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    assert p.returncode == -9 and ckpt.is_dir(), (root / "ranks.txt").read_text()[-5000:]
-    ranks_said(root)
+        kill_ranks(root, p)
+    said = (root / "ranks.txt").read_text()
+    assert p.returncode == -9 and ckpt.is_dir() and len(list(root.glob("rank*.pid"))) == 2, said[-5000:]
+    assert f"done: the outputs are in {root / 'fsdp'}" not in ranks_said(root)[str(root / "fsdp")]  # killed mid-run
     return family, root
 
 
