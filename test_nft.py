@@ -1613,16 +1613,18 @@ def _fsdp_argv(family, out, *extra):
             "--output_dir", out, *extra]
 
 
-@pytest.fixture(scope="module", params=list(FSDP))
-def fsdp_run(request, tmp_path_factory):
-    """A tiny family's torchrun of 2 gloo ranks (start_ranks): 2 epochs unsharded (plain), then an --fsdp run set for 8
-    epochs (fsdp), SIGKILLed (torchrun and both ranks, kill_ranks) as soon as its checkpoint-00002 appears. Qwen-Image runs with --grad_sync micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA
-    tensors that get no gradient. FLUX.1 runs in bf16: a bf16 base and the fp32 LoRA in one FSDP unit. Returns
-    (family, folder)."""
-    family, root = request.param, tmp_path_factory.mktemp(f"fsdp-{request.param}")
-    p = start_ranks(root, _fsdp_argv(family, root / "plain", "--num_epochs", 2),
-                    _fsdp_argv(family, root / "fsdp", "--fsdp", "--num_epochs", 8))
-    ckpt = root / "fsdp" / "checkpoints" / "checkpoint-00002"
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """One torchrun of 2 gloo ranks (start_ranks) for every tiny family: 2 epochs unsharded (<family>-plain) and 2 with
+    --fsdp (<family>-fsdp); SD3's --fsdp run, the last, is set for 8 epochs and SIGKILLed (torchrun and both ranks,
+    kill_ranks) as soon as its checkpoint-00002 appears. Qwen-Image runs with --grad_sync micro_step: FSDP's
+    reduce-scatter after every backward, with its 6 LoRA tensors that get no gradient. FLUX.1 runs in bf16: a bf16
+    base and the fp32 LoRA in one FSDP unit. Returns the folder of the runs."""
+    root = tmp_path_factory.mktemp("fsdp")
+    runs = [_fsdp_argv(family, root / f"{family}-{kind}", *["--fsdp"] * (kind == "fsdp"), "--num_epochs", 2)
+            for family in ("flux", "qwenimage", "sd3") for kind in ("plain", "fsdp")]
+    p = start_ranks(root, *runs[:-1], [*runs[-1], "--num_epochs", 8])  # argparse: the last --num_epochs wins
+    ckpt = root / "sd3-fsdp" / "checkpoints" / "checkpoint-00002"
     try:
         while p.poll() is None and not ckpt.is_dir():
             time.sleep(0.01)
@@ -1630,23 +1632,27 @@ def fsdp_run(request, tmp_path_factory):
         kill_ranks(root, p)
     said = (root / "ranks.txt").read_text()
     assert p.returncode == -9 and ckpt.is_dir() and len(list(root.glob("rank*.pid"))) == 2, said[-5000:]
-    assert f"done: the outputs are in {root / 'fsdp'}" not in ranks_said(root)[str(root / "fsdp")]  # killed mid-run
-    return family, root
+    assert "done: the outputs are in" not in ranks_said(root)[str(root / "sd3-fsdp")]  # killed mid-run
+    return root
 
 
-def test_fsdp_resume_after_sigkill_is_bit_exact(fsdp_run):
-    """The --fsdp run SIGKILLed after its checkpoint-00002, copied without that checkpoint and any later one (as a kill
-    just before it leaves the run) and resumed with --resume_from latest from checkpoint-00001 (the full state, split
-    into each rank's shards), trains epoch 1 again to the same bits: theta, theta_old, EMA, optimizer, and the
-    metrics."""
-    family, root = fsdp_run
-    run, out = root / "fsdp", root / "resumed"
-    shutil.copytree(run, out, ignore=lambda folder, names: [n for n in names
-                                                             if re.fullmatch(r"checkpoint-0000[2-9].*", n)])
-    run_ranks(root, _fsdp_argv(family, out, "--fsdp", "--num_epochs", 2, "--resume_from", "latest"))
-    assert_same_state(state(out / "checkpoints" / "checkpoint-00002"), state(run / "checkpoints" / "checkpoint-00002"))
+def test_fsdp_resume_is_bit_exact_also_after_sigkill(fsdp_runs):
+    """Each family's --fsdp run (SD3's SIGKILLed after its checkpoint-00002), copied without checkpoint-00002 and any
+    later one (as a kill just before it leaves the run) and resumed with --resume_from latest from checkpoint-00001
+    (the full state, split into each rank's shards; the three resumes in one torchrun), trains epoch 1 again to the
+    same bits: theta, theta_old, EMA, optimizer, and the metrics."""
+    root = fsdp_runs
+    for family in FSDP:
+        shutil.copytree(root / f"{family}-fsdp", root / f"{family}-resumed", ignore=lambda folder, names: [
+            n for n in names if re.fullmatch(r"checkpoint-0000[2-9].*", n)])
+    run_ranks(root, *[_fsdp_argv(family, root / f"{family}-resumed", "--fsdp", "--num_epochs", 2, "--resume_from",
+                                 "latest") for family in FSDP])
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
-    assert strip(metrics(out)) == strip(metrics(run)[:2])
+    for family in FSDP:
+        run, out = root / f"{family}-fsdp", root / f"{family}-resumed"
+        assert_same_state(state(out / "checkpoints" / "checkpoint-00002"),
+                          state(run / "checkpoints" / "checkpoint-00002"))
+        assert strip(metrics(out)) == strip(metrics(run)[:2]), family
 
 
 # ---- which checkpoint is read, and how one is written ----
@@ -3949,25 +3955,26 @@ def test_bf16_micro_step_matches_fp32_within_bf16_noise():
 
 
 # ---- sharding over ranks (--fsdp) and the memory check before loading ----
-def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_run):
+@pytest.mark.parametrize("family", FSDP)
+def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs, family):
     """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
     2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
     the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
-    family, root = fsdp_run
-    plain, fsdp = (state(root / name / "checkpoints" / "checkpoint-00002") for name in ("plain", "fsdp"))
+    plain_run, fsdp_run = fsdp_runs / f"{family}-plain", fsdp_runs / f"{family}-fsdp"
+    plain, fsdp = (state(run / "checkpoints" / "checkpoint-00002") for run in (plain_run, fsdp_run))
     for key in ("default", "old", "ema"):
         assert plain[key].keys() == fsdp[key].keys()
         assert all(torch.allclose(plain[key][n], fsdp[key][n], rtol=0, atol=1e-5) for n in plain[key]), key
     assert any(t.abs().max() > 1e-4 for n, t in fsdp["default"].items() if "lora_B" in n)  # it trained
-    m = metrics(root / "plain")
-    assert [r["step"] for r in m] == [r["step"] for r in metrics(root / "fsdp")][:2] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + metrics(root / "fsdp"))
+    m, m_fsdp = metrics(plain_run), metrics(fsdp_run)[:2]  # SD3's was killed in its third epoch
+    assert [r["step"] for r in m] == [r["step"] for r in m_fsdp] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + m_fsdp)
     model = FSDP[family][0]
     pipe = copy.deepcopy(tiny_pipe(family))
     cond = nft.encode_prompts(pipe, ["a red photo", "a blue photo"], 16, "cpu")
     x = torch.randn(2, *nft.latent_shape(pipe, 32), generator=torch.Generator().manual_seed(0))
     ours = copy.deepcopy(pipe)
-    pipe.load_lora_weights(str(root / "fsdp" / "checkpoints" / "checkpoint-00002"))
+    pipe.load_lora_weights(str(fsdp_run / "checkpoints" / "checkpoint-00002"))
     params, _ = nft.add_adapters(ours.transformer, nft.parse_args(["--model", model]))
     with torch.no_grad():
         for n, p in params.items():
