@@ -236,6 +236,36 @@ def negative_conditioning(pipe, args):
                               args.embedded_guidance_scale)
 
 
+def _finished_demo_run(root):
+    """What the Quickstart's demo leaves in root/runs/tiny-color: config, metrics and a final checkpoint."""
+    run = root / "runs" / "tiny-color"
+    (run / "checkpoints" / "checkpoint-00150").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-00150" / "training_state.pt").write_bytes(b"not read by these tests")
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5)) + "\n"
+                                               for e in range(150)))
+    return run
+
+
+def _tree(root):
+    """Every path under root with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _beside_a_finished_demo_run(tmp_path_factory):
+    """The Quickstart runs the demo and then this suite in the same folder, so every test runs in a working directory
+    that holds a finished demo run (runs/tiny-color): a test that writes there (a CLI run without --output_dir) fails
+    against that run, and the suite fails here unless the folder is exactly as it was."""
+    home, cwd = os.getcwd(), tmp_path_factory.mktemp("cwd")
+    _finished_demo_run(cwd)
+    before = _tree(cwd)
+    os.chdir(cwd)
+    yield
+    os.chdir(home)
+    assert _tree(cwd) == before, "a test wrote into the working directory"
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3():
     return tiny_pipe("sd3")
@@ -1869,33 +1899,6 @@ def test_torchrun_error_is_one_line_from_rank_0(tmp_path):
         rewards.REWARDS)
     assert p.returncode != 0 and ours == [said], p.stderr[-3000:]
     assert "Traceback" not in p.stderr.split("error: unknown reward")[0]  # no rank's own traceback before it
-
-
-def _finished_demo_run(root):
-    """What the Quickstart's demo leaves in root/runs/tiny-color: config, metrics and a final checkpoint."""
-    run = root / "runs" / "tiny-color"
-    (run / "checkpoints" / "checkpoint-00150").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint-00150" / "training_state.pt").write_bytes(b"not read by these tests")
-    (run / "config.json").write_text("{}")
-    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, step=e + 1, reward_mean=0.5)) + "\n"
-                                               for e in range(150)))
-    return run
-
-
-def test_cli_tests_pass_next_to_a_finished_demo_run(tmp_path):
-    """The Quickstart runs the demo and then the suite in the same folder: the tests that run the CLI
-    must write under their own temporary folders, never into the working directory's runs/tiny-color."""
-    run = _finished_demo_run(tmp_path)
-    before = sorted(str(p) for p in run.rglob("*"))
-    tests = ("bad_flags_give_one_line or bad_prompt_files or model_folder_that_is_not_sd3 or no_cuda or "
-             "no_traceback_in_a_real_process or wandb_missing or color_prompt_without or hub_errors or "
-             "resuming_a_finished_run")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        os.path.join(HERE, "test_nft.py"),
-                        "-k", tests], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert p.returncode == 0 and " passed" in p.stdout and "failed" not in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
-    assert sorted(str(p) for p in run.rglob("*")) == before  # the finished run is untouched
 
 
 # ---- prompt files, model folders, checkpoints handed in ----
@@ -3714,79 +3717,42 @@ def test_readme_own_reward_example_trains(capsys, monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- speed levers
 # ---- compile ----
-def test_compiled_transformer_switches_adapters_without_recompiling():
-    """--compile's premise: policies switch by copying weights, which no guard sees, so after one round of every
-    policy (old and reference no-grad, trainable with grad, rollout sampling with the old weights) a second
-    round compiles nothing (fail_on_recompile raises otherwise), and the compiled loss equals eager's.
-    Dynamo's guards and graphs are what is tested; backend aot_eager skips inductor's codegen (CPU)."""
-    import torch._dynamo
-    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
-    sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float()
-    r, mask = torch.rand(4, generator=g), torch.ones(4)
-    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-    pipe = copy.deepcopy(tiny_pipe("sd3"))
-    torch.manual_seed(1)
-    params, old = nft.add_adapters(pipe.transformer, args)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-    theta = {n: p.detach().clone() for n, p in params.items()}
-
-    def one_round():
-        stats = micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask,
-                                args, contextlib.nullcontext, 1.0)
-        with nft.policy(params, old):
-            x = sample_with(pipe, x0, dict(embeds=emb, pooled=pooled), nft.rollout_sigmas(2), "euler", args,
-                            contextlib.nullcontext)
-        return stats, x
-    eager = one_round()
-    torch._dynamo.reset()
-    nft.compile_blocks(pipe.transformer, backend="aot_eager")
-    try:
-        compiled = one_round()
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        with torch.compiler.set_stance("fail_on_recompile"):
-            one_round()
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
-    finally:
-        torch._dynamo.reset()
-    assert torch.allclose(compiled[0], eager[0], rtol=1e-4) and torch.allclose(compiled[1], eager[1], atol=1e-5)
-    assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta is back after every swap
-
-
 def _mini_epochs(pipe, params, old, args, epochs, compiled_from=None):
     """A miniature training loop on fixed inputs: per epoch a rollout with theta_old, one micro-step (old and
     reference no-grad passes, v_theta with grad), an AdamW step. theta_old stays at the initial weights, so
     epoch 0's |v_theta - v_old| is at equal weights and epoch 1's is exactly one optimizer step's change.
-    From epoch `compiled_from` on, any recompile raises. Returns each epoch's (loss, kl, |v_theta - v_old|)."""
+    From epoch `compiled_from` on, any recompile raises; theta must be back after every policy swap. Returns each
+    epoch's (loss, kl, |v_theta - v_old|) and its rollout's samples."""
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
     sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float()
     r, mask = torch.rand(4, generator=g), torch.ones(4)
     emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
-    out = []
+    out, samples = [], []
     for epoch in range(epochs):
         stance = "fail_on_recompile" if compiled_from is not None and epoch >= compiled_from else "default"
+        theta = {n: p.detach().clone() for n, p in params.items()}
         with torch.compiler.set_stance(stance):
             with nft.policy(params, old):
-                sample_with(pipe, torch.randn(8, 4, 4, 4, generator=g),
-                            dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
-                           nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext)
+                samples.append(sample_with(pipe, torch.randn(8, 4, 4, 4, generator=g),
+                                           dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
+                                           nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext))
             out.append(micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r,
-                                       mask, args,
-                                       contextlib.nullcontext, 1.0))
+                                       mask, args, contextlib.nullcontext, 1.0))
+        assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta is back after every swap
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return torch.stack(out)
+    return torch.stack(out), torch.stack(samples)
 
 
 def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
-    """Regional compile (aot_eager on the CPU): epochs 1 and 2 compile nothing new (fail_on_recompile), the
-    compiled losses equal eager's, and at equal weights (epoch 0) compiled |v_theta - v_old| is far below the
-    change one optimizer step makes (epoch 1): the grad and no-grad graphs do not read as a policy gap."""
+    """--compile's premise: policies switch by copying weights, which no guard sees, so after one epoch of every
+    policy (rollout with the old weights, old and reference no-grad passes, trainable with grad) epochs 1 and 2
+    compile nothing new (fail_on_recompile raises otherwise); the compiled losses and rollouts equal eager's, and at
+    equal weights (epoch 0) compiled |v_theta - v_old| is far below the change one optimizer step makes (epoch 1):
+    the grad and no-grad graphs do not read as a policy gap. Dynamo's guards and graphs are what is tested; backend
+    aot_eager (regional compile, as --compile) skips inductor's codegen (CPU)."""
     import torch._dynamo
     args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "8"])
     runs = {}
@@ -3804,8 +3770,10 @@ def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
         finally:
             torch._dynamo.reset()
         assert (graphs > 0) == compiled
-    eager, comp = runs[False], runs[True]
+    (eager, eager_x), (comp, comp_x) = runs[False], runs[True]
     assert torch.allclose(comp[:, 0], eager[:, 0], rtol=1e-5), (comp, eager)
+    assert torch.allclose(comp[1:, 1], eager[1:, 1], rtol=1e-4) and eager[1, 1] > 0  # KL once theta left v_ref
+    assert torch.allclose(comp_x, eager_x, atol=1e-5)
     assert eager[0, 2] == 0 and comp[1, 2] > 1e-4
     assert comp[0, 2] < 0.01 * comp[1, 2], comp[:, 2]
 
