@@ -59,13 +59,70 @@ SMALL = ["--model", "tiny", "--reward", "color", "--num_groups", "2", "--group_s
 SMALL_NO_EVAL = [*SMALL, "--eval_every", 0]
 
 
+def _process_tree(root):
+    """The processes under pid root, children first found (Linux /proc)."""
+    children = {}
+    for stat in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat))
+    tree, todo = [], [root]
+    while todo:
+        found = children.get(todo.pop(), [])
+        tree += found
+        todo += found
+    return tree
+
+
+def _running(pid):
+    """Whether pid still runs (a killed orphan is reaped by init: gone, or a zombie, which runs nothing)."""
+    with contextlib.suppress(OSError):
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def kill_tree(p):
+    """SIGKILL a Popen and every process under it, and wait until all are gone: torchrun starts each rank in a session
+    of its own, so killing torchrun (or its process group) leaves the ranks running, writing into their run and taking
+    the CPU from the next test. The tree is stopped (SIGSTOP) before it is listed, so nothing it starts meanwhile
+    escapes. Returns the pids under p that were killed; none when p had ended."""
+    if p.poll() is not None:
+        return []
+    stopped = set()
+    while True:
+        found = [p.pid, *_process_tree(p.pid)]
+        if stopped >= set(found):
+            break
+        for pid in set(found) - stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.add(pid)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.wait()
+    while any(_running(pid) for pid in found[1:]):
+        time.sleep(0.01)
+    return found[1:]
+
+
+def run_process(command, timeout, **kwargs):
+    """subprocess.run(command, capture_output=True, text=True) that kills the whole process tree (kill_tree) when it
+    runs past `timeout` seconds or the test stops."""
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill_tree(p)
+    return subprocess.CompletedProcess(command, p.returncode, out, err)
+
+
 def run_nft(*args, nproc=0, check=True, timeout=600):
     """Run nft.py in a subprocess (torchrun with nproc > 0); return the completed process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc
                 else [sys.executable])
-    p = subprocess.run(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], capture_output=True, text=True,
-                       env=env, timeout=timeout)
+    p = run_process(launcher + [os.path.join(HERE, "nft.py"), *map(str, args)], timeout,
+                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -74,9 +131,18 @@ def run_nft(*args, nproc=0, check=True, timeout=600):
 _RANKS = """import json, os, socket, sys, time
 sys.path.insert(0, sys.argv[1])
 import nft
+import torch
 folder = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(folder, f"rank{os.environ['RANK']}.pid"), "w") as f:  # torchrun starts each rank in a session
-    f.write(str(os.getpid()))  # of its own, so killing torchrun's group leaves the ranks running (kill_ranks)
+update_old_policy = nft.update_old_policy
+
+
+def update_and_record(pol, args):  # each rank's theta after the epoch's optimizer steps, to compare across ranks
+    theta = {n: nft.full(p).detach().cpu() for n, p in pol.theta.items()}  # --fsdp: gathered on every rank
+    torch.save(theta, os.path.join(args.output_dir, f"theta_rank{os.environ['RANK']}.pt"))
+    return update_old_policy(pol, args)
+
+
+nft.update_old_policy = update_and_record
 for i, argv in enumerate(json.loads(sys.argv[2])):
     if i:  # a fresh store per run: a second process group on the first's store finds its stale keys and hangs
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
@@ -101,8 +167,9 @@ for i, argv in enumerate(json.loads(sys.argv[2])):
 def start_ranks(folder, *runs):
     """Start torchrun with 2 gloo ranks that run nft.main for each argv of `runs` in turn, in
     the same two processes: one start of torchrun, its ranks and their imports for all the runs (seconds each). Its
-    output goes to folder/ranks.txt; each rank's pid to folder/rank<N>.pid (kill_ranks). Returns the Popen."""
-    for stale in [*folder.glob("port*"), *folder.glob("rank*.pid")]:  # an earlier start's (its runs wait for ports)
+    output goes to folder/ranks.txt; each rank saves its theta after every epoch to <output_dir>/theta_rank<N>.pt.
+    Returns the Popen (stop it with kill_tree: its ranks run in sessions of their own)."""
+    for stale in folder.glob("port*"):  # an earlier start's ports (start_ranks' runs wait for these files)
         stale.unlink()
     (folder / "ranks.py").write_text(_RANKS)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -110,22 +177,6 @@ def start_ranks(folder, *runs):
                str(folder / "ranks.py"), HERE, json.dumps([[str(a) for a in argv] for argv in runs])]
     with open(folder / "ranks.txt", "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def kill_ranks(folder, p):
-    """SIGKILL start_ranks' torchrun and both its ranks (each in a session of its own, with whatever it started), and
-    wait until they are gone: a rank left running would go on writing into its run and take the CPU from the next."""
-    pids = [int(f.read_text()) for f in sorted(folder.glob("rank*.pid"))]  # a rank not started yet: none to kill
-    for pid in [p.pid, *pids]:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-    p.wait()
-
-    def running(pid):  # an orphan is reaped by init: gone, or a zombie, which runs nothing
-        with contextlib.suppress(FileNotFoundError):
-            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    while any(running(pid) for pid in pids):
-        time.sleep(0.01)
 
 
 def ranks_said(folder):
@@ -139,7 +190,10 @@ def ranks_said(folder):
 def run_ranks(folder, *runs):
     """start_ranks, waited for: {output_dir: what rank 0 printed for that run}."""
     p = start_ranks(folder, *runs)
-    assert p.wait(timeout=900) == 0, (folder / "ranks.txt").read_text()[-5000:]
+    try:
+        assert p.wait(timeout=900) == 0, (folder / "ranks.txt").read_text()[-5000:]
+    finally:
+        kill_tree(p)  # a timeout, or the test stopped: the ranks too
     return ranks_said(folder)
 
 
@@ -181,8 +235,10 @@ def assert_same_state(a, b):
         for n in a[key]:
             assert torch.equal(a[key][n], b[key][n]), (key, n)
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
-    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0  # AdamW's moments (of the LoRA tensors that had a gradient)
+    assert all(sa[i].keys() == sb[i].keys() and all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]) for i in sa)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
 def no_models(monkeypatch):
@@ -586,11 +642,16 @@ def test_two_epochs_write_metrics_grids_and_checkpoints(two_epochs):
     ckpts = nft.checkpoints(two_epochs)
     assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001", "checkpoint-00002"]
     assert set(os.listdir(ckpts[-1])) == {"pytorch_lora_weights.safetensors", "training_state.pt"}
-    s = state(ckpts[-1])
+    s1, s = state(ckpts[0]), state(ckpts[-1])
     assert s["epoch"] == 2 and s["step"] == 2
-    # after one on-policy epoch (d = 0 at step 1... then d = 0.001) theta_old differs from theta only slightly
-    n = next(iter(s["default"]))
-    assert not torch.equal(s["default"][n], s["ema"][n])
+    # step 5 of the loop: theta_old <- d*theta_old + (1 - d)*theta with d = old_decay(step) (0.002 at step 2)
+    d = nft.old_decay(2, nft.Args.old_flat, nft.Args.old_rate, nft.Args.old_max)
+    assert m[1]["old_decay"] == d == 0.002
+    for n in s["default"]:
+        followed = s1["old"][n].clone().mul_(d).add_(s["default"][n], alpha=1 - d)
+        assert torch.allclose(s["old"][n], followed, rtol=0, atol=1e-7), n
+    assert any(not torch.equal(s["old"][n], s["default"][n]) for n in s["default"])  # d > 0 shows
+    assert any(not torch.equal(s["default"][n], s["ema"][n]) for n in s["default"])  # the EMA lags theta
 
 
 def test_the_run_prints_the_base_evaluation_and_ends_with_its_folder(two_epochs):
@@ -931,9 +992,8 @@ print("ok", rank)
 dist.barrier()
 dist.destroy_process_group()  # a gloo group left to interpreter teardown can abort the process
 """)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        str(script)],
-                       capture_output=True, text=True, timeout=300)
+    p = run_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
+                    timeout=300)
     assert p.returncode == 0 and p.stdout.count("ok") == 2, p.stderr[-3000:]
 
 
@@ -957,12 +1017,15 @@ def two_rank_runs(tmp_path_factory):
 
 
 def test_torchrun_two_ranks_end_to_end_and_grad_sync_modes_agree(two_rank_runs):
-    """2 gloo ranks, 2 micro-batches per optimizer step each. --grad_sync micro_step (an all-reduce after
-    every backward, the official-style setting) must train the same LoRA as one all-reduce per step."""
+    """2 gloo ranks, 2 micro-batches per optimizer step each, each rank its own images. The ranks end the step with the
+    same theta, bit for bit (their gradients were averaged), and --grad_sync micro_step (an all-reduce after every
+    backward, the official-style setting) trains the same LoRA as one all-reduce per step."""
     from safetensors.torch import load_file
     lora = {}
     for mode in ("step", "micro_step"):
         out = two_rank_runs[mode][0]
+        theta = [torch.load(out / f"theta_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+        assert theta[0].keys() == theta[1].keys() and all(torch.equal(theta[0][n], theta[1][n]) for n in theta[0])
         m = metrics(out)
         assert len(m) == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
         lora[mode] = (m[0]["grad_norm"],
@@ -1003,7 +1066,8 @@ def test_profile_reports_phases_throughput_and_mfu(sd3_profile):
         assert report[key] > 0, key
     phases = sum(report[f"time_{k}_s"] for k in ("text", "rollout", "decode", "reward", "train"))
     assert phases <= report["time_epoch_s"] * 1.001  # the phases partition the epoch (advantages are the rest)
-    assert 0 < report["train_mfu"] < 1.5 and "train_mfu" in printed
+    assert report["train_mfu"] == pytest.approx(report["train_tflops"] / report["peak_tflops_matmul"])
+    assert "train_mfu" in printed
     assert len(metrics(out)) == 3 and not nft.checkpoints(out)
 
 
@@ -1518,8 +1582,7 @@ def _kill_when(command, seen, log):
         while p.poll() is None and not seen(log.read_text()):
             time.sleep(0.01)
     finally:
-        p.kill()
-        p.wait()
+        kill_tree(p)
     assert seen(log.read_text()), log.read_text()[-3000:]  # it ended before the moment it was to be killed at
     return p.returncode
 
@@ -1559,12 +1622,18 @@ def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(tw
     with open(tmp_path / "err.txt", "w") as err:
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv)], stdout=subprocess.PIPE,
                              stderr=err, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        for line in p.stdout:
-            if line.startswith("epoch    0 "):
-                p.send_signal(signal.SIGTERM)
-                break
-        p.stdout.read()
-        assert p.wait(timeout=120) == 143
+        watchdog = threading.Timer(600, p.kill)  # a run that hangs fails the test instead of holding the suite
+        watchdog.start()
+        try:
+            for line in p.stdout:
+                if line.startswith("epoch    0 "):
+                    p.send_signal(signal.SIGTERM)
+                    break
+            p.communicate(timeout=120)
+        finally:
+            watchdog.cancel()
+            kill_tree(p)
+    assert p.returncode == 143
     said = open(tmp_path / "err.txt").read()
     assert "Traceback" not in said
     last = said.strip().splitlines()[-1]
@@ -1646,43 +1715,44 @@ def _fsdp_argv(family, out, *extra):
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     """One torchrun of 2 gloo ranks (start_ranks) for every tiny family: 2 epochs unsharded (<family>-plain) and 2 with
-    --fsdp (<family>-fsdp); SD3's --fsdp run, the last, is set for 8 epochs and SIGKILLed (torchrun and both ranks,
-    kill_ranks) as soon as its checkpoint-00002 appears. Qwen-Image runs with --grad_sync micro_step: FSDP's
-    reduce-scatter after every backward, with its 6 LoRA tensors that get no gradient. FLUX.1 runs in bf16: a bf16
-    base and the fp32 LoRA in one FSDP unit. Returns the folder of the runs."""
+    --fsdp (<family>-fsdp); last, an SD3 --fsdp run set for 8 epochs (sd3-killed), SIGKILLed (torchrun and both
+    ranks, kill_tree) as soon as its checkpoint-00001 appears, in epoch 1. Qwen-Image runs with --grad_sync
+    micro_step: FSDP's reduce-scatter after every backward, with its 6 LoRA tensors that get no gradient. FLUX.1 runs
+    in bf16: a bf16 base and the fp32 LoRA in one FSDP unit. Returns the folder of the runs."""
     root = tmp_path_factory.mktemp("fsdp")
     runs = [_fsdp_argv(family, root / f"{family}-{kind}", *["--fsdp"] * (kind == "fsdp"), "--num_epochs", 2)
-            for family in ("flux", "qwenimage", "sd3") for kind in ("plain", "fsdp")]
-    p = start_ranks(root, *runs[:-1], [*runs[-1], "--num_epochs", 8])  # argparse: the last --num_epochs wins
-    ckpt = root / "sd3-fsdp" / "checkpoints" / "checkpoint-00002"
+            for family in FSDP for kind in ("plain", "fsdp")]
+    p = start_ranks(root, *runs, _fsdp_argv("sd3", root / "sd3-killed", "--fsdp", "--num_epochs", 8))
+    ckpt, deadline = root / "sd3-killed" / "checkpoints" / "checkpoint-00001", time.monotonic() + 900
     try:
-        while p.poll() is None and not ckpt.is_dir():
+        while p.poll() is None and not ckpt.is_dir() and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        kill_ranks(root, p)
+        killed = kill_tree(p)
     said = (root / "ranks.txt").read_text()
-    assert p.returncode == -9 and ckpt.is_dir() and len(list(root.glob("rank*.pid"))) == 2, said[-5000:]
-    assert "done: the outputs are in" not in ranks_said(root)[str(root / "sd3-fsdp")]  # killed mid-run
+    assert p.returncode == -9 and ckpt.is_dir() and len(killed) >= 2, said[-5000:]  # torchrun and both ranks
+    assert "done: the outputs are in" not in ranks_said(root)[str(root / "sd3-killed")]  # killed mid-run
     return root
 
 
 def test_fsdp_resume_is_bit_exact_also_after_sigkill(fsdp_runs):
-    """Each family's --fsdp run (SD3's SIGKILLed after its checkpoint-00002), copied without checkpoint-00002 and any
-    later one (as a kill just before it leaves the run) and resumed with --resume_from latest from checkpoint-00001
-    (the full state, split into each rank's shards; the three resumes in one torchrun), trains epoch 1 again to the
-    same bits: theta, theta_old, EMA, optimizer, and the metrics."""
+    """The SIGKILLed SD3 --fsdp run, continued in place with --resume_from latest and --num_epochs 2, and each other
+    family's --fsdp run copied without checkpoint-00002 (as a kill just before it leaves the run) and resumed, all
+    from checkpoint-00001 (the full state, split into each rank's shards; the three resumes in one torchrun), end
+    epoch 1 as the uninterrupted --fsdp runs, to the bit: theta, theta_old, EMA, optimizer, and the metrics."""
     root = fsdp_runs
-    for family in FSDP:
-        shutil.copytree(root / f"{family}-fsdp", root / f"{family}-resumed", ignore=lambda folder, names: [
+    resumed = {"sd3": root / "sd3-killed", **{family: root / f"{family}-resumed" for family in ("flux", "qwenimage")}}
+    for family in ("flux", "qwenimage"):
+        shutil.copytree(root / f"{family}-fsdp", resumed[family], ignore=lambda folder, names: [
             n for n in names if re.fullmatch(r"checkpoint-0000[2-9].*", n)])
-    run_ranks(root, *[_fsdp_argv(family, root / f"{family}-resumed", "--fsdp", "--num_epochs", 2, "--resume_from",
-                                 "latest") for family in FSDP])
+    run_ranks(root, *[_fsdp_argv(family, out, "--fsdp", "--num_epochs", 2, "--resume_from", "latest")
+                      for family, out in resumed.items()])
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
-    for family in FSDP:
-        run, out = root / f"{family}-fsdp", root / f"{family}-resumed"
+    for family, out in resumed.items():
+        run = root / f"{family}-fsdp"
         assert_same_state(state(out / "checkpoints" / "checkpoint-00002"),
                           state(run / "checkpoints" / "checkpoint-00002"))
-        assert strip(metrics(out)) == strip(metrics(run)[:2]), family
+        assert strip(metrics(out)) == strip(metrics(run)), family
 
 
 # ---- which checkpoint is read, and how one is written ----
@@ -1874,7 +1944,8 @@ def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(
     assert not (tmp_path / "o").exists()
 
 
-def test_no_cuda_points_to_the_cpu_demo(capsys, tmp_path):
+def test_no_cuda_points_to_the_cpu_demo(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     assert "python nft.py --model tiny --reward color" in cli_error(capsys, "--output_dir", tmp_path / "o")
 
 
@@ -2322,7 +2393,7 @@ def _color_prompts(tmp_path):
 
 def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatch, tmp_path):
     """A reward that never returns: the run stops with one line after --reward_timeout (its thread is left
-    behind), batches already queued fail at once, and a process holding such a thread still exits."""
+    behind), a later call fails at once (no second wait), and a process holding such a thread still exits."""
     release = threading.Event()
     monkeypatch.setitem(rewards.REWARDS, "hang", lambda device: lambda images, prompts, metadata: release.wait())
     try:
@@ -2334,16 +2405,20 @@ def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatc
                    "only slow")
     script = ("import threading, torch, rewards\n"
               "rewards.REWARDS['hang'] = lambda device: lambda i, p, m: threading.Event().wait()\n"
-              "try:\n    rewards.make_reward('hang', 'cpu', timeout=0.5)(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
-              "except rewards.RewardError as e:\n    print(e)\n")
+              "fn = rewards.make_reward('hang', 'cpu', timeout=0.5)\n"
+              "for _ in range(2):\n"
+              "    try:\n        fn(torch.rand(1, 3, 8, 8), ['a'], [{}])\n"
+              "    except rewards.RewardError as e:\n        print(e)\n")
     p = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "did not return within 0.5 s" in p.stdout, p.stderr[-2000:]
+    said = p.stdout.splitlines()
+    assert p.returncode == 0 and len(said) == 2, p.stdout + p.stderr[-2000:]
+    assert "did not return within 0.5 s; check it" in said[0] and "did not return within 0.5 s before" in said[1]
 
 
 def test_ctrl_c_drops_the_batches_queued_for_scoring(capsys, monkeypatch, tmp_path):
     """Ctrl-C while the reward thread scores the first of eight queued batches: the other seven are dropped, not
     scored on the way out (which would hold the exit for an epoch's scoring)."""
-    first, release, calls = threading.Event(), threading.Event(), []
+    first, release, calls, threads = threading.Event(), threading.Event(), [], set(threading.enumerate())
 
     def slow(images, prompts, metadata):
         calls.append(len(prompts))
@@ -2363,12 +2438,13 @@ def test_ctrl_c_drops_the_batches_queued_for_scoring(capsys, monkeypatch, tmp_pa
     finally:
         release.set()
     assert e.value.code == 130 and "SIGINT: no epoch was completed" in capsys.readouterr().err
-    time.sleep(2)  # time enough for seven more calls, were they still queued
+    for thread in set(threading.enumerate()) - threads:  # the reward thread ends once its queue is done (or dropped)
+        thread.join(60)
     assert calls == [1]
 
 
 class _MisbehavingServer(http.server.BaseHTTPRequestHandler):
-    mode, hits = "ok", []
+    mode, hits, trickled, done = "ok", [], 0, threading.Event()
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -2379,14 +2455,16 @@ class _MisbehavingServer(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if mode == "trickle":  # a byte every 0.3 s: no single read ever times out
+        if mode == "trickle":  # a byte every 0.3 s (30 s in all): no single read ever times out
             self.send_response(200)
             self.end_headers()
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # the client hung up
                 for _ in range(100):
                     self.wfile.write(b" ")
                     self.wfile.flush()
+                    _MisbehavingServer.trickled += 1
                     time.sleep(0.3)
+            _MisbehavingServer.done.set()
             return
         data = {"garbage": b"<html>not json</html>",
                 "flood": b"x" * (rewards.MAX_REPLY_BYTES + 10)}.get(mode, json.dumps(
@@ -2407,7 +2485,7 @@ def misbehaving_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MisbehavingServer)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _MisbehavingServer.hits = []
+    _MisbehavingServer.hits, _MisbehavingServer.trickled, _MisbehavingServer.done = [], 0, threading.Event()
     yield f"http://user:hunter2@127.0.0.1:{server.server_port}/v1"
     server.shutdown()
 
@@ -2422,13 +2500,13 @@ def misbehaving_server():
 def test_http_reward_client_fails_in_bounded_time_with_one_line(misbehaving_server, mode, message):
     _MisbehavingServer.mode = mode
     fn = rewards.make_unifiedreward("cpu", url=misbehaving_server, timeout=1, retries=2, backoff=0.05)
-    start = time.monotonic()
     with pytest.raises(rewards.RewardError) as e:
         fn(_random_images(1, 16, 16), ["a cat"], [{}])
     assert message in str(e.value) and "\n" not in str(e.value)
     assert "hunter2" not in str(e.value) and "user:" not in str(e.value)  # credentials never printed
-    assert time.monotonic() - start < 8
     assert len(_MisbehavingServer.hits) == (3 if mode == "500" else 1)  # only 5xx (and connection errors) are retried
+    if mode == "trickle":  # the client hung up within its 1 s deadline: the server's writes failed after a few bytes
+        assert _MisbehavingServer.done.wait(60) and _MisbehavingServer.trickled < 20, _MisbehavingServer.trickled
 
 
 def test_http_reward_client_retries_a_500_and_sends_url_credentials_as_basic_auth(misbehaving_server):
@@ -2816,6 +2894,7 @@ def test_eval_only_of_a_family_checkpoint_scores_as_in_training(family_demo, tmp
             "--eval_images_per_prompt", 4, "--mixed_precision", "no", "--output_dir", out)
     result = json.load(open(out / "eval.json"))
     assert result["reward_mean"] == pytest.approx(metrics(demo)[-1]["eval_reward_mean"], abs=1e-4)
+    assert result["reward_mean"] > metrics(demo)[0]["eval_reward_mean_before"] + 0.1  # the base model's, same images
     assert os.path.isfile(out / "compare.png")
 
 
@@ -3126,7 +3205,7 @@ def test_geneval_on_a_tiny_mask2former_and_clip_end_to_end():
     score, comps = scorer(images, [m["prompt"] for m in meta[:2]], meta[:2])
     assert score.shape == (2,) and set(comps) == {"partial", "strict", "correct"}
     assert torch.isfinite(score).all()
-    # colors of kept objects go through CLIP crops: force a confident detection of a colored class
+    # colors of kept objects go through CLIP crops: the first detection's crop, in two images
     det = scorer.detect(images)[0]
     name = next(iter(det))
     d = det[name][0]
@@ -3780,13 +3859,18 @@ def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
 
 @pytest.fixture
 def _aot_compile(monkeypatch):
-    """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance reset after."""
+    """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance and the
+    inductor cache folder reset after."""
     import functools
     import torch._dynamo
     monkeypatch.setattr(nft, "compile_blocks", functools.partial(nft.compile_blocks, backend="aot_eager"))
+    cache = os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # start_run sets it to its run's folder: restored after
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     torch.compiler.set_stance("default")
     torch._dynamo.callback_handler.clear()
     torch._dynamo.reset()
@@ -3934,7 +4018,7 @@ def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs, fa
         assert plain[key].keys() == fsdp[key].keys()
         assert all(torch.allclose(plain[key][n], fsdp[key][n], rtol=0, atol=1e-5) for n in plain[key]), key
     assert any(t.abs().max() > 1e-4 for n, t in fsdp["default"].items() if "lora_B" in n)  # it trained
-    m, m_fsdp = metrics(plain_run), metrics(fsdp_run)[:2]  # SD3's was killed in its third epoch
+    m, m_fsdp = metrics(plain_run), metrics(fsdp_run)
     assert [r["step"] for r in m] == [r["step"] for r in m_fsdp] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + m_fsdp)
     model = FSDP[family][0]
