@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 774: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 780: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -26,7 +26,8 @@ SD3.5, FLUX.1 and Qwen-Image all fit this: a Family says how prompts are encoded
 (x, sigma, prompt), the rollout schedule and the LoRA targets; the loop never asks which family it runs.
 
 Where this file deliberately differs from the official code (the README's table gives them in more detail):
- 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler).
+ 1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler;
+    --mixed_precision fp16 has them, with a static loss scale in place of the GradScaler).
  2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
  3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
  4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a function of
@@ -530,7 +531,7 @@ def nft_update(run, pol, batch, epoch, log):
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
         if args.fsdp:  # the backward reduce-scatters in a step's last micro-batch only (in every one with micro_step)
             run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or last)
-        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, 1 / (per_step * T))
+        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, run.loss_scale / (per_step * T))
         if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: an official-style baseline
             average_gradients(pol.theta)
         if last:
@@ -542,10 +543,10 @@ def micro_step(run, pol, mb, sigma, eps, scale):
     """One micro-batch mb (a Batch of B clean latents x0, their conditioning, r and mask), each visited at T sigmas
     (sigma: (T, B), eps: (T, B, C, h, w)). The no-grad v_old (theta_old copied into the LoRA, `policy`) and, when
     kl_coef > 0, v_ref (lora_B = 0) of all T*B visits run sample_batch_size at a time; then per timestep v_theta with
-    grad and the backward of (adv_clip * nft_loss + kl_coef * KL) * scale, scale = 1 / (micro-batches per optimizer
-    step * T) averaging the accumulated gradient. --train_guided: v_old, v_ref and v_theta are the guided velocities
-    the rollouts used, so the old policy in the loss is the one that sampled. Returns the summed (loss, kl,
-    |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
+    grad and the backward of (adv_clip * nft_loss + kl_coef * KL) * scale, scale = 1 / (micro-batches per optimizer step
+    * T) averaging the accumulated gradient (times fp16's loss scale, which optimizer_step divides out). --train_guided:
+    v_old, v_ref and v_theta are the guided velocities the rollouts used, so the old policy in the loss is the one that
+    sampled. Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
     args, transformer, x0 = run.args, run.pipe.transformer, mb.x0
     T, B = sigma.shape
     w = args.guidance_scale if args.train_guided else 1.0  # 1: the conditional velocity, one pass (the paper's)
@@ -579,7 +580,8 @@ def take_step(run, pol, epoch, log, problem=None):
     the last good checkpoint intact."""
     args = run.args
     sync = args.grad_sync == "step" and not args.fsdp  # --fsdp: FSDP's backward reduce-scattered them
-    grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, args.max_grad_norm, sync)
+    grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, args.max_grad_norm, sync,
+                                                                        run.loss_scale)
     if problem:
         pol.bad_steps += 1
         if run.process_index == 0:  # tqdm.write: a message never lands on the progress bar's line
@@ -595,13 +597,17 @@ def take_step(run, pol, epoch, log, problem=None):
     soft_update_(pol.ema, pol.theta, ema_decay(pol.step, args.ema_max_decay))
 
 
-def optimizer_step(params, opt, max_grad_norm, sync=True):
+def optimizer_step(params, opt, max_grad_norm, sync=True, loss_scale=1.0):
     """Average the gradients over ranks (the only gradient sync of the step, unless --grad_sync micro_step already did
-    it after every backward, or --fsdp's backward reduce-scattered them), clip, step. Returns (gradient norm, None),
-    or (None, problem) when the step was skipped or undone: a NaN/inf gradient, or finite gradients that made a weight
-    NaN/inf (too high a learning rate); then the weights and the optimizer state go back to before the step."""
+    it after every backward, or --fsdp's backward reduce-scattered them), divide out the backward's loss_scale, clip,
+    step. Returns (gradient norm, None), or (None, problem) when the step was skipped or undone: a NaN/inf gradient
+    (an fp16 overflow too), or finite gradients that made a weight NaN/inf (too high a learning rate); then the weights
+    and the optimizer state go back to before the step."""
     if sync:
         average_gradients(params)
+    for p in params.values() if loss_scale != 1 else ():
+        if p.grad is not None:
+            p.grad.div_(loss_scale)
     # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
     norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
     if not math.isfinite(norm):
@@ -785,6 +791,7 @@ class Run:
     device: torch.device
     pipe: object = None  # the diffusers pipeline; pipe.transformer carries the LoRA
     autocast: object = contextlib.nullcontext  # () -> the autocast context of the chosen precision
+    loss_scale: float = 1.0  # the backward's loss scale: 2^16 under fp16 autocast (precision), else 1
     reward_fn: object = None  # (images, prompts, records) -> (rewards, components): rewards.make_reward
     eval_fn: object = None  # reward_fn with --eval_reward's components beside it (rewards.with_eval_rewards)
     train_records: list = ()
@@ -904,16 +911,22 @@ def load_model(run):
     run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, watched, device, args.reward_precision,
                                             args.reward_timeout)
     dtype, run.autocast = precision(args, device)
-    run.pipe = load_pipeline(args.model, dtype, device).to(device)
+    if precision_mode(args, device) == "fp16":  # fp16 gradients of a loss averaged over 16 x 64 x 64 latent values and
+        run.loss_scale = FP16_LOSS_SCALE  # 144 visits underflow to 0: the loss is scaled up for the backward
+    run.pipe = load_pipeline(args.model, dtype, device)
+    # to the GPU, but not what may not fit there whole: --fsdp's transformer (shard() moves it block by block) and
+    # offloaded text encoders (resident on the CPU; encode_prompts brings them over once per call)
+    stay = ["transformer"] if args.fsdp else []
+    stay += family_of(run.pipe).text_encoders if args.offload_text_encoders else ()
+    for name, module in run.pipe.components.items():
+        if isinstance(module, torch.nn.Module) and name not in stay:
+            module.to(device)
     if args.reward_precision == "fp32":  # the VAE only decodes for the rewards: fp32 as officially
         run.pipe.vae.to(torch.float32)  # (bf16 noise in the pixels moves thresholded rewards such as GenEval's)
     resolve_guidance(run.pipe, args)
     if args.guidance_scale > 1:  # the negative prompt's conditioning, one row
         run.negative = encode_prompts(run.pipe, [args.negative_prompt], args.max_sequence_length, run.device,
                                       args.embedded_guidance_scale)
-    if args.offload_text_encoders:  # resident on the CPU; encode_prompts brings them over once per call
-        for e in text_encoders(run.pipe):
-            e.to("cpu")
 
 
 def start_run(args):
@@ -1153,10 +1166,11 @@ def compile_blocks(transformer, **options):
 
 def shard(transformer):
     """--fsdp: FSDP2, a unit per block, then the rest (resharded after its forward too, so what `policy` copies into
-    the shards reaches the next forward): a rank holds 1/world of each weight. Returns the LoRA and a copy of it."""
+    the shards reaches the next forward): a rank holds 1/world of each weight. The transformer may still be on the CPU
+    (load_model): fully_shard moves each unit to this rank's GPU as it splits it. Returns the LoRA and a copy of it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(transformer.device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))  # as setup()
     for block in blocks(transformer):
         fully_shard(block, mesh=mesh)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=True)
@@ -1525,9 +1539,12 @@ def precision_mode(args, device):
     return "fp16" if args.eval_only and model_family(args.model) == "sd3" else "bf16"
 
 
+FP16_LOSS_SCALE = 2.0 ** 16  # GradScaler's first scale, which it keeps unless a step overflows
+
+
 def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls. fp16: the official
-    setting's fp32 weights + fp16 autocast, without its GradScaler (a timing baseline). no: fp32 everywhere."""
+    setting's fp32 weights + fp16 autocast, its GradScaler a static loss scale (Run.loss_scale). no: fp32."""
     weights, compute = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float32, torch.float16),
                         "no": (torch.float32, None)}[precision_mode(args, device)]
     autocast = functools.partial(torch.autocast, device.type, dtype=compute) if compute else contextlib.nullcontext
@@ -1931,9 +1948,12 @@ def generate(run, records, items):
     cond, row = {k: v.cpu() for k, v in cond.items()}, {i: j for j, i in enumerate(prompts)}
     for b in range(0, len(items), args.sample_batch_size):
         batch = items[b:b + args.sample_batch_size]
-        where = torch.tensor([row[i] for i, _ in batch])
-        noise = torch.stack([torch.randn(shape, generator=rng(args.seed, "eval", i, k)) for i, k in batch]).to(device)
-        x0 = sample(run, noise, {k: v[where].to(device) for k, v in cond.items()}, sigmas, "euler")
+        run_as = list(batch)
+        if args.compile and not args.eval_only:  # one batch size: a short last batch would make the compiled blocks
+            run_as += batch[-1:] * (args.sample_batch_size - len(batch))  # recompile with a dynamic one (repeats cut)
+        where = torch.tensor([row[i] for i, _ in run_as])
+        noise = torch.stack([torch.randn(shape, generator=rng(args.seed, "eval", i, k)) for i, k in run_as]).to(device)
+        x0 = sample(run, noise, {k: v[where].to(device) for k, v in cond.items()}, sigmas, "euler")[:len(batch)]
         yield batch, decode(pipe, x0)
 
 

@@ -24,6 +24,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import contextlib
 import copy
 import dataclasses
+import functools
 import http.server
 import inspect
 import io
@@ -2765,7 +2766,7 @@ def test_geneval_tags_reach_the_evaluation_report(tiny_sd3):
     assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
 
 
-def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3):
+def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3, monkeypatch):
     pipe = tiny_sd3
     records = rewards.default_prompts("color", "test")
     fn = rewards.make_reward("color", "cpu")
@@ -2782,6 +2783,12 @@ def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3):
     assert scores(sample_batch_size=8) == a  # the same run twice: identical
     b = scores(sample_batch_size=3)  # other batches: the same images up to float rounding
     assert all(b[key][0] == a[key][0] and b[key][1] == pytest.approx(a[key][1], abs=1e-5) for key in a)
+    sizes, sample = [], nft.sample
+    monkeypatch.setattr(nft, "sample", lambda run, x, *rest: sizes.append(len(x)) or sample(run, x, *rest))
+    c = scores(compile=True, eval_only=False)  # compiled blocks see one batch size: the short last batch is padded
+    assert sizes == [3, 3, 3] and all(c[key][0] == a[key][0] and c[key][1] == pytest.approx(a[key][1], abs=1e-5)
+                                      for key in a)
+    monkeypatch.undo()
     assert scores(sample_batch_size=8, seed=7) != a
 
 
@@ -3861,7 +3868,6 @@ def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
 def _aot_compile(monkeypatch):
     """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance and the
     inductor cache folder reset after."""
-    import functools
     import torch._dynamo
     monkeypatch.setattr(nft, "compile_blocks", functools.partial(nft.compile_blocks, backend="aot_eager"))
     cache = os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # start_run sets it to its run's folder: restored after
@@ -4004,6 +4010,59 @@ def test_bf16_micro_step_matches_fp32_within_bf16_noise():
     (s32, g32), (s16, g16) = results
     assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+def test_fp16_loss_scale_keeps_the_gradients_fp16_flushes_to_zero():
+    """--mixed_precision fp16 (the official fp32 weights + fp16 autocast): a micro-step's gradient as small as a 512 px
+    run's (scale 1e-6 here; SD3.5 averages its loss over 16 x 64 x 64 values and 144 visits) mostly flushes to zero in
+    fp16's backward; with the loss scaled by FP16_LOSS_SCALE and optimizer_step dividing it out, it is fp32's."""
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6"])
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
+    sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float()
+    r, mask = torch.rand(4, generator=g), torch.ones(4)
+    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
+
+    def micro_step(mode, scale):  # the same LoRA, inputs and micro-step in fp32 ("no") or under fp16 autocast
+        args.mixed_precision = mode
+        dtype, autocast = nft.precision(args, torch.device("cpu"))
+        pipe = copy.deepcopy(tiny_pipe("sd3")).to(dtype=dtype)
+        torch.manual_seed(1)
+        params, old = nft.add_adapters(pipe.transformer, args)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
+                        autocast, scale)
+        return params
+    g32 = torch.cat([p.grad.flatten() for p in micro_step("no", 1e-6).values()])
+    unscaled = torch.cat([p.grad.flatten() for p in micro_step("fp16", 1e-6).values()])
+    cosine = functools.partial(torch.nn.functional.cosine_similarity, dim=0)
+    assert cosine(unscaled, g32) < 0.9 and (unscaled == 0).float().mean() > 0.9  # most of it flushed
+    params = micro_step("fp16", 1e-6 * nft.FP16_LOSS_SCALE)
+    scaled = torch.cat([p.grad.flatten() for p in params.values()]) / nft.FP16_LOSS_SCALE
+    assert cosine(scaled, g32) > 0.9999
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+    norm, problem = nft.optimizer_step(params, opt, 1e9, sync=False, loss_scale=nft.FP16_LOSS_SCALE)
+    assert problem is None and norm == pytest.approx(float(g32.norm()), rel=1e-3)  # divided out before clipping
+
+
+@pytest.mark.parametrize("flags, on_cpu", [
+    ([], []), (["--fsdp"], ["transformer"]),
+    (["--offload_text_encoders"], ["text_encoder", "text_encoder_2", "text_encoder_3"])])
+def test_loading_leaves_on_the_cpu_what_may_not_fit_a_gpu_whole(flags, on_cpu, monkeypatch):
+    """load_model moves the pipeline to the run's device ("meta" stands in for a GPU here), except --fsdp's transformer
+    (shard() moves it there a block at a time) and offloaded text encoders (encode_prompts brings them over). The
+    reward is not what is tested: made with the CPU as its device."""
+    for name in ("make_reward", "with_eval_rewards"):
+        made = getattr(rewards, name)
+        monkeypatch.setattr(rewards, name, lambda *a, made=made, **k: made(*[
+            torch.device("cpu") if isinstance(x, torch.device) else x for x in a], **k))
+    run = nft.Run(nft.parse_args(["--model", "tiny", "--reward", "color", *flags]), 0, 1, torch.device("meta"))
+    nft.load_model(run)
+    modules = {n: m for n, m in run.pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert {n: next(m.parameters()).device.type for n, m in modules.items()} == {
+        n: "cpu" if n in on_cpu else "meta" for n in modules}
 
 
 # ---- sharding over ranks (--fsdp) and the memory check before loading ----
