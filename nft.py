@@ -168,7 +168,7 @@ PRESETS = {
     "pickscore": dict(reward="pickscore", beta=1.0),
     "hpsv2": dict(reward="hpsv2", beta=1.0),
     "multi": dict(reward="pickscore:1,hpsv2:1,clipscore:1", beta=0.1, num_steps=25),
-    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in about 75 s on 2 cores
+    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in a few minutes on 2 cores
     "tiny": dict(resolution=32, num_steps=10, solver="euler", group_size=8, num_groups=4,
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
@@ -1621,7 +1621,8 @@ RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's
     "max_grad_norm", "max_nonfinite_steps", "reward_timeout", "eval_every", "eval_num_steps", "eval_images_per_prompt",
     "eval_max_prompts", "eval_prompts", "save_every", "checkpoints_total_limit", "wandb", "wandb_project",
     "wandb_run_name", "compile", "gradient_checkpointing", "offload_text_encoders", "grad_sync", "mixed_precision",
-    "reward_precision", "profile", "output_dir", "resume_from", "overwrite"]
+    "reward_precision", "profile", "output_dir", "resume_from", "overwrite", "eval_reward", "fsdp", "compile_budget",
+    "memory_check"]
 STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
               "bad_steps": int, "config": dict}
 _HELD = []  # what main() releases when a run ends, whatever the way: the run lock, the reward queue

@@ -1462,6 +1462,11 @@ def test_resume_takes_the_run_configuration_from_its_config_json(monkeypatch, tm
     assert dataclasses.asdict(args) == dict(dataclasses.asdict(original), resume_from="latest")
     assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--num_epochs", "300",
                            "--init_lora", "./a/init.safetensors"]).num_epochs == 300  # the same file: allowed
+    # sharding, the memory check, the compile budget and what evaluations also score change nothing a checkpoint holds
+    changed = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--fsdp", "--no-memory_check",
+                              "--compile_budget", "60", "--eval_reward", "jpeg"])
+    assert (changed.fsdp, changed.memory_check, changed.compile_budget) == (True, False, 60)
+    assert changed.eval_reward == "jpeg"
     with pytest.raises(nft.UserError, match=r"--rank 8: the run in .* has 32, which a resume cannot change; it may "
                                             r"change --seed, .*--learning_rate"):
         nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--rank", "8"])
