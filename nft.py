@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 780: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 781: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -605,9 +605,10 @@ def optimizer_step(params, opt, max_grad_norm, sync=True, loss_scale=1.0):
     and the optimizer state go back to before the step."""
     if sync:
         average_gradients(params)
-    for p in params.values() if loss_scale != 1 else ():
-        if p.grad is not None:
-            p.grad.div_(loss_scale)
+    if loss_scale != 1:
+        for p in params.values():
+            if p.grad is not None:
+                p.grad.div_(loss_scale)
     # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
     norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
     if not math.isfinite(norm):

@@ -3989,63 +3989,50 @@ def test_bf16_vae_decode_stays_within_a_pixel_level_of_fp32():
     assert bf16.dtype == torch.float32 and diff.mean() < 1 / 255 and diff.max() < 6 / 255, (diff.mean(), diff.max())
 
 
-def test_bf16_micro_step_matches_fp32_within_bf16_noise():
-    """The fast default (bf16 base, fp32 LoRA, bf16 autocast) gives the fp32 loss and gradient on the same
-    inputs within bf16 noise: loss within 2%, gradient cosine > 0.99 (tiny model, CPU autocast)."""
-    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6"])
+def _micro_step_in(mode, scale=1.0):
+    """One micro-step of the tiny SD3 in --mixed_precision `mode` on fixed inputs (3 visits of 4 latents), with the same
+    non-trivial LoRA (old != theta) whatever the mode. Returns (its stats, the LoRA parameters with their gradients)."""
+    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6", "--mixed_precision",
+                           mode])
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
     sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float()
     r, mask = torch.rand(4, generator=g), torch.ones(4)
     emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-    results = []
-    for mode in ("no", "bf16"):
-        args.mixed_precision = mode
-        dtype, autocast = nft.precision(args, torch.device("cpu"))
-        pipe = copy.deepcopy(tiny_pipe("sd3")).to(dtype=dtype)
-        torch.manual_seed(1)
-        params, old = nft.add_adapters(pipe.transformer, args)
-        with torch.no_grad():  # a non-trivial, identical LoRA in both, and old != theta
-            for n, p in params.items():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        stats = micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)),
-                                sig, eps, r, mask,
-                                args, autocast, 1.0)
-        results.append((stats, torch.cat([p.grad.flatten() for p in params.values()])))
-    (s32, g32), (s16, g16) = results
+    dtype, autocast = nft.precision(args, torch.device("cpu"))
+    pipe = copy.deepcopy(tiny_pipe("sd3")).to(dtype=dtype)
+    torch.manual_seed(1)
+    params, old = nft.add_adapters(pipe.transformer, args)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    stats = micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb.to(dtype), pooled=pooled.to(dtype)),
+                            sig, eps, r, mask, args, autocast, scale)
+    return stats, params
+
+
+def _grads(params):
+    return torch.cat([p.grad.flatten() for p in params.values()])
+
+
+def test_bf16_micro_step_matches_fp32_within_bf16_noise():
+    """The fast default (bf16 base, fp32 LoRA, bf16 autocast) gives the fp32 loss and gradient on the same
+    inputs within bf16 noise: loss within 2%, gradient cosine > 0.99 (tiny model, CPU autocast)."""
+    (s32, p32), (s16, p16) = _micro_step_in("no"), _micro_step_in("bf16")
     assert torch.allclose(s16[0], s32[0], rtol=2e-2), (s16, s32)
-    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(_grads(p16), _grads(p32), dim=0) > 0.99
 
 
 def test_fp16_loss_scale_keeps_the_gradients_fp16_flushes_to_zero():
     """--mixed_precision fp16 (the official fp32 weights + fp16 autocast): a micro-step's gradient as small as a 512 px
     run's (scale 1e-6 here; SD3.5 averages its loss over 16 x 64 x 64 values and 144 visits) mostly flushes to zero in
     fp16's backward; with the loss scaled by FP16_LOSS_SCALE and optimizer_step dividing it out, it is fp32's."""
-    args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", "6"])
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
-    sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float()
-    r, mask = torch.rand(4, generator=g), torch.ones(4)
-    emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
-
-    def micro_step(mode, scale):  # the same LoRA, inputs and micro-step in fp32 ("no") or under fp16 autocast
-        args.mixed_precision = mode
-        dtype, autocast = nft.precision(args, torch.device("cpu"))
-        pipe = copy.deepcopy(tiny_pipe("sd3")).to(dtype=dtype)
-        torch.manual_seed(1)
-        params, old = nft.add_adapters(pipe.transformer, args)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
-        micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r, mask, args,
-                        autocast, scale)
-        return params
-    g32 = torch.cat([p.grad.flatten() for p in micro_step("no", 1e-6).values()])
-    unscaled = torch.cat([p.grad.flatten() for p in micro_step("fp16", 1e-6).values()])
+    g32 = _grads(_micro_step_in("no", 1e-6)[1])
+    unscaled = _grads(_micro_step_in("fp16", 1e-6)[1])
     cosine = functools.partial(torch.nn.functional.cosine_similarity, dim=0)
     assert cosine(unscaled, g32) < 0.9 and (unscaled == 0).float().mean() > 0.9  # most of it flushed
-    params = micro_step("fp16", 1e-6 * nft.FP16_LOSS_SCALE)
-    scaled = torch.cat([p.grad.flatten() for p in params.values()]) / nft.FP16_LOSS_SCALE
+    params = _micro_step_in("fp16", 1e-6 * nft.FP16_LOSS_SCALE)[1]
+    scaled = _grads(params) / nft.FP16_LOSS_SCALE
     assert cosine(scaled, g32) > 0.9999
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
     norm, problem = nft.optimizer_step(params, opt, 1e9, sync=False, loss_scale=nft.FP16_LOSS_SCALE)
