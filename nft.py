@@ -168,11 +168,12 @@ PRESETS = {
     "pickscore": dict(reward="pickscore", beta=1.0),
     "hpsv2": dict(reward="hpsv2", beta=1.0),
     "multi": dict(reward="pickscore:1,hpsv2:1,clipscore:1", beta=0.1, num_steps=25),
-    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in a few minutes on 2 cores
+    # the CPU demo: a 2-layer random SD3 at 32 px learns the colour reward in a few minutes on 2 cores (evaluating 8
+    # prompts at most: GenEval's or OCR's whole test set would take an hour on a CPU)
     "tiny": dict(resolution=32, num_steps=10, solver="euler", group_size=8, num_groups=4,
                  sample_batch_size=32, train_batch_size=16, max_sequence_length=16, kl_coef=0.0,
                  learning_rate=1e-2, lora_targets="official+proj_out", num_epochs=150,
-                 eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4),
+                 eval_every=50, save_every=50, eval_num_steps=10, eval_images_per_prompt=4, eval_max_prompts=8),
     # the CPU demo on tiny-flux / tiny-qwenimage, after "tiny": they learn the colour reward in about a minute
     **dict.fromkeys(["tiny-flux", "tiny-qwenimage"], dict(num_epochs=60, eval_every=20, save_every=20)),
     # FLUX.1 and Qwen-Image (applied for those --model families): no DiffusionNFT recipe exists, so the nearest
@@ -840,12 +841,15 @@ def setup(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    check_model_name(args.model)
     hub = not builtin(args.model) and not _is_local(args.model)  # a hub id, not a built-in model or a folder
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif hub:
-        raise UserError(f"no CUDA GPU found for --model {args.model}; on a CPU run the demo instead: "
-                        "python nft.py --model tiny --reward color")
+    elif hub:  # with `latest` and a mistyped --output_dir, the default --model reaches here: say why
+        unrun = args.resume_from == "latest" and not os.path.isfile(os.path.join(args.output_dir, "config.json"))
+        raise UserError(f"no CUDA GPU found for --model {args.model}" + (
+            f" (--resume_from latest: {args.output_dir} holds no run to take --model from; is it spelled right?)"
+            if unrun else "") + "; on a CPU run the demo instead: python nft.py --model tiny --reward color")
     validate(args, world)
     if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
@@ -1065,6 +1069,15 @@ def builtin(model):
     return model.startswith("random:") or model in BUILTIN and model.startswith("tiny")
 
 
+def check_model_name(model):
+    """--model is a built-in name, a folder or a hub id (owner/name): a typo is one line naming the nearest built-in,
+    not a failed download or a "no CUDA GPU" for a model that does not exist."""
+    unknown = model.split(":")[-1] not in BUILTIN if builtin(model) else not _is_local(model) and "/" not in model
+    if unknown:
+        raise UserError(f"unknown --model {model!r}{_closest(model, BUILTIN_NAMES)}: not a built-in model "
+                        f"({', '.join(BUILTIN_NAMES)}), a folder or a hub id (owner/name)")
+
+
 def _is_local(model):
     """A path rather than a hub id ("org/name" is a hub id unless such a folder exists)."""
     return os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
@@ -1084,10 +1097,8 @@ def load_pipeline(model, dtype, device="cpu"):
     in FAMILIES (its class picks the family), frozen, in eval mode."""
     import diffusers
     name, index = model.split(":")[-1], os.path.join(model, "model_index.json")
+    check_model_name(model)
     if builtin(model):
-        if name not in BUILTIN:
-            raise UserError(f"unknown built-in --model {model!r}; choose from "
-                            + ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN))
         pipe = builtin_pipeline(name, "cpu" if name.startswith("tiny") else device)
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
     if not _is_local(model):
@@ -1592,15 +1603,26 @@ def model_sizes(model):
     return sizes
 
 
+def free_memory(device):
+    """GiB free for the run: the GPU's free memory, else the CPU's MemAvailable (Linux; None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):  # in KiB
+        return next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) / 2 ** 20
+
+
 def check_memory(args, world, device):
-    """Before any weight loads, on a GPU: stop with one line when memory_estimate says the run will not fit the free
-    memory, naming the estimate and the fewest of --offload_text_encoders, --gradient_checkpointing, --fsdp that fit."""
-    if device.type != "cuda" or not args.memory_check:
+    """Before any weight loads: stop with one line when memory_estimate says the run will not fit the free memory,
+    naming the estimate and the fewest of --offload_text_encoders, --gradient_checkpointing, --fsdp that fit. On a
+    CPU only the full-size random:* models are checked (against MemAvailable): a kill for memory says nothing."""
+    if not args.memory_check or device.type != "cuda" and not args.model.startswith("random:"):
         return
-    free, gpus = torch.cuda.mem_get_info(device)[0] / 2 ** 30, world if world > 1 else torch.cuda.device_count()
+    free, gpus = free_memory(device), world if world > 1 else torch.cuda.device_count()
     sizes, precision = model_sizes(args.model), precision_mode(args, device)
     need = lambda trial: memory_estimate(sizes, trial, precision, gpus if trial.fsdp else 1)["total"]  # noqa: E731
-    if need(args) > free:
+    if free is None or need(args) <= free:
+        return
+    if device.type == "cuda":
         names = ("offload_text_encoders", "gradient_checkpointing", "fsdp")
         tries = [dataclasses.replace(args, **{k: on or getattr(args, k) for k, on in zip(names, bits)})
                  for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (b[2], sum(b)))]
@@ -1609,8 +1631,10 @@ def check_memory(args, world, device):
         how = f"add {added} (about {need(fit):.1f} GiB)" if fit else "lower --train_batch_size, or use larger GPUs"
         if fit and fit.fsdp and world < 2:
             how += f" on {gpus} GPUs: torchrun --nproc_per_node {gpus}"
-        raise UserError(f"--model {args.model} needs about {need(args):.1f} GiB per GPU by memory_estimate, {device} "
-                        f"has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
+    else:
+        how = "it is a full-size model for GPU profiling; on a CPU run the demo, --model tiny"
+    raise UserError(f"--model {args.model} needs about {need(args):.1f} GiB{' per GPU' * (device.type == 'cuda')} "
+                    f"by memory_estimate, {device} has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
 
 
 # --------------------------------------------------------------------------- checkpoints, resume and the run folder
@@ -2248,9 +2272,8 @@ def parse_args(argv=None):
                                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.error = functools.partial(_flag_error, [f"--{f.name}" for f in dataclasses.fields(Args)])
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(Args), re.M))  # the field comments
-    builtins = ", ".join(n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN)
     choices = {"reward": f"Rewards: {', '.join(rewards.REWARDS)}.", "solver": f"Solvers: {', '.join(SOLVERS)}.",
-               "preset": f"Presets: {', '.join(PRESETS)}.", "model": f"Built in: {builtins}."}
+               "preset": f"Presets: {', '.join(PRESETS)}.", "model": f"Built in: {', '.join(BUILTIN_NAMES)}."}
     for f in dataclasses.fields(Args):
         by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
         text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
@@ -2291,15 +2314,20 @@ def parse_args(argv=None):
     return resumed(args, given) if args.resume_from else args
 
 
+# other trainers' names for our flags: what a user means by them is not the nearest spelling (--lr is not --lora)
+FLAG_ALIASES = {"--lr": "--learning_rate", "--batch_size": "--train_batch_size", "--epochs": "--num_epochs",
+                "--steps": "--num_steps", "--cfg": "--guidance_scale"}
+
+
 def _flag_error(flags, message):
     """argparse's errors as one line: an unknown flag (no abbreviations) with the closest real one."""
     unknown = re.match(r"unrecognized arguments: (-*[^\s=]+)", message)
-    said = f"unknown flag {unknown[1]}" + _closest(unknown[1], flags) if unknown else message
+    said = f"unknown flag {unknown[1]}" + _closest(unknown[1], flags, FLAG_ALIASES) if unknown else message
     raise UserError(f"{said}; see --help")
 
 
-def _closest(name, choices):
-    near = difflib.get_close_matches(name, list(choices), n=1)
+def _closest(name, choices, aliases={}):
+    near = [aliases[name]] if name in aliases else difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
@@ -2455,6 +2483,7 @@ BUILTIN = {
         qwen_text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=1, num_attention_heads=28,
                        num_key_value_heads=4, mrope_section=[16, 24, 24])),
 }
+BUILTIN_NAMES = [n if n.startswith("tiny") else f"random:{n}" for n in BUILTIN]  # as --model names them
 TINY_WORDS = ("a an the photo image of picture red green blue yellow orange purple pink brown black white gray cyan "
               "and with on in cat dog car tree house sky sign says two three four")
 # QwenImagePipeline wraps each prompt in a fixed system template and drops its first 34 tokens: words, "\n" and

@@ -470,6 +470,17 @@ def test_presets_follow_the_reward_spec(argv, reward, beta, num_steps, steps_per
     assert (a.reward, a.beta, a.num_steps, a.steps_per_epoch) == (reward, beta, num_steps, steps_per_epoch)
 
 
+def test_the_tiny_models_evaluate_8_prompts_at_most():
+    """On a CPU the tiny preset evaluates 8 of OCR's 1,018 test prompts (x 4 images), not all (an hour); the colour
+    demo's 4 are all kept, and a flag still overrides it."""
+    ocr = nft.parse_args(["--model", "tiny", "--reward", "ocr"])
+    _, evals, _ = rewards.prompt_records(ocr.reward, max_eval=ocr.eval_max_prompts)
+    assert len(evals) == 8 and len(rewards.default_prompts("ocr", "test")) > 1000
+    color = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
+    assert len(rewards.prompt_records(color.reward, max_eval=color.eval_max_prompts)[1]) == 4
+    assert nft.parse_args(["--model", "tiny", "--eval_max_prompts", "0"]).eval_max_prompts == 0
+
+
 # ---- the file reads as the paper: the algorithm first ----
 ALGORITHM = ["add_noise", "nft_loss", "cfg", "adv_to_r", "group_advantages", "old_decay", "ema_decay", "soft_update_",
              "solve", "rollout_sigmas", "train", "epoch_prompt_indices", "encode_batch", "rollout", "sample", "score",
@@ -1946,13 +1957,23 @@ def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(
             capsys, *SMALL, "--prompts", tmp_path / "p.jsonl", "--output_dir", tmp_path / "o")
     said = "error: unknown flag --num_epoch (did you mean '--num_epochs'?); see --help"
     assert cli_error(capsys, "--num_epoch", 3) == said
+    assert "unknown flag --lr (did you mean '--learning_rate'?)" in cli_error(capsys, "--lr", 3)  # not --lora
     assert "argument --num_epochs: invalid int value: 'x'" in cli_error(capsys, "--num_epochs", "x")
     assert not (tmp_path / "o").exists()
 
 
-def test_no_cuda_points_to_the_cpu_demo(capsys, monkeypatch, tmp_path):
+def test_no_cuda_points_to_the_cpu_demo_and_a_mistyped_model_or_folder_is_named(capsys, monkeypatch, tmp_path):
+    """On a CPU a hub model points to the demo; a --model that is no built-in, folder or hub id is named as such (not
+    "no CUDA GPU"), and a --resume_from latest whose --output_dir holds no run says that its default --model came
+    from there."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
-    assert "python nft.py --model tiny --reward color" in cli_error(capsys, "--output_dir", tmp_path / "o")
+    msg = cli_error(capsys, "--output_dir", tmp_path / "o")
+    assert "python nft.py --model tiny --reward color" in msg and "--resume_from" not in msg
+    assert "unknown --model 'tny' (did you mean 'tiny'?)" in cli_error(capsys, "--model", "tny")
+    assert "unknown --model 'random:sd3.5'" in cli_error(capsys, "--model", "random:sd3.5")
+    msg = cli_error(capsys, "--resume_from", "latest", "--output_dir", tmp_path / "typo")
+    assert f"{tmp_path / 'typo'} holds no run to take --model from" in msg
+    assert not (tmp_path / "o").exists() and not (tmp_path / "typo").exists()
 
 
 def test_wandb_missing_fails_before_any_model_loads_or_file_is_written(capsys, monkeypatch, tmp_path):
@@ -4109,9 +4130,22 @@ def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypa
         nft.check_memory(args, 1, torch.device("cuda:0"))
     nft.check_memory(dataclasses.replace(args, memory_check=False), 1, torch.device("cuda:0"))
     nft.check_memory(nft.parse_args([]), 1, torch.device("cuda:0"))  # SD3.5-Medium: about 29 GiB
-    nft.check_memory(args, 1, torch.device("cpu"))
+    nft.check_memory(args, 1, torch.device("cpu"))  # a hub model on a CPU: refused by setup, not by memory
     counted = nft.model_sizes("random:qwen-image")  # built on the meta device: one-layer text encoder
     assert counted["transformer"] == pytest.approx(20.43e9, rel=2e-3) and counted["text"] < 1e9 < sizes["text"]
+
+
+def test_a_full_size_model_on_a_cpu_is_refused_by_the_memory_check_not_killed(capsys, monkeypatch, tmp_path):
+    """On a CPU the random:* models (built on the meta device to count them) are checked against MemAvailable: one
+    line where the kernel would kill the run without a word; tiny models and --no-memory_check are not checked."""
+    assert 0 < nft.free_memory(torch.device("cpu")) < 2 ** 20  # GiB, read from /proc/meminfo
+    monkeypatch.setattr(nft, "free_memory", lambda device: 3.0)
+    msg = cli_error(capsys, "--model", "random:sd3.5-medium", "--profile", "--output_dir", tmp_path / "o")
+    assert "--model random:sd3.5-medium needs about" in msg and "by memory_estimate, cpu has 3.0 GiB free" in msg
+    assert "on a CPU run the demo, --model tiny" in msg and not (tmp_path / "o").exists()
+    args = nft.parse_args(["--model", "random:sd3.5-medium"])
+    nft.check_memory(dataclasses.replace(args, memory_check=False), 1, torch.device("cpu"))
+    nft.check_memory(nft.parse_args(["--model", "tiny"]), 1, torch.device("cpu"))
 
 
 # ---- profile: FLOP counts ----
