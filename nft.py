@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 781: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 782: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -1072,8 +1072,9 @@ def builtin(model):
 def check_model_name(model):
     """--model is a built-in name, a folder or a hub id (owner/name): a typo is one line naming the nearest built-in,
     not a failed download or a "no CUDA GPU" for a model that does not exist."""
-    unknown = model.split(":")[-1] not in BUILTIN if builtin(model) else not _is_local(model) and "/" not in model
-    if unknown:
+    known = model.removeprefix("random:") in BUILTIN if model.startswith("random:") else (
+        builtin(model) or _is_local(model) or "/" in model)  # a hub id is owner/name
+    if not known:
         raise UserError(f"unknown --model {model!r}{_closest(model, BUILTIN_NAMES)}: not a built-in model "
                         f"({', '.join(BUILTIN_NAMES)}), a folder or a hub id (owner/name)")
 
