@@ -2312,7 +2312,12 @@ def parse_args(argv=None):
         reward = args.preset or re.sub(r":[^,]*", "", args.reward).replace(",", "+")  # a sum: its names, no weights
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
         args.output_dir = os.path.join("runs", re.sub(r"[^\w.+-]+", "_", folder))
-    return resumed(args, given) if args.resume_from else args
+    args = resumed(args, given) if args.resume_from else args
+    for k in ("model", "prompts", "eval_prompts", "init_lora", "lora"):  # saved absolute: a resume from another folder
+        path = getattr(args, k)  # finds them (a hub id or a built-in name is not a path here)
+        if path and os.path.exists(path) and not (k == "model" and builtin(path)):
+            setattr(args, k, os.path.abspath(path))
+    return args
 
 
 # other trainers' names for our flags: what a user means by them is not the nearest spelling (--lr is not --lora)

@@ -1566,6 +1566,24 @@ def test_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(cap
     assert [r["epoch"] for r in metrics(new)] == [0, 1]
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(monkeypatch, tmp_path):
+    """Path flags are saved absolute in config.json: --resume_from latest from another working folder reads the
+    prompts the run started with, with no warning of changed draws (a relative path would name another file, or
+    none); a built-in --model name stays a name even beside a folder of that name."""
+    for folder in ("a", "b", "b/tiny"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "a" / "p.txt").write_text("a red image\na blue image\n")
+    monkeypatch.chdir(tmp_path / "a")
+    out = tmp_path / "out"
+    run_here(*SMALL_NO_EVAL, "--prompts", "p.txt", "--num_epochs", 1, "--output_dir", out)
+    assert json.load(open(out / "config.json"))["prompts"] == str(tmp_path / "a" / "p.txt")
+    monkeypatch.chdir(tmp_path / "b")
+    printed = run_here("--resume_from", "latest", "--output_dir", out, "--num_epochs", 2)
+    assert "resumed from" in printed and "warning" not in printed
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]
+    assert json.load(open(out / "config.json"))["model"] == "tiny"
+
+
 # ---- a stopped run keeps its work ----
 _HALF_SAVE = """import io, os, sys, time, torch
 sys.path.insert(0, sys.argv[1])
