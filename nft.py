@@ -853,6 +853,7 @@ def setup(args):
     validate(args, world)
     if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
+    rewards.check_downloads(args.reward, used_eval_reward(args))  # offline: every missing one in one line
     check_memory(args, world, device)
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
     while not os.path.lexists(existing):
@@ -876,6 +877,11 @@ def setup(args):
     # a stop (error, Ctrl-C) drops the batches queued for scoring: exiting would otherwise wait to score them all
     _HELD.append(functools.partial(run.pool.shutdown, wait=False, cancel_futures=True))
     return run
+
+
+def used_eval_reward(args):
+    """--eval_reward where it is used (its models load only then): --eval_only, or evaluations during training."""
+    return args.eval_reward if args.eval_only or args.eval_every and not args.profile else ""
 
 
 def prompt_sets(args):
@@ -903,7 +909,7 @@ def load_model(run):
     """A line saying what loads (minutes for SD3.5: never a silent terminal), the reward models (a missing download
     fails before the big model), the pipeline in --mixed_precision, its VAE in --reward_precision, and the rest."""
     args, device = run.args, run.device
-    watched = args.eval_reward if args.eval_every or args.eval_only else ""  # its models load only if it is used
+    watched = used_eval_reward(args)
     models = [n for n in dict.fromkeys(rewards.reward_names(args.reward) + rewards.reward_names(watched))
               if n not in rewards.NO_MODEL]
     name = args.model.split(":")[-1]

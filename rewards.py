@@ -99,22 +99,40 @@ def hub_download_command(hub_id, filename=None):
     return " ".join(["hf download", hub_id, *((filename,) if isinstance(filename, str) else filename or ())])
 
 
+def hub_cached(hub_id, filename=None):
+    """Whether the local Hugging Face cache holds what a loader reads (a file, a tuple of files, None: the repo)."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+    try:
+        if filename:
+            files = (filename,) if isinstance(filename, str) else filename
+            return all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files)
+        snapshot_download(hub_id, local_files_only=True)
+        return True
+    except Exception:  # not cached (LocalEntryNotFoundError), or an unparsable id
+        return False
+
+
+def check_downloads(*specs):
+    """Offline (HF_HUB_OFFLINE=1): one line with the `hf download` commands of everything the rewards of `specs` read
+    from the hub (HUB_FILES) that is not cached, before any loads: not one missing download per start."""
+    names = dict.fromkeys(name for spec in specs if spec for name in reward_names(spec))
+    needed = dict.fromkeys(entry for name in names for entry in HUB_FILES.get(REWARDS[name], ()))
+    missing = [(repo, files) for repo, files in needed if hub_offline() and not hub_cached(repo, files)]
+    missing = [(repo, files) for repo, files in missing if files is None or (repo, None) not in missing]  # in the repo
+    if missing:
+        commands = " && ".join(hub_download_command(repo, files) for repo, files in missing)
+        raise RewardError(f"the hub is offline (HF_HUB_OFFLINE=1) and the reward models of {', '.join(names)} miss "
+                          f"{len(missing)} download(s) in the local Hugging Face cache: run `{commands}` where the hub "
+                          "is reachable, or unset HF_HUB_OFFLINE")
+
+
 def hub_ready(hub_id, filename=None, what="model"):
     """Fail fast, in one line, when a hub repo (or one of its files) is neither in the local cache nor
     downloadable: without this, huggingface_hub retries an unreachable hub for minutes before failing.
     Cached: returns at once, with no network. Offline (HF_HUB_OFFLINE=1): says so. Online: one metadata
     request with a 10 s timeout, no retries, tells an unreachable hub from a missing repo."""
-    from huggingface_hub import snapshot_download, try_to_load_from_cache
-    try:
-        if filename:
-            files = (filename,) if isinstance(filename, str) else filename
-            if all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files):
-                return
-        else:
-            snapshot_download(hub_id, local_files_only=True)
-            return
-    except Exception:  # not cached (LocalEntryNotFoundError), or an unparsable id: ask the hub below
-        pass
+    if hub_cached(hub_id, filename):
+        return
     fix = f"download it first with `{hub_download_command(hub_id, filename)}`"
     if hub_offline():
         raise RewardError(f"{what} '{hub_id}' is not in the local Hugging Face cache and the hub is offline "
@@ -364,12 +382,16 @@ def _clip_from_hub(model_id, processor_id, device):
     return ClipScorer(model, processor.tokenizer, processor.image_processor, device)
 
 
+PICKSCORE_REPO, CLIP_L = "yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14"
+CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor; HPSv2.1's tokenizer too
+
+
 def make_pickscore(device):
-    return pickscore_fn(_clip_from_hub("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device))
+    return pickscore_fn(_clip_from_hub(PICKSCORE_REPO, CLIP_H, device))
 
 
 def make_clipscore(device):
-    return clipscore_fn(_clip_from_hub("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device))
+    return clipscore_fn(_clip_from_hub(CLIP_L, CLIP_L, device))
 
 
 AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
@@ -377,7 +399,7 @@ AESTHETIC_REPO, AESTHETIC_FILE = "camenduru/improved-aesthetic-predictor", "sac+
 
 def make_aesthetic(device):
     from huggingface_hub import hf_hub_download
-    scorer = _clip_from_hub("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", device)
+    scorer = _clip_from_hub(CLIP_L, CLIP_L, device)
     return aesthetic_fn(scorer, load_aesthetic_mlp(_from_hub(AESTHETIC_REPO, hf_hub_download, AESTHETIC_FILE)))
 
 
@@ -420,7 +442,7 @@ def rename_state_dict(state, names, block):
 
 HPSV2_REPO, HPSV2_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 # open_clip's tokenizer is OpenAI CLIP's BPE; PickScore's processor repo has it in transformers' format
-CLIP_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIP_TOKENIZER = CLIP_H
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what transformers' tokenizers read
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 VIT_H_14 = {"embed_dim": 1024,  # open_clip's model_configs/ViT-H-14.json
@@ -1020,14 +1042,16 @@ class GenEvalScorer:
         return partial, {"partial": partial, "strict": strict, "correct": correct}
 
 
+MASK2FORMER = "facebook/mask2former-swin-small-coco-instance"
+
+
 def make_geneval(device):
     from transformers import CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation, AutoImageProcessor
     _require("scipy", "scipy")  # transformers' Mask2Former builds its (training) loss, which needs scipy
-    det_id, clip_id = "facebook/mask2former-swin-small-coco-instance", "openai/clip-vit-large-patch14"
-    detector = _from_hub(det_id, Mask2FormerForUniversalSegmentation.from_pretrained)
-    det_processor = _from_hub(det_id, AutoImageProcessor.from_pretrained)
-    clip_processor = _from_hub(clip_id, CLIPProcessor.from_pretrained)
-    clip = _from_hub(clip_id, CLIPModel.from_pretrained)
+    detector = _from_hub(MASK2FORMER, Mask2FormerForUniversalSegmentation.from_pretrained)
+    det_processor = _from_hub(MASK2FORMER, AutoImageProcessor.from_pretrained)
+    clip_processor = _from_hub(CLIP_L, CLIPProcessor.from_pretrained)
+    clip = _from_hub(CLIP_L, CLIPModel.from_pretrained)
     return GenEvalScorer(detector, det_processor, clip, clip_processor.tokenizer, clip_processor.image_processor,
                          device)
 
@@ -1330,6 +1354,14 @@ REWARDS = {
     "hpsv2": make_hpsv2, "aesthetic": make_aesthetic, "imagereward": make_imagereward, "jpeg": make_jpeg,
     "color": make_color, "unifiedreward": make_unifiedreward,
 }
+# what each built-in factory reads from the hub, (repo, a file or files; None: the repo), for check_downloads (a
+# factory of your own in REWARDS has no entry: nothing is checked for it)
+HUB_FILES = {
+    make_geneval: [(MASK2FORMER, None), (CLIP_L, None)], make_pickscore: [(CLIP_H, None), (PICKSCORE_REPO, None)],
+    make_clipscore: [(CLIP_L, None)], make_aesthetic: [(CLIP_L, None), (AESTHETIC_REPO, AESTHETIC_FILE)],
+    make_hpsv2: [(HPSV2_REPO, HPSV2_FILE), (CLIP_TOKENIZER, TOKENIZER_FILES)],
+    make_imagereward: [(IMAGEREWARD_REPO, IMAGEREWARD_FILES), (BERT_TOKENIZER, TOKENIZER_FILES)],
+}
 NEEDS_METADATA = {"geneval"}
 NO_MODEL = {"color", "jpeg", "unifiedreward"}  # rewards that load no weights (unifiedreward asks a server)
 PROMPT_CHECKS = {"color": color_target, "ocr": ocr_target}  # raise RewardError for a prompt the reward cannot score
@@ -1369,6 +1401,7 @@ def make_reward(spec, device, precision="fp32", timeout=600.0):
     A single reward of weight 1 returns its score unchanged. Scorers run in `precision` (reward_autocast),
     each call within `timeout` seconds and checked against the contract (call_reward)."""
     reward_autocast(device, precision)  # a bad value fails before any model loads
+    check_downloads(spec)
     parts = [(name, weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
     hung = set()  # rewards that ran out of time: later calls (batches already queued) fail at once
 
