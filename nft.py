@@ -854,7 +854,6 @@ def setup(args):
     validate(args, world)
     if hub:
         check_hub_model(args.model)  # before the reward models load and before anything is written
-    rewards.check_downloads(args.reward, used_eval_reward(args))  # offline: every missing one in one line
     check_memory(args, world, device)
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
     while not os.path.lexists(existing):
@@ -874,6 +873,7 @@ def setup(args):
     for spec, records, which in checks:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
             rewards.check_metadata(spec, records, prompt_set(args)[which])
+    rewards.check_downloads(args.reward, used_eval_reward(args))  # offline: every missing one in one line
     run = Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
     # a stop (error, Ctrl-C) drops the batches queued for scoring: exiting would otherwise wait to score them all
     _HELD.append(functools.partial(run.pool.shutdown, wait=False, cancel_futures=True))
