@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 783: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 794: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -27,7 +27,7 @@ SD3.5, FLUX.1 and Qwen-Image all fit this: a Family says how prompts are encoded
 
 Where this file deliberately differs from the official code (the README's table gives them in more detail):
  1. bf16 frozen base + fp32 LoRA under bf16 autocast (official: fp32 weights, fp16 autocast, GradScaler;
-    --mixed_precision fp16 has them, with a static loss scale in place of the GradScaler).
+    --mixed_precision fp16 has them, with GradScaler's loss-scale rule).
  2. Rollout timesteps stay floats, as in training (official casts them to integers in rollouts).
  3. The reference pass runs only when kl_coef > 0 (the same loss when kl_coef == 0, one pass fewer).
  4. Resume is exact: trainable + old LoRA, EMA, optimizer, step, epoch; every random draw is a function of
@@ -410,6 +410,8 @@ class Policies:
     opt: torch.optim.Optimizer
     step: int = 0  # optimizer steps taken
     bad_steps: int = 0  # non-finite optimizer steps in a row
+    loss_scale: float = 1.0  # the backward's loss scale: fp16's follows GradScaler's rule (take_step), else 1
+    scale_steps: int = 0  # fp16: optimizer steps since the loss scale last changed
 
 
 @dataclass
@@ -533,12 +535,14 @@ def nft_update(run, pol, batch, epoch, log):
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
         if args.fsdp:  # the backward reduce-scatters in a step's last micro-batch only (in every one with micro_step)
             run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or last)
-        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, run.loss_scale / (per_step * T))
+        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, pol.loss_scale / (per_step * T))
         if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: an official-style baseline
             average_gradients(pol.theta)
         if last:
             take_step(run, pol, epoch, log)
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
+    if pol.loss_scale > 1:  # fp16: the scale the next step's backward runs at (halved after an overflow)
+        log["loss_scale"] = pol.loss_scale
 
 
 def micro_step(run, pol, mb, sigma, eps, scale):
@@ -579,11 +583,18 @@ def take_step(run, pol, epoch, log, problem=None):
     """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with decay
     ema_decay(step). A step with a NaN/inf gradient, one that made a weight NaN/inf, and each step of an epoch without
     a finite reward (`problem` given) is skipped or undone; max_nonfinite_steps of them in a row stop the run with
-    the last good checkpoint intact."""
+    the last good checkpoint intact. fp16 (loss_scale > 1) as GradScaler: a NaN/inf gradient (an overflow of the scaled
+    backward) halves the scale and skips the step uncounted, FP16_GROWTH_INTERVAL good steps in a row double it."""
     args = run.args
     sync = args.grad_sync == "step" and not args.fsdp  # --fsdp: FSDP's backward reduce-scattered them
     grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, args.max_grad_norm, sync,
-                                                                        run.loss_scale)
+                                                                        pol.loss_scale)
+    if pol.loss_scale > 1 and problem in (None, "non-finite gradient"):
+        pol.scale_steps += 1
+        if problem or pol.scale_steps == FP16_GROWTH_INTERVAL:
+            pol.loss_scale, pol.scale_steps = pol.loss_scale * (0.5 if problem else 2.0), 0
+        if problem:
+            return
     if problem:
         pol.bad_steps += 1
         if run.process_index == 0:  # tqdm.write: a message never lands on the progress bar's line
@@ -794,7 +805,6 @@ class Run:
     device: torch.device
     pipe: object = None  # the diffusers pipeline; pipe.transformer carries the LoRA
     autocast: object = contextlib.nullcontext  # () -> the autocast context of the chosen precision
-    loss_scale: float = 1.0  # the backward's loss scale: 2^16 under fp16 autocast (precision), else 1
     reward_fn: object = None  # (images, prompts, records) -> (rewards, components): rewards.make_reward
     eval_fn: object = None  # reward_fn with --eval_reward's components beside it (rewards.with_eval_rewards)
     train_records: list = ()
@@ -923,8 +933,6 @@ def load_model(run):
     run.eval_fn = rewards.with_eval_rewards(run.reward_fn, args.reward, watched, device, args.reward_precision,
                                             args.reward_timeout)
     dtype, run.autocast = precision(args, device)
-    if precision_mode(args, device) == "fp16":  # fp16 gradients of a loss averaged over 16 x 64 x 64 latent values and
-        run.loss_scale = FP16_LOSS_SCALE  # 144 visits underflow to 0: the loss is scaled up for the backward
     run.pipe = load_pipeline(args.model, dtype, device)
     # to the GPU, but not what may not fit there whole: --fsdp's transformer (shard() moves it block by block) and
     # offloaded text encoders (resident on the CPU; encode_prompts brings them over once per call)
@@ -955,6 +963,8 @@ def start_run(args):
     init = find_lora(args.init_lora, "--init_lora") if args.init_lora and not resume else None  # before the model
     load_model(run)
     pol = make_policies(run.pipe.transformer, args, init)
+    if precision_mode(args, run.device) == "fp16":  # fp16 gradients of a loss averaged over 16 x 64 x 64 latent values
+        pol.loss_scale = FP16_LOSS_SCALE  # and 144 visits underflow to 0: the loss is scaled up for the backward
     start_epoch = restore(pol, *resume, args) if resume else 0
     if args.compile is None:  # config.json records what ran
         args.compile = run.device.type == "cuda"
@@ -1044,8 +1054,9 @@ def end_epoch(run, pol, epoch, log):
     except OSError as e:
         raise write_error(e, run.metrics_path) from None
     if keep:  # after its metrics line: the checkpoint, or the copy that Ctrl-C / SIGTERM save (main)
-        state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps,
-                     config={k: getattr(args, k) for k in RESUME_KEYS}, draws=run_draws(args, run.num_processes))
+        state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
+                     scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
+                     draws=run_draws(args, run.num_processes))
         _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, run.lora_meta,
                                       family_of(run.pipe).pipeline)]
     print_epoch(epoch, pol.step, log)
@@ -1562,12 +1573,12 @@ def precision_mode(args, device):
     return "fp16" if args.eval_only and model_family(args.model) == "sd3" else "bf16"
 
 
-FP16_LOSS_SCALE = 2.0 ** 16  # GradScaler's first scale, which it keeps unless a step overflows
+FP16_LOSS_SCALE, FP16_GROWTH_INTERVAL = 2.0 ** 16, 2000  # GradScaler's first scale, and its steps between doublings
 
 
 def precision(args, device):
     """Weights dtype and an autocast context. bf16: bf16 base + fp32 LoRA, bf16 matmuls. fp16: the official
-    setting's fp32 weights + fp16 autocast, its GradScaler a static loss scale (Run.loss_scale). no: fp32."""
+    setting's fp32 weights + fp16 autocast, with GradScaler's loss scale (Policies.loss_scale). no: fp32."""
     weights, compute = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float32, torch.float16),
                         "no": (torch.float32, None)}[precision_mode(args, device)]
     autocast = functools.partial(torch.autocast, device.type, dtype=compute) if compute else contextlib.nullcontext
@@ -1773,7 +1784,9 @@ def read_state(path):
          f"holds an optimizer state that does not match its {len(lora)} LoRA tensors"),
         (lambda: not all(bool(torch.isfinite(t).all()) for t in tensors + [
             v for moments in state["optimizer"]["state"].values() for v in moments.values()]),
-         "holds NaN/inf weights (a diverged run?)")]
+         "holds NaN/inf weights (a diverged run?)"),
+        (lambda: not (1 <= state.get("loss_scale", 1.0) < math.inf and state.get("scale_steps", 0) >= 0),
+         "holds a loss scale below 1, infinite or not a number, or a negative step count of it")]
     for broken, problem in rules:
         try:
             bad = broken()
@@ -1897,6 +1910,8 @@ def restore(pol, path, state, args):
     if changed:
         print0(f"resumed optimizer takes the flags given now: {', '.join(changed)}")
     pol.step, pol.bad_steps = state["step"], state["bad_steps"]
+    if pol.loss_scale > 1 and state.get("loss_scale", 1) > 1:  # fp16 then and now: GradScaler's scale continues
+        pol.loss_scale, pol.scale_steps = state["loss_scale"], state["scale_steps"]
     print0(f"resumed from {path}: epoch {state['epoch']}, step {pol.step}")
     return state["epoch"]
 

@@ -1844,7 +1844,8 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
     cut = {0: {k: v[:1] if v.dim() else v for k, v in good["optimizer"]["state"][0].items()}}  # other shapes
     broken = {3: dict(good, epoch=3, ema={n: t for n, t in good["ema"].items() if n != first}),
               4: dict(good, epoch=4, optimizer=dict(good["optimizer"], state=cut)),
-              5: dict(good, epoch=5, old={n: t * float("nan") for n, t in good["old"].items()})}
+              5: dict(good, epoch=5, old={n: t * float("nan") for n, t in good["old"].items()}),
+              6: dict(good, epoch=6, loss_scale=float("nan"))}
     for epoch, st in {1: good, 2: rank4, **broken}.items():
         os.makedirs(root / "checkpoints" / f"checkpoint-{epoch:05d}")
         torch.save(st, root / "checkpoints" / f"checkpoint-{epoch:05d}" / "training_state.pt")
@@ -1852,7 +1853,7 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
     assert path.endswith("checkpoint-00002")
     said = capsys.readouterr().out
     for reason in ("holds NaN/inf weights", "holds an optimizer state that does not match its", "holds a theta_old or "
-                   "EMA that does not match its LoRA"):
+                   "EMA that does not match its LoRA", "holds a loss scale below 1, infinite or not a number"):
         assert f"warning: training_state.pt {reason}" in said
     assert nft.restore(pol, path, st, args) == 1  # rank 4 does not fit the model: the one before it does
     said = capsys.readouterr().out
@@ -4088,6 +4089,38 @@ def test_fp16_loss_scale_keeps_the_gradients_fp16_flushes_to_zero():
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
     norm, problem = nft.optimizer_step(params, opt, 1e9, sync=False, loss_scale=nft.FP16_LOSS_SCALE)
     assert problem is None and norm == pytest.approx(float(g32.norm()), rel=1e-3)  # divided out before clipping
+
+
+def test_fp16_loss_scale_follows_gradscaler_and_a_checkpoint_keeps_it():
+    """fp16's loss scale follows GradScaler's rule: an overflow (a NaN/inf gradient) halves it and skips the step
+    without counting it toward --max_nonfinite_steps; FP16_GROWTH_INTERVAL good steps in a row double it. A resume in
+    fp16 continues from the checkpoint's scale; in bf16 (scale 1) there is none to continue, and a NaN/inf gradient
+    counts."""
+    import diffusers
+    args = nft.parse_args(["--model", "tiny", "--reward", "color", "--max_nonfinite_steps", "2"])
+    pol = nft.make_policies(diffusers.SD3Transformer2DModel(**nft.BUILTIN["tiny"]["transformer"]), args)
+    pol.loss_scale, run = nft.FP16_LOSS_SCALE, types.SimpleNamespace(args=args, process_index=0)
+
+    def step(grad):
+        for p in pol.theta.values():
+            p.grad = torch.full_like(p, grad)
+        log = {}
+        nft.take_step(run, pol, 0, log)
+        return "grad_norm" in log
+    for _ in range(3):  # three overflows in a row: halved three times, never counted (2 would stop the run)
+        assert not step(math.inf)
+    assert (pol.loss_scale, pol.scale_steps, pol.step, pol.bad_steps) == (2.0 ** 13, 0, 0, 0)
+    pol.scale_steps = nft.FP16_GROWTH_INTERVAL - 2
+    assert step(1.0) and (pol.loss_scale, pol.scale_steps) == (2.0 ** 13, nft.FP16_GROWTH_INTERVAL - 1)
+    assert step(1.0) and (pol.loss_scale, pol.scale_steps, pol.step) == (2.0 ** 14, 0, 2)
+    saved = dict(nft.training_state(pol), step=2, bad_steps=0, epoch=1, loss_scale=2.0 ** 9, scale_steps=7)
+    args.resume_from = "checkpoint-00001"
+    nft.restore(pol, args.resume_from, saved, args)
+    assert (pol.loss_scale, pol.scale_steps) == (2.0 ** 9, 7)
+    pol.loss_scale, pol.scale_steps = 1.0, 0  # bf16
+    nft.restore(pol, args.resume_from, saved, args)
+    assert (pol.loss_scale, pol.scale_steps) == (1.0, 0)
+    assert not step(math.inf) and (pol.bad_steps, pol.loss_scale) == (1, 1.0)
 
 
 @pytest.mark.parametrize("flags, on_cpu", [
