@@ -857,7 +857,8 @@ def setup(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif hub:  # with `latest` and a mistyped --output_dir, the default --model reaches here: say why
-        unrun = args.resume_from == "latest" and not os.path.isfile(os.path.join(args.output_dir, "config.json"))
+        unrun = args.resume_from == "latest" and args.model == Args.model and not os.path.isfile(
+            os.path.join(args.output_dir, "config.json"))
         raise UserError(f"no CUDA GPU found for --model {args.model}" + (
             f" (--resume_from latest: {args.output_dir} holds no run to take --model from; is it spelled right?)"
             if unrun else "") + "; on a CPU run the demo instead: python nft.py --model tiny --reward color")
@@ -1090,11 +1091,11 @@ def builtin(model):
 def check_model_name(model):
     """--model is a built-in name, a folder or a hub id (owner/name): a typo is one line naming the nearest built-in,
     not a failed download or a "no CUDA GPU" for a model that does not exist."""
-    known = model.removeprefix("random:") in BUILTIN if model.startswith("random:") else (
-        builtin(model) or _is_local(model) or "/" in model)  # a hub id is owner/name
+    known = model in BUILTIN_NAMES if model.startswith("random:") else (
+        builtin(model) or _is_local(model) or re.fullmatch(r"[\w.-]+/[\w.-]+", model))  # a hub id is owner/name
     if not known:
         raise UserError(f"unknown --model {model!r}{_closest(model, BUILTIN_NAMES)}: not a built-in model "
-                        f"({', '.join(BUILTIN_NAMES)}), a folder or a hub id (owner/name)")
+                        f"({', '.join(BUILTIN_NAMES)}), a folder or a hub id (owner/name, such as {Args.model})")
 
 
 def _is_local(model):
@@ -1625,24 +1626,37 @@ def model_sizes(model):
     return sizes
 
 
+# a container's memory limit and use (cgroup v2, v1), which MemAvailable does not see
+CGROUP_MEMORY = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")]
+
+
 def free_memory(device):
-    """GiB free for the run: the GPU's free memory, else the CPU's MemAvailable (Linux; None where unknown)."""
+    """GiB free for the run: the GPU's free memory; on a CPU the machine's MemAvailable, or a container's limit less
+    its use where that is lower (Linux; None where neither is known)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2 ** 30
-    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):  # in KiB
-        return next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) / 2 ** 20
+    free = []
+    with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):  # /proc/meminfo counts in KiB
+        free.append(1024 * next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAv")))
+    for limit, used in CGROUP_MEMORY:
+        with contextlib.suppress(OSError, ValueError):  # no such file, or "max": no limit
+            free.append(int(open(limit).read()) - int(open(used).read()))
+    return min(free) / 2 ** 30 if free else None
 
 
 def check_memory(args, world, device):
     """Before any weight loads: stop with one line when memory_estimate says the run will not fit the free memory,
     naming the estimate and the fewest of --offload_text_encoders, --gradient_checkpointing, --fsdp that fit. On a
-    CPU only the full-size random:* models are checked (against MemAvailable): a kill for memory says nothing."""
+    CPU only the full-size random:* models are checked (free_memory, shared by the ranks on it): a kill for memory
+    says nothing."""
     if not args.memory_check or device.type != "cuda" and not args.model.startswith("random:"):
         return
     free, gpus = free_memory(device), world if world > 1 else torch.cuda.device_count()
     sizes, precision = model_sizes(args.model), precision_mode(args, device)
     need = lambda trial: memory_estimate(sizes, trial, precision, gpus if trial.fsdp else 1)["total"]  # noqa: E731
-    if free is None or need(args) <= free:
+    ranks = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # CPU ranks share the memory
+    if free is None or need(args) * ranks <= free:
         return
     if device.type == "cuda":
         names = ("offload_text_encoders", "gradient_checkpointing", "fsdp")
@@ -1655,12 +1669,14 @@ def check_memory(args, world, device):
             how += f" on {gpus} GPUs: torchrun --nproc_per_node {gpus}"
     else:
         how = "it is a full-size model for GPU profiling; on a CPU run the demo, --model tiny"
-    raise UserError(f"--model {args.model} needs about {need(args):.1f} GiB{' per GPU' * (device.type == 'cuda')} "
-                    f"by memory_estimate, {device} has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
+    per = "per GPU" if device.type == "cuda" else f"for {ranks} rank(s)"
+    raise UserError(f"--model {args.model} needs about {need(args) * ranks:.1f} GiB {per} by memory_estimate, {device} "
+                    f"has {free:.1f} GiB free; {how} (--no-memory_check runs anyway)")
 
 
 # --------------------------------------------------------------------------- checkpoints, resume and the run folder
 RESUME_KEYS = ["rank", "lora_alpha", "lora_targets", "model", "num_steps"]  # must match to resume
+PATH_FLAGS = ["model", "prompts", "eval_prompts", "init_lora", "lora"]  # saved absolute (parse_args)
 DRAW_KEYS = ["seed", "num_groups", "group_size", "train_batch_size", "sample_batch_size", "steps_per_epoch",
              "timestep_fraction", "solver", "eta", "prompts"]  # + rank count: change them and resume is not a replay
 RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's config.json (parse_args)
@@ -1824,12 +1840,13 @@ def load_checkpoint(args, world_size):
     else:
         state = read_state(path)
     diff = [f"{k}: saved {v!r} vs now {getattr(args, k, None)!r}" for k, v in state["config"].items()
-            if v != getattr(args, k, None)]
+            if not same_value(k, v, getattr(args, k, None))]
     if diff:
         raise UserError(f"--resume_from {path} was saved with a different configuration ({', '.join(diff)}); "
                         "pass the same flags or start a new run")
     draws = run_draws(args, world_size)
-    changed = [f"{k} {v!r} -> {draws[k]!r}" for k, v in state.get("draws", draws).items() if draws.get(k) != v]
+    changed = [f"{k} {v!r} -> {draws[k]!r}" for k, v in state.get("draws", draws).items()
+               if not same_value(k, v, draws.get(k))]
     if changed:
         print0(f"warning: resuming with {', '.join(changed)}: training continues, but the prompts and noise "
                "of later epochs differ from what the uninterrupted run would have drawn")
@@ -2338,11 +2355,19 @@ def parse_args(argv=None):
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
         args.output_dir = os.path.join("runs", re.sub(r"[^\w.+-]+", "_", folder))
     args = resumed(args, given) if args.resume_from else args
-    for k in ("model", "prompts", "eval_prompts", "init_lora", "lora"):  # saved absolute: a resume from another folder
-        path = getattr(args, k)  # finds them (a hub id or a built-in name is not a path here)
+    for k in PATH_FLAGS:  # saved absolute: a resume from another folder finds them (a hub id or a built-in name is no
+        path = os.path.expanduser(getattr(args, k))  # path here)
         if path and os.path.exists(path) and not (k == "model" and builtin(path)):
-            setattr(args, k, os.path.abspath(path))
+            setattr(args, k, os.path.realpath(path))
     return args
+
+
+def same_value(key, saved, now):
+    """Whether a flag's saved value is the one given now: for a path flag, the same file however spelled (a run saved
+    before paths were saved absolute holds them relative to the folder it started in)."""
+    paths = key in PATH_FLAGS and all(isinstance(v, str) and v for v in (saved, now))
+    return saved == now or paths and os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(
+        os.path.expanduser(now))
 
 
 # other trainers' names for our flags: what a user means by them is not the nearest spelling (--lr is not --lora)
@@ -2388,9 +2413,8 @@ def resumed(args, given):
                         "it, or move it away and give every flag of the run") from None
     if saved.profile:  # a --profile run's record, not a run to continue: the flags given are the configuration
         return args
-    given = {k: v for k, v in given.items() if not (k in ("init_lora", "model", "prompts", "eval_prompts")
-             and getattr(saved, k) and os.path.realpath(v) == os.path.realpath(getattr(saved, k)))}  # spelled anew
-    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and given[k] != getattr(saved, k)]
+    given = {k: v for k, v in given.items() if not same_value(k, getattr(saved, k), v)}  # a path spelled anew too
+    fixed = [k for k in given if k not in RESUME_MAY_CHANGE]
     if fixed:
         may = ", ".join("--" + k for k in RESUME_MAY_CHANGE)
         raise UserError(f"--{fixed[0]} {given[fixed[0]]!r}: the run in {run} has {getattr(saved, fixed[0])!r}, which a "

@@ -115,15 +115,18 @@ def hub_cached(hub_id, filename=None):
 def check_downloads(*specs):
     """Offline (HF_HUB_OFFLINE=1): one line with the `hf download` commands of everything the rewards of `specs` read
     from the hub (HUB_FILES) that is not cached, before any loads: not one missing download per start."""
-    names = dict.fromkeys(name for spec in specs if spec for name in reward_names(spec))
-    needed = dict.fromkeys(entry for name in names for entry in HUB_FILES.get(REWARDS[name], ()))
-    missing = [(repo, files) for repo, files in needed if hub_offline() and not hub_cached(repo, files)]
-    missing = [(repo, files) for repo, files in missing if files is None or (repo, None) not in missing]  # in the repo
+    missing = {}  # (repo, files) -> the rewards that read it
+    for name in dict.fromkeys(name for spec in specs if spec for name in reward_names(spec)):
+        for repo, files in HUB_FILES.get(REWARDS[name], ()) if hub_offline() else ():
+            if not hub_cached(repo, files):
+                missing.setdefault((repo, files), []).append(name)
+    commands = [hub_download_command(repo, files) for repo, files in missing if files is None or (repo, None) not in
+                missing]  # a file of a repo that is missing whole comes with it
     if missing:
-        commands = " && ".join(hub_download_command(repo, files) for repo, files in missing)
+        names = dict.fromkeys(name for names in missing.values() for name in names)
         raise RewardError(f"the hub is offline (HF_HUB_OFFLINE=1) and the reward models of {', '.join(names)} miss "
-                          f"{len(missing)} download(s) in the local Hugging Face cache: run `{commands}` where the hub "
-                          "is reachable, or unset HF_HUB_OFFLINE")
+                          f"{len(commands)} download(s) in the local Hugging Face cache: run `{' && '.join(commands)}` "
+                          "where the hub is reachable, or unset HF_HUB_OFFLINE")
 
 
 def hub_ready(hub_id, filename=None, what="model"):

@@ -1582,6 +1582,18 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(monkeypat
     assert "resumed from" in printed and "warning" not in printed
     assert [m["epoch"] for m in metrics(out)] == [0, 1]
     assert json.load(open(out / "config.json"))["model"] == "tiny"
+    # a run saved with relative paths (before they were saved absolute) resumes from its folder, and the same file
+    # spelled another way is the same value
+    config = json.load(open(out / "config.json"))
+    (out / "config.json").write_text(json.dumps(dict(config, prompts="p.txt")))
+    saved = state(nft.checkpoints(out)[-1])
+    saved["draws"]["prompts"] = "p.txt"
+    torch.save(saved, os.path.join(nft.checkpoints(out)[-1], "training_state.pt"))
+    monkeypatch.chdir(tmp_path / "a")
+    printed = run_here("--resume_from", "latest", "--output_dir", out, "--num_epochs", 3)
+    assert "resumed from" in printed and "warning" not in printed and len(metrics(out)) == 3
+    assert nft.same_value("model", "../b/tiny", str(tmp_path / "b" / "tiny"))  # from folder a
+    assert not nft.same_value("model", "tiny", "b/tiny") and not nft.same_value("rank", "1", 1)
 
 
 # ---- a stopped run keeps its work ----
@@ -1989,9 +2001,12 @@ def test_no_cuda_points_to_the_cpu_demo_and_a_mistyped_model_or_folder_is_named(
     msg = cli_error(capsys, "--output_dir", tmp_path / "o")
     assert "python nft.py --model tiny --reward color" in msg and "--resume_from" not in msg
     assert "unknown --model 'tny' (did you mean 'tiny'?)" in cli_error(capsys, "--model", "tny")
-    assert "unknown --model 'random:sd3.5'" in cli_error(capsys, "--model", "random:sd3.5")
+    for typo in ("random:sd3.5", "random:tiny", "tiny/", "sd3.5-medium"):  # random:tiny: not a model (no preset)
+        assert f"unknown --model {typo!r}" in cli_error(capsys, "--model", typo)
     msg = cli_error(capsys, "--resume_from", "latest", "--output_dir", tmp_path / "typo")
     assert f"{tmp_path / 'typo'} holds no run to take --model from" in msg
+    assert "holds no run" not in cli_error(capsys, "--model", "org/model", "--resume_from", "latest", "--output_dir",
+                                           tmp_path / "typo")  # a --model given: nothing came from the folder
     assert not (tmp_path / "o").exists() and not (tmp_path / "typo").exists()
 
 
@@ -3562,7 +3577,8 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
     for loader in real:
         monkeypatch.setattr(rewards, loader, lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(rewards.RewardError) as e:
-        rewards.make_reward("hpsv2:1,imagereward:1", "cpu")
+        rewards.make_reward("jpeg:1,hpsv2:1,imagereward:1", "cpu")
+    assert "the reward models of hpsv2, imagereward miss" in str(e.value)  # jpeg loads nothing
     for command in ("xswu/HPSv2 HPS_v2.1_compressed.pt", "THUDM/ImageReward ImageReward.pt med_config.json",
                     f"{rewards.CLIP_TOKENIZER} tokenizer.json tokenizer_config.json",
                     f"{rewards.BERT_TOKENIZER} tokenizer.json tokenizer_config.json"):
@@ -4207,9 +4223,29 @@ def test_a_full_size_model_on_a_cpu_is_refused_by_the_memory_check_not_killed(ca
     msg = cli_error(capsys, "--model", "random:sd3.5-medium", "--profile", "--output_dir", tmp_path / "o")
     assert "--model random:sd3.5-medium needs about" in msg and "by memory_estimate, cpu has 3.0 GiB free" in msg
     assert "on a CPU run the demo, --model tiny" in msg and not (tmp_path / "o").exists()
-    args = nft.parse_args(["--model", "random:sd3.5-medium"])
+    args = nft.parse_args(["--model", "random:sd3.5-medium", "--resolution", "64", "--sample_batch_size", "1"])
+    need = nft.memory_estimate(nft.model_sizes(args.model), args, "no")["total"]
+    monkeypatch.setattr(nft, "free_memory", lambda device: 1.5 * need)
+    nft.check_memory(args, 1, torch.device("cpu"))  # fits one rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share it: they do not fit
+    with pytest.raises(nft.UserError, match=r"for 2 rank\(s\) by memory_estimate"):
+        nft.check_memory(args, 2, torch.device("cpu"))
     nft.check_memory(dataclasses.replace(args, memory_check=False), 1, torch.device("cpu"))
     nft.check_memory(nft.parse_args(["--model", "tiny"]), 1, torch.device("cpu"))
+
+
+def test_free_memory_on_a_cpu_is_the_lower_of_the_machine_and_its_container(monkeypatch, tmp_path):
+    """A container's memory limit less its use (cgroup v2 or v1 files), where it is below MemAvailable, is what a run
+    may use: the kernel kills it there. "max" (no limit) and missing files leave MemAvailable."""
+    machine = nft.free_memory(torch.device("cpu"))
+    (tmp_path / "max").write_text(f"{2 ** 30 * 3}\n")
+    (tmp_path / "current").write_text(f"{2 ** 30}\n")
+    (tmp_path / "none").write_text("max\n")
+    monkeypatch.setattr(nft, "CGROUP_MEMORY", [(tmp_path / "none", tmp_path / "current"), (tmp_path / "x", "y"),
+                                               (tmp_path / "max", tmp_path / "current")])
+    assert nft.free_memory(torch.device("cpu")) == pytest.approx(min(machine, 2.0))
+    monkeypatch.setattr(nft, "CGROUP_MEMORY", [(tmp_path / "none", tmp_path / "current")])
+    assert nft.free_memory(torch.device("cpu")) == pytest.approx(machine, rel=0.1)  # MemAvailable moves a little
 
 
 # ---- profile: FLOP counts ----
