@@ -2355,9 +2355,9 @@ def parse_args(argv=None):
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
         args.output_dir = os.path.join("runs", re.sub(r"[^\w.+-]+", "_", folder))
     args = resumed(args, given) if args.resume_from else args
-    for k in PATH_FLAGS:  # saved absolute: a resume from another folder finds them (a hub id or a built-in name is no
-        path = os.path.expanduser(getattr(args, k))  # path here)
-        if path and os.path.exists(path) and not (k == "model" and builtin(path)):
+    for k in PATH_FLAGS:  # saved absolute, so that a resume from another folder finds them
+        path = os.path.expanduser(getattr(args, k))
+        if path and os.path.exists(path) and not (k == "model" and builtin(path)):  # a hub id, a built-in: as given
             setattr(args, k, os.path.realpath(path))
     return args
 
@@ -2382,8 +2382,8 @@ def _flag_error(flags, message):
     raise UserError(f"{said}; see --help")
 
 
-def _closest(name, choices, aliases={}):
-    near = [aliases[name]] if name in aliases else difflib.get_close_matches(name, list(choices), n=1)
+def _closest(name, choices, aliases=None):
+    near = [aliases[name]] if name in (aliases or {}) else difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
