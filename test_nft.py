@@ -470,17 +470,6 @@ def test_presets_follow_the_reward_spec(argv, reward, beta, num_steps, steps_per
     assert (a.reward, a.beta, a.num_steps, a.steps_per_epoch) == (reward, beta, num_steps, steps_per_epoch)
 
 
-def test_the_tiny_models_evaluate_8_prompts_at_most():
-    """On a CPU the tiny preset evaluates 8 of OCR's 1,018 test prompts (x 4 images), not all (an hour); the colour
-    demo's 4 are all kept, and a flag still overrides it."""
-    ocr = nft.parse_args(["--model", "tiny", "--reward", "ocr"])
-    _, evals, _ = rewards.prompt_records(ocr.reward, max_eval=ocr.eval_max_prompts)
-    assert len(evals) == 8 and len(rewards.default_prompts("ocr", "test")) > 1000
-    color = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
-    assert len(rewards.prompt_records(color.reward, max_eval=color.eval_max_prompts)[1]) == 4
-    assert nft.parse_args(["--model", "tiny", "--eval_max_prompts", "0"]).eval_max_prompts == 0
-
-
 # ---- the file reads as the paper: the algorithm first ----
 ALGORITHM = ["add_noise", "nft_loss", "cfg", "adv_to_r", "group_advantages", "old_decay", "ema_decay", "soft_update_",
              "solve", "rollout_sigmas", "train", "epoch_prompt_indices", "encode_batch", "rollout", "sample", "score",
@@ -921,6 +910,17 @@ def test_prompt_warning_names_the_official_file_once_before_any_model_loads(caps
     printed, err = capsys.readouterr()
     assert e.value.code == 2 and "hf download" in err and not os.path.exists(tmp_path / "out" / "config.json")
     assert printed.count("warning: the pickscore preset") == 1 and "pickscore/train.txt" in printed
+
+
+def test_the_tiny_models_evaluate_8_prompts_at_most():
+    """On a CPU the tiny preset evaluates 8 of OCR's 1,018 test prompts (x 4 images), not all (an hour); the colour
+    demo's 4 are all kept, and a flag still overrides it."""
+    ocr = nft.parse_args(["--model", "tiny", "--reward", "ocr"])
+    _, evals, _ = rewards.prompt_records(ocr.reward, max_eval=ocr.eval_max_prompts)
+    assert len(evals) == 8 and len(rewards.default_prompts("ocr", "test")) > 1000
+    color = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
+    assert len(rewards.prompt_records(color.reward, max_eval=color.eval_max_prompts)[1]) == 4
+    assert nft.parse_args(["--model", "tiny", "--eval_max_prompts", "0"]).eval_max_prompts == 0
 
 
 # ---- grids and curves ----
