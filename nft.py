@@ -139,7 +139,7 @@ class Args:  # each comment is the flag's --help
     eval_every: int = 10  # Evaluate the EMA weights every this many epochs and save a grid; 0 never evaluates.
     eval_num_steps: int = 40  # The number of Euler steps of evaluation images, as the paper evaluates.
     eval_images_per_prompt: int = 0  # Images per evaluation prompt; 0: the benchmark's count, 1 in training.
-    eval_max_prompts: int = 0  # Evaluate only the first this many prompts; 0 evaluates all of them.
+    eval_max_prompts: int = 0  # Evaluate only this many prompts, spread evenly over the set; 0 evaluates all.
     eval_reward: str = ""  # Rewards scored beside --reward in every evaluation, not trained on (a spec).
     eval_only: bool = False  # Evaluate the base model or --lora with the paper's protocol instead of training.
     lora: str = ""  # With --eval_only: the LoRA to evaluate (file, folder or hub repo); empty: the base model.

@@ -912,12 +912,17 @@ def test_prompt_warning_names_the_official_file_once_before_any_model_loads(caps
     assert printed.count("warning: the pickscore preset") == 1 and "pickscore/train.txt" in printed
 
 
-def test_the_tiny_models_evaluate_8_prompts_at_most():
-    """On a CPU the tiny preset evaluates 8 of OCR's 1,018 test prompts (x 4 images), not all (an hour); the colour
+def test_the_tiny_models_evaluate_8_prompts_at_most_spread_over_the_set():
+    """On a CPU the tiny preset evaluates 8 of OCR's 1,018 test prompts (x 4 images), not all (an hour); capped, the
+    prompts spread over the set, so GenEval's 8 cover its 6 tags (its first 8 are all single objects); the colour
     demo's 4 are all kept, and a flag still overrides it."""
     ocr = nft.parse_args(["--model", "tiny", "--reward", "ocr"])
     _, evals, _ = rewards.prompt_records(ocr.reward, max_eval=ocr.eval_max_prompts)
     assert len(evals) == 8 and len(rewards.default_prompts("ocr", "test")) > 1000
+    everything = rewards.default_prompts("geneval", "test")
+    _, evals, _ = rewards.prompt_records("geneval", max_eval=8)
+    assert {r["tag"] for r in evals} == {r["tag"] for r in everything} and len({r["tag"] for r in everything}) == 6
+    assert evals[0] == everything[0] and {r["tag"] for r in everything[:8]} == {"single_object"}
     color = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
     assert len(rewards.prompt_records(color.reward, max_eval=color.eval_max_prompts)[1]) == 4
     assert nft.parse_args(["--model", "tiny", "--eval_max_prompts", "0"]).eval_max_prompts == 0
