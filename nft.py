@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 794: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 803: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -410,8 +410,8 @@ class Policies:
     opt: torch.optim.Optimizer
     step: int = 0  # optimizer steps taken
     bad_steps: int = 0  # non-finite optimizer steps in a row
-    loss_scale: float = 1.0  # the backward's loss scale: fp16's follows GradScaler's rule (take_step), else 1
-    scale_steps: int = 0  # fp16: optimizer steps since the loss scale last changed
+    loss_scale: float = None  # fp16: the backward's loss scale, by GradScaler's rule (take_step); None: unscaled
+    scale_steps: int = 0  # fp16: steps with finite gradients since the loss scale last changed
 
 
 @dataclass
@@ -535,13 +535,13 @@ def nft_update(run, pol, batch, epoch, log):
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
         if args.fsdp:  # the backward reduce-scatters in a step's last micro-batch only (in every one with micro_step)
             run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or last)
-        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, pol.loss_scale / (per_step * T))
+        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, (pol.loss_scale or 1.0) / (per_step * T))
         if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: an official-style baseline
             average_gradients(pol.theta)
         if last:
             take_step(run, pol, epoch, log)
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
-    if pol.loss_scale > 1:  # fp16: the scale the next step's backward runs at (halved after an overflow)
+    if pol.loss_scale:  # fp16: the scale the next step's backward runs at (halved after an overflow)
         log["loss_scale"] = pol.loss_scale
 
 
@@ -583,17 +583,23 @@ def take_step(run, pol, epoch, log, problem=None):
     """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with decay
     ema_decay(step). A step with a NaN/inf gradient, one that made a weight NaN/inf, and each step of an epoch without
     a finite reward (`problem` given) is skipped or undone; max_nonfinite_steps of them in a row stop the run with
-    the last good checkpoint intact. fp16 (loss_scale > 1) as GradScaler: a NaN/inf gradient (an overflow of the scaled
-    backward) halves the scale and skips the step uncounted, FP16_GROWTH_INTERVAL good steps in a row double it."""
-    args = run.args
+    the last good checkpoint intact. fp16 (a loss_scale) as GradScaler: a NaN/inf gradient (an overflow of the scaled
+    backward) halves the scale and skips the step, uncounted while the scale is above 1; FP16_GROWTH_INTERVAL steps
+    with finite gradients in a row double it."""
+    args, backward = run.args, problem is None  # a given problem: the epoch ran no backward
     sync = args.grad_sync == "step" and not args.fsdp  # --fsdp: FSDP's backward reduce-scattered them
     grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, args.max_grad_norm, sync,
-                                                                        pol.loss_scale)
-    if pol.loss_scale > 1 and problem in (None, "non-finite gradient"):
-        pol.scale_steps += 1
-        if problem or pol.scale_steps == FP16_GROWTH_INTERVAL:
-            pol.loss_scale, pol.scale_steps = pol.loss_scale * (0.5 if problem else 2.0), 0
-        if problem:
+                                                                        pol.loss_scale or 1.0)
+    if pol.loss_scale and backward:
+        overflow = problem == NONFINITE_GRADIENT
+        pol.scale_steps = 0 if overflow else pol.scale_steps + 1
+        if pol.scale_steps == FP16_GROWTH_INTERVAL:
+            pol.loss_scale, pol.scale_steps = 2 * pol.loss_scale, 0
+        if overflow and pol.loss_scale > 1:  # at 1 it counts below: scaling down is not what fixes it
+            pol.loss_scale /= 2
+            if run.process_index == 0:
+                tqdm.write(f"warning: epoch {epoch}: fp16 gradient overflow, step skipped, loss scale halved to "
+                           f"{pol.loss_scale:g}")
             return
     if problem:
         pol.bad_steps += 1
@@ -608,6 +614,9 @@ def take_step(run, pol, epoch, log, problem=None):
         return
     pol.step, pol.bad_steps, log["grad_norm"] = pol.step + 1, 0, grad_norm
     soft_update_(pol.ema, pol.theta, ema_decay(pol.step, args.ema_max_decay))
+
+
+NONFINITE_GRADIENT = "non-finite gradient"  # optimizer_step's problem that fp16's loss scale answers (take_step)
 
 
 def optimizer_step(params, opt, max_grad_norm, sync=True, loss_scale=1.0):
@@ -625,7 +634,7 @@ def optimizer_step(params, opt, max_grad_norm, sync=True, loss_scale=1.0):
     # the norm over every rank's gradients (--fsdp: gathered), NaN/inf when one is: all ranks skip or step alike
     norm, problem = float(full(torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm))), None
     if not math.isfinite(norm):
-        norm, problem = None, "non-finite gradient"
+        norm, problem = None, NONFINITE_GRADIENT
     else:
         before = [p.detach().clone() for p in params.values()]  # the LoRA only: a few MB to a few hundred
         saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
@@ -1801,7 +1810,7 @@ def read_state(path):
         (lambda: not all(bool(torch.isfinite(t).all()) for t in tensors + [
             v for moments in state["optimizer"]["state"].values() for v in moments.values()]),
          "holds NaN/inf weights (a diverged run?)"),
-        (lambda: not (1 <= state.get("loss_scale", 1.0) < math.inf and state.get("scale_steps", 0) >= 0),
+        (lambda: not (1 <= (state.get("loss_scale") or 1.0) < math.inf and state.get("scale_steps", 0) >= 0),
          "holds a loss scale below 1, infinite or not a number, or a negative step count of it")]
     for broken, problem in rules:
         try:
@@ -1927,7 +1936,7 @@ def restore(pol, path, state, args):
     if changed:
         print0(f"resumed optimizer takes the flags given now: {', '.join(changed)}")
     pol.step, pol.bad_steps = state["step"], state["bad_steps"]
-    if pol.loss_scale > 1 and state.get("loss_scale", 1) > 1:  # fp16 then and now: GradScaler's scale continues
+    if pol.loss_scale and state.get("loss_scale"):  # fp16 then and now: GradScaler's scale continues
         pol.loss_scale, pol.scale_steps = state["loss_scale"], state["scale_steps"]
     print0(f"resumed from {path}: epoch {state['epoch']}, step {pol.step}")
     return state["epoch"]
@@ -2021,9 +2030,16 @@ def generate(run, records, items):
         if args.compile and not args.eval_only:  # one batch size: a short last batch would make the compiled blocks
             run_as += batch[-1:] * (args.sample_batch_size - len(batch))  # recompile with a dynamic one (repeats cut)
         where = torch.tensor([row[i] for i, _ in run_as])
-        noise = torch.stack([torch.randn(shape, generator=rng(args.seed, "eval", i, k)) for i, k in run_as]).to(device)
+        noise = torch.stack([torch.randn(shape, generator=rng(args.seed, "eval", prompt_index(records, i), k))
+                             for i, k in run_as]).to(device)
         x0 = sample(run, noise, {k: v[where].to(device) for k, v in cond.items()}, sigmas, "euler")[:len(batch)]
         yield batch, decode(pipe, x0)
+
+
+def prompt_index(records, i):
+    """Prompt i's index in its whole evaluation set (a capped set keeps it: rewards.prompt_records), which seeds its
+    images and names it in eval_images.jsonl: a capped evaluation's images are the whole evaluation's."""
+    return records[i].get("_index", i)
 
 
 @torch.no_grad()
@@ -2039,8 +2055,8 @@ def evaluate(run, records):
                               total=-(-len(padded) // args.sample_batch_size), **run.bar):
         scores, comps = run.eval_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
         for j, (i, k) in enumerate(batch):
-            seed = rng(args.seed, "eval", i, k).initial_seed()
-            out.append(dict(index=i, image=k, prompt=records[i]["prompt"], seed=seed,
+            seed = rng(args.seed, "eval", prompt_index(records, i), k).initial_seed()
+            out.append(dict(index=prompt_index(records, i), image=k, prompt=records[i]["prompt"], seed=seed,
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
                             **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))

@@ -1289,12 +1289,14 @@ def prompt_records(spec, prompts="", eval_prompts="", max_eval=0):
     """(train, eval, repeats) prompt records: the files (load_prompts), else the first reward's built-in sets
     (default_prompts). The `repeats` exact repeats leave the evaluation set, as the official test files list a prompt
     once per image while evaluation draws its own images of each; max_eval > 0 keeps that many, spread evenly over the
-    set (a test set sorted by tag, as GenEval's, keeps every tag; its first prompts would all be single objects)."""
+    set (a test set sorted by tag, as GenEval's, keeps every tag; its first prompts would all be single objects), each
+    a copy with "_index", its position in the whole set (what evaluation seeds its images by)."""
     name = parse_reward_spec(spec)[0][0]  # an empty spec is one clear error here
     train = load_prompts(prompts) if prompts else default_prompts(name, "train")
     evals = load_prompts(eval_prompts, "--eval_prompts") if eval_prompts else default_prompts(name, "test")
     unique = list({json.dumps(r, sort_keys=True): r for r in evals}.values())
-    spread = [unique[i * len(unique) // max_eval] for i in range(max_eval)] if 0 < max_eval < len(unique) else unique
+    spread = [dict(unique[j], _index=j) for j in (i * len(unique) // max_eval for i in range(max_eval))
+              ] if 0 < max_eval < len(unique) else unique
     return train, spread, len(evals) - len(unique)
 
 

@@ -922,7 +922,9 @@ def test_the_tiny_models_evaluate_8_prompts_at_most_spread_over_the_set():
     everything = rewards.default_prompts("geneval", "test")
     _, evals, _ = rewards.prompt_records("geneval", max_eval=8)
     assert {r["tag"] for r in evals} == {r["tag"] for r in everything} and len({r["tag"] for r in everything}) == 6
-    assert evals[0] == everything[0] and {r["tag"] for r in everything[:8]} == {"single_object"}
+    assert [r["_index"] for r in evals] == [i * len(everything) // 8 for i in range(8)]  # a copy knows its place
+    assert evals[1] == dict(everything[evals[1]["_index"]], _index=evals[1]["_index"])
+    assert {r["tag"] for r in everything[:8]} == {"single_object"}
     color = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
     assert len(rewards.prompt_records(color.reward, max_eval=color.eval_max_prompts)[1]) == 4
     assert nft.parse_args(["--model", "tiny", "--eval_max_prompts", "0"]).eval_max_prompts == 0
@@ -2854,6 +2856,12 @@ def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3, monkeypatch):
     assert sizes == [3, 3, 3] and all(c[key][0] == a[key][0] and c[key][1] == pytest.approx(a[key][1], abs=1e-5)
                                       for key in a)
     monkeypatch.undo()
+    args.compile, args.eval_only, args.sample_batch_size = False, True, 8
+    capped = rewards.prompt_records("color", max_eval=2)[1]  # prompts 0 and 2 of the 4: the same images as above
+    res = evaluate_with(pipe, capped, fn, args, torch.device("cpu"), contextlib.nullcontext, 0, 1)
+    capped = {(r["index"], r["image"]): (r["seed"], r["reward"]) for r in res}
+    assert capped.keys() == {key for key in a if key[0] in (0, 2)}  # indices of the whole set, 2 images each
+    assert all(capped[key][0] == a[key][0] and capped[key][1] == pytest.approx(a[key][1], abs=1e-5) for key in capped)
     assert scores(sample_batch_size=8, seed=7) != a
 
 
@@ -4112,10 +4120,11 @@ def test_fp16_loss_scale_keeps_the_gradients_fp16_flushes_to_zero():
     assert problem is None and norm == pytest.approx(float(g32.norm()), rel=1e-3)  # divided out before clipping
 
 
-def test_fp16_loss_scale_follows_gradscaler_and_a_checkpoint_keeps_it():
+def test_fp16_loss_scale_follows_gradscaler_and_a_checkpoint_keeps_it(capsys):
     """fp16's loss scale follows GradScaler's rule: an overflow (a NaN/inf gradient) halves it and skips the step
-    without counting it toward --max_nonfinite_steps; FP16_GROWTH_INTERVAL good steps in a row double it. A resume in
-    fp16 continues from the checkpoint's scale; in bf16 (scale 1) there is none to continue, and a NaN/inf gradient
+    (with a warning) without counting it toward --max_nonfinite_steps; FP16_GROWTH_INTERVAL steps with finite gradients
+    in a row double it. At scale 1 an overflow counts (scaling down does not fix it) and the scale still grows later.
+    A resume in fp16 continues from the checkpoint's scale; in bf16 (no scale) there is none, and a NaN/inf gradient
     counts."""
     import diffusers
     args = nft.parse_args(["--model", "tiny", "--reward", "color", "--max_nonfinite_steps", "2"])
@@ -4131,6 +4140,7 @@ def test_fp16_loss_scale_follows_gradscaler_and_a_checkpoint_keeps_it():
     for _ in range(3):  # three overflows in a row: halved three times, never counted (2 would stop the run)
         assert not step(math.inf)
     assert (pol.loss_scale, pol.scale_steps, pol.step, pol.bad_steps) == (2.0 ** 13, 0, 0, 0)
+    assert "fp16 gradient overflow, step skipped, loss scale halved to 8192" in capsys.readouterr().out
     pol.scale_steps = nft.FP16_GROWTH_INTERVAL - 2
     assert step(1.0) and (pol.loss_scale, pol.scale_steps) == (2.0 ** 13, nft.FP16_GROWTH_INTERVAL - 1)
     assert step(1.0) and (pol.loss_scale, pol.scale_steps, pol.step) == (2.0 ** 14, 0, 2)
@@ -4138,10 +4148,14 @@ def test_fp16_loss_scale_follows_gradscaler_and_a_checkpoint_keeps_it():
     args.resume_from = "checkpoint-00001"
     nft.restore(pol, args.resume_from, saved, args)
     assert (pol.loss_scale, pol.scale_steps) == (2.0 ** 9, 7)
-    pol.loss_scale, pol.scale_steps = 1.0, 0  # bf16
+    pol.loss_scale = 1.0  # the floor: an overflow there counts, and the scale stays and can grow again
+    assert not step(math.inf) and (pol.loss_scale, pol.bad_steps, pol.scale_steps) == (1.0, 1, 0)
+    pol.scale_steps = nft.FP16_GROWTH_INTERVAL - 1
+    assert step(1.0) and (pol.loss_scale, pol.bad_steps) == (2.0, 0)
+    pol.loss_scale, pol.scale_steps = None, 0  # bf16: unscaled
     nft.restore(pol, args.resume_from, saved, args)
-    assert (pol.loss_scale, pol.scale_steps) == (1.0, 0)
-    assert not step(math.inf) and (pol.bad_steps, pol.loss_scale) == (1, 1.0)
+    assert (pol.loss_scale, pol.scale_steps) == (None, 0)
+    assert not step(math.inf) and (pol.bad_steps, pol.loss_scale) == (1, None)
 
 
 @pytest.mark.parametrize("flags, on_cpu", [
