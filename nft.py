@@ -2371,10 +2371,10 @@ def parse_args(argv=None):
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
         args.output_dir = os.path.join("runs", re.sub(r"[^\w.+-]+", "_", folder))
     args = resumed(args, given) if args.resume_from else args
-    for k in PATH_FLAGS:  # saved absolute, so that a resume from another folder finds them
-        path = os.path.expanduser(getattr(args, k))
+    for k in PATH_FLAGS:  # saved absolute, so that a resume from another folder finds them; links kept (a file in
+        path = os.path.expanduser(getattr(args, k))  # the Hugging Face cache links to a blob without its name)
         if path and os.path.exists(path) and not (k == "model" and builtin(path)):  # a hub id, a built-in: as given
-            setattr(args, k, os.path.realpath(path))
+            setattr(args, k, os.path.join(os.getcwd(), path))
     return args
 
 

@@ -1600,6 +1600,8 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(monkeypat
     printed = run_here("--resume_from", "latest", "--output_dir", out, "--num_epochs", 3)
     assert "resumed from" in printed and "warning" not in printed and len(metrics(out)) == 3
     assert nft.same_value("model", "../b/tiny", str(tmp_path / "b" / "tiny"))  # from folder a
+    os.symlink(tmp_path / "a" / "p.txt", tmp_path / "a" / "link.jsonl")  # as the Hugging Face cache links to blobs
+    assert nft.parse_args(["--prompts", "link.jsonl"]).prompts == str(tmp_path / "a" / "link.jsonl")  # its name kept
     assert not nft.same_value("model", "tiny", "b/tiny") and not nft.same_value("rank", "1", 1)
 
 
