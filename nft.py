@@ -872,8 +872,6 @@ def setup(args):
             f" (--resume_from latest: {args.output_dir} holds no run to take --model from; is it spelled right?)"
             if unrun else "") + "; on a CPU run the demo instead: python nft.py --model tiny --reward color")
     validate(args, world)
-    if hub:
-        check_hub_model(args.model)  # before the reward models load and before anything is written
     check_memory(args, world, device)
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
     while not os.path.lexists(existing):
@@ -893,7 +891,11 @@ def setup(args):
     for spec, records, which in checks:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
             rewards.check_metadata(spec, records, prompt_set(args)[which])
-    rewards.check_downloads(args.reward, used_eval_reward(args))  # offline: every missing one in one line
+    # before anything loads or is written: offline, every missing download in one line, the model's with the rewards';
+    # online, one line for a --model that is gated, missing or unreachable
+    rewards.check_downloads(args.reward, used_eval_reward(args), models=[args.model] if hub else [])
+    if hub:
+        check_hub_model(args.model)
     run = Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
     # a stop (error, Ctrl-C) drops the batches queued for scoring: exiting would otherwise wait to score them all
     _HELD.append(functools.partial(run.pool.shutdown, wait=False, cancel_futures=True))

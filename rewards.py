@@ -112,20 +112,23 @@ def hub_cached(hub_id, filename=None):
         return False
 
 
-def check_downloads(*specs):
+def check_downloads(*specs, models=()):
     """Offline (HF_HUB_OFFLINE=1): one line with the `hf download` commands of everything the rewards of `specs` read
-    from the hub (HUB_FILES) that is not cached, before any loads: not one missing download per start."""
-    missing = {}  # (repo, files) -> the rewards that read it
+    from the hub (HUB_FILES) and of the hub `models` that is not cached, before any loads: not one per start."""
+    missing = {}  # (repo, files) -> what reads it
+    for repo in models if hub_offline() else ():
+        if not hub_cached(repo):
+            missing.setdefault((repo, None), []).append(f"--model {repo}")
     for name in dict.fromkeys(name for spec in specs if spec for name in reward_names(spec)):
         for repo, files in HUB_FILES.get(REWARDS[name], ()) if hub_offline() else ():
             if not hub_cached(repo, files):
-                missing.setdefault((repo, files), []).append(name)
+                missing.setdefault((repo, files), []).append(f"{name}'s model")
     commands = [hub_download_command(repo, files) for repo, files in missing if files is None or (repo, None) not in
                 missing]  # a file of a repo that is missing whole comes with it
     if missing:
-        names = dict.fromkeys(name for names in missing.values() for name in names)
-        raise RewardError(f"the hub is offline (HF_HUB_OFFLINE=1) and the reward models of {', '.join(names)} miss "
-                          f"{len(commands)} download(s) in the local Hugging Face cache: run `{' && '.join(commands)}` "
+        users = dict.fromkeys(user for users in missing.values() for user in users)
+        raise RewardError(f"the hub is offline (HF_HUB_OFFLINE=1) and {len(commands)} download(s) for "
+                          f"{', '.join(users)} are not in the local Hugging Face cache: run `{' && '.join(commands)}` "
                           "where the hub is reachable, or unset HF_HUB_OFFLINE")
 
 

@@ -3593,11 +3593,14 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
         monkeypatch.setattr(rewards, loader, lambda *a, **k: pytest.fail("a model was built before the check"))
     with pytest.raises(rewards.RewardError) as e:
         rewards.make_reward("jpeg:1,hpsv2:1,imagereward:1", "cpu")
-    assert "the reward models of hpsv2, imagereward miss" in str(e.value)  # jpeg loads nothing
+    assert "4 download(s) for hpsv2's model, imagereward's model are not" in str(e.value)  # jpeg loads nothing
     for command in ("xswu/HPSv2 HPS_v2.1_compressed.pt", "THUDM/ImageReward ImageReward.pt med_config.json",
                     f"{rewards.CLIP_TOKENIZER} tokenizer.json tokenizer_config.json",
                     f"{rewards.BERT_TOKENIZER} tokenizer.json tokenizer_config.json"):
-        assert f"hf download {command}" in str(e.value) and "miss 4 download(s)" in str(e.value)
+        assert f"hf download {command}" in str(e.value)
+    with pytest.raises(rewards.RewardError, match=r"2 download\(s\) for --model someone/sd3, clipscore's model are "
+                       r"not .*`hf download someone/sd3 && hf download openai/clip-vit-large-patch14`"):
+        rewards.check_downloads("clipscore", "", models=["someone/sd3"])  # the model's with the rewards' (setup)
     monkeypatch.setattr(rewards, "load_hpsv2", real["load_hpsv2"])
     monkeypatch.setattr(rewards, "load_imagereward", real["load_imagereward"])
     for name, factory in rewards.REWARDS.items():
