@@ -115,12 +115,14 @@ def hub_cached(hub_id, filename=None):
 def check_downloads(*specs, models=()):
     """Offline (HF_HUB_OFFLINE=1): one line with the `hf download` commands of everything the rewards of `specs` read
     from the hub (HUB_FILES) and of the hub `models` that is not cached, before any loads: not one per start."""
+    if not hub_offline():  # online, the loaders download what is missing
+        return
     missing = {}  # (repo, files) -> what reads it
-    for repo in models if hub_offline() else ():
+    for repo in models:
         if not hub_cached(repo):
             missing.setdefault((repo, None), []).append(f"--model {repo}")
     for name in dict.fromkeys(name for spec in specs if spec for name in reward_names(spec)):
-        for repo, files in HUB_FILES.get(REWARDS[name], ()) if hub_offline() else ():
+        for repo, files in HUB_FILES.get(REWARDS[name], ()):
             if not hub_cached(repo, files):
                 missing.setdefault((repo, files), []).append(f"{name}'s model")
     commands = [hub_download_command(repo, files) for repo, files in missing if files is None or (repo, None) not in

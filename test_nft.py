@@ -3601,8 +3601,8 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
     with pytest.raises(rewards.RewardError, match=r"2 download\(s\) for --model someone/sd3, clipscore's model are "
                        r"not .*`hf download someone/sd3 && hf download openai/clip-vit-large-patch14`"):
         rewards.check_downloads("clipscore", "", models=["someone/sd3"])  # the model's with the rewards' (setup)
-    monkeypatch.setattr(rewards, "load_hpsv2", real["load_hpsv2"])
-    monkeypatch.setattr(rewards, "load_imagereward", real["load_imagereward"])
+    for loader, load in real.items():
+        monkeypatch.setattr(rewards, loader, load)
     for name, factory in rewards.REWARDS.items():
         if factory not in rewards.HUB_FILES or name == "geneval":  # geneval: tested on a tiny Mask2Former built in code
             continue
