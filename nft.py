@@ -1626,15 +1626,44 @@ def memory_estimate(sizes, args, precision="bf16", shards=1):
 
 
 def model_sizes(model):
-    """memory_estimate's sizes for --model before its weights load: its family's MEMORY, with the parameter counts of
-    a built-in model built on the meta device (random:* text encoders are one layer; a hub id or folder: published)."""
+    """memory_estimate's sizes for --model before its weights load: its family's MEMORY (published counts), with the
+    counts of its own transformer, built on the meta device, where its config is at hand (a built-in model, whose
+    random:* text encoders are one layer; a folder; a hub id's transformer/config.json): SD3.5-Large is not Medium."""
     sizes = dict(zip(MEMORY_FIELDS, MEMORY[model_family(model)]))
+    count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
     if builtin(model):
         pipe = load_pipeline(model, torch.float32, "meta")
-        count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
-        sizes.update(transformer=count([pipe.transformer]), text=count(text_encoders(pipe)), vae=count([pipe.vae]),
-                     blocks=len(blocks(pipe.transformer)), width=pipe.transformer.inner_dim)
+        transformer = pipe.transformer
+        sizes.update(text=count(text_encoders(pipe)), vae=count([pipe.vae]))
+    else:
+        transformer = meta_transformer(model)
+        if transformer is None:
+            return sizes
+    targets = family_of(transformer).lora_targets  # --lora_targets official: LoRA parameters per --rank
+    lora = [m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(n == t or n.endswith("." + t) for t in targets)]  # matched as peft matches them
+    sizes.update(transformer=count([transformer]), blocks=len(blocks(transformer)), width=transformer.inner_dim,
+                 lora=sum(m.in_features + m.out_features for m in lora))
     return sizes
+
+
+def meta_transformer(model):
+    """--model's transformer on the meta device (shapes only) from its transformer/config.json: a folder's, or a hub
+    id's (cached, else that one file downloaded); None where it cannot be read or is not a supported class."""
+    import diffusers
+    with contextlib.suppress(Exception):  # offline and not cached, gated, unreachable: the published sizes stand
+        path = os.path.join(model, "transformer", "config.json")
+        if not _is_local(model):
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+            path = try_to_load_from_cache(model, "transformer/config.json")
+            if not isinstance(path, str):  # downloaded where the hub answers (hf_hub_download retries one for 30 s)
+                rewards.hub_ready(model, "transformer/config.json")
+                path = hf_hub_download(model, "transformer/config.json")
+        config = json.load(open(path))
+        if any(config.get("_class_name") == f.transformer for f in FAMILIES.values()):
+            with torch.device("meta"):
+                return getattr(diffusers, config["_class_name"]).from_config(config)
+    return None
 
 
 # a container's memory limit and use (cgroup v2, v1), which MemAvailable does not see

@@ -95,16 +95,20 @@ def hub_offline():
 
 def hub_download_command(hub_id, filename=None):
     """The exact command that fills the local Hugging Face cache with what a loader reads (`filename`: a file, a
-    tuple of files, or None for the whole repository)."""
-    return " ".join(["hf download", hub_id, *((filename,) if isinstance(filename, str) else filename or ())])
+    tuple of files or of patterns such as PROCESSOR_FILES, or None for the whole repository)."""
+    files = (filename,) if isinstance(filename, str) else filename or ()
+    if any("*" in f for f in files):
+        return " ".join(["hf download", hub_id, "--include", *(f"'{f}'" for f in files)])
+    return " ".join(["hf download", hub_id, *files])
 
 
 def hub_cached(hub_id, filename=None):
-    """Whether the local Hugging Face cache holds what a loader reads (a file, a tuple of files, None: the repo)."""
+    """Whether the local Hugging Face cache holds what a loader reads (a file, a tuple of files, None or patterns:
+    the repo)."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
+    files = (filename,) if isinstance(filename, str) else filename or ()
     try:
-        if filename:
-            files = (filename,) if isinstance(filename, str) else filename
+        if files and not any("*" in f for f in files):
             return all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files)
         snapshot_download(hub_id, local_files_only=True)
         return True
@@ -162,7 +166,8 @@ def hub_ready(hub_id, filename=None, what="model"):
 
 def _from_hub(hub_id, load, *args, filename=None, **kwargs):
     """Call a from_pretrained-style loader; a missing download becomes one line naming the hub id. `filename`
-    (default: the loader's first argument) names what hub_ready checks: a file, a tuple of files, None = all."""
+    (default: the loader's first argument) names what hub_ready checks: a file, a tuple of files or patterns, None =
+    all."""
     filename = filename or (args[0] if args else None)
     hub_ready(hub_id, filename, "reward model")
     try:
@@ -385,12 +390,14 @@ def aesthetic_fn(scorer, mlp):
 
 def _clip_from_hub(model_id, processor_id, device):
     from transformers import CLIPModel, CLIPProcessor
-    processor = _from_hub(processor_id, CLIPProcessor.from_pretrained)
+    processor = _from_hub(processor_id, CLIPProcessor.from_pretrained,
+                          filename=None if processor_id == model_id else PROCESSOR_FILES)  # CLIP-H: no weights
     model = _from_hub(model_id, CLIPModel.from_pretrained)
     return ClipScorer(model, processor.tokenizer, processor.image_processor, device)
 
 
 PICKSCORE_REPO, CLIP_L = "yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14"
+PROCESSOR_FILES = ("*.json", "*.txt")  # a processor's configs and vocabularies, not its repo's weights (CLIP-H: 16 GB)
 CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor; HPSv2.1's tokenizer too
 
 
@@ -1369,8 +1376,9 @@ REWARDS = {
 # what each built-in factory reads from the hub, (repo, a file or files; None: the repo), for check_downloads (a
 # factory of your own in REWARDS has no entry: nothing is checked for it)
 HUB_FILES = {
-    make_geneval: [(MASK2FORMER, None), (CLIP_L, None)], make_pickscore: [(CLIP_H, None), (PICKSCORE_REPO, None)],
-    make_clipscore: [(CLIP_L, None)], make_aesthetic: [(CLIP_L, None), (AESTHETIC_REPO, AESTHETIC_FILE)],
+    make_geneval: [(MASK2FORMER, None), (CLIP_L, None)], make_clipscore: [(CLIP_L, None)],
+    make_pickscore: [(CLIP_H, PROCESSOR_FILES), (PICKSCORE_REPO, None)],
+    make_aesthetic: [(CLIP_L, None), (AESTHETIC_REPO, AESTHETIC_FILE)],
     make_hpsv2: [(HPSV2_REPO, HPSV2_FILE), (CLIP_TOKENIZER, TOKENIZER_FILES)],
     make_imagereward: [(IMAGEREWARD_REPO, IMAGEREWARD_FILES), (BERT_TOKENIZER, TOKENIZER_FILES)],
 }

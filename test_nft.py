@@ -3583,7 +3583,9 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
                                                                                           reward_hub, reward_reference):
     """Offline with an empty cache, one line names the `hf download` command of every file the rewards read
     (rewards.HUB_FILES: checkpoints and tokenizers alike), before any model is built; then, with only the repos
-    HUB_FILES lists cached (copied from reward_hub), each reward loads offline: no second missing download."""
+    HUB_FILES lists cached (copied from reward_hub; of PickScore's CLIP-H processor only its .json and .txt files), each
+    reward loads offline: no second missing download."""
+    import fnmatch
     import shutil
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -3601,6 +3603,9 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
     with pytest.raises(rewards.RewardError, match=r"2 download\(s\) for --model someone/sd3, clipscore's model are "
                        r"not .*`hf download someone/sd3 && hf download openai/clip-vit-large-patch14`"):
         rewards.check_downloads("clipscore", "", models=["someone/sd3"])  # the model's with the rewards' (setup)
+    with pytest.raises(rewards.RewardError, match=f"`hf download {rewards.CLIP_H} --include '\\*.json' '\\*.txt' && "
+                       "hf download yuvalkirstain/PickScore_v1`"):  # CLIP-H: its processor, not ~16 GB of weights
+        rewards.check_downloads("pickscore")
     for loader, load in real.items():
         monkeypatch.setattr(rewards, loader, load)
     for name, factory in rewards.REWARDS.items():
@@ -3608,9 +3613,11 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
             continue
         needed = rewards.HUB_FILES[factory]
         cache = tmp_path / name
-        for repo, _ in needed:
-            folder = "models--" + repo.replace("/", "--")
-            shutil.copytree(os.path.join(reward_hub, folder), cache / folder, dirs_exist_ok=True)
+        for repo, files in needed:  # patterns (PROCESSOR_FILES): only the files they match, as `hf download` would
+            folder, pick = "models--" + repo.replace("/", "--"), [f for f in files or () if "*" in f]
+            unpicked = lambda d, names: [n for n in names if pick and os.path.isfile(os.path.join(d, n)) and  # noqa
+                                         "snapshots" in d and not any(fnmatch.fnmatch(n, p) for p in pick)]
+            shutil.copytree(os.path.join(reward_hub, folder), cache / folder, dirs_exist_ok=True, ignore=unpicked)
         _use_reward_hub(monkeypatch, str(cache), reward_reference)
         rewards.make_reward(name, "cpu")
 
@@ -4237,6 +4244,47 @@ def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypa
     nft.check_memory(args, 1, torch.device("cpu"))  # a hub model on a CPU: refused by setup, not by memory
     counted = nft.model_sizes("random:qwen-image")  # built on the meta device: one-layer text encoder
     assert counted["transformer"] == pytest.approx(20.43e9, rel=2e-3) and counted["text"] < 1e9 < sizes["text"]
+
+
+SD35_LARGE = dict(  # stabilityai/stable-diffusion-3.5-large's transformer/config.json
+    _class_name="SD3Transformer2DModel", sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+    attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+    pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
+
+
+def test_the_memory_check_sizes_a_folder_or_hub_model_by_its_own_transformer(monkeypatch, tmp_path):
+    """A folder or a hub id is sized by its own transformer/config.json (built on the meta device), not by its family's
+    published counts: SD3.5-Large (8.06B parameters, 38 blocks of width 2432) needs about 61.7 GiB with the defaults
+    where SD3.5-Medium's counts said 29.2, so a 40 GB GPU refuses it, naming the flags that fit, and takes Medium.
+    The LoRA counts 2 x 2432 per official target, 8 a block, the last block's to_add_out aside (it has no text output).
+    Counted from the full-size architectures, the LoRA and transformer sizes are the published table's (MEMORY); a
+    hub id whose config is neither cached nor reachable keeps the table's."""
+    for arch in ("sd3.5-medium", "flux.1-dev", "qwen-image"):
+        counted, table = nft.model_sizes(f"random:{arch}"), nft.MEMORY[nft.model_family(f"random:{arch}")]
+        assert counted["transformer"] == pytest.approx(table[0], rel=2e-3), arch
+        assert counted["lora"] == pytest.approx(table[3], rel=1e-3) and counted["blocks"] == table[4], arch
+    folder = tmp_path / "sd3.5-large"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (folder / "transformer" / "config.json").write_text(json.dumps(SD35_LARGE))
+    repo = "stabilityai/stable-diffusion-3.5-large"
+    assert nft.model_sizes(repo)["transformer"] == nft.MEMORY["sd3"][0]  # offline, not cached: the table's
+    cache = str(tmp_path / "hub")
+    shutil.copytree(folder, _hub_snapshot(cache, repo), dirs_exist_ok=True)
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    for model in (str(folder), repo):
+        sizes = nft.model_sizes(model)
+        assert sizes["transformer"] == pytest.approx(8.06e9, rel=1e-3), model
+        assert (sizes["blocks"], sizes["width"], sizes["lora"]) == (38, 2432, (38 * 8 - 1) * 2 * 2432), model
+    args, table = nft.parse_args(["--model", str(folder)]), dict(zip(nft.MEMORY_FIELDS, nft.MEMORY["sd3"]))
+    assert nft.memory_estimate(nft.model_sizes(str(folder)), args)["total"] == pytest.approx(61.7, abs=0.1)
+    assert nft.memory_estimate(table, args)["total"] == pytest.approx(29.2, abs=0.1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40e9, 80e9))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(nft.UserError, match=r"needs about 61.7 GiB per GPU .* has 37.3 GiB free; add --"):
+        nft.check_memory(args, 1, torch.device("cuda:0"))
+    nft.check_memory(nft.parse_args([]), 1, torch.device("cuda:0"))  # SD3.5-Medium fits
 
 
 def test_a_full_size_model_on_a_cpu_is_refused_by_the_memory_check_not_killed(capsys, monkeypatch, tmp_path):
