@@ -1608,7 +1608,8 @@ MEMORY = {"sd3": (2.243e9, 5.580e9, 83.7e6, 0.587e6, 24, 1536, 36.5, 77, 128),
 def memory_estimate(sizes, args, precision="bf16", shards=1):
     """Peak GPU memory per rank in GiB by part, an estimate from parameter counts (model_sizes), args and the --fsdp
     ranks `shards`: weights (a transformer share + 2 gathered blocks, text encoders unless offloaded, VAE), the fp32
-    LoRA's 7 copies, and the largest of: training activations, a decode (5 full-size tensors), encoders visiting."""
+    LoRA's 7 copies, the fp32 reward models (rewards.REWARD_PARAMS), and the largest of: training activations, a decode
+    (5 full-size tensors), encoders visiting."""
     w, a = {"bf16": (2, 2), "fp16": (4, 2), "no": (4, 4)}[precision]  # bytes per weight, per activation
     vae, lora, n = 2 if args.reward_precision == "bf16" else 4, sizes["lora"] * args.rank, sizes["blocks"]
     tokens = ((args.resolution // 16) ** 2 + args.max_sequence_length + sizes["clip_tokens"]) * args.train_batch_size
@@ -1619,7 +1620,9 @@ def memory_estimate(sizes, args, precision="bf16", shards=1):
                  activations=0 if args.eval_only else per_block * (
                      2 * n + sizes["saved"] if args.gradient_checkpointing else sizes["saved"] * n),
                  decode=5 * sizes["vae_width"] * args.resolution ** 2 * vae * args.sample_batch_size,
-                 encode=sizes["text"] * w * args.offload_text_encoders)
+                 encode=sizes["text"] * w * args.offload_text_encoders,
+                 reward_models=4 * sum(rewards.REWARD_PARAMS.get(name, 0) for name in dict.fromkeys(
+                     rewards.reward_names(args.reward) + rewards.reward_names(used_eval_reward(args)))))
     parts = {k: v / 2 ** 30 for k, v in parts.items()}
     phases = [parts[k] for k in ("activations", "decode", "encode")]  # one at a time
     return dict(parts, total=sum(parts.values()) - sum(phases) + max(phases))
