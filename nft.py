@@ -1129,8 +1129,13 @@ def load_pipeline(model, dtype, device="cpu"):
     import diffusers
     name, index = model.split(":")[-1], os.path.join(model, "model_index.json")
     check_model_name(model)
-    if builtin(model):
-        pipe = builtin_pipeline(name, "cpu" if name.startswith("tiny") else device)
+    if builtin(model):  # random:* built in `dtype` (fp32 first, Qwen-Image's 76 GiB would not fit an 80 GB GPU)
+        tiny, default = name.startswith("tiny"), torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32 if tiny else dtype)
+        try:
+            pipe = builtin_pipeline(name, "cpu" if tiny else device)
+        finally:
+            torch.set_default_dtype(default)
         return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
     if not _is_local(model):
         check_hub_model(model)

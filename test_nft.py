@@ -1157,6 +1157,27 @@ def test_random_full_size_family_transformers_have_the_published_size(arch, expe
     assert nft.latent_shape(pipe, 512) == (16, 64, 64)
 
 
+def test_random_full_size_models_are_built_in_the_run_precision(monkeypatch):
+    """A full-size random:* model is built in the run's dtype, never whole in fp32 first (Qwen-Image's 76 GiB of fp32
+    would not fit an 80 GB GPU before its cast), and the default dtype is restored, also when the build fails; the
+    tiny models are built in fp32 (their decoder fit and the demo's numbers) and cast after."""
+    built = []
+    build = nft.builtin_pipeline
+
+    def recording(name, device="cpu"):
+        pipe = build(name, device)
+        built.append({p.dtype for p in pipe.transformer.parameters()})
+        return pipe
+    monkeypatch.setattr(nft, "builtin_pipeline", recording)
+    assert nft.load_pipeline("random:flux.1-dev", torch.bfloat16, "meta").transformer.dtype == torch.bfloat16
+    assert nft.load_pipeline("tiny", torch.bfloat16).transformer.dtype == torch.bfloat16
+    assert built == [{torch.bfloat16}, {torch.float32}] and torch.get_default_dtype() == torch.float32
+    monkeypatch.setattr(nft, "builtin_pipeline", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        nft.load_pipeline("random:sd3.5-medium", torch.bfloat16, "meta")
+    assert torch.get_default_dtype() == torch.float32
+
+
 # ---- rollouts equal the pipeline's ----
 @pytest.mark.parametrize("name", list(TINY_FAMILIES))
 def test_family_euler_rollout_equals_the_pipeline(name):
