@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 803: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 806: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -533,11 +533,7 @@ def nft_update(run, pol, batch, epoch, log):
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
         s, last = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size), (m + 1) % per_step == 0
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
-        if args.fsdp:  # the backward reduce-scatters in a step's last micro-batch only (in every one with micro_step)
-            run.pipe.transformer.set_requires_gradient_sync(args.grad_sync == "micro_step" or last)
-        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, (pol.loss_scale or 1.0) / (per_step * T))
-        if args.grad_sync == "micro_step" and not args.fsdp:  # as DDP without no_sync: an official-style baseline
-            average_gradients(pol.theta)
+        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, (pol.loss_scale or 1.0) / (per_step * T), last)
         if last:
             take_step(run, pol, epoch, log)
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
@@ -545,14 +541,16 @@ def nft_update(run, pol, batch, epoch, log):
         log["loss_scale"] = pol.loss_scale
 
 
-def micro_step(run, pol, mb, sigma, eps, scale):
+def micro_step(run, pol, mb, sigma, eps, scale, last=True):
     """One micro-batch mb (a Batch of B clean latents x0, their conditioning, r and mask), each visited at T sigmas
     (sigma: (T, B), eps: (T, B, C, h, w)). The no-grad v_old (theta_old copied into the LoRA, `policy`) and, when
     kl_coef > 0, v_ref (lora_B = 0) of all T*B visits run sample_batch_size at a time; then per timestep v_theta with
     grad and the backward of (adv_clip * nft_loss + kl_coef * KL) * scale, scale = 1 / (micro-batches per optimizer step
     * T) averaging the accumulated gradient (times fp16's loss scale, which optimizer_step divides out). --train_guided:
     v_old, v_ref and v_theta are the guided velocities the rollouts used, so the old policy in the loss is the one that
-    sampled. Returns the summed (loss, kl, |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
+    sampled. last: this micro-batch ends an optimizer step, so --fsdp's last backward reduce-scatters the gradients
+    (--grad_sync micro_step: every backward syncs, as the official DDP). Returns the summed (loss, kl,
+    |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
     args, transformer, x0 = run.args, run.pipe.transformer, mb.x0
     T, B = sigma.shape
     w = args.guidance_scale if args.train_guided else 1.0  # 1: the conditional velocity, one pass (the paper's)
@@ -574,7 +572,12 @@ def micro_step(run, pol, mb, sigma, eps, scale):
         kl = torch.zeros((), device=x0.device)
         if args.kl_coef > 0:
             kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mb.mask).mean()
+        every = args.grad_sync == "micro_step"  # as DDP without no_sync: the official-style baseline
+        if args.fsdp:  # FSDP reduce-scatters what has accumulated in a backward that syncs: once per step, by default
+            transformer.set_requires_gradient_sync(every or last and j == T - 1)
         ((loss + args.kl_coef * kl) * scale).backward()
+        if every and not args.fsdp:
+            average_gradients(pol.theta)
         stats += torch.stack([loss.detach(), kl.detach(), (v_theta.detach() - frozen["old"][k]).abs().mean()])
     return stats
 

@@ -144,6 +144,19 @@ def update_and_record(pol, args):  # each rank's theta after the epoch's optimiz
 
 
 nft.update_old_policy = update_and_record
+collectives = {}  # the gradient syncs of a run, per rank: calls of all_reduce and of FSDP's reduce-scatters
+
+
+def counted(name, call):
+    def count(*args, **kwargs):
+        collectives[name] = collectives.get(name, 0) + 1
+        return call(*args, **kwargs)
+    return count
+
+
+for name in dir(torch.distributed):
+    if name == "all_reduce" or "reduce_scatter" in name:
+        setattr(torch.distributed, name, counted(name, getattr(torch.distributed, name)))
 for i, argv in enumerate(json.loads(sys.argv[2])):
     if i:  # a fresh store per run: a second process group on the first's store finds its stale keys and hangs
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
@@ -158,17 +171,23 @@ for i, argv in enumerate(json.loads(sys.argv[2])):
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", open(port).read()
     if os.environ["RANK"] == "0":
         print("=== nft.py", *argv, flush=True)
+    collectives.clear()
     try:
         nft.main(argv)
     except SystemExit as e:  # an error stops its own run, not the ones after it
         print("=== exit code", e.code, flush=True)
+    out = [argv[k + 1] for k, a in enumerate(argv) if a == "--output_dir"][-1]  # the last, as argparse takes it
+    if os.path.isdir(out):
+        json.dump(collectives, open(os.path.join(out, f"collectives_rank{os.environ['RANK']}.json"), "w"))
 """
 
 
 def start_ranks(folder, *runs):
     """Start torchrun with 2 gloo ranks that run nft.main for each argv of `runs` in turn, in
     the same two processes: one start of torchrun, its ranks and their imports for all the runs (seconds each). Its
-    output goes to folder/ranks.txt; each rank saves its theta after every epoch to <output_dir>/theta_rank<N>.pt.
+    output goes to folder/ranks.txt; each rank saves its theta after every epoch to <output_dir>/theta_rank<N>.pt, and
+    after the run its gradient syncs (calls of all_reduce and of reduce-scatters) to
+    <output_dir>/collectives_rank<N>.json.
     Returns the Popen (stop it with kill_tree: its ranks run in sessions of their own)."""
     for stale in folder.glob("port*"):  # an earlier start's ports (start_ranks' runs wait for these files)
         stale.unlink()
@@ -1038,7 +1057,8 @@ def two_rank_runs(tmp_path_factory):
 def test_torchrun_two_ranks_end_to_end_and_grad_sync_modes_agree(two_rank_runs):
     """2 gloo ranks, 2 micro-batches per optimizer step each, each rank its own images. The ranks end the step with the
     same theta, bit for bit (their gradients were averaged), and --grad_sync micro_step (an all-reduce after every
-    backward, the official-style setting) trains the same LoRA as one all-reduce per step."""
+    backward, the official-style setting, counted: 18 in the step's 2 micro-batches x 9 visits) trains the same LoRA as
+    one all-reduce per step."""
     from safetensors.torch import load_file
     lora = {}
     for mode in ("step", "micro_step"):
@@ -1051,6 +1071,10 @@ def test_torchrun_two_ranks_end_to_end_and_grad_sync_modes_agree(two_rank_runs):
                       load_file(os.path.join(nft.checkpoints(out)[-1], "pytorch_lora_weights.safetensors")))
     (n1, a), (n2, b) = lora["step"], lora["micro_step"]
     assert n1 == pytest.approx(n2, rel=1e-5) and a.keys() == b.keys()
+    backwards = 2 * int(10 * 0.99)  # per rank and step: 2 micro-batches x T visits
+    for mode, syncs in (("step", 1), ("micro_step", backwards)):  # micro_step: all-reduced as DDP, every backward
+        for rank in (0, 1):
+            assert json.load(open(two_rank_runs[mode][0] / f"collectives_rank{rank}.json")) == {"all_reduce": syncs}
     moved = [k for k in a if "lora_B" in k and a[k].abs().max() > 0]
     assert moved and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
@@ -4214,7 +4238,9 @@ def test_loading_leaves_on_the_cpu_what_may_not_fit_a_gpu_whole(flags, on_cpu, m
 def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs, family):
     """--fsdp on 2 ranks trains what the unsharded 2 ranks train: theta, theta_old and the EMA agree within 1e-5 after
     2 epochs (same steps, finite losses, rewards of the same rollouts); its checkpoint, gathered on rank 0, loads with
-    the family pipeline's load_lora_weights and gives the velocity of its EMA weights."""
+    the family pipeline's load_lora_weights and gives the velocity of its EMA weights. Gradients sync (counted) once per
+    optimizer step: one reduce-scatter per FSDP unit in the step's last backward, one all-reduce unsharded; with
+    --grad_sync micro_step (Qwen-Image) in every backward, as the official DDP."""
     plain_run, fsdp_run = fsdp_runs / f"{family}-plain", fsdp_runs / f"{family}-fsdp"
     plain, fsdp = (state(run / "checkpoints" / "checkpoint-00002") for run in (plain_run, fsdp_run))
     for key in ("default", "old", "ema"):
@@ -4224,6 +4250,13 @@ def test_fsdp_trains_the_unsharded_lora_and_saves_it_for_diffusers(fsdp_runs, fa
     assert "returned a view tensor" not in (fsdp_runs / "ranks.txt").read_text()  # FLUX.1's, silenced (`shard`)
     m, m_fsdp = metrics(plain_run), metrics(fsdp_run)
     assert [r["step"] for r in m] == [r["step"] for r in m_fsdp] == [1, 2]
+    syncs = 2 if FSDP[family][1] == "step" else 2 * 2 * int(10 * 0.99)  # micro_step: every backward, 2 x 9 a step
+    units = len(nft.blocks(tiny_pipe(family).transformer)) + 1  # FSDP's: a block each, then the rest
+    for rank in (0, 1):
+        unsharded, sharded = (json.load(open(run / f"collectives_rank{rank}.json")) for run in (plain_run, fsdp_run))
+        assert unsharded == {"all_reduce": syncs}  # none per backward but with micro_step
+        assert {k for k in sharded if "reduce_scatter" not in k} == set()  # the LoRA's gradients all reduce-scattered
+        assert sum(sharded.values()) == units * syncs  # by default in one backward per optimizer step
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m + m_fsdp)
     model = FSDP[family][0]
     pipe = copy.deepcopy(tiny_pipe(family))
