@@ -1514,14 +1514,37 @@ def family_named(name):
 
 
 def model_family(model):
-    """The family --model names, read before loading it (for its preset): a built-in name, a local folder's
-    model_index.json class, else the hub id ("flux" or "qwen-image" in it); SD3 otherwise."""
+    """The family --model names, read before loading it (for its preset and precision): a built-in name, the class in
+    its model_index.json (model_file: a folder's or a hub id's), else the hub id ("flux" or "qwen-image" in it); SD3
+    otherwise."""
     if builtin(model) and model.split(":")[-1] in BUILTIN:
         return BUILTIN[model.split(":")[-1]]["family"]
-    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
-        return FAMILIES[json.load(open(os.path.join(model, "model_index.json"))).get("_class_name")].name
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):  # TypeError: no file (None)
+        return FAMILIES[json.load(open(model_file(model, "model_index.json"))).get("_class_name")].name
     low = model.lower()
     return "flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else "sd3"
+
+
+def model_file(model, filename):
+    """A file of --model's pipeline such as model_index.json: in its folder, or a hub id's, cached or else downloaded
+    where the hub answers (hf_hub_download retries an unreachable one for 30 s); None where none can be had (offline
+    and not cached, gated, unreachable), so a FLUX.1 model whose name does not say so still gets FLUX.1's preset."""
+    if _is_local(model):
+        return os.path.join(model, filename)
+    import huggingface_hub.constants
+    return _hub_file(model, filename, huggingface_hub.constants.HF_HUB_CACHE, rewards.hub_offline())
+
+
+@functools.lru_cache(maxsize=None)  # one look-up per run (parse_args, validate, the memory check, ... ask), per cache
+def _hub_file(model, filename, cache, offline):
+    with contextlib.suppress(Exception):
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        path = try_to_load_from_cache(model, filename, cache_dir=cache)
+        if not isinstance(path, str):
+            rewards.hub_ready(model, filename)
+            path = hf_hub_download(model, filename, cache_dir=cache)
+        return path
+    return None
 
 
 def resolve_guidance(pipe, args):
@@ -1659,18 +1682,11 @@ def model_sizes(model):
 
 
 def meta_transformer(model):
-    """--model's transformer on the meta device (shapes only) from its transformer/config.json: a folder's, or a hub
-    id's (cached, else that one file downloaded); None where it cannot be read or is not a supported class."""
+    """--model's transformer on the meta device (shapes only) from its transformer/config.json (model_file); None
+    where it cannot be had or is not a supported class."""
     import diffusers
     with contextlib.suppress(Exception):  # offline and not cached, gated, unreachable: the published sizes stand
-        path = os.path.join(model, "transformer", "config.json")
-        if not _is_local(model):
-            from huggingface_hub import hf_hub_download, try_to_load_from_cache
-            path = try_to_load_from_cache(model, "transformer/config.json")
-            if not isinstance(path, str):  # downloaded where the hub answers (hf_hub_download retries one for 30 s)
-                rewards.hub_ready(model, "transformer/config.json")
-                path = hf_hub_download(model, "transformer/config.json")
-        config = json.load(open(path))
+        config = json.load(open(model_file(model, "transformer/config.json")))
         if any(config.get("_class_name") == f.transformer for f in FAMILIES.values()):
             with torch.device("meta"):
                 return getattr(diffusers, config["_class_name"]).from_config(config)

@@ -1147,6 +1147,23 @@ def test_family_model_folder_picks_family_and_preset(tmp_path):
     assert all(torch.equal(cond[k], ref[k]) for k in ref)
 
 
+def test_a_hub_model_whose_name_hides_its_family_is_read_by_its_model_index(monkeypatch, tmp_path):
+    """A FLUX.1 fine-tune on the hub whose id says neither flux nor qwen-image: offline and not cached, the id is all
+    there is (SD3's defaults); with its model_index.json in the Hugging Face cache (online, model_file downloads that
+    one file first) it gets FLUX.1's preset and bf16 for --eval_only, where SD3 evaluates in fp16."""
+    import huggingface_hub.constants
+    repo = "someone/shuttle-3-diffusion"
+    assert nft.model_family(repo) == "sd3" and nft.parse_args(["--model", repo]).rank == 32
+    snapshot = _hub_snapshot(str(tmp_path), repo)
+    with open(os.path.join(snapshot, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "FluxPipeline"}, f)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    args = nft.parse_args(["--model", repo, "--eval_only"])
+    assert nft.model_family(repo) == "flux" and (args.rank, args.num_steps, args.max_sequence_length) == (64, 6, 512)
+    assert nft.precision_mode(args, torch.device("cuda:0")) == "bf16"
+    assert nft.precision_mode(nft.parse_args(["--eval_only"]), torch.device("cuda:0")) == "fp16"  # SD3.5-Medium
+
+
 def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
     """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
     (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
