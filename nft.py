@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 810: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 806: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -558,14 +558,10 @@ def micro_step(run, pol, mb, sigma, eps, scale, last=True):
     cond = {k: v.repeat(T, *[1] * (v.dim() - 1)) for k, v in mb.cond.items()}  # visit-major, as xt
     v_fn = lambda i: guided_velocity(transformer, xt[i], sigma.flatten()[i], rows(cond, i), run.negative, w)  # noqa
     c, frozen = args.sample_batch_size, {}
-    chunks = [slice(i, i + c) for i in range(0, T * B, c)]
-    if args.compile and T * B % c:  # one batch size (the last row repeated, cut below): a short last chunk would
-        # recompile the blocks for a dynamic one
-        chunks[-1] = torch.arange(chunks[-1].start, chunks[-1].start + c, device=x0.device).clamp(max=T * B - 1)
     for name, weights in [("old", pol.old)] + ([("ref", None)] if args.kl_coef > 0 else []):
         # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
         with policy(pol.theta, weights), torch.no_grad(), run.autocast():
-            frozen[name] = torch.cat([v_fn(k) for k in chunks])[:T * B]
+            frozen[name] = torch.cat([v_fn(slice(i, i + c)) for i in range(0, T * B, c)])
     stats = torch.zeros(3, device=x0.device)
     for j in range(T):
         k = slice(j * B, (j + 1) * B)

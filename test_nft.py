@@ -4024,35 +4024,6 @@ def test_compiled_epochs_add_no_graph_match_eager_and_equal_policies_agree():
     assert comp[0, 2] < 0.01 * comp[1, 2], comp[:, 2]
 
 
-def test_a_batch_size_that_does_not_divide_the_visits_compiles_no_dynamic_graph():
-    """micro_step's no-grad passes run T x B visits --sample_batch_size at a time; where that does not divide them (8
-    visits, 3 at a time) --compile pads the last chunk to full size (its last row repeated, the copies cut), so the
-    blocks compile as many graphs as for a size that divides (4): a short chunk would recompile them with a dynamic
-    batch. The losses equal those of the size that divides."""
-    import torch._dynamo
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
-    sigma = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float()  # T = 2 visits of B = 4 images
-    cond = dict(embeds=torch.randn(4, 93, 32, generator=g), pooled=torch.randn(4, 64, generator=g))
-    graphs, stats = {}, {}
-    for size in (4, 3):
-        args = nft.parse_args(["--model", "tiny", "--kl_coef", "1e-4", "--sample_batch_size", str(size), "--compile"])
-        pipe = copy.deepcopy(tiny_pipe("sd3"))
-        torch.manual_seed(1)
-        params, old = nft.add_adapters(pipe.transformer, args)
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        nft.compile_blocks(pipe.transformer, backend="aot_eager")
-        try:
-            stats[size] = micro_step_with(pipe.transformer, params, old, x0, cond, sigma, eps, torch.full((4,), 0.7),
-                                          torch.ones(4), args, contextlib.nullcontext, 1.0)
-            graphs[size] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        finally:
-            torch._dynamo.reset()
-    assert graphs[3] == graphs[4] > 0, graphs
-    assert torch.allclose(stats[3], stats[4], rtol=1e-5, atol=1e-6), stats
-
-
 @pytest.fixture
 def _aot_compile(monkeypatch):
     """--compile on the CPU with the aot_eager backend (no C++ build); dynamo's state, counters, stance and the
