@@ -3665,8 +3665,8 @@ def test_offline_every_missing_reward_download_is_named_at_once_and_the_list_is_
     with pytest.raises(rewards.RewardError, match=r"2 download\(s\) for --model someone/sd3, clipscore's model are "
                        r"not .*`hf download someone/sd3 && hf download openai/clip-vit-large-patch14`"):
         rewards.check_downloads("clipscore", "", models=["someone/sd3"])  # the model's with the rewards' (setup)
-    with pytest.raises(rewards.RewardError, match=f"`hf download {rewards.CLIP_H} --include '\\*.json' '\\*.txt' && "
-                       "hf download yuvalkirstain/PickScore_v1`"):  # CLIP-H: its processor, not ~16 GB of weights
+    with pytest.raises(rewards.RewardError, match=f"`hf download {rewards.CLIP_H} --include '\\*.json' --include "
+                       "'\\*.txt' && hf download yuvalkirstain/PickScore_v1`"):  # CLIP-H: its processor, not 16 GB
         rewards.check_downloads("pickscore")
     for loader, load in real.items():
         monkeypatch.setattr(rewards, loader, load)
