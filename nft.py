@@ -1149,7 +1149,7 @@ def load_pipeline(model, dtype, device="cpu"):
                         "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a download cut short (a pipeline without its parts)
         raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
                         "(`hf auth login`, SD3.5 and FLUX.1-dev are gated) and download it with "
                         f"`hf download {model}`, or pass a local folder")
@@ -1526,25 +1526,37 @@ def model_family(model):
 
 
 def model_file(model, filename):
-    """A file of --model's pipeline such as model_index.json: in its folder, or a hub id's, cached or else downloaded
-    where the hub answers (hf_hub_download retries an unreachable one for 30 s); None where none can be had (offline
-    and not cached, gated, unreachable), so a FLUX.1 model whose name does not say so still gets FLUX.1's preset."""
+    """A file of --model's pipeline such as model_index.json: in its folder; of a hub id, from the Hugging Face cache,
+    else from a cache of this script's beside it (<HF_HUB_CACHE>-diffusion-nft), where it is downloaded if the hub
+    answers (never into the Hugging Face cache: a model with one file there would pass for downloaded); None where none
+    can be had (offline and not cached, gated, unreachable): a FLUX.1 model whose name does not say so gets FLUX.1's
+    preset all the same."""
     if _is_local(model):
         return os.path.join(model, filename)
     import huggingface_hub.constants
-    return _hub_file(model, filename, huggingface_hub.constants.HF_HUB_CACHE, rewards.hub_offline())
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    return _hub_file(model, filename, cache, os.path.normpath(cache) + "-diffusion-nft", rewards.hub_offline())
 
 
 @functools.lru_cache(maxsize=None)  # one look-up per run (parse_args, validate, the memory check, ... ask), per cache
-def _hub_file(model, filename, cache, offline):
+def _hub_file(model, filename, cache, own, offline):
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     with contextlib.suppress(Exception):
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-        path = try_to_load_from_cache(model, filename, cache_dir=cache)
-        if not isinstance(path, str):
-            rewards.hub_ready(model, filename)
-            path = hf_hub_download(model, filename, cache_dir=cache)
-        return path
+        for folder in (cache, own):
+            path = try_to_load_from_cache(model, filename, cache_dir=folder)
+            if isinstance(path, str):
+                return path
+        if not offline and _hub_answers(model):  # hf_hub_download retries an unreachable hub for 30 s
+            return hf_hub_download(model, filename, cache_dir=own)
     return None
+
+
+@functools.lru_cache(maxsize=None)  # one request per run, whatever the files asked
+def _hub_answers(model):
+    from huggingface_hub import HfApi
+    with contextlib.suppress(Exception):  # unreachable, no such repo
+        return bool(HfApi().model_info(model, timeout=10))
+    return False
 
 
 def resolve_guidance(pipe, args):

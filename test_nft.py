@@ -15,8 +15,12 @@ The sections, in file order, by what they test (tiny random models throughout: t
 Helpers that several sections use come first.
 """
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# An empty Hugging Face cache of the suite's own, in this process and every process it starts: what a developer has
+# downloaded (a model's config read for its family and size) must not change what the tests see.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="nft-test-hub-")
 # One OpenMP thread in this process and in every process it starts: the tiny models gain nothing from more, and two
 # threads that wait on each other while another process runs make them up to 100x slower (two tiny epochs on 2 cores
 # beside one busy process: 1 s with one thread, 80-140 s with two).
@@ -1149,8 +1153,10 @@ def test_family_model_folder_picks_family_and_preset(tmp_path):
 
 def test_a_hub_model_whose_name_hides_its_family_is_read_by_its_model_index(monkeypatch, tmp_path):
     """A FLUX.1 fine-tune on the hub whose id says neither flux nor qwen-image: offline and not cached, the id is all
-    there is (SD3's defaults); with its model_index.json in the Hugging Face cache (online, model_file downloads that
-    one file first) it gets FLUX.1's preset and bf16 for --eval_only, where SD3 evaluates in fp16."""
+    there is (SD3's defaults); with its model_index.json in the Hugging Face cache, or in the cache beside it (where
+    model_file downloads that one file, online, so that the Hugging Face cache never holds a model in part), it gets
+    FLUX.1's preset and bf16 for --eval_only, where SD3 evaluates in fp16. A model in part there (a download cut short)
+    is one line naming the download, not diffusers' ValueError."""
     import huggingface_hub.constants
     repo = "someone/shuttle-3-diffusion"
     assert nft.model_family(repo) == "sd3" and nft.parse_args(["--model", repo]).rank == 32
@@ -1162,6 +1168,12 @@ def test_a_hub_model_whose_name_hides_its_family_is_read_by_its_model_index(monk
     assert nft.model_family(repo) == "flux" and (args.rank, args.num_steps, args.max_sequence_length) == (64, 6, 512)
     assert nft.precision_mode(args, torch.device("cuda:0")) == "bf16"
     assert nft.precision_mode(nft.parse_args(["--eval_only"]), torch.device("cuda:0")) == "fp16"  # SD3.5-Medium
+    with pytest.raises(nft.UserError, match=f"could not load --model {repo}: .*`hf download {repo}`"):
+        nft.load_pipeline(repo, torch.float32)  # a download cut short: one line, not diffusers' ValueError
+    empty = tmp_path / "empty"  # where model_file downloads, online, beside it: read there too
+    shutil.copy(os.path.join(snapshot, "model_index.json"), _hub_snapshot(f"{empty}-diffusion-nft", repo))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty))
+    assert not rewards.hub_cached(repo) and nft.model_family(repo) == "flux"
 
 
 def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():

@@ -10,11 +10,13 @@ adds the LoRA on the official targets, runs the training forward under bf16 auto
 tensors autograd saves (each storage once) at 128 and 256 px: the difference per image token and block."""
 import os
 import sys
+import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp()  # the published sizes (MEMORY), not those of configs cached here
 import nft  # noqa: E402
 
 HUB = {"sd3": "stabilityai/stable-diffusion-3.5-medium", "flux": "black-forest-labs/FLUX.1-dev", "qwenimage": "Qwen/Qwen-Image"}
