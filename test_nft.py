@@ -1176,6 +1176,53 @@ def test_a_hub_model_whose_name_hides_its_family_is_read_by_its_model_index(monk
     assert not rewards.hub_cached(repo) and nft.model_family(repo) == "flux"
 
 
+def test_online_a_hub_models_family_file_is_downloaded_beside_the_hugging_face_cache(tmp_path):
+    """Online (a local stand-in for the hub, HF_ENDPOINT), a hub --model's model_index.json is downloaded once, after
+    one metadata request, into the cache beside the Hugging Face one and never into it (where a model with one file
+    would pass for downloaded); a file the hub lacks (transformer/config.json here) leaves the published sizes."""
+    sha, asked = "a" * 40, []
+    index = json.dumps({"_class_name": "FluxPipeline"}).encode()
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self, body=False):
+            asked.append((self.command, self.path))
+            if self.path.startswith("/api/models/"):
+                data = json.dumps({"id": "someone/shuttle", "sha": sha, "siblings": []}).encode()
+            else:
+                data = index if self.path.endswith("/resolve/main/model_index.json") else None
+            self.send_response(200 if data else 404)
+            self.send_header("X-Repo-Commit", sha)
+            self.send_header("ETag", '"e"')
+            self.send_header("Content-Length", str(len(data or b"")))
+            self.end_headers()
+            if body and data:
+                self.wfile.write(data)
+
+        def do_GET(self):
+            self.do_HEAD(body=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cache = tmp_path / "hub"
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(cache),
+               HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import nft; m = 'someone/shuttle'; print(json.dumps("
+            "[nft.model_family(m), nft.parse_args(['--model', m]).rank, nft.model_sizes(m)['transformer']]))")
+    try:
+        p = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        server.shutdown()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == ["flux", 64, nft.MEMORY["flux"][0]]
+    files = [path for _, path in asked if "/resolve/" in path]
+    assert [path for _, path in asked if path.startswith("/api/models/")] == ["/api/models/someone/shuttle"]
+    assert files.count("/someone/shuttle/resolve/main/model_index.json") == 2  # HEAD then GET, once for the run
+    assert not os.path.exists(cache / "models--someone--shuttle")  # the Hugging Face cache holds nothing of it
+    assert os.path.isdir(f"{cache}-diffusion-nft/models--someone--shuttle")
+
+
 def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():
     """FLUX.1 and Qwen-Image train, evaluate during training and --eval_only at their pipeline's default text length
     (FLUX does not mask T5 padding), and --eval_only runs them in bf16 (bf16-native); SD3's --eval_only keeps the
