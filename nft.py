@@ -1514,15 +1514,19 @@ def family_named(name):
 
 
 def model_family(model):
-    """The family --model names, read before loading it (for its preset and precision): a built-in name, the class in
-    its model_index.json (model_file: a folder's or a hub id's), else the hub id ("flux" or "qwen-image" in it); SD3
-    otherwise."""
+    """The family --model names, read before loading it (for its preset and precision): a built-in name, a folder's
+    model_index.json class, a hub id that names it ("flux", "qwen-image", "stable-diffusion-3" in it), else the class in
+    the hub id's model_index.json (model_file: one look-up); SD3 otherwise."""
     if builtin(model) and model.split(":")[-1] in BUILTIN:
         return BUILTIN[model.split(":")[-1]]["family"]
+    low = model.lower()
+    named = ("flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else
+             "sd3" if "stable-diffusion-3" in low else None)
+    if named and not _is_local(model):
+        return named
     with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):  # TypeError: no file (None)
         return FAMILIES[json.load(open(model_file(model, "model_index.json"))).get("_class_name")].name
-    low = model.lower()
-    return "flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else "sd3"
+    return named or "sd3"
 
 
 def model_file(model, filename):

@@ -1179,7 +1179,8 @@ def test_a_hub_model_whose_name_hides_its_family_is_read_by_its_model_index(monk
 def test_online_a_hub_models_family_file_is_downloaded_beside_the_hugging_face_cache(tmp_path):
     """Online (a local stand-in for the hub, HF_ENDPOINT), a hub --model's model_index.json is downloaded once, after
     one metadata request, into the cache beside the Hugging Face one and never into it (where a model with one file
-    would pass for downloaded); a file the hub lacks (transformer/config.json here) leaves the published sizes."""
+    would pass for downloaded); a file the hub lacks (transformer/config.json here) leaves the published sizes. An id
+    that names its family asks nothing."""
     sha, asked = "a" * 40, []
     index = json.dumps({"_class_name": "FluxPipeline"}).encode()
 
@@ -1209,13 +1210,15 @@ def test_online_a_hub_models_family_file_is_downloaded_beside_the_hugging_face_c
     env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(cache),
                HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import nft; m = 'someone/shuttle'; print(json.dumps("
-            "[nft.model_family(m), nft.parse_args(['--model', m]).rank, nft.model_sizes(m)['transformer']]))")
+            "[nft.model_family(m), nft.parse_args(['--model', m]).rank, nft.model_sizes(m)['transformer'], "
+            "nft.model_family('someone/FLUX.1-tuned')]))")  # a name that says its family: no look-up
     try:
         p = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env, timeout=120)
     finally:
         server.shutdown()
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads(p.stdout.splitlines()[-1]) == ["flux", 64, nft.MEMORY["flux"][0]]
+    assert json.loads(p.stdout.splitlines()[-1]) == ["flux", 64, nft.MEMORY["flux"][0], "flux"]
+    assert not [path for _, path in asked if "tuned" in path]
     files = [path for _, path in asked if "/resolve/" in path]
     assert [path for _, path in asked if path.startswith("/api/models/")] == ["/api/models/someone/shuttle"]
     assert files.count("/someone/shuttle/resolve/main/model_index.json") == 2  # HEAD then GET, once for the run
