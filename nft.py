@@ -1150,9 +1150,10 @@ def load_pipeline(model, dtype, device="cpu"):
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as e:  # ValueError: a download cut short (a pipeline without its parts)
-        raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; check the id, your token "
-                        "(`hf auth login`, SD3.5 and FLUX.1-dev are gated) and download it with "
-                        f"`hf download {model}`, or pass a local folder")
+        fix = ("is it a pipeline saved whole with save_pretrained?" if _is_local(model) else "check the id, your token "
+               f"(`hf auth login`, SD3.5 and FLUX.1-dev are gated) and download it with `hf download {model}`, or pass "
+               "a local folder")
+        raise UserError(f"could not load --model {model}: {str(e).splitlines()[0]}; {fix}")
     family_of(pipe)  # a supported class, or one clear error
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -1514,53 +1515,66 @@ def family_named(name):
 
 
 def model_family(model):
-    """The family --model names, read before loading it (for its preset and precision): a built-in name, a folder's
-    model_index.json class, a hub id that names it ("flux", "qwen-image", "stable-diffusion-3" in it), else the class in
-    the hub id's model_index.json (model_file: one look-up); SD3 otherwise."""
+    """The family --model names, read before loading it (for its preset and precision): a built-in name, the class in
+    its model_index.json (a folder's, or a hub id's if cached: model_file), a hub id that names it ("flux",
+    "qwen-image", "stable-diffusion-3" in it), else the class in the hub id's model_index.json asked of the hub; SD3
+    otherwise."""
     if builtin(model) and model.split(":")[-1] in BUILTIN:
         return BUILTIN[model.split(":")[-1]]["family"]
     low = model.lower()
     named = ("flux" if "flux" in low else "qwenimage" if "qwen-image" in low or "qwenimage" in low else
              "sd3" if "stable-diffusion-3" in low else None)
-    if named and not _is_local(model):
-        return named
-    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):  # TypeError: no file (None)
-        return FAMILIES[json.load(open(model_file(model, "model_index.json"))).get("_class_name")].name
+    with contextlib.suppress(TypeError, ValueError, AttributeError, KeyError):  # TypeError: none (None)
+        return FAMILIES[json.loads(model_file(model, "model_index.json", ask=not named)).get("_class_name")].name
     return named or "sd3"
 
 
-def model_file(model, filename):
-    """A file of --model's pipeline such as model_index.json: in its folder; of a hub id, from the Hugging Face cache,
-    else from a cache of this script's beside it (<HF_HUB_CACHE>-diffusion-nft), where it is downloaded if the hub
-    answers (never into the Hugging Face cache: a model with one file there would pass for downloaded); None where none
-    can be had (offline and not cached, gated, unreachable): a FLUX.1 model whose name does not say so gets FLUX.1's
-    preset all the same."""
-    if _is_local(model):
-        return os.path.join(model, filename)
-    import huggingface_hub.constants
-    cache = huggingface_hub.constants.HF_HUB_CACHE
-    return _hub_file(model, filename, cache, os.path.normpath(cache) + "-diffusion-nft", rewards.hub_offline())
+HUB_TIMEOUT = 10.0  # seconds model_file waits for the hub, once: hf_hub_download retries one that hangs for minutes
+_HUB_SILENT = set()  # hub ids whose hub did not answer this run: not asked again
 
 
-@functools.lru_cache(maxsize=None)  # one look-up per run (parse_args, validate, the memory check, ... ask), per cache
-def _hub_file(model, filename, cache, own, offline):
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    with contextlib.suppress(Exception):
-        for folder in (cache, own):
-            path = try_to_load_from_cache(model, filename, cache_dir=folder)
-            if isinstance(path, str):
-                return path
-        if not offline and _hub_answers(model):  # hf_hub_download retries an unreachable hub for 30 s
-            return hf_hub_download(model, filename, cache_dir=own)
+def model_file(model, filename, ask=True):
+    """The text of a file of --model's pipeline such as model_index.json, before loading it: a folder's; a hub id's from
+    the Hugging Face cache, else from a cache beside it (<HF_HUB_CACHE>-diffusion-nft), else (ask) in one request of
+    HUB_TIMEOUT seconds to the hub, kept in that cache where it can be written (never in the Hugging Face cache, where a
+    model with one file would pass for downloaded). None where there is none to be had (offline and not cached, gated,
+    unreachable): a FLUX.1 model whose name does not say so gets FLUX.1's preset all the same."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if _is_local(model):
+            return open(os.path.join(model, filename)).read()
+        import huggingface_hub.constants
+        cache = huggingface_hub.constants.HF_HUB_CACHE
+        return _hub_file(model, filename, cache, os.path.normpath(cache) + "-diffusion-nft",
+                         ask and not rewards.hub_offline())
     return None
 
 
-@functools.lru_cache(maxsize=None)  # one request per run, whatever the files asked
-def _hub_answers(model):
-    from huggingface_hub import HfApi
-    with contextlib.suppress(Exception):  # unreachable, no such repo
-        return bool(HfApi().model_info(model, timeout=10))
-    return False
+@functools.lru_cache(maxsize=None)  # one look-up per run (parse_args, validate, the memory check, ... ask), per cache
+def _hub_file(model, filename, cache, side, ask):
+    from huggingface_hub import get_session, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers
+    mine = os.path.join(side, model.replace("/", "--"), filename)
+    with contextlib.suppress(Exception):
+        path = try_to_load_from_cache(model, filename, cache_dir=cache)
+        path = path if isinstance(path, str) else mine if os.path.isfile(mine) else None
+        if path:
+            return open(path).read()
+        if not ask or model in _HUB_SILENT:
+            return None
+        try:
+            response = get_session().get(hf_hub_url(model, filename), headers=build_hf_headers(),
+                                         timeout=HUB_TIMEOUT, follow_redirects=True)
+        except Exception:  # unreachable, or no answer in time
+            _HUB_SILENT.add(model)
+            raise
+        response.raise_for_status()  # gated, no such repo or file
+        with contextlib.suppress(OSError):  # kept for the next run where the folder can be written
+            os.makedirs(os.path.dirname(mine), exist_ok=True)
+            with open(f"{mine}.{os.getpid()}.tmp", "w") as f:
+                f.write(response.text)
+            os.replace(f"{mine}.{os.getpid()}.tmp", mine)
+        return response.text
+    return None
 
 
 def resolve_guidance(pipe, args):
@@ -1702,7 +1716,7 @@ def meta_transformer(model):
     where it cannot be had or is not a supported class."""
     import diffusers
     with contextlib.suppress(Exception):  # offline and not cached, gated, unreachable: the published sizes stand
-        config = json.load(open(model_file(model, "transformer/config.json")))
+        config = json.loads(model_file(model, "transformer/config.json"))
         if any(config.get("_class_name") == f.transformer for f in FAMILIES.values()):
             with torch.device("meta"):
                 return getattr(diffusers, config["_class_name"]).from_config(config)

@@ -14,13 +14,16 @@ The sections, in file order, by what they test (tiny random models throughout: t
   speed levers          compile, weight-swap policies, bf16, --fsdp, the memory estimate, FLOP counts
 Helpers that several sections use come first.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # An empty Hugging Face cache of the suite's own, in this process and every process it starts: what a developer has
 # downloaded (a model's config read for its family and size) must not change what the tests see.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="nft-test-hub-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 # One OpenMP thread in this process and in every process it starts: the tiny models gain nothing from more, and two
 # threads that wait on each other while another process runs make them up to 100x slower (two tiny epochs on 2 cores
 # beside one busy process: 1 s with one thread, 80-140 s with two).
@@ -35,7 +38,6 @@ import io
 import json
 import math
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -1154,76 +1156,81 @@ def test_family_model_folder_picks_family_and_preset(tmp_path):
 def test_a_hub_model_whose_name_hides_its_family_is_read_by_its_model_index(monkeypatch, tmp_path):
     """A FLUX.1 fine-tune on the hub whose id says neither flux nor qwen-image: offline and not cached, the id is all
     there is (SD3's defaults); with its model_index.json in the Hugging Face cache, or in the cache beside it (where
-    model_file downloads that one file, online, so that the Hugging Face cache never holds a model in part), it gets
-    FLUX.1's preset and bf16 for --eval_only, where SD3 evaluates in fp16. A model in part there (a download cut short)
-    is one line naming the download, not diffusers' ValueError."""
+    model_file keeps what it asked the hub for, so that the Hugging Face cache never holds a model in part), it gets
+    FLUX.1's preset and bf16 for --eval_only, where SD3 evaluates in fp16. A cached model_index.json outranks the id's
+    words. A model in part in the Hugging Face cache (a download cut short) is one line naming the download, not
+    diffusers' ValueError."""
     import huggingface_hub.constants
-    repo = "someone/shuttle-3-diffusion"
+    repo, misnamed = "someone/shuttle-3-diffusion", "fluxfan/qwen-image-style"
     assert nft.model_family(repo) == "sd3" and nft.parse_args(["--model", repo]).rank == 32
-    snapshot = _hub_snapshot(str(tmp_path), repo)
-    with open(os.path.join(snapshot, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "FluxPipeline"}, f)
+    assert nft.model_family(misnamed) == "flux"  # its words, while nothing else is known
+    for name, pipeline in ((repo, "FluxPipeline"), (misnamed, "QwenImagePipeline")):
+        with open(os.path.join(_hub_snapshot(str(tmp_path), name), "model_index.json"), "w") as f:
+            json.dump({"_class_name": pipeline}, f)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     args = nft.parse_args(["--model", repo, "--eval_only"])
     assert nft.model_family(repo) == "flux" and (args.rank, args.num_steps, args.max_sequence_length) == (64, 6, 512)
+    assert nft.model_family(misnamed) == "qwenimage"
     assert nft.precision_mode(args, torch.device("cuda:0")) == "bf16"
     assert nft.precision_mode(nft.parse_args(["--eval_only"]), torch.device("cuda:0")) == "fp16"  # SD3.5-Medium
     with pytest.raises(nft.UserError, match=f"could not load --model {repo}: .*`hf download {repo}`"):
         nft.load_pipeline(repo, torch.float32)  # a download cut short: one line, not diffusers' ValueError
-    empty = tmp_path / "empty"  # where model_file downloads, online, beside it: read there too
-    shutil.copy(os.path.join(snapshot, "model_index.json"), _hub_snapshot(f"{empty}-diffusion-nft", repo))
+    empty = tmp_path / "empty"  # what model_file asked the hub for, online, is kept beside it: read there too
+    os.makedirs(f"{empty}-diffusion-nft/someone--shuttle-3-diffusion")
+    with open(f"{empty}-diffusion-nft/someone--shuttle-3-diffusion/model_index.json", "w") as f:
+        json.dump({"_class_name": "FluxPipeline"}, f)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty))
     assert not rewards.hub_cached(repo) and nft.model_family(repo) == "flux"
 
 
-def test_online_a_hub_models_family_file_is_downloaded_beside_the_hugging_face_cache(tmp_path):
-    """Online (a local stand-in for the hub, HF_ENDPOINT), a hub --model's model_index.json is downloaded once, after
-    one metadata request, into the cache beside the Hugging Face one and never into it (where a model with one file
-    would pass for downloaded); a file the hub lacks (transformer/config.json here) leaves the published sizes. An id
-    that names its family asks nothing."""
-    sha, asked = "a" * 40, []
+def test_online_a_hub_models_family_file_is_one_request_kept_beside_the_hugging_face_cache(tmp_path):
+    """Online (a local stand-in for the hub, HF_ENDPOINT): a hub --model's model_index.json is one request, kept in the
+    cache beside the Hugging Face one and never in it (where a model with one file would pass for downloaded), and
+    read from there on the next run; a file the hub lacks (transformer/config.json) leaves the published sizes; a hub
+    that does not answer within HUB_TIMEOUT is asked once a run (hf_hub_download would retry for minutes); an id that
+    names its family asks nothing."""
+    asked = []
     index = json.dumps({"_class_name": "FluxPipeline"}).encode()
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-        def do_HEAD(self, body=False):
-            asked.append((self.command, self.path))
-            if self.path.startswith("/api/models/"):
-                data = json.dumps({"id": "someone/shuttle", "sha": sha, "siblings": []}).encode()
-            else:
-                data = index if self.path.endswith("/resolve/main/model_index.json") else None
+        def do_GET(self):
+            asked.extend([self.path] if "/resolve/" in self.path else [])  # the files, not huggingface_hub's own calls
+            if "/hangs/" in self.path:
+                time.sleep(2)  # past the run's HUB_TIMEOUT (0.5 s)
+            data = index if self.path == "/someone/shuttle/resolve/main/model_index.json" else None
             self.send_response(200 if data else 404)
-            self.send_header("X-Repo-Commit", sha)
-            self.send_header("ETag", '"e"')
             self.send_header("Content-Length", str(len(data or b"")))
             self.end_headers()
-            if body and data:
+            if data:
                 self.wfile.write(data)
-
-        def do_GET(self):
-            self.do_HEAD(body=True)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     cache = tmp_path / "hub"
     env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(cache),
                HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import nft; m = 'someone/shuttle'; print(json.dumps("
-            "[nft.model_family(m), nft.parse_args(['--model', m]).rank, nft.model_sizes(m)['transformer'], "
-            "nft.model_family('someone/FLUX.1-tuned')]))")  # a name that says its family: no look-up
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import nft; nft.HUB_TIMEOUT = 0.5; m, h = "
+            "'someone/shuttle', 'someone/hangs'; print(json.dumps([nft.model_family(m), nft.parse_args(['--model', "
+            "m]).rank, nft.model_sizes(m)['transformer'], nft.model_family('someone/FLUX.1-tuned'), "
+            "nft.model_family(h), nft.model_sizes(h)['transformer']]))")
     try:
-        p = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env, timeout=120)
+        runs = [subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, env=env,
+                               timeout=120) for _ in range(2)]
     finally:
         server.shutdown()
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads(p.stdout.splitlines()[-1]) == ["flux", 64, nft.MEMORY["flux"][0], "flux"]
-    assert not [path for _, path in asked if "tuned" in path]
-    files = [path for _, path in asked if "/resolve/" in path]
-    assert [path for _, path in asked if path.startswith("/api/models/")] == ["/api/models/someone/shuttle"]
-    assert files.count("/someone/shuttle/resolve/main/model_index.json") == 2  # HEAD then GET, once for the run
+    for p in runs:
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert json.loads(p.stdout.splitlines()[-1]) == ["flux", 64, nft.MEMORY["flux"][0], "flux", "sd3",
+                                                         nft.MEMORY["sd3"][0]]
+    first = asked[:asked.index("/someone/hangs/resolve/main/model_index.json") + 1]
+    assert first == ["/someone/shuttle/resolve/main/model_index.json",
+                     "/someone/shuttle/resolve/main/transformer/config.json",
+                     "/someone/hangs/resolve/main/model_index.json"]  # one each; the hanging hub not asked again
+    assert "/someone/shuttle/resolve/main/model_index.json" not in asked[len(first):]  # the next run: kept
     assert not os.path.exists(cache / "models--someone--shuttle")  # the Hugging Face cache holds nothing of it
-    assert os.path.isdir(f"{cache}-diffusion-nft/models--someone--shuttle")
+    assert json.load(open(f"{cache}-diffusion-nft/someone--shuttle/model_index.json")) == json.loads(index)
 
 
 def test_family_defaults_of_text_length_negative_prompt_and_evaluation_precision():

@@ -8,15 +8,18 @@ The table takes each family's preset (--model <hub id>: rank, text length; batch
 --fsdp 8 ranks. --derive builds one block of each kind at full width on the CPU (about 7 GB of memory, a few minutes),
 adds the LoRA on the official targets, runs the training forward under bf16 autocast and counts the bytes of the
 tensors autograd saves (each storage once) at 128 and 256 px: the difference per image token and block."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp()  # the published sizes (MEMORY), not those of configs cached here
+os.environ["HF_HUB_OFFLINE"] = "1"  # the published sizes (MEMORY), not those of configs cached or downloaded here
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp()
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 import nft  # noqa: E402
 
 HUB = {"sd3": "stabilityai/stable-diffusion-3.5-medium", "flux": "black-forest-labs/FLUX.1-dev", "qwenimage": "Qwen/Qwen-Image"}
