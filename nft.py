@@ -563,6 +563,7 @@ def micro_step(run, pol, mb, sigma, eps, scale, last=True):
         with policy(pol.theta, weights), torch.no_grad(), run.autocast():
             frozen[name] = torch.cat([v_fn(slice(i, i + c)) for i in range(0, T * B, c)])
     stats = torch.zeros(3, device=x0.device)
+    every = args.grad_sync == "micro_step"  # sync after every backward, as DDP without no_sync: the official style
     for j in range(T):
         k = slice(j * B, (j + 1) * B)
         with run.autocast():
@@ -572,7 +573,6 @@ def micro_step(run, pol, mb, sigma, eps, scale, last=True):
         kl = torch.zeros((), device=x0.device)
         if args.kl_coef > 0:
             kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mb.mask).mean()
-        every = args.grad_sync == "micro_step"  # as DDP without no_sync: the official-style baseline
         if args.fsdp:  # FSDP reduce-scatters what has accumulated in a backward that syncs: once per step, by default
             transformer.set_requires_gradient_sync(every or last and j == T - 1)
         ((loss + args.kl_coef * kl) * scale).backward()

@@ -96,17 +96,22 @@ def hub_offline():
 def hub_download_command(hub_id, filename=None):
     """The exact command that fills the local Hugging Face cache with what a loader reads (`filename`: a file, a
     tuple of files or of patterns such as PROCESSOR_FILES, or None for the whole repository)."""
-    files = (filename,) if isinstance(filename, str) else filename or ()
+    files = _files(filename)
     if any("*" in f for f in files):  # the hf CLI takes one pattern per --include
         return " ".join(["hf download", hub_id, *(f"--include '{f}'" for f in files)])
     return " ".join(["hf download", hub_id, *files])
+
+
+def _files(filename):
+    """A loader's hub file argument as a tuple: a file, a tuple of files or patterns, None (the repo: empty)."""
+    return (filename,) if isinstance(filename, str) else filename or ()
 
 
 def hub_cached(hub_id, filename=None):
     """Whether the local Hugging Face cache holds what a loader reads (a file, a tuple of files, None or patterns:
     the repo, whatever part of it is there)."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
-    files = (filename,) if isinstance(filename, str) else filename or ()
+    files = _files(filename)
     try:
         if files and not any("*" in f for f in files):
             return all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files)
