@@ -3857,6 +3857,7 @@ class _Opens:
         return open, (self.path, "w")
 
 
+@pytest.mark.filterwarnings("ignore:for logit_scale")  # load_hpsv2 on "meta": a no-op copy
 def test_reward_checkpoints_are_read_weights_only(tmp_path):
     """rewards.load_weights (aesthetic, hpsv2, imagereward checkpoints): tensors load; a file holding an object whose
     unpickling runs code is refused without running it, and a truncated file, each as one RewardError naming it."""
