@@ -858,8 +858,7 @@ class PhaseTimer:
 
 
 def setup(args):
-    """Start torch.distributed under torchrun (nccl on GPUs, gloo on CPU), pick the device, and check the flags, the
-    model, its memory, the output folder and the prompt sets before any model loads. Returns a Run without the model."""
+    """torch.distributed under torchrun, the device, and every check that can run before a model loads: a Run."""
     if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -889,13 +888,11 @@ def setup(args):
     if args.wandb and not args.eval_only and rank == 0 and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
     train_records, eval_records = prompt_sets(args)
-    checks = [(args.reward, train_records, "train"), (args.reward, eval_records, "eval"),
-              (args.eval_reward, eval_records, "eval")]
-    for spec, records, which in checks:
+    for spec, records, which in [(args.reward, train_records, "train"), (args.reward, eval_records, "eval"),
+                                 (args.eval_reward, eval_records, "eval")]:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
             rewards.check_metadata(spec, records, prompt_set(args)[which])
-    # before anything loads or is written: offline, every missing download in one line, the model's with the rewards';
-    # online, one line for a --model that is gated, missing or unreachable
+    # one line before any load or write: offline, all missing downloads; online, a gated, missing or unreachable --model
     rewards.check_downloads(args.reward, used_eval_reward(args), models=[args.model] if hub else [])
     if hub:
         check_hub_model(args.model)
@@ -911,8 +908,7 @@ def used_eval_reward(args):
 
 
 def prompt_sets(args):
-    """The run's (train, eval) prompt records: --prompts / --eval_prompts, folders turned into the official files
-    (and recorded so in args), else the reward's built-in sets (rewards.prompt_files, rewards.prompt_records)."""
+    """(train, eval) prompt records of --prompts / --eval_prompts (a folder: its official files) or built-in sets."""
     args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
                                                                     args.eval_only)
     if warning:  # once, before any model loads
@@ -1014,8 +1010,7 @@ def start_run(args):
 
 
 def write_config(args, **extra):
-    """config.json: the resolved flags (what ran), the prompt sets, and `extra` (the compile fallback); written whole
-    or not at all."""
+    """config.json, whole or not at all: the flags as resolved (what ran), the prompt sets and `extra`."""
     config = dict(dataclasses.asdict(args), prompt_set=prompt_set(args), **extra)
     write_file(os.path.join(args.output_dir, "config.json"), json.dumps(json_safe(config), indent=1, allow_nan=False))
 
@@ -1031,8 +1026,7 @@ def go_eager(run, reason):
 
 
 def evaluate_ema(run, pol, epoch, log, suffix=""):
-    """The EMA weights on the evaluation prompts; rank 0 saves a grid of the first 16 images, a labelled row per
-    prompt. log gets eval_reward_mean and, per --eval_reward name, eval_<name> (each + suffix)."""
+    """The EMA weights on the eval prompts: rank 0 saves a grid; log gets eval_reward_mean and eval_<name>, + suffix."""
     with policy(pol.theta, pol.ema):
         results = evaluate(run, run.eval_records)
     if run.process_index == 0:  # evaluate() keeps the images of the first 16 results
@@ -1331,8 +1325,7 @@ def read_lora(file, flag):
 
 
 def check_fit(params, weights, what, into, fix):
-    """A LoRA's tensors against the parameters they go into (`into`): the same names (".default." aside) and shapes,
-    else one line saying what was expected and what was found, then `fix`."""
+    """A LoRA's tensors must match `params` in names (".default." aside) and shapes, else one line ending in `fix`."""
     want = {n.replace(".default.", "."): tuple(p.shape) for n, p in params.items()}
     got = {n.replace(".default.", "."): tuple(t.shape) for n, t in weights.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
@@ -1394,11 +1387,7 @@ def init_from_lora(params, old, lora, args):
 
 # --------------------------------------------------------------------------- model families
 # NFT needs nothing model-specific beyond "a velocity for (x, sigma, prompt)". A Family is a handful of functions,
-# picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask which:
-#   encode(pipe, prompts, max_sequence_length, device) -> cond    dict of (n, ...) tensors (encode_prompts batches)
-#   velocity(transformer, x, sigma, cond) -> v                    x, v: (B, C, h, w) latents; sigma: (B,)
-#   decode(pipe, x0) -> images                                   (B, 3, H, W) in [0, 1]
-#   combine(v, v_neg, scale) -> v                                 the pipeline's true CFG (guided_velocity)
+# picked by the loaded pipeline's class (family_of); the loop, the loss and the solvers never ask which.
 @dataclass(frozen=True)
 class Family:
     name: str  # "sd3" | "flux" | "qwenimage": also the name of its preset in PRESETS (none for sd3)
@@ -1408,10 +1397,10 @@ class Family:
     lora_targets: tuple  # --lora_targets official: the reference RL trainer's LoRA targets (peft suffix match)
     text_encoders: tuple  # the pipeline's text encoder attributes (--offload_text_encoders)
     max_text: int  # the longest --max_sequence_length its pipeline allows
-    encode: object
-    velocity: object
-    decode: object
-    combine: object = cfg  # the pipeline's true CFG (--guidance_scale)
+    encode: object  # (pipe, prompts, max_sequence_length, device) -> cond: dict of (n, ...) tensors (encode_prompts)
+    velocity: object  # (transformer, x, sigma, cond) -> v; x, v: (B, C, h, w) latents, sigma: (B,)
+    decode: object  # (pipe, x0) -> images: (B, 3, H, W) in [0, 1]
+    combine: object = cfg  # (v, v_neg, scale) -> v: the pipeline's true CFG (--guidance_scale, guided_velocity)
     negative_prompt: str = ""  # the published recipes' negative prompt (--negative_prompt unset)
 
 
@@ -1515,10 +1504,8 @@ def family_named(name):
 
 
 def model_family(model):
-    """The family --model names, read before loading it (for its preset and precision): a built-in name, the class in
-    its model_index.json (a folder's, or a hub id's if cached: model_file), a hub id that names it ("flux",
-    "qwen-image", "stable-diffusion-3" in it), else the class in the hub id's model_index.json asked of the hub; SD3
-    otherwise."""
+    """The family --model names, before it loads (for its preset and precision): a built-in's, else the class in its
+    model_index.json (model_file; the hub is asked only if the id names no family), else the id's words, else SD3."""
     if builtin(model) and model.split(":")[-1] in BUILTIN:
         return BUILTIN[model.split(":")[-1]]["family"]
     low = model.lower()
@@ -1534,11 +1521,10 @@ _HUB_SILENT = set()  # hub ids whose hub did not answer this run: not asked agai
 
 
 def model_file(model, filename, ask=True):
-    """The text of a file of --model's pipeline such as model_index.json, before loading it: a folder's; a hub id's from
-    the Hugging Face cache, else from a cache beside it (<HF_HUB_CACHE>-diffusion-nft), else (ask) in one request of
-    HUB_TIMEOUT seconds to the hub, kept in that cache where it can be written (never in the Hugging Face cache, where a
-    model with one file would pass for downloaded). None where there is none to be had (offline and not cached, gated,
-    unreachable): a FLUX.1 model whose name does not say so gets FLUX.1's preset all the same."""
+    """The text of a file of --model's pipeline (model_index.json, a config) before it loads, so that a FLUX.1 model
+    whose name does not say so gets FLUX.1's preset: a folder's; a hub id's from the Hugging Face cache, else the cache
+    beside it (<HF_HUB_CACHE>-diffusion-nft), else (ask) one request of HUB_TIMEOUT s to the hub, kept beside (never in
+    the Hugging Face cache: a model with one file would pass for downloaded). None where there is none to be had."""
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if _is_local(model):
             return open(os.path.join(model, filename)).read()
@@ -1860,8 +1846,7 @@ def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pip
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-    # the newest older ones stay; one numbered above it can only be one that `latest` skipped (unreadable): never kept
-    # in place of good ones
+    # only older ones count: one numbered above epoch is one `latest` skipped (unreadable), never kept over good ones
     older = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) < epoch]
     for old in older[:max(0, len(older) - args.checkpoints_total_limit + 1)] if args.checkpoints_total_limit else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -2317,9 +2302,8 @@ def _font(size):
 
 
 def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
-    """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow images a row, with optional labels in a 16 px strip
-    above the columns and a 160 px strip left of the rows. Images smaller than min_size are upscaled by a whole factor
-    with nearest neighbour, so a 32 px demo image is seen pixel for pixel."""
+    """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow a row, with optional column and row labels; images
+    smaller than min_size are upscaled by a whole factor (nearest), so a 32 px demo image shows pixel for pixel."""
     import textwrap
     from PIL import Image, ImageDraw
     n, _, h, w = images.shape
@@ -2344,18 +2328,16 @@ def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
 
 def _ticks(lo, hi, n=5):
     """About n round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    span = (hi - lo) or abs(hi) or 1.0
-    raw = span / n
+    raw = ((hi - lo) or abs(hi) or 1.0) / n  # the span over n; never 0
     step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
     first = math.floor(lo / step) * step
     return [round(first + i * step, 12) for i in range(max(2, int(math.ceil((hi - first) / step)) + 1))]
 
 
 def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
-    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step (the base
-    model's eval, eval_reward_mean_before, is the eval curve's point at step 0), with a title (the run's reward from
-    its config.json), round y ticks and grid lines. Each --eval_reward (eval_<name>) has its own scale: its curve is
-    stretched onto the y range of the others, and its legend names its own range."""
+    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step (the base model's
+    eval, eval_reward_mean_before, at step 0), titled with the run's reward (config.json). An --eval_reward
+    (eval_<name>) has its own scale: its curve is stretched onto the others' y range, its legend names its range."""
     from PIL import Image, ImageDraw
     records = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # not one cut by a kill
     evals = lambda key: ([(0, r[key + "_before"]) for r in records if key + "_before" in r]  # noqa: E731
@@ -2425,11 +2407,10 @@ def parse_args(argv=None):
         by_preset = ", ".join(f"{name} {preset[f.name]!r}" for name, preset in PRESETS.items() if f.name in preset)
         text = " ".join(filter(None, [helps.get(f.name, ""), choices.get(f.name)])) + \
             f" (default: {f.default!r}" + (f"; presets: {by_preset})" if by_preset else ")")
-        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
-        if kind is bool:
+        if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(f"--{f.name}", type=kind, metavar=kind.__name__.upper(), help=text)
+            p.add_argument(f"--{f.name}", type=f.type, metavar=f.type.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
     # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the reward's own
     # name; a weighted sum of several rewards has none
@@ -2503,8 +2484,7 @@ def resumed(args, given):
             raise UserError(f"--init_lora with --resume_from {args.resume_from}: the checkpoint's weights replace the "
                             "init; drop --init_lora")
         return args
-    kinds = {f.name: {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
-             for f in dataclasses.fields(Args)}
+    kinds = {f.name: f.type for f in dataclasses.fields(Args)}
     try:
         saved = json.load(open(path))  # null: a value resolved away (a flag of another family): the default applies
         saved = {k: v for k, v in saved.items() if k in kinds and v is not None and k != "lora"}  # lora: --eval_only's
@@ -2549,7 +2529,7 @@ CHOICES = {"solver": SOLVERS, "grad_sync": ("step", "micro_step"), "mixed_precis
 def validate(args, world_size):
     """Fail fast, before any model loads, on values that would crash or silently misbehave later."""
     for f in dataclasses.fields(Args):  # NaN passes every range check, so finiteness comes first
-        if f.type in (float, "float") and not math.isfinite(getattr(args, f.name)):
+        if f.type is float and not math.isfinite(getattr(args, f.name)):
             raise UserError(f"--{f.name} must be a finite number, got {getattr(args, f.name)}")
     for name, bound in BOUNDS.items():
         if not RANGES[bound](getattr(args, name)):
