@@ -828,6 +828,7 @@ class Run:
     graphs: int = None  # --compile: graphs compiled by the end of the last epoch (none yet: None)
     compile_s: float = 0.0  # --compile: seconds spent compiling so far
     eager: str = None  # --compile: why the run fell back to eager, once it has
+    logged: int = -1  # the last epoch whose metrics line is written (write_metrics)
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
 
     def __post_init__(self):
@@ -867,11 +868,15 @@ def setup(args):
     hub = not builtin(args.model) and not _is_local(args.model)  # a hub id, not a built-in model or a folder
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif hub:  # with `latest` and a mistyped --output_dir, the default --model reaches here: say why
-        unrun = args.resume_from == "latest" and args.model == Args.model and not os.path.isfile(
-            os.path.join(args.output_dir, "config.json"))
+    elif hub:  # a --resume_from that found no run to take --model from leaves the default one here: say why
+        latest = args.resume_from == "latest"
+        run = args.output_dir if latest else run_of(args.resume_from or os.devnull)
+        unrun = args.resume_from and args.model == Args.model and not (
+            run and os.path.isfile(os.path.join(run, "config.json")))
+        where = (f"{args.output_dir} holds no run" if latest
+                 else "not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)")
         raise UserError(f"no CUDA GPU found for --model {args.model}" + (
-            f" (--resume_from latest: {args.output_dir} holds no run to take --model from; is it spelled right?)"
+            f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"
             if unrun else "") + "; on a CPU run the demo instead: python nft.py --model tiny --reward color")
     validate(args, world)
     check_memory(args, world, device)
@@ -891,14 +896,16 @@ def setup(args):
     for spec, records, which in [(args.reward, train_records, "train"), (args.reward, eval_records, "eval"),
                                  (args.eval_reward, eval_records, "eval")]:
         if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
-            rewards.check_metadata(spec, records, prompt_set(args)[which])
+            flag = "--prompts" if which == "train" else "--eval_prompts"
+            rewards.check_metadata(spec, records, prompt_set(args)[which], flag)
     # one line before any load or write: offline, all missing downloads; online, a gated, missing or unreachable --model
     rewards.check_downloads(args.reward, used_eval_reward(args), models=[args.model] if hub else [])
     if hub:
         check_hub_model(args.model)
     run = Run(args, rank, world, device, train_records=train_records, eval_records=eval_records)
-    # a stop (error, Ctrl-C) drops the batches queued for scoring: exiting would otherwise wait to score them all
-    _HELD.append(functools.partial(run.pool.shutdown, wait=False, cancel_futures=True))
+    # a stop (error, Ctrl-C) drops the batches queued for scoring, then the wait for the one being scored: exiting
+    # would otherwise wait to score them all
+    _HELD.extend([rewards.abandon, functools.partial(run.pool.shutdown, wait=False, cancel_futures=True)])
     return run
 
 
@@ -1040,8 +1047,9 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
 
 
 def end_epoch(run, pol, epoch, log):
-    """Step 6: evaluate every eval_every epochs (the EMA weights after this epoch's update), append the metrics line
-    (NaN as null) and print it; rank 0 keeps a copy of the trained state and saves it every save_every epochs."""
+    """Step 6: rank 0 keeps a copy of the trained state (what a stop saves from now on: save_epoch); evaluate every
+    eval_every epochs (the EMA weights after this epoch's update); append the metrics line and print it; save the
+    copy every save_every epochs."""
     args = run.args
     if args.compile:
         graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -1049,25 +1057,20 @@ def end_epoch(run, pol, epoch, log):
             go_eager(run, f"epoch {epoch} compiled {graphs - run.graphs} graph(s) after the first epoch")
         # graphs and compile seconds so far: flat after the first epoch, else compile_fallback says why
         log.update(compiled_graphs=graphs, compile_time_s=run.compile_s, compile_fallback=run.eager)
+    keep = not args.profile and "grad_norm" in log  # a step this epoch (grad_norm comes with one): keep a copy
+    state = training_state(pol) if keep else None  # on every rank: --fsdp gathers the shards
+    if state is not None:  # before the evaluation: a stop during it (minutes on a GPU) saves this epoch all the same
+        state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
+                     scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
+                     draws=run_draws(args, run.num_processes))
+        _LAST[:] = [functools.partial(save_epoch, run, log, state)]
     if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
         evaluate_ema(run, pol, epoch + 1, log)
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    keep = not args.profile and "grad_norm" in log  # a step this epoch (grad_norm comes with one): keep a copy
-    state = training_state(pol) if keep else None  # on every rank: --fsdp gathers the shards
     if run.process_index != 0:
         return
-    try:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")  # NaN -> null: stays valid JSON
-    except OSError as e:
-        raise write_error(e, run.metrics_path) from None
-    if keep:  # after its metrics line: the checkpoint, or the copy that Ctrl-C / SIGTERM save (main)
-        state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
-                     scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                     draws=run_draws(args, run.num_processes))
-        _LAST[:] = [functools.partial(save_checkpoint, args, epoch + 1, state, run.lora_meta,
-                                      family_of(run.pipe).pipeline)]
+    write_metrics(run, log)
     print_epoch(epoch, pol.step, log)
     if run.wandb:
         run.wandb.log(log, step=pol.step)
@@ -1078,6 +1081,25 @@ def end_epoch(run, pol, epoch, log):
         _LAST.clear()
     else:  # no step since the last checkpoint: no checkpoint of untrained weights
         print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
+
+
+def write_metrics(run, log):
+    """Append the epoch's metrics line once (NaN as null: it stays valid JSON)."""
+    if log["epoch"] <= run.logged:
+        return
+    try:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(json_safe(log), allow_nan=False) + "\n")
+    except OSError as e:
+        raise write_error(e, run.metrics_path) from None
+    run.logged = log["epoch"]
+
+
+def save_epoch(run, log, state):
+    """The checkpoint of log's epoch, after its metrics line: a stop during the evaluation writes the line here,
+    without the evaluation."""
+    write_metrics(run, log)
+    return save_checkpoint(run.args, log["epoch"] + 1, state, run.lora_meta, family_of(run.pipe).pipeline)
 
 
 def end_run(run, history):
@@ -1772,7 +1794,7 @@ RESUME_MAY_CHANGE = [  # flags a resume may change; the rest come from the run's
 STATE_KEYS = {"default": dict, "old": dict, "ema": dict, "optimizer": dict, "step": int, "epoch": int,
               "bad_steps": int, "config": dict}
 _HELD = []  # what main() releases when a run ends, whatever the way: the run lock, the reward queue
-_LAST = []  # the last epoch not yet in a checkpoint: a save_checkpoint call ready to run (end_epoch, main)
+_LAST = []  # the last epoch not yet in a checkpoint: a save_epoch call ready to run (end_epoch, main)
 _STOPS = []  # the stop signals received (_stop)
 
 
@@ -1843,7 +1865,9 @@ def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pip
         getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(state["ema"]),
                                                        transformer_lora_adapter_metadata=lora_meta)
         torch.save(state, os.path.join(tmp, "training_state.pt"))
+        mode = os.stat(os.path.join(tmp, "training_state.pt")).st_mode  # the umask's: safetensors' file is 0600
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
+            os.chmod(os.path.join(tmp, name), mode)  # readable by whoever may read the run (its evaluation job)
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
     # only older ones count: one numbered above epoch is one `latest` skipped (unreadable), never kept over good ones
@@ -2432,6 +2456,8 @@ def parse_args(argv=None):
     values.update(negative_prompt=family_named(model_family(model)).negative_prompt,
                   preset=name if name in PRESETS else "")  # config.json says which recipe ran
     args = Args(**(values | given))
+    for k in ("output_dir", "resume_from"):  # the shell leaves the ~ of `--output_dir=~/x`: no folder named ~ here
+        setattr(args, k, os.path.expanduser(getattr(args, k)))
     run = run_of(args.resume_from) if not args.output_dir and args.resume_from not in ("", "latest") else None
     if run and os.path.isfile(os.path.join(run, "config.json")):  # a run's checkpoint continues in its run's folder
         args.output_dir = run
@@ -2439,6 +2465,9 @@ def parse_args(argv=None):
         reward = args.preset or re.sub(r":[^,]*", "", args.reward).replace(",", "+")  # a sum: its names, no weights
         folder = f"{os.path.basename(os.path.normpath(args.model))}-{reward}" + "-eval" * args.eval_only
         args.output_dir = os.path.join("runs", re.sub(r"[^\w.+-]+", "_", folder))
+    if args.resume_from and args.eval_only:  # resumed() would take a training run's flags for the evaluation
+        raise UserError(f"--resume_from {args.resume_from} continues a training run; --eval_only evaluates a "
+                        "checkpoint given as --lora (--lora <run>/checkpoints/checkpoint-N)")
     args = resumed(args, given) if args.resume_from else args
     for k in PATH_FLAGS:  # saved absolute, so that a resume from another folder finds them; links kept (a file in
         path = os.path.expanduser(getattr(args, k))  # the Hugging Face cache links to a blob without its name)
@@ -2468,7 +2497,7 @@ def _flag_error(flags, message):
 
 
 def _closest(name, choices, aliases=None):
-    near = [aliases[name]] if name in (aliases or {}) else difflib.get_close_matches(name, list(choices), n=1)
+    near = [aliases[name]] if name in (aliases or {}) else difflib.get_close_matches(name.lower(), list(choices), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
@@ -2544,9 +2573,9 @@ def validate(args, world_size):
         raise UserError(f"--max_sequence_length {args.max_sequence_length} is past this model's text encoder maximum "
                         f"({most} tokens, as its diffusers pipeline allows); pass at most {most}")
     if args.resolution % 16:
-        r = args.resolution
-        raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {r}; "
-                        f"try {r - r % 16 or 16} or {r - r % 16 + 16}")
+        near = sorted({max(16, args.resolution // 16 * 16), args.resolution // 16 * 16 + 16})
+        raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {args.resolution}; "
+                        f"try {' or '.join(map(str, near))}")
     if args.fsdp and world_size < 2:
         raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1")
     if args.lora and not args.eval_only:  # it would go unused without a word
@@ -2774,6 +2803,8 @@ def interrupted(args, signum):
         signal.signal(s, signal.SIG_IGN)
     _close_bars()
     saved, where, said = [], "the last completed epoch is in", "no epoch was completed: nothing to save"
+    if args and args.eval_only:
+        said = "the evaluation stopped; it writes its results when it completes"
     if args and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
         try:
             saved = [_LAST[0]()] if _LAST else checkpoints(args.output_dir)[-1:]

@@ -1243,6 +1243,8 @@ def load_prompts(path, flag="--prompts"):
     reward's metadata, e.g. GenEval's). Blank lines are skipped; RewardError names the flag, file and line otherwise."""
     if os.path.isdir(path):
         raise RewardError(f"{flag} {path} is a folder; give a .txt with one prompt a line or a .jsonl file")
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe such as <(cat p.txt): read once, gone on resume
+        raise RewardError(f"{flag} {path} is not a regular file (a pipe or a device); save the prompts to a file")
     if not os.path.isfile(path):
         raise RewardError(f"{flag} file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
     if path.lower().endswith(".json"):  # read as text, its brackets and quotes would become prompts
@@ -1407,7 +1409,7 @@ def parse_reward_spec(spec):
             raise RewardError(f"no reward name in {spec!r}; give one of {', '.join(REWARDS)}, or a weighted sum such "
                               "as pickscore:1,hpsv2:0.5")
         if name not in REWARDS:
-            close = difflib.get_close_matches(name, REWARDS, n=1)
+            close = difflib.get_close_matches(name.lower(), REWARDS, n=1)  # COLOR: color
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}")
         try:
@@ -1471,6 +1473,17 @@ def contract_problem(out, n):
     return f"component {bad[0]!r} as {_described(comps[bad[0]])} for {n} images" if bad else None
 
 
+_WAITED = set()  # the futures of the reward calls being waited for (call_reward), which abandon() ends
+
+
+def abandon():
+    """A stopping run (Ctrl-C, SIGTERM, an error) stops waiting for the rewards being scored: the thread that waits
+    (the trainer's reward thread, which the interpreter joins on exit) is free at once, not after --reward_timeout."""
+    for future in list(_WAITED):
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # it has just returned
+            future.set_exception(RewardError("the run stopped"))
+
+
 def call_reward(name, reward, inputs, device, precision, timeout, hung):
     """reward(images, prompts, metadata) in a thread of its own, waited for at most `timeout` seconds, its return
     value checked (contract_problem). A reward that raises, breaks the contract or never returns is one RewardError
@@ -1484,10 +1497,16 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
             if torch.device(device).type == "cuda":  # the current GPU is per thread: this rank's, not GPU 0
                 torch.cuda.set_device(device)
             with reward_autocast(device, precision):  # thread-local: set in the thread that scores
-                future.set_result(reward(*inputs))
+                out = reward(*inputs)
         except BaseException as e:
-            future.set_exception(e)
+            out = e
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # abandoned: nobody waits for it
+            if isinstance(out, BaseException):
+                future.set_exception(out)
+            else:
+                future.set_result(out)
     threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
+    _WAITED.add(future)
     try:
         out = future.result(timeout)
     except Exception as e:
@@ -1499,6 +1518,8 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
             raise
         said = (str(e).strip() or "?").splitlines()[0][:300]
         raise RewardError(f"reward '{name}' raised {type(e).__name__}: {said}") from None
+    finally:
+        _WAITED.discard(future)
     problem = contract_problem(out, len(inputs[1]))
     if problem:
         raise RewardError(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
@@ -1526,10 +1547,11 @@ def with_eval_rewards(reward_fn, spec, extra, device, precision="fp32", timeout=
     return fn
 
 
-def check_metadata(spec, metadata_list, source="the prompt set"):
+def check_metadata(spec, metadata_list, source="the prompt set", flag="--prompts"):
     """Fail early, naming the prompt set (`source`, e.g. "--prompts p.txt") and the prompt, when a reward that needs
     jsonl metadata lacks it, or a prompt the reward cannot score (PROMPT_CHECKS: color needs a color word, ocr quoted
-    text): before any model loads or any file is written, not at the first rollout or evaluation."""
+    text): before any model loads or any file is written, not at the first rollout or evaluation. flag: the flag that
+    gives this set (--prompts, or --eval_prompts, whose built-in set is the training reward's)."""
     for name, _ in parse_reward_spec(spec):
         for record in metadata_list if name in PROMPT_CHECKS else ():
             try:
@@ -1543,8 +1565,9 @@ def check_metadata(spec, metadata_list, source="the prompt set"):
             prompt = f"{source}, prompt {(record or {}).get('prompt', '?')!r}"
             if missing:
                 raise RewardError(f"reward '{name}' needs GenEval metadata but {prompt} lacks {', '.join(missing)}: "
-                                  "pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with --prompts, or leave "
-                                  "--prompts out to use the built-in GenEval set")
+                                  f"pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with {flag}" + (
+                                      ", or leave --prompts out to use the built-in GenEval set"
+                                      if flag == "--prompts" else ""))
             reqs = record["include"] + record.get("exclude", []) if isinstance(record["include"], list) and isinstance(
                 record.get("exclude", []), list) and record["include"] else None
             if not isinstance(record["tag"], str) or reqs is None or not all(

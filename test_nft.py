@@ -41,6 +41,7 @@ import re
 import signal
 import socket
 import subprocess
+import stat
 import sys
 import threading
 import time
@@ -69,10 +70,10 @@ SMALL_NO_EVAL = [*SMALL, "--eval_every", 0]
 def _process_tree(root):
     """The processes under pid root, children first found (Linux /proc)."""
     children = {}
-    for stat in os.listdir("/proc"):
+    for pid in os.listdir("/proc"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            parent = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat))
+            parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(pid))
     tree, todo = [], [root]
     while todo:
         found = children.get(todo.pop(), [])
@@ -668,6 +669,8 @@ def test_two_epochs_write_metrics_grids_and_checkpoints(two_epochs):
     ckpts = nft.checkpoints(two_epochs)
     assert [os.path.basename(c) for c in ckpts] == ["checkpoint-00001", "checkpoint-00002"]
     assert set(os.listdir(ckpts[-1])) == {"pytorch_lora_weights.safetensors", "training_state.pt"}
+    modes = {stat.S_IMODE(os.stat(os.path.join(ckpts[-1], f)).st_mode) for f in os.listdir(ckpts[-1])}
+    assert modes == {stat.S_IMODE(os.stat(os.path.join(two_epochs, "metrics.jsonl")).st_mode)}  # as the umask says
     s1, s = state(ckpts[0]), state(ckpts[-1])
     assert s["epoch"] == 2 and s["step"] == 2
     # step 5 of the loop: theta_old <- d*theta_old + (1 - d)*theta with d = old_decay(step) (0.002 at step 2)
@@ -1835,6 +1838,32 @@ def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(tw
     assert keep(metrics(out)) == keep(metrics(two_epochs))
 
 
+def test_a_stop_during_the_evaluation_saves_the_epoch_it_evaluates(two_epochs, capsys, monkeypatch, tmp_path):
+    """SIGINT during the evaluation after epoch 0's update (minutes on a GPU): epoch 0 is saved all the same, its
+    metrics line without the evaluation, and the resume finishes bit for bit as the uninterrupted run."""
+    out, evaluate_ema = tmp_path / "out", nft.evaluate_ema
+
+    def stopped_in_the_evaluation(run, pol, epoch, log, suffix=""):
+        if epoch == 1:  # the EMA after epoch 0 (the base model's evaluation is epoch 0)
+            os.kill(os.getpid(), signal.SIGINT)  # through the handler main() installs
+        evaluate_ema(run, pol, epoch, log, suffix)
+    monkeypatch.setattr(nft, "evaluate_ema", stopped_in_the_evaluation)
+    with pytest.raises(SystemExit) as e:
+        run_here(*SMALL, "--num_epochs", 2, "--output_dir", out)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"SIGINT: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python ")
+    [line] = metrics(out)
+    assert line["epoch"] == 0 and "eval_reward_mean_before" in line and "eval_reward_mean" not in line
+    assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))
+    monkeypatch.setattr(nft, "evaluate_ema", evaluate_ema)
+    run_here("--resume_from", "latest", "--output_dir", out)
+    assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
+    keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
+                         for r in rows]
+    assert keep(metrics(out)) == keep(metrics(two_epochs)) and "eval_reward_mean" in metrics(out)[1]
+
+
 def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tmp_path):
     before = signal.getsignal(signal.SIGINT)
 
@@ -1847,6 +1876,10 @@ def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tm
     err = capsys.readouterr().err
     assert e.value.code == 130 and err.strip() == "SIGINT: no epoch was completed: nothing to save"
     assert signal.getsignal(signal.SIGINT) is before  # main() restores the handlers
+    monkeypatch.setattr(nft, "eval_only", interrupted)
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, SMALL), "--eval_only", "--output_dir", str(tmp_path)])
+    assert capsys.readouterr().err.strip() == "SIGINT: the evaluation stopped; it writes its results when it completes"
 
 
 def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
@@ -2064,12 +2097,18 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
 # ---- flags ----
 @pytest.mark.parametrize("argv, message", [
     (["--reward", "colr"], "did you mean 'color'"),
+    (["--reward", "COLOR"], "did you mean 'color'"),
+    (["--solver", "Euler"], "did you mean 'euler'"),
     (["--reward", "color:x"], "bad weight"),
     (["--reward", "color:nan"], "with a finite number"),
     (["--reward", "color:0,jpeg:0"], "every weight in 'color:0,jpeg:0' is 0"),
     (["--reward", ""], "no reward name in ''"),
     (["--solver", "eulr"], "did you mean 'euler'"),
     (["--resolution", "40"], "got 40; try 32 or 48"),
+    (["--eval_reward", "geneval"], "lacks tag, include: pass a GenEval jsonl (e.g. evaluation_metadata.jsonl) with "
+                                   "--eval_prompts"),  # the eval set, here color's built-in one
+    (["--eval_only", "--resume_from", "latest"], "--resume_from latest continues a training run; --eval_only "
+                                                 "evaluates a checkpoint given as --lora"),
     (["--num_groups", "3", "--group_size", "5"], "nearest valid: --num_groups"),
     (["--learning_rate", "0"], "--learning_rate must be positive"),
     (["--group_size", "0"], "--group_size must be positive"),
@@ -2090,6 +2129,14 @@ def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
     assert message in cli_error(capsys, *SMALL, "--output_dir", out, *argv)
     assert not out.exists()  # nothing written
+
+
+def test_a_tilde_in_a_typed_path_is_home_and_a_resolution_hint_is_valid(capsys, tmp_path):
+    """`--output_dir=~/x` (no shell expands that ~) is ~/x, not a folder named ~ beside it; --resolution 8 suggests
+    16 once."""
+    args = nft.parse_args(["--model", "tiny", "--output_dir=~/nft-x", "--resume_from=~/nft-x/checkpoints/c"])
+    assert args.output_dir == os.path.expanduser("~/nft-x") and args.resume_from.startswith(os.path.expanduser("~/"))
+    assert cli_error(capsys, *SMALL, "--resolution", 8, "--output_dir", tmp_path / "o").endswith("got 8; try 16")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -2146,6 +2193,9 @@ def test_no_cuda_points_to_the_cpu_demo_and_a_mistyped_model_or_folder_is_named(
     assert f"{tmp_path / 'typo'} holds no run to take --model from" in msg
     assert "holds no run" not in cli_error(capsys, "--model", "org/model", "--resume_from", "latest", "--output_dir",
                                            tmp_path / "typo")  # a --model given: nothing came from the folder
+    for bad in (tmp_path / "missing", tmp_path):  # no folder; a folder that is no run's checkpoint
+        msg = cli_error(capsys, "--resume_from", bad, "--output_dir", tmp_path / "o")
+        assert f"--resume_from {bad}: not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)" in msg
     assert not (tmp_path / "o").exists() and not (tmp_path / "typo").exists()
 
 
@@ -2196,6 +2246,9 @@ def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
     assert rewards.load_prompts(str(tmp_path / "bom.txt")) == [{"prompt": "a red image"}, {"prompt": "a blue image"}]
     (tmp_path / "upper.JSONL").write_text('{"prompt": "a red image", "tag": "x"}\n')
     assert rewards.load_prompts(str(tmp_path / "upper.JSONL")) == [{"prompt": "a red image", "tag": "x"}]
+    os.mkfifo(tmp_path / "pipe")  # as --prompts <(cat p.txt) gives: read once, gone when the run resumes
+    assert "pipe is not a regular file (a pipe or a device); save the prompts to a file" in cli_error(
+        capsys, *SMALL_NO_EVAL, "--prompts", tmp_path / "pipe")
     (tmp_path / "list.json").write_text('["a red image", "a blue image"]\n')  # not read as lines of text
     assert "list.json is a .json file; give a .jsonl" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts",
                                                                    tmp_path / "list.json")
@@ -2615,9 +2668,10 @@ def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatc
     assert "did not return within 0.5 s; check it" in said[0] and "did not return within 0.5 s before" in said[1]
 
 
-def test_ctrl_c_drops_the_batches_queued_for_scoring(capsys, monkeypatch, tmp_path):
+def test_ctrl_c_drops_the_queued_batches_and_the_wait_for_the_one_scored(capsys, monkeypatch, tmp_path):
     """Ctrl-C while the reward thread scores the first of eight queued batches: the other seven are dropped, not
-    scored on the way out (which would hold the exit for an epoch's scoring)."""
+    scored on the way out (which would hold the exit for an epoch's scoring), and the reward thread stops waiting
+    for the first (which would hold the exit until it returns or --reward_timeout passes)."""
     first, release, calls, threads = threading.Event(), threading.Event(), [], set(threading.enumerate())
 
     def slow(images, prompts, metadata):
@@ -2635,6 +2689,11 @@ def test_ctrl_c_drops_the_batches_queued_for_scoring(capsys, monkeypatch, tmp_pa
         with pytest.raises(SystemExit) as e:
             nft.main([*map(str, SMALL_NO_EVAL), "--reward", "slow", "--prompts", str(_color_prompts(tmp_path)),
                       "--sample_batch_size", "1", "--train_batch_size", "1", "--output_dir", str(tmp_path / "out")])
+        # the reward still runs, but the reward thread (which the interpreter joins on exit) no longer waits for it
+        waiting = [t for t in set(threading.enumerate()) - threads if not t.daemon]
+        for thread in waiting:
+            thread.join(30)
+        assert waiting and not any(t.is_alive() for t in waiting) and not release.is_set()
     finally:
         release.set()
     assert e.value.code == 130 and "SIGINT: no epoch was completed" in capsys.readouterr().err
