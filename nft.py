@@ -1059,17 +1059,24 @@ def end_epoch(run, pol, epoch, log):
         log.update(compiled_graphs=graphs, compile_time_s=run.compile_s, compile_fallback=run.eager)
     keep = not args.profile and "grad_norm" in log  # a step this epoch (grad_norm comes with one): keep a copy
     state = training_state(pol) if keep else None  # on every rank: --fsdp gathers the shards
-    if state is not None:  # before the evaluation: a stop during it (minutes on a GPU) saves this epoch all the same
+    due = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs)
+    if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
                      draws=run_draws(args, run.num_processes))
-        _LAST[:] = [functools.partial(save_epoch, run, log, state)]
-    if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
+        save = functools.partial(save_epoch, run, log, state)
+        # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
+        # resume then trains it again, so that the run ends with its evaluation
+        if not (due and epoch + 1 == args.num_epochs):
+            _LAST[:] = [save]
+    if due:
         evaluate_ema(run, pol, epoch + 1, log)
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     if run.process_index != 0:
         return
+    if state is not None:
+        _LAST[:] = [save]
     write_metrics(run, log)
     print_epoch(epoch, pol.step, log)
     if run.wandb:
@@ -1865,10 +1872,13 @@ def save_checkpoint(args, epoch, state, lora_meta, pipeline="StableDiffusion3Pip
         getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=lora_state(state["ema"]),
                                                        transformer_lora_adapter_metadata=lora_meta)
         torch.save(state, os.path.join(tmp, "training_state.pt"))
-        mode = os.stat(os.path.join(tmp, "training_state.pt")).st_mode  # the umask's: safetensors' file is 0600
+        mode = stat.S_IMODE(os.stat(os.path.join(tmp, "training_state.pt")).st_mode)  # the umask's
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
-            os.chmod(os.path.join(tmp, name), mode)  # readable by whoever may read the run (its evaluation job)
-            with open(os.path.join(tmp, name), "rb") as f:
+            path = os.path.join(tmp, name)
+            if stat.S_IMODE(os.stat(path).st_mode) != mode:  # safetensors writes 0600: readable as the run's files
+                with contextlib.suppress(OSError):  # where chmod is refused (gcsfuse, s3 mounts), as it is
+                    os.chmod(path, mode)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
     # only older ones count: one numbered above epoch is one `latest` skipped (unreadable), never kept over good ones
     older = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) < epoch]
@@ -2455,9 +2465,10 @@ def parse_args(argv=None):
         values["max_sequence_length"] = 256  # the official evaluation runs the pipeline at diffusers' default T5 length
     values.update(negative_prompt=family_named(model_family(model)).negative_prompt,
                   preset=name if name in PRESETS else "")  # config.json says which recipe ran
-    args = Args(**(values | given))
     for k in ("output_dir", "resume_from"):  # the shell leaves the ~ of `--output_dir=~/x`: no folder named ~ here
-        setattr(args, k, os.path.expanduser(getattr(args, k)))
+        if k in given:
+            given[k] = os.path.expanduser(given[k])
+    args = Args(**(values | given))
     run = run_of(args.resume_from) if not args.output_dir and args.resume_from not in ("", "latest") else None
     if run and os.path.isfile(os.path.join(run, "config.json")):  # a run's checkpoint continues in its run's folder
         args.output_dir = run
@@ -2497,7 +2508,8 @@ def _flag_error(flags, message):
 
 
 def _closest(name, choices, aliases=None):
-    near = [aliases[name]] if name in (aliases or {}) else difflib.get_close_matches(name.lower(), list(choices), n=1)
+    name = name.lower()  # COLOR: color, --LR: --learning_rate
+    near = [aliases[name]] if name in (aliases or {}) else difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 

@@ -1505,8 +1505,8 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
                 future.set_exception(out)
             else:
                 future.set_result(out)
+    _WAITED.add(future)  # before the thread starts: a stop in between is not missed
     threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
-    _WAITED.add(future)
     try:
         out = future.result(timeout)
     except Exception as e:

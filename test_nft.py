@@ -31,6 +31,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import http.server
 import inspect
@@ -1840,11 +1841,12 @@ def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(tw
 
 def test_a_stop_during_the_evaluation_saves_the_epoch_it_evaluates(two_epochs, capsys, monkeypatch, tmp_path):
     """SIGINT during the evaluation after epoch 0's update (minutes on a GPU): epoch 0 is saved all the same, its
-    metrics line without the evaluation, and the resume finishes bit for bit as the uninterrupted run."""
-    out, evaluate_ema = tmp_path / "out", nft.evaluate_ema
+    metrics line without the evaluation. SIGINT during the last epoch's evaluation saves nothing new: the resume
+    trains that epoch again and ends evaluated, bit for bit as the uninterrupted run."""
+    out, evaluate_ema, stop_at = tmp_path / "out", nft.evaluate_ema, [1]
 
     def stopped_in_the_evaluation(run, pol, epoch, log, suffix=""):
-        if epoch == 1:  # the EMA after epoch 0 (the base model's evaluation is epoch 0)
+        if epoch == stop_at[0]:  # the EMA after epoch stop_at - 1 (the base model's evaluation is epoch 0)
             os.kill(os.getpid(), signal.SIGINT)  # through the handler main() installs
         evaluate_ema(run, pol, epoch, log, suffix)
     monkeypatch.setattr(nft, "evaluate_ema", stopped_in_the_evaluation)
@@ -1856,6 +1858,10 @@ def test_a_stop_during_the_evaluation_saves_the_epoch_it_evaluates(two_epochs, c
     [line] = metrics(out)
     assert line["epoch"] == 0 and "eval_reward_mean_before" in line and "eval_reward_mean" not in line
     assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))
+    stop_at[0] = 2  # the last epoch's
+    with pytest.raises(SystemExit):
+        run_here("--resume_from", "latest", "--output_dir", out)
+    assert len(metrics(out)) == 1 and len(nft.checkpoints(out)) == 1
     monkeypatch.setattr(nft, "evaluate_ema", evaluate_ema)
     run_here("--resume_from", "latest", "--output_dir", out)
     assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
@@ -2049,9 +2055,10 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
         nft.restore(pol, args.resume_from, rank4, args)
 
 
-def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
+def test_saving_over_broken_checkpoint_names_keeps_the_epoch(monkeypatch, tmp_path):
     """A checkpoint's name held by a link to itself, a link to /dev/zero, a file, or a link where the temporary
-    folder goes: the save replaces the name (never what a link points to), so the epoch is not lost."""
+    folder goes: the save replaces the name (never what a link points to), so the epoch is not lost; nor on a
+    filesystem that refuses chmod."""
     from peft import LoraConfig
     args = types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=0)
     lora = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": torch.ones(2, 4)}
@@ -2068,6 +2075,11 @@ def test_saving_over_broken_checkpoint_names_keeps_the_epoch(tmp_path):
         path = nft.save_checkpoint(args, epoch, dict(default=lora, old=lora, ema=lora, step=epoch), meta)
         assert os.path.isdir(path) and not os.path.islink(path) and state(path)["step"] == epoch
     assert (kept / "file").read_text() == "kept" and os.path.exists("/dev/zero")
+
+    def refused(*args, **kwargs):  # gcsfuse, s3 mounts
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "chmod", refused)
+    assert state(nft.save_checkpoint(args, 5, dict(default=lora, old=lora, ema=lora, step=5), meta))["step"] == 5
 
 
 def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
@@ -2098,6 +2110,7 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--reward", "colr"], "did you mean 'color'"),
     (["--reward", "COLOR"], "did you mean 'color'"),
+    (["--LR", "1e-4"], "did you mean '--learning_rate'"),
     (["--solver", "Euler"], "did you mean 'euler'"),
     (["--reward", "color:x"], "bad weight"),
     (["--reward", "color:nan"], "with a finite number"),
@@ -2136,6 +2149,13 @@ def test_a_tilde_in_a_typed_path_is_home_and_a_resolution_hint_is_valid(capsys, 
     16 once."""
     args = nft.parse_args(["--model", "tiny", "--output_dir=~/nft-x", "--resume_from=~/nft-x/checkpoints/c"])
     assert args.output_dir == os.path.expanduser("~/nft-x") and args.resume_from.startswith(os.path.expanduser("~/"))
+    home = tmp_path / "home"  # a run's checkpoint named with ~: the run's config.json is read, the path kept expanded
+    (home / "r" / "checkpoints" / "c").mkdir(parents=True)
+    nft.write_config(nft.parse_args(["--model", "tiny", "--reward", "color", "--output_dir", str(home / "r")]))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("HOME", str(home))
+        args = nft.parse_args(["--resume_from=~/r/checkpoints/c", "--num_epochs", "3"])
+    assert args.resume_from == str(home / "r" / "checkpoints" / "c") and args.output_dir == str(home / "r")
     assert cli_error(capsys, *SMALL, "--resolution", 8, "--output_dir", tmp_path / "o").endswith("got 8; try 16")
 
 
