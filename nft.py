@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 806: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 808: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -72,6 +72,7 @@ from dataclasses import dataclass
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the log to what this script says
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+INDUCTOR_CACHE_GIVEN = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # by the user: importing torch._dynamo sets it later
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -383,7 +384,8 @@ def train(args):
         log = dict(epoch=epoch)
         if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
             evaluate_ema(run, pol, 0, log, "_before")
-            print0(f"the base model's eval reward: {log['eval_reward_mean_before']:.4f}")
+            start = "the --init_lora LoRA" if args.init_lora else "the base model"
+            print0(f"{start}'s eval reward: {log['eval_reward_mean_before']:.4f}")
         timer = PhaseTimer(log, run.device)
         batch = encode_batch(run, epoch)  # 1. prompts
         timer("text")
@@ -987,8 +989,8 @@ def start_run(args):
     if args.compile is None:  # config.json records what ran
         args.compile = run.device.type == "cuda"
     if args.compile:  # a one-off cost, checked as each graph is done: a compile past its budget must not stall a run
-        # a resumed run reuses the compiled kernels (set TORCHINDUCTOR_CACHE_DIR to share them between runs)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.output_dir, "compile_cache"))
+        if not INDUCTOR_CACHE_GIVEN:  # a resumed run reuses the compiled kernels (set it to share them between runs)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(args.output_dir, "compile_cache")
         compile_blocks(run.pipe.transformer)
         torch._dynamo.callback_handler.register_start_callback(run.compile_started)
         torch._dynamo.callback_handler.register_end_callback(run.compile_done)
@@ -1073,21 +1075,23 @@ def end_epoch(run, pol, epoch, log):
         evaluate_ema(run, pol, epoch + 1, log)
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    if run.process_index != 0:
-        return
-    if state is not None:
-        _LAST[:] = [save]
-    write_metrics(run, log)
-    print_epoch(epoch, pol.step, log)
-    if run.wandb:
-        run.wandb.log(log, step=pol.step)
-    if args.profile or not ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
-        return
-    if _LAST:
-        _LAST[0]()
-        _LAST.clear()
-    else:  # no step since the last checkpoint: no checkpoint of untrained weights
-        print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
+    # a signal that reached only other ranks (one node's, preempted) stops every rank here: rank 0 saves this epoch
+    stop = int(gather(torch.tensor([_STOPS[0] if _STOPS else 0], device=run.device)).max())
+    if run.process_index == 0:
+        if state is not None:
+            _LAST[:] = [save]
+        write_metrics(run, log)
+        print_epoch(epoch, pol.step, log)
+        if run.wandb:
+            run.wandb.log(log, step=pol.step)
+        if not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
+            if _LAST:
+                _LAST[0]()
+                _LAST.clear()
+            else:  # no step since the last checkpoint: no checkpoint of untrained weights
+                print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
+    if stop and epoch + 1 < args.num_epochs:  # main: rank 0 saves the epoch, says how to continue; the others end
+        raise KeyboardInterrupt(stop)
 
 
 def write_metrics(run, log):
@@ -2589,7 +2593,8 @@ def validate(args, world_size):
         raise UserError(f"--resolution must be a multiple of 16 (VAE x8, patch 2), got {args.resolution}; "
                         f"try {' or '.join(map(str, near))}")
     if args.fsdp and world_size < 2:
-        raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1")
+        raise UserError("--fsdp shards the model over ranks: launch it with torchrun --nproc_per_node N, N > 1, or "
+                        "pass --no-fsdp (a --fsdp run's checkpoints resume either way)")
     if args.lora and not args.eval_only:  # it would go unused without a word
         raise UserError("--lora is the LoRA --eval_only evaluates; to start training from a LoRA use --init_lora")
     if args.init_lora and args.eval_only:
@@ -2802,7 +2807,8 @@ def _close_bars():
 
 def _stop(signum, frame):
     """Ctrl-C or SIGTERM (sent before preemption; torchrun passes it to every rank): rank 0 stops at once; another
-    rank goes on, as rank 0 may be waiting for it in a collective, and ends when rank 0 has gone (main)."""
+    rank goes on, as rank 0 may be waiting for it in a collective, and ends when rank 0 has gone (main), or, where
+    rank 0 got no signal, all ranks stop at the end of the epoch (end_epoch)."""
     _STOPS.append(signum)
     if int(os.environ.get("RANK", 0)) == 0:
         raise KeyboardInterrupt(signum)
@@ -2826,7 +2832,11 @@ def interrupted(args, signum):
             where = "the last completed epoch could not be saved; the newest checkpoint is"
             said = "the last completed epoch could not be saved, and there is no checkpoint yet"
     if saved:  # the run's config.json supplies every other flag (parse_args)
-        launcher = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}" if "RANK" in os.environ else "python"
+        launcher = "python"
+        if "RANK" in os.environ:  # torchrun: as many nodes, as many ranks on each
+            local = int(os.environ["LOCAL_WORLD_SIZE"])
+            nodes = int(os.environ["WORLD_SIZE"]) // local
+            launcher = "torchrun " + (f"--nnodes={nodes} " if nodes > 1 else "") + f"--nproc_per_node={local}"
         said = (f"{where} {saved[0]}; continue with {launcher} "
                 + shlex.join([sys.argv[0], "--resume_from", "latest", "--output_dir", args.output_dir]))
     print0(f"\n{signal.Signals(signum).name}: {said}", file=sys.stderr)

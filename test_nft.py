@@ -1920,6 +1920,18 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
         nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path / "new")])
     assert capsys.readouterr().err.strip().endswith(
         "SIGINT: the last completed epoch could not be saved, and there is no checkpoint yet")
+    for name, value in dict(RANK=0, WORLD_SIZE=16, LOCAL_WORLD_SIZE=8).items():  # rank 0 of 2 nodes x 8 ranks
+        monkeypatch.setenv(name, str(value))
+    nft._LAST[:] = [lambda: "ckpt"]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # interrupted() ignores both
+    try:
+        assert nft.interrupted(nft.parse_args([*map(str, SMALL), "--output_dir", "o"]), signal.SIGTERM) == 143
+    finally:
+        nft._LAST.clear()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert capsys.readouterr().err.strip().startswith(
+        "SIGTERM: the last completed epoch is in ckpt; continue with torchrun --nnodes=2 --nproc_per_node=8 ")
 
 
 FSDP = {"sd3": ("tiny", "step", "no"), "flux": ("tiny-flux", "step", "bf16"),  # model, --grad_sync, --mixed_precision
@@ -2111,6 +2123,7 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
     (["--reward", "colr"], "did you mean 'color'"),
     (["--reward", "COLOR"], "did you mean 'color'"),
     (["--LR", "1e-4"], "did you mean '--learning_rate'"),
+    (["--fsdp"], "launch it with torchrun --nproc_per_node N, N > 1, or pass --no-fsdp (a --fsdp run's checkpoints"),
     (["--solver", "Euler"], "did you mean 'euler'"),
     (["--reward", "color:x"], "bad weight"),
     (["--reward", "color:nan"], "with a finite number"),
@@ -2230,6 +2243,30 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     p = run_nft(*SMALL, "--reward", "colr", "--output_dir", tmp_path / "o", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: unknown reward 'colr'")
+
+
+def test_a_signal_to_another_rank_alone_stops_every_rank_with_a_save(tmp_path):
+    """SIGTERM to rank 1 alone (one node's ranks preempted, rank 0's node not): every rank stops at the end of that
+    epoch, rank 0 saves it and prints the command that continues; the others end quietly."""
+    out = tmp_path / "out"
+    p = start_ranks(tmp_path, [*SMALL_NO_EVAL, "--num_groups", 4, "--sample_batch_size", 4, "--num_epochs", 8,
+                               "--save_every", 50, "--output_dir", out])
+    try:
+        deadline = time.monotonic() + 300
+        while "epoch    0 " not in (tmp_path / "ranks.txt").read_text() and p.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        [rank1] = [pid for pid in _process_tree(p.pid) if "RANK=1\0" in open(f"/proc/{pid}/environ").read()]
+        os.kill(rank1, signal.SIGTERM)
+        p.wait(timeout=300)
+    finally:
+        kill_tree(p)
+    said = (tmp_path / "ranks.txt").read_text()
+    epochs = len(metrics(out))
+    assert 1 < epochs < 8 and said.count("=== exit code 143") == 2 and "Traceback" not in said, said[-3000:]
+    assert f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-{epochs:05d}; continue with " \
+           "torchrun --nproc_per_node=2 " in said
+    assert state(nft.checkpoints(out)[-1])["epoch"] == epochs
 
 
 def test_torchrun_error_is_one_line_from_rank_0(tmp_path):
@@ -4204,7 +4241,9 @@ def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monke
             torch.compile(torch.sin, backend="eager")(torch.ones(1))
     monkeypatch.setattr(nft, "end_epoch", end_epoch_then_compile)
     argv = [*SMALL_NO_EVAL, "--compile", "--num_epochs", 3]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "default")  # as importing torch._dynamo sets it
     nft.main([str(a) for a in (*argv, "--output_dir", tmp_path / "recompile")])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "recompile" / "compile_cache")  # the run's own
     m = metrics(tmp_path / "recompile")
     assert m[0]["compile_time_s"] > 0 and m[0]["compile_fallback"] is None and m[0]["compiled_graphs"] > 0
     assert "after the first epoch" in m[1]["compile_fallback"] and m[2]["compiled_graphs"] == m[1]["compiled_graphs"]
