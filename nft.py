@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 808: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 809: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -516,13 +516,13 @@ def score(run, batch, futures, epoch, log):
     spread = float(all_R[ok].std(unbiased=False)) if batch.trainable else float("nan")  # none finite: null, no warning
     log.update(reward_mean=float(all_R[ok].mean()), reward_std=spread,
                **{f"reward_{k}": float(v[ok].mean()) for k, v in comps.items()},
-               r_mean=float(batch.r.mean()), dropped=int((~ok).sum()))
+               r_mean=float(adv_to_r(adv, args.adv_clip).mean()), dropped=int((~ok).sum()))  # every rank's
 
 
 def nft_update(run, pol, batch, epoch, log):
     """Step 4: every sample is trained at T of the rollout's own sigmas (a fresh random subset per sample and epoch)
     with fresh noise per visit; micro-batches of train_batch_size accumulate gradients, and every
-    micro/steps_per_epoch of them make one optimizer step. Logs the mean loss, KL and |v_theta - v_old|."""
+    micro/steps_per_epoch of them make one optimizer step. Logs the mean loss, KL and |v_theta - v_old| of all ranks."""
     args, device, T = run.args, run.device, run.T
     micro = run.per_rank // args.train_batch_size  # micro-batches per epoch on this rank
     per_step = micro // args.steps_per_epoch
@@ -538,6 +538,7 @@ def nft_update(run, pol, batch, epoch, log):
         stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, (pol.loss_scale or 1.0) / (per_step * T), last)
         if last:
             take_step(run, pol, epoch, log)
+    stats = gather(stats).view(-1, 3).mean(0)  # every rank's: each made as many visits
     log.update(step=pol.step, **dict(zip(["loss", "kl", "dv_old"], (stats / (micro * T)).tolist())))
     if pol.loss_scale:  # fp16: the scale the next step's backward runs at (halved after an overflow)
         log["loss_scale"] = pol.loss_scale
@@ -1995,8 +1996,10 @@ def claim_output_dir(args, rank, world):
                         "(it is copied there)")
     replace = (not args.resume_from or foreign or args.profile) and previous_run(args.output_dir)
     if replace and not args.overwrite:
-        raise UserError(f"--output_dir {args.output_dir} holds a previous run; pass --resume_from latest to "
-                        "continue it, --overwrite to replace it, or another --output_dir")
+        held = ("a previous run; pass --resume_from latest to continue it," if checkpoints(args.output_dir) or
+                os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) else "an evaluation (eval.json); pass")
+        raise UserError(f"--output_dir {args.output_dir} holds {held} --overwrite to replace it, or another "
+                        "--output_dir")
     if resume and not foreign and args.resume_from != "latest":
         newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
         if newer:  # `latest` would pick them after the next kill, mixing two futures of one run
@@ -2010,8 +2013,9 @@ def claim_output_dir(args, rank, world):
 
 
 def previous_run(folder):
-    """Whether `folder` holds a run's metrics or checkpoints."""
-    return os.path.exists(os.path.join(folder, "metrics.jsonl")) or bool(checkpoints(folder))
+    """Whether `folder` holds a run's metrics or checkpoints, or an --eval_only evaluation (eval.json)."""
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("metrics.jsonl", "eval.json")) or bool(
+        checkpoints(folder))
 
 
 def run_of(checkpoint):
@@ -2061,7 +2065,8 @@ def carry_over(args, source, start_epoch, replace=False):
     if replace:
         make_way(os.path.join(args.output_dir, "checkpoints"))  # a link: not its target
         for name in os.listdir(args.output_dir):
-            if re.fullmatch(r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json", name):
+            if re.fullmatch(r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json|eval\.(json|md)|"
+                            r"eval_images\.jsonl|compare\.png", name):
                 make_way(os.path.join(args.output_dir, name))
     if source:
         source = os.path.normpath(source)
