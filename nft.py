@@ -1030,8 +1030,8 @@ def go_eager(run, reason):
     if run.eager is None:
         run.eager = reason
         torch.compiler.set_stance("force_eager")
-        print0(f"warning: {reason}; the rest of the run is eager (--no-compile skips compiling)")
-        if run.process_index == 0:
+        if run.process_index == 0:  # tqdm.write: on a line of its own above the progress bar it comes in
+            tqdm.write(f"warning: {reason}; the rest of the run is eager (--no-compile skips compiling)")
             write_config(run.args, compile_fallback=reason)
 
 
@@ -1091,8 +1091,12 @@ def end_epoch(run, pol, epoch, log):
                 _LAST.clear()
             else:  # no step since the last checkpoint: no checkpoint of untrained weights
                 print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
-    if stop and epoch + 1 < args.num_epochs:  # main: rank 0 saves the epoch, says how to continue; the others end
-        raise KeyboardInterrupt(stop)
+    if stop and epoch + 1 < args.num_epochs:  # every rank is here: rank 0 saves the epoch, then all leave together
+        if _LAST:  # (a rank that leaves while another still saves can abort in the process group's teardown)
+            _LAST.pop()()
+        dist.barrier()
+        dist.destroy_process_group()
+        raise KeyboardInterrupt(stop)  # main: rank 0 says where the epoch is and how to continue
 
 
 def write_metrics(run, log):
@@ -1316,8 +1320,10 @@ def find_lora(path, flag="--lora"):
             return read_lora(os.path.join(folder, "pytorch_lora_weights.safetensors"), flag)
         if all(os.path.isfile(os.path.join(folder, f)) for f in ("adapter_model.safetensors", "adapter_config.json")):
             return read_lora(os.path.join(folder, "adapter_model.safetensors"), flag)
+    found = checkpoints(path) or checkpoints(os.path.dirname(os.path.normpath(path)))  # a run, or its checkpoints/
     raise UserError(f"{flag} {path}: " + ("no such file or folder" if not os.path.exists(path) else "holds neither "
-                    "pytorch_lora_weights.safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json"))
+                    "pytorch_lora_weights.safetensors (diffusers) nor adapter_model.safetensors + adapter_config.json")
+                    + (f"; a checkpoint of this run: {flag} {found[-1]}" if found else ""))
 
 
 def read_lora(file, flag):
@@ -2604,6 +2610,9 @@ def validate(args, world_size):
         raise UserError("--lora is the LoRA --eval_only evaluates; to start training from a LoRA use --init_lora")
     if args.init_lora and args.eval_only:
         raise UserError("--init_lora starts a training run; to evaluate a LoRA use --lora with --eval_only")
+    if args.eval_reward and any(w != 1 for _, w in rewards.parse_reward_spec(args.eval_reward)):
+        raise UserError(f"--eval_reward {args.eval_reward}: a weight does nothing there (each reward is logged on its "
+                        f"own); give the names: --eval_reward {','.join(rewards.reward_names(args.eval_reward))}")
     if not -2 ** 63 <= args.seed < 2 ** 64:
         raise UserError(f"--seed must fit in 64 bits, got {args.seed}")
     if not [t for t in args.lora_targets.split(",") if t.strip()]:

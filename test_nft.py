@@ -684,6 +684,14 @@ def test_two_epochs_write_metrics_grids_and_checkpoints(two_epochs):
     assert any(not torch.equal(s["default"][n], s["ema"][n]) for n in s["default"])  # the EMA lags theta
 
 
+def test_a_run_folder_given_as_a_lora_names_its_newest_checkpoint(capsys, two_epochs, tmp_path):
+    for given in (two_epochs, os.path.join(two_epochs, "checkpoints")):
+        msg = cli_error(capsys, "--eval_only", *EVAL_SMALL, "--lora", given, "--output_dir", tmp_path / "out")
+        assert msg.endswith("holds neither pytorch_lora_weights.safetensors (diffusers) nor adapter_model."
+                            "safetensors + adapter_config.json; a checkpoint of this run: --lora "
+                            + nft.checkpoints(two_epochs)[-1])
+
+
 def test_the_run_prints_the_base_evaluation_and_ends_with_its_folder(two_epochs):
     printed = open(os.path.join(os.path.dirname(two_epochs), "stdout.txt")).read()
     assert re.search(r"the base model's eval reward: 0\.\d{4}\n", printed)
@@ -2124,6 +2132,8 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
     (["--reward", "colr"], "did you mean 'color'"),
     (["--reward", "COLOR"], "did you mean 'color'"),
     (["--LR", "1e-4"], "did you mean '--learning_rate'"),
+    (["--eval_reward", "jpeg:2"], "--eval_reward jpeg:2: a weight does nothing there (each reward is logged on its "
+                                  "own); give the names: --eval_reward jpeg"),
     (["--fsdp"], "launch it with torchrun --nproc_per_node N, N > 1, or pass --no-fsdp (a --fsdp run's checkpoints"),
     (["--solver", "Euler"], "did you mean 'euler'"),
     (["--reward", "color:x"], "bad weight"),
