@@ -873,7 +873,7 @@ def setup(args):
         torch.cuda.set_device(device)
     elif hub:  # a --resume_from that found no run to take --model from leaves the default one here: say why
         latest = args.resume_from == "latest"
-        run = args.output_dir if latest else run_of(args.resume_from or os.devnull)
+        run = args.output_dir if latest else run_of(args.resume_from)
         unrun = args.resume_from and args.model == Args.model and not (
             run and os.path.isfile(os.path.join(run, "config.json")))
         where = (f"{args.output_dir} holds no run" if latest
@@ -1062,7 +1062,8 @@ def end_epoch(run, pol, epoch, log):
         log.update(compiled_graphs=graphs, compile_time_s=run.compile_s, compile_fallback=run.eager)
     keep = not args.profile and "grad_norm" in log  # a step this epoch (grad_norm comes with one): keep a copy
     state = training_state(pol) if keep else None  # on every rank: --fsdp gathers the shards
-    due = args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs)
+    last = epoch + 1 == args.num_epochs
+    due = args.eval_every and ((epoch + 1) % args.eval_every == 0 or last)
     if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
@@ -1070,7 +1071,7 @@ def end_epoch(run, pol, epoch, log):
         save = functools.partial(save_epoch, run, log, state)
         # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
         # resume then trains it again, so that the run ends with its evaluation
-        if not (due and epoch + 1 == args.num_epochs):
+        if not (due and last):
             _LAST[:] = [save]
     if due:
         evaluate_ema(run, pol, epoch + 1, log)
@@ -1085,13 +1086,13 @@ def end_epoch(run, pol, epoch, log):
         print_epoch(epoch, pol.step, log)
         if run.wandb:
             run.wandb.log(log, step=pol.step)
-        if not args.profile and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs):
+        if not args.profile and ((epoch + 1) % args.save_every == 0 or last):
             if _LAST:
                 _LAST[0]()
                 _LAST.clear()
             else:  # no step since the last checkpoint: no checkpoint of untrained weights
                 print0(f"epoch {epoch} took no optimizer step, so no checkpoint is written for it")
-    if stop and epoch + 1 < args.num_epochs:  # every rank is here: rank 0 saves the epoch, then all leave together
+    if stop and not last:  # every rank is here: rank 0 saves the epoch, then all leave together
         if _LAST:  # (a rank that leaves while another still saves can abort in the process group's teardown)
             _LAST.pop()()
         dist.barrier()
@@ -2002,9 +2003,8 @@ def claim_output_dir(args, rank, world):
                         "(it is copied there)")
     replace = (not args.resume_from or foreign or args.profile) and previous_run(args.output_dir)
     if replace and not args.overwrite:
-        held = ("a previous run; pass --resume_from latest to continue it," if checkpoints(args.output_dir) or
-                os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) else "an evaluation (eval.json); pass")
-        raise UserError(f"--output_dir {args.output_dir} holds {held} --overwrite to replace it, or another "
+        fix = "pass --resume_from latest to continue it, " if replace == "a previous run" else "pass "
+        raise UserError(f"--output_dir {args.output_dir} holds {replace}; {fix}--overwrite to replace it, or another "
                         "--output_dir")
     if resume and not foreign and args.resume_from != "latest":
         newer = [c for c in checkpoints(args.output_dir) if int(os.path.basename(c)[11:]) > resume[1]["epoch"]]
@@ -2019,9 +2019,11 @@ def claim_output_dir(args, rank, world):
 
 
 def previous_run(folder):
-    """Whether `folder` holds a run's metrics or checkpoints, or an --eval_only evaluation (eval.json)."""
-    return any(os.path.exists(os.path.join(folder, f)) for f in ("metrics.jsonl", "eval.json")) or bool(
-        checkpoints(folder))
+    """What `folder` holds that a new run would replace: "a previous run" (metrics or checkpoints), "an evaluation
+    (eval.json)" (--eval_only's), or "" (nothing)."""
+    if os.path.exists(os.path.join(folder, "metrics.jsonl")) or checkpoints(folder):
+        return "a previous run"
+    return "an evaluation (eval.json)" if os.path.exists(os.path.join(folder, "eval.json")) else ""
 
 
 def run_of(checkpoint):
