@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 809: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 812: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -41,8 +41,11 @@ Where this file deliberately differs from the official code (the README's table 
  9. Samples with a NaN/inf reward or rollout latent are dropped from the update with a warning.
 10. An epoch draws distinct prompts, grouped by index (official: each rollout batch draws afresh, so a prompt can
     fill two groups, which its stat tracker merges by text).
-11. Rewards: GenEval on transformers' Mask2Former, OCR on rapidocr's PP-OCRv4, HPSv2.1 and ImageReward on
-    transformers (rewards.py); scorers and the decode they score run in fp32 (--reward_precision bf16 for speed).
+11. GenEval on transformers' Mask2Former and CLIP (official: mmdetection's, open_clip's); scorers and the decode they
+    score run in fp32 (--reward_precision bf16 for speed).
+12. OCR on rapidocr's PP-OCRv4 with its Chinese-English dictionary (official: PaddleOCR's English one).
+13. HPSv2.1 and ImageReward on transformers' modules; ImageReward scores each (prompt, image) pair (official: an N x N
+    matrix's diagonal); --init_lora folds the file's alpha/r into lora_B (official: loads a peft folder as is).
 """
 import argparse
 import contextlib
@@ -2337,7 +2340,7 @@ def profile_report(run, logs):
                   compile_time_s=logs[-1].get("compile_time_s", 0), recompiles_after_first_epoch=graphs[1] - graphs[0],
                   rollout_mfu=rollout_tflops * 1e12 / peak, train_mfu=train_tflops * 1e12 / peak)
     if run.process_index == 0:
-        write_file(os.path.join(args.output_dir, "profile.json"), json.dumps(report, indent=1))
+        write_file(os.path.join(args.output_dir, "profile.json"), json.dumps(json_safe(report), indent=1))
     print0("profile (per rank, mean of epochs after the first):\n" + "\n".join(
         f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}" for k, v in report.items()))
     return report

@@ -1392,9 +1392,9 @@ HUB_FILES = {
 NEEDS_METADATA = {"geneval"}
 NO_MODEL = {"color", "jpeg", "unifiedreward"}  # rewards that load no weights (unifiedreward asks a server)
 # the parameters each reward keeps on the GPU, in fp32 (--reward_precision bf16 is autocast), for nft.memory_estimate:
-# the published architectures (GenEval: Mask2Former Swin-L and CLIP ViT-L/14; PickScore and HPSv2.1: CLIP ViT-H-14;
+# the published architectures (GenEval: Mask2Former Swin-S and CLIP ViT-L/14; PickScore and HPSv2.1: CLIP ViT-H-14;
 # ImageReward: BLIP ViT-L and its BERT; aesthetic: CLIP ViT-L/14 and its MLP); OCR runs on the CPU
-REWARD_PARAMS = {"geneval": 215.5e6 + 427.6e6, "pickscore": 986.1e6, "hpsv2": 986.1e6, "clipscore": 427.6e6,
+REWARD_PARAMS = {"geneval": 68.74e6 + 427.6e6, "pickscore": 986.1e6, "hpsv2": 986.1e6, "clipscore": 427.6e6,
                  "aesthetic": 428.5e6, "imagereward": 446.2e6}
 PROMPT_CHECKS = {"color": color_target, "ocr": ocr_target}  # raise RewardError for a prompt the reward cannot score
 
