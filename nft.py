@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 812: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 809: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -72,9 +72,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep the log to what this script says
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 INDUCTOR_CACHE_GIVEN = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # by the user: importing torch._dynamo sets it later
 import torch
 import torch.distributed as dist
@@ -214,10 +211,10 @@ def nft_loss(v_theta, v_old, x0, xt, sigma, r, beta):
 
     Since x0+- - x0 = sigma*(eps - x0 - v+-), this is a sigma-weighted velocity-matching loss that the
     adaptive weight w normalizes by its own error size, so every timestep contributes alike.
-    v_theta: (B, C, H, W) with grad; v_old: same, no grad; sigma, r: (B,); beta: float in (0, 1].
+    v_theta: (B, C, H, W) or (B, C, F, H, W) with grad; v_old: same, no grad; sigma, r: (B,) or floats; beta: (0, 1].
     """
-    v_old = v_old.detach()
-    s = sigma.reshape(-1, *[1] * (x0.ndim - 1)).to(v_theta.dtype)
+    v_old, r = v_old.detach(), torch.as_tensor(r, device=x0.device).reshape(-1).double()  # (B, 1) is (B,) too
+    s = torch.as_tensor(sigma, device=x0.device).reshape(-1, *[1] * (x0.ndim - 1)).to(v_theta.dtype)
     dims = tuple(range(1, x0.ndim))
     losses = []
     for v in (beta * v_theta + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_theta):
@@ -225,7 +222,7 @@ def nft_loss(v_theta, v_old, x0, xt, sigma, r, beta):
         with torch.no_grad():  # float64: the mean of tiny bf16-scale errors must not round to zero
             w = err.double().abs().mean(dims, keepdim=True).clamp(min=1e-5)
         losses.append((err.double() ** 2 / w).mean(dims))
-    return ((r.double() * losses[0] + (1 - r.double()) * losses[1]) / beta).float()
+    return ((r * losses[0] + (1 - r) * losses[1]) / beta).float()
 
 
 def cfg(v, v_neg, scale):
@@ -363,7 +360,7 @@ def shifted_sigmas(config, num_steps, image_seq_len):
              else mu / (mu + (1 / t - 1)))
     else:
         s = c["shift"] * t / (1 + (c["shift"] - 1) * t)
-    if c.get("shift_terminal"):
+    if c.get("shift_terminal") and s[-1] < 1:  # one step starts and stays at 1 (the scheduler: 0/0, NaN)
         s = 1 - (1 - s) / ((1 - s[-1]) / (1 - c["shift_terminal"]))
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
 
@@ -874,16 +871,18 @@ def setup(args):
     hub = not builtin(args.model) and not _is_local(args.model)  # a hub id, not a built-in model or a folder
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif hub:  # a --resume_from that found no run to take --model from leaves the default one here: say why
+    elif hub:  # --model is the default where no run was found (or asked for) to take it from: say why
         latest = args.resume_from == "latest"
-        run = args.output_dir if latest else run_of(args.resume_from)
-        unrun = args.resume_from and args.model == Args.model and not (
-            run and os.path.isfile(os.path.join(run, "config.json")))
+        run = args.output_dir if latest or not args.resume_from else run_of(args.resume_from)
+        held = bool(run) and os.path.isfile(os.path.join(run, "config.json"))
         where = (f"{args.output_dir} holds no run" if latest
                  else "not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)")
-        raise UserError(f"no CUDA GPU found for --model {args.model}" + (
-            f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"
-            if unrun else "") + "; on a CPU run the demo instead: python nft.py --model tiny --reward color")
+        why = (f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"
+               if args.resume_from and args.model == Args.model and not held else
+               f" (--output_dir {args.output_dir} holds a run: continue it with --resume_from latest)"
+               if held and not args.resume_from else "")
+        raise UserError(f"no CUDA GPU found for --model {args.model}{why}; on a CPU run the demo instead: python "
+                        "nft.py --model tiny --reward color")
     validate(args, world)
     check_memory(args, world, device)
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
@@ -895,13 +894,20 @@ def setup(args):
         what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link there
         raise UserError(f"--output_dir {args.output_dir}: {existing} is not {what} ({e.strerror}); give a folder you "
                         "can write to") from None
+    inside = os.path.realpath(args.output_dir)  # a run's checkpoints/ is that run's to replace and remove
+    while os.path.dirname(inside) != inside and not (os.path.basename(inside) == "checkpoints" and checkpoints(
+            os.path.dirname(inside))):
+        inside = os.path.dirname(inside)
+    if os.path.basename(inside) == "checkpoints":
+        raise UserError(f"--output_dir {args.output_dir} is in the checkpoints of the run in "
+                        f"{os.path.dirname(inside)}, which that run replaces and removes; give a folder outside it")
     # a missing package fails now, not after minutes of loading
     if args.wandb and not args.eval_only and rank == 0 and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
     train_records, eval_records = prompt_sets(args)
-    for spec, records, which in [(args.reward, train_records, "train"), (args.reward, eval_records, "eval"),
-                                 (args.eval_reward, eval_records, "eval")]:
-        if spec:  # the reward names, and the metadata and prompts each needs, before any model loads
+    for spec, records, which in [(args.reward, train_records, "train")] * (not args.eval_only) + [
+            (args.reward, eval_records, "eval"), (args.eval_reward, eval_records, "eval")] * evaluates(args):
+        if spec:  # the metadata and prompts each reward needs of each set used, before any model loads
             flag = "--prompts" if which == "train" else "--eval_prompts"
             rewards.check_metadata(spec, records, prompt_set(args)[which], flag)
     # one line before any load or write: offline, all missing downloads; online, a gated, missing or unreachable --model
@@ -915,9 +921,14 @@ def setup(args):
     return run
 
 
+def evaluates(args):
+    """Whether the run evaluates: --eval_only, or evaluations during training (--profile has none)."""
+    return bool(args.eval_only or args.eval_every and not args.profile)
+
+
 def used_eval_reward(args):
-    """--eval_reward where it is used (its models load only then): --eval_only, or evaluations during training."""
-    return args.eval_reward if args.eval_only or args.eval_every and not args.profile else ""
+    """--eval_reward where it is used (its models load only then)."""
+    return args.eval_reward if evaluates(args) else ""
 
 
 def prompt_sets(args):
@@ -935,7 +946,7 @@ def prompt_sets(args):
 
 def prompt_set(args):
     """What config.json records as the prompts used: the files, or which built-in set stood in."""
-    name = rewards.reward_names(args.reward)[0]
+    name = rewards.prompt_reward(args.reward)
     return {"train": args.prompts or f"built-in {name} train set (rewards.default_prompts)",
             "eval": args.eval_prompts or f"built-in {name} test set (rewards.default_prompts)"}
 
@@ -1941,6 +1952,13 @@ def read_state(path):
             bad = True
         if bad:
             raise UserError(f"--resume_from {path}: training_state.pt {problem}; resume from another checkpoint")
+    try:  # the EMA LoRA that load_lora_weights and --eval_only read: a checkpoint without it whole is no good one
+        from safetensors import safe_open
+        with safe_open(os.path.join(path, "pytorch_lora_weights.safetensors"), "pt"):
+            pass
+    except Exception as e:
+        raise UserError(f"--resume_from {path}: pytorch_lora_weights.safetensors is missing or truncated "
+                        f"({type(e).__name__}); resume from an earlier checkpoint") from None
     return state
 
 
@@ -2031,7 +2049,7 @@ def previous_run(folder):
 
 def run_of(checkpoint):
     """The run folder of a checkpoint (<run>/checkpoints/checkpoint-N), or None for one outside a run's folder."""
-    parent = os.path.dirname(os.path.abspath(checkpoint))
+    parent = os.path.dirname(os.path.realpath(checkpoint))  # a link to a checkpoint: the run it lies in
     return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
@@ -2202,6 +2220,8 @@ def eval_only(args):
     eval_images.jsonl (each image's seed and scores), compare.png (--lora: base vs LoRA) and curves.png (below)."""
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
     run = setup(args)
+    if run.process_index == 0 and os.path.isdir(args.output_dir):  # not into a folder a live run is writing
+        run_lock(args.output_dir)
     if os.path.exists(os.path.join(args.output_dir, "eval.json")) and not args.overwrite:
         raise UserError(f"--output_dir {args.output_dir} holds an evaluation (eval.json); pass --overwrite to replace "
                         "it, or another --output_dir")
@@ -2856,14 +2876,17 @@ def interrupted(args, signum):
             local = int(os.environ["LOCAL_WORLD_SIZE"])
             nodes = int(os.environ["WORLD_SIZE"]) // local
             launcher = "torchrun " + (f"--nnodes={nodes} " if nodes > 1 else "") + f"--nproc_per_node={local}"
-        said = (f"{where} {saved[0]}; continue with {launcher} "
-                + shlex.join([sys.argv[0], "--resume_from", "latest", "--output_dir", args.output_dir]))
+        said = f"{where} {saved[0]}; continue with {launcher} " + shlex.join(  # from any working folder
+            [sys.argv[0], "--resume_from", "latest", "--output_dir", os.path.abspath(args.output_dir)])
     print0(f"\n{signal.Signals(signum).name}: {said}", file=sys.stderr)
     return 128 + signum
 
 
 def main(argv=None):
     args = None
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # keep the log to what this script says (before
+        os.environ.setdefault(name, "error")  # they load: here, so that `import nft` changes nothing of a program's)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)

@@ -21,6 +21,7 @@ Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), o
 import base64
 import concurrent.futures
 import contextlib
+import copy
 import difflib
 import html
 import http.client
@@ -31,8 +32,10 @@ import os
 import pickle
 import re
 import socket
+import sysconfig
 import threading
 import time
+import traceback
 import urllib.parse
 
 import numpy as np
@@ -1304,13 +1307,20 @@ def prompt_files(preset, prompts="", eval_prompts="", eval_only=False):
     return prompts, eval_prompts, warning
 
 
+def prompt_reward(spec):
+    """The reward of a spec whose built-in prompt sets stand in for missing files: the first that needs prompts of its
+    own (GenEval metadata, a colour word, quoted text), so that every reward of a sum can score them; else the first."""
+    names = [name for name, _ in parse_reward_spec(spec)]  # an empty spec is one clear error here
+    return next((n for n in names if n in NEEDS_METADATA or n in PROMPT_CHECKS), names[0])
+
+
 def prompt_records(spec, prompts="", eval_prompts="", max_eval=0):
-    """(train, eval, repeats) prompt records: the files (load_prompts), else the first reward's built-in sets
+    """(train, eval, repeats) prompt records: the files (load_prompts), else prompt_reward's built-in sets
     (default_prompts). The `repeats` exact repeats leave the evaluation set, as the official test files list a prompt
     once per image while evaluation draws its own images of each; max_eval > 0 keeps that many, spread evenly over the
     set (a test set sorted by tag, as GenEval's, keeps every tag; its first prompts would all be single objects), each
     a copy with "_index", its position in the whole set (what evaluation seeds its images by)."""
-    name = parse_reward_spec(spec)[0][0]  # an empty spec is one clear error here
+    name = prompt_reward(spec)
     train = load_prompts(prompts) if prompts else default_prompts(name, "train")
     evals = load_prompts(eval_prompts, "--eval_prompts") if eval_prompts else default_prompts(name, "test")
     unique = list({json.dumps(r, sort_keys=True): r for r in evals}.values())
@@ -1411,7 +1421,8 @@ def parse_reward_spec(spec):
         if name not in REWARDS:
             close = difflib.get_close_matches(name.lower(), REWARDS, n=1)  # COLOR: color
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}")
+            mine = "" if close else "; a reward of your own is known to the script that registers it (rewards.REWARDS)"
+            raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}{mine}")
         try:
             weight = float(weight) if weight.strip() else 1.0
             if not math.isfinite(weight):  # every reward would be NaN/inf: the run could never train
@@ -1434,7 +1445,7 @@ def make_reward(spec, device, precision="fp32", timeout=600.0):
     each call within `timeout` seconds and checked against the contract (call_reward)."""
     reward_autocast(device, precision)  # a bad value fails before any model loads
     check_downloads(spec)
-    parts = [(name, weight, REWARDS[name](device)) for name, weight in parse_reward_spec(spec)]
+    parts = [(name, weight, made(name, device)) for name, weight in parse_reward_spec(spec)]
     hung = set()  # rewards that ran out of time: later calls (batches already queued) fail at once
 
     def fn(images, prompts, metadata):
@@ -1449,18 +1460,43 @@ def make_reward(spec, device, precision="fp32", timeout=600.0):
     return fn
 
 
+def made(name, device):
+    """REWARDS[name](device), the reward's function; a factory that raises or returns no function is one line."""
+    try:
+        fn = REWARDS[name](device)
+    except RewardError:
+        raise
+    except Exception as e:
+        raise RewardError(f"reward '{name}' failed to load: {raised(e)}") from None
+    if not callable(fn):
+        raise RewardError(f"reward '{name}': its factory returned {_described(fn)}, not a function fn(images, "
+                          "prompts, metadata)")
+    return fn
+
+
+def raised(e):
+    """An exception in one line with where it was raised: the innermost frame outside Python's and the installed
+    packages' files (the reward's own code), e.g. 'ValueError at my_reward.py:12 (fn): bad input'."""
+    libs = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")})
+    frames = traceback.extract_tb(e.__traceback__)
+    own = next((f for f in reversed(frames) if not f.filename.startswith(libs)), frames[-1] if frames else None)
+    where = f" at {os.path.basename(own.filename)}:{own.lineno} ({own.name})" if own else ""
+    return f"{type(e).__name__}{where}: {(str(e).strip() or '?').splitlines()[0][:300]}"
+
+
 def _described(x):
-    """A returned value in a few words: 'a list', 'a float64 tensor of shape (8, 1) on cpu'."""
-    if torch.is_tensor(x):
-        return f"a {str(x.dtype)[6:]} tensor of shape {tuple(x.shape)} on {x.device}"
-    return f"a {type(x).__name__}"
+    """A returned value in a few words: 'a list', 'an int64 tensor of shape (8, 1) on cpu'."""
+    what = (f"{str(x.dtype)[6:]} tensor of shape {tuple(x.shape)} on {x.device}" if torch.is_tensor(x)
+            else type(x).__name__)
+    return f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
 
 
 def contract_problem(out, n):
     """What in a reward's return value breaks the contract (None if nothing): (scores, components), scores an (N,)
     float CPU tensor, finite or NaN (an image it could not score), components a dict of (N,) CPU tensors."""
     if not isinstance(out, tuple) or len(out) != 2:
-        return f"{_described(out)}, not a (scores, components) tuple"
+        many = f" of {len(out)}" if isinstance(out, tuple) else ""
+        return f"{_described(out)}{many}, not a (scores, components) pair"
     scores, comps = out
     if not torch.is_tensor(scores) or scores.shape != (n,) or not scores.is_floating_point() or \
             scores.device.type != "cpu":
@@ -1490,14 +1526,16 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
     line naming it. The thread is a daemon: one that hangs for good cannot keep the process from exiting."""
     if name in hung:
         raise RewardError(f"reward '{name}' did not return within {timeout:g} s before")
-    future = concurrent.futures.Future()
+    future, (images, prompts, metadata) = concurrent.futures.Future(), inputs
 
     def run():
         try:
             if torch.device(device).type == "cuda":  # the current GPU is per thread: this rank's, not GPU 0
                 torch.cuda.set_device(device)
-            with reward_autocast(device, precision):  # thread-local: set in the thread that scores
-                out = reward(*inputs)
+            # grad mode and autocast are thread-local: set in the thread that scores. Each reward gets its own copy
+            # of the inputs: one that edits them changes neither the next reward of a sum, nor the run's prompts
+            with reward_autocast(device, precision), torch.no_grad():
+                out = reward(images.clone(), list(prompts), [copy.deepcopy(m) for m in metadata])
         except BaseException as e:
             out = e
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # abandoned: nobody waits for it
@@ -1509,22 +1547,21 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
     threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
     try:
         out = future.result(timeout)
-    except Exception as e:
+    except BaseException as e:  # the reward's own SystemExit or KeyboardInterrupt too: it is no stop of the run
         if not future.done():
             hung.add(name)
             raise RewardError(f"reward '{name}' did not return within {timeout:g} s; check it, or raise "
                               "--reward_timeout if it is only slow") from None
         if isinstance(e, RewardError):
             raise
-        said = (str(e).strip() or "?").splitlines()[0][:300]
-        raise RewardError(f"reward '{name}' raised {type(e).__name__}: {said}") from None
+        raise RewardError(f"reward '{name}' raised {raised(e)}") from None
     finally:
         _WAITED.discard(future)
     problem = contract_problem(out, len(inputs[1]))
     if problem:
         raise RewardError(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
                           "CPU tensor (NaN for an image it cannot score) and a dict of (N,) CPU tensors")
-    return out
+    return out[0].detach(), {k: v.detach() for k, v in out[1].items()}  # a score with a graph must not reach the loss
 
 
 def reward_names(spec):
@@ -1554,10 +1591,15 @@ def check_metadata(spec, metadata_list, source="the prompt set", flag="--prompts
     gives this set (--prompts, or --eval_prompts, whose built-in set is the training reward's)."""
     for name, _ in parse_reward_spec(spec):
         for record in metadata_list if name in PROMPT_CHECKS else ():
+            prompt = (record or {}).get("prompt", "")
             try:
-                PROMPT_CHECKS[name]((record or {}).get("prompt", ""))
+                if PROMPT_CHECKS[name](prompt) is False:  # a checker may return False instead of raising
+                    raise RewardError(f"the {name} reward cannot score the prompt {prompt!r}")
             except RewardError as e:
                 raise RewardError(f"{source}: {e}") from None
+            except Exception as e:
+                raise RewardError(f"{source}: the {name} reward's prompt check of {prompt!r} raised "
+                                  f"{raised(e)}") from None
     needs = [name for name, _ in parse_reward_spec(spec) if name in NEEDS_METADATA]
     for name in needs:  # only geneval today
         for record in metadata_list:

@@ -396,6 +396,17 @@ def _nft_loss_by_hand(v_theta, v_old, x0, xt, sigma, r, beta):
     return torch.tensor(out)
 
 
+def test_importing_nft_for_its_functions_changes_nothing_of_the_program():
+    """`import nft` in another trainer (to call nft_loss, the solvers, ...) sets no environment variable (main()
+    quiets transformers and diffusers for its own run), signal handler, warning filter or torch default."""
+    code = ("import os, signal, warnings, torch, tqdm\n"
+            "snap = lambda: (dict(os.environ), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), "
+            "list(warnings.filters), torch.get_default_dtype(), torch.is_grad_enabled())\n"
+            "before = snap()\nimport nft\nprint(before == snap())\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "True", p.stdout + p.stderr[-2000:]
+
+
 @pytest.mark.parametrize("shape", [(4, 4, 2, 2), (3, 16, 4, 4)])
 @pytest.mark.parametrize("beta", [1.0, 0.1, 0.5])
 def test_nft_loss_matches_hand_formula(shape, beta):
@@ -406,6 +417,11 @@ def test_nft_loss_matches_hand_formula(shape, beta):
     got = nft.nft_loss(v_theta, v_old, x0, xt, sigma, r, beta)
     assert got.shape == (shape[0],)
     assert torch.allclose(got, _nft_loss_by_hand(v_theta, v_old, x0, xt, sigma, r, beta), rtol=1e-5)
+    # as a snippet copied elsewhere: sigma and r as (B, 1) columns or floats mean the same, never a (B, B) broadcast
+    assert torch.equal(nft.nft_loss(v_theta, v_old, x0, xt, sigma[:, None], r[:, None], beta), got)
+    one = nft.nft_loss(v_theta, v_old, x0, xt, 0.5, 0.25, beta)
+    assert torch.equal(one, nft.nft_loss(v_theta, v_old, x0, xt, torch.full_like(sigma, 0.5), torch.full_like(r, 0.25),
+                                         beta))
 
 
 def test_equal_policies_make_both_implicit_policies_v_old():
@@ -1344,6 +1360,7 @@ def test_family_sigmas_equal_the_pipelines_schedule(name):
     assert (nft.schedule(pipe, 10, 512)[1:-2] > nft.schedule(pipe, 10, 256)[1:-2]).all()  # Qwen-Image: both end at 0.02
     if name == "qwenimage":
         assert abs(nft.schedule(pipe, 10, 512)[-2].item() - 0.02) < 1e-12
+    assert nft.schedule(pipe, 1, 512).tolist() == [1.0, 0.0]  # one step: no stretch to 0.02 (the scheduler's is NaN)
 
 
 def test_qwenimage_mask_is_dropped_when_every_token_is_real():
@@ -1672,13 +1689,15 @@ def test_resuming_a_finished_run_says_so_and_touches_nothing(capsys, monkeypatch
                     bad_steps=0,
                     config={k: getattr(args, k) for k in nft.RESUME_KEYS}, draws=nft.run_draws(args, 1)),
                ckpt / "training_state.pt")  # the structure read_state checks; no model is built
+    _ckpt_lora(ckpt)
     (out / "metrics.jsonl").write_text('{"epoch": 149}\n')
     no_models(monkeypatch)
     nft.main([str(a) for a in (*SMALL, "--num_epochs", 150, "--output_dir", out, "--resume_from", "latest")])
     said = capsys.readouterr().out
     assert "is complete" in said and "holds epoch 150" in said and "pass a larger --num_epochs" in said
     assert sorted(p.name for p in out.rglob("*")) == [".lock", "checkpoint-00150", "checkpoints", "metrics.jsonl",
-                                                      "training_state.pt"]  # .lock: the run lock, held while it looked
+                                                      "pytorch_lora_weights.safetensors", "training_state.pt"]  # .lock:
+    # the run lock, held while it looked
 
 
 @pytest.fixture(scope="module")
@@ -1697,8 +1716,9 @@ def _file_bytes(folder):
 def test_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(capsys, one_epoch_run, tmp_path):
     before = _file_bytes(one_epoch_run)
     src_ckpt = nft.checkpoints(one_epoch_run)[-1]
-    new = tmp_path / "branch"
-    printed = run_here(*SMALL_NO_EVAL, "--num_epochs", 2, "--output_dir", new, "--resume_from", src_ckpt)
+    new, link = tmp_path / "branch", tmp_path / "link"
+    link.symlink_to(src_ckpt)  # given through a link: still that run's checkpoint, whose metrics come along
+    printed = run_here(*SMALL_NO_EVAL, "--num_epochs", 2, "--output_dir", new, "--resume_from", link)
     assert "another run's checkpoint, copied into" in printed
     assert _file_bytes(one_epoch_run) == before  # the source run: not one byte changed
     assert [os.path.basename(c) for c in nft.checkpoints(new)] == ["checkpoint-00001", "checkpoint-00002"]
@@ -1904,12 +1924,13 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(nft, "train", interrupted)
+    monkeypatch.chdir(tmp_path.parent)  # a relative --output_dir: the command names it whole, to run from anywhere
     with pytest.raises(SystemExit) as e:
-        nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
+        nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", tmp_path.name])
     err = capsys.readouterr().err
     assert e.value.code == 130 and "Traceback" not in err
-    assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path}/checkpoints/checkpoint-00004; continue "
-                           f"with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
+    assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path.name}/checkpoints/checkpoint-00004; "
+                           f"continue with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
 
     def save_fails():
         raise nft.UserError("could not write checkpoint-00005: no space left on device")
@@ -2003,6 +2024,11 @@ def test_fsdp_resume_is_bit_exact_also_after_sigkill(fsdp_runs):
 
 
 # ---- which checkpoint is read, and how one is written ----
+def _ckpt_lora(folder):
+    """A hand-made checkpoint's pytorch_lora_weights.safetensors: read_state checks that it is whole."""
+    _lora_file(os.path.join(folder, "pytorch_lora_weights.safetensors"), {"x.lora_A.weight": torch.ones(2, 2)})
+
+
 def _hand_made_state(args, **over):
     """A hand-made training state with the structure train() saves (one 2x2 LoRA weight)."""
     w = {"x.lora_A.default.weight": torch.ones(2, 2)}
@@ -2023,6 +2049,8 @@ def test_checkpoints_sort_by_number_and_latest_skips_unreadable_ones(capsys, tmp
     ckpts = nft.checkpoints(root)
     torch.save(_hand_made_state(args), os.path.join(ckpts[0], "training_state.pt"))
     torch.save(_hand_made_state(args, epoch=20), os.path.join(ckpts[1], "training_state.pt"))
+    for ckpt in ckpts:
+        _ckpt_lora(ckpt)
     torch.save({"default": "not a state"}, os.path.join(ckpts[2], "training_state.pt"))  # wrong structure
     open(os.path.join(ckpts[3], "training_state.pt"), "wb").write(b"PK\x03\x04 truncated")  # corrupt newest
     path, state = nft.load_checkpoint(args, 1)  # falls back past both, with a warning each
@@ -2061,6 +2089,7 @@ def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(
     for epoch, st in {1: good, 2: rank4, **broken}.items():
         os.makedirs(root / "checkpoints" / f"checkpoint-{epoch:05d}")
         torch.save(st, root / "checkpoints" / f"checkpoint-{epoch:05d}" / "training_state.pt")
+        _ckpt_lora(root / "checkpoints" / f"checkpoint-{epoch:05d}")
     path, st = nft.load_checkpoint(args, 1)
     assert path.endswith("checkpoint-00002")
     said = capsys.readouterr().out
@@ -2242,6 +2271,10 @@ def test_no_cuda_points_to_the_cpu_demo_and_a_mistyped_model_or_folder_is_named(
         msg = cli_error(capsys, "--resume_from", bad, "--output_dir", tmp_path / "o")
         assert f"--resume_from {bad}: not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)" in msg
     assert not (tmp_path / "o").exists() and not (tmp_path / "typo").exists()
+    (tmp_path / "run").mkdir()  # a tiny run's folder, given without --resume_from: its --model is not taken
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "tiny"}))
+    assert f"(--output_dir {tmp_path / 'run'} holds a run: continue it with --resume_from latest)" in cli_error(
+        capsys, "--output_dir", tmp_path / "run")
 
 
 def test_wandb_missing_fails_before_any_model_loads_or_file_is_written(capsys, monkeypatch, tmp_path):
@@ -2426,6 +2459,12 @@ def test_mismatched_or_broken_checkpoints_are_one_line(capsys, two_epochs, tmp_p
     args = nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt), "--seed", "7"])
     assert nft.load_checkpoint(args, world_size=2)[0] == str(ckpt)  # allowed, but no longer a replay:
     assert "resuming with seed 42 -> 7, world_size 1 -> 2: training continues" in capsys.readouterr().out
+    lora = ckpt / "pytorch_lora_weights.safetensors"  # what --eval_only and load_lora_weights read
+    whole = lora.read_bytes()
+    lora.write_bytes(whole[:len(whole) // 2])
+    assert "pytorch_lora_weights.safetensors is missing or truncated (SafetensorError)" in cli_error(
+        capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
+    lora.write_bytes(whole)
     data = (ckpt / "training_state.pt").read_bytes()
     (ckpt / "training_state.pt").write_bytes(data[:len(data) // 2])  # truncated
     assert "truncated or corrupted" in cli_error(capsys, *SMALL, "--output_dir", out, "--resume_from", ckpt)
@@ -2559,6 +2598,8 @@ def test_run_lock_refuses_a_live_run_and_ignores_a_killed_one(capsys, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         msg = cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, "--resume_from", "latest")
         assert "is in use by another running run (pid 4242)" in msg
+        msg = cli_error(capsys, *SMALL, "--eval_only", "--output_dir", out)  # nor an evaluation into it
+        assert "is in use by another running run (pid 4242)" in msg and os.listdir(out) == [".lock"]
     finally:
         holder.kill()  # SIGKILL: the OS drops the lock with the process
         holder.wait()
@@ -2666,6 +2707,11 @@ def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monke
     (out / "checkpoints").symlink_to("/dev/zero")  # no checkpoint could land: refused before an epoch is trained
     assert "checkpoints is not a folder (a file, or a link to /dev/zero)" in cli_error(
         capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
+    (tmp_path / "run" / "checkpoints" / "checkpoint-00003").mkdir(parents=True)  # a run's, which it rotates away
+    for inside in ("checkpoints", "checkpoints/checkpoint-00003", "checkpoints/checkpoint-00003/eval"):
+        assert cli_error(capsys, *SMALL, "--output_dir", tmp_path / "run" / inside).endswith(
+            f"is in the checkpoints of the run in {tmp_path / 'run'}, which that run replaces and removes; give a "
+            "folder outside it")
 
 
 def test_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypatch, tmp_path):
@@ -2686,13 +2732,15 @@ _BAD_REWARDS = {  # what a custom reward returns for 2 images -> what the one li
     "shape (N, 1)": (lambda: (torch.zeros(2, 1), {}), "scores as a float32 tensor of shape (2, 1) on cpu for 2 images"),
     "a list": (lambda: ([0.0, 1.0], {}), "scores as a list for 2 images"),
     "a 0-d tensor": (lambda: (torch.tensor(0.5), {}), "scores as a float32 tensor of shape () on cpu"),
-    "integers": (lambda: (torch.ones(2, dtype=torch.long), {}), "scores as a int64 tensor of shape (2,)"),
+    "integers": (lambda: (torch.ones(2, dtype=torch.long), {}), "scores as an int64 tensor of shape (2,)"),
     "no tuple": (lambda: torch.zeros(2), "returned a float32 tensor of shape (2,) on cpu, not a (scores, components)"),
+    "a 3-tuple": (lambda: (torch.zeros(2), {}, 0), "returned a tuple of 3, not a (scores, components) pair"),
     "a non-tensor component": (lambda: (torch.zeros(2), {"x": 1.0}), "component 'x' as a float for 2 images"),
     "a component of another shape": (lambda: (torch.zeros(2), {"x": torch.zeros(3)}),
                                      "component 'x' as a float32 tensor of shape (3,)"),
     "inf": (lambda: (torch.tensor([1.0, float("inf")]), {}), "1 infinite score(s)"),
-    "an exception": (lambda: 1 / 0, "raised ZeroDivisionError: division by zero"),
+    "an exception": (lambda: 1 / 0, "raised ZeroDivisionError at test_nft.py:"),  # + its line: (<lambda>): division
+    "a SystemExit": (lambda: sys.exit(3), "raised SystemExit at test_nft.py:"),  # the reward's, not a stop of the run
 }
 
 
@@ -2712,6 +2760,75 @@ def _color_prompts(tmp_path):
     prompts = tmp_path / "colors.txt"
     prompts.write_text("a red image\na blue image\n")
     return prompts
+
+
+def test_each_reward_scores_its_own_copy_without_grad_and_a_broken_one_is_named_where(monkeypatch):
+    """Each reward of a sum gets its own copy of the images, prompts and metadata (one per image), under no_grad:
+    one that edits them changes neither the next reward's inputs nor the caller's (the run's prompt records, its
+    evaluation grid), and a score that requires grad reaches the loss without a graph. A reward that raises, a
+    factory that raises or returns no function: one line naming the file, line and function where it was raised."""
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    def vandal(images, prompts, metadata):
+        score = images.mean((1, 2, 3)) * weight  # no graph: no_grad
+        images.mul_(0)
+        prompts[0] = metadata[0]["prompt"] = "edited"
+        metadata[1]["note"] = 1  # images 0 and 1 share one record: image 0's stays without it
+        return score.requires_grad_(), {}
+    seen = []
+    monkeypatch.setitem(rewards.REWARDS, "vandal", lambda device: vandal)
+    monkeypatch.setitem(rewards.REWARDS, "witness", lambda device: lambda images, prompts, metadata: (
+        seen.append((images.clone(), list(prompts), copy.deepcopy(metadata))) or images.mean((1, 2, 3)), {}))
+    record = {"prompt": "a"}
+    images, prompts, records = torch.rand(2, 3, 8, 8), ["a", "a"], [record, record]
+    before = (images.clone(), list(prompts), copy.deepcopy(records))
+    total, comps = rewards.make_reward("vandal:1,witness:1", "cpu")(images, prompts, records)
+    assert not total.requires_grad and not comps["vandal"].requires_grad
+    assert torch.equal(images, before[0]) and prompts == before[1] and records == before[2]
+    assert torch.equal(seen[0][0], images) and seen[0][1:] == (prompts, records)
+
+    def fails(images, prompts, metadata):
+        raise ValueError("my reward blew up\nsecond line")
+    line = inspect.getsourcelines(fails)[1] + 1
+    for factory, said in [(lambda device: fails, f"reward 'mine' raised ValueError at test_nft.py:{line} (fails): my "
+                                                 "reward blew up"),
+                          (lambda device: fails(0, 0, 0), f"reward 'mine' failed to load: ValueError at "
+                                                          f"test_nft.py:{line} (fails): my reward blew up"),
+                          (lambda device: None, "reward 'mine': its factory returned a NoneType, not a function")]:
+        monkeypatch.setitem(rewards.REWARDS, "mine", factory)
+        with pytest.raises(rewards.RewardError) as e:
+            rewards.make_reward("mine", "cpu")(images, prompts, records)
+        assert str(e.value).startswith(said) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_sum_trains_on_prompts_every_reward_scores_and_only_sets_in_use_are_checked(monkeypatch, tmp_path):
+    """Without --prompts a sum such as the README's mine:1,color:0.5 takes the built-in prompts of its first reward
+    that needs prompts of its own (color's colour words; generic ones would fail color's check); a prompt set the
+    run does not use is not checked (the test set with --eval_every 0, the train set with --eval_only), one in use
+    is. A prompt check that returns False or raises (rather than raising RewardError) is one line too."""
+    monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: None)
+    assert rewards.prompt_reward("mine:1,color:0.5") == "color" and rewards.prompt_reward("mine,pickscore") == "mine"
+    generic = tmp_path / "generic.txt"
+    generic.write_text("a cat\n")
+
+    def setup(*flags):
+        try:
+            return nft.setup(nft.parse_args([*map(str, SMALL), *map(str, flags), "--output_dir", str(tmp_path)]))
+        finally:
+            while nft._HELD:
+                nft._HELD.pop()()
+    assert setup("--reward", "mine:1,color:0.5").train_records == rewards.default_prompts("color", "train")
+    setup("--reward", "color", "--prompts", _color_prompts(tmp_path), "--eval_prompts", generic, "--eval_every", 0)
+    setup("--reward", "color", "--prompts", generic, "--eval_only")
+    for flags in (["--prompts", generic], ["--prompts", _color_prompts(tmp_path), "--eval_prompts", generic]):
+        with pytest.raises(rewards.RewardError, match=f"{generic}: the color reward needs a color word"):
+            setup("--reward", "color", *flags)
+    for check, said in [(lambda prompt: "cat" not in prompt, "the mine reward cannot score the prompt 'a cat'"),
+                        (lambda prompt: int(prompt), "the mine reward's prompt check of 'a cat' raised ValueError at "
+                                                     "test_nft.py:")]:
+        monkeypatch.setitem(rewards.PROMPT_CHECKS, "mine", check)
+        with pytest.raises(rewards.RewardError, match=re.escape(f"{generic}: {said}")):
+            rewards.check_metadata("mine", [{"prompt": "a cat"}], str(generic))
 
 
 def test_hanging_reward_is_a_clean_stop_within_reward_timeout(capsys, monkeypatch, tmp_path):
@@ -4022,8 +4139,9 @@ def test_parse_reward_spec():
     assert rewards.parse_reward_spec("pickscore:1, hpsv2:0.5") == [("pickscore", 1.0), ("hpsv2", 0.5)]
     with pytest.raises(rewards.RewardError, match="did you mean 'pickscore'"):
         rewards.parse_reward_spec("pickscor")
-    with pytest.raises(rewards.RewardError, match="geneval, ocr"):
-        rewards.parse_reward_spec("nonsense")
+    with pytest.raises(rewards.RewardError, match="geneval, ocr.*; a reward of your own is known to the script that "
+                       r"registers it \(rewards.REWARDS\)"):  # a custom run continued with plain nft.py
+        rewards.parse_reward_spec("saturation")
     with pytest.raises(rewards.RewardError, match="bad weight"):
         rewards.parse_reward_spec("pickscore:abc")
     for weight in ("nan", "inf", "-inf", "1e400"):  # every reward would be NaN/inf: refused before any model loads
