@@ -515,7 +515,7 @@ def score(run, batch, futures, epoch, log):
     batch.r = adv_to_r(adv[lo:hi], args.adv_clip).to(device)
     spread = float(all_R[ok].std(unbiased=False)) if batch.trainable else float("nan")  # none finite: null, no warning
     log.update(reward_mean=float(all_R[ok].mean()), reward_std=spread,
-               **{f"reward_{k}": float(v[ok].mean()) for k, v in comps.items()},
+               **{f"reward_{k}": float(v[ok].nanmean()) for k, v in comps.items()},  # a NaN: unscored, left out
                r_mean=float(adv_to_r(adv, args.adv_clip).mean()), dropped=int((~ok).sum()))  # every rank's
 
 
@@ -874,13 +874,15 @@ def setup(args):
     elif hub:  # --model is the default where no run was found (or asked for) to take it from: say why
         latest = args.resume_from == "latest"
         run = args.output_dir if latest or not args.resume_from else run_of(args.resume_from)
-        held = bool(run) and os.path.isfile(os.path.join(run, "config.json"))
+        held, its_model = bool(run) and os.path.isfile(os.path.join(run, "config.json")), args.model
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # TypeError: no run (None)
+            its_model = json.load(open(os.path.join(run, "config.json"))).get("model")
         where = (f"{args.output_dir} holds no run" if latest
                  else "not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)")
         why = (f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"
                if args.resume_from and args.model == Args.model and not held else
-               f" (--output_dir {args.output_dir} holds a run: continue it with --resume_from latest)"
-               if held and not args.resume_from else "")
+               f" (--output_dir {args.output_dir} holds a run of --model {its_model}: continue it with --resume_from "
+               "latest)" if held and not args.resume_from and its_model != args.model else "")
         raise UserError(f"no CUDA GPU found for --model {args.model}{why}; on a CPU run the demo instead: python "
                         "nft.py --model tiny --reward color")
     validate(args, world)
@@ -894,13 +896,13 @@ def setup(args):
         what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link there
         raise UserError(f"--output_dir {args.output_dir}: {existing} is not {what} ({e.strerror}); give a folder you "
                         "can write to") from None
-    inside = os.path.realpath(args.output_dir)  # a run's checkpoints/ is that run's to replace and remove
-    while os.path.dirname(inside) != inside and not (os.path.basename(inside) == "checkpoints" and checkpoints(
-            os.path.dirname(inside))):
-        inside = os.path.dirname(inside)
-    if os.path.basename(inside) == "checkpoints":
-        raise UserError(f"--output_dir {args.output_dir} is in the checkpoints of the run in "
-                        f"{os.path.dirname(inside)}, which that run replaces and removes; give a folder outside it")
+    for inside in (os.path.abspath(args.output_dir), os.path.realpath(args.output_dir)):  # through links too: a run's
+        while os.path.dirname(inside) != inside and not (  # checkpoints/ is that run's to replace and remove
+                os.path.basename(inside) == "checkpoints" and checkpoints(os.path.dirname(inside))):
+            inside = os.path.dirname(inside)
+        if os.path.basename(inside) == "checkpoints":
+            raise UserError(f"--output_dir {args.output_dir} is in the checkpoints of the run in "
+                            f"{os.path.dirname(inside)}, which that run replaces and removes; give a folder outside it")
     # a missing package fails now, not after minutes of loading
     if args.wandb and not args.eval_only and rank == 0 and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb needs the wandb package: pip install wandb (then `wandb login`), or drop --wandb")
@@ -2049,8 +2051,10 @@ def previous_run(folder):
 
 def run_of(checkpoint):
     """The run folder of a checkpoint (<run>/checkpoints/checkpoint-N), or None for one outside a run's folder."""
-    parent = os.path.dirname(os.path.realpath(checkpoint))  # a link to a checkpoint: the run it lies in
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+    for path in (os.path.abspath(checkpoint), os.path.realpath(checkpoint)):  # a run's linked checkpoints/, or a link
+        if os.path.basename(os.path.dirname(path)) == "checkpoints":  # to a checkpoint: the run it lies in
+            return os.path.dirname(os.path.dirname(path))
+    return None
 
 
 def restore(pol, path, state, args):
@@ -2226,7 +2230,7 @@ def eval_only(args):
         raise UserError(f"--output_dir {args.output_dir} holds an evaluation (eval.json); pass --overwrite to replace "
                         "it, or another --output_dir")
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
-        args.eval_images_per_prompt = rewards.EVAL_IMAGES.get(rewards.reward_names(args.reward)[0], 1)
+        args.eval_images_per_prompt = rewards.EVAL_IMAGES.get(rewards.prompt_reward(args.reward), 1)
     load_model(run)
     if lora:
         load_lora(run.pipe, lora)
@@ -2877,15 +2881,17 @@ def interrupted(args, signum):
             nodes = int(os.environ["WORLD_SIZE"]) // local
             launcher = "torchrun " + (f"--nnodes={nodes} " if nodes > 1 else "") + f"--nproc_per_node={local}"
         said = f"{where} {saved[0]}; continue with {launcher} " + shlex.join(  # from any working folder
-            [sys.argv[0], "--resume_from", "latest", "--output_dir", os.path.abspath(args.output_dir)])
+            [os.path.abspath(sys.argv[0]), "--resume_from", "latest", "--output_dir", os.path.abspath(args.output_dir)])
     print0(f"\n{signal.Signals(signum).name}: {said}", file=sys.stderr)
     return 128 + signum
 
 
 def main(argv=None):
     args = None
-    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # keep the log to what this script says (before
-        os.environ.setdefault(name, "error")  # they load: here, so that `import nft` changes nothing of a program's)
+    for name in ("transformers", "diffusers"):  # the log is what this script says (set here, not by `import nft`)
+        if f"{name.upper()}_VERBOSITY" not in os.environ and name in sys.modules:  # imported already: it read the
+            sys.modules[name].utils.logging.set_verbosity_error()  # variable then, so it is told directly
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import re
+import site
 import socket
 import sysconfig
 import threading
@@ -1421,7 +1422,7 @@ def parse_reward_spec(spec):
         if name not in REWARDS:
             close = difflib.get_close_matches(name.lower(), REWARDS, n=1)  # COLOR: color
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            mine = "" if close else "; a reward of your own is known to the script that registers it (rewards.REWARDS)"
+            mine = "" if close else "; a reward of your own: run the script that registers it (python my_reward.py ...)"
             raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}{mine}")
         try:
             weight = float(weight) if weight.strip() else 1.0
@@ -1477,7 +1478,8 @@ def made(name, device):
 def raised(e):
     """An exception in one line with where it was raised: the innermost frame outside Python's and the installed
     packages' files (the reward's own code), e.g. 'ValueError at my_reward.py:12 (fn): bad input'."""
-    libs = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")})
+    libs = ("<frozen", *{sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")}, *site.getsitepackages(),
+            site.getusersitepackages())
     frames = traceback.extract_tb(e.__traceback__)
     own = next((f for f in reversed(frames) if not f.filename.startswith(libs)), frames[-1] if frames else None)
     where = f" at {os.path.basename(own.filename)}:{own.lineno} ({own.name})" if own else ""
@@ -1485,10 +1487,12 @@ def raised(e):
 
 
 def _described(x):
-    """A returned value in a few words: 'a list', 'an int64 tensor of shape (8, 1) on cpu'."""
+    """A returned value in a few words: 'a list', 'an int64 tensor of shape (8, 1) on cpu', 'None'."""
+    if x is None:
+        return "None"
     what = (f"{str(x.dtype)[6:]} tensor of shape {tuple(x.shape)} on {x.device}" if torch.is_tensor(x)
             else type(x).__name__)
-    return f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
+    return f"{'an' if what[0] in 'aeio' else 'a'} {what}"  # a uint8
 
 
 def contract_problem(out, n):
@@ -1526,16 +1530,17 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
     line naming it. The thread is a daemon: one that hangs for good cannot keep the process from exiting."""
     if name in hung:
         raise RewardError(f"reward '{name}' did not return within {timeout:g} s before")
-    future, (images, prompts, metadata) = concurrent.futures.Future(), inputs
+    images, prompts, metadata = inputs  # each reward gets its own copies: one that edits them changes neither the
+    copies = (images.clone(), list(prompts),  # next reward of a sum, nor the run's prompts or evaluation grid
+              None if metadata is None else [copy.deepcopy(m) for m in metadata])
+    future = concurrent.futures.Future()
 
     def run():
         try:
             if torch.device(device).type == "cuda":  # the current GPU is per thread: this rank's, not GPU 0
                 torch.cuda.set_device(device)
-            # grad mode and autocast are thread-local: set in the thread that scores. Each reward gets its own copy
-            # of the inputs: one that edits them changes neither the next reward of a sum, nor the run's prompts
-            with reward_autocast(device, precision), torch.no_grad():
-                out = reward(images.clone(), list(prompts), [copy.deepcopy(m) for m in metadata])
+            with reward_autocast(device, precision), torch.no_grad():  # thread-local: set in the thread that scores
+                out = reward(*copies)
         except BaseException as e:
             out = e
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # abandoned: nobody waits for it
@@ -1547,13 +1552,14 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
     threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
     try:
         out = future.result(timeout)
-    except BaseException as e:  # the reward's own SystemExit or KeyboardInterrupt too: it is no stop of the run
-        if not future.done():
+    except BaseException as e:
+        own = future.done() and future.exception() is e  # the reward's (its SystemExit too: no stop of the run)
+        if isinstance(e, RewardError) or not own and not isinstance(e, concurrent.futures.TimeoutError):
+            raise  # an abandoned wait (abandon); a Ctrl-C of the waiting thread
+        if not own:
             hung.add(name)
             raise RewardError(f"reward '{name}' did not return within {timeout:g} s; check it, or raise "
                               "--reward_timeout if it is only slow") from None
-        if isinstance(e, RewardError):
-            raise
         raise RewardError(f"reward '{name}' raised {raised(e)}") from None
     finally:
         _WAITED.discard(future)

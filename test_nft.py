@@ -397,14 +397,17 @@ def _nft_loss_by_hand(v_theta, v_old, x0, xt, sigma, r, beta):
 
 
 def test_importing_nft_for_its_functions_changes_nothing_of_the_program():
-    """`import nft` in another trainer (to call nft_loss, the solvers, ...) sets no environment variable (main()
-    quiets transformers and diffusers for its own run), signal handler, warning filter or torch default."""
+    """`import nft` in another trainer (to call nft_loss, the solvers, ...) sets no environment variable, signal
+    handler, warning filter or torch default; main() quiets transformers and diffusers for its run, also where a
+    script (my_reward.py) imported them first."""
     code = ("import os, signal, warnings, torch, tqdm\n"
             "snap = lambda: (dict(os.environ), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), "
             "list(warnings.filters), torch.get_default_dtype(), torch.is_grad_enabled())\n"
-            "before = snap()\nimport nft\nprint(before == snap())\n")
+            "before = snap()\nimport nft\nprint(before == snap())\n"
+            "import transformers, diffusers\ntry:\n    nft.main(['--reward', 'colr'])\nexcept SystemExit:\n    pass\n"
+            "print(transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity())\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert p.stdout.strip() == "True", p.stdout + p.stderr[-2000:]
+    assert p.stdout.split() == ["True", "40", "40"], p.stdout + p.stderr[-2000:]  # 40: logging.ERROR
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 2, 2), (3, 16, 4, 4)])
@@ -2273,8 +2276,8 @@ def test_no_cuda_points_to_the_cpu_demo_and_a_mistyped_model_or_folder_is_named(
     assert not (tmp_path / "o").exists() and not (tmp_path / "typo").exists()
     (tmp_path / "run").mkdir()  # a tiny run's folder, given without --resume_from: its --model is not taken
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "tiny"}))
-    assert f"(--output_dir {tmp_path / 'run'} holds a run: continue it with --resume_from latest)" in cli_error(
-        capsys, "--output_dir", tmp_path / "run")
+    assert f"(--output_dir {tmp_path / 'run'} holds a run of --model tiny: continue it with --resume_from latest)" in \
+        cli_error(capsys, "--output_dir", tmp_path / "run")
 
 
 def test_wandb_missing_fails_before_any_model_loads_or_file_is_written(capsys, monkeypatch, tmp_path):
@@ -2708,9 +2711,14 @@ def test_unusable_output_folder_is_one_line_before_any_model_loads(capsys, monke
     assert "checkpoints is not a folder (a file, or a link to /dev/zero)" in cli_error(
         capsys, *SMALL, "--output_dir", out, "--resume_from", "latest")
     (tmp_path / "run" / "checkpoints" / "checkpoint-00003").mkdir(parents=True)  # a run's, which it rotates away
-    for inside in ("checkpoints", "checkpoints/checkpoint-00003", "checkpoints/checkpoint-00003/eval"):
-        assert cli_error(capsys, *SMALL, "--output_dir", tmp_path / "run" / inside).endswith(
-            f"is in the checkpoints of the run in {tmp_path / 'run'}, which that run replaces and removes; give a "
+    (tmp_path / "big" / "checkpoint-00001").mkdir(parents=True)  # another run's checkpoints/, a link to another disk
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "checkpoints").symlink_to(tmp_path / "big")
+    assert nft.run_of(tmp_path / "linked" / "checkpoints" / "checkpoint-00001") == str(tmp_path / "linked")
+    for run, inside in [("run", "checkpoints"), ("run", "checkpoints/checkpoint-00003"),
+                        ("run", "checkpoints/checkpoint-00003/eval"), ("linked", "checkpoints/checkpoint-00001/eval")]:
+        assert cli_error(capsys, *SMALL, "--output_dir", tmp_path / run / inside).endswith(
+            f"is in the checkpoints of the run in {tmp_path / run}, which that run replaces and removes; give a "
             "folder outside it")
 
 
@@ -2770,6 +2778,7 @@ def test_each_reward_scores_its_own_copy_without_grad_and_a_broken_one_is_named_
     weight = torch.nn.Parameter(torch.ones(()))
 
     def vandal(images, prompts, metadata):
+        assert not torch.is_grad_enabled() and metadata[0] is not metadata[1]  # a copy per image
         score = images.mean((1, 2, 3)) * weight  # no graph: no_grad
         images.mul_(0)
         prompts[0] = metadata[0]["prompt"] = "edited"
@@ -2786,6 +2795,7 @@ def test_each_reward_scores_its_own_copy_without_grad_and_a_broken_one_is_named_
     assert not total.requires_grad and not comps["vandal"].requires_grad
     assert torch.equal(images, before[0]) and prompts == before[1] and records == before[2]
     assert torch.equal(seen[0][0], images) and seen[0][1:] == (prompts, records)
+    assert rewards.make_reward("color", "cpu")(images, ["a red image"] * 2, None)[0].shape == (2,)  # no metadata
 
     def fails(images, prompts, metadata):
         raise ValueError("my reward blew up\nsecond line")
@@ -2794,11 +2804,27 @@ def test_each_reward_scores_its_own_copy_without_grad_and_a_broken_one_is_named_
                                                  "reward blew up"),
                           (lambda device: fails(0, 0, 0), f"reward 'mine' failed to load: ValueError at "
                                                           f"test_nft.py:{line} (fails): my reward blew up"),
-                          (lambda device: None, "reward 'mine': its factory returned a NoneType, not a function")]:
+                          (lambda device: lambda *inputs: os.environ["NFT_UNSET"], "reward 'mine' raised KeyError at "
+                                                                                    "test_nft.py:"),  # not <frozen os>
+                          (lambda device: None, "reward 'mine': its factory returned None, not a function")]:
         monkeypatch.setitem(rewards.REWARDS, "mine", factory)
         with pytest.raises(rewards.RewardError) as e:
             rewards.make_reward("mine", "cpu")(images, prompts, records)
         assert str(e.value).startswith(said) and "\n" not in str(e.value), str(e.value)
+
+
+def test_ctrl_c_while_a_reward_scores_is_a_stop_not_a_hung_reward(monkeypatch):
+    """Ctrl-C while the caller waits for a reward (in a notebook, or nft's evaluation) is a KeyboardInterrupt, not a
+    reward that ran out of --reward_timeout: the next call scores."""
+    monkeypatch.setitem(rewards.REWARDS, "slow", lambda device: lambda images, prompts, metadata: (
+        time.sleep(1), (torch.zeros(len(prompts)), {}))[1])
+    fn = rewards.make_reward("slow", "cpu", timeout=30)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        fn(torch.rand(1, 3, 8, 8), ["a"], [{}])
+    timer.join()
+    assert fn(torch.rand(1, 3, 8, 8), ["a"], [{}])[0].tolist() == [0.0]
 
 
 def test_a_sum_trains_on_prompts_every_reward_scores_and_only_sets_in_use_are_checked(monkeypatch, tmp_path):
@@ -2964,8 +2990,9 @@ def test_http_reward_client_retries_a_500_and_sends_url_credentials_as_basic_aut
 
 
 # ---- non-finite values and a full disk ----
-def _nan_reward(fraction):
-    """A reward factory (registered for one test) that returns NaN for a share of the images."""
+def _nan_reward(fraction, part=False):
+    """A reward factory (registered for one test) that returns NaN for a share of the images; part: with a component
+    that is NaN for the last image (whose score is finite)."""
     import rewards
 
     def make(device):
@@ -2974,14 +3001,15 @@ def _nan_reward(fraction):
         def fn(images, prompts, metadata):
             score, _ = color(images, prompts, metadata)
             score[: int(len(score) * fraction)] = float("nan")
-            return score, {}
+            last_unscored = score.clone().index_fill_(0, torch.tensor([len(score) - 1]), math.nan)
+            return score, {"part": last_unscored} if part else {}
         return fn
     return make
 
 
 def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch, tmp_path):
     import rewards
-    monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5))
+    monkeypatch.setitem(rewards.REWARDS, "nan_half", _nan_reward(0.5, part=True))
     monkeypatch.setitem(rewards.REWARDS, "nan_all", _nan_reward(1.0))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red image\na blue image\n")
@@ -2989,6 +3017,7 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
                                 "--num_epochs", 1, "--output_dir", tmp_path / "half")])
     m = metrics(tmp_path / "half")
     assert m[0]["dropped"] == 4 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
+    assert 0 < m[0]["reward_nan_half/part"] < 1  # a component's NaN for a scored sample: left out of its mean
     assert "4 of 8 samples have a NaN/inf reward or latent" in capsys.readouterr().out
     msg = cli_error(capsys, *SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 5,
                     "--max_nonfinite_steps", 2, "--output_dir", tmp_path / "all")  # a reward that scores nothing stops
@@ -4139,8 +4168,8 @@ def test_parse_reward_spec():
     assert rewards.parse_reward_spec("pickscore:1, hpsv2:0.5") == [("pickscore", 1.0), ("hpsv2", 0.5)]
     with pytest.raises(rewards.RewardError, match="did you mean 'pickscore'"):
         rewards.parse_reward_spec("pickscor")
-    with pytest.raises(rewards.RewardError, match="geneval, ocr.*; a reward of your own is known to the script that "
-                       r"registers it \(rewards.REWARDS\)"):  # a custom run continued with plain nft.py
+    with pytest.raises(rewards.RewardError, match=r"geneval, ocr.*; a reward of your own: run the script that "
+                       r"registers it \(python my_reward.py \.\.\.\)"):  # a custom run continued with plain nft.py
         rewards.parse_reward_spec("saturation")
     with pytest.raises(rewards.RewardError, match="bad weight"):
         rewards.parse_reward_spec("pickscore:abc")
