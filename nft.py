@@ -1063,6 +1063,19 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
     names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
     for key, name in names.items():
         log[key + suffix] = rewards.finite_mean([r[name] for r in results])  # an unscored (NaN) image left out
+    warn_unscored(results, run.args, f"epoch {epoch} evaluation: ")
+
+
+def warn_unscored(results, args, what=""):
+    """One line for the evaluation images a reward could not score (NaN), which every mean leaves out. Returns how
+    many the --reward total left unscored."""
+    extra = [n for n in rewards.reward_names(args.eval_reward) if n not in rewards.reward_names(args.reward)]
+    counts = {name: sum(not math.isfinite(r[key]) for r in results)
+              for name, key in [(args.reward, "reward"), *zip(extra, extra)]}
+    if any(counts.values()):
+        print0(f"warning: {what}images a reward could not score (NaN/inf) are left out of its means: "
+               + ", ".join(f"{name} {n} of {len(results)}" for name, n in counts.items() if n))
+    return counts[args.reward]
 
 
 def end_epoch(run, pol, epoch, log):
@@ -2203,6 +2216,9 @@ def evaluate(run, records):
     for batch, images in tqdm(generate(run, records, padded), desc=f"evaluating {len(items)} images",
                               total=-(-len(padded) // args.sample_batch_size), **run.bar):
         scores, comps = run.eval_fn(images, [records[i]["prompt"] for i, _ in batch], [records[i] for i, _ in batch])
+        bad = ~torch.isfinite(images.flatten(1)).all(1).cpu()  # a diverged image: unscored, as a rollout's (score)
+        scores, comps = scores.masked_fill(bad, math.nan), {k: v.double().masked_fill(bad, math.nan)
+                                                            for k, v in comps.items()}
         for j, (i, k) in enumerate(batch):
             seed = rng(args.seed, "eval", prompt_index(records, i), k).initial_seed()
             out.append(dict(index=prompt_index(records, i), image=k, prompt=records[i]["prompt"], seed=seed,
@@ -2258,10 +2274,7 @@ def eval_only(args):
     write_file(os.path.join(out, "eval_images.jsonl"), "".join(
         json.dumps(json_safe({k: v for k, v in r.items() if k != "_image"})) + "\n" for r in results))
     metrics = rewards.benchmark_metrics(results, args.reward, args.eval_reward)
-    unscored = sum(not math.isfinite(r["reward"]) for r in results)  # left out of every mean, said, not hidden
-    if unscored:
-        print0(f"warning: {unscored} of {len(results)} images got a NaN/inf reward; the metrics leave them out "
-               "(eval_images.jsonl lists them as null)")
+    unscored = warn_unscored(results, args)  # eval_images.jsonl lists them as null
     keys = ("model", "lora", "reward", "eval_reward", "eval_images_per_prompt", "eval_num_steps", "guidance_scale",
             "negative_prompt", "embedded_guidance_scale", "resolution", "max_sequence_length", "mixed_precision",
             "reward_precision", "seed")
@@ -2657,7 +2670,8 @@ def validate(args, world_size):
             f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
             f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
-            + (f"nearest valid: --num_groups {low} or {low + every}" if every <= 4 * args.num_groups
+            + (f"nearest valid: --num_groups {low}" + (f" or {low + every}" if low < args.num_groups else "")
+               if every <= 4 * args.num_groups
                else "lower --sample_batch_size or --train_batch_size, or change --group_size"))
 
 
@@ -2908,7 +2922,9 @@ def main(argv=None):
         if not isinstance(e, (UserError, rewards.RewardError)):
             raise
         _close_bars()
-        print0(f"error: {e}", file=sys.stderr)  # rank 0 only: under torchrun every rank stops alike
+        rank = int(os.environ.get("RANK", 0))  # rank 0 says it (under torchrun every rank stops alike), and a rank
+        if rank == 0 or isinstance(e, rewards.RewardFailed):  # whose reward failed on its own images
+            print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         _LAST.clear()

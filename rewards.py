@@ -49,6 +49,11 @@ class RewardError(Exception):
     """A one-line, user-facing problem with a reward (nft.py prints it and exits)."""
 
 
+class RewardFailed(RewardError):
+    """A reward call that raised, broke the contract or hung (call_reward): on this rank's images, maybe on no other
+    rank's, so every rank that meets one says it."""
+
+
 def load_weights(path, key=None):
     """A downloaded checkpoint's tensors (its dict's `key`, if given): torch.load(weights_only=True), so a file that
     holds code is never unpickled; such a file, a truncated one or one of another structure is a RewardError that
@@ -949,7 +954,7 @@ def geneval_summary(correct, tags):
         values = [bool(c) for c, t in zip(correct, tags) if t == tag]
         summary[tag], summary[f"n/{tag}"] = sum(values) / len(values), len(values)
     per_tag = [summary[t] for t in dict.fromkeys(tags)]
-    summary["overall"] = sum(per_tag) / len(per_tag) if per_tag else 0.0
+    summary["overall"] = sum(per_tag) / len(per_tag) if per_tag else math.nan
     summary["n"] = len(correct)
     return summary
 
@@ -1358,7 +1363,8 @@ def benchmark_metrics(results, spec, extra=""):
     out = {}
     for name in dict.fromkeys(reward_names(spec) + reward_names(extra)):
         if name == "geneval":
-            g = geneval_summary([r["geneval/correct"] for r in results], [r["tag"] for r in results])
+            scored = [r for r in results if math.isfinite(r["geneval/correct"])]
+            g = geneval_summary([r["geneval/correct"] for r in scored], [r["tag"] for r in scored])
             out.update({"GenEval overall": g["overall"], **{t: g[t] for t in GENEVAL_TAGS if t in g},
                         "GenEval strict": mean([r["geneval/strict"] for r in results]),
                         "GenEval partial": mean([r["geneval"] for r in results])})
@@ -1529,7 +1535,7 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
     value checked (contract_problem). A reward that raises, breaks the contract or never returns is one RewardError
     line naming it. The thread is a daemon: one that hangs for good cannot keep the process from exiting."""
     if name in hung:
-        raise RewardError(f"reward '{name}' did not return within {timeout:g} s before")
+        raise RewardFailed(f"reward '{name}' did not return within {timeout:g} s before")
     images, prompts, metadata = inputs  # each reward gets its own copies: one that edits them changes neither the
     copies = (images.clone(), list(prompts),  # next reward of a sum, nor the run's prompts or evaluation grid
               None if metadata is None else [copy.deepcopy(m) for m in metadata])
@@ -1558,14 +1564,14 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
             raise  # an abandoned wait (abandon); a Ctrl-C of the waiting thread
         if not own:
             hung.add(name)
-            raise RewardError(f"reward '{name}' did not return within {timeout:g} s; check it, or raise "
+            raise RewardFailed(f"reward '{name}' did not return within {timeout:g} s; check it, or raise "
                               "--reward_timeout if it is only slow") from None
-        raise RewardError(f"reward '{name}' raised {raised(e)}") from None
+        raise RewardFailed(f"reward '{name}' raised {raised(e)}") from None
     finally:
         _WAITED.discard(future)
     problem = contract_problem(out, len(inputs[1]))
     if problem:
-        raise RewardError(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
+        raise RewardFailed(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
                           "CPU tensor (NaN for an image it cannot score) and a dict of (N,) CPU tensors")
     return out[0].detach(), {k: v.detach() for k, v in out[1].items()}  # a score with a graph must not reach the loss
 

@@ -1921,6 +1921,21 @@ def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tm
     assert capsys.readouterr().err.strip() == "SIGINT: the evaluation stopped; it writes its results when it completes"
 
 
+def test_only_rank_0_says_an_error_but_a_rank_whose_reward_failed_says_it_too(capsys, monkeypatch, tmp_path):
+    """Under torchrun every rank meets a bad flag or file alike, so rank 0 alone says it; a reward that failed on a
+    rank's own images may have failed on no other rank (whose next collective then fails): that rank says it."""
+    monkeypatch.setenv("RANK", "1")
+    for error, said in [(rewards.RewardFailed("reward 'picky' raised ValueError at my_reward.py:5 (fn): no yellow"),
+                         "[rank 1] error: reward 'picky' raised ValueError at my_reward.py:5 (fn): no yellow"),
+                        (nft.UserError("--output_dir x: not writable"), "")]:
+        def fail(args, error=error):
+            raise error
+        monkeypatch.setattr(nft, "train", fail)
+        with pytest.raises(SystemExit) as e:
+            nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == said
+
+
 def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     (tmp_path / "checkpoints" / "checkpoint-00004").mkdir(parents=True)
 
@@ -2230,7 +2245,7 @@ def test_a_tilde_in_a_typed_path_is_home_and_a_resolution_hint_is_valid(capsys, 
     (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0, got -1 (0 keeps every checkpoint)"),
     (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
     (["--sample_batch_size", "1000000000000"], "lower --sample_batch_size"),  # arithmetic, no search
-    (["--sample_batch_size", "24"], "nearest valid: --num_groups 6 or 12"),  # arithmetic: multiples of 6
+    (["--sample_batch_size", "24", "--num_groups", "8"], "nearest valid: --num_groups 6 or 12"),  # multiples of 6
 ])
 def test_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -2242,6 +2257,8 @@ def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(
     no_models(monkeypatch)
     msg = cli_error(capsys, *SMALL, "--max_sequence_length", 600, "--output_dir", tmp_path / "o")
     assert "--max_sequence_length 600 is past this model's text encoder maximum (512 tokens" in msg
+    with pytest.raises(nft.UserError, match=r"= 24; nearest valid: --num_groups 6$"):  # 2: not "6 or 12"
+        nft.validate(nft.parse_args([*map(str, SMALL), "--sample_batch_size", "24"]), 1)
     with pytest.raises(nft.UserError, match=r"\(1024 tokens"):
         nft.validate(nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color", "--max_sequence_length",
                                      "1100"]), 1)
@@ -2756,7 +2773,7 @@ _BAD_REWARDS = {  # what a custom reward returns for 2 images -> what the one li
 def test_reward_contract_violation_is_one_line_naming_the_reward(monkeypatch, case):
     make, message = _BAD_REWARDS[case]
     monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: lambda images, prompts, metadata: make())
-    with pytest.raises(rewards.RewardError) as e:
+    with pytest.raises(rewards.RewardFailed) as e:  # a failure on these images: under torchrun its rank says it
         rewards.make_reward("mine", "cpu")(torch.rand(2, 3, 8, 8), ["a", "b"], [{}, {}])
     assert str(e.value).startswith("reward 'mine' ") and message in str(e.value) and "\n" not in str(e.value)
     if case == "inf":  # NaN marks an image a reward cannot score: allowed
@@ -3051,7 +3068,15 @@ def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(capsys
     scored = [r["reward"] for r in rows if r["reward"] is not None]
     assert summary["unscored_images"] == len(rows) - len(scored) > 0 and scored
     assert summary["reward_mean"] == summary["metrics"]["nan_half"] == pytest.approx(sum(scored) / len(scored))
-    assert f"{summary['unscored_images']} of {len(rows)} images got a NaN/inf reward" in printed
+    assert f"are left out of its means: nan_half {summary['unscored_images']} of {len(rows)}" in printed
+    real_sample = nft.sample  # a diverged image (NaN latents) is unscored, even where a reward scores it (JPEG: black)
+    monkeypatch.setattr(nft, "sample", lambda *a, **k: real_sample(*a, **k).index_fill_(0, torch.tensor([0]), math.nan))
+    printed = run_here("--eval_only", *EVAL_SMALL, "--reward", "jpeg", "--eval_reward", "nan_half", "--eval_prompts",
+                       prompts, "--output_dir", tmp_path / "diverged")
+    diverged = json.load(open(tmp_path / "diverged" / "eval.json"))
+    assert diverged["unscored_images"] == sum(r["jpeg"] is None for r in eval_rows(tmp_path / "diverged")) == 1
+    assert f"left out of its means: jpeg 1 of {len(rows)}, nan_half " in printed  # one batch, its first image
+    monkeypatch.setattr(nft, "sample", real_sample)
     assert rewards.finite_mean([math.nan, math.inf]) != rewards.finite_mean([math.nan, math.inf])  # none: NaN
     argv = ["--eval_only", *EVAL_SMALL, "--reward", "color", "--eval_prompts", prompts, "--output_dir",
             tmp_path / "out"]
@@ -3563,6 +3588,10 @@ def test_geneval_summary_is_mean_of_tags():
     assert s["a"] == pytest.approx(1 / 3) and s["b"] == 1.0
     assert s["overall"] == pytest.approx((1 / 3 + 1) / 2)  # not the image mean 0.5
     assert s["n/a"] == 3 and s["n"] == 4
+    results = [dict(tag=t, reward=c, geneval=c, **{"geneval/correct": c, "geneval/strict": c})
+               for t, c in [("colors", 1.0), ("colors", 0.0), ("colors", math.nan), ("counting", math.nan)]]
+    metrics = rewards.benchmark_metrics(results, "geneval")  # unscored: left out, not correct (bool(NaN) is True)
+    assert metrics["colors"] == 0.5 and "counting" not in metrics and metrics["GenEval overall"] == 0.5
 
 
 # ---- geneval models ----
