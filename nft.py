@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 809: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 810: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -50,6 +50,7 @@ Where this file deliberately differs from the official code (the README's table 
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import errno
 import functools
@@ -864,7 +865,11 @@ class PhaseTimer:
 def setup(args):
     """torch.distributed under torchrun, the device, and every check that can run before a model loads: a Run."""
     if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # a collective waits while another rank scores (a call up to --reward_timeout): nccl's default, 10 min, was
+        # --reward_timeout's, so its watchdog raced the reward's one-line error (validate() checks the value later)
+        wait = args.reward_timeout if 0 < args.reward_timeout < math.inf else Args.reward_timeout
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=max(1800, 2 * wait)))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     check_model_name(args.model)

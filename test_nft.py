@@ -1921,6 +1921,25 @@ def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tm
     assert capsys.readouterr().err.strip() == "SIGINT: the evaluation stopped; it writes its results when it completes"
 
 
+def test_under_torchrun_a_collective_waits_longer_than_a_reward_may_take(monkeypatch):
+    """A rank waits in a collective while another scores, a call up to --reward_timeout: the process group's timeout
+    is at least twice that and 30 minutes (nccl's default, 10, is --reward_timeout's: its watchdog raced the reward's
+    one-line error)."""
+    import datetime
+    import torch.distributed as dist
+    seen = []
+
+    def init_process_group(backend, timeout):
+        seen.append(timeout)
+        raise RuntimeError("not initialized here")
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("RANK", "0")
+    for flags, minutes in [([], 30), (["--reward_timeout", 1500], 50)]:
+        with pytest.raises(RuntimeError, match="not initialized here"):
+            nft.setup(nft.parse_args([*map(str, SMALL), *map(str, flags)]))
+        assert seen.pop() == datetime.timedelta(minutes=minutes)
+
+
 def test_only_rank_0_says_an_error_but_a_rank_whose_reward_failed_says_it_too(capsys, monkeypatch, tmp_path):
     """Under torchrun every rank meets a bad flag or file alike, so rank 0 alone says it; a reward that failed on a
     rank's own images may have failed on no other rank (whose next collective then fails): that rank says it."""
