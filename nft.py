@@ -1068,6 +1068,9 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
     names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
     for key, name in names.items():
         log[key + suffix] = rewards.finite_mean([r[name] for r in results])  # an unscored (NaN) image left out
+    if "geneval" in rewards.reward_names(run.args.reward) + rewards.reward_names(run.args.eval_reward):
+        # the benchmark's number (the mean of its tags' accuracies) beside the images' mean partial score
+        log["eval_geneval_overall" + suffix] = rewards.benchmark_metrics(results, "geneval")["GenEval overall"]
     warn_unscored(results, run.args, f"epoch {epoch} evaluation: ")
 
 

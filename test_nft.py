@@ -3289,6 +3289,22 @@ def test_geneval_tags_reach_the_evaluation_report(tiny_sd3):
     assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
 
 
+def test_evaluations_during_training_log_geneval_overall_as_eval_only_reports_it(monkeypatch, tmp_path):
+    """Training on GenEval, each evaluation logs the benchmark's number, eval_geneval_overall (the mean of the tags'
+    accuracies), beside eval_reward_mean (the images' mean partial score), as --eval_only's table reports both."""
+    def fake(device):  # what make_reward("geneval") returns, with made-up scores: only counting prompts pass
+        def fn(images, prompts, metadata):
+            correct = torch.tensor([float(m["tag"] == "counting") for m in metadata])
+            return correct / 2 + 0.25, {"partial": correct / 2 + 0.25, "strict": correct, "correct": correct}
+        return fn
+    monkeypatch.setitem(rewards.REWARDS, "geneval", fake)
+    out = tmp_path / "out"
+    run_here(*SMALL, "--reward", "geneval", "--eval_max_prompts", 12, "--num_epochs", 1, "--output_dir", out)
+    [m] = metrics(out)
+    assert m["eval_geneval_overall_before"] == m["eval_geneval_overall"] == pytest.approx(1 / 6)
+    assert m["eval_reward_mean"] == pytest.approx(0.25 + 0.5 * 2 / 12)  # 2 of the 12 spread prompts count
+
+
 def test_eval_seeds_fix_each_image_whatever_the_batch(tiny_sd3, monkeypatch):
     pipe = tiny_sd3
     records = rewards.default_prompts("color", "test")
