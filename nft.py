@@ -2132,6 +2132,10 @@ def carry_over(args, source, start_epoch, replace=False):
     if os.path.isfile(kept):
         with open(kept) as f:
             lines = [line for line in f if _epoch_of(line) < start_epoch]
+        lost = sorted(set(range(start_epoch)) - {_epoch_of(line) for line in lines})  # cut or removed by hand (a kill
+        if lost:  # cuts only the line of an epoch it has not saved)
+            print0(f"warning: {kept} has no readable line for epoch {lost[0]}" + (
+                f" and {len(lost) - 1} more" if len(lost) > 1 else "") + "; their metrics are lost, not the weights")
         write_file(metrics_path, "".join(lines))
     elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
         os.remove(metrics_path)

@@ -1619,6 +1619,18 @@ def test_resume_is_bit_exact(two_epochs, tmp_path):
     assert strip(metrics(out)) == strip(metrics(two_epochs))
 
 
+def test_a_metrics_line_damaged_by_hand_is_said_on_resume(capsys, two_epochs, tmp_path):
+    """A metrics.jsonl line cut in the middle (by hand: a kill cuts only the line of an epoch not yet saved) is lost
+    on resume, and a warning says which epoch's; the weights resume as ever."""
+    out = tmp_path / "out"
+    _run_as_of(two_epochs, out, 2)
+    first, second = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(first[:20] + "\n" + second + "\n")
+    printed = run_here(*SMALL_NO_EVAL, "--num_epochs", 3, "--output_dir", out, "--resume_from", "latest")
+    assert f"warning: {out / 'metrics.jsonl'} has no readable line for epoch 0; their metrics are lost" in printed
+    assert [m["epoch"] for m in metrics(out)] == [1, 2]
+
+
 def test_family_resume_is_bit_exact(family_demo, tmp_path):
     """The demo's folder as of its checkpoint-00002 (a copy), resumed for two epochs: the same LoRA, old policy, EMA,
     optimizer state and metrics as the uninterrupted demo's checkpoint-00004."""
