@@ -879,9 +879,10 @@ def setup(args):
     elif hub:  # --model is the default where no run was found (or asked for) to take it from: say why
         latest = args.resume_from == "latest"
         run = args.output_dir if latest or not args.resume_from else run_of(args.resume_from)
-        held, its_model = bool(run) and os.path.isfile(os.path.join(run, "config.json")), args.model
-        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # TypeError: no run (None)
-            its_model = json.load(open(os.path.join(run, "config.json"))).get("model")
+        config = os.path.join(run, "config.json") if run else ""
+        held, its_model = os.path.isfile(config), args.model
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # none, or unreadable: no hint of its --model
+            its_model = json.load(open(config)).get("model")
         where = (f"{args.output_dir} holds no run" if latest
                  else "not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)")
         why = (f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"

@@ -1569,7 +1569,7 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
         raise RewardFailed(f"reward '{name}' raised {raised(e)}") from None
     finally:
         _WAITED.discard(future)
-    problem = contract_problem(out, len(inputs[1]))
+    problem = contract_problem(out, len(prompts))
     if problem:
         raise RewardFailed(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
                           "CPU tensor (NaN for an image it cannot score) and a dict of (N,) CPU tensors")
