@@ -1018,11 +1018,8 @@ def start_run(args):
         torch._dynamo.callback_handler.register_start_callback(run.compile_started)
         torch._dynamo.callback_handler.register_end_callback(run.compile_done)
     if run.process_index == 0:
-        if not locked:  # a new folder is created and locked once the model has loaded
-            run_lock(args.output_dir)
-            if previous_run(args.output_dir):  # it did not exist a moment ago: another run is using it
-                raise UserError(f"--output_dir {args.output_dir}: another run wrote into it while this one loaded; "
-                                "continue that run with --resume_from latest, or use another --output_dir")
+        if not locked:
+            lock_new_folder(args.output_dir)
         carry_over(args, resume[0] if foreign else None, start_epoch, replace)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         write_config(args)
@@ -1061,11 +1058,11 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
     """The EMA weights on the eval prompts: rank 0 saves a grid; log gets eval_reward_mean and eval_<name>, + suffix."""
     with policy(pol.theta, pol.ema):
         results = evaluate(run, run.eval_records)
-    if run.process_index == 0:  # evaluate() keeps the images of the first 16 results
+    if run.process_index == 0:  # evaluate() keeps the images of the first prompts, 16 at most
         kept = [r for r in results if "_image" in r]
         grid = os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png")
         save_grid(torch.stack([r["_image"] for r in kept]), grid,
-                  nrow=run.args.eval_images_per_prompt, row_labels=[r["prompt"] for r in kept if r["image"] == 0])
+                  nrow=min(16, run.args.eval_images_per_prompt), row_labels=[r["prompt"] for r in kept if r["image"] == 0])
     names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
     for key, name in names.items():
         log[key + suffix] = rewards.finite_mean([r[name] for r in results])  # an unscored (NaN) image left out
@@ -2179,6 +2176,15 @@ def run_lock(folder):
     return f
 
 
+def lock_new_folder(folder):
+    """Create and lock an --output_dir that did not exist when the run started, once its model has loaded (a start
+    that fails leaves no folder behind); refuses where another run wrote into it meanwhile."""
+    run_lock(folder)
+    if previous_run(folder):  # it did not exist a moment ago: another run is using it
+        raise UserError(f"--output_dir {folder}: another run wrote into it while this one loaded (it holds "
+                        f"{previous_run(folder)}); use another --output_dir")
+
+
 def json_safe(x):
     """NaN/inf floats -> None (JSON null), recursively: json.dumps would write bare NaN, which is not JSON."""
     return json.loads(json.dumps(x), parse_constant=lambda _: None)
@@ -2221,7 +2227,8 @@ def prompt_index(records, i):
 def evaluate(run, records):
     """Score the active weights on the test prompts (run.eval_fn), eval_images_per_prompt images each, split over ranks
     by position and gathered (none missing or duplicated). Returns on rank 0 one dict per image, sorted by (index,
-    image): index, image, prompt, seed, tag (GenEval), reward, each component, `_image` (CPU) for the first 16 only."""
+    image): index, image, prompt, seed, tag (GenEval), reward, each component, and `_image` (CPU) for the grid: the
+    images of as many first prompts as 16 hold whole (of the first prompt, its first 16)."""
     args, rank, world = run.args, run.process_index, run.num_processes
     items = [(i, k) for i in range(len(records)) for k in range(args.eval_images_per_prompt)]
     out, mine = [], items[rank::world]
@@ -2237,7 +2244,8 @@ def evaluate(run, records):
             out.append(dict(index=prompt_index(records, i), image=k, prompt=records[i]["prompt"], seed=seed,
                             **({"tag": records[i]["tag"]} if "tag" in records[i] else {}), reward=float(scores[j]),
                             **{c: float(v[j]) for c, v in comps.items()},
-                            **({"_image": images[j].cpu()} if i * args.eval_images_per_prompt + k < 16 else {})))
+                            **({"_image": images[j].cpu()} if i < max(1, 16 // args.eval_images_per_prompt)
+                               and k < 16 else {})))
     out = out[:len(mine)]  # without the padding
     if world > 1:
         parts = [None] * world
@@ -2253,7 +2261,8 @@ def eval_only(args):
     eval_images.jsonl (each image's seed and scores), compare.png (--lora: base vs LoRA) and curves.png (below)."""
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
     run = setup(args)
-    if run.process_index == 0 and os.path.isdir(args.output_dir):  # not into a folder a live run is writing
+    locked = run.process_index == 0 and os.path.isdir(args.output_dir)
+    if locked:  # not into a folder a live run is writing
         run_lock(args.output_dir)
     if os.path.exists(os.path.join(args.output_dir, "eval.json")) and not args.overwrite:
         raise UserError(f"--output_dir {args.output_dir} holds an evaluation (eval.json); pass --overwrite to replace "
@@ -2261,6 +2270,8 @@ def eval_only(args):
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
         args.eval_images_per_prompt = rewards.EVAL_IMAGES.get(rewards.prompt_reward(args.reward), 1)
     load_model(run)
+    if run.process_index == 0 and not locked:
+        lock_new_folder(args.output_dir)
     if lora:
         load_lora(run.pipe, lora)
     if args.fsdp:

@@ -32,6 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import fcntl
 import functools
 import http.server
 import inspect
@@ -2723,6 +2724,21 @@ def test_a_run_that_appears_in_the_folder_while_the_model_loads_is_not_clobbered
     monkeypatch.setattr(nft, "load_pipeline", racing)
     assert "another run wrote into it while this one loaded" in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out)
     assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"] and metrics(out) == [{"epoch": 0}]
+    shutil.rmtree(out)  # an evaluation into a new folder: the same, and it holds the lock while it evaluates
+    assert "while this one loaded (it holds a previous run)" in cli_error(capsys, *SMALL, "--eval_only",
+                                                                           "--output_dir", out)
+    monkeypatch.setattr(nft, "load_pipeline", load)
+    evaluate, held = nft.evaluate, []
+
+    def evaluate_while_locked(run, records):
+        with open(out / ".lock") as f, pytest.raises(OSError):  # another process's flock would fail alike
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(True)
+        return evaluate(run, records)
+    monkeypatch.setattr(nft, "evaluate", evaluate_while_locked)
+    shutil.rmtree(out)
+    run_here(*SMALL, "--eval_only", "--eval_max_prompts", 1, "--output_dir", out)
+    assert held and (out / "eval.json").is_file()
 
 
 def test_config_json_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
@@ -3299,6 +3315,19 @@ def test_geneval_tags_reach_the_evaluation_report(tiny_sd3):
     assert [r["tag"] for r in results] == [r["tag"] for r in records]
     m = rewards.benchmark_metrics(results, "geneval")
     assert m["counting"] == 1.0 and m["position"] == 0.0 and m["GenEval overall"] == pytest.approx(1 / 6)
+
+
+def test_the_evaluation_grid_holds_whole_prompts(tiny_sd3):
+    """evaluate() keeps for the grid the images of as many first prompts as 16 hold whole (a row each, no partial
+    row), and of a prompt with more than 16 images its first 16."""
+    records = [{"prompt": f"a {c} image"} for c in "red green blue black white gray".split()]
+    fn = rewards.make_reward("color", "cpu")
+    for per_prompt, prompts, kept in [(3, 6, [(i, k) for i in range(5) for k in range(3)]),
+                                      (20, 2, [(0, k) for k in range(16)])]:
+        args = nft.parse_args([str(a) for a in EVAL_SMALL] + ["--eval_images_per_prompt", str(per_prompt)])
+        results = evaluate_with(tiny_sd3, records[:prompts], fn, args, torch.device("cpu"), contextlib.nullcontext,
+                                0, 1)
+        assert [(r["index"], r["image"]) for r in results if "_image" in r] == kept
 
 
 def test_evaluations_during_training_log_geneval_overall_as_eval_only_reports_it(monkeypatch, tmp_path):
