@@ -1061,8 +1061,8 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
     if run.process_index == 0:  # evaluate() keeps the images of the first prompts, 16 at most
         kept = [r for r in results if "_image" in r]
         grid = os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png")
-        save_grid(torch.stack([r["_image"] for r in kept]), grid,
-                  nrow=min(16, run.args.eval_images_per_prompt), row_labels=[r["prompt"] for r in kept if r["image"] == 0])
+        save_grid(torch.stack([r["_image"] for r in kept]), grid, nrow=min(16, run.args.eval_images_per_prompt),
+                  row_labels=[r["prompt"] for r in kept if r["image"] == 0])
     names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
     for key, name in names.items():
         log[key + suffix] = rewards.finite_mean([r[name] for r in results])  # an unscored (NaN) image left out
