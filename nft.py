@@ -984,8 +984,9 @@ def load_model(run):
     for name, module in run.pipe.components.items():
         if isinstance(module, torch.nn.Module) and name not in stay:
             module.to(device)
-    if args.reward_precision == "fp32":  # the VAE only decodes for the rewards: fp32 as officially
-        run.pipe.vae.to(torch.float32)  # (bf16 noise in the pixels moves thresholded rewards such as GenEval's)
+    # the VAE only decodes for the rewards: fp32 as officially (bf16 noise in the pixels moves thresholded rewards
+    # such as GenEval's), or bf16 by --reward_precision whatever the transformer's precision
+    run.pipe.vae.to(torch.float32 if args.reward_precision == "fp32" else torch.bfloat16)
     resolve_guidance(run.pipe, args)
     if args.guidance_scale > 1:  # the negative prompt's conditioning, one row
         run.negative = encode_prompts(run.pipe, [args.negative_prompt], args.max_sequence_length, run.device,
@@ -1009,6 +1010,8 @@ def start_run(args):
     if precision_mode(args, run.device) == "fp16":  # fp16 gradients of a loss averaged over 16 x 64 x 64 latent values
         pol.loss_scale = FP16_LOSS_SCALE  # and 144 visits underflow to 0: the loss is scaled up for the backward
     start_epoch = restore(pol, *resume, args) if resume else 0
+    if args.profile:  # config.json records the epochs that run
+        args.num_epochs = start_epoch + 3
     if args.compile is None:  # config.json records what ran
         args.compile = run.device.type == "cuda"
     if args.compile:  # a one-off cost, checked as each graph is done: a compile past its budget must not stall a run
@@ -1031,8 +1034,6 @@ def start_run(args):
     run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
     run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
     run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
-    if args.profile:
-        args.num_epochs = start_epoch + 3
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # the training loop's peak, not the model build's
     return run, pol, start_epoch
@@ -2061,9 +2062,13 @@ def claim_output_dir(args, rank, world):
 
 
 def previous_run(folder):
-    """What `folder` holds that a new run would replace: "a previous run" (metrics or checkpoints), "an evaluation
-    (eval.json)" (--eval_only's), or "" (nothing)."""
-    if os.path.exists(os.path.join(folder, "metrics.jsonl")) or checkpoints(folder):
+    """What `folder` holds that a new run would replace: "a previous run" (checkpoints or metrics), "a profile
+    (profile.json)" (--profile's, which no run continues), "an evaluation (eval.json)" (--eval_only's), or ""."""
+    if checkpoints(folder):
+        return "a previous run"
+    if os.path.exists(os.path.join(folder, "profile.json")):
+        return "a profile (profile.json)"
+    if os.path.exists(os.path.join(folder, "metrics.jsonl")):
         return "a previous run"
     return "an evaluation (eval.json)" if os.path.exists(os.path.join(folder, "eval.json")) else ""
 
@@ -2635,13 +2640,13 @@ RANGES = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda 
 BOUNDS = {**dict.fromkeys(["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
                            "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
                            "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
-                           "max_nonfinite_steps", "reward_timeout"], "positive"),
+                           "max_nonfinite_steps", "reward_timeout", "adam_epsilon"], "positive"),
           **dict.fromkeys(["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
-                           "adam_weight_decay", "adam_epsilon", "checkpoints_total_limit", "compile_budget",
-                           "kl_coef"], ">= 0"),
+                           "adam_weight_decay", "checkpoints_total_limit", "compile_budget", "kl_coef"], ">= 0"),
           **dict.fromkeys(["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"], "in [0, 1)"),
           "beta": "in (0, 1]", "timestep_fraction": "in (0, 1]", "guidance_scale": ">= 1"}
-NOTES = {"checkpoints_total_limit": "0 keeps every checkpoint", "guidance_scale": "1 = no classifier-free guidance",
+NOTES = {"checkpoints_total_limit": "0 keeps every checkpoint", "adam_epsilon": "lora_A's first gradients are 0: 0/0",
+         "guidance_scale": "1 = no classifier-free guidance",
          "beta": "the paper uses 1.0, or 0.1 for OCR and multi-reward; beta > 1 makes the negative policy extrapolate",
          "timestep_fraction": "official: 0.99, 9 of 10 rollout sigmas"}
 CHOICES = {"solver": SOLVERS, "grad_sync": ("step", "micro_step"), "mixed_precision": ("auto", "bf16", "fp16", "no"),
@@ -2681,8 +2686,11 @@ def validate(args, world_size):
                         f"own); give the names: --eval_reward {','.join(rewards.reward_names(args.eval_reward))}")
     if not -2 ** 63 <= args.seed < 2 ** 64:
         raise UserError(f"--seed must fit in 64 bits, got {args.seed}")
-    if not [t for t in args.lora_targets.split(",") if t.strip()]:
-        raise UserError("--lora_targets names no layer; give official, official+proj_out or a comma list of layers")
+    layers = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    whole = args.lora_targets in ("official", "official+proj_out")
+    if not layers or not whole and any("official" in t for t in layers):
+        raise UserError(f"--lora_targets {args.lora_targets!r} names no layer list; give official, official+proj_out "
+                        "(whole values) or a comma list of layers")
     total = args.num_groups * args.group_size
     unit = world_size * math.lcm(args.train_batch_size * args.steps_per_epoch, args.sample_batch_size)
     if not args.eval_only and total % unit:

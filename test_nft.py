@@ -1137,7 +1137,7 @@ def sd3_profile(tmp_path_factory):
     return out, run_here(*SMALL, "--profile", "--output_dir", out)
 
 
-def test_profile_reports_phases_throughput_and_mfu(sd3_profile):
+def test_profile_reports_phases_throughput_and_mfu(capsys, sd3_profile):
     """--profile on the tiny model: the report's shape, not its speed (CPU numbers mean nothing)."""
     out, printed = sd3_profile
     report = json.load(open(out / "profile.json"))
@@ -1151,6 +1151,9 @@ def test_profile_reports_phases_throughput_and_mfu(sd3_profile):
     assert report["train_mfu"] == pytest.approx(report["train_tflops"] / report["peak_tflops_matmul"])
     assert "train_mfu" in printed
     assert len(metrics(out)) == 3 and not nft.checkpoints(out)
+    assert json.load(open(out / "config.json"))["num_epochs"] == 3  # what ran
+    assert cli_error(capsys, *SMALL, "--output_dir", out).endswith(  # a profile is not continued: no resume offered
+        "holds a profile (profile.json); pass --overwrite to replace it, or another --output_dir")
 
 
 # --------------------------------------------------------------------------- model families (FLUX.1, Qwen-Image)
@@ -2240,7 +2243,9 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
     (["--lora", "x.safetensors"], "--lora is the LoRA --eval_only evaluates; to start training from a LoRA use"),
     (["--eval_only", "--init_lora", "x"], "--init_lora starts a training run; to evaluate a LoRA use --lora"),
     (["--seed", "99999999999999999999999"], "--seed must fit in 64 bits"),
-    (["--lora_targets", " , "], "--lora_targets names no layer"),
+    (["--lora_targets", " , "], "--lora_targets ' , ' names no layer list"),
+    (["--lora_targets", "official,proj_out"], "give official, official+proj_out (whole values) or a comma list"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be positive, got 0.0 (lora_A's first gradients are 0: 0/0)"),
 ])
 def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -4337,10 +4342,11 @@ def test_rewards_run_in_fp32_by_default(monkeypatch):
     with pytest.raises(nft.UserError, match="--reward_precision"):
         nft.validate(nft.parse_args(["--reward_precision", "half"]), 1)
     for flags, dtype in [([], torch.float32), (["--reward_precision", "bf16"], torch.bfloat16)]:  # the decode fed to it
-        args = nft.parse_args(["--model", "tiny", "--reward", "color", "--mixed_precision", "bf16", *flags])
-        run = nft.Run(args, 0, 1, torch.device("cpu"))
-        nft.load_model(run)
-        assert run.pipe.vae.dtype == dtype and run.pipe.transformer.dtype == torch.bfloat16
+        for mode, weights in [("bf16", torch.bfloat16), ("no", torch.float32)]:  # whatever the transformer's
+            args = nft.parse_args(["--model", "tiny", "--reward", "color", "--mixed_precision", mode, *flags])
+            run = nft.Run(args, 0, 1, torch.device("cpu"))
+            nft.load_model(run)
+            assert run.pipe.vae.dtype == dtype and run.pipe.transformer.dtype == weights
 
 
 # ---- prompt sets ----
