@@ -1260,10 +1260,16 @@ def load_prompts(path, flag="--prompts"):
         raise RewardError(f"{flag} {path} is a .json file; give a .jsonl (one JSON object a line, with a "
                           "\"prompt\") or a .txt with one prompt a line")
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first prompt
-            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        with open(path, "rb") as f:
+            data = f.read().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first prompt
+        text = data.decode()
+    except OSError as e:  # no permission, an I/O error
+        raise RewardError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
     except UnicodeDecodeError as e:
-        raise RewardError(f"{flag} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        line = data[:e.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+        raise RewardError(f"{flag} {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # the line ends of Python's text files (universal)
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     records = [] if path.lower().endswith(".jsonl") else [{"prompt": line.strip()} for _, line in lines]
     for n, line in lines if path.lower().endswith(".jsonl") else ():
         try:

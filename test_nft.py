@@ -2397,8 +2397,18 @@ def test_bad_prompt_files(capsys, tmp_path):
 
 
 def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 photo\n".encode("latin-1"))
-    assert "is not UTF-8 text (byte 5)" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts", tmp_path / "latin1.txt")
+    (tmp_path / "latin1.txt").write_bytes("a red image\r\n\ra caf\xe9 photo\n".encode("latin-1"))
+    assert "is not UTF-8 text (line 3)" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts", tmp_path / "latin1.txt")
+    (tmp_path / "mixed.txt").write_bytes(b"a red image\r\n\ra blue image\ra green\x0cimage\n")  # as Python reads text
+    assert rewards.load_prompts(str(tmp_path / "mixed.txt")) == [{"prompt": p} for p in (
+        "a red image", "a blue image", "a green\x0cimage")]
+
+    def denied(*a, **k):  # chmod 000 as seen by a user who is not root (the tests run as root)
+        raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.MonkeyPatch.context() as m, pytest.raises(rewards.RewardError, match=r"mixed.txt cannot be read "
+                                                            r"\(Permission denied\); check its permissions"):
+        m.setattr(rewards, "open", denied, raising=False)
+        rewards.load_prompts(str(tmp_path / "mixed.txt"))
     # a folder is read as the official dataset/ layout; one without its files is a clear error
     assert "no train.txt or train_metadata.jsonl in this folder" in cli_error(capsys, *SMALL_NO_EVAL, "--prompts",
                                                                                tmp_path)
