@@ -1944,6 +1944,8 @@ def read_state(path):
                         "or an incomplete one); use --resume_from latest")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise Unreadable(path, "training_state.pt", e) from None
     except Exception as e:
         raise UserError(f"--resume_from {path}: training_state.pt is truncated or corrupted ({type(e).__name__}); "
                         "resume from an earlier checkpoint")
@@ -1974,14 +1976,25 @@ def read_state(path):
             bad = True
         if bad:
             raise UserError(f"--resume_from {path}: training_state.pt {problem}; resume from another checkpoint")
+    lora = os.path.join(path, "pytorch_lora_weights.safetensors")
     try:  # the EMA LoRA that load_lora_weights and --eval_only read: a checkpoint without it whole is no good one
         from safetensors import safe_open
-        with safe_open(os.path.join(path, "pytorch_lora_weights.safetensors"), "pt"):
+        with safe_open(lora, "pt"):
             pass
     except Exception as e:
+        if isinstance(e, OSError) and os.path.isfile(lora):  # safetensors says "No such file" for no permission
+            raise Unreadable(path, os.path.basename(lora), e) from None
         raise UserError(f"--resume_from {path}: pytorch_lora_weights.safetensors is missing or truncated "
                         f"({type(e).__name__}); resume from an earlier checkpoint") from None
     return state
+
+
+class Unreadable(UserError):
+    """A checkpoint's file that is there but cannot be read (permissions, an I/O error): the checkpoint may be whole,
+    so `latest` stops here rather than fall back past it and replace it."""
+    def __init__(self, path, name, e):
+        super().__init__(f"--resume_from {path}: {name} cannot be read ({e.strerror or e}); fix its permissions or the "
+                         "disk and resume again (moving the checkpoint away resumes from the one before it)")
 
 
 def newest_good(paths, read):
@@ -1990,7 +2003,7 @@ def newest_good(paths, read):
         try:
             return path, read(path)
         except UserError as e:
-            if path == paths[0]:
+            if path == paths[0] or isinstance(e, Unreadable):
                 raise
             print0(f"warning: {str(e).split(': ', 1)[1].split(';')[0]} in {path}; trying the checkpoint before it")
 

@@ -2114,6 +2114,22 @@ def test_checkpoints_sort_by_number_and_latest_skips_unreadable_ones(capsys, tmp
     args.resume_from = ckpts[2]  # named explicitly: an error, not a fallback
     with pytest.raises(nft.UserError, match="missing or wrong: default, old, ema, optimizer"):
         nft.load_checkpoint(args, 1)
+    # one that is there but cannot be read (no permission, an I/O error) may be whole: `latest` stops at it
+    args.resume_from, load = "latest", torch.load
+
+    def denied(file, *a, **k):  # as a user who is not root sees a chmod 000 file (the tests run as root)
+        if "checkpoint-100000" in str(file):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return load(file, *a, **k)
+    with pytest.MonkeyPatch.context() as m, pytest.raises(nft.Unreadable, match=r"checkpoint-100000: training_state"
+                                                            r"\.pt cannot be read \(Permission denied\); fix its"):
+        m.setattr(torch, "load", denied)
+        nft.load_checkpoint(args, 1)
+    import safetensors  # the LoRA file alike (safetensors calls it "No such file or directory")
+    with pytest.MonkeyPatch.context() as m, pytest.raises(nft.Unreadable, match="pytorch_lora_weights.safetensors "
+                                                            "cannot be read"):
+        m.setattr(safetensors, "safe_open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("No such file")))
+        nft.read_state(ckpts[1])
 
 
 def test_training_states_are_checked_and_latest_falls_back_to_the_last_good_one(capsys, tmp_path):
