@@ -2057,7 +2057,8 @@ def claim_output_dir(args, rank, world):
         raise UserError(f"--profile with --resume_from {args.resume_from}: the profile's epochs would join this run's "
                         "metrics; profile into another --output_dir with --resume_from <a checkpoint of this run> "
                         "(it is copied there)")
-    replace = (not args.resume_from or foreign or args.profile) and previous_run(args.output_dir)
+    held = previous_run(args.output_dir)  # another program's files are never taken over, not even by a resume
+    replace = held if not args.resume_from or foreign or args.profile or held.startswith("files") else ""
     if replace and not args.overwrite:
         fix = "pass --resume_from latest to continue it, " if replace == "a previous run" else "pass "
         raise UserError(f"--output_dir {args.output_dir} holds {replace}; {fix}--overwrite to replace it, or another "
@@ -2074,16 +2075,26 @@ def claim_output_dir(args, rank, world):
     return resume, foreign, locked, replace
 
 
+OUTPUT_NAMES = (r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json|eval\.(json|md)|eval_images\.jsonl|"
+                r"compare\.png")  # what a run or an evaluation writes beside metrics.jsonl and checkpoints/
+
+
 def previous_run(folder):
     """What `folder` holds that a new run would replace: "a previous run" (checkpoints or metrics), "a profile
-    (profile.json)" (--profile's, which no run continues), "an evaluation (eval.json)" (--eval_only's), or ""."""
+    (profile.json)" (--profile's, which no run continues), "an evaluation (eval.json)" (--eval_only's), files named as
+    this script's outputs in a folder without a config.json of its own (another program's), or ""."""
     if checkpoints(folder):
         return "a previous run"
-    if os.path.exists(os.path.join(folder, "profile.json")):
-        return "a profile (profile.json)"
-    if os.path.exists(os.path.join(folder, "metrics.jsonl")):
-        return "a previous run"
-    return "an evaluation (eval.json)" if os.path.exists(os.path.join(folder, "eval.json")) else ""
+    for name, what in [("profile.json", "a profile"), ("metrics.jsonl", "a previous run"),
+                       ("eval.json", "an evaluation")]:
+        if os.path.exists(os.path.join(folder, name)):
+            return what if what == "a previous run" else f"{what} ({name})"
+    names = sorted(n for n in os.listdir(folder) if re.fullmatch(OUTPUT_NAMES, n)) if os.path.isdir(folder) else []
+    with contextlib.suppress(OSError, ValueError, TypeError):  # a run's own config.json (stopped before epoch 0)
+        with open(os.path.join(folder, "config.json")) as f:
+            if {"model", "reward"} <= dict(json.load(f)).keys():
+                return ""
+    return f"files named as this script's outputs ({', '.join(names)})" if names else ""
 
 
 def run_of(checkpoint):
@@ -2135,8 +2146,7 @@ def carry_over(args, source, start_epoch, replace=False):
     if replace:
         make_way(os.path.join(args.output_dir, "checkpoints"))  # a link: not its target
         for name in os.listdir(args.output_dir):
-            if re.fullmatch(r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json|eval\.(json|md)|"
-                            r"eval_images\.jsonl|compare\.png", name):
+            if re.fullmatch(OUTPUT_NAMES, name):
                 make_way(os.path.join(args.output_dir, name))
     if source:
         source = os.path.normpath(source)
@@ -2282,8 +2292,9 @@ def eval_only(args):
     locked = run.process_index == 0 and os.path.isdir(args.output_dir)
     if locked:  # not into a folder a live run is writing
         run_lock(args.output_dir)
-    if os.path.exists(os.path.join(args.output_dir, "eval.json")) and not args.overwrite:
-        raise UserError(f"--output_dir {args.output_dir} holds an evaluation (eval.json); pass --overwrite to replace "
+    held = previous_run(args.output_dir)
+    if held.startswith(("an evaluation", "files")) and not args.overwrite:
+        raise UserError(f"--output_dir {args.output_dir} holds {held}; pass --overwrite to replace "
                         "it, or another --output_dir")
     if not args.eval_images_per_prompt:  # not set: the benchmark's own count
         args.eval_images_per_prompt = rewards.EVAL_IMAGES.get(rewards.prompt_reward(args.reward), 1)
@@ -2619,7 +2630,7 @@ def resumed(args, given):
     latest = args.resume_from == "latest"
     run = args.output_dir if latest else run_of(args.resume_from) or os.devnull  # outside a run's folder: no config
     path = os.path.join(run, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or previous_run(run).startswith("files"):  # none, or another program's config.json
         if args.init_lora and not latest:
             raise UserError(f"--init_lora with --resume_from {args.resume_from}: the checkpoint's weights replace the "
                             "init; drop --init_lora")

@@ -2743,6 +2743,26 @@ def test_overwrite_replaces_a_run_only_once_the_model_loaded_and_unlinks_a_check
     assert sorted(os.listdir(out)) == [".lock", "kept", "metrics.jsonl"] and not metrics(out)
 
 
+def test_another_programs_files_in_the_output_folder_are_never_overwritten(capsys, tmp_path):
+    """A folder holding files named as this script's outputs (a project's config.json, curves.png) without a run's
+    own config.json is refused by a run, a resume and an evaluation, and left as it is; --overwrite replaces them."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "project settings"}')
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--resume_from", "latest"], ["--eval_only"]):
+        assert cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, *extra).endswith(
+            "holds files named as this script's outputs (config.json); pass --overwrite to replace it, or another "
+            "--output_dir")
+    assert (out / "config.json").read_text() == '{"my": "project settings"}'
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "notes.txt"]
+    nft.write_config(nft.parse_args([*map(str, SMALL), "--output_dir", str(out)]))  # a run's own, stopped early
+    assert nft.previous_run(out) == ""  # is started again as it was
+    (out / "config.json").write_text('{"my": "project settings"}')
+    run_here(*SMALL_NO_EVAL, "--num_epochs", 1, "--output_dir", out, "--overwrite")
+    assert json.load(open(out / "config.json"))["model"] == "tiny" and (out / "notes.txt").read_text() == "mine"
+
+
 def test_a_run_that_appears_in_the_folder_while_the_model_loads_is_not_clobbered(capsys, monkeypatch, tmp_path):
     """The output folder is new when the run starts; another run writes into it while this one loads its model: this
     one stops with one line and leaves the other's files as they are."""
