@@ -2873,19 +2873,25 @@ def fitted_decoder(vae, steps=150):
     h = hashlib.sha256(repr(key).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
-    folder = os.environ.get("NFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion-nft")
+    home = os.path.expanduser("~")  # "~" itself where neither HOME nor a passwd entry names one: no cache
+    folder = os.environ.get("NFT_CACHE") or (os.path.join(home, ".cache", "diffusion-nft") if home != "~" else "")
     path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
     with contextlib.suppress(Exception):  # not cached yet, or a damaged file: refit
-        fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        vae.requires_grad_(False)
-        return
+        if folder:
+            fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            vae.requires_grad_(False)
+            return
     print0("fitting the tiny VAE decoder (once per machine, then cached)")
     fit_decoder(vae, steps)
-    with contextlib.suppress(OSError):  # write to a private name, then rename: parallel runs never read half a file
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(fitted.state_dict(), tmp)
-        os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # written, then renamed: parallel runs never read half a file
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            torch.save(fitted.state_dict(), tmp)
+            os.replace(tmp, path)
+    except (OSError, RuntimeError):  # unwritable or full (torch.save says so with a RuntimeError): refit next time
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def fit_decoder(vae, steps=150):

@@ -779,6 +779,21 @@ def test_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert fits == [150] * 3 and len(os.listdir(tmp_path / "cache")) == 2
+    save = torch.save  # a cache that cannot be written (torch.save raises RuntimeError, full or unwritable): refit
+
+    def full(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 65792 vs 65712")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setenv("NFT_CACHE", str(tmp_path / "full"))
+    nft.builtin_pipeline("tiny")
+    assert fits == [150] * 4 and os.listdir(tmp_path / "full") == []  # no half-written file left
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.delenv("NFT_CACHE")  # no HOME and no passwd entry: no cache, not a folder named ~
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)
+    monkeypatch.chdir(tmp_path)
+    nft.builtin_pipeline("tiny")
+    assert fits == [150] * 5 and not os.path.exists(tmp_path / "~")
 
 
 def _saved_lora(tmp_path, args, base):
