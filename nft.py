@@ -865,6 +865,10 @@ class PhaseTimer:
 def setup(args):
     """torch.distributed under torchrun, the device, and every check that can run before a model loads: a Run."""
     if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun
+        unset = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if unset:  # a RANK left in the environment: init_process_group's traceback, or a wait for ranks never started
+            raise UserError(f"RANK is set but {', '.join(unset)} not: launch with torchrun, which sets them all, or "
+                            "unset RANK")
         # a collective waits while another rank scores (a call up to --reward_timeout): nccl's default, 10 min, was
         # --reward_timeout's, so its watchdog raced the reward's one-line error (validate() checks the value later)
         wait = args.reward_timeout if 0 < args.reward_timeout < math.inf else Args.reward_timeout
@@ -902,6 +906,10 @@ def setup(args):
         what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link there
         raise UserError(f"--output_dir {args.output_dir}: {existing} is not {what} ({e.strerror}); give a folder you "
                         "can write to") from None
+    names = os.path.relpath(os.path.abspath(args.output_dir), existing).split(os.sep)  # the folders still to make
+    if max(len(os.fsencode(n)) for n in names) > os.pathconf(existing, "PC_NAME_MAX"):
+        raise UserError(f"--output_dir {args.output_dir}: a folder name is longer than the file system allows "
+                        f"({os.pathconf(existing, 'PC_NAME_MAX')} bytes); give a shorter one")
     for inside in (os.path.abspath(args.output_dir), os.path.realpath(args.output_dir)):  # through links too: a run's
         while os.path.dirname(inside) != inside and not (  # checkpoints/ is that run's to replace and remove
                 os.path.basename(inside) == "checkpoints" and checkpoints(os.path.dirname(inside))):
@@ -2179,7 +2187,10 @@ def run_lock(folder):
     """Hold folder/.lock while the run lives (flock: a killed run never blocks its resume); refuses while another run
     holds it. Never through a link, nor truncating anything but a regular file of its own (no hard link)."""
     import fcntl
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {folder} cannot be made ({e.strerror}); give another --output_dir") from None
     try:
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_nlink != 1:
@@ -2951,7 +2962,7 @@ def interrupted(args, signum):
             where = "the last completed epoch could not be saved; the newest checkpoint is"
             said = "the last completed epoch could not be saved, and there is no checkpoint yet"
     if saved:  # the run's config.json supplies every other flag (parse_args)
-        launcher = "python"
+        launcher = shlex.quote(sys.executable)
         if "RANK" in os.environ:  # torchrun: as many nodes, as many ranks on each
             local = int(os.environ["LOCAL_WORLD_SIZE"])
             nodes = int(os.environ["WORLD_SIZE"]) // local
@@ -2978,6 +2989,10 @@ def main(argv=None):
             dist.destroy_process_group()
     except KeyboardInterrupt as e:  # no traceback: what is safe on disk and how to go on
         sys.exit(interrupted(args, e.args[0] if e.args else signal.SIGINT))
+    except BrokenPipeError:  # what reads the output is gone (`| head`): stopped as by a signal, the epoch saved
+        with contextlib.suppress(OSError, ValueError):  # and nothing more written to the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(interrupted(args, signal.SIGPIPE) if args else 128 + signal.SIGPIPE)
     except Exception as e:
         if _STOPS:  # a collective that failed as a rank left after the signal: said by rank 0, no traceback
             sys.exit(interrupted(args, _STOPS[0]))
@@ -2998,4 +3013,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    code = 1  # the exit code; a signal during the interpreter's exit (a second or so of cleanup) ends it with it
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: os._exit(code))

@@ -40,6 +40,7 @@ import io
 import json
 import math
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -1883,24 +1884,52 @@ def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(tw
                 if line.startswith("epoch    0 "):
                     p.send_signal(signal.SIGTERM)
                     break
+            while p.poll() is None and "continue with" not in open(tmp_path / "err.txt").read():
+                time.sleep(0.002)
+            if p.poll() is None:  # a Ctrl-C while the interpreter exits ends it at once, as the stop said
+                p.send_signal(signal.SIGINT)
             p.communicate(timeout=120)
         finally:
             watchdog.cancel()
             kill_tree(p)
     assert p.returncode == 143
     said = open(tmp_path / "err.txt").read()
-    assert "Traceback" not in said
+    assert "Traceback" not in said and "Exception ignored" not in said, said[-2000:]
     last = said.strip().splitlines()[-1]
-    said = f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python "
+    said = f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with "
     assert last.startswith(said)
-    command = last.split("continue with python ", 1)[1].split()
-    assert command == [os.path.join(HERE, "nft.py"), "--resume_from", "latest", "--output_dir", str(out)]
+    command = shlex.split(last.split("continue with ", 1)[1])  # the interpreter that ran, not whatever python is
+    assert command == [sys.executable, os.path.join(HERE, "nft.py"), "--resume_from", "latest", "--output_dir",
+                       str(out)]
     assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))  # the epoch, exactly
-    run_here(*command[1:])  # in this process
+    run_here(*command[2:])  # in this process
     assert_same_state(state(nft.checkpoints(out)[-1]), state(nft.checkpoints(two_epochs)[-1]))
     keep = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "eval_"))}  # noqa: E731
                          for r in rows]
     assert keep(metrics(out)) == keep(metrics(two_epochs))
+
+
+def test_a_closed_output_pipe_stops_the_run_as_a_signal_does(tmp_path):
+    """`python nft.py ... | head`: once what reads the output is gone, the run saves its last completed epoch and exits
+    141 (128 + SIGPIPE) with the command to continue, no traceback."""
+    out = tmp_path / "out"
+    argv = [*SMALL_NO_EVAL, "--num_epochs", 50, "--save_every", 50, "--output_dir", out]
+    with open(tmp_path / "err.txt", "w") as err:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "nft.py"), *map(str, argv)], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        try:
+            for line in p.stdout:
+                if line.startswith("epoch    1 "):
+                    break
+            p.stdout.close()
+            p.wait(timeout=120)
+        finally:
+            kill_tree(p)
+    said = open(tmp_path / "err.txt").read()
+    assert p.returncode == 141 and "Traceback" not in said and "Exception ignored" not in said, said[-2000:]
+    [ckpt] = nft.checkpoints(out)
+    assert f"SIGPIPE: the last completed epoch is in {ckpt}; continue with" in said
+    assert state(ckpt)["epoch"] == len(metrics(out)) >= 2
 
 
 def test_a_stop_during_the_evaluation_saves_the_epoch_it_evaluates(two_epochs, capsys, monkeypatch, tmp_path):
@@ -1918,7 +1947,7 @@ def test_a_stop_during_the_evaluation_saves_the_epoch_it_evaluates(two_epochs, c
         run_here(*SMALL, "--num_epochs", 2, "--output_dir", out)
     assert e.value.code == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"SIGINT: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with python ")
+        f"SIGINT: the last completed epoch is in {out}/checkpoints/checkpoint-00001; continue with {sys.executable} ")
     [line] = metrics(out)
     assert line["epoch"] == 0 and "eval_reward_mean_before" in line and "eval_reward_mean" not in line
     assert_same_state(state(nft.checkpoints(out)[0]), state(nft.checkpoints(two_epochs)[0]))
@@ -1998,7 +2027,7 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err
     assert e.value.code == 130 and "Traceback" not in err
     assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path.name}/checkpoints/checkpoint-00004; "
-                           f"continue with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
+                           f"continue with {sys.executable} {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
 
     def save_fails():
         raise nft.UserError("could not write checkpoint-00005: no space left on device")
@@ -2014,7 +2043,8 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     assert [line for line in err.splitlines() if line] == [
         "error: could not write checkpoint-00005: no space left on device",
         f"SIGINT: the last completed epoch could not be saved; the newest checkpoint is {tmp_path}/checkpoints/"
-        f"checkpoint-00004; continue with python {sys.argv[0]} --resume_from latest --output_dir {tmp_path}"]
+        f"checkpoint-00004; continue with {sys.executable} {sys.argv[0]} --resume_from latest --output_dir "
+        f"{tmp_path}"]
     with pytest.raises(SystemExit):  # the same with no checkpoint yet
         nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path / "new")])
     assert capsys.readouterr().err.strip().endswith(
@@ -2282,6 +2312,24 @@ def test_bad_flags_give_one_line(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
     assert message in cli_error(capsys, *SMALL, "--output_dir", out, *argv)
     assert not out.exists()  # nothing written
+
+
+def test_launch_and_folder_problems_the_system_would_raise_are_one_line(capsys, monkeypatch, tmp_path):
+    """A RANK left in the environment without torchrun's other variables (init_process_group would raise, or wait 30
+    minutes for ranks never started), a folder name past the file system's limit (found before the model loads), a
+    folder that cannot be made: one line each."""
+    with monkeypatch.context() as m:
+        m.setenv("RANK", "0")
+        for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            m.delenv(name, raising=False)
+        assert "RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT not: launch with torchrun" in cli_error(
+            capsys, *SMALL, "--output_dir", tmp_path / "out")
+    assert "a folder name is longer than the file system allows (255 bytes)" in cli_error(
+        capsys, *SMALL, "--output_dir", tmp_path / "new" / ("a" * 256))
+    assert not os.path.exists(tmp_path / "new")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(nft.UserError, match=r"file/out cannot be made \(Not a directory\); give another"):
+        nft.run_lock(str(tmp_path / "file" / "out"))
 
 
 def test_a_tilde_in_a_typed_path_is_home_and_a_resolution_hint_is_valid(capsys, tmp_path):
