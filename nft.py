@@ -886,7 +886,7 @@ def setup(args):
         config = os.path.join(run, "config.json") if run else ""
         held, its_model = os.path.isfile(config), args.model
         with contextlib.suppress(OSError, ValueError, AttributeError):  # none, or unreadable: no hint of its --model
-            its_model = json.load(open(config)).get("model")
+            its_model = json.loads(read_text(config)).get("model")
         where = (f"{args.output_dir} holds no run" if latest
                  else "not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)")
         why = (f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"
@@ -1221,7 +1221,7 @@ def load_pipeline(model, dtype, device="cpu"):
         check_hub_model(model)
     elif not os.path.isdir(model):
         raise UserError(f"--model folder not found: {model}")
-    elif not os.path.isfile(index) or not any(f'"{n}"' in open(index).read() for n in FAMILIES):
+    elif not os.path.isfile(index) or not any(f'"{n}"' in read_text(index) for n in FAMILIES):
         raise UserError(f"--model {model} is not a folder of a supported pipeline ({', '.join(FAMILIES)}: no such "
                         "model_index.json); save one with pipe.save_pretrained(folder) or pass a hub id")
     try:
@@ -1386,7 +1386,7 @@ def read_lora(file, flag):
     peft = os.path.join(os.path.dirname(file), "adapter_config.json")
     source = peft if os.path.basename(file) == "adapter_model.safetensors" else f"{file} (its lora_adapter_metadata)"
     try:
-        config = json.loads(open(source).read() if source == peft else meta.get("lora_adapter_metadata", "{}"))
+        config = json.loads(read_text(source) if source == peft else meta.get("lora_adapter_metadata", "{}"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{flag} {source} is not valid JSON ({e}); restore it from the adapter's source") from None
     except OSError as e:  # a peft adapter_model.safetensors given alone: its config says r, alpha and the targets
@@ -1612,7 +1612,7 @@ def model_file(model, filename, ask=True):
     the Hugging Face cache: a model with one file would pass for downloaded). None where there is none to be had."""
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if _is_local(model):
-            return open(os.path.join(model, filename)).read()
+            return read_text(os.path.join(model, filename))
         import huggingface_hub.constants
         cache = huggingface_hub.constants.HF_HUB_CACHE
         return _hub_file(model, filename, cache, os.path.normpath(cache) + "-diffusion-nft",
@@ -1629,7 +1629,7 @@ def _hub_file(model, filename, cache, side, ask):
         path = try_to_load_from_cache(model, filename, cache_dir=cache)
         path = path if isinstance(path, str) else mine if os.path.isfile(mine) else None
         if path:
-            return open(path).read()
+            return read_text(path)
         if not ask or model in _HUB_SILENT:
             return None
         try:
@@ -1806,10 +1806,11 @@ def free_memory(device):
         return torch.cuda.mem_get_info(device)[0] / 2 ** 30
     free = []
     with contextlib.suppress(OSError, StopIteration, ValueError, IndexError):  # /proc/meminfo counts in KiB
-        free.append(1024 * next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAv")))
+        free.append(1024 * next(int(line.split()[1]) for line in read_text("/proc/meminfo").splitlines()
+                                   if line.startswith("MemAv")))
     for limit, used in CGROUP_MEMORY:
         with contextlib.suppress(OSError, ValueError):  # no such file, or "max": no limit
-            free.append(int(open(limit).read()) - int(open(used).read()))
+            free.append(int(read_text(limit)) - int(read_text(used)))
     return min(free) / 2 ** 30 if free else None
 
 
@@ -1906,6 +1907,12 @@ def replacing(path, errors=OSError):
         with contextlib.suppress(OSError):  # the half-written file or folder
             make_way(tmp)
         raise write_error(e, path) from None
+
+
+def read_text(path):
+    """A whole text file, closed once read (a bare open() leaves that to the garbage collector: a ResourceWarning)."""
+    with open(path) as f:
+        return f.read()
 
 
 def write_file(path, text):
@@ -2494,7 +2501,8 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     eval, eval_reward_mean_before, at step 0), titled with the run's reward (config.json). An --eval_reward
     (eval_<name>) has its own scale: its curve is stretched onto the others' y range, its legend names its range."""
     from PIL import Image, ImageDraw
-    records = [json.loads(line) for line in open(metrics_path) if _epoch_of(line) < math.inf]  # not one cut by a kill
+    lines = read_text(metrics_path).splitlines()
+    records = [json.loads(line) for line in lines if _epoch_of(line) < math.inf]  # not one cut by a kill
     evals = lambda key: ([(0, r[key + "_before"]) for r in records if key + "_before" in r]  # noqa: E731
                          + [(r["step"], r[key]) for r in records if key in r])
     extra = dict.fromkeys(k[5:].removesuffix("_before") for r in records for k in r
@@ -2505,7 +2513,7 @@ def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
     extra = {name: series.pop(name) for name in extra}
     if title is None:
         config = os.path.join(os.path.dirname(metrics_path), "config.json")
-        reward = json.load(open(config)).get("reward") if os.path.isfile(config) else None
+        reward = json.loads(read_text(config)).get("reward") if os.path.isfile(config) else None
         title = f"{reward + ' ' if reward else ''}reward against optimizer step"
     W, H, L, R, T, B = *size, 64, 20, 44, 40  # canvas and margins
     font, small = _font(16), _font(12)
@@ -2648,7 +2656,7 @@ def resumed(args, given):
         return args
     kinds = {f.name: f.type for f in dataclasses.fields(Args)}
     try:
-        saved = json.load(open(path))  # null: a value resolved away (a flag of another family): the default applies
+        saved = json.loads(read_text(path))  # null: a value resolved away (another family's flag): the default applies
         saved = {k: v for k, v in saved.items() if k in kinds and v is not None and k != "lora"}  # lora: --eval_only's
         wrong = [k for k, v in saved.items() if type(v) is not kinds[k] and not (kinds[k] is float and type(v) is int)]
         if wrong:

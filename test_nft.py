@@ -34,6 +34,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import gc
 import http.server
 import inspect
 import io
@@ -49,6 +50,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -673,7 +675,11 @@ def test_nft_shifts_a_toy_flow_toward_the_rewarded_mode():
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    printed = run_here(*SMALL, "--num_epochs", 2, "--output_dir", out)
+    with warnings.catch_warnings(record=True) as caught:  # every file the run opens is closed by the run
+        warnings.simplefilter("always", ResourceWarning)
+        printed = run_here(*SMALL, "--num_epochs", 2, "--output_dir", out)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning) and "nft.py" in w.filename], caught
     (out.parent / "stdout.txt").write_text(printed)  # beside the run's folder, which tests list
     return str(out)
 
@@ -4650,7 +4656,6 @@ def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monke
 def _three_peft_adapters(transformer, args, theta, old):
     """The reference: peft's own adapters "default" and "old", policies chosen
     by set_adapter / disable_adapters."""
-    import warnings
     transformer.requires_grad_(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
