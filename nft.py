@@ -1008,7 +1008,7 @@ def start_run(args):
     args.eval_images_per_prompt = args.eval_images_per_prompt or 1
     if args.profile:  # a few timed epochs, no evaluation (so no --eval_reward model loads) and no checkpoints
         args.eval_every = 0
-    claimed = claim_output_dir(args, run.process_index, run.num_processes)
+    claimed = claim_output_dir(args, run.process_index, run.num_processes, run.train_records)
     if claimed is None:
         return None, None, None
     resume, foreign, locked, replace = claimed
@@ -1111,7 +1111,7 @@ def end_epoch(run, pol, epoch, log):
     if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                     draws=run_draws(args, run.num_processes))
+                     draws=run_draws(args, run.num_processes, run.train_records))
         save = functools.partial(save_epoch, run, log, state)
         # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
         # resume then trains it again, so that the run ends with its evaluation
@@ -1862,9 +1862,14 @@ _LAST = []  # the last epoch not yet in a checkpoint: a save_epoch call ready to
 _STOPS = []  # the stop signals received (_stop)
 
 
-def run_draws(args, world_size):
-    """What fixes a run's random draws besides the epoch: DRAW_KEYS and the rank count."""
-    return dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
+def run_draws(args, world_size, records=()):
+    """What fixes a run's random draws besides the epoch: DRAW_KEYS, the rank count and the training prompt records
+    (a prompt file edited in place keeps its name)."""
+    draws = dict({k: getattr(args, k) for k in DRAW_KEYS}, world_size=world_size)
+    if records:
+        digest = hashlib.sha256(json.dumps(list(records), sort_keys=True, default=str).encode()).hexdigest()
+        draws["prompt_records"] = f"{len(records)} prompts, sha256 {digest[:12]}"
+    return draws
 
 
 def checkpoints(root):
@@ -2023,7 +2028,7 @@ def newest_good(paths, read):
             print0(f"warning: {str(e).split(': ', 1)[1].split(';')[0]} in {path}; trying the checkpoint before it")
 
 
-def load_checkpoint(args, world_size):
+def load_checkpoint(args, world_size, records=()):
     """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet; latest falls back
     past unreadable ones (newest_good). RESUME_KEYS must match (they shape the LoRA or the schedule); changed
     DRAW_KEYS or rank count only warn: the run continues correctly but no longer replays the uninterrupted one."""
@@ -2043,16 +2048,16 @@ def load_checkpoint(args, world_size):
     if diff:
         raise UserError(f"--resume_from {path} was saved with a different configuration ({', '.join(diff)}); "
                         "pass the same flags or start a new run")
-    draws = run_draws(args, world_size)
+    draws = run_draws(args, world_size, records)
     changed = [f"{k} {v!r} -> {draws[k]!r}" for k, v in state.get("draws", draws).items()
-               if not same_value(k, v, draws.get(k))]
+               if k in draws and not same_value(k, v, draws[k])]
     if changed:
         print0(f"warning: resuming with {', '.join(changed)}: training continues, but the prompts and noise "
                "of later epochs differ from what the uninterrupted run would have drawn")
     return path, state
 
 
-def claim_output_dir(args, rank, world):
+def claim_output_dir(args, rank, world, records=()):
     """Lock --output_dir (rank 0), read the checkpoint to resume and refuse to clobber a run (a previous one, or one
     with newer checkpoints). Returns (resume (path, state) or None, foreign: another run's checkpoint, locked: the lock
     is held, replace: --overwrite replaces a previous run, once the model has loaded), or None when the run to resume
@@ -2061,7 +2066,7 @@ def claim_output_dir(args, rank, world):
     locked = rank == 0 and os.path.isdir(args.output_dir)
     if locked:  # before reading or changing anything of the folder
         run_lock(args.output_dir)
-    resume = load_checkpoint(args, world) if args.resume_from else None
+    resume = load_checkpoint(args, world, records) if args.resume_from else None
     if resume and resume[1]["epoch"] >= args.num_epochs and not args.profile:  # said, not a silent no-op
         print0(f"the run in {args.output_dir} is complete: {resume[0]} holds epoch {resume[1]['epoch']} and "
                f"--num_epochs is {args.num_epochs}, so there is nothing to train; pass a larger --num_epochs")

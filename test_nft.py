@@ -2611,6 +2611,12 @@ def test_mismatched_or_broken_checkpoints_are_one_line(capsys, two_epochs, tmp_p
     args = nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt), "--seed", "7"])
     assert nft.load_checkpoint(args, world_size=2)[0] == str(ckpt)  # allowed, but no longer a replay:
     assert "resuming with seed 42 -> 7, world_size 1 -> 2: training continues" in capsys.readouterr().out
+    colors = rewards.default_prompts("color", "train")  # what the run trained on: the same records say nothing
+    nft.load_checkpoint(nft.parse_args([*map(str, SMALL), "--resume_from", str(ckpt)]), 1, colors)
+    assert "resuming with" not in capsys.readouterr().out
+    nft.load_checkpoint(args, 1, colors[:2])  # a prompt file edited in place: its name is the same, its prompts not
+    assert re.search(r"resuming with seed 42 -> 7, prompt_records '4 prompts, sha256 \w+' -> '2 prompts, sha256 \w+'"
+                     ": training continues", capsys.readouterr().out)
     lora = ckpt / "pytorch_lora_weights.safetensors"  # what --eval_only and load_lora_weights read
     whole = lora.read_bytes()
     lora.write_bytes(whole[:len(whole) // 2])
