@@ -887,7 +887,7 @@ def setup(args):
         held, its_model = os.path.isfile(config), args.model
         with contextlib.suppress(OSError, ValueError, AttributeError):  # none, or unreadable: no hint of its --model
             its_model = json.loads(read_text(config)).get("model")
-        where = (f"{args.output_dir} holds no run" if latest
+        where = (f"{args.output_dir} holds no run's config.json" if latest
                  else "not a checkpoint folder of a run (<run>/checkpoints/checkpoint-N)")
         why = (f" (--resume_from {args.resume_from}: {where} to take --model from; is it spelled right?)"
                if args.resume_from and args.model == Args.model and not held else
@@ -900,12 +900,14 @@ def setup(args):
     existing = os.path.abspath(args.output_dir)  # the folder, or the nearest parent that will hold it
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    try:  # a real write that leaves no name: permissions, a read-only disk, /sys or /proc (which refuse even root)
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link there
-        raise UserError(f"--output_dir {args.output_dir}: {existing} is not {what} ({e.strerror}); give a folder you "
-                        "can write to") from None
+    saves = os.path.join(args.output_dir, "checkpoints")  # a resumed run's, written only after an epoch's work
+    for folder in [existing] + [saves] * (os.path.isdir(saves) and not args.eval_only):
+        try:  # a real write that leaves no name: permissions, a read-only disk, /sys or /proc (which refuse root too)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            what = "a folder" if e.errno in (errno.ENOTDIR, errno.ENOENT) else "writable"  # a file or a broken link
+            raise UserError(f"--output_dir {args.output_dir}: {folder} is not {what} ({e.strerror}); give a folder "
+                            "you can write to") from None
     names = os.path.relpath(os.path.abspath(args.output_dir), existing).split(os.sep)  # the folders still to make
     if max(len(os.fsencode(n)) for n in names) > os.pathconf(existing, "PC_NAME_MAX"):
         raise UserError(f"--output_dir {args.output_dir}: a folder name is longer than the file system allows "
@@ -949,11 +951,16 @@ def used_eval_reward(args):
 
 def prompt_sets(args):
     """(train, eval) prompt records of --prompts / --eval_prompts (a folder: its official files) or built-in sets."""
-    args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
-                                                                    args.eval_only)
+    try:
+        args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
+                                                                        args.eval_only)
+        train, evals, repeats = rewards.prompt_records(args.reward, args.prompts, args.eval_prompts,
+                                                       args.eval_max_prompts)
+    except rewards.RewardError as e:  # a resume names the files of the run's config.json, not of the command line
+        raise UserError(f"{e}; a resumed run reads its prompt files from its config.json: give moved ones anew"
+                        if args.resume_from else str(e)) from None
     if warning:  # once, before any model loads
         print0(warning)
-    train, evals, repeats = rewards.prompt_records(args.reward, args.prompts, args.eval_prompts, args.eval_max_prompts)
     if repeats:
         print0(f"{args.eval_prompts}: {repeats} repeated lines (the official test files list a prompt once per "
                "image); evaluating each distinct prompt once")
@@ -1379,7 +1386,9 @@ def read_lora(file, flag):
     try:
         with safe_open(file, "pt") as f:
             meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception:  # safetensors' own error (bad header, truncated), an OSError
+    except OSError as e:  # safetensors says "No such file" where it may not read one
+        raise UserError(f"{flag} {file} cannot be read ({e.strerror or e}); check its permissions") from None
+    except Exception:  # safetensors' own error (bad header, truncated)
         why = "empty" if os.path.getsize(file) == 0 else "bad header or truncated"
         raise UserError(f"{flag} {file} is not a safetensors file ({why}); give the pytorch_lora_weights.safetensors "
                         "of a checkpoint or a peft adapter folder") from None
@@ -1885,8 +1894,9 @@ def write_error(e, what):
     full = getattr(e, "errno", None) == errno.ENOSPC or any(  # torch.save and safetensors word it their own way
         s in str(e) for s in ("unexpected pos", "file write failed", "No space left", "StorageFull"))
     reason = "no space left on device" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
-    return UserError(f"could not write {what}: {reason}; what was written before it (the last good checkpoint) is "
-                     "kept. Free space (or fix the folder) and run again: a training run with --resume_from latest")
+    return UserError(f"could not write {what}: {reason}; what was written before it (the last good checkpoint, if "
+                     "any) is kept. Free space (or fix the folder) and run again: a training run with --resume_from "
+                     "latest")
 
 
 def make_way(path):
@@ -2209,6 +2219,9 @@ def run_lock(folder):
             os.close(fd)
             raise OSError(errno.EINVAL, "not a plain file of its own")
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):  # another user's, most likely
+            raise UserError(f"--output_dir {folder}: its .lock cannot be opened ({e.strerror}); is it another user's "
+                            "run? Use another --output_dir") from None
         what = "a symbolic link" if e.errno == errno.ELOOP else "a folder" if e.errno == errno.EISDIR else e.strerror
         raise UserError(f"--output_dir {folder}: .lock is {what}, which a run's lock never is; it is left as it is: "
                         "remove it, or use another --output_dir") from None

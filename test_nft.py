@@ -2406,7 +2406,7 @@ def test_no_cuda_points_to_the_cpu_demo_and_a_mistyped_model_or_folder_is_named(
     for typo in ("random:sd3.5", "random:tiny", "tiny/", "sd3.5-medium"):  # random:tiny: not a model (no preset)
         assert f"unknown --model {typo!r}" in cli_error(capsys, "--model", typo)
     msg = cli_error(capsys, "--resume_from", "latest", "--output_dir", tmp_path / "typo")
-    assert f"{tmp_path / 'typo'} holds no run to take --model from" in msg
+    assert f"{tmp_path / 'typo'} holds no run's config.json to take --model from" in msg
     assert "holds no run" not in cli_error(capsys, "--model", "org/model", "--resume_from", "latest", "--output_dir",
                                            tmp_path / "typo")  # a --model given: nothing came from the folder
     for bad in (tmp_path / "missing", tmp_path):  # no folder; a folder that is no run's checkpoint
@@ -2479,6 +2479,14 @@ def test_bad_prompt_files(capsys, tmp_path):
     assert "--eval_prompts file is empty" in cli_error(capsys, *SMALL, *out, "--eval_prompts", empty)  # its own flag
     assert "--eval_prompts file not found" in cli_error(capsys, *SMALL, *out, "--eval_prompts", tmp_path / "no.txt")
     assert "needs GenEval metadata" in cli_error(capsys, *SMALL, *out, "--reward", "geneval", "--prompts", plain)
+    moved, run = tmp_path / "moved.txt", tmp_path / "run"  # a resumed run's file, named by its config.json
+    moved.write_text("a red image\n")
+    run.mkdir()
+    nft.write_config(nft.parse_args([*map(str, SMALL), "--prompts", str(moved), "--output_dir", str(run)]))
+    moved.unlink()
+    assert cli_error(capsys, "--resume_from", "latest", "--output_dir", run).endswith(
+        "moved.txt (give a .txt with one prompt a line or a .jsonl); a resumed run reads its prompt files from its "
+        "config.json: give moved ones anew")
 
 
 def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
@@ -2703,6 +2711,12 @@ def test_hostile_lora_files_are_one_line_before_any_model_loads(capsys, monkeypa
         with pytest.raises(nft.UserError, match=re.escape(f"--init_lora {path}")) as e:
             nft.find_lora(path, "--init_lora")
         assert message in str(e.value), (path, str(e.value))
+    import safetensors  # one that cannot be read (safetensors says "No such file" for no permission)
+    with pytest.MonkeyPatch.context() as m, pytest.raises(nft.UserError, match="ok.safetensors cannot be read "
+                                                            r"\(No such file or directory\); check its permissions"):
+        m.setattr(safetensors, "safe_open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(
+            errno.ENOENT, "No such file or directory")))
+        nft.find_lora(ok, "--init_lora")
     no_models(monkeypatch)  # a NaN LoRA is refused, not scored as nan with exit 0
     assert "holds NaN/inf" in cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "nan.safetensors",
                                         "--output_dir", tmp_path / "eval")
@@ -2784,6 +2798,12 @@ def test_run_lock_never_follows_a_link_or_truncates_another_file(capsys, monkeyp
     (out / ".lock").mkdir()
     with pytest.raises(nft.UserError, match=r"\.lock is a folder"):
         nft.run_lock(str(out))
+    real_open = os.open  # one that cannot be opened (another user's, as seen by a user who is not root)
+    monkeypatch.setattr(os, "open", lambda path, *a: (_ for _ in ()).throw(PermissionError(
+        errno.EACCES, "Permission denied")) if str(path).endswith(".lock") else real_open(path, *a))
+    with pytest.raises(nft.UserError, match=r"its \.lock cannot be opened \(Permission denied\); is it another"):
+        nft.run_lock(str(out))
+    monkeypatch.setattr(os, "open", real_open)
     assert victim.read_text() == "precious\n" and not nft._HELD
 
 
@@ -2923,6 +2943,12 @@ def test_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypat
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)
     msg = cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", tmp_path / "new" / "out")
     assert f"{tmp_path} is not writable" in msg and not (tmp_path / "new").exists()
+    run = tmp_path / "new" / "run"  # a resumed run's checkpoints/ too: it would fail after an epoch's work
+    (run / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, dir=None, **k: refused(
+        *a, dir=tmp_path if str(dir).endswith("checkpoints") else dir, **k))
+    msg = cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", run, "--resume_from", "latest")
+    assert f"{run / 'checkpoints'} is not writable (Permission denied)" in msg
 
 
 # ---- rewards behind a contract, and the HTTP client against misbehaving local servers ----
