@@ -833,6 +833,7 @@ class Run:
     compile_s: float = 0.0  # --compile: seconds spent compiling so far
     eager: str = None  # --compile: why the run fell back to eager, once it has
     logged: int = -1  # the last epoch whose metrics line is written (write_metrics)
+    draws: dict = None  # run_draws, saved with each checkpoint (its prompts' fingerprint: hashed once)
     pool: ThreadPoolExecutor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(1))  # the reward thread
 
     def __post_init__(self):
@@ -901,7 +902,7 @@ def setup(args):
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     saves = os.path.join(args.output_dir, "checkpoints")  # a resumed run's, written only after an epoch's work
-    for folder in [existing] + [saves] * (os.path.isdir(saves) and not args.eval_only):
+    for folder in [existing] + [saves] * (os.path.isdir(saves) and bool(args.resume_from) and not args.overwrite):
         try:  # a real write that leaves no name: permissions, a read-only disk, /sys or /proc (which refuse root too)
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
@@ -909,9 +910,12 @@ def setup(args):
             raise UserError(f"--output_dir {args.output_dir}: {folder} is not {what} ({e.strerror}); give a folder "
                             "you can write to") from None
     names = os.path.relpath(os.path.abspath(args.output_dir), existing).split(os.sep)  # the folders still to make
-    if max(len(os.fsencode(n)) for n in names) > os.pathconf(existing, "PC_NAME_MAX"):
+    most = math.inf
+    with contextlib.suppress(OSError, ValueError):  # a file system that does not say: no check
+        most = os.pathconf(existing, "PC_NAME_MAX")
+    if max(len(os.fsencode(n)) for n in names) > most:
         raise UserError(f"--output_dir {args.output_dir}: a folder name is longer than the file system allows "
-                        f"({os.pathconf(existing, 'PC_NAME_MAX')} bytes); give a shorter one")
+                        f"({most} bytes); give a shorter one")
     for inside in (os.path.abspath(args.output_dir), os.path.realpath(args.output_dir)):  # through links too: a run's
         while os.path.dirname(inside) != inside and not (  # checkpoints/ is that run's to replace and remove
                 os.path.basename(inside) == "checkpoints" and checkpoints(os.path.dirname(inside))):
@@ -956,9 +960,10 @@ def prompt_sets(args):
                                                                         args.eval_only)
         train, evals, repeats = rewards.prompt_records(args.reward, args.prompts, args.eval_prompts,
                                                        args.eval_max_prompts)
-    except rewards.RewardError as e:  # a resume names the files of the run's config.json, not of the command line
-        raise UserError(f"{e}; a resumed run reads its prompt files from its config.json: give moved ones anew"
-                        if args.resume_from else str(e)) from None
+    except rewards.RewardError as e:  # a resume's missing file may be named by the run's config.json
+        gone = args.resume_from and not all(os.path.exists(p) for p in (args.prompts, args.eval_prompts) if p)
+        raise UserError(f"{e}; a resumed run reads its prompt files from its config.json unless given: pass moved "
+                        "ones anew" if gone else str(e)) from None
     if warning:  # once, before any model loads
         print0(warning)
     if repeats:
@@ -1049,6 +1054,7 @@ def start_run(args):
     run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
     run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
     run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
+    run.draws = run_draws(args, run.num_processes, run.train_records)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # the training loop's peak, not the model build's
     return run, pol, start_epoch
@@ -1118,7 +1124,7 @@ def end_epoch(run, pol, epoch, log):
     if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                     draws=run_draws(args, run.num_processes, run.train_records))
+                     draws=run.draws)
         save = functools.partial(save_epoch, run, log, state)
         # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
         # resume then trains it again, so that the run ends with its evaluation
@@ -2087,8 +2093,8 @@ def claim_output_dir(args, rank, world, records=()):
         raise UserError(f"--profile with --resume_from {args.resume_from}: the profile's epochs would join this run's "
                         "metrics; profile into another --output_dir with --resume_from <a checkpoint of this run> "
                         "(it is copied there)")
-    held = previous_run(args.output_dir)  # another program's files are never taken over, not even by a resume
-    replace = held if not args.resume_from or foreign or args.profile or held.startswith("files") else ""
+    held = previous_run(args.output_dir)  # a profile or another program's files: never taken over, even by a resume
+    replace = held if not args.resume_from or foreign or args.profile or held != "a previous run" else ""
     if replace and not args.overwrite:
         fix = "pass --resume_from latest to continue it, " if replace == "a previous run" else "pass "
         raise UserError(f"--output_dir {args.output_dir} holds {replace}; {fix}--overwrite to replace it, or another "
@@ -2113,16 +2119,17 @@ def previous_run(folder):
     """What `folder` holds that a new run would replace: "a previous run" (checkpoints or metrics), "a profile
     (profile.json)" (--profile's, which no run continues), "an evaluation (eval.json)" (--eval_only's), files named as
     this script's outputs in a folder without a config.json of its own (another program's), or ""."""
-    if checkpoints(folder):
+    if os.path.exists(os.path.join(folder, "profile.json")):  # also where --profile copied a checkpoint in
+        return "a profile (profile.json)"
+    if checkpoints(folder) or os.path.exists(os.path.join(folder, "metrics.jsonl")):
         return "a previous run"
-    for name, what in [("profile.json", "a profile"), ("metrics.jsonl", "a previous run"),
-                       ("eval.json", "an evaluation")]:
-        if os.path.exists(os.path.join(folder, name)):
-            return what if what == "a previous run" else f"{what} ({name})"
+    if os.path.exists(os.path.join(folder, "eval.json")):
+        return "an evaluation (eval.json)"
     names = sorted(n for n in os.listdir(folder) if re.fullmatch(OUTPUT_NAMES, n)) if os.path.isdir(folder) else []
     with contextlib.suppress(OSError, ValueError, TypeError):  # a run's own config.json (stopped before epoch 0)
         with open(os.path.join(folder, "config.json")) as f:
-            if {"model", "reward"} <= dict(json.load(f)).keys():
+            keys = dict(json.load(f)).keys()
+            if {"model", "reward", "group_size", "num_groups", "beta", "kl_coef", "adv_clip"} <= keys:
                 return ""
     return f"files named as this script's outputs ({', '.join(names)})" if names else ""
 
@@ -2244,9 +2251,10 @@ def lock_new_folder(folder):
     """Create and lock an --output_dir that did not exist when the run started, once its model has loaded (a start
     that fails leaves no folder behind); refuses where another run wrote into it meanwhile."""
     run_lock(folder)
-    if previous_run(folder):  # it did not exist a moment ago: another run is using it
-        raise UserError(f"--output_dir {folder}: another run wrote into it while this one loaded (it holds "
-                        f"{previous_run(folder)}); use another --output_dir")
+    held = previous_run(folder)
+    if held:  # it did not exist a moment ago: another run is using it
+        raise UserError(f"--output_dir {folder}: another run wrote into it while this one loaded (it holds {held}); "
+                        "use another --output_dir")
 
 
 def json_safe(x):
@@ -2913,19 +2921,19 @@ def fitted_decoder(vae, steps=150):
     home = os.path.expanduser("~")  # "~" itself where neither HOME nor a passwd entry names one: no cache
     folder = os.environ.get("NFT_CACHE") or (os.path.join(home, ".cache", "diffusion-nft") if home != "~" else "")
     path = os.path.join(folder, f"tiny_decoder_{h.hexdigest()[:16]}.pt")
+    if not folder:
+        return fit_decoder(vae, steps)
     with contextlib.suppress(Exception):  # not cached yet, or a damaged file: refit
-        if folder:
-            fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            vae.requires_grad_(False)
-            return
+        fitted.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        vae.requires_grad_(False)
+        return
     print0("fitting the tiny VAE decoder (once per machine, then cached)")
     fit_decoder(vae, steps)
     tmp = f"{path}.{os.getpid()}.tmp"  # written, then renamed: parallel runs never read half a file
     try:
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-            torch.save(fitted.state_dict(), tmp)
-            os.replace(tmp, path)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(fitted.state_dict(), tmp)
+        os.replace(tmp, path)
     except (OSError, RuntimeError):  # unwritable or full (torch.save says so with a RuntimeError): refit next time
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -2972,7 +2980,7 @@ def _stop(signum, frame):
 
 def interrupted(args, signum):
     """After Ctrl-C or SIGTERM: rank 0 writes the last completed epoch not yet in a checkpoint (the copy end_epoch
-    keeps) and says how to continue. Returns the exit code: 130 for SIGINT, 143 for SIGTERM."""
+    keeps) and says how to continue. Returns the exit code: 130 for SIGINT, 143 for SIGTERM, 141 for SIGPIPE."""
     for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the save short
         signal.signal(s, signal.SIG_IGN)
     _close_bars()
@@ -2990,7 +2998,7 @@ def interrupted(args, signum):
     if saved:  # the run's config.json supplies every other flag (parse_args)
         launcher = shlex.quote(sys.executable)
         if "RANK" in os.environ:  # torchrun: as many nodes, as many ranks on each
-            local = int(os.environ["LOCAL_WORLD_SIZE"])
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             nodes = int(os.environ["WORLD_SIZE"]) // local
             launcher = "torchrun " + (f"--nnodes={nodes} " if nodes > 1 else "") + f"--nproc_per_node={local}"
         said = f"{where} {saved[0]}; continue with {launcher} " + shlex.join(  # from any working folder
@@ -3016,8 +3024,13 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # no traceback: what is safe on disk and how to go on
         sys.exit(interrupted(args, e.args[0] if e.args else signal.SIGINT))
     except BrokenPipeError:  # what reads the output is gone (`| head`): stopped as by a signal, the epoch saved
-        with contextlib.suppress(OSError, ValueError):  # and nothing more written to the closed pipe
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        import select
+        for stream in (sys.stdout, sys.stderr):  # stdout, or both (2>&1): nothing more is written to a closed pipe
+            with contextlib.suppress(OSError, ValueError):  # (poll reports POLLERR for a pipe without its reader)
+                poller = select.poll()
+                poller.register(stream.fileno(), 0)
+                if poller.poll(0):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         sys.exit(interrupted(args, signal.SIGPIPE) if args else 128 + signal.SIGPIPE)
     except Exception as e:
         if _STOPS:  # a collective that failed as a rank left after the signal: said by rank 0, no traceback
@@ -3044,7 +3057,7 @@ if __name__ == "__main__":
         main()
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         raise
     finally:
         for s in (signal.SIGINT, signal.SIGTERM):

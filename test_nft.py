@@ -1174,8 +1174,9 @@ def test_profile_reports_phases_throughput_and_mfu(capsys, sd3_profile):
     assert "train_mfu" in printed
     assert len(metrics(out)) == 3 and not nft.checkpoints(out)
     assert json.load(open(out / "config.json"))["num_epochs"] == 3  # what ran
-    assert cli_error(capsys, *SMALL, "--output_dir", out).endswith(  # a profile is not continued: no resume offered
-        "holds a profile (profile.json); pass --overwrite to replace it, or another --output_dir")
+    for resume in ([], ["--resume_from", "latest"]):  # a profile is not continued, nor taken over by a resume
+        assert cli_error(capsys, *SMALL, "--output_dir", out, *resume).endswith(
+            "holds a profile (profile.json); pass --overwrite to replace it, or another --output_dir")
 
 
 # --------------------------------------------------------------------------- model families (FLUX.1, Qwen-Image)
@@ -1892,8 +1893,8 @@ def test_sigterm_saves_the_last_epoch_and_the_printed_command_resumes_exactly(tw
                     break
             while p.poll() is None and "continue with" not in open(tmp_path / "err.txt").read():
                 time.sleep(0.002)
-            if p.poll() is None:  # a Ctrl-C while the interpreter exits ends it at once, as the stop said
-                p.send_signal(signal.SIGINT)
+            assert p.poll() is None  # the interpreter exits (about a second): a Ctrl-C then ends it with 143
+            p.send_signal(signal.SIGINT)
             p.communicate(timeout=120)
         finally:
             watchdog.cancel()
@@ -2484,7 +2485,10 @@ def test_bad_prompt_files(capsys, tmp_path):
     moved.unlink()
     assert cli_error(capsys, "--resume_from", "latest", "--output_dir", run).endswith(
         "moved.txt (give a .txt with one prompt a line or a .jsonl); a resumed run reads its prompt files from its "
-        "config.json: give moved ones anew")
+        "config.json unless given: pass moved ones anew")
+    (tmp_path / "bad.jsonl").rename(tmp_path / "given.jsonl")  # a file given now, there but bad: no such hint
+    assert cli_error(capsys, "--resume_from", "latest", "--output_dir", run, "--prompts", tmp_path / "given.jsonl"
+                     ).endswith("malformed JSON (Expecting ',' delimiter); each line must be one JSON object")
 
 
 def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
@@ -2838,7 +2842,8 @@ def test_overwrite_replaces_a_run_only_once_the_model_loaded_and_unlinks_a_check
 
 def test_another_programs_files_in_the_output_folder_are_never_overwritten(capsys, tmp_path):
     """A folder holding files named as this script's outputs (a project's config.json, curves.png) without a run's
-    own config.json is refused by a run, a resume and an evaluation, and left as it is; --overwrite replaces them."""
+    own config.json is refused by a run, a resume and an evaluation, its files left as they are; --overwrite replaces
+    them."""
     out = tmp_path / "project"
     out.mkdir()
     (out / "config.json").write_text('{"my": "project settings"}')
@@ -2947,6 +2952,11 @@ def test_unwritable_output_folder_stops_before_the_model_loads(capsys, monkeypat
         *a, dir=tmp_path if str(dir).endswith("checkpoints") else dir, **k))
     msg = cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", run, "--resume_from", "latest")
     assert f"{run / 'checkpoints'} is not writable (Permission denied)" in msg
+    try:  # --overwrite replaces that folder (or the link it is), never writes into it: not checked
+        nft.setup(nft.parse_args([*map(str, SMALL_NO_EVAL), "--output_dir", str(run), "--overwrite"]))
+    finally:
+        while nft._HELD:
+            nft._HELD.pop()()
 
 
 # ---- rewards behind a contract, and the HTTP client against misbehaving local servers ----
