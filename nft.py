@@ -69,6 +69,7 @@ import stat
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -873,8 +874,14 @@ def setup(args):
         # a collective waits while another rank scores (a call up to --reward_timeout): nccl's default, 10 min, was
         # --reward_timeout's, so its watchdog raced the reward's one-line error (validate() checks the value later)
         wait = args.reward_timeout if 0 < args.reward_timeout < math.inf else Args.reward_timeout
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(seconds=max(1800, 2 * wait)))
+        # the rendezvous waits in C++ for ranks that may never come, where no Python handler runs: a signal ends it
+        handlers = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}  # (nothing to save)
+        try:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=datetime.timedelta(seconds=max(1800, 2 * wait)))
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     check_model_name(args.model)
@@ -3035,13 +3042,20 @@ def main(argv=None):
     except Exception as e:
         if _STOPS:  # a collective that failed as a rank left after the signal: said by rank 0, no traceback
             sys.exit(interrupted(args, _STOPS[0]))
-        if not isinstance(e, (UserError, rewards.RewardError)):
+        peer_gone = dist.is_initialized() and dist.get_world_size() > 1 and any(  # raised in a collective: a rank
+            "torch/distributed/" in frame.filename for frame in traceback.extract_tb(e.__traceback__)[-4:])  # left
+        if not isinstance(e, (UserError, rewards.RewardError)) and not peer_gone:
             raise
         _close_bars()
-        rank = int(os.environ.get("RANK", 0))  # rank 0 says it (under torchrun every rank stops alike), and a rank
-        if rank == 0 or isinstance(e, rewards.RewardFailed):  # whose reward failed on its own images
-            print(f"{f'[rank {rank}] ' if rank else ''}error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        rank = int(os.environ.get("RANK", 0)) if "MASTER_ADDR" in os.environ else 0  # (a stale RANK: it is alone)
+        said = str(e)
+        if peer_gone:  # another rank stopped (its own line says why) or its connection broke; rank 0 says so
+            first = (said.strip().splitlines() or [""])[0]
+            said = (f"a torch.distributed collective failed ({type(e).__name__}: {first}): another rank stopped or "
+                    "lost its connection; its own line above, or torchrun's summary, says which")
+        if rank == 0 or isinstance(e, rewards.RewardFailed):  # rank 0 says it (under torchrun every rank stops
+            print(f"{f'[rank {rank}] ' if rank else ''}error: {said}", file=sys.stderr, flush=True)  # alike), and a
+        sys.exit(2)  # rank whose reward failed on its own images
     finally:
         _LAST.clear()
         _STOPS.clear()

@@ -1993,7 +1993,8 @@ def test_under_torchrun_a_collective_waits_longer_than_a_reward_may_take(monkeyp
     import torch.distributed as dist
     seen = []
 
-    def init_process_group(backend, timeout):
+    def init_process_group(backend, timeout):  # its C++ wait runs no Python handler: a signal must end it
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         seen.append(timeout)
         raise RuntimeError("not initialized here")
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
@@ -2003,12 +2004,16 @@ def test_under_torchrun_a_collective_waits_longer_than_a_reward_may_take(monkeyp
         with pytest.raises(RuntimeError, match="not initialized here"):
             nft.setup(nft.parse_args([*map(str, SMALL), *map(str, flags)]))
         assert seen.pop() == datetime.timedelta(minutes=minutes)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after
 
 
 def test_only_rank_0_says_an_error_but_a_rank_whose_reward_failed_says_it_too(capsys, monkeypatch, tmp_path):
     """Under torchrun every rank meets a bad flag or file alike, so rank 0 alone says it; a reward that failed on a
-    rank's own images may have failed on no other rank (whose next collective then fails): that rank says it."""
-    monkeypatch.setenv("RANK", "1")
+    rank's own images may have failed on no other rank (whose next collective then fails): that rank says it, and rank
+    0 says in one line that a collective failed as a rank left."""
+    import torch.distributed as dist
+    for name, value in dict(RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        monkeypatch.setenv(name, str(value))
     for error, said in [(rewards.RewardFailed("reward 'picky' raised ValueError at my_reward.py:5 (fn): no yellow"),
                          "[rank 1] error: reward 'picky' raised ValueError at my_reward.py:5 (fn): no yellow"),
                         (nft.UserError("--output_dir x: not writable"), "")]:
@@ -2018,6 +2023,25 @@ def test_only_rank_0_says_an_error_but_a_rank_whose_reward_failed_says_it_too(ca
         with pytest.raises(SystemExit) as e:
             nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
         assert e.value.code == 2 and capsys.readouterr().err.strip() == said
+    for rank, said in [(1, ""), (0, "error: a torch.distributed collective failed (ValueError: Default process group "
+                                    "has not been initialized, please make sure to call init_process_group.): another "
+                                    "rank stopped or lost its connection; its own line above, or torchrun's summary")]:
+        monkeypatch.setenv("RANK", str(rank))  # a collective that fails as another rank left: no traceback anywhere
+
+        def collective(args):
+            dist.all_reduce(torch.zeros(1))  # raises in torch.distributed, as a peer's closed connection does
+        monkeypatch.setattr(nft, "train", collective)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+        with pytest.raises(SystemExit) as e:
+            nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
+        monkeypatch.undo()
+        assert e.value.code == 2 and capsys.readouterr().err.strip().startswith(said)
+        for name, value in dict(RANK=1, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+            monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("RANK", "1")  # a stale RANK=1 without torchrun: the process is alone, and says its error
+    monkeypatch.delenv("MASTER_ADDR")
+    assert "RANK is set but MASTER_ADDR not" in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", tmp_path)
 
 
 def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
