@@ -793,13 +793,13 @@ def test_tiny_decoder_is_cached_and_identical(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 65792 vs 65712")
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setenv("NFT_CACHE", str(tmp_path / "full"))
-    nft.builtin_pipeline("tiny")
+    nft.fitted_decoder(copy.deepcopy(a.vae).requires_grad_(True))  # its decoder alone, fitted again
     assert fits == [150] * 4 and os.listdir(tmp_path / "full") == []  # no half-written file left
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.delenv("NFT_CACHE")  # no HOME and no passwd entry: no cache, not a folder named ~
     monkeypatch.setattr(os.path, "expanduser", lambda p: p)
     monkeypatch.chdir(tmp_path)
-    nft.builtin_pipeline("tiny")
+    nft.fitted_decoder(copy.deepcopy(a.vae).requires_grad_(True))  # its decoder alone, fitted again
     assert fits == [150] * 5 and not os.path.exists(tmp_path / "~")
 
 
