@@ -2133,12 +2133,13 @@ def previous_run(folder):
     if os.path.exists(os.path.join(folder, "eval.json")):
         return "an evaluation (eval.json)"
     names = sorted(n for n in os.listdir(folder) if re.fullmatch(OUTPUT_NAMES, n)) if os.path.isdir(folder) else []
+    if not names:
+        return ""
     with contextlib.suppress(OSError, ValueError, TypeError):  # a run's own config.json (stopped before epoch 0)
-        with open(os.path.join(folder, "config.json")) as f:
-            keys = dict(json.load(f)).keys()
-            if {"model", "reward", "group_size", "num_groups", "beta", "kl_coef", "adv_clip"} <= keys:
-                return ""
-    return f"files named as this script's outputs ({', '.join(names)})" if names else ""
+        keys = dict(json.loads(read_text(os.path.join(folder, "config.json")))).keys()
+        if {"model", "reward", "group_size", "num_groups", "beta", "kl_coef", "adv_clip"} <= keys:
+            return ""
+    return f"files named as this script's outputs ({', '.join(names)})"
 
 
 def run_of(checkpoint):
