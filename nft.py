@@ -3060,20 +3060,13 @@ def main(argv=None):
     finally:
         _LAST.clear()
         _STOPS.clear()
+        ended = sys.exc_info()[1]  # a script (argv None): a signal while the interpreter exits (a second or so of
+        code = getattr(ended, "code", 1 if ended else 0)  # cleanup) ends it at once, with the exit code it had
         for s, handler in handlers.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if argv is not None else lambda *_: os._exit(code))
         while _HELD:  # the run's lock (the OS drops it anyway when the process ends) and its reward queue
             _HELD.pop()()
 
 
 if __name__ == "__main__":
-    code = 1  # the exit code; a signal during the interpreter's exit (a second or so of cleanup) ends it with it
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        raise
-    finally:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda *_: os._exit(code))
+    main()
