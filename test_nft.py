@@ -1,4 +1,5 @@
-"""Tests for nft.py and rewards.py. CPU only, offline: `HF_HUB_OFFLINE=1 python -m pytest -q test_nft.py`.
+"""Tests for nft.py and rewards.py. CPU only, offline: `HF_HUB_OFFLINE=1 python -m pytest -q -n 2 test_nft.py`
+(pytest-xdist, one worker per core; without `-n 2` the same tests run in one process).
 
 The sections, in file order, by what they test (tiny random models throughout: the code paths, not image quality):
   math                  the pure functions against hand-written formulas: noise, loss, advantages, decays, presets
@@ -2050,13 +2051,14 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(nft, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", [os.path.join(HERE, "nft.py")])  # as `python nft.py` sets it
     monkeypatch.chdir(tmp_path.parent)  # a relative --output_dir: the command names it whole, to run from anywhere
     with pytest.raises(SystemExit) as e:
         nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", tmp_path.name])
     err = capsys.readouterr().err
     assert e.value.code == 130 and "Traceback" not in err
     assert err.strip() == (f"SIGINT: the last completed epoch is in {tmp_path.name}/checkpoints/checkpoint-00004; "
-                           f"continue with {sys.executable} {sys.argv[0]} --resume_from latest --output_dir {tmp_path}")
+                           f"continue with {sys.executable} {HERE}/nft.py --resume_from latest --output_dir {tmp_path}")
 
     def save_fails():
         raise nft.UserError("could not write checkpoint-00005: no space left on device")
@@ -2065,6 +2067,7 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
         nft._LAST[:] = [save_fails]
         raise KeyboardInterrupt
     monkeypatch.setattr(nft, "train", interrupted_while_unsaved)
+    monkeypatch.setattr(sys, "argv", [os.path.join(HERE, "nft.py")])
     with pytest.raises(SystemExit) as e:
         nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -2072,7 +2075,7 @@ def test_ctrl_c_is_one_line_with_how_to_resume(capsys, monkeypatch, tmp_path):
     assert [line for line in err.splitlines() if line] == [
         "error: could not write checkpoint-00005: no space left on device",
         f"SIGINT: the last completed epoch could not be saved; the newest checkpoint is {tmp_path}/checkpoints/"
-        f"checkpoint-00004; continue with {sys.executable} {sys.argv[0]} --resume_from latest --output_dir "
+        f"checkpoint-00004; continue with {sys.executable} {HERE}/nft.py --resume_from latest --output_dir "
         f"{tmp_path}"]
     with pytest.raises(SystemExit):  # the same with no checkpoint yet
         nft.main([*map(str, SMALL_NO_EVAL), "--output_dir", str(tmp_path / "new")])
