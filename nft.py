@@ -2647,6 +2647,11 @@ def parse_args(argv=None):
         path = os.path.expanduser(getattr(args, k))  # the Hugging Face cache links to a blob without its name)
         if path and os.path.exists(path) and not (k == "model" and builtin(path)):  # a hub id, a built-in: as given
             setattr(args, k, os.path.join(os.getcwd(), path))
+    unused = {"eta": args.solver != "sde" and f"it is the sde solver's noise, and --solver is {args.solver}",
+              "negative_prompt": args.guidance_scale == 1 and "it is CFG's, and --guidance_scale is 1 (no CFG)",
+              "train_guided": args.guidance_scale == 1 and "there is no guided velocity at --guidance_scale 1"}
+    for flag in [k for k, why in unused.items() if why and given.get(k, False) is not False]:  # given, yet idle
+        print0(f"warning: --{flag} does nothing here: {unused[flag]}")
     return args
 
 

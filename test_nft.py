@@ -1,5 +1,5 @@
 """Tests for nft.py and rewards.py. CPU only, offline: `HF_HUB_OFFLINE=1 python -m pytest -q -n 2 test_nft.py`
-(pytest-xdist, one worker per core; without `-n 2` the same tests run in one process).
+(pytest-xdist, a worker per core; without `-n 2` the same tests run in one process).
 
 The sections, in file order, by what they test (tiny random models throughout: the code paths, not image quality):
   math                  the pure functions against hand-written formulas: noise, loss, advantages, decays, presets
@@ -2399,6 +2399,21 @@ def test_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message)
     out = tmp_path / "out"
     assert message in cli_error(capsys, *SMALL_NO_EVAL, "--output_dir", out, *argv)
     assert not out.exists()
+
+
+def test_a_flag_given_where_it_does_nothing_is_said(capsys):
+    """--eta without the sde solver, --negative_prompt and --train_guided without CFG: each, given, gets one warning
+    line naming why it is idle; where it acts, or left at its default, nothing is said."""
+    def warnings_of(*argv):
+        nft.parse_args(["--model", "tiny", *argv])
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings_of("--solver", "euler", "--eta", "0", "--negative_prompt", "x", "--train_guided") == [
+        "warning: --eta does nothing here: it is the sde solver's noise, and --solver is euler",
+        "warning: --negative_prompt does nothing here: it is CFG's, and --guidance_scale is 1 (no CFG)",
+        "warning: --train_guided does nothing here: there is no guided velocity at --guidance_scale 1"]
+    assert warnings_of("--solver", "sde", "--eta", "0.3", "--negative_prompt", "x", "--train_guided",
+                       "--guidance_scale", "2") == []
+    assert warnings_of("--no-train_guided") == warnings_of("--solver", "euler") == []
 
 
 def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path):
