@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 811: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 817: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -212,8 +212,10 @@ def nft_loss(v_theta, v_old, x0, xt, sigma, r, beta):
         loss = (r*L+ + (1-r)*L-) / beta                                             -> shape (B,)
 
     Since x0+- - x0 = sigma*(eps - x0 - v+-), this is a sigma-weighted velocity-matching loss that the
-    adaptive weight w normalizes by its own error size, so every timestep contributes alike.
-    v_theta: (B, C, H, W) or (B, C, F, H, W) with grad; v_old: same, no grad; sigma, r: (B,) or floats; beta: (0, 1].
+    adaptive weight w normalizes by its own error size: it grows like sigma*|velocity error|, not its square.
+    The trainer minimizes adv_clip * mean_B(loss) + kl_coef * mean((v_theta - v_ref)^2) (micro_step).
+    v_theta: (B, C, H, W) or (B, C, F, H, W) with grad, fp32 (sigma is cast to its dtype); v_old: same, no grad;
+    sigma, r: (B,) or floats; beta: (0, 1].
     """
     v_old, r = v_old.detach(), torch.as_tensor(r, device=x0.device).reshape(-1).double()  # (B, 1) is (B,) too
     s = torch.as_tensor(sigma, device=x0.device).reshape(-1, *[1] * (x0.ndim - 1)).to(v_theta.dtype)
@@ -233,7 +235,8 @@ def cfg(v, v_neg, scale):
 
 
 def adv_to_r(adv, adv_clip):
-    """Optimality weight r = clamp(clip(A, +-adv_clip) / adv_clip / 2 + 0.5, 0, 1): A=0 -> 0.5, +-clip -> 1/0."""
+    """Optimality weight r = clamp(clip(A, +-adv_clip) / adv_clip / 2 + 0.5, 0, 1): A=0 -> 0.5, +-clip -> 1/0.
+    adv_clip > 0."""
     return (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
 
 
@@ -241,7 +244,8 @@ def group_advantages(rewards, group_ids, global_std=True):
     """A = (R - mean of R over the same prompt) / (std + 1e-4).
 
     std is the population std of all rewards of the epoch (global_std=True, official) or of the group.
-    rewards: (N,) float; group_ids: (N,) int, equal ids = same prompt. Returns (N,) float.
+    rewards: (N,) float, finite (score drops NaN/inf first: one NaN would spread to every A), N >= 1; group_ids: (N,)
+    int, equal ids = same prompt. Returns (N,) float.
     """
     rewards = rewards.double()
     _, inv = torch.unique(group_ids, return_inverse=True)
@@ -292,8 +296,9 @@ def dpm2(velocity_fn, x, sigmas, generator=None, eta=0.0):
     """DPM-Solver++(2M), data prediction, alpha = 1 - sigma, lambda = log(alpha/sigma), h = lambda' - lambda.
 
     First order:  x <- (s'/s)*x - a'*(e^-h - 1)*D0,  D0 = x0_pred = x - s*v
-    Second order: D = D0 + (D0 - D0_prev) / (2*r0), r0 = h_prev / h. First order at the first step
-    (lambda(1) = -inf, so h_prev is infinite and the correction vanishes) and the last step to sigma=0.
+    Second order: D = D0 + (D0 - D0_prev) / (2*r0), r0 = h_prev / h. First order at the first step, at the second
+    when sigmas[0] = 1 (lambda(1) = -inf, so h_prev is infinite and the correction vanishes), and at the last step
+    to sigma = 0.
     """
     m_prev, h_prev = None, None
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
@@ -313,19 +318,19 @@ def dpm2(velocity_fn, x, sigmas, generator=None, eta=0.0):
 
 def sde(velocity_fn, x, sigmas, generator=None, eta=0.7):
     """Flow-GRPO's marginal-preserving SDE; eta = 0 is Euler. With dt = s' - s < 0:
-    std = eta*sqrt(s/(1-s)) (with sigma_1 in place of s in the denominator when s = 1),
+    std = eta*sqrt(s/(1-s)) (with sigmas[1] in place of s in the denominator when s = 1),
     mean = x*(1 + std^2*dt/(2s)) + v*(1 + std^2*(1-s)/(2s))*dt,   x <- mean + std*sqrt(-dt)*z.
     """
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         v, dt = velocity_fn(x, s), s_next - s
-        std = eta * math.sqrt(s / (1 - (s if s < 1 else sigmas[1].item())))  # as Flow-GRPO: sigma_1 below only
+        std = eta * math.sqrt(s / (1 - (s if s < 1 else sigmas[1].item())))  # as Flow-GRPO: sigmas[1] below only
         mean = x * (1 + std ** 2 * dt / (2 * s)) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = mean + std * math.sqrt(-dt) * z
     return x
 
 
-SOLVERS = {"euler": euler, "dpm2": dpm2, "sde": sde}  # a new solver is one function with this signature
+SOLVERS = {"euler": euler, "dpm2": dpm2, "sde": sde}  # a new solver: this signature, sigmas a 1-D float64 CPU tensor
 
 
 def solve(velocity_fn, x, sigmas, solver="dpm2", generator=None, eta=0.7):
@@ -351,7 +356,8 @@ def shifted_sigmas(config, num_steps, image_seq_len):
                                sigma = mu / (mu + 1/t - 1)       ("linear")
         else:                  sigma = shift*t / (1 + (shift - 1)*t)
         shift_terminal:        1 - sigma stretched so the last sigma is shift_terminal (Qwen-Image: 0.02)
-    and a final 0. float64 (the scheduler computes in float32: they agree to ~1e-7)."""
+    and a final 0 (one step: [1, 0], the scheduler's NaN avoided). float64 (the scheduler computes in float32: they
+    agree to ~1e-7)."""
     c = {"shift": 1.0, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
          "time_shift_type": "exponential", **config}
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
@@ -2729,7 +2735,7 @@ BOUNDS = {**dict.fromkeys(["learning_rate", "group_size", "num_groups", "num_ste
           "beta": "in (0, 1]", "timestep_fraction": "in (0, 1]", "guidance_scale": ">= 1"}
 NOTES = {"checkpoints_total_limit": "0 keeps every checkpoint", "adam_epsilon": "lora_A's first gradients are 0: 0/0",
          "guidance_scale": "1 = no classifier-free guidance",
-         "beta": "the paper uses 1.0, or 0.1 for OCR and multi-reward; beta > 1 makes the negative policy extrapolate",
+         "beta": "the paper uses 1.0, or 0.1 for OCR and multi-reward; beta > 1 gives v_old a negative weight in v+",
          "timestep_fraction": "official: 0.99, 9 of 10 rollout sigmas"}
 CHOICES = {"solver": SOLVERS, "grad_sync": ("step", "micro_step"), "mixed_precision": ("auto", "bf16", "fp16", "no"),
            "reward_precision": ("fp32", "bf16")}
