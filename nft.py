@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 817: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 818: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -48,6 +48,7 @@ Where this file deliberately differs from the official code (the README's table 
     matrix's diagonal); --init_lora folds the file's alpha/r into lora_B (official: loads a peft folder as is).
 """
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -2656,6 +2657,9 @@ def parse_args(argv=None):
     unused = {"eta": args.solver != "sde" and f"it is the sde solver's noise, and --solver is {args.solver}",
               "negative_prompt": args.guidance_scale == 1 and "it is CFG's, and --guidance_scale is 1 (no CFG)",
               "train_guided": args.guidance_scale == 1 and "there is no guided velocity at --guidance_scale 1"}
+    if args.eval_only:  # the evaluation samples with Euler (--eval_num_steps)
+        unused.update(eta="--eval_only samples with Euler", solver="--eval_only samples with Euler",
+                      train_guided="--eval_only trains nothing")
     for flag in [k for k, why in unused.items() if why and given.get(k, False) is not False]:  # given, yet idle
         print0(f"warning: --{flag} does nothing here: {unused[flag]}")
     return args
@@ -3071,13 +3075,16 @@ def main(argv=None):
     finally:
         _LAST.clear()
         _STOPS.clear()
-        ended = sys.exc_info()[1]  # a script (argv None): a signal while the interpreter exits (a second or so of
-        code = getattr(ended, "code", 1 if ended else 0)  # cleanup) ends it at once, with the exit code it had
-        for s, handler in handlers.items():
-            signal.signal(s, handler if argv is not None else lambda *_: os._exit(code))
+        ended = sys.exc_info()[1]  # as the script: a signal while the interpreter exits (a second or so of cleanup)
+        code = ended.code if isinstance(ended, SystemExit) else int(ended is not None)  # ends it at once, with this
+        code = code if isinstance(code, int) else int(code is not None)  # exit code (sys.exit(None): 0, "text": 1)
+        for s, handler in handlers.items():  # imported (tests, your script): the caller's handlers back
+            signal.signal(s, (lambda *_: os._exit(code)) if __name__ == "__main__" else handler)
         while _HELD:  # the run's lock (the OS drops it anyway when the process ends) and its reward queue
             _HELD.pop()()
 
 
 if __name__ == "__main__":
+    for s in (signal.SIGINT, signal.SIGTERM):  # Python's exit resets its handlers to the default after the atexit
+        atexit.register(signal.signal, s, signal.SIG_IGN)  # calls: ignored from then on, the exit code is kept
     main()
