@@ -21,7 +21,7 @@ banner, line 818: below it are setup, loading, checkpoints, evaluation, logging,
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
-x_sigma = (1 - sigma)*x0 + sigma*eps, and the transformer predicts v = eps - x0 (SD3 at timestep 1000*sigma).
+xt = (1 - sigma)*x0 + sigma*eps (the paper's x_t, t = sigma), and the transformer predicts v = eps - x0.
 SD3.5, FLUX.1 and Qwen-Image all fit this: a Family says how prompts are encoded, how the transformer gives v for
 (x, sigma, prompt), the rollout schedule and the LoRA targets; the loop never asks which family it runs.
 
@@ -195,7 +195,7 @@ OFFICIAL_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 
 # --------------------------------------------------------------------------- math (pure functions)
 def add_noise(x0, eps, sigma):
-    """Forward (noising) process of rectified flow: x_sigma = (1 - sigma) * x0 + sigma * eps.
+    """Forward (noising) process of rectified flow: xt = (1 - sigma) * x0 + sigma * eps.
 
     x0, eps: (B, ...); sigma: (B,) or a float, broadcast per sample. sigma = 1 is pure noise.
     """
@@ -741,7 +741,7 @@ def guided_velocity(transformer, x, sigma, cond, negative, scale):
 
 
 def velocity(transformer, x, sigma, cond):
-    """v = transformer(x_sigma, sigma, prompt), by the transformer's family (FAMILIES; the functions below).
+    """v = transformer(xt, sigma, prompt), by the transformer's family (FAMILIES; the functions below).
     x, v: (B, C, h, w) float32 latents; sigma: float or (B,) tensor; cond: encode_prompts' dict, B rows."""
     return family_of(transformer).velocity(transformer, x, sigma, cond)
 
@@ -759,7 +759,7 @@ def _sigma_batch(sigma, x):
 
 
 def sd3_velocity(transformer, x, sigma, cond):
-    """SD3 / SD3.5: v = SD3Transformer(x_sigma, timestep 1000*sigma, embeds, pooled)."""
+    """SD3 / SD3.5: v = SD3Transformer(xt, timestep 1000*sigma, embeds, pooled)."""
     embeds = cond["embeds"]
     out = transformer(hidden_states=x.to(embeds.dtype), timestep=sigma_to_timestep(_sigma_batch(sigma, x)),
                       encoder_hidden_states=embeds, pooled_projections=cond["pooled"], return_dict=False)[0]
