@@ -1862,7 +1862,9 @@ def check_memory(args, world, device):
                  for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (b[2], sum(b)))]
         fit = next((trial for trial in tries if need(trial) <= free), None)  # the fewest flags, --fsdp last
         added = " ".join(f"--{k}" for k in names if fit and getattr(fit, k) > getattr(args, k))
-        how = f"add {added} (about {need(fit):.1f} GiB)" if fit else "lower --train_batch_size, or use larger GPUs"
+        parts = memory_estimate(sizes, args, precision, gpus if args.fsdp else 1)  # the batch of the largest phase
+        batch = "--sample_batch_size" if parts["decode"] >= parts["activations"] else "--train_batch_size"
+        how = f"add {added} (about {need(fit):.1f} GiB)" if fit else f"lower {batch}, or use larger GPUs"
         if fit and fit.fsdp and world < 2:
             how += f" on {gpus} GPUs: torchrun --nproc_per_node {gpus}"
     else:
@@ -2657,12 +2659,22 @@ def parse_args(argv=None):
     unused = {"eta": args.solver != "sde" and f"it is the sde solver's noise, and --solver is {args.solver}",
               "negative_prompt": args.guidance_scale == 1 and "it is CFG's, and --guidance_scale is 1 (no CFG)",
               "train_guided": args.guidance_scale == 1 and "there is no guided velocity at --guidance_scale 1"}
-    if args.eval_only:  # the evaluation samples with Euler (--eval_num_steps)
-        unused.update(eta="--eval_only samples with Euler", solver="--eval_only samples with Euler",
-                      train_guided="--eval_only trains nothing")
+    if args.eval_only:  # the evaluation samples with Euler (--eval_num_steps), eager, and trains nothing
+        unused.update(dict.fromkeys(TRAINING_ONLY, "--eval_only trains nothing"), eta="--eval_only samples with Euler",
+                      solver="--eval_only samples with Euler", num_steps="--eval_only samples --eval_num_steps steps",
+                      compile="--eval_only runs eager", compile_budget="--eval_only runs eager")
     for flag in [k for k, why in unused.items() if why and given.get(k, False) is not False]:  # given, yet idle
         print0(f"warning: --{flag} does nothing here: {unused[flag]}")
     return args
+
+
+# the flags that only training reads: given with --eval_only, each gets a warning line (parse_args)
+TRAINING_ONLY = ("group_size", "num_groups", "beta", "kl_coef", "adv_clip", "global_std", "timestep_fraction",
+                 "old_flat", "old_rate", "old_max", "ema_max_decay", "learning_rate", "adam_beta1", "adam_beta2",
+                 "adam_weight_decay", "adam_epsilon", "max_grad_norm", "train_batch_size", "steps_per_epoch",
+                 "num_epochs", "rank", "lora_alpha", "lora_targets", "train_guided", "eval_every", "save_every",
+                 "checkpoints_total_limit", "max_nonfinite_steps", "wandb", "wandb_project", "wandb_run_name",
+                 "gradient_checkpointing", "grad_sync", "profile")
 
 
 def same_value(key, saved, now):

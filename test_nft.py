@@ -2412,8 +2412,8 @@ def test_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message)
 
 
 def test_a_flag_given_where_it_does_nothing_is_said(capsys):
-    """--eta without the sde solver, --negative_prompt and --train_guided without CFG, and --solver, --eta and
-    --train_guided with --eval_only: each, given, gets one warning line naming why it is idle; where it acts, or left
+    """--eta without the sde solver, --negative_prompt and --train_guided without CFG, and with --eval_only the
+    sampling and every training flag: each, given, gets one warning line naming why it is idle; where it acts, or left
     at its default, nothing is said."""
     def warnings_of(*argv):
         nft.parse_args(["--model", "tiny", *argv])
@@ -2429,6 +2429,12 @@ def test_a_flag_given_where_it_does_nothing_is_said(capsys):
         "warning: --eta does nothing here: --eval_only samples with Euler",
         "warning: --train_guided does nothing here: --eval_only trains nothing",
         "warning: --solver does nothing here: --eval_only samples with Euler"]
+    read = ["--eval_num_steps", "3", "--sample_batch_size", "4", "--seed", "1"]  # evaluation flags: nothing said
+    assert warnings_of("--eval_only", "--learning_rate", "1e-3", "--num_steps", "5", "--compile", "--no-wandb",
+                       *read) == [  # --no-wandb is the default: nothing said
+        "warning: --learning_rate does nothing here: --eval_only trains nothing",
+        "warning: --num_steps does nothing here: --eval_only samples --eval_num_steps steps",
+        "warning: --compile does nothing here: --eval_only runs eager"]
 
 
 def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path):
@@ -4970,7 +4976,8 @@ def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypa
     --gradient_checkpointing the activations (9 x (1024 + 512) tokens x 3072 x (2 x 60 + 44.4) bytes) 6.50 GiB: with
     the text encoders (15.44), the VAE (0.47) and GenEval's fp32 Mask2Former + CLIP-L (496.3e6 x 4 bytes, 1.85 GiB),
     33.3 GiB, which fits. check_memory on a faked 40 GB GPU among 8 stops with that advice and the torchrun command;
-    SD3.5-Medium's defaults fit; on a CPU nothing is checked. The reward models' counts are the architectures'
+    SD3.5-Medium's defaults fit; where nothing fits, the batch flag of the largest phase is named (training's
+    activations, or --eval_only's decode); on a CPU nothing is checked. The reward models' counts are the architectures'
     (rewards.REWARD_PARAMS: each built here on the meta device), and --reward multi counts its three."""
     args = nft.parse_args(["--model", "Qwen/Qwen-Image"])
     sizes = nft.model_sizes("Qwen/Qwen-Image")
@@ -4988,6 +4995,11 @@ def test_memory_estimate_by_hand_and_the_check_names_the_flags_that_fit(monkeypa
         nft.check_memory(args, 1, torch.device("cuda:0"))
     nft.check_memory(dataclasses.replace(args, memory_check=False), 1, torch.device("cuda:0"))
     nft.check_memory(nft.parse_args([]), 1, torch.device("cuda:0"))  # SD3.5-Medium: about 32 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20e9, 80e9))  # nothing fits: the batch to lower
+    for extra, batch in [([], "--train_batch_size"),
+                         (["--eval_only", "--sample_batch_size", "64"], "--sample_batch_size")]:
+        with pytest.raises(nft.UserError, match=f"GiB free; lower {batch}, or use larger GPUs"):  # the largest phase
+            nft.check_memory(nft.parse_args(["--model", "Qwen/Qwen-Image", *extra]), 1, torch.device("cuda:0"))
     nft.check_memory(args, 1, torch.device("cpu"))  # a hub model on a CPU: refused by setup, not by memory
     counted = nft.model_sizes("random:qwen-image")  # built on the meta device: one-layer text encoder
     assert counted["transformer"] == pytest.approx(20.43e9, rel=2e-3) and counted["text"] < 1e9 < sizes["text"]
