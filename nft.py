@@ -3013,16 +3013,19 @@ def _stop(signum, frame):
         raise KeyboardInterrupt(signum)
 
 
-def interrupted(args, signum):
+def interrupted(args, signum, finished=False):
     """After Ctrl-C or SIGTERM: rank 0 writes the last completed epoch not yet in a checkpoint (the copy end_epoch
-    keeps) and says how to continue. Returns the exit code: 130 for SIGINT, 143 for SIGTERM, 141 for SIGPIPE."""
+    keeps) and says how to continue, or, `finished` (the ranks' goodbye was cut short), that nothing is left to do.
+    Returns the exit code: 130 for SIGINT, 143 for SIGTERM, 141 for SIGPIPE."""
     for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the save short
         signal.signal(s, signal.SIG_IGN)
     _close_bars()
     saved, where, said = [], "the last completed epoch is in", "no epoch was completed: nothing to save"
     if args and args.eval_only:
         said = "the evaluation stopped; it writes its results when it completes"
-    if args and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
+    if finished:
+        said = f"the {'evaluation' if args.eval_only else 'run'} had completed; its outputs are in {args.output_dir}"
+    elif args and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
         try:
             saved = [_LAST[0]()] if _LAST else checkpoints(args.output_dir)[-1:]
         except UserError as e:  # the save failed: the newest checkpoint on disk is where to continue from
@@ -3049,15 +3052,16 @@ def main(argv=None):
             sys.modules[name].utils.logging.set_verbosity_error()  # variable then, so it is told directly
         os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers, finished = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}, False
     try:
         args = parse_args(argv)
         eval_only(args) if args.eval_only else train(args)
+        finished = True
         if dist.is_initialized():  # every rank is done: the ranks' goodbye
             dist.barrier()
             dist.destroy_process_group()
     except KeyboardInterrupt as e:  # no traceback: what is safe on disk and how to go on
-        sys.exit(interrupted(args, e.args[0] if e.args else signal.SIGINT))
+        sys.exit(interrupted(args, e.args[0] if e.args else signal.SIGINT, finished))
     except BrokenPipeError:  # what reads the output is gone (`| head`): stopped as by a signal, the epoch saved
         import select
         for stream in (sys.stdout, sys.stderr):  # stdout, or both (2>&1): nothing more is written to a closed pipe
@@ -3066,10 +3070,10 @@ def main(argv=None):
                 poller.register(stream.fileno(), 0)
                 if poller.poll(0):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-        sys.exit(interrupted(args, signal.SIGPIPE) if args else 128 + signal.SIGPIPE)
+        sys.exit(interrupted(args, signal.SIGPIPE, finished) if args else 128 + signal.SIGPIPE)
     except Exception as e:
         if _STOPS:  # a collective that failed as a rank left after the signal: said by rank 0, no traceback
-            sys.exit(interrupted(args, _STOPS[0]))
+            sys.exit(interrupted(args, _STOPS[0], finished))
         peer_gone = dist.is_initialized() and dist.get_world_size() > 1 and any(  # raised in a collective: a rank
             "torch/distributed/" in frame.filename for frame in traceback.extract_tb(e.__traceback__)[-4:])  # left
         if not isinstance(e, (UserError, rewards.RewardError)) and not peer_gone:

@@ -1979,6 +1979,8 @@ def test_a_stop_during_the_evaluation_saves_the_epoch_it_evaluates(two_epochs, c
 
 
 def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tmp_path):
+    """Ctrl-C in training or in --eval_only: exit 130 and one line; a SIGTERM once the run is done: 143 and a line
+    saying it completed."""
     before = signal.getsignal(signal.SIGINT)
 
     def interrupted(args):
@@ -1994,6 +1996,13 @@ def test_sigint_in_process_exits_130_without_a_traceback(capsys, monkeypatch, tm
     with pytest.raises(SystemExit) as e:
         nft.main([*map(str, SMALL), "--eval_only", "--output_dir", str(tmp_path)])
     assert capsys.readouterr().err.strip() == "SIGINT: the evaluation stopped; it writes its results when it completes"
+    monkeypatch.setattr(nft, "train", lambda args: None)  # done; then a SIGTERM in the ranks' goodbye
+    monkeypatch.setattr(nft.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(nft.dist, "barrier", lambda: nft._stop(signal.SIGTERM, None))
+    with pytest.raises(SystemExit) as e:
+        nft.main([*map(str, SMALL), "--output_dir", str(tmp_path)])
+    assert e.value.code == 143  # no "continue with" for a run that is complete
+    assert capsys.readouterr().err.strip() == f"SIGTERM: the run had completed; its outputs are in {tmp_path}"
 
 
 def test_under_torchrun_a_collective_waits_longer_than_a_reward_may_take(monkeypatch):
