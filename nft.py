@@ -2111,6 +2111,9 @@ def claim_output_dir(args, rank, world, records=()):
                         "(it is copied there)")
     held = previous_run(args.output_dir)  # a profile or another program's files: never taken over, even by a resume
     replace = held if not args.resume_from or foreign or args.profile or held != "a previous run" else ""
+    if args.overwrite and resume and not replace:  # as parse_args' warnings: a flag given that does nothing
+        print0(f"warning: --overwrite does nothing here: --resume_from {args.resume_from} continues the run in "
+               f"{args.output_dir}")
     if replace and not args.overwrite:
         fix = "pass --resume_from latest to continue it, " if replace == "a previous run" else "pass "
         raise UserError(f"--output_dir {args.output_dir} holds {replace}; {fix}--overwrite to replace it, or another "

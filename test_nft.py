@@ -1792,7 +1792,8 @@ def test_resume_from_another_runs_checkpoint_copies_it_and_leaves_the_source(cap
 def test_a_run_started_with_relative_paths_resumes_from_another_folder(monkeypatch, tmp_path):
     """Path flags are saved absolute in config.json: --resume_from latest from another working folder reads the
     prompts the run started with, with no warning of changed draws (a relative path would name another file, or
-    none); a built-in --model name stays a name even beside a folder of that name."""
+    none); a built-in --model name stays a name even beside a folder of that name. --overwrite with its resume is
+    said to do nothing: the run continues."""
     for folder in ("a", "b", "b/tiny"):
         (tmp_path / folder).mkdir()
     (tmp_path / "a" / "p.txt").write_text("a red image\na blue image\n")
@@ -1815,6 +1816,9 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(monkeypat
     monkeypatch.chdir(tmp_path / "a")
     printed = run_here("--resume_from", "latest", "--output_dir", out, "--num_epochs", 3)
     assert "resumed from" in printed and "warning" not in printed and len(metrics(out)) == 3
+    printed = run_here("--resume_from", "latest", "--output_dir", out, "--num_epochs", 4, "--overwrite")
+    assert f"warning: --overwrite does nothing here: --resume_from latest continues the run in {out}" in printed
+    assert "resumed from" in printed and len(metrics(out)) == 4  # continued, not replaced
     assert nft.same_value("model", "../b/tiny", str(tmp_path / "b" / "tiny"))  # from folder a
     os.symlink(tmp_path / "a" / "p.txt", tmp_path / "a" / "link.jsonl")  # as the Hugging Face cache links to blobs
     assert nft.parse_args(["--prompts", "link.jsonl"]).prompts == str(tmp_path / "a" / "link.jsonl")  # its name kept
