@@ -971,7 +971,7 @@ def prompt_sets(args):
     """(train, eval) prompt records of --prompts / --eval_prompts (a folder: its official files) or built-in sets."""
     try:
         args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
-                                                                        args.eval_only)
+                                                                        args.eval_only, evaluates(args))
         train, evals, repeats = rewards.prompt_records(args.reward, args.prompts, args.eval_prompts,
                                                        args.eval_max_prompts)
     except rewards.RewardError as e:  # a resume's missing file may be named by the run's config.json
@@ -2665,7 +2665,8 @@ def parse_args(argv=None):
     if args.eval_only:  # the evaluation samples with Euler (--eval_num_steps), eager, and trains nothing
         unused.update(dict.fromkeys(TRAINING_ONLY, "--eval_only trains nothing"), eta="--eval_only samples with Euler",
                       solver="--eval_only samples with Euler", num_steps="--eval_only samples --eval_num_steps steps",
-                      compile="--eval_only runs eager", compile_budget="--eval_only runs eager")
+                      compile="--eval_only runs eager", compile_budget="--eval_only runs eager",
+                      prompts=bool(args.eval_prompts) and "--eval_only evaluates --eval_prompts and trains nothing")
     for flag in [k for k, why in unused.items() if why and given.get(k, False) is not False]:  # given, yet idle
         print0(f"warning: --{flag} does nothing here: {unused[flag]}")
     return args

@@ -279,7 +279,8 @@ def ocr_target(prompt):
     """The text the image should show: what sits inside the prompt's first pair of double quotes."""
     parts = prompt.split('"')
     if len(parts) < 3 or not parts[1].strip():  # empty quotes: every image would score 0, a group that teaches nothing
-        raise RewardError(f'the ocr reward needs the target text in double quotes in the prompt; got {prompt!r}')
+        raise RewardError(f'the ocr reward needs the target text in straight double quotes (") in the prompt; got '
+                          f'{prompt!r}')
     return parts[1]
 
 
@@ -1247,6 +1248,13 @@ OFFICIAL_PROMPTS = {
 }
 
 
+# files that read as text would turn into wrong prompts (load_prompts): what each is
+NOT_PROMPT_TEXT = {".json": "a .json file", ".csv": "a table (.csv: its header and columns would become prompts)",
+                   ".tsv": "a table (.tsv: its header and columns would become prompts)",
+                   ".parquet": "a table (.parquet)", **{ext: f"compressed ({ext}): decompress it first" for ext in (
+                       ".gz", ".zip", ".bz2", ".xz", ".zst", ".tar")}}
+
+
 def load_prompts(path, flag="--prompts"):
     """Prompt records from a file: .txt (one prompt a line) or .jsonl (objects with a non-empty "prompt" and the
     reward's metadata, e.g. GenEval's). Blank lines are skipped; RewardError names the flag, file and line otherwise."""
@@ -1256,9 +1264,10 @@ def load_prompts(path, flag="--prompts"):
         raise RewardError(f"{flag} {path} is not a regular file (a pipe or a device); save the prompts to a file")
     if not os.path.isfile(path):
         raise RewardError(f"{flag} file not found: {path} (give a .txt with one prompt a line or a .jsonl)")
-    if path.lower().endswith(".json"):  # read as text, its brackets and quotes would become prompts
-        raise RewardError(f"{flag} {path} is a .json file; give a .jsonl (one JSON object a line, with a "
-                          "\"prompt\") or a .txt with one prompt a line")
+    kind = next((k for ext, k in NOT_PROMPT_TEXT.items() if path.lower().endswith(ext)), None)
+    if kind:  # read as text, its brackets, quotes, commas or header would become prompts
+        raise RewardError(f"{flag} {path} is {kind}; give a .jsonl (one JSON object a line, with a \"prompt\") or a "
+                          ".txt with one prompt a line")
     try:
         with open(path, "rb") as f:
             data = f.read().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first prompt
@@ -1275,9 +1284,11 @@ def load_prompts(path, flag="--prompts"):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise RewardError(f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+            raise RewardError(f"{flag} {path}:{n}: malformed JSON ({e.msg}); each line must be one JSON "
+                              "object") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise RewardError(f'{path}:{n}: each line needs a non-empty "prompt" string, e.g. {{"prompt": "a cat"}}')
+            raise RewardError(f'{flag} {path}:{n}: each line needs a non-empty "prompt" string, e.g. '
+                              '{"prompt": "a cat"}')
         records.append(record)
     if not records:
         raise RewardError(f"{flag} file is empty: {path}")
@@ -1292,25 +1303,38 @@ def official_file(folder, preset, which, flag):
     for name in names[which:which + 1] + (f"{split}_metadata.jsonl", f"{split}.txt"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
+    if not os.access(folder, os.R_OK | os.X_OK):  # its files would look missing
+        raise RewardError(f"{flag} {folder} cannot be read (permission denied); check its permissions")
     want = names[which] if names else f"{split}.txt or {split}_metadata.jsonl"
-    raise RewardError(f"{flag} {folder}: no {want} in this folder; pass the official DiffusionNFT repository's "
-                      "dataset/ folder, one of its subfolders, or a prompt file")
+    fix = ("pass the official DiffusionNFT repository's dataset/ folder, one of its subfolders, or a prompt file"
+           if names else "this --reward has no preset to pick a file of the official dataset/ folder: pass the "
+           "subfolder of the prompts to use (such as dataset/pickscore), or a prompt file")
+    raise RewardError(f"{flag} {folder}: no {want} in this folder; {fix}")
 
 
-def prompt_files(preset, prompts="", eval_prompts="", eval_only=False):
+def prompt_files(preset, prompts="", eval_prompts="", eval_only=False, evaluates=True):
     """--prompts and --eval_prompts with folders turned into files (official_file); --eval_prompts left empty follows
-    a --prompts folder (its test file; with --eval_only the preset's benchmark file); "" is the built-in set.
-    Returns (prompts, eval_prompts, warning): warning is one line when a preset with official prompt files runs on
-    a built-in set instead (GenEval's built-in test set is the official one, regenerated), else None."""
+    a --prompts folder (its test file; with --eval_only the preset's benchmark file); "" is the built-in set. A run
+    that never evaluates (`evaluates` False) needs no test file in a folder. Returns (prompts, eval_prompts,
+    warning): warning is one line when a preset with official prompt files runs on a built-in set instead (GenEval's
+    built-in test set is the official one, regenerated), else None."""
     folder = prompts if os.path.isdir(prompts) else ""
-    if folder:  # --eval_only trains on nothing: the folder gives only its benchmark file
+    if eval_only and prompts and not folder and not eval_prompts:  # it would evaluate another set without a word
+        raise RewardError(f"--prompts {prompts} gives training prompts, which --eval_only does not read; evaluate "
+                          f"them with --eval_prompts {prompts}")
+    if folder or eval_only:  # --eval_only trains on nothing: a folder gives only its benchmark file
         prompts = "" if eval_only else official_file(folder, preset, 0, "--prompts")
     source, flag = (eval_prompts, "--eval_prompts") if eval_prompts else (folder, "--prompts")
     if source and os.path.isdir(source):
-        eval_prompts = official_file(source, preset, 2 if eval_only else 1, flag)
+        try:
+            eval_prompts = official_file(source, preset, 2 if eval_only else 1, flag)
+        except RewardError:
+            if evaluates:
+                raise
+            eval_prompts = ""  # the built-in set, never used (a resume that evaluates may pass --eval_prompts)
     names = OFFICIAL_PROMPTS.get(preset)
     missing = [] if not names or eval_only or prompts else [("trains", names[0], "--prompts")]
-    if names and not eval_prompts and not names[2 if eval_only else 1].startswith("geneval/"):
+    if names and evaluates and not eval_prompts and not names[2 if eval_only else 1].startswith("geneval/"):
         missing.append(("evaluates", names[2 if eval_only else 1], "--eval_prompts"))
     warning = missing and (
         f"warning: the {preset} preset {' and '.join(m[0] for m in missing)} on a built-in prompt set, not the "
@@ -1331,13 +1355,14 @@ def prompt_records(spec, prompts="", eval_prompts="", max_eval=0):
     (default_prompts). The `repeats` exact repeats leave the evaluation set, as the official test files list a prompt
     once per image while evaluation draws its own images of each; max_eval > 0 keeps that many, spread evenly over the
     set (a test set sorted by tag, as GenEval's, keeps every tag; its first prompts would all be single objects), each
-    a copy with "_index", its position in the whole set (what evaluation seeds its images by)."""
+    a copy with "_index", its position in the whole set (what evaluation seeds its images by: a file's own "_index"
+    is dropped)."""
     name = prompt_reward(spec)
     train = load_prompts(prompts) if prompts else default_prompts(name, "train")
     evals = load_prompts(eval_prompts, "--eval_prompts") if eval_prompts else default_prompts(name, "test")
     unique = list({json.dumps(r, sort_keys=True): r for r in evals}.values())
     spread = [dict(unique[j], _index=j) for j in (i * len(unique) // max_eval for i in range(max_eval))
-              ] if 0 < max_eval < len(unique) else unique
+              ] if 0 < max_eval < len(unique) else [{k: v for k, v in r.items() if k != "_index"} for r in unique]
     return train, spread, len(evals) - len(unique)
 
 
@@ -1654,8 +1679,8 @@ def geneval_problem(req, index, include=True):
          "class, so no image could meet it"),
         ("color" in req and req.get("color") not in GENEVAL_COLORS,
          f"has color {req.get('color')!r}; GenEval's colors: {', '.join(GENEVAL_COLORS)}"),
-        (position is not None and not (isinstance(position, list) and len(position) == 2 and position[0] in RELATIONS
-                                       and isinstance(position[1], int) and 0 <= position[1] < index),
+        ("position" in req and not (isinstance(position, list) and len(position) == 2 and position[0] in RELATIONS
+                                    and type(position[1]) is int and 0 <= position[1] < index),
          f"has position {position!r}; a position is [relation, index of an earlier include], relations: "
          + ", ".join(RELATIONS)),
     ]

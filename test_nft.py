@@ -315,7 +315,7 @@ def evaluate_with(pipe, records, reward_fn, args, device, autocast, rank, world)
 def resolve_prompts(args):
     """rewards.prompt_files applied to args, as nft.prompt_sets does: folders become files; returns the warning."""
     args.prompts, args.eval_prompts, warning = rewards.prompt_files(args.preset, args.prompts, args.eval_prompts,
-                                                                    args.eval_only)
+                                                                    args.eval_only, nft.evaluates(args))
     return warning
 
 
@@ -2550,7 +2550,7 @@ def test_bad_prompt_files(capsys, tmp_path):
     plain.write_text("a photo of a cat\n")
     out = ["--output_dir", tmp_path / "out"]  # never the working directory's runs/tiny-color
     assert "empty" in cli_error(capsys, *SMALL, *out, "--prompts", empty)
-    assert "bad.jsonl:2: malformed JSON" in cli_error(capsys, *SMALL, *out, "--prompts", bad)
+    assert f"--prompts {bad}:2: malformed JSON" in cli_error(capsys, *SMALL, *out, "--prompts", bad)
     assert "--eval_prompts file is empty" in cli_error(capsys, *SMALL, *out, "--eval_prompts", empty)  # its own flag
     assert "--eval_prompts file not found" in cli_error(capsys, *SMALL, *out, "--eval_prompts", tmp_path / "no.txt")
     assert "needs GenEval metadata" in cli_error(capsys, *SMALL, *out, "--reward", "geneval", "--prompts", plain)
@@ -2602,6 +2602,49 @@ def test_prompt_files_encoding_bom_case_and_folders(capsys, tmp_path):
                                                              "--prompts", bad)
 
 
+def test_prompt_files_as_users_hand_them_in(capsys, monkeypatch, tmp_path):
+    """A table or a compressed file is refused by name, not read as prompts; a jsonl line's error names its flag;
+    GenEval's "position": null is refused before any model loads (geneval_score would fail on it mid-run); a file's
+    own "_index" does not seed evaluation; --eval_only with a --prompts file is refused (it would evaluate another
+    set), and said to be idle beside --eval_prompts; a folder need not hold a test file for a run that never
+    evaluates; a weighted sum on the dataset/ folder, and a folder that cannot be read, say so."""
+    for name, said in [("p.csv", "is a table (.csv: its header and columns would become prompts)"),
+                       ("p.txt.gz", "is compressed (.gz): decompress it first")]:
+        (tmp_path / name).write_text("prompt,seed\na red image,1\n")
+        with pytest.raises(rewards.RewardError, match=re.escape(said)):
+            rewards.load_prompts(str(tmp_path / name))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a red image"}\n[1]\n')
+    assert f"--eval_prompts {tmp_path / 'bad.jsonl'}:2: each line needs" in cli_error(
+        capsys, *SMALL, "--eval_prompts", tmp_path / "bad.jsonl", "--output_dir", tmp_path / "o")
+    record = {"prompt": "a dog and a cat", "tag": "position", "include": [
+        {"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": None}]}
+    with pytest.raises(rewards.RewardError, match=r"has position None; a position is \[relation"):
+        rewards.check_metadata("geneval", [record])
+    (tmp_path / "own.jsonl").write_text('{"prompt": "a red image", "_index": 5}\n{"prompt": "a blue image", '
+                                        '"_index": 5}\n')
+    evals = rewards.prompt_records("color", eval_prompts=str(tmp_path / "own.jsonl"))[1]
+    assert [nft.prompt_index(evals, i) for i in range(2)] == [0, 1]  # two seeds, not one
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a red image\n")
+    assert cli_error(capsys, *SMALL, "--eval_only", "--prompts", plain, "--output_dir", tmp_path / "e") == (
+        f"error: --prompts {plain} gives training prompts, which --eval_only does not read; evaluate them with "
+        f"--eval_prompts {plain}")
+    nft.parse_args(["--eval_only", "--prompts", str(plain), "--eval_prompts", str(plain)])
+    assert "warning: --prompts does nothing here: --eval_only evaluates --eval_prompts" in capsys.readouterr().out
+    root = _official_dataset(tmp_path / "dataset")
+    os.unlink(root / "ocr" / "test.txt")
+    args = nft.parse_args(["--reward", "ocr", "--prompts", str(root), "--eval_every", "0"])
+    assert resolve_prompts(args) is None and args.eval_prompts == ""  # no test file needed, no warning
+    with pytest.raises(rewards.RewardError, match="no ocr/test.txt in this folder"):
+        resolve_prompts(nft.parse_args(["--reward", "ocr", "--prompts", str(root)]))
+    with pytest.raises(rewards.RewardError, match="no preset to pick a file of the official dataset/ folder: pass the "
+                       "subfolder of the prompts to use"):
+        resolve_prompts(nft.parse_args(["--reward", "pickscore:1,color:1", "--prompts", str(root)]))
+    monkeypatch.setattr(rewards.os, "access", lambda path, mode: path != str(root))  # as a user who is not root
+    with pytest.raises(rewards.RewardError, match=r"dataset cannot be read \(permission denied\)"):
+        resolve_prompts(nft.parse_args(["--reward", "ocr", "--prompts", str(root)]))
+
+
 def test_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp_path):
     no_models(monkeypatch)
     prompts = tmp_path / "p.txt"
@@ -2610,9 +2653,9 @@ def test_color_prompt_without_a_colour_word_fails_first(capsys, monkeypatch, tmp
     assert f"{prompts}: the color reward needs a color word" in err and "a photo of a cat" in err
     err = cli_error(capsys, *SMALL, "--eval_prompts", prompts, "--output_dir", tmp_path / "out")
     assert f"{prompts}: the color reward needs a color word" in err
-    with pytest.raises(rewards.RewardError, match="needs the target text in double quotes"):
+    with pytest.raises(rewards.RewardError, match="needs the target text in straight double quotes"):
         rewards.check_metadata("ocr", [{"prompt": 'a sign that says " "'}])  # empty quotes: every image scores 0
-    assert "needs the target text in double quotes" in cli_error(
+    assert "needs the target text in straight double quotes" in cli_error(
         capsys, *SMALL, "--reward", "ocr", "--prompts", prompts, "--output_dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -3145,7 +3188,7 @@ def test_a_sum_trains_on_prompts_every_reward_scores_and_only_sets_in_use_are_ch
                 nft._HELD.pop()()
     assert setup("--reward", "mine:1,color:0.5").train_records == rewards.default_prompts("color", "train")
     setup("--reward", "color", "--prompts", _color_prompts(tmp_path), "--eval_prompts", generic, "--eval_every", 0)
-    setup("--reward", "color", "--prompts", generic, "--eval_only")
+    setup("--reward", "color", "--prompts", generic, "--eval_prompts", _color_prompts(tmp_path), "--eval_only")
     for flags in (["--prompts", generic], ["--prompts", _color_prompts(tmp_path), "--eval_prompts", generic]):
         with pytest.raises(rewards.RewardError, match=f"{generic}: the color reward needs a color word"):
             setup("--reward", "color", *flags)
