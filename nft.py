@@ -504,7 +504,7 @@ def score(run, batch, futures, epoch, log):
     R = torch.cat([r[0] for r in results]).double()
     # a diverged rollout counts as unscored even where its reward is finite (JPEG and OCR score NaN pixels as black)
     R[~torch.isfinite(batch.x0).flatten(1).all(1).cpu()] = math.nan
-    comps = {k: gather(torch.cat([r[1][k] for r in results]).double().to(device)).cpu() for k in results[0][1]}
+    comps = gather_components(results, device)  # every rank's, for the log
     all_R, all_ids = gather(R.to(device)).cpu(), gather(batch.ids.to(device)).cpu()
     ok = torch.isfinite(all_R)
     if not ok.all():
@@ -1022,9 +1022,30 @@ def load_model(run):
     # such as GenEval's), or bf16 by --reward_precision whatever the transformer's precision
     run.pipe.vae.to(torch.float32 if args.reward_precision == "fp32" else torch.bfloat16)
     resolve_guidance(run.pipe, args)
+    warn_long_prompts(run)
     if args.guidance_scale > 1:  # the negative prompt's conditioning, one row
         run.negative = encode_prompts(run.pipe, [args.negative_prompt], args.max_sequence_length, run.device,
                                       args.embedded_guidance_scale)
+
+
+def warn_long_prompts(run):
+    """One line when prompts in use are longer than --max_sequence_length tokens of the family's long text encoder
+    (T5, Qwen2.5-VL): it sees their first tokens only (the pipelines, and the official code, cut them without a
+    word). Counted as the pipeline encodes them: Qwen-Image's in its template, less the 34 tokens it drops."""
+    args, family = run.args, family_of(run.pipe)
+    tokenizer = getattr(run.pipe, family.text_encoders[-1].replace("text_encoder", "tokenizer"))
+    template = getattr(run.pipe, "prompt_template_encode", "{}")
+    dropped = getattr(run.pipe, "prompt_template_encode_start_idx", 0)
+    said = []
+    for what, records, used in [("training", run.train_records, not args.eval_only),
+                                ("evaluation", run.eval_records, evaluates(args))]:
+        ids = tokenizer([template.format(r["prompt"]) for r in records])["input_ids"] if used and records else []
+        cut = sum(len(prompt) - dropped > args.max_sequence_length for prompt in ids)
+        if cut:
+            said.append(f"{cut} of {len(records)} {what} prompts")
+    if said:
+        print0(f"warning: {' and '.join(said)} are longer than --max_sequence_length {args.max_sequence_length} "
+               f"tokens, so the text encoder sees only their first ones (it takes up to {family.max_text})")
 
 
 def start_run(args):
@@ -1145,7 +1166,12 @@ def end_epoch(run, pol, epoch, log):
         if not (due and last):
             _LAST[:] = [save]
     if due:
-        evaluate_ema(run, pol, epoch + 1, log)
+        try:
+            evaluate_ema(run, pol, epoch + 1, log)
+        except Exception:  # a reward that fails on the evaluation images (or a rank that did): keep the training
+            if run.process_index == 0 and _LAST:
+                print0(f"epoch {epoch}'s evaluation failed; the epoch is saved without it in {_LAST.pop()()}")
+            raise
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     # a signal that reached only other ranks (one node's, preempted) stops every rank here: rank 0 saves this epoch
@@ -2417,6 +2443,19 @@ def eval_only(args):
 
 
 # --------------------------------------------------------------------------- logging, profiling and plots
+def gather_components(results, device):
+    """Every rank's reward components of the epoch from its reward calls' (scores, components) results: {name: (all
+    N,) float64 CPU tensor}, NaN for the images of a call (or a rank) that returned no such component. Every rank
+    gathers the same names, in one order."""
+    names = list(dict.fromkeys(k for r in results for k in r[1]))
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, names)
+        names = list(dict.fromkeys(k for part in every for k in part))
+    return {k: gather(torch.cat([r[1].get(k, torch.full_like(r[0], math.nan, dtype=torch.float64)).double()
+                                 for r in results]).to(device)).cpu() for k in names}
+
+
 def rollout_stats(R, group_ids, strict=None, tags=()):
     """What the official run logs besides the reward: zero_std_share, the share of prompt groups whose rewards all
     tie (std 0: every advantage in the group is 0, it teaches nothing; NaN when no reward is finite), and with GenEval
@@ -2621,11 +2660,14 @@ def parse_args(argv=None):
         else:
             p.add_argument(f"--{f.name}", type=f.type, metavar=f.type.__name__.upper(), help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults are suppressed)
+    for k in ("reward", "eval_reward"):  # "ocr " and "color : 1" are "ocr" and "color:1": their preset, their folder
+        if k in given:
+            given[k] = re.sub(r"\s*([,:])\s*", r"\1", given[k].strip())
     # the preset: --preset, else the one whose reward is this spec (multi's sum spelled out), else the reward's own
     # name; a weighted sum of several rewards has none
     spec, model = given.get("reward", Args.reward), given.get("model", Args.model)
-    name = given.get("preset") or next((k for k, preset in PRESETS.items() if preset.get("reward") == spec),
-                                       "" if "," in spec else spec.split(":")[0])
+    name = given.get("preset") or next((k for k, preset in PRESETS.items() if "reward" in preset and reward_terms(
+        preset["reward"]) == reward_terms(spec)), "" if "," in spec else spec.split(":")[0])
     if "reward" in given and name == spec and "reward" in PRESETS.get(name, {}):  # --reward multi: the preset's spec
         given["reward"] = PRESETS[name]["reward"]
     presets = [name]
@@ -2683,10 +2725,20 @@ TRAINING_ONLY = ("group_size", "num_groups", "beta", "kl_coef", "adv_clip", "glo
 
 def same_value(key, saved, now):
     """Whether a flag's saved value is the one given now: for a path flag, the same file however spelled (a run saved
-    before paths were saved absolute holds them relative to the folder it started in)."""
+    before paths were saved absolute holds them relative to the folder it started in); for a reward spec, the same
+    rewards and weights ("color" is "color:1")."""
     paths = key in PATH_FLAGS and all(isinstance(v, str) and v for v in (saved, now))
     return saved == now or paths and os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(
-        os.path.expanduser(now))
+        os.path.expanduser(now)) or key in ("reward", "eval_reward") and reward_terms(saved) == reward_terms(now)
+
+
+def reward_terms(spec):
+    """A reward spec's (name, weight) pairs, what it means: "color" and "color:1" are one spec. The text itself where
+    it does not parse (a reward of another script, not registered here)."""
+    try:
+        return rewards.parse_reward_spec(spec)
+    except rewards.RewardError:
+        return spec
 
 
 # other trainers' names for our flags: what a user means by them is not the nearest spelling (--lr is not --lora)

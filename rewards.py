@@ -1447,26 +1447,36 @@ REWARD_PARAMS = {"geneval": 68.74e6 + 427.6e6, "pickscore": 986.1e6, "hpsv2": 98
 PROMPT_CHECKS = {"color": color_target, "ocr": ocr_target}  # raise RewardError for a prompt the reward cannot score
 
 
+# what a reward may not be called: the epoch's log has reward_<name> and eval_<name> keys of its own
+RESERVED_NAMES = {"mean", "std", "reward_mean", "geneval_overall"}
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a weight as written (no 1_0, no inf)
+
+
 def parse_reward_spec(spec):
     """'geneval' or 'pickscore:1,hpsv2:0.5' -> [(name, weight), ...]; a bare name has weight 1."""
     parsed = []
     for part in (p.strip() for p in str(spec).split(",")):
-        name, _, weight = part.partition(":")
-        name = name.strip()
+        name, colon, weight = part.partition(":")
+        name, weight = name.strip(), weight.strip()
         if not name:
-            raise RewardError(f"no reward name in {spec!r}; give one of {', '.join(REWARDS)}, or a weighted sum such "
-                              "as pickscore:1,hpsv2:0.5")
+            raise RewardError(f"no reward name in {spec!r} (a stray comma or colon?); valid rewards: "
+                              f"{', '.join(REWARDS)}")
+        if name in RESERVED_NAMES:
+            raise RewardError(f"a reward may not be called '{name}' (the log has a key of that name already); "
+                              "register it under another name")
         if name not in REWARDS:
             close = difflib.get_close_matches(name.lower(), REWARDS, n=1)  # COLOR: color
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             mine = "" if close else "; a reward of your own: run the script that registers it (python my_reward.py ...)"
             raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}{mine}")
         try:
-            weight = float(weight) if weight.strip() else 1.0
-            if not math.isfinite(weight):  # every reward would be NaN/inf: the run could never train
+            if colon and not NUMBER.fullmatch(weight):  # "color:" is no weight of 1, nor "color:1_0" one of 10
+                raise ValueError
+            weight = float(weight) if colon else 1.0
+            if not math.isfinite(weight):  # every reward would be NaN/inf: the run could never train (1e400)
                 raise ValueError
         except ValueError:
-            raise RewardError(f"bad weight '{weight}' for reward '{name}' in '{spec}': "
+            raise RewardError(f"bad weight '{part.partition(':')[2].strip()}' for reward '{name}' in '{spec}': "
                               "use name:number with a finite number, e.g. pickscore:0.5") from None
         if name in (n for n, _ in parsed):
             raise RewardError(f"reward '{name}' appears twice in '{spec}'")
@@ -1492,8 +1502,11 @@ def make_reward(spec, device, precision="fp32", timeout=600.0):
             score, comps = call_reward(name, reward, (images, prompts, metadata), device, precision, timeout, hung)
             components[name] = score
             components.update({f"{name}/{k}": v for k, v in comps.items()})
-            weighted = score if weight == 1 else score * weight
-            total = weighted if total is None else total + weighted
+            if len(parts) == 1 and weight == 1:  # the reward itself
+                total = score
+            elif weight:  # a weight of 0 only logs its reward: its NaN drops no image
+                weighted = score.double() * weight  # float64: a large weight must not overflow float32 to inf
+                total = weighted if total is None else total + weighted
         return total, components
     return fn
 
@@ -1604,7 +1617,8 @@ def call_reward(name, reward, inputs, device, precision, timeout, hung):
     if problem:
         raise RewardFailed(f"reward '{name}' returned {problem}; a reward returns (scores, components): an (N,) float "
                           "CPU tensor (NaN for an image it cannot score) and a dict of (N,) CPU tensors")
-    return out[0].detach(), {k: v.detach() for k, v in out[1].items()}  # a score with a graph must not reach the loss
+    # copies: a score with a graph must not reach the loss, nor a buffer the reward refills reach the next batch
+    return out[0].detach().clone(), {k: v.detach().clone() for k, v in out[1].items()}
 
 
 def reward_names(spec):
@@ -1639,7 +1653,7 @@ def check_metadata(spec, metadata_list, source="the prompt set", flag="--prompts
                 if PROMPT_CHECKS[name](prompt) is False:  # a checker may return False instead of raising
                     raise RewardError(f"the {name} reward cannot score the prompt {prompt!r}")
             except RewardError as e:
-                raise RewardError(f"{source}: {e}") from None
+                raise RewardError(f"{source}: {e}; pass {flag} with prompts that the {name} reward can score") from None
             except Exception as e:
                 raise RewardError(f"{source}: the {name} reward's prompt check of {prompt!r} raised "
                                   f"{raised(e)}") from None

@@ -2607,7 +2607,8 @@ def test_prompt_files_as_users_hand_them_in(capsys, monkeypatch, tmp_path):
     GenEval's "position": null is refused before any model loads (geneval_score would fail on it mid-run); a file's
     own "_index" does not seed evaluation; --eval_only with a --prompts file is refused (it would evaluate another
     set), and said to be idle beside --eval_prompts; a folder need not hold a test file for a run that never
-    evaluates; a weighted sum on the dataset/ folder, and a folder that cannot be read, say so."""
+    evaluates; prompts past --max_sequence_length are said to be cut; a weighted sum on the dataset/ folder, and a
+    folder that cannot be read, say so."""
     for name, said in [("p.csv", "is a table (.csv: its header and columns would become prompts)"),
                        ("p.txt.gz", "is compressed (.gz): decompress it first")]:
         (tmp_path / name).write_text("prompt,seed\na red image,1\n")
@@ -2640,6 +2641,16 @@ def test_prompt_files_as_users_hand_them_in(capsys, monkeypatch, tmp_path):
     with pytest.raises(rewards.RewardError, match="no preset to pick a file of the official dataset/ folder: pass the "
                        "subfolder of the prompts to use"):
         resolve_prompts(nft.parse_args(["--reward", "pickscore:1,color:1", "--prompts", str(root)]))
+    long = tmp_path / "long.txt"  # 35 words: past the tiny preset's 16 tokens, which the encoder cuts
+    long.write_text("a red image" + " and a red image" * 8 + "\na blue image\n")
+    run = nft.setup(nft.parse_args([*map(str, SMALL), "--prompts", str(long), "--output_dir", str(tmp_path / "l")]))
+    try:
+        nft.load_model(run)
+    finally:
+        while nft._HELD:
+            nft._HELD.pop()()
+    assert ("warning: 1 of 2 training prompts are longer than --max_sequence_length 16 tokens, so the text encoder "
+            "sees only their first ones (it takes up to 512)") in capsys.readouterr().out
     monkeypatch.setattr(rewards.os, "access", lambda path, mode: path != str(root))  # as a user who is not root
     with pytest.raises(rewards.RewardError, match=r"dataset cannot be read \(permission denied\)"):
         resolve_prompts(nft.parse_args(["--reward", "ocr", "--prompts", str(root)]))
@@ -3380,6 +3391,71 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
                                 "--output_dir", tmp_path / "nan_x0_jpeg")])
     m = metrics(tmp_path / "nan_x0_jpeg")
     assert m[0]["dropped"] == 1 and m[0]["step"] == 1 and math.isfinite(m[0]["loss"])
+
+
+def test_what_a_reward_returns_or_is_called_cannot_mislead_the_run(capsys, monkeypatch, tmp_path):
+    """A reward that refills one buffer each call keeps each batch's scores; a large weight does not overflow the sum
+    to inf, and a weight of 0 only logs (its NaN drops no image); a component some batches lack is NaN there, not a
+    KeyError; a reward may not be called as a log key; weights are numbers as written; a spec spelled with spaces or
+    weights of 1 is the same spec (its preset, its run to resume); a failed evaluation keeps the epoch it follows."""
+    images, prompts = torch.full((2, 3, 8, 8), 0.5), ["a red image", "a blue image"]
+    buffer = torch.zeros(2)
+
+    def refilled(device):
+        def fn(images, prompts, metadata):
+            buffer.copy_(torch.rand(2))
+            return buffer, {}
+        return fn
+    monkeypatch.setitem(rewards.REWARDS, "refilled", refilled)
+    fn = rewards.make_reward("refilled", "cpu")
+    first = fn(images, prompts, None)[0]
+    kept = first.clone()
+    fn(images, prompts, None)
+    assert torch.equal(first, kept)  # not overwritten by the next call
+    color = rewards.make_reward("color", "cpu")(images, prompts, None)[0]
+    total = rewards.make_reward("color:1e39", "cpu")(images, prompts, None)[0]
+    assert torch.isfinite(total).all() and torch.allclose(total, color.double() * 1e39)
+    monkeypatch.setitem(rewards.REWARDS, "nan_all", _nan_reward(1.0))
+    total, comps = rewards.make_reward("color:1,nan_all:0", "cpu")(images, prompts, None)
+    assert torch.equal(total, color.double()) and comps["nan_all"].isnan().all()  # logged, not summed
+    calls = []
+
+    def sometimes(device):  # a component in its first call only
+        def fn(images, prompts, metadata):
+            calls.append(1)
+            score = rewards.color_reward(images, prompts)
+            return score, {"part": score.clone()} if len(calls) == 1 else {}
+        return fn
+    monkeypatch.setitem(rewards.REWARDS, "sometimes", sometimes)
+    run_here(*SMALL_NO_EVAL, "--reward", "sometimes", "--prompts", _color_prompts(tmp_path), "--sample_batch_size", 4,
+             "--num_epochs", 1, "--output_dir", tmp_path / "run")
+    m = metrics(tmp_path / "run")[0]
+    assert len(calls) == 2 and 0 < m["reward_sometimes/part"] < 1  # the first batch's mean
+    monkeypatch.setitem(rewards.REWARDS, "mean", refilled)
+    for spec, said in [("mean", "a reward may not be called 'mean'"), ("color,std", "a reward may not be called 'std'"),
+                       ("color:", "bad weight '' for reward 'color'"), ("color:1_0", "bad weight '1_0'"),
+                       ("color:1e400", "bad weight '1e400'"), ("color,", "no reward name in 'color,' (a stray comma")]:
+        with pytest.raises(rewards.RewardError, match=re.escape(said)):
+            rewards.parse_reward_spec(spec)
+    ocr = nft.parse_args(["--reward", "ocr "])
+    assert (ocr.reward, ocr.preset, ocr.beta, ocr.steps_per_epoch) == ("ocr", "ocr", 0.1, 2)
+    assert nft.parse_args(["--reward", " pickscore , hpsv2 , clipscore"]).preset == "multi"
+    assert nft.same_value("reward", "color:1", "color") and not nft.same_value("reward", "color:2", "color")
+    run = tmp_path / "resumed"
+    run_here(*SMALL_NO_EVAL, "--reward", "color:1", "--num_epochs", 1, "--output_dir", run)
+    run_here("--resume_from", "latest", "--reward", "color", "--num_epochs", 2, "--output_dir", run)  # the same spec
+    assert len(metrics(run)) == 2
+    real = nft.evaluate_ema
+
+    def evaluate_ema(run, pol, epoch, log, suffix=""):
+        if epoch == 2:
+            raise rewards.RewardFailed("reward 'color' raised ValueError at my_reward.py:3 (fn): boom")
+        return real(run, pol, epoch, log, suffix)
+    monkeypatch.setattr(nft, "evaluate_ema", evaluate_ema)
+    out = tmp_path / "evaluated"
+    assert cli_error(capsys, *SMALL, "--num_epochs", 3, "--eval_every", 2, "--save_every", 3, "--output_dir", out
+                     ) == "error: reward 'color' raised ValueError at my_reward.py:3 (fn): boom"
+    assert [os.path.basename(c) for c in nft.checkpoints(out)] == ["checkpoint-00002"] and len(metrics(out)) == 2
 
 
 def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(capsys, monkeypatch, tmp_path):
