@@ -1456,8 +1456,8 @@ def parse_reward_spec(spec):
     """'geneval' or 'pickscore:1,hpsv2:0.5' -> [(name, weight), ...]; a bare name has weight 1."""
     parsed = []
     for part in (p.strip() for p in str(spec).split(",")):
-        name, colon, weight = part.partition(":")
-        name, weight = name.strip(), weight.strip()
+        name, colon, text = part.partition(":")
+        name, text = name.strip(), text.strip()
         if not name:
             raise RewardError(f"no reward name in {spec!r} (a stray comma or colon?); valid rewards: "
                               f"{', '.join(REWARDS)}")
@@ -1470,13 +1470,13 @@ def parse_reward_spec(spec):
             mine = "" if close else "; a reward of your own: run the script that registers it (python my_reward.py ...)"
             raise RewardError(f"unknown reward '{name}' in '{spec}'{hint}; valid rewards: {', '.join(REWARDS)}{mine}")
         try:
-            if colon and not NUMBER.fullmatch(weight):  # "color:" is no weight of 1, nor "color:1_0" one of 10
+            if colon and not NUMBER.fullmatch(text):  # "color:" is no weight of 1, nor "color:1_0" one of 10
                 raise ValueError
-            weight = float(weight) if colon else 1.0
+            weight = float(text) if colon else 1.0
             if not math.isfinite(weight):  # every reward would be NaN/inf: the run could never train (1e400)
                 raise ValueError
         except ValueError:
-            raise RewardError(f"bad weight '{part.partition(':')[2].strip()}' for reward '{name}' in '{spec}': "
+            raise RewardError(f"bad weight '{text}' for reward '{name}' in '{spec}': "
                               "use name:number with a finite number, e.g. pickscore:0.5") from None
         if name in (n for n, _ in parsed):
             raise RewardError(f"reward '{name}' appears twice in '{spec}'")
