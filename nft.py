@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 818: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 819: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -503,8 +503,9 @@ def score(run, batch, futures, epoch, log):
     results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **run.bar)]
     R = torch.cat([r[0] for r in results]).double()
     # a diverged rollout counts as unscored even where its reward is finite (JPEG and OCR score NaN pixels as black)
-    R[~torch.isfinite(batch.x0).flatten(1).all(1).cpu()] = math.nan
-    comps = gather_components(results, device)  # every rank's, for the log
+    diverged = ~torch.isfinite(batch.x0).flatten(1).all(1).cpu()
+    R[diverged] = math.nan
+    comps = gather_components(results, diverged, device)  # every rank's, for the log
     all_R, all_ids = gather(R.to(device)).cpu(), gather(batch.ids.to(device)).cpu()
     ok = torch.isfinite(all_R)
     if not ok.all():
@@ -524,7 +525,7 @@ def score(run, batch, futures, epoch, log):
     batch.r = adv_to_r(adv[lo:hi], args.adv_clip).to(device)
     spread = float(all_R[ok].std(unbiased=False)) if batch.trainable else float("nan")  # none finite: null, no warning
     log.update(reward_mean=float(all_R[ok].mean()), reward_std=spread,
-               **{f"reward_{k}": float(v[ok].nanmean()) for k, v in comps.items()},  # a NaN: unscored, left out
+               **{f"reward_{k}": float(v.nanmean()) for k, v in comps.items()},  # a NaN: unscored, left out
                r_mean=float(adv_to_r(adv, args.adv_clip).mean()), dropped=int((~ok).sum()))  # every rank's
 
 
@@ -1169,8 +1170,9 @@ def end_epoch(run, pol, epoch, log):
         try:
             evaluate_ema(run, pol, epoch + 1, log)
         except Exception:  # a reward that fails on the evaluation images (or a rank that did): keep the training
-            if run.process_index == 0 and _LAST:
-                print0(f"epoch {epoch}'s evaluation failed; the epoch is saved without it in {_LAST.pop()()}")
+            if run.process_index == 0 and _LAST:  # the last epoch's is not kept: its resume ends evaluated
+                print0(f"epoch {epoch}'s evaluation failed; " + (f"the epoch is saved without it in {_LAST.pop()()}"
+                       if not last else f"a resume trains the epoch again, from {_LAST.pop()()}"))
             raise
     if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
         run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -2443,17 +2445,18 @@ def eval_only(args):
 
 
 # --------------------------------------------------------------------------- logging, profiling and plots
-def gather_components(results, device):
+def gather_components(results, diverged, device):
     """Every rank's reward components of the epoch from its reward calls' (scores, components) results: {name: (all
-    N,) float64 CPU tensor}, NaN for the images of a call (or a rank) that returned no such component. Every rank
-    gathers the same names, in one order."""
+    N,) float64 CPU tensor}, NaN for a diverged image (`diverged`: this rank's mask) and for the images of a call (or a
+    rank) that returned no such component: as evaluate() scores them. Every rank gathers the same names, in one
+    order."""
     names = list(dict.fromkeys(k for r in results for k in r[1]))
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, names)
         names = list(dict.fromkeys(k for part in every for k in part))
     return {k: gather(torch.cat([r[1].get(k, torch.full_like(r[0], math.nan, dtype=torch.float64)).double()
-                                 for r in results]).to(device)).cpu() for k in names}
+                                 for r in results]).masked_fill(diverged, math.nan).to(device)).cpu() for k in names}
 
 
 def rollout_stats(R, group_ids, strict=None, tags=()):

@@ -3431,6 +3431,18 @@ def test_what_a_reward_returns_or_is_called_cannot_mislead_the_run(capsys, monke
              "--num_epochs", 1, "--output_dir", tmp_path / "run")
     m = metrics(tmp_path / "run")[0]
     assert len(calls) == 2 and 0 < m["reward_sometimes/part"] < 1  # the first batch's mean
+
+    def half(device):  # NaN for the first half of each call
+        return lambda images, prompts, metadata: (torch.tensor([math.nan] * 4 + [1.0] * 4), {})
+
+    def index(device):  # each image's place in its call
+        return lambda images, prompts, metadata: (torch.arange(8.0), {})
+    monkeypatch.setitem(rewards.REWARDS, "half", half)
+    monkeypatch.setitem(rewards.REWARDS, "index", index)
+    run_here(*SMALL_NO_EVAL, "--reward", "half,index", "--prompts", _color_prompts(tmp_path), "--num_epochs", 1,
+             "--output_dir", tmp_path / "sum")
+    m = metrics(tmp_path / "sum")[0]  # a term's mean is over every image it scored, as in evaluation: 0..7, not 4..7
+    assert (m["reward_index"], m["reward_half"], m["reward_mean"], m["dropped"]) == (3.5, 1.0, 1.0 + 5.5, 4)
     monkeypatch.setitem(rewards.REWARDS, "mean", refilled)
     for spec, said in [("mean", "a reward may not be called 'mean'"), ("color,std", "a reward may not be called 'std'"),
                        ("color:", "bad weight '' for reward 'color'"), ("color:1_0", "bad weight '1_0'"),
@@ -3452,10 +3464,17 @@ def test_what_a_reward_returns_or_is_called_cannot_mislead_the_run(capsys, monke
             raise rewards.RewardFailed("reward 'color' raised ValueError at my_reward.py:3 (fn): boom")
         return real(run, pol, epoch, log, suffix)
     monkeypatch.setattr(nft, "evaluate_ema", evaluate_ema)
-    out = tmp_path / "evaluated"
-    assert cli_error(capsys, *SMALL, "--num_epochs", 3, "--eval_every", 2, "--save_every", 3, "--output_dir", out
-                     ) == "error: reward 'color' raised ValueError at my_reward.py:3 (fn): boom"
-    assert [os.path.basename(c) for c in nft.checkpoints(out)] == ["checkpoint-00002"] and len(metrics(out)) == 2
+    for name, flags, said in [  # the last epoch's evaluation: that epoch trains again on resume, the one before kept
+            ("kept", ["--num_epochs", 3, "--eval_every", 2, "--save_every", 3], "the epoch is saved without it in"),
+            ("last", ["--num_epochs", 2, "--save_every", 2], "a resume trains the epoch again, from")]:
+        with pytest.raises(SystemExit) as e:
+            nft.main([str(a) for a in (*SMALL, *flags, "--output_dir", tmp_path / name)])
+        printed, err = capsys.readouterr()
+        kept = nft.checkpoints(tmp_path / name)
+        assert e.value.code == 2 and err.strip().endswith("error: reward 'color' raised ValueError at my_reward.py:3 "
+                                                          "(fn): boom")
+        assert f"epoch 1's evaluation failed; {said} {kept[-1]}" in printed and len(kept) == 1
+        assert len(metrics(tmp_path / name)) == int(kept[-1][-5:])  # the saved epochs' lines
 
 
 def test_unscored_images_are_left_out_of_the_evaluation_means_and_counted(capsys, monkeypatch, tmp_path):
