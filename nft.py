@@ -1174,7 +1174,8 @@ def end_epoch(run, pol, epoch, log):
                 print0(f"epoch {epoch}'s evaluation failed; " + (f"the epoch is saved without it in {_LAST.pop()()}"
                        if not last else f"a resume trains the epoch again, from {_LAST.pop()()}"))
             raise
-    if args.compile:  # what an evaluation compiles (its batch sizes) is not a recompile of the training loop
+    # what an evaluation compiles (its batch sizes) is not a recompile of the training loop, nor is the first backward
+    if args.compile and (run.graphs is not None or "grad_norm" in log):  # of a run whose first epochs took no step
         run.graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     # a signal that reached only other ranks (one node's, preempted) stops every rank here: rank 0 saves this epoch
     stop = int(gather(torch.tensor([_STOPS[0] if _STOPS else 0], device=run.device)).max())

@@ -309,14 +309,19 @@ def ocr_reward_from_text(recognized, target):
 OCR_MIN_SCORE = 0.5  # PaddleOCR's default drop_score, which the official reward leaves as is
 
 
+def ocr_workers():
+    """OCR threads per process: this node's cores shared by its ranks (torchrun's LOCAL_WORLD_SIZE), 8 at most."""
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def make_ocr(device, engine=None, workers=None):
     """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL).
     Set up as the official PaddleOCR call: no angle classifier (use_angle_cls=False there) and lines kept
     when their recognition score is >= 0.5 (PaddleOCR's drop_score; rapidocr's text_score)."""
-    if engine is None:
-        RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR
-        engine = RapidOCR(use_cls=False, text_score=OCR_MIN_SCORE)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+    if engine is None:  # one onnxruntime thread per image: the pool's threads are the parallelism (its default,
+        RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR  # every core per session,
+        engine = RapidOCR(use_cls=False, text_score=OCR_MIN_SCORE, intra_op_num_threads=1)  # oversubscribes them)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or ocr_workers())
 
     def read(image_uint8):
         # rapidocr treats numpy input as BGR (OpenCV order); our images are RGB.

@@ -4225,6 +4225,21 @@ def test_ocr_reads_rendered_text_with_rapidocr():
     assert scores.dtype == torch.float32 and comps == {}
 
 
+def test_ocr_threads_share_the_node_among_its_ranks(monkeypatch):
+    """8 ranks on a 32-core node: 4 OCR threads each, each onnxruntime session on one thread (its default, every
+    core per session, would run 8 x 8 x 32 threads); one rank: 8 at most; never none."""
+    from rapidocr_onnxruntime import RapidOCR
+    monkeypatch.setattr(rewards.os, "cpu_count", lambda: 32)
+    for ranks, workers in [(8, 4), (1, 8), (64, 1)]:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert rewards.ocr_workers() == workers
+    made = []
+    monkeypatch.setattr(rewards, "_require", lambda module, pip: type("m", (), {"RapidOCR": lambda **kw: made.append(
+        kw) or RapidOCR(**kw)}))
+    rewards.make_ocr("cpu")
+    assert made == [dict(use_cls=False, text_score=0.5, intra_op_num_threads=1)]
+
+
 def test_ocr_engine_settings_as_official():
     calls = []
 
@@ -4876,7 +4891,8 @@ def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monke
     """A graph compiled after the first epoch (forced: end_epoch of epoch 0 compiles one more function) makes the run
     eager from epoch 1 on: one warning line, config.json and metrics.jsonl say why, and epoch 2 compiles nothing. With
     --compile_budget 0 the run goes eager as soon as its first graph is compiled, in epoch 0. The first epoch logs
-    compile_time_s either way."""
+    compile_time_s either way. A first epoch that took no step (no finite reward) compiled no backward: the next
+    epoch's is no recompile."""
     import torch._dynamo
     end_epoch = nft.end_epoch
 
@@ -4904,9 +4920,24 @@ def test_a_recompile_or_a_spent_compile_budget_turns_the_run_eager(capsys, monke
     assert "past --compile_budget 0" in m[0]["compile_fallback"]
     assert m[0]["compiled_graphs"] == m[1]["compiled_graphs"] == 1
     assert m[0]["compile_time_s"] > 0 and all(math.isfinite(r["loss"]) for r in m)
+    torch.compiler.set_stance("default")  # an epoch 0 without a finite reward runs no backward: epoch 1 compiles it
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    calls = []
 
+    def nan_first(device):
+        def fn(images, prompts, metadata):
+            calls.append(1)
+            score = rewards.color_reward(images, prompts)
+            return score.fill_(math.nan) if len(calls) == 1 else score, {}
+        return fn
+    monkeypatch.setitem(rewards.REWARDS, "nan_first", nan_first)
+    nft.main([str(a) for a in (*argv, "--reward", "nan_first", "--prompts", _color_prompts(tmp_path),
+                               "--output_dir", tmp_path / "late")])
+    m = metrics(tmp_path / "late")
+    assert m[0]["step"] == 0 and m[1]["step"] == 1 and m[2]["compiled_graphs"] == m[1]["compiled_graphs"]
+    assert all(r["compile_fallback"] is None for r in m)  # not a recompile: the run stays compiled
 
-# ---- weight-swap policies and bf16 ----
 def _three_peft_adapters(transformer, args, theta, old):
     """The reference: peft's own adapters "default" and "old", policies chosen
     by set_adapter / disable_adapters."""
