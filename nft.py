@@ -1455,6 +1455,9 @@ def read_lora(file, flag):
     config = {k.removeprefix("transformer."): v for k, v in config.items()}
     weights = {k.removeprefix("base_model.model.").removeprefix("transformer.").replace(".default.", "."): t
                for k, t in weights.items()}
+    if config.get("use_dora") or any("lora_magnitude_vector" in k for k in weights):
+        raise UserError(f"{flag} {file} is a DoRA adapter (use_dora), which this trainer does not load; give a plain "
+                        "LoRA")
     config.setdefault("r", next((t.shape[0] for k, t in weights.items() if ".lora_A." in k), None))
     config.setdefault("lora_alpha", config["r"])
     if not all(type(config[k]) in (int, float) and config[k] > 0 for k in ("r", "lora_alpha")):
@@ -1481,16 +1484,17 @@ def check_fit(params, weights, what, into, fix):
                         f"{found}; {fix}")
 
 
-def check_targets(transformer, targets, what):
+def check_targets(transformer, targets, what, hint=""):
     """Every LoRA target must match a layer (its name or a dotted suffix of it, as peft matches; peft drops a target
-    that matches nothing without a word): one line with the nearest real names otherwise. A str is a peft regex."""
+    that matches nothing without a word): one line with the nearest real names otherwise (and `hint`). A str is a peft
+    regex."""
     names = [n for n, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     suffixes = sorted({".".join(n.split(".")[i:]) for n in names for i in range(n.count(".") + 1)})
     for target in [] if isinstance(targets, str) else sorted(targets):
         if target not in suffixes:
             near = difflib.get_close_matches(target, suffixes, n=3)
             raise UserError(f"{what}: LoRA target {target!r} matches no layer of this transformer"
-                            + (f"; the nearest are {', '.join(near)}" if near else ""))
+                            + (f"; the nearest are {', '.join(near)}" if near else "") + hint)
 
 
 def load_lora(pipe, lora, flag="--lora"):
@@ -1500,7 +1504,7 @@ def load_lora(pipe, lora, flag="--lora"):
     file, config, weights = lora
     config = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}  # other peft versions' extras
     config["target_modules"] = config.get("target_modules") or sorted({k.split(".lora_")[0] for k in weights})
-    check_targets(pipe.transformer, config["target_modules"], f"{flag} {file}")
+    check_targets(pipe.transformer, config["target_modules"], f"{flag} {file}", "; is it a LoRA of another model?")
     pipe.transformer.add_adapter(LoraConfig(**config), adapter_name="default")
     params = {n: p for n, p in pipe.transformer.named_parameters() if ".default." in n}
     check_fit(params, weights, f"{flag} {file}", "this transformer", "is it a LoRA of this --model?")
@@ -2249,8 +2253,12 @@ def carry_over(args, source, start_epoch, replace=False):
             print0(f"warning: {kept} has no readable line for epoch {lost[0]}" + (
                 f" and {len(lost) - 1} more" if len(lost) > 1 else "") + "; their metrics are lost, not the weights")
         write_file(metrics_path, "".join(lines))
-    elif os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
-        os.remove(metrics_path)
+    else:
+        if start_epoch and not kept.startswith(os.devnull):  # removed by hand (a checkpoint outside a run has none)
+            print0(f"warning: {kept} is missing; the metrics of epochs 0 to {start_epoch - 1} are lost, not the "
+                   "weights")
+        if os.path.exists(metrics_path):  # --overwrite: the replaced run's lines must go
+            os.remove(metrics_path)
 
 
 def _epoch_of(line):
@@ -2768,12 +2776,21 @@ def resumed(args, given):
     checkpoint's run) under the flags given now, which may change only RESUME_MAY_CHANGE. Without one the flags given
     are the configuration, and --init_lora with a checkpoint named is refused (its weights would replace the init)."""
     latest = args.resume_from == "latest"
+    if not latest and not os.path.isfile(os.path.join(args.resume_from, "training_state.pt")):  # before the model
+        folder = next((f for f in (args.resume_from, os.path.dirname(os.path.normpath(args.resume_from)))
+                       if checkpoints(f) or os.path.isfile(os.path.join(f, "config.json"))), None)
+        if folder:  # a run's folder, or its checkpoints/
+            raise UserError(f"--resume_from {args.resume_from} is not a checkpoint of the run in {folder}; continue "
+                            f"that run with --resume_from latest --output_dir {folder}")
     run = args.output_dir if latest else run_of(args.resume_from) or os.devnull  # outside a run's folder: no config
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path) or previous_run(run).startswith("files"):  # none, or another program's config.json
         if args.init_lora and not latest:
             raise UserError(f"--init_lora with --resume_from {args.resume_from}: the checkpoint's weights replace the "
                             "init; drop --init_lora")
+        if not latest or checkpoints(args.output_dir):  # a checkpoint to resume, but no record of its flags
+            print0(f"warning: --resume_from {args.resume_from}: no config.json of its run, so the flags given now are "
+                   f"its configuration; the checkpoint checks only {', '.join('--' + k for k in RESUME_KEYS)}")
         return args
     kinds = {f.name: f.type for f in dataclasses.fields(Args)}
     try:

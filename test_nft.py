@@ -2856,7 +2856,8 @@ def test_hostile_lora_files_are_one_line_before_any_model_loads(capsys, monkeypa
 
 def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tmp_path, tiny_sd3):
     """A FLUX.1 LoRA (the tiny FLUX transformer's adapter, saved as checkpoints are) on the tiny SD3: --eval_only
-    and load_lora refuse it in one line, saying what was expected and what was found."""
+    and load_lora refuse it in one line, saying what was expected and what was found; a Qwen-Image one, whose targets
+    are no layers of SD3, is asked about; a DoRA adapter is refused as such."""
     import diffusers
     flux = diffusers.FluxTransformer2DModel(**nft.BUILTIN["tiny-flux"]["transformer"])
     args = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
@@ -2869,6 +2870,41 @@ def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tm
         nft.load_lora(copy.deepcopy(tiny_sd3), nft.find_lora(str(tmp_path / "flux")))
     msg = cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "flux", "--output_dir", tmp_path / "eval")
     assert "does not fit this transformer" in msg and "is it a LoRA of this --model?" in msg
+    qwen = diffusers.QwenImageTransformer2DModel(**nft.BUILTIN["tiny-qwenimage"]["transformer"])
+    args = nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color"])
+    params, _ = nft.add_adapters(qwen, args)  # its targets (img_mlp...) are no layers of SD3's
+    meta = nft.lora_config(args, nft.family_of(qwen).lora_targets).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    diffusers.QwenImagePipeline.save_lora_weights(tmp_path / "qwen", transformer_lora_layers=nft.lora_state(params),
+                                                  transformer_lora_adapter_metadata=meta)
+    with pytest.raises(nft.UserError, match=r"matches no layer of this transformer.*; is it a LoRA of another model"):
+        nft.load_lora(copy.deepcopy(tiny_sd3), nft.find_lora(str(tmp_path / "qwen")))
+    from safetensors.torch import save_file  # a peft DoRA adapter (use_dora): its magnitude vectors are no LoRA's
+    save_file({"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.ones(4, 2),
+               "a.lora_magnitude_vector": torch.ones(4)}, tmp_path / "dora.safetensors")
+    with pytest.raises(nft.UserError, match="is a DoRA adapter \\(use_dora\\), which this trainer does not load"):
+        nft.find_lora(str(tmp_path / "dora.safetensors"), "--init_lora")
+
+
+def test_a_resume_says_what_it_lacks_and_a_run_folder_is_no_checkpoint(capsys, tmp_path):
+    """A resume whose metrics.jsonl was removed says those lines are lost; one whose config.json was removed says the
+    flags given are its configuration; --resume_from a run's folder (or its checkpoints/) names the command that
+    continues it, before any model loads."""
+    out = tmp_path / "run"
+    run_here(*SMALL_NO_EVAL, "--num_epochs", 1, "--output_dir", out)
+    os.remove(out / "metrics.jsonl")
+    printed = run_here("--resume_from", "latest", "--output_dir", out, "--num_epochs", 2)
+    assert f"warning: {out / 'metrics.jsonl'} is missing; the metrics of epochs 0 to 0 are lost, not the weights" in \
+        printed and [m["epoch"] for m in metrics(out)] == [1]
+    os.remove(out / "config.json")
+    printed = run_here(*SMALL_NO_EVAL, "--resume_from", "latest", "--output_dir", out, "--num_epochs", 3)
+    assert ("warning: --resume_from latest: no config.json of its run, so the flags given now are its configuration; "
+            "the checkpoint checks only --rank, --lora_alpha, --lora_targets, --model, --num_steps") in printed
+    for given in (out, out / "checkpoints"):
+        assert cli_error(capsys, "--resume_from", given, "--output_dir", tmp_path / "new") == (
+            f"error: --resume_from {given} is not a checkpoint of the run in {out}; continue that run with "
+            f"--resume_from latest --output_dir {out}")
+    assert not (tmp_path / "new").exists()
 
 
 def test_lora_targets_that_match_no_layer_name_the_nearest():
