@@ -2859,24 +2859,19 @@ def test_lora_of_another_family_is_refused_where_peft_would_only_warn(capsys, tm
     and load_lora refuse it in one line, saying what was expected and what was found; a Qwen-Image one, whose targets
     are no layers of SD3, is asked about; a DoRA adapter is refused as such."""
     import diffusers
-    flux = diffusers.FluxTransformer2DModel(**nft.BUILTIN["tiny-flux"]["transformer"])
-    args = nft.parse_args(["--model", "tiny-flux", "--reward", "color"])
-    params, _ = nft.add_adapters(flux, args)
-    meta = nft.lora_config(args, nft.family_of(flux).lora_targets).to_dict()
-    meta["target_modules"] = sorted(meta["target_modules"])
-    diffusers.FluxPipeline.save_lora_weights(tmp_path / "flux", transformer_lora_layers=nft.lora_state(params),
-                                             transformer_lora_adapter_metadata=meta)
+    for model, family in [("tiny-flux", "flux"), ("tiny-qwenimage", "qwen")]:  # as a checkpoint saves its LoRA
+        transformer = getattr(diffusers, nft.family_named(nft.BUILTIN[model]["family"]).transformer)(
+            **nft.BUILTIN[model]["transformer"])
+        args = nft.parse_args(["--model", model, "--reward", "color"])
+        params, _ = nft.add_adapters(transformer, args)
+        meta = nft.lora_config(args, nft.family_of(transformer).lora_targets).to_dict()
+        meta["target_modules"] = sorted(meta["target_modules"])
+        getattr(diffusers, nft.family_of(transformer).pipeline).save_lora_weights(
+            tmp_path / family, transformer_lora_layers=nft.lora_state(params), transformer_lora_adapter_metadata=meta)
     with pytest.raises(nft.UserError, match=r"does not fit this transformer: expected \d+ LoRA tensors such as "):
         nft.load_lora(copy.deepcopy(tiny_sd3), nft.find_lora(str(tmp_path / "flux")))
     msg = cli_error(capsys, "--eval_only", *SMALL, "--lora", tmp_path / "flux", "--output_dir", tmp_path / "eval")
     assert "does not fit this transformer" in msg and "is it a LoRA of this --model?" in msg
-    qwen = diffusers.QwenImageTransformer2DModel(**nft.BUILTIN["tiny-qwenimage"]["transformer"])
-    args = nft.parse_args(["--model", "tiny-qwenimage", "--reward", "color"])
-    params, _ = nft.add_adapters(qwen, args)  # its targets (img_mlp...) are no layers of SD3's
-    meta = nft.lora_config(args, nft.family_of(qwen).lora_targets).to_dict()
-    meta["target_modules"] = sorted(meta["target_modules"])
-    diffusers.QwenImagePipeline.save_lora_weights(tmp_path / "qwen", transformer_lora_layers=nft.lora_state(params),
-                                                  transformer_lora_adapter_metadata=meta)
     with pytest.raises(nft.UserError, match=r"matches no layer of this transformer.*; is it a LoRA of another model"):
         nft.load_lora(copy.deepcopy(tiny_sd3), nft.find_lora(str(tmp_path / "qwen")))
     from safetensors.torch import save_file  # a peft DoRA adapter (use_dora): its magnitude vectors are no LoRA's
