@@ -3213,10 +3213,10 @@ def test_ctrl_c_while_a_reward_scores_is_a_stop_not_a_hung_reward(monkeypatch):
 
 
 def test_a_sum_trains_on_prompts_every_reward_scores_and_only_sets_in_use_are_checked(monkeypatch, tmp_path):
-    """Without --prompts a sum such as mine:1,color:0.5 (the README's saturation one) takes the built-in prompts of
-    its first reward that needs prompts of its own (color's colour words; generic ones would fail color's check); a prompt set the
-    run does not use is not checked (the test set with --eval_every 0, the train set with --eval_only), one in use
-    is. A prompt check that returns False or raises (rather than raising RewardError) is one line too."""
+    """Without --prompts a sum such as mine:1,color:0.5 (the README's saturation one) takes the built-in prompts of its
+    first reward that needs prompts of its own (color's colour words; generic ones would fail color's check); a prompt
+    set the run does not use is not checked (the test set with --eval_every 0, the train set with --eval_only), one in
+    use is. A prompt check that returns False or raises (rather than raising RewardError) is one line too."""
     monkeypatch.setitem(rewards.REWARDS, "mine", lambda device: None)
     assert rewards.prompt_reward("mine:1,color:0.5") == "color" and rewards.prompt_reward("mine,pickscore") == "mine"
     generic = tmp_path / "generic.txt"
