@@ -3115,7 +3115,8 @@ def interrupted(args, signum, finished=False):
         if "RANK" in os.environ:  # torchrun: as many nodes, as many ranks on each
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             nodes = int(os.environ["WORLD_SIZE"]) // local
-            launcher = "torchrun " + (f"--nnodes={nodes} " if nodes > 1 else "") + f"--nproc_per_node={local}"
+            one_node = f"--nproc_per_node={local} --standalone"  # a free port, as the README launches one node
+            launcher = "torchrun " + (f"--nnodes={nodes} --nproc_per_node={local}" if nodes > 1 else one_node)
         said = f"{where} {saved[0]}; continue with {launcher} " + shlex.join(  # from any working folder
             [os.path.abspath(sys.argv[0]), "--resume_from", "latest", "--output_dir", os.path.abspath(args.output_dir)])
     print0(f"\n{signal.Signals(signum).name}: {said}", file=sys.stderr)

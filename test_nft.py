@@ -2528,7 +2528,7 @@ def test_a_signal_to_another_rank_alone_stops_every_rank_with_a_save(tmp_path):
     # both ranks ended through main's stop (SystemExit; rank 1's line may interleave with rank 0's), no traceback
     assert 1 < epochs < 8 and said.count("=== exit code") == 2 and "Traceback" not in said, said[-3000:]
     assert f"SIGTERM: the last completed epoch is in {out}/checkpoints/checkpoint-{epochs:05d}; continue with " \
-           "torchrun --nproc_per_node=2 " in said
+           "torchrun --nproc_per_node=2 --standalone " in said
     assert state(nft.checkpoints(out)[-1])["epoch"] == epochs
 
 
