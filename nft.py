@@ -1171,8 +1171,9 @@ def end_epoch(run, pol, epoch, log):
             evaluate_ema(run, pol, epoch + 1, log)
         except Exception:  # a reward that fails on the evaluation images (or a rank that did): keep the training
             if run.process_index == 0 and _LAST:  # the last epoch's is not kept: its resume ends evaluated
-                print0(f"epoch {epoch}'s evaluation failed; " + (f"the epoch is saved without it in {_LAST.pop()()}"
-                       if not last else f"a resume trains the epoch again, from {_LAST.pop()()}"))
+                saved = _LAST.pop()()
+                print0(f"epoch {epoch}'s evaluation failed; " + (f"the epoch is saved without it in {saved}"
+                       if not last else f"a resume trains the epoch again, from {saved}"))
             raise
     # what an evaluation compiles (its batch sizes) is not a recompile of the training loop, nor is the first backward
     if args.compile and (run.graphs is not None or "grad_norm" in log):  # of a run whose first epochs took no step
@@ -1885,7 +1886,8 @@ def check_memory(args, world, device):
         return
     free, gpus = free_memory(device), world if world > 1 else torch.cuda.device_count()
     sizes, precision = model_sizes(args.model), precision_mode(args, device)
-    need = lambda trial: memory_estimate(sizes, trial, precision, gpus if trial.fsdp else 1)["total"]  # noqa: E731
+    estimate = lambda trial: memory_estimate(sizes, trial, precision, gpus if trial.fsdp else 1)  # noqa: E731
+    need = lambda trial: estimate(trial)["total"]  # noqa: E731
     ranks = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # CPU ranks share the memory
     if free is None or need(args) * ranks <= free:
         return
@@ -1895,7 +1897,7 @@ def check_memory(args, world, device):
                  for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (b[2], sum(b)))]
         fit = next((trial for trial in tries if need(trial) <= free), None)  # the fewest flags, --fsdp last
         added = " ".join(f"--{k}" for k in names if fit and getattr(fit, k) > getattr(args, k))
-        parts = memory_estimate(sizes, args, precision, gpus if args.fsdp else 1)  # the batch of the largest phase
+        parts = estimate(args)  # none fits: the batch flag of the largest phase
         batch = "--sample_batch_size" if parts["decode"] >= parts["activations"] else "--train_batch_size"
         how = f"add {added} (about {need(fit):.1f} GiB)" if fit else f"lower {batch}, or use larger GPUs"
         if fit and fit.fsdp and world < 2:

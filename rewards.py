@@ -318,9 +318,11 @@ def make_ocr(device, engine=None, workers=None):
     """OCR reward with rapidocr_onnxruntime on CPU, one image per thread (onnxruntime releases the GIL).
     Set up as the official PaddleOCR call: no angle classifier (use_angle_cls=False there) and lines kept
     when their recognition score is >= 0.5 (PaddleOCR's drop_score; rapidocr's text_score)."""
-    if engine is None:  # one onnxruntime thread per image: the pool's threads are the parallelism (its default,
-        RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR  # every core per session,
-        engine = RapidOCR(use_cls=False, text_score=OCR_MIN_SCORE, intra_op_num_threads=1)  # oversubscribes them)
+    if engine is None:
+        RapidOCR = _require("rapidocr_onnxruntime", "rapidocr_onnxruntime").RapidOCR
+        # one onnxruntime thread per image, the pool's threads the parallelism (its default, every core per session,
+        # oversubscribes them)
+        engine = RapidOCR(use_cls=False, text_score=OCR_MIN_SCORE, intra_op_num_threads=1)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers or ocr_workers())
 
     def read(image_uint8):
