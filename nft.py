@@ -1082,11 +1082,11 @@ def start_run(args):
         carry_over(args, resume[0] if foreign else None, start_epoch, replace)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         write_config(args)
-        if args.wandb:  # setup() found the package
+        if args.wandb:  # setup() found the package; a resume continues its W&B run (the checkpoint keeps the id)
             import wandb
-            run.wandb = wandb
-            wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
-                       name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)))
+            run.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), resume="allow",
+                                   name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
+                                   id=resume[1].get("wandb_id") if resume and not foreign else None)
     run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
     run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
     run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
@@ -1121,6 +1121,11 @@ def evaluate_ema(run, pol, epoch, log, suffix=""):
         grid = os.path.join(run.args.output_dir, f"eval_epoch{epoch:05d}.png")
         save_grid(torch.stack([r["_image"] for r in kept]), grid, nrow=min(16, run.args.eval_images_per_prompt),
                   row_labels=[r["prompt"] for r in kept if r["image"] == 0])
+        if run.wandb:  # the grid's images, each captioned with its prompt and reward (as the official code logs them)
+            import wandb
+            images = [wandb.Image(to_uint8(r["_image"]), caption=f"{r['prompt']:.100} | reward {r['reward']:.3f}")
+                      for r in kept]
+            run.wandb.log({"eval_images" + suffix: images}, step=pol.step)
     names = {"eval_reward_mean": "reward", **{f"eval_{n}": n for n in rewards.reward_names(run.args.eval_reward)}}
     for key, name in names.items():
         log[key + suffix] = rewards.finite_mean([r[name] for r in results])  # an unscored (NaN) image left out
@@ -1160,7 +1165,7 @@ def end_epoch(run, pol, epoch, log):
     if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                     draws=run.draws)
+                     draws=run.draws, wandb_id=run.wandb and run.wandb.id)
         save = functools.partial(save_epoch, run, log, state)
         # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
         # resume then trains it again, so that the run ends with its evaluation
@@ -1225,6 +1230,8 @@ def end_run(run, history):
     run.pool.shutdown()
     if run.process_index == 0 and os.path.exists(run.metrics_path):
         plot_curves(run.metrics_path, os.path.join(run.args.output_dir, "curves.png"))
+    if run.wandb:
+        run.wandb.finish()
     if run.args.profile and (run.process_index == 0 or run.args.fsdp):  # --fsdp: all ranks join the FLOP count
         profile_report(run, history)
     print0(f"done: the outputs are in {run.args.output_dir}")
@@ -2562,6 +2569,11 @@ def _font(size):
         return ImageFont.load_default()
 
 
+def to_uint8(image):
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8 pixels, rounded: what a PNG or W&B shows."""
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+
+
 def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
     """Save (N, 3, H, W) images in [0, 1] as one PNG grid, nrow a row, with optional column and row labels; images
     smaller than min_size are upscaled by a whole factor (nearest), so a 32 px demo image shows pixel for pixel."""
@@ -2571,7 +2583,7 @@ def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
     grid = torch.zeros(3, -(-n // nrow) * h, nrow * w)
     for i, im in enumerate(images):
         grid[:, (i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = im
-    image = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    image = Image.fromarray(to_uint8(grid))
     k = max(1, -(-min_size // h))
     image, h, w = image.resize((image.width * k, image.height * k), Image.NEAREST), h * k, w * k
     top, left = 16 * bool(col_labels), 160 * bool(row_labels)

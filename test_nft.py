@@ -893,17 +893,48 @@ def test_run_records_its_prompt_set_init_lora_and_rollout_stats(tmp_path, tiny_s
     assert 0 <= line["zero_std_share"] <= 1 and "zero-std" in printed and "--init_lora" in printed
 
 
-def test_wandb_gets_the_project_and_run_name_flags(monkeypatch, tmp_path):
-    calls = []
+def test_wandb_gets_the_flags_and_the_eval_images_and_a_resume_continues_its_run(monkeypatch, tmp_path):
     import importlib.machinery
-    fake = types.ModuleType("wandb")  # records what nft.py asks of wandb
+    calls = []  # what nft.py asks of wandb (the real one needs an account and a server)
+
+    class WandbRun:
+        def __init__(self, id):
+            self.id = id
+
+        def log(self, data, step):
+            calls.append(("log", step, data))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return WandbRun(kwargs["id"] or f"new-{len(calls)}")  # wandb makes an id when given none
+    fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    fake.init, fake.log = lambda **k: calls.append(("init", k)), lambda d, step: calls.append(("log", step))
+    fake.init, fake.Image = init, lambda pixels, caption: (pixels.shape, pixels.dtype, caption)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    argv = [*SMALL, "--num_epochs", 1, "--eval_every", 0, "--output_dir", tmp_path / "out", "--wandb"]
-    nft.main([str(a) for a in argv + ["--wandb_project", "my-proj", "--wandb_run_name", "first"]])
-    assert calls[0][0] == "init" and calls[0][1]["project"] == "my-proj" and calls[0][1]["name"] == "first"
-    assert calls[0][1]["config"]["reward"] == "color" and calls[1] == ("log", 1)
+    out, flags = tmp_path / "out", [*SMALL, "--eval_max_prompts", 2, "--wandb"]
+    run_here(*flags, "--num_epochs", 1, "--output_dir", out, "--wandb_project", "my-proj", "--wandb_run_name", "first")
+    init_kwargs = calls[0][1]
+    assert init_kwargs["project"] == "my-proj" and init_kwargs["name"] == "first" and init_kwargs["id"] is None
+    assert init_kwargs["resume"] == "allow" and init_kwargs["config"]["reward"] == "color"
+    logged = [(c[1], sorted(c[2])) for c in calls if c[0] == "log"]
+    assert logged[0] == (0, ["eval_images_before"]) and logged[1] == (1, ["eval_images"])  # the base model, step 0
+    assert logged[2][0] == 1 and "reward_mean" in logged[2][1] and calls[-1] == ("finish",)
+    images = calls[2][2]["eval_images"]
+    colors = {r["prompt"] for r in rewards.default_prompts("color", "test")}
+    assert len(images) == 2 and all(shape == (32, 32, 3) and dtype == np.uint8 for shape, dtype, _ in images)
+    assert all(caption.split(" | reward ")[0] in colors and 0 <= float(caption.split(" | reward ")[1]) <= 1
+               for _, _, caption in images)
+    assert state(out / "checkpoints" / "checkpoint-00001")["wandb_id"] == "new-1"
+    calls.clear()  # a resume logs into the same W&B run; a branch into another folder starts its own
+    run_here(*flags, "--num_epochs", 2, "--output_dir", out, "--resume_from", "latest")
+    assert calls[0][1]["id"] == "new-1" and [c[1] for c in calls if c[0] == "log"] == [2, 2]
+    calls.clear()
+    run_here(*flags, "--num_epochs", 2, "--output_dir", tmp_path / "branch", "--resume_from",
+             out / "checkpoints" / "checkpoint-00001")
+    assert calls[0][1]["id"] is None
     assert nft.parse_args([]).wandb_project == "diffusion-nft"
 
 
