@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 819: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 821: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -96,7 +96,7 @@ class Args:  # each comment is the flag's --help
     reward: str = "geneval"  # The reward: a name or a weighted sum "name:w,name:w"; a name also picks its preset.
     preset: str = ""  # The official recipe to start from; empty picks the reward's preset when it has one.
     prompts: str = ""  # Training prompts: a .txt, a .jsonl or the official dataset/ folder; empty: built-in.
-    eval_prompts: str = ""  # Evaluation prompts, same formats; empty: the test file beside --prompts, else built-in.
+    eval_prompts: str = ""  # Evaluation prompts, same formats; empty: a --prompts folder's test file, else built-in.
     init_lora: str = ""  # Start theta and theta_old from this LoRA file or folder (official train.lora_path).
     output_dir: str = ""  # The run's folder (config, metrics, grids, checkpoints/); empty: runs/<model>-<reward>.
     overwrite: bool = False  # Replace a previous run in --output_dir instead of refusing to start.
@@ -110,16 +110,16 @@ class Args:  # each comment is the flag's --help
     negative_prompt: str = None  # The negative prompt of CFG; unset: " " for Qwen-Image, "" for SD3 and FLUX.1.
     embedded_guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance input (FluxPipeline's guidance_scale).
     train_guided: bool = False  # Train the guided velocity the rollouts used (2x the training forwards).
-    max_sequence_length: int = 128  # Text tokens per prompt (T5's: CLIP adds 77; Qwen2.5-VL's).
+    max_sequence_length: int = 128  # Text tokens per prompt (T5's: SD3's CLIP adds 77; Qwen2.5-VL's).
     sample_batch_size: int = 9  # Images per forward pass in rollouts and no-grad passes, per GPU.
     # NFT
     group_size: int = 24  # Images per prompt in an epoch; advantages compare images of the same prompt.
     num_groups: int = 48  # The number of prompts per epoch, over all ranks.
     beta: float = 1.0  # The NFT mixing coefficient beta in (0, 1] of v+ and v- (official config.beta).
-    kl_coef: float = 1e-4  # The weight of ||v_theta - v_ref||^2 (official config.train.beta); 0 skips v_ref.
+    kl_coef: float = 1e-4  # The weight of mean (v_theta - v_ref)^2 (official config.train.beta); 0 skips v_ref.
     adv_clip: float = 5.0  # A is clipped to +-adv_clip, r = A/adv_clip/2 + 0.5, and the loss scaled by it.
     global_std: bool = True  # Normalise advantages by the epoch's reward std (--no-global_std: each group's).
-    timestep_fraction: float = 0.99  # The share of the rollout's sigmas trained per sample: floor(num_steps x this).
+    timestep_fraction: float = 0.99  # The share of the rollout's sigmas trained per sample: int(num_steps x this), 1+.
     old_flat: int = 0  # Optimizer steps before the old policy lags: until then d = 0 (fully on-policy).
     old_rate: float = 0.001  # The old policy's decay after --old_flat: d = min(old_rate x (step - flat), old_max).
     old_max: float = 0.5  # The largest decay d of theta_old <- d x theta_old + (1 - d) x theta.
@@ -241,20 +241,20 @@ def adv_to_r(adv, adv_clip):
     return (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
 
 
-def group_advantages(rewards, group_ids, global_std=True):
+def group_advantages(R, group_ids, global_std=True):
     """A = (R - mean of R over the same prompt) / (std + 1e-4).
 
     std is the population std of all rewards of the epoch (global_std=True, official) or of the group.
-    rewards: (N,) float, finite (score drops NaN/inf first: one NaN would spread to every A), N >= 1; group_ids: (N,)
+    R: (N,) rewards, float, finite (score drops NaN/inf first: one NaN would spread to every A), N >= 1; group_ids: (N,)
     int, equal ids = same prompt. Returns (N,) float.
     """
-    rewards = rewards.double()
+    R = R.double()
     _, inv = torch.unique(group_ids, return_inverse=True)
-    count = torch.zeros(int(inv.max()) + 1, dtype=rewards.dtype).index_add_(0, inv, torch.ones_like(rewards))
-    mean = torch.zeros_like(count).index_add_(0, inv, rewards) / count
-    centered = rewards - mean[inv]
+    count = torch.zeros(int(inv.max()) + 1, dtype=R.dtype).index_add_(0, inv, torch.ones_like(R))
+    mean = torch.zeros_like(count).index_add_(0, inv, R) / count
+    centered = R - mean[inv]
     if global_std:
-        std = rewards.std(unbiased=False)
+        std = R.std(unbiased=False)
     else:
         std = (torch.zeros_like(count).index_add_(0, inv, centered ** 2) / count).sqrt()[inv]
     return (centered / (std + 1e-4)).float()
@@ -296,8 +296,8 @@ def euler(velocity_fn, x, sigmas, generator=None, eta=0.0):
 def dpm2(velocity_fn, x, sigmas, generator=None, eta=0.0):
     """DPM-Solver++(2M), data prediction, alpha = 1 - sigma, lambda = log(alpha/sigma), h = lambda' - lambda.
 
-    First order:  x <- (s'/s)*x - a'*(e^-h - 1)*D0,  D0 = x0_pred = x - s*v
-    Second order: D = D0 + (D0 - D0_prev) / (2*r0), r0 = h_prev / h. First order at the first step, at the second
+    First order:  x <- (s'/s)*x - a'*(e^-h - 1)*m,  m = x0_pred = x - s*v
+    Second order: m replaced by m + (m - m_prev) / (2*r0), r0 = h_prev / h. First order at the first step, at the second
     when sigmas[0] = 1 (lambda(1) = -inf, so h_prev is infinite and the correction vanishes), and at the last step
     to sigma = 0.
     """
@@ -342,7 +342,7 @@ def solve(velocity_fn, x, sigmas, solver="dpm2", generator=None, eta=0.7):
     return SOLVERS[solver](velocity_fn, x, sigmas, generator=generator, eta=eta)
 
 
-def rollout_sigmas(num_steps, shift=3.0):
+def sd3_sigmas(num_steps, shift=3.0):
     """SD3's inference schedule (FlowMatchEulerDiscreteScheduler.set_timesteps), num_steps + 1 values
     ending in 0. 10 steps at shift 3: 1.0, 0.9601, ..., 0.2780, 0.0089, 0."""
     sigma_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)  # the scheduler's smallest training sigma
@@ -391,7 +391,7 @@ def train(args):
     history = []
     for epoch in range(start_epoch, args.num_epochs):
         log = dict(epoch=epoch)
-        if args.eval_every and epoch == 0:  # the base model, for the before/after comparison
+        if args.eval_every and epoch == 0:  # the base model (or --init_lora), for the before/after comparison
             evaluate_ema(run, pol, 0, log, "_before")
             start = "the --init_lora LoRA" if args.init_lora else "the base model"
             print0(f"{start}'s eval reward: {log['eval_reward_mean_before']:.4f}")
@@ -501,7 +501,7 @@ def score(run, batch, futures, epoch, log):
     args, device, n = run.args, run.device, run.per_rank
     lo, hi = run.process_index * n, (run.process_index + 1) * n
     results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", **run.bar)]
-    R = torch.cat([r[0] for r in results]).double()
+    R = torch.cat([scores for scores, _ in results]).double()
     # a diverged rollout counts as unscored even where its reward is finite (JPEG and OCR score NaN pixels as black)
     diverged = ~torch.isfinite(batch.x0).flatten(1).all(1).cpu()
     R[diverged] = math.nan
@@ -526,7 +526,8 @@ def score(run, batch, futures, epoch, log):
     spread = float(all_R[ok].std(unbiased=False)) if batch.trainable else float("nan")  # none finite: null, no warning
     log.update(reward_mean=float(all_R[ok].mean()), reward_std=spread,
                **{f"reward_{k}": float(v.nanmean()) for k, v in comps.items()},  # a NaN: unscored, left out
-               r_mean=float(adv_to_r(adv, args.adv_clip).mean()), dropped=int((~ok).sum()))  # every rank's
+               r_mean=float(adv_to_r(adv, args.adv_clip).mean()),  # every rank's; a dropped sample counts 0.5
+               dropped=int((~ok).sum()))
 
 
 def nft_update(run, pol, batch, epoch, log):
@@ -566,10 +567,11 @@ def micro_step(run, pol, mb, sigma, eps, scale, last=True):
     |v_theta - v_old|) over the T timesteps, on the device (no sync)."""
     args, transformer, x0 = run.args, run.pipe.transformer, mb.x0
     T, B = sigma.shape
-    w = args.guidance_scale if args.train_guided else 1.0  # 1: the conditional velocity, one pass (the paper's)
+    guidance = args.guidance_scale if args.train_guided else 1.0  # 1: the conditional velocity, one pass (the paper's)
     xt = add_noise(x0.expand(T, *x0.shape).flatten(0, 1), eps.flatten(0, 1), sigma.flatten())
     cond = {k: v.repeat(T, *[1] * (v.dim() - 1)) for k, v in mb.cond.items()}  # visit-major, as xt
-    v_fn = lambda i: guided_velocity(transformer, xt[i], sigma.flatten()[i], rows(cond, i), run.negative, w)  # noqa
+    v_fn = lambda i: guided_velocity(transformer, xt[i], sigma.flatten()[i], rows(cond, i), run.negative,  # noqa
+                                     guidance)
     c, frozen = args.sample_batch_size, {}
     for name, weights in [("old", pol.old)] + ([("ref", None)] if args.kl_coef > 0 else []):
         # one autocast per policy: it caches the LoRA's bf16 cast across the chunks, and must not outlive the swap
@@ -1113,7 +1115,8 @@ def go_eager(run, reason):
 
 
 def evaluate_ema(run, pol, epoch, log, suffix=""):
-    """The EMA weights on the eval prompts: rank 0 saves a grid; log gets eval_reward_mean and eval_<name>, + suffix."""
+    """The EMA weights on the eval prompts: rank 0 saves a grid; log gets eval_reward_mean, eval_<name> and (GenEval)
+    eval_geneval_overall, + suffix."""
     with policy(pol.theta, pol.ema):
         results = evaluate(run, run.eval_records)
     if run.process_index == 0:  # evaluate() keeps the images of the first prompts, 16 at most
@@ -1553,7 +1556,7 @@ class Family:
     text_encoders: tuple  # the pipeline's text encoder attributes (--offload_text_encoders)
     max_text: int  # the longest --max_sequence_length its pipeline allows
     encode: object  # (pipe, prompts, max_sequence_length, device) -> cond: dict of (n, ...) tensors (encode_prompts)
-    velocity: object  # (transformer, x, sigma, cond) -> v; x, v: (B, C, h, w) latents, sigma: (B,)
+    velocity: object  # (transformer, x, sigma, cond) -> v; x, v: (B, C, h, w) latents, sigma: float or (B,)
     decode: object  # (pipe, x0) -> images: (B, 3, H, W) in [0, 1]
     combine: object = cfg  # (v, v_neg, scale) -> v: the pipeline's true CFG (--guidance_scale, guided_velocity)
     negative_prompt: str = ""  # the published recipes' negative prompt (--negative_prompt unset)
@@ -1575,9 +1578,9 @@ def latent_shape(pipe, resolution):
 
 def schedule(pipe, num_steps, resolution):
     """The sigmas the family's pipeline samples with, num_steps + 1 ending in 0: SD3 shifts by a constant (3.0 for
-    SD3.5, rollout_sigmas); FLUX.1 and Qwen-Image by the image's token count (shifted_sigmas)."""
+    SD3.5, sd3_sigmas); FLUX.1 and Qwen-Image by the image's token count (shifted_sigmas)."""
     if family_of(pipe).name == "sd3":
-        return rollout_sigmas(num_steps, pipe.scheduler.config.shift)
+        return sd3_sigmas(num_steps, pipe.scheduler.config.shift)
     _, h, w = latent_shape(pipe, resolution)
     return shifted_sigmas(pipe.scheduler.config, num_steps, h * w // 4)
 
@@ -2104,8 +2107,9 @@ def newest_good(paths, read):
 
 def load_checkpoint(args, world_size, records=()):
     """The checkpoint to resume (path, state), or None for --resume_from latest with none saved yet; latest falls back
-    past unreadable ones (newest_good). RESUME_KEYS must match (they shape the LoRA or the schedule); changed
-    DRAW_KEYS or rank count only warn: the run continues correctly but no longer replays the uninterrupted one."""
+    past damaged ones, never past an unreadable one (newest_good). RESUME_KEYS must match (they shape the LoRA or the
+    schedule); changed DRAW_KEYS or rank count only warn: the run continues correctly but no longer replays the
+    uninterrupted one."""
     path = args.resume_from
     if path == "latest":  # like diffusers' scripts: nothing to resume yet starts a new run
         found = checkpoints(args.output_dir)
@@ -2364,7 +2368,7 @@ def prompt_index(records, i):
 @torch.no_grad()
 def evaluate(run, records):
     """Score the active weights on the test prompts (run.eval_fn), eval_images_per_prompt images each, split over ranks
-    by position and gathered (none missing or duplicated). Returns on rank 0 one dict per image, sorted by (index,
+    by position and gathered (none missing or duplicated). Returns on every rank one dict per image, sorted by (index,
     image): index, image, prompt, seed, tag (GenEval), reward, each component, and `_image` (CPU) for the grid: the
     images of as many first prompts as 16 hold whole (of the first prompt, its first 16)."""
     args, rank, world = run.args, run.process_index, run.num_processes
@@ -2393,9 +2397,9 @@ def evaluate(run, records):
 
 
 def eval_only(args):
-    """--eval_only: the paper's evaluation (40 Euler steps, guidance 1, 512 px; unless set, SD3 at the official script's
-    T5 length 256 and fp16, FLUX.1 and Qwen-Image at their training length and bf16) of the base model or a --lora on
-    the test prompts, scored with --reward and --eval_reward. Writes eval.json, eval.md (also printed),
+    """--eval_only: the paper's evaluation (Euler at --eval_num_steps, guidance 1, 512 px; unless set, SD3 at the
+    official script's T5 length 256 and fp16, FLUX.1 and Qwen-Image at their training length and bf16) of the base model
+    or a --lora on the test prompts, scored with --reward and --eval_reward. Writes eval.json, eval.md (also printed),
     eval_images.jsonl (each image's seed and scores), compare.png (--lora: base vs LoRA) and curves.png (below)."""
     lora = find_lora(args.lora) if args.lora else None  # a bad path fails before the model loads
     run = setup(args)
@@ -2608,9 +2612,10 @@ def _ticks(lo, hi, n=5):
 
 
 def plot_curves(metrics_path, png_path, size=(640, 400), title=None):
-    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step (the base model's
-    eval, eval_reward_mean_before, at step 0), titled with the run's reward (config.json). An --eval_reward
-    (eval_<name>) has its own scale: its curve is stretched onto the others' y range, its legend names its range."""
+    """Draw metrics.jsonl as a PNG with PIL alone: train reward_mean and eval_reward_mean against step (the base
+    model's, or --init_lora's, eval_reward_mean_before at step 0), titled with the run's reward (config.json). An
+    --eval_reward (eval_<name>) has its own scale: its curve is stretched onto the others' y range, its legend names its
+    range."""
     from PIL import Image, ImageDraw
     lines = read_text(metrics_path).splitlines()
     records = [json.loads(line) for line in lines if _epoch_of(line) < math.inf]  # not one cut by a kill
@@ -2707,7 +2712,7 @@ def parse_args(argv=None):
     if given.get("eval_only") and "max_sequence_length" not in values | given:
         values["max_sequence_length"] = 256  # the official evaluation runs the pipeline at diffusers' default T5 length
     values.update(negative_prompt=family_named(model_family(model)).negative_prompt,
-                  preset=name if name in PRESETS else "")  # config.json says which recipe ran
+                  preset=name if name in PRESETS else "")  # config.json: the reward's recipe (--model adds its own)
     for k in ("output_dir", "resume_from"):  # the shell leaves the ~ of `--output_dir=~/x`: no folder named ~ here
         if k in given:
             given[k] = os.path.expanduser(given[k])

@@ -2,8 +2,9 @@
 
 Each entry of `REWARDS` is a factory `make(device) -> fn`, and
 `fn(images, prompts, metadata) -> (scores, components)` with images a float tensor in [0, 1],
-NCHW, on any device; scores a float32 CPU tensor of shape (N,); components a dict of (N,) tensors
-for logging (may be empty). Formulas: each factory's docstring; GenEval rules: github.com/djghosh13/geneval.
+NCHW, on any device; scores a float CPU tensor of shape (N,) (NaN: an image it cannot score); components a
+dict of (N,) CPU tensors for logging (may be empty). Formulas: each scorer's docstring (`*_fn`, GenEvalScorer);
+GenEval rules: github.com/djghosh13/geneval.
 
 Differences from the official stack (Flow-GRPO / DiffusionNFT reward servers), on purpose:
 1. GenEval runs on transformers' Mask2Former + CLIP instead of mmdetection 2.x + open_clip; the

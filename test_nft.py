@@ -532,7 +532,7 @@ def test_presets_follow_the_reward_spec(argv, reward, beta, num_steps, steps_per
 
 # ---- the file reads as the paper: the algorithm first ----
 ALGORITHM = ["add_noise", "nft_loss", "cfg", "adv_to_r", "group_advantages", "old_decay", "ema_decay", "soft_update_",
-             "solve", "rollout_sigmas", "train", "epoch_prompt_indices", "encode_batch", "rollout", "sample", "score",
+             "solve", "sd3_sigmas", "train", "epoch_prompt_indices", "encode_batch", "rollout", "sample", "score",
              "nft_update", "micro_step", "take_step", "optimizer_step", "average_gradients", "gather",
              "update_old_policy", "policy", "guided_velocity", "velocity", "sd3_velocity", "flux_velocity",
              "qwenimage_velocity", "qwenimage_cfg"]
@@ -562,11 +562,11 @@ def test_the_algorithm_is_one_read_before_the_plumbing_banner_the_docstring_name
 def test_rollout_sigmas_match_spec_and_diffusers():
     from diffusers import FlowMatchEulerDiscreteScheduler
     spec = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
-    assert nft.rollout_sigmas(10).tolist() == pytest.approx(spec, abs=1e-4)
+    assert nft.sd3_sigmas(10).tolist() == pytest.approx(spec, abs=1e-4)
     for n in (10, 25, 40):
         s = FlowMatchEulerDiscreteScheduler(shift=3.0)
         s.set_timesteps(n)
-        assert torch.allclose(nft.rollout_sigmas(n).float(), s.sigmas.float(), atol=1e-6)
+        assert torch.allclose(nft.sd3_sigmas(n).float(), s.sigmas.float(), atol=1e-6)
 
 
 def test_euler_agrees_with_diffusers_scheduler_step_by_step():
@@ -619,7 +619,7 @@ def test_solver_convergence_order_on_gaussian(solver, order):
 def test_dpm2_is_not_better_than_euler_at_10_steps_on_sd3_schedule():
     """Measured, not assumed: SD3's last step 0.278 -> 0.0089 is huge in log-SNR, so the second-order
     solver is worse than Euler up to 40 steps and wins only at 80 (README, "Solvers")."""
-    sched = lambda n: nft.rollout_sigmas(n)[:-1]
+    sched = lambda n: nft.sd3_sigmas(n)[:-1]
     e_euler, e_dpm = _solver_errors("euler", sched), _solver_errors("dpm2", sched)
     assert e_dpm[0] > e_euler[0]  # 10 steps
     assert e_dpm[2] > e_euler[2] and e_dpm[-1] < e_euler[-1]  # 40 and 80 steps
@@ -628,7 +628,7 @@ def test_dpm2_is_not_better_than_euler_at_10_steps_on_sd3_schedule():
 def test_sde_with_zero_eta_is_euler_and_with_noise_is_seeded():
     f = lambda x, s: -x * s
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
-    sig = nft.rollout_sigmas(10)[:-1]
+    sig = nft.sd3_sigmas(10)[:-1]
     assert torch.allclose(nft.solve(f, x, sig, "sde", eta=0.0, generator=torch.Generator()),
                           nft.solve(f, x, sig, "euler"))
     a = nft.solve(f, x, sig, "sde", generator=torch.Generator().manual_seed(1))
@@ -847,7 +847,7 @@ def test_init_lora_first_rollout_equals_the_lora_loaded_by_hand(tmp_path, layout
         assert torch.equal(params[n], weights[n]) and torch.equal(old[n], weights[n])
     by_hand = copy.deepcopy(tiny_sd3)
     nft.load_lora(by_hand, lora)  # as --eval_only loads it
-    sigmas = nft.rollout_sigmas(args.num_steps)
+    sigmas = nft.sd3_sigmas(args.num_steps)
     noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     rollouts = []
     for pipe, use in [(ours, old), (by_hand, None), (ours, "ref")]:
@@ -4878,7 +4878,7 @@ def _mini_epochs(pipe, params, old, args, epochs, compiled_from=None):
     epoch's (loss, kl, |v_theta - v_old|) and its rollout's samples."""
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, 4, generator=g)
-    sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float()
+    sig = nft.sd3_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 2)].float()
     r, mask = torch.rand(4, generator=g), torch.ones(4)
     emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
@@ -4890,7 +4890,7 @@ def _mini_epochs(pipe, params, old, args, epochs, compiled_from=None):
             with nft.policy(params, old):
                 samples.append(sample_with(pipe, torch.randn(8, 4, 4, 4, generator=g),
                                            dict(embeds=emb.repeat(2, 1, 1), pooled=pooled.repeat(2, 1)),
-                                           nft.rollout_sigmas(2), "euler", args, contextlib.nullcontext))
+                                           nft.sd3_sigmas(2), "euler", args, contextlib.nullcontext))
             out.append(micro_step_with(pipe.transformer, params, old, x0, dict(embeds=emb, pooled=pooled), sig, eps, r,
                                        mask, args, contextlib.nullcontext, 1.0))
         assert all(torch.equal(p, theta[n]) for n, p in params.items())  # theta is back after every swap
@@ -5078,7 +5078,7 @@ def _micro_step_in(mode, scale=1.0):
                            mode])
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, 4, generator=g)
-    sig = nft.rollout_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float()
+    sig = nft.sd3_sigmas(10)[torch.tensor([[1, 4, 7, 9]] * 3)].float()
     r, mask = torch.rand(4, generator=g), torch.ones(4)
     emb, pooled = torch.randn(4, 93, 32, generator=g), torch.randn(4, 64, generator=g)
     dtype, autocast = nft.precision(args, torch.device("cpu"))

@@ -69,11 +69,15 @@ def run(mod, label):
         ctx = mod.policy(params, old)
     else:
         mod.set_policy(t, "old"); import contextlib; ctx = contextlib.nullcontext()
+    sigmas = getattr(mod, "sd3_sigmas", None) or mod.rollout_sigmas  # its name in earlier versions
     with ctx, census:
-        if "cond" in inspect.signature(mod.sample).parameters:  # this version: one conditioning dict
-            mod.sample(pipe, x, {"embeds": emb, "pooled": pooled}, mod.rollout_sigmas(2), "euler", args, autocast)
-        else:  # earlier versions: embeddings and pooled embeddings apart
-            mod.sample(pipe, x, emb, pooled, mod.rollout_sigmas(2), "euler", args, autocast)
+        if "run" in inspect.signature(mod.sample).parameters:  # this version: what stays fixed travels in a Run
+            fixed = mod.Run(args, 0, 1, torch.device("cpu"), pipe=pipe, autocast=autocast)
+            mod.sample(fixed, x, {"embeds": emb, "pooled": pooled}, sigmas(2), "euler")
+        elif "cond" in inspect.signature(mod.sample).parameters:  # earlier versions: one conditioning dict
+            mod.sample(pipe, x, {"embeds": emb, "pooled": pooled}, sigmas(2), "euler", args, autocast)
+        else:  # earlier still: embeddings and pooled embeddings apart
+            mod.sample(pipe, x, emb, pooled, sigmas(2), "euler", args, autocast)
     mod.velocity = real
     steps = census.segments[1:]
     steps[-1] = steps[-1]  # the last segment also holds the solver's update after the forward (a few ops)
