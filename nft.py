@@ -1168,7 +1168,7 @@ def end_epoch(run, pol, epoch, log):
     if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                     draws=run.draws, wandb_id=run.wandb and run.wandb.id)
+                     draws=run.draws, **({"wandb_id": run.wandb.id} if run.wandb else {}))
         save = functools.partial(save_epoch, run, log, state)
         # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
         # resume then trains it again, so that the run ends with its evaluation
