@@ -540,7 +540,7 @@ def nft_update(run, pol, batch, epoch, log):
     g = rng(args.seed, epoch, run.process_index, "train")
     visits = torch.stack([torch.randperm(args.num_steps, generator=g)[:T] for _ in range(run.per_rank)])
     sigma, noise_gen = run.sigmas.float().to(device)[visits.to(device)], device_rng(g, device)  # (per_rank, T)
-    stats = torch.zeros(3, device=device)
+    stats = torch.full((3,), 0.0 if batch.trainable else math.nan, device=device)  # no update: no loss (null)
     for _ in range(0 if batch.trainable else args.steps_per_epoch):  # no finite reward: each step is a bad one
         take_step(run, pol, epoch, log, problem="no finite reward")
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
@@ -626,7 +626,8 @@ def take_step(run, pol, epoch, log, problem=None):
         if pol.bad_steps >= args.max_nonfinite_steps:
             saved = checkpoints(args.output_dir)[-1:]
             kept = f"the last good checkpoint, {saved[0]}, intact" if saved else "no checkpoint saved yet"
-            advice = "the reward" if problem == "no finite reward" else "--learning_rate (lower it) or the reward"
+            advice = ("the reward and the rollouts (--guidance_scale, --solver)" if problem == "no finite reward"
+                      else "--learning_rate (lower it) or the reward")
             raise UserError(f"{pol.bad_steps} non-finite optimizer steps in a row ({problem}); stopping with {kept}. "
                             f"Check {advice}, then continue with --resume_from latest")
         return
@@ -986,6 +987,9 @@ def prompt_sets(args):
     if repeats:
         print0(f"{args.eval_prompts}: {repeats} repeated lines (the official test files list a prompt once per "
                "image); evaluating each distinct prompt once")
+    if not args.eval_only and args.num_groups > len(train):  # epoch_prompt_indices cycles through the set
+        print0(f"warning: --num_groups {args.num_groups} is more than the {len(train)} training prompts: an epoch "
+               "draws some prompts twice, and their groups merge into one (its advantages compare all their images)")
     return train, evals
 
 
@@ -2161,7 +2165,8 @@ def claim_output_dir(args, rank, world, records=()):
         print0(f"warning: --overwrite does nothing here: --resume_from {args.resume_from} continues the run in "
                f"{args.output_dir}")
     if replace and not args.overwrite:
-        fix = "pass --resume_from latest to continue it, " if replace == "a previous run" else "pass "
+        resumable = replace == "a previous run" and not args.profile
+        fix = "pass --resume_from latest to continue it, " if resumable else "pass "
         raise UserError(f"--output_dir {args.output_dir} holds {replace}; {fix}--overwrite to replace it, or another "
                         "--output_dir")
     if resume and not foreign and args.resume_from != "latest":
@@ -2575,7 +2580,7 @@ def _font(size):
 
 def to_uint8(image):
     """(3, H, W) in [0, 1] -> (H, W, 3) uint8 pixels, rounded: what a PNG or W&B shows."""
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return (image.nan_to_num().permute(1, 2, 0).numpy() * 255).round().astype("uint8")  # a diverged image: black
 
 
 def save_grid(images, path, nrow, col_labels=(), row_labels=(), min_size=128):
@@ -2740,11 +2745,19 @@ def parse_args(argv=None):
                       solver="--eval_only samples with Euler", num_steps="--eval_only samples --eval_num_steps steps",
                       compile="--eval_only runs eager", compile_budget="--eval_only runs eager",
                       prompts=bool(args.eval_prompts) and "--eval_only evaluates --eval_prompts and trains nothing")
+    elif args.profile:  # a few timed epochs (start_run)
+        unused.update(dict.fromkeys(EVALUATION + ("num_epochs", "eval_every", "save_every", "checkpoints_total_limit"),
+                                    "--profile times 3 epochs, without evaluations or checkpoints"))
+    elif not args.eval_every:
+        unused.update(dict.fromkeys(EVALUATION, "--eval_every is 0: the run never evaluates"))
+    unused.update(embedded_guidance_scale=model_family(args.model) != "flux" and "it is an input of FLUX.1-dev only",
+                  offload_text_encoders=not torch.cuda.is_available() and "without a GPU they are on the CPU anyway")
     for flag in [k for k, why in unused.items() if why and given.get(k, False) is not False]:  # given, yet idle
         print0(f"warning: --{flag} does nothing here: {unused[flag]}")
     return args
 
 
+EVALUATION = ("eval_prompts", "eval_reward", "eval_num_steps", "eval_images_per_prompt", "eval_max_prompts")
 # the flags that only training reads: given with --eval_only, each gets a warning line (parse_args)
 TRAINING_ONLY = ("group_size", "num_groups", "beta", "kl_coef", "adv_clip", "global_std", "timestep_fraction",
                  "old_flat", "old_rate", "old_max", "ema_max_decay", "learning_rate", "adam_beta1", "adam_beta2",
@@ -2835,20 +2848,21 @@ def resumed(args, given):
 
 
 # validate's rules, as data: the range of each number flag (BOUNDS, with a note NOTES adds) and the choices of a few
-RANGES = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+RANGES = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2,
           "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1}
-BOUNDS = {**dict.fromkeys(["learning_rate", "group_size", "num_groups", "num_steps", "train_batch_size",
+BOUNDS = {**dict.fromkeys(["learning_rate", "num_groups", "num_steps", "train_batch_size",
                            "sample_batch_size", "num_epochs", "rank", "resolution", "steps_per_epoch", "adv_clip",
                            "save_every", "eval_num_steps", "max_sequence_length", "lora_alpha", "max_grad_norm",
                            "max_nonfinite_steps", "reward_timeout", "adam_epsilon"], "positive"),
           **dict.fromkeys(["eval_every", "eval_images_per_prompt", "eval_max_prompts", "old_flat", "old_rate", "eta",
                            "adam_weight_decay", "checkpoints_total_limit", "compile_budget", "kl_coef"], ">= 0"),
           **dict.fromkeys(["adam_beta1", "adam_beta2", "old_max", "ema_max_decay"], "in [0, 1)"),
-          "beta": "in (0, 1]", "timestep_fraction": "in (0, 1]", "guidance_scale": ">= 1"}
+          "beta": "in (0, 1]", "timestep_fraction": "in (0, 1]", "guidance_scale": ">= 1", "group_size": ">= 2"}
 NOTES = {"checkpoints_total_limit": "0 keeps every checkpoint", "adam_epsilon": "lora_A's first gradients are 0: 0/0",
          "guidance_scale": "1 = no classifier-free guidance",
          "beta": "the paper uses 1.0, or 0.1 for OCR and multi-reward; beta > 1 gives v_old a negative weight in v+",
-         "timestep_fraction": "official: 0.99, 9 of 10 rollout sigmas"}
+         "timestep_fraction": "official: 0.99, 9 of 10 rollout sigmas",
+         "group_size": "advantages compare the images of a prompt: alone, an image's is 0 and nothing trains"}
 CHOICES = {"solver": SOLVERS, "grad_sync": ("step", "micro_step"), "mixed_precision": ("auto", "bf16", "fp16", "no"),
            "reward_precision": ("fp32", "bf16")}
 
@@ -2904,7 +2918,9 @@ def validate(args, world_size):
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
             + (f"nearest valid: --num_groups {low}" + (f" or {low + every}" if low < args.num_groups else "")
                if every <= 4 * args.num_groups
-               else "lower --sample_batch_size or --train_batch_size, or change --group_size"))
+               else "lower --steps_per_epoch, --train_batch_size or --sample_batch_size, or change --group_size"
+               + (f" (or --num_groups {every}: {every / args.num_groups:.3g}x the images)"
+                  if every <= 10 * args.num_groups else "")))
 
 
 # --------------------------------------------------------------------------- the built-in models

@@ -2451,8 +2451,11 @@ def test_a_tilde_in_a_typed_path_is_home_and_a_resolution_hint_is_valid(capsys, 
     (["--max_sequence_length", "0"], "--max_sequence_length must be positive"),
     (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0, got -1 (0 keeps every checkpoint)"),
     (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
-    (["--sample_batch_size", "1000000000000"], "lower --sample_batch_size"),  # arithmetic, no search
+    (["--sample_batch_size", "1000000000000"], "or --sample_batch_size, or change --group_size"),  # no search
     (["--sample_batch_size", "24", "--num_groups", "8"], "nearest valid: --num_groups 6 or 12"),  # multiples of 6
+    (["--steps_per_epoch", "5"], "lower --steps_per_epoch, --train_batch_size or --sample_batch_size, or change "
+                                 "--group_size (or --num_groups 10: 5x the images)"),
+    (["--group_size", "1"], "--group_size must be >= 2, got 1 (advantages compare the images of a prompt: alone"),
 ])
 def test_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
@@ -2461,9 +2464,10 @@ def test_bad_values_stop_before_the_model_loads(capsys, tmp_path, argv, message)
 
 
 def test_a_flag_given_where_it_does_nothing_is_said(capsys):
-    """--eta without the sde solver, --negative_prompt and --train_guided without CFG, and with --eval_only the
-    sampling and every training flag: each, given, gets one warning line naming why it is idle; where it acts, or left
-    at its default, nothing is said."""
+    """--eta without the sde solver, --negative_prompt and --train_guided without CFG, the evaluation flags where
+    nothing evaluates, --profile's epochs and checkpoints, FLUX.1-dev's embedded guidance on another model, and with
+    --eval_only the sampling and every training flag: each, given, gets one warning line naming why it is idle; where
+    it acts, or left at its default, nothing is said."""
     def warnings_of(*argv):
         nft.parse_args(["--model", "tiny", *argv])
         return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
@@ -2484,6 +2488,20 @@ def test_a_flag_given_where_it_does_nothing_is_said(capsys):
         "warning: --learning_rate does nothing here: --eval_only trains nothing",
         "warning: --num_steps does nothing here: --eval_only samples --eval_num_steps steps",
         "warning: --compile does nothing here: --eval_only runs eager"]
+    assert warnings_of("--eval_every", "0", "--eval_reward", "jpeg", "--seed", "1") == [
+        "warning: --eval_reward does nothing here: --eval_every is 0: the run never evaluates"]
+    assert warnings_of("--profile", "--save_every", "5", "--embedded_guidance_scale", "7") == [
+        "warning: --save_every does nothing here: --profile times 3 epochs, without evaluations or checkpoints",
+        "warning: --embedded_guidance_scale does nothing here: it is an input of FLUX.1-dev only"]
+    assert warnings_of("--model", "tiny-flux", "--embedded_guidance_scale", "7") == []
+
+
+def test_more_groups_than_prompts_is_said(capsys):
+    """--num_groups past the training prompts: an epoch draws some prompts twice and their groups merge (advantages
+    group by prompt index), which one warning says."""
+    train, _ = nft.prompt_sets(nft.parse_args([*map(str, SMALL), "--num_groups", "6"]))
+    assert len(train) == 4 and "warning: --num_groups 6 is more than the 4 training prompts" in capsys.readouterr().out
+    assert sorted(torch.bincount(nft.epoch_prompt_indices(4, 6, 4, 0, 0)).tolist()) == [4, 4, 8, 8]
 
 
 def test_text_length_empty_prompts_and_flags_are_checked_before_the_model_loads(capsys, monkeypatch, tmp_path):
@@ -3443,9 +3461,11 @@ def test_nonfinite_rewards_are_dropped_or_the_epoch_skipped(capsys, monkeypatch,
     msg = cli_error(capsys, *SMALL, "--reward", "nan_all", "--prompts", prompts, "--eval_every", 0, "--num_epochs", 5,
                     "--max_nonfinite_steps", 2, "--output_dir", tmp_path / "all")  # a reward that scores nothing stops
     assert msg == ("error: 2 non-finite optimizer steps in a row (no finite reward); stopping with no checkpoint saved "
-                   "yet. Check the reward, then continue with --resume_from latest")
+                   "yet. Check the reward and the rollouts (--guidance_scale, --solver), then continue with "
+                   "--resume_from latest")
     m = metrics(tmp_path / "all")  # epoch 0 is logged, with no step taken and no checkpoint of untrained weights
     assert len(m) == 1 and m[0]["dropped"] == 8 and m[0]["step"] == 0 and nft.checkpoints(tmp_path / "all") == []
+    assert m[0]["loss"] is m[0]["kl"] is m[0]["dv_old"] is None  # no update: no loss (null, not 0)
     # a diverged sample (NaN latent, so a NaN colour reward) must not poison the loss of the others
     real_sample = nft.sample
     monkeypatch.setattr(nft, "sample", lambda *a, **k: real_sample(*a, **k).index_fill_(0, torch.tensor([0]), math.nan))
