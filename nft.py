@@ -5,19 +5,19 @@ Official code: github.com/NVlabs/DiffusionNFT.
 
 One epoch: sample images with the frozen *old* policy and any solver, score them, turn rewards into an optimality
 weight r in [0, 1], then train the LoRA velocity v_theta with a flow-matching loss on freshly noised copies of the
-clean images. Positive samples pull the implicit positive policy v+ = beta*v_theta + (1-beta)*v_old toward them;
-negative samples pull v- = (1+beta)*v_old - beta*v_theta toward them, which pushes v_theta away. No likelihoods, no
-stored trajectories, no CFG.
+clean images. Each sample pulls the implicit positive policy v+ = beta*v_theta + (1-beta)*v_old toward it with weight
+r, and the negative one v- = (1+beta)*v_old - beta*v_theta with weight 1 - r: pulling v- toward a bad sample pushes
+v_theta away from it. No likelihoods, no stored trajectories, no CFG needed.
 
     python nft.py --model tiny --reward color                          # the CPU demo, a few minutes
     torchrun --nproc_per_node=8 nft.py --reward geneval --prompts DiffusionNFT/dataset   # the official recipe
     python nft.py --eval_only --lora runs/stable-diffusion-3.5-medium-geneval/checkpoints/checkpoint-01000
 
 Reading order: the config (Args, PRESETS); the math, pure functions with their equations; then the algorithm:
-train() is the paper's Algorithm 1, one call per step, followed by every function those steps call that carries
+train() is the paper's Algorithm 1, a call per step of it, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 821: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 832: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -117,9 +117,9 @@ class Args:  # each comment is the flag's --help
     num_groups: int = 48  # The number of prompts per epoch, over all ranks.
     beta: float = 1.0  # The NFT mixing coefficient beta in (0, 1] of v+ and v- (official config.beta).
     kl_coef: float = 1e-4  # The weight of mean (v_theta - v_ref)^2 (official config.train.beta); 0 skips v_ref.
-    adv_clip: float = 5.0  # A is clipped to +-adv_clip, r = A/adv_clip/2 + 0.5, and the loss scaled by it.
+    adv_clip: float = 5.0  # A is clipped to +-adv_clip, r = A/adv_clip/2 + 0.5, and the loss x adv_clip.
     global_std: bool = True  # Normalise advantages by the epoch's reward std (--no-global_std: each group's).
-    timestep_fraction: float = 0.99  # The share of the rollout's sigmas trained per sample: int(num_steps x this), 1+.
+    timestep_fraction: float = 0.99  # T = max(1, int(num_steps x this)) rollout sigmas trained per sample.
     old_flat: int = 0  # Optimizer steps before the old policy lags: until then d = 0 (fully on-policy).
     old_rate: float = 0.001  # The old policy's decay after --old_flat: d = min(old_rate x (step - flat), old_max).
     old_max: float = 0.5  # The largest decay d of theta_old <- d x theta_old + (1 - d) x theta.
@@ -209,12 +209,14 @@ def nft_loss(v_theta, v_old, x0, xt, sigma, r, beta):
 
         v+ = beta*v_theta + (1-beta)*v_old          x0+ = xt - sigma*v+
         v- = (1+beta)*v_old - beta*v_theta          x0- = xt - sigma*v-
-        L+- = mean_CHW (x0+- - x0)^2 / w+-,   w+- = max(mean_CHW |x0+- - x0|, 1e-5)  (no grad, float64)
+        L+- = mean (x0+- - x0)^2 / w+-,   w+- = max(mean |x0+- - x0|, 1e-5)  (no grad, float64; means over C, H, W)
         loss = (r*L+ + (1-r)*L-) / beta                                             -> shape (B,)
 
-    Since x0+- - x0 = sigma*(eps - x0 - v+-), this is a sigma-weighted velocity-matching loss that the
-    adaptive weight w normalizes by its own error size: it grows like sigma*|velocity error|, not its square.
-    The trainer minimizes adv_clip * mean_B(loss) + kl_coef * mean((v_theta - v_ref)^2) (micro_step).
+    Since x0+- - x0 = sigma*(eps - x0 - v+-), it is velocity matching weighted by sigma; dividing by w (the mean
+    |error|, no grad) makes it grow like sigma*|velocity error|, not its square. At theta = theta_old (v+ = v- = v_old)
+    its gradient is (2r - 1) * grad L(v_old), the /beta cancelling beta in dv+-/dv_theta; with r = adv_to_r(A) and the
+    trainer's factor adv_clip that is A * grad L: advantage-weighted flow matching, for any beta (|A| <= adv_clip).
+    The trainer minimizes adv_clip * mean_B(mask*loss) + kl_coef * mean((v_theta - v_ref)^2) (micro_step).
     v_theta: (B, C, H, W) or (B, C, F, H, W) with grad, fp32 (sigma is cast to its dtype); v_old: same, no grad;
     sigma, r: (B,) or floats; beta: (0, 1].
     """
@@ -236,8 +238,8 @@ def cfg(v, v_neg, scale):
 
 
 def adv_to_r(adv, adv_clip):
-    """Optimality weight r = clamp(clip(A, +-adv_clip) / adv_clip / 2 + 0.5, 0, 1): A=0 -> 0.5, +-clip -> 1/0.
-    adv_clip > 0."""
+    """Optimality weight r = clamp(clip(A, +-adv_clip) / adv_clip / 2 + 0.5, 0, 1): A = 0 -> 0.5, +adv_clip -> 1,
+    -adv_clip -> 0. adv_clip > 0."""
     return (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
 
 
@@ -263,7 +265,7 @@ def group_advantages(R, group_ids, global_std=True):
 def old_decay(step, flat, rate, max_decay):
     """Old-policy soft-update coefficient d: theta_old <- d*theta_old + (1-d)*theta after each epoch.
 
-    d = 0 while step < flat (fully on-policy), then min(rate * (step - flat), max_decay).
+    d = 0 while step < flat (fully on-policy), then min(rate * (step - flat), max_decay); step: optimizer steps taken.
     """
     return 0.0 if step < flat else min(rate * (step - flat), max_decay)
 
@@ -294,7 +296,8 @@ def euler(velocity_fn, x, sigmas, generator=None, eta=0.0):
 
 
 def dpm2(velocity_fn, x, sigmas, generator=None, eta=0.0):
-    """DPM-Solver++(2M), data prediction, alpha = 1 - sigma, lambda = log(alpha/sigma), h = lambda' - lambda.
+    """DPM-Solver++(2M), data prediction, alpha = 1 - sigma, lambda = log(alpha/sigma), h = lambda' - lambda (' : at the
+    next sigma).
 
     First order:  x <- (s'/s)*x - a'*(e^-h - 1)*m,  m = x0_pred = x - s*v
     Second order: m replaced by m + (m - m_prev) / (2*r0), r0 = h_prev / h. First order at the first step, at the second
@@ -324,7 +327,8 @@ def sde(velocity_fn, x, sigmas, generator=None, eta=0.7):
     """
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         v, dt = velocity_fn(x, s), s_next - s
-        std = eta * math.sqrt(s / (1 - (s if s < 1 else sigmas[1].item())))  # as Flow-GRPO: sigmas[1] below only
+        # as Flow-GRPO: at s = 1 only the denominator takes sigmas[1]
+        std = eta * math.sqrt(s / (1 - (s if s < 1 else sigmas[1].item())))
         mean = x * (1 + std ** 2 * dt / (2 * s)) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = mean + std * math.sqrt(-dt) * z
@@ -380,9 +384,10 @@ def train(args):
       1. draw num_groups prompts x group_size images (this rank's share) and encode them;
       2. roll out clean images x0 with the old policy v_old and any solver: no grad, no trajectory kept;
       3. score them: rewards R -> per-prompt advantages A -> optimality weights r in [0, 1];
-      4. NFT update: noise x0 afresh at T of the rollout's sigmas and descend the negative-aware loss
-         r*L+ + (1 - r)*L- (nft_loss), steps_per_epoch optimizer steps;
-      5. the old policy follows: theta_old <- d*theta_old + (1 - d)*theta; the EMA of theta is for evaluation;
+      4. NFT update: noise x0 afresh at T = max(1, int(num_steps * timestep_fraction)) of the rollout's sigmas and
+         descend the negative-aware loss r*L+ + (1 - r)*L- (nft_loss), steps_per_epoch optimizer steps (after each,
+         the EMA of theta, for evaluation, follows);
+      5. the old policy follows: theta_old <- d*theta_old + (1 - d)*theta;
       6. log, evaluate, checkpoint.
     """
     run, pol, start_epoch = start_run(args)  # ranks, prompts, model, LoRA policies, optimizer, resumed state
@@ -439,12 +444,14 @@ class Batch:
 
     def rows(self, s):
         """The images s (a slice) of this batch."""
-        return Batch(self.ids[s], self.prompts[s], rows(self.cond, s), self.x0[s], self.r[s], self.mask[s])
+        return Batch(self.ids[s], self.prompts[s], rows(self.cond, s),  # rows(): the function below, not this one
+                     self.x0[s], self.r[s], self.mask[s])
 
 
 def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
     """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn without
-    replacement (cycling if the set is small), each repeated group_size times, then shuffled so a group spreads over
+    replacement (cycling if the set is small: the groups of a repeated prompt
+    then merge), each repeated group_size times, then shuffled so a group spreads over
     ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
     g = rng(seed, epoch, "prompts")
     picks = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(-(-num_groups // num_prompts))])
@@ -531,9 +538,11 @@ def score(run, batch, futures, epoch, log):
 
 
 def nft_update(run, pol, batch, epoch, log):
-    """Step 4: every sample is trained at T of the rollout's own sigmas (a fresh random subset per sample and epoch)
-    with fresh noise per visit; micro-batches of train_batch_size accumulate gradients, and every
-    micro/steps_per_epoch of them make one optimizer step. Logs the mean loss, KL and |v_theta - v_old| of all ranks."""
+    """Step 4: every sample is trained at T of the rollout's own sigmas (run.sigmas, the family's schedule: a fresh
+    random T of its first num_steps, never the final 0, per sample and epoch, as officially) with fresh noise per visit
+    (one image at one sigma); micro-batches of train_batch_size accumulate gradients, and every (micro-batches per
+    epoch) / steps_per_epoch of them make one optimizer step (validate checks that they divide). Logs the mean loss, KL
+    and |v_theta - v_old| of all ranks."""
     args, device, T = run.args, run.device, run.T
     micro = run.per_rank // args.train_batch_size  # micro-batches per epoch on this rank
     per_step = micro // args.steps_per_epoch
@@ -546,7 +555,7 @@ def nft_update(run, pol, batch, epoch, log):
     for m in tqdm(range(micro if batch.trainable else 0), desc=f"epoch {epoch} train", **run.bar):
         s, last = slice(m * args.train_batch_size, (m + 1) * args.train_batch_size), (m + 1) % per_step == 0
         eps = torch.randn((T, *batch.x0[s].shape), generator=noise_gen, device=device)
-        stats += micro_step(run, pol, batch.rows(s), sigma[s].T, eps, (pol.loss_scale or 1.0) / (per_step * T), last)
+        stats += micro_step(run, pol, batch.rows(s), sigma[s].t(), eps, (pol.loss_scale or 1.0) / (per_step * T), last)
         if last:
             take_step(run, pol, epoch, log)
     stats = gather(stats).view(-1, 3).mean(0)  # every rank's: each made as many visits
@@ -587,7 +596,8 @@ def micro_step(run, pol, mb, sigma, eps, scale, last=True):
                                 * mb.mask).mean()
         kl = torch.zeros((), device=x0.device)
         if args.kl_coef > 0:
-            kl = (((v_theta - frozen["ref"][k]) ** 2).mean((1, 2, 3)) * mb.mask).mean()
+            # the KL of two SDE steps of equal noise is proportional to it (official: "kl_loss")
+            kl = (((v_theta - frozen["ref"][k]) ** 2).mean(tuple(range(1, v_theta.ndim))) * mb.mask).mean()
         if args.fsdp:  # FSDP reduce-scatters what has accumulated in a backward that syncs: once per step, by default
             transformer.set_requires_gradient_sync(every or last and j == T - 1)
         ((loss + args.kl_coef * kl) * scale).backward()
@@ -599,11 +609,11 @@ def micro_step(run, pol, mb, sigma, eps, scale, last=True):
 
 def take_step(run, pol, epoch, log, problem=None):
     """One optimizer step on the accumulated gradients (optimizer_step), then the EMA of theta follows with decay
-    ema_decay(step). A step with a NaN/inf gradient, one that made a weight NaN/inf, and each step of an epoch without
-    a finite reward (`problem` given) is skipped or undone; max_nonfinite_steps of them in a row stop the run with
-    the last good checkpoint intact. fp16 (a loss_scale) as GradScaler: a NaN/inf gradient (an overflow of the scaled
-    backward) halves the scale and skips the step, uncounted while the scale is above 1; FP16_GROWTH_INTERVAL steps
-    with finite gradients in a row double it."""
+    ema_decay(step). A step with a NaN/inf gradient, one that made a weight NaN/inf, and each step of an epoch without a
+    finite reward (`problem` given) is skipped or undone; max_nonfinite_steps of them in a row stop the run with the
+    last good checkpoint intact. fp16 (a loss_scale) as GradScaler: a NaN/inf gradient (an overflow of the scaled
+    backward) halves the scale and skips the step, not counted toward max_nonfinite_steps while the scale is above 1;
+    FP16_GROWTH_INTERVAL steps with finite gradients in a row double it."""
     args, backward = run.args, problem is None  # a given problem: the epoch ran no backward
     sync = args.grad_sync == "step" and not args.fsdp  # --fsdp: FSDP's backward reduce-scattered them
     grad_norm, problem = (None, problem) if problem else optimizer_step(pol.theta, pol.opt, args.max_grad_norm, sync,

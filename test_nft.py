@@ -2383,7 +2383,7 @@ def test_checkpoints_total_limit_keeps_the_newest_good_ones(tmp_path):
                                                  "evaluates a checkpoint given as --lora"),
     (["--num_groups", "3", "--group_size", "5"], "nearest valid: --num_groups"),
     (["--learning_rate", "0"], "--learning_rate must be positive"),
-    (["--group_size", "0"], "--group_size must be positive"),
+    (["--group_size", "0"], "--group_size must be >= 2"),
     (["--num_steps", "-1"], "--num_steps must be positive"),
     (["--beta", "1.5"], "--beta must be in (0, 1]"),
     (["--beta", "0"], "--beta must be in (0, 1]"),
