@@ -2846,6 +2846,9 @@ def resumed(args, given):
         raise UserError(f"--resume_from {args.resume_from}: {path} is unreadable ({type(e).__name__}: {e}); restore "
                         "it, or move it away and give every flag of the run") from None
     if saved.profile:  # a --profile run's record, not a run to continue: the flags given are the configuration
+        if latest and not args.profile and not args.overwrite:  # (on a CPU the default --model would say "no GPU")
+            raise UserError(f"--resume_from latest: {run} holds a profile (profile.json), which no run continues; "
+                            "train in another --output_dir, or pass --overwrite to replace the profile")
         return args
     given = {k: v for k, v in given.items() if not same_value(k, getattr(saved, k), v)}  # a path spelled anew too
     fixed = [k for k in given if k not in RESUME_MAY_CHANGE]

@@ -1218,9 +1218,12 @@ def test_profile_reports_phases_throughput_and_mfu(capsys, sd3_profile):
     assert "train_mfu" in printed
     assert len(metrics(out)) == 3 and not nft.checkpoints(out)
     assert json.load(open(out / "config.json"))["num_epochs"] == 3  # what ran
-    for resume in ([], ["--resume_from", "latest"]):  # a profile is not continued, nor taken over by a resume
-        assert cli_error(capsys, *SMALL, "--output_dir", out, *resume).endswith(
-            "holds a profile (profile.json); pass --overwrite to replace it, or another --output_dir")
+    assert cli_error(capsys, *SMALL, "--output_dir", out).endswith(  # a profile is not taken over by a new run
+        "holds a profile (profile.json); pass --overwrite to replace it, or another --output_dir")
+    for flags in (SMALL, []):  # nor continued: said before its default --model is looked for (no GPU here)
+        assert cli_error(capsys, *flags, "--output_dir", out, "--resume_from", "latest") == (
+            f"error: --resume_from latest: {out} holds a profile (profile.json), which no run continues; train in "
+            "another --output_dir, or pass --overwrite to replace the profile")
 
 
 # --------------------------------------------------------------------------- model families (FLUX.1, Qwen-Image)
@@ -1754,7 +1757,10 @@ def test_resume_takes_the_run_configuration_from_its_config_json(monkeypatch, tm
     (run / "config.json").write_text(json.dumps(saved))
     assert not nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)]).overwrite
     (run / "config.json").write_text(json.dumps(dict(saved, profile=True, num_epochs=7)))  # a --profile run's record
-    assert nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)]).num_epochs == nft.Args.num_epochs
+    with pytest.raises(nft.UserError, match="holds a profile .*, which no run continues"):  # is no run to continue
+        nft.parse_args(["--resume_from", "latest", "--output_dir", str(run)])
+    replace = ["--resume_from", "latest", "--output_dir", str(run), "--overwrite"]  # nor a configuration to take
+    assert nft.parse_args(replace).num_epochs == nft.Args.num_epochs
     (run / "p.txt").write_text("a red image\n")  # a path flag spelled another way names the same file: the run's
     (run / "config.json").write_text(json.dumps(dict(saved, prompts=str(run / "p.txt"))))
     args = nft.parse_args(["--resume_from", "latest", "--output_dir", str(run), "--prompts", "../p.txt"])
