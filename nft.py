@@ -1098,11 +1098,15 @@ def start_run(args):
         carry_over(args, resume[0] if foreign else None, start_epoch, replace)
         print0("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(args).items()))
         write_config(args)
-        if args.wandb:  # setup() found the package; a resume continues its W&B run (the checkpoint keeps the id)
-            import wandb
+        if args.wandb:  # setup() found the package; the folder's W&B run continues (a resume, a restart before the
+            import wandb  # first checkpoint): its id is kept in wandb_id, which --overwrite removes and a branch lacks
+            known = os.path.join(args.output_dir, "wandb_id")
+            known = read_text(known).strip() if os.path.isfile(known) else None
             run.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), resume="allow",
                                    name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
-                                   id=resume[1].get("wandb_id") if resume and not foreign else None)
+                                   id=known)
+            if run.wandb.id != known:
+                write_file(os.path.join(args.output_dir, "wandb_id"), run.wandb.id)
     run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
     run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
     run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
@@ -1182,7 +1186,7 @@ def end_epoch(run, pol, epoch, log):
     if state is not None:
         state.update(step=pol.step, epoch=epoch + 1, bad_steps=pol.bad_steps, loss_scale=pol.loss_scale,
                      scale_steps=pol.scale_steps, config={k: getattr(args, k) for k in RESUME_KEYS},
-                     draws=run.draws, **({"wandb_id": run.wandb.id} if run.wandb else {}))
+                     draws=run.draws)
         save = functools.partial(save_epoch, run, log, state)
         # a stop during the evaluation (minutes on a GPU) saves this epoch without it; not the last epoch, whose
         # resume then trains it again, so that the run ends with its evaluation
@@ -2192,7 +2196,7 @@ def claim_output_dir(args, rank, world, records=()):
 
 
 OUTPUT_NAMES = (r"eval_epoch\d+\.png|curves\.png|profile\.json|config\.json|eval\.(json|md)|eval_images\.jsonl|"
-                r"compare\.png")  # what a run or an evaluation writes beside metrics.jsonl and checkpoints/
+                r"compare\.png|wandb_id")  # what a run or an evaluation writes beside metrics.jsonl and checkpoints/
 
 
 def previous_run(folder):
@@ -2885,8 +2889,8 @@ def validate(args, world_size):
     for f in dataclasses.fields(Args):  # NaN passes every range check, so finiteness comes first
         if f.type is float and not math.isfinite(getattr(args, f.name)):
             raise UserError(f"--{f.name} must be a finite number, got {getattr(args, f.name)}")
-    for name, bound in BOUNDS.items():
-        if not RANGES[bound](getattr(args, name)):
+    for name, bound in BOUNDS.items():  # a training flag with --eval_only is idle (parse_args warns), not wrong
+        if not RANGES[bound](getattr(args, name)) and not (args.eval_only and name in TRAINING_ONLY):
             note = f" ({NOTES[name]})" if name in NOTES else ""
             raise UserError(f"--{name} must be {bound}, got {getattr(args, name)}{note}")
     for name, choices in CHOICES.items():
@@ -2925,15 +2929,16 @@ def validate(args, world_size):
         # the nearest two valid g by arithmetic, not a search (a search over 1..unit hangs for --sample_batch_size 1e12)
         every = unit // math.gcd(unit, args.group_size)
         low = max(every, args.num_groups // every * every)  # the nearest valid g below, or the smallest one
+        lower = [f"--{k}" for k in ("steps_per_epoch", "train_batch_size", "sample_batch_size") if getattr(args, k) > 1]
+        other = (f"lower {' or '.join(lower)}, or " if lower else "") + "change --group_size" + (
+            f" (or --num_groups {every}: {every / args.num_groups:.3g}x the images)" if every <= 10 * args.num_groups
+            else "")
         raise UserError(
             f"num_groups x group_size = {args.num_groups} x {args.group_size} = {total} images per epoch must split "
             f"evenly into {world_size} rank(s) x lcm(train_batch_size x steps_per_epoch, sample_batch_size) = "
             f"{world_size} x lcm({args.train_batch_size} x {args.steps_per_epoch}, {args.sample_batch_size}) = {unit}; "
             + (f"nearest valid: --num_groups {low}" + (f" or {low + every}" if low < args.num_groups else "")
-               if every <= 4 * args.num_groups
-               else "lower --steps_per_epoch, --train_batch_size or --sample_batch_size, or change --group_size"
-               + (f" (or --num_groups {every}: {every / args.num_groups:.3g}x the images)"
-                  if every <= 10 * args.num_groups else "")))
+               if every <= 4 * args.num_groups else other))
 
 
 # --------------------------------------------------------------------------- the built-in models

@@ -39,6 +39,7 @@ import gc
 import http.server
 import inspect
 import io
+import itertools
 import json
 import math
 import re
@@ -910,9 +911,11 @@ def test_wandb_gets_the_flags_and_the_eval_images_and_a_resume_continues_its_run
         def finish(self):
             calls.append(("finish",))
 
+    made = itertools.count(1)
+
     def init(**kwargs):
         calls.append(("init", kwargs))
-        return WandbRun(kwargs["id"] or f"new-{len(calls)}")  # wandb makes an id when given none
+        return WandbRun(kwargs["id"] or f"new-{next(made)}")  # wandb makes an id when given none
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init, fake.Image = init, lambda pixels, caption: (pixels.shape, pixels.dtype, caption)
@@ -930,14 +933,20 @@ def test_wandb_gets_the_flags_and_the_eval_images_and_a_resume_continues_its_run
     assert len(images) == 2 and all(shape == (32, 32, 3) and dtype == np.uint8 for shape, dtype, _ in images)
     assert all(caption.split(" | reward ")[0] in colors and 0 <= float(caption.split(" | reward ")[1]) <= 1
                for _, _, caption in images)
-    assert state(out / "checkpoints" / "checkpoint-00001")["wandb_id"] == "new-1"
-    calls.clear()  # a resume logs into the same W&B run; a branch into another folder starts its own
+    assert (out / "wandb_id").read_text() == "new-1"  # the folder's W&B run
+    calls.clear()  # a resume logs into the same W&B run; a branch into another folder starts its own, and keeps it
     run_here(*flags, "--num_epochs", 2, "--output_dir", out, "--resume_from", "latest")
     assert calls[0][1]["id"] == "new-1" and [c[1] for c in calls if c[0] == "log"] == [2, 2]
     calls.clear()
-    run_here(*flags, "--num_epochs", 2, "--output_dir", tmp_path / "branch", "--resume_from",
-             out / "checkpoints" / "checkpoint-00001")
-    assert calls[0][1]["id"] is None
+    branch = tmp_path / "branch"
+    run_here(*flags, "--num_epochs", 2, "--output_dir", branch, "--resume_from", nft.checkpoints(out)[0])
+    assert calls[0][1]["id"] is None and (branch / "wandb_id").read_text() == "new-2"
+    calls.clear()  # the branch resumed: its own W&B run, not the one its copied checkpoint came from
+    run_here(*flags, "--num_epochs", 3, "--output_dir", branch, "--resume_from", "latest")
+    assert calls[0][1]["id"] == "new-2"
+    calls.clear()  # --overwrite: a new run, a new W&B run
+    run_here(*flags, "--num_epochs", 1, "--output_dir", out, "--overwrite")
+    assert calls[0][1]["id"] is None and (out / "wandb_id").read_text() == "new-3"
     assert nft.parse_args([]).wandb_project == "diffusion-nft"
 
 
@@ -2459,7 +2468,7 @@ def test_a_tilde_in_a_typed_path_is_home_and_a_resolution_hint_is_valid(capsys, 
     (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
     (["--sample_batch_size", "1000000000000"], "or --sample_batch_size, or change --group_size"),  # no search
     (["--sample_batch_size", "24", "--num_groups", "8"], "nearest valid: --num_groups 6 or 12"),  # multiples of 6
-    (["--steps_per_epoch", "5"], "lower --steps_per_epoch, --train_batch_size or --sample_batch_size, or change "
+    (["--steps_per_epoch", "5"], "lower --steps_per_epoch or --train_batch_size or --sample_batch_size, or change "
                                  "--group_size (or --num_groups 10: 5x the images)"),
     (["--group_size", "1"], "--group_size must be >= 2, got 1 (advantages compare the images of a prompt: alone"),
 ])
@@ -2500,6 +2509,8 @@ def test_a_flag_given_where_it_does_nothing_is_said(capsys):
         "warning: --save_every does nothing here: --profile times 3 epochs, without evaluations or checkpoints",
         "warning: --embedded_guidance_scale does nothing here: it is an input of FLUX.1-dev only"]
     assert warnings_of("--model", "tiny-flux", "--embedded_guidance_scale", "7") == []
+    nft.validate(nft.parse_args(["--model", "tiny", "--eval_only", "--group_size", "1"]), 1)  # idle, so not refused
+    assert capsys.readouterr().out == "warning: --group_size does nothing here: --eval_only trains nothing\n"
 
 
 def test_more_groups_than_prompts_is_said(capsys):
