@@ -17,7 +17,7 @@ Reading order: the config (Args, PRESETS); the math, pure functions with their e
 train() is the paper's Algorithm 1, a call per step of it, followed by every function those steps call that carries
 the algorithm (prompt draw, rollout, scoring, the loss pass, optimizer step and gradient sync, old-policy update,
 policy swap, each model family's velocity). A reader who only wants the algorithm may stop at the "plumbing"
-banner, line 832: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
+banner, line 831: below it are setup, loading, checkpoints, evaluation, logging, the command line and the
 built-in models.
 
 Convention (diffusers / SD3 rectified flow): sigma in [0, 1], sigma = 1 is pure noise,
@@ -449,10 +449,9 @@ class Batch:
 
 
 def epoch_prompt_indices(num_prompts, num_groups, group_size, seed, epoch):
-    """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn without
-    replacement (cycling if the set is small: the groups of a repeated prompt
-    then merge), each repeated group_size times, then shuffled so a group spreads over
-    ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
+    """The epoch's prompt index for every image, identical on all ranks: num_groups prompts drawn without replacement
+    (cycling if the set is small: the groups of a repeated prompt then merge), each repeated group_size times, then
+    shuffled so a group spreads over ranks. A function of (seed, epoch) alone, so resume needs no sampler state."""
     g = rng(seed, epoch, "prompts")
     picks = torch.cat([torch.randperm(num_prompts, generator=g) for _ in range(-(-num_groups // num_prompts))])
     ids = picks[:num_groups].repeat_interleave(group_size)
@@ -1100,13 +1099,13 @@ def start_run(args):
         write_config(args)
         if args.wandb:  # setup() found the package; the folder's W&B run continues (a resume, a restart before the
             import wandb  # first checkpoint): its id is kept in wandb_id, which --overwrite removes and a branch lacks
-            known = os.path.join(args.output_dir, "wandb_id")
-            known = read_text(known).strip() if os.path.isfile(known) else None
+            id_file = os.path.join(args.output_dir, "wandb_id")
+            known = read_text(id_file).strip() if os.path.isfile(id_file) else None
             run.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), resume="allow",
                                    name=args.wandb_run_name or os.path.basename(os.path.abspath(args.output_dir)),
                                    id=known)
             if run.wandb.id != known:
-                write_file(os.path.join(args.output_dir, "wandb_id"), run.wandb.id)
+                write_file(id_file, run.wandb.id)
     run.lora_meta = run.pipe.transformer.peft_config["default"].to_dict()
     run.lora_meta["target_modules"] = sorted(run.lora_meta["target_modules"])  # a set is not JSON
     run.sigmas = schedule(run.pipe, args.num_steps, args.resolution)
@@ -2771,6 +2770,7 @@ def parse_args(argv=None):
     return args
 
 
+# the flags that only evaluation reads: given to a run that never evaluates, each gets a warning line (parse_args)
 EVALUATION = ("eval_prompts", "eval_reward", "eval_num_steps", "eval_images_per_prompt", "eval_max_prompts")
 # the flags that only training reads: given with --eval_only, each gets a warning line (parse_args)
 TRAINING_ONLY = ("group_size", "num_groups", "beta", "kl_coef", "adv_clip", "global_std", "timestep_fraction",
